@@ -1,0 +1,1 @@
+"""robust_sparse: PyTorch toolkit for adversarially robust sparse training."""

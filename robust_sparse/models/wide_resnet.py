@@ -1,0 +1,115 @@
+"""Pre-activation Wide ResNets WRN-depth-k (Zagoruyko & Komodakis 2016) in the form used by
+TRADES, MART and Rice et al. for adversarial training on CIFAR: three groups of width
+16k/32k/64k, BN-ReLU-conv blocks, 1x1 convolution shortcuts on shape change, and no dropout.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_sparse.models import MODELS
+from robust_sparse.models.normalize import Normalize, init_weights
+
+__all__ = ["WideBlock", "WideResNet", "wide_resnet"]
+
+
+class WideBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        # When projecting, the shortcut shares the pre-activated input (as in the reference
+        # WRN code); otherwise the raw input is carried through unchanged.
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k: 3x3 stem of 16 channels, three groups of (depth-4)/6 blocks, BN-ReLU head."""
+
+    def __init__(
+        self,
+        depth: int,
+        widen_factor: int,
+        num_classes: int,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1, got {depth}")
+        if widen_factor < 1:
+            raise ValueError(f"WideResNet widen_factor must be >= 1, got {widen_factor}")
+        n = (depth - 4) // 6
+        widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        groups = []
+        in_planes = 16
+        for planes, stride in zip(widths, (1, 2, 2)):
+            layers = []
+            for i in range(n):
+                layers.append(WideBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            groups.append(nn.Sequential(*layers))
+        self.block1, self.block2, self.block3 = groups
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        out = self.block3(self.block2(self.block1(out)))
+        out = F.relu(self.bn(out))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def wide_resnet(
+    depth: int,
+    widen_factor: int,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> WideResNet:
+    """Build WRN-``depth``-``widen_factor``; raises ValueError unless (depth - 4) % 6 == 0."""
+    return WideResNet(depth, widen_factor, num_classes, in_channels, mean, std)
+
+
+def _register(name: str, depth: int, widen_factor: int) -> None:
+    def factory(
+        num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
+    ) -> nn.Module:
+        return wide_resnet(depth, widen_factor, num_classes, in_channels, mean, std)
+
+    factory.__name__ = name
+    factory.__doc__ = f"WRN-{depth}-{widen_factor} (pre-activation, no dropout)."
+    MODELS.register(name)(factory)
+
+
+for _name, _depth, _k in (
+    ("wrn28_4", 28, 4),
+    ("wrn28_10", 28, 10),
+    ("wrn34_10", 34, 10),
+    ("wrn34_20", 34, 20),
+):
+    _register(_name, _depth, _k)
+del _name, _depth, _k

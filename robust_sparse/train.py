@@ -1,0 +1,254 @@
+"""The training loop: ``fit`` reads top to bottom and returns the per-epoch metrics and the final evaluation.
+
+A run directory holds everything a run produces::
+
+    config.yaml      the resolved config            metrics.csv / metrics.json   one row per epoch
+    last.pt          written after every epoch      best.pt     best robust validation accuracy
+    eval.json        test-set clean/PGD accuracy of best.pt after training
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.config import DeviceChoice, Schedule, TrainConfig, save_config, to_dict
+from robust_sparse.data import BatchLoader, ImageSet, load_splits
+from robust_sparse.errors import DivergenceError, UserError
+from robust_sparse.eval import evaluate_pgd
+from robust_sparse.models import build_model
+from robust_sparse.objectives import Objective, build_objective
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(choice: DeviceChoice | str) -> torch.device:
+    choice = DeviceChoice(choice)
+    if choice is DeviceChoice.CUDA and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA device is available (use --device cpu or auto)")
+    if choice is DeviceChoice.CPU or (choice is DeviceChoice.AUTO and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def lr_factor(config: TrainConfig, progress: float) -> float:
+    """Multiplier of the base learning rate after ``progress`` (a fraction in [0,1]) of all iterations."""
+    optim = config.optim
+    if optim.schedule is Schedule.COSINE:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if optim.schedule is Schedule.PIECEWISE:
+        passed = [factor for milestone, factor in zip(optim.milestones, optim.factors) if progress >= milestone]
+        return passed[-1] if passed else 1.0
+    return 1.0
+
+
+def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov,
+    )
+    total = config.optim.epochs * steps_per_epoch
+    # Stepped once per iteration, so milestones fall where the papers put them (BSR-Net counts iterations).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step / total))
+    return optimizer, scheduler
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+
+def train_one_epoch(
+    model: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: BatchLoader,
+    *,
+    progress: bool = False,
+    description: str = "train",
+    check_every: int = 25,
+) -> EpochStats:
+    model.train()
+    device_loss = torch.zeros((), device=loader.device)
+    device_correct = torch.zeros((), device=loader.device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=description, leave=False, disable=not progress, unit="batch")
+    for step, (images, labels) in enumerate(bar, start=1):
+        adversarial = objective.perturb(images, labels)  # the inner maximisation, model in eval mode
+        loss, logits = objective.loss(model, images, labels, adversarial)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulate on the device; reading a value back costs a sync, so do it only every few batches.
+        device_loss += loss.detach() * len(labels)
+        device_correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        if step % check_every == 0 or step == len(loader):
+            running = device_loss.item() / seen
+            if not math.isfinite(running):
+                raise DivergenceError(f"training loss became {running} in {description}, batch {step}")
+            bar.set_postfix(loss=f"{running:.3f}", acc=f"{device_correct.item() / seen:.3f}")
+    return EpochStats(device_loss.item() / seen, device_correct.item() / seen, seen, time.perf_counter() - start)
+
+
+def validate(model: nn.Module, data: ImageSet, config: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """Clean and PGD accuracy on (at most ``val.max_examples`` of) the held-out validation split."""
+    subset = data.take(slice(0, config.val.max_examples))
+    images = subset.images.to(device).float().div_(255)
+    result = evaluate_pgd(
+        model, images, subset.labels.to(device), eps=config.attack.eps, norm=config.attack.norm.value,
+        steps=config.val.pgd_steps, batch_size=config.data.eval_batch_size,
+    )
+    return result.clean_accuracy, result.robust_accuracy
+
+
+def evaluate_test(model: nn.Module, test: ImageSet, config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The short post-training evaluation: clean and PGD accuracy on the first ``eval.n_examples`` test points."""
+    test = test.take(slice(0, config.eval.n_examples))
+    eps = config.eval.eps if config.eval.eps is not None else config.attack.eps
+    start = time.perf_counter()
+    result = evaluate_pgd(
+        model, test.images.to(device).float().div_(255), test.labels.to(device), eps=eps,
+        norm=config.attack.norm.value, steps=config.eval.pgd_steps, restarts=config.eval.restarts,
+        batch_size=config.data.eval_batch_size,
+    )
+    return {
+        "dataset": config.data.dataset.value, "model": config.model.name, "n_examples": len(test),
+        "norm": config.attack.norm.value, "eps": eps, "pgd_steps": config.eval.pgd_steps,
+        "restarts": config.eval.restarts, "clean_accuracy": result.clean_accuracy,
+        "pgd_accuracy": result.robust_accuracy, "seconds": time.perf_counter() - start, "device": str(device),
+    }
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: pd.DataFrame
+    evaluation: dict[str, Any] | None
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields that must match to resume: everything but where the run executes."""
+    return {key: value for key, value in config.items() if key != "device"}
+
+
+def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) -> FitResult:
+    """Train as ``config`` says, keep the best checkpoint by robust validation accuracy, evaluate it on test.
+
+    Raises :class:`DivergenceError` (after saving metrics; ``best.pt`` is kept) if the loss is not finite or
+    validation accuracy sits at chance for ``divergence.patience`` epochs.
+    """
+    run_dir = Path(config.out_dir)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if not resume and (last_path.exists() or best_path.exists()):
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out_dir")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    splits = load_splits(config.data, config.seed)
+    info = splits.info
+    model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std).to(device)
+    loader = BatchLoader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,
+                         augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size)
+    optimizer, scheduler = build_optimization(config, model, len(loader))
+    objective = build_objective(config, model)
+
+    history: list[dict[str, Any]] = []
+    best_key = (-1.0, -1.0)
+    start_epoch = 0
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, map_location=device)
+        if _comparable(state["config"]) != _comparable(to_dict(config)):
+            raise UserError(f"cannot resume {last_path}: its config differs from this one (see {run_dir}/config.yaml)")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history, best_key, start_epoch = state["history"], tuple(state["best_key"]), state["epoch"]
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
+             config.data.dataset.value, len(splits.train), len(splits.val), config.objective.value, device)
+
+    chance = 1.0 / info.num_classes + config.divergence.chance_margin
+    for epoch in range(start_epoch, config.optim.epochs):
+        loader.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(model, objective, optimizer, scheduler, loader, progress=progress,
+                                description=f"epoch {epoch + 1}/{config.optim.epochs}")
+        val_clean, val_robust = validate(model, splits.val, config, device)
+        is_best = (val_robust, val_clean) > best_key
+        history.append({
+            "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+            "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
+            "images_per_second": stats.images / stats.seconds, "best": is_best,
+        })
+        log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
+                 epoch + 1, config.optim.epochs, stats.loss, stats.accuracy, val_clean, val_robust,
+                 stats.images / stats.seconds)
+        checkpoint = {
+            "config": to_dict(config), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+            "history": history, "best_key": list(best_key),
+        }
+        if is_best:
+            best_key = (val_robust, val_clean)
+            checkpoint["best_key"] = list(best_key)
+            save_checkpoint(checkpoint, best_path)
+        save_checkpoint(checkpoint, last_path)
+        _write_metrics(history, run_dir)
+        recent = history[-config.divergence.patience:]
+        if len(recent) == config.divergence.patience and all(row["val_clean_accuracy"] < chance for row in recent):
+            raise DivergenceError(
+                f"validation accuracy stayed at chance (< {chance:.3f}) for {len(recent)} epochs; "
+                f"stopped after epoch {epoch + 1}, best checkpoint kept at {best_path}"
+            )
+
+    metrics = _write_metrics(history, run_dir)
+    evaluation = None
+    if config.eval.n_examples > 0:
+        best = load_checkpoint(best_path, map_location=device)
+        model.load_state_dict(best["model"])
+        evaluation = {"checkpoint": str(best_path), "epoch": best["epoch"], **evaluate_test(model, splits.test, config, device)}
+        (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+        log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
+                 evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
+    return FitResult(run_dir, metrics, evaluation)
+
+
+def _write_metrics(history: list[dict[str, Any]], run_dir: Path) -> pd.DataFrame:
+    frame = pd.DataFrame(history)
+    frame.to_csv(run_dir / "metrics.csv", index=False)
+    frame.to_json(run_dir / "metrics.json", orient="records", indent=2)
+    return frame
