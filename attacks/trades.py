@@ -35,9 +35,9 @@ class TradesKL(Attack):
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
             clean_probs = F.softmax(self.model(images), dim=1)
-        # As in the reference, the start is not projected: the first gradient is taken at x + 0.001 * N(0,1)
-        # itself. Every returned point is projected (steps >= 1).
-        delta = 0.001 * torch.randn_like(images)
+        # The TRADES reference evaluates its first gradient at x + 0.001 * N(0,1) outside the box; like
+        # torchattacks.TPGD we clamp the start into [0,1], so the model never sees an out-of-range input.
+        delta = project(0.001 * torch.randn_like(images), images, self.norm, self.eps)
         for _ in range(self.steps):
             delta.requires_grad_(True)
             log_probs = F.log_softmax(self.model(images + delta), dim=1)

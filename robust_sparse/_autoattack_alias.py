@@ -34,9 +34,9 @@ def _build_adapter(module: types.ModuleType) -> None:
                      version="standard", is_tf_model=False, device="cuda", log_path=None):
             if is_tf_model:
                 raise NotImplementedError("TensorFlow models are not supported by the pyautoattack adapter")
-            attacks = list(attacks_to_run) or None
-            super().__init__(model, attacks=attacks, device=device, eps=eps, norm=norm, seed=seed,
-                             version="custom" if attacks and version == "standard" else version)
+            # GitHub AutoAttack ignores attacks_to_run unless version='custom'; pyautoattack raises instead.
+            attacks = list(attacks_to_run) if version == "custom" else None
+            super().__init__(model, attacks=attacks, device=device, eps=eps, norm=norm, seed=seed, version=version)
             self.verbose, self.log_path = verbose, log_path
 
         def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False, state_path=None):

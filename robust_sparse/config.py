@@ -139,7 +139,10 @@ class TrainConfig:
 # dict <-> dataclass
 
 
-_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+# YAML 1.1 reads "1e-4" (no dot) as a string; accept it, and fractions such as "8/255", without eval.
+_FLOAT = re.compile(rf"^\s*({_NUMBER})\s*$")
+_FRACTION = re.compile(rf"^\s*({_NUMBER})\s*/\s*({_NUMBER})\s*$")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -173,6 +176,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and (match := _FLOAT.match(value)):
+            return float(match.group(1))
         if isinstance(value, str) and (match := _FRACTION.match(value)):
             numerator, denominator = float(match.group(1)), float(match.group(2))
             if denominator == 0:

