@@ -47,6 +47,32 @@ class Schedule(str, Enum):
     COSINE = "cosine"
 
 
+class OptimizerName(str, Enum):
+    SGD = "sgd"  # torch SGD: coupled weight decay (added to the gradient), scaled by the learning rate
+    SGDW = "sgdw"  # BSR-Net/AGENT (tfa SGDW): decoupled decay, not scaled by lr, Keras-style momentum
+
+
+class SparsityMethod(str, Enum):
+    NONE = "none"  # dense training
+    STATIC = "static"  # a random ERK/uniform mask, fixed for the whole run
+    SET = "set"  # Mocanu et al. 2018: magnitude death, random growth
+    RIGL = "rigl"  # Evci et al. 2020: magnitude death, dense-gradient growth, cosine drop fraction
+    ITOP = "itop"  # Liu et al. 2021: SET/RigL updates run for in-time over-parameterisation
+    BSRNET = "bsrnet"  # Özdenizci & Legenstein 2021: Bayesian connectivity sampling
+    MAGNITUDE_PRUNE = "magnitude_prune"  # prune a trained dense model by magnitude, then fine-tune
+
+
+class Distribution(str, Enum):
+    UNIFORM = "uniform"
+    ERK = "erk"
+    BSRNET = "bsrnet"  # BSR-Net's hand-set per-architecture initial densities under one global budget
+
+
+class PruneScope(str, Enum):
+    GLOBAL = "global"
+    LAYERWISE = "layerwise"
+
+
 class DeviceChoice(str, Enum):
     AUTO = "auto"
     CPU = "cpu"
@@ -83,6 +109,7 @@ class AttackConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: OptimizerName = OptimizerName.SGD
     epochs: int = 6
     lr: float = 0.05
     momentum: float = 0.9
@@ -93,6 +120,31 @@ class OptimConfig:
     # AGENT: epochs 50/100 of 200 = [0.25, 0.5] x [0.1, 0.005].
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     factors: list[float] = field(default_factory=lambda: [0.1, 0.01])
+
+
+@dataclass
+class SparsityConfig:
+    """Sparse training. Fields left at None take the method's published default (see sparse/__init__.py)."""
+
+    method: SparsityMethod = SparsityMethod.NONE
+    density: float = 0.1  # fraction of conv/linear weights kept: 0.1 = 90% sparsity, 0.01 = 99%
+    distribution: Distribution | None = None  # bsrnet for bsrnet, erk for the others
+    include_first: bool = True  # the first conv is sparse too (BSR-Net); RigL keeps it dense
+    include_last: bool = True  # the classifier is sparse too (BSR-Net)
+    # SET / RigL / ITOP
+    update_every: int | None = None  # iterations between topology updates (delta T)
+    prune_rate: float | None = None  # fraction of each layer's active weights replaced per update
+    prune_schedule: str | None = None  # "cosine" (RigL, ITOP) or "constant" (SET)
+    growth: str | None = None  # "random" (SET, SET-ITOP), "gradient" (RigL), "momentum" (SNFS)
+    end_fraction: float = 0.75  # topology updates stop after this fraction of training (RigL's T_end)
+    # BSR-Net
+    noise_scale: float = 1e-6  # Langevin noise std = lr * noise_scale (the official --noise_scaling)
+    temperature: float | None = None  # if set, noise std = sqrt(2 * lr * T) instead (DEEP R's form)
+    l1: float = 0.0  # DEEP R's prior alpha: theta -= lr * l1 on active connections; 0 as in the official code
+    regrow_value: float = 1e-12  # theta of a regrown connection
+    # magnitude_prune
+    dense_checkpoint: str = ""  # a robust-sparse checkpoint of the trained dense model
+    prune_scope: PruneScope = PruneScope.GLOBAL
 
 
 @dataclass
@@ -126,6 +178,7 @@ class TrainConfig:
     objective: ObjectiveName = ObjectiveName.PGD_AT
     trades_beta: float = 6.0
     attack: AttackConfig = field(default_factory=AttackConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -347,3 +400,33 @@ def validate(config: TrainConfig) -> None:
            f"divergence.chance_margin = {config.divergence.chance_margin}: must be in [0, 1)")
     _check(config.seed >= 0, f"seed = {config.seed}: must be >= 0")
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
+    _validate_sparsity(config.sparsity)
+
+
+def _validate_sparsity(sparsity: SparsityConfig) -> None:
+    from robust_sparse.sparse.strategies import GROW
+
+    if sparsity.method is SparsityMethod.NONE:
+        return
+    _check(0 < sparsity.density <= 1, f"sparsity.density = {sparsity.density}: must be in (0, 1]")
+    _check(sparsity.update_every is None or sparsity.update_every >= 1,
+           f"sparsity.update_every = {sparsity.update_every}: must be >= 1")
+    _check(sparsity.prune_rate is None or 0 < sparsity.prune_rate < 1,
+           f"sparsity.prune_rate = {sparsity.prune_rate}: must be in (0, 1)")
+    _check(sparsity.prune_schedule in (None, "cosine", "constant"),
+           f"sparsity.prune_schedule = {sparsity.prune_schedule!r}: must be cosine or constant")
+    _check(sparsity.growth is None or sparsity.growth in GROW,
+           f"sparsity.growth = {sparsity.growth!r}: choose one of {', '.join(GROW.names())}")
+    _check(0 < sparsity.end_fraction <= 1, f"sparsity.end_fraction = {sparsity.end_fraction}: must be in (0, 1]")
+    _check(sparsity.noise_scale >= 0, f"sparsity.noise_scale = {sparsity.noise_scale}: must be >= 0")
+    _check(sparsity.temperature is None or sparsity.temperature >= 0,
+           f"sparsity.temperature = {sparsity.temperature}: must be >= 0")
+    _check(sparsity.l1 >= 0, f"sparsity.l1 = {sparsity.l1}: must be >= 0")
+    _check(sparsity.regrow_value > 0, f"sparsity.regrow_value = {sparsity.regrow_value}: must be > 0")
+    _check(sparsity.distribution is not Distribution.BSRNET or sparsity.method is SparsityMethod.BSRNET,
+           "sparsity.distribution = bsrnet: only for sparsity.method = bsrnet (it sets initial densities)")
+    if sparsity.method is SparsityMethod.MAGNITUDE_PRUNE:
+        _check(bool(sparsity.dense_checkpoint), "sparsity.dense_checkpoint: magnitude_prune needs the trained "
+               "dense model's checkpoint")
+        _check(Path(sparsity.dense_checkpoint).is_file(),
+               f"sparsity.dense_checkpoint: file {sparsity.dense_checkpoint!r} does not exist")

@@ -5,6 +5,7 @@ A run directory holds everything a run produces::
     config.yaml      the resolved config            metrics.csv / metrics.json   one row per epoch
     last.pt          written after every epoch      best.pt     best robust validation accuracy
     eval.json        test-set clean/PGD accuracy of best.pt after training
+    layer_density.csv  sparse runs: per-layer active connections after every epoch
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
-from robust_sparse.config import DeviceChoice, Schedule, TrainConfig, save_config, to_dict
+from robust_sparse.config import DeviceChoice, OptimizerName, Schedule, TrainConfig, save_config, to_dict
 from robust_sparse.data import BatchLoader, ImageSet, load_splits
 from robust_sparse.errors import DivergenceError, UserError
 from robust_sparse.eval import evaluate_pgd
 from robust_sparse.models import build_model
 from robust_sparse.objectives import Objective, build_objective
+from robust_sparse.optim import SGDW
+from robust_sparse.sparse import SparseMasker, build_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,13 @@ def lr_factor(config: TrainConfig, progress: float) -> float:
 
 
 def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov,
-    )
+    optim = config.optim
+    if optim.optimizer is OptimizerName.SGDW:
+        optimizer: torch.optim.Optimizer = SGDW(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                                weight_decay=optim.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                    weight_decay=optim.weight_decay, nesterov=optim.nesterov)
     total = config.optim.epochs * steps_per_epoch
     # Stepped once per iteration, so milestones fall where the papers put them (BSR-Net counts iterations).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step / total))
@@ -181,6 +187,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     loader = BatchLoader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,
                          augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size)
     optimizer, scheduler = build_optimization(config, model, len(loader))
+    masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
+                            config.optim.epochs * len(loader), config.seed)
     objective = build_objective(config, model)
 
     history: list[dict[str, Any]] = []
@@ -193,6 +201,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if masker is not None:
+            masker.load_state_dict(state["sparsity"])
         _set_rng_state(state["rng"])
         history, best_key, start_epoch = state["history"], tuple(state["best_key"]), state["epoch"]
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
@@ -212,7 +222,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         history.append({
             "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
             "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
-            "images_per_second": stats.images / stats.seconds, "best": is_best,
+            "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
         })
         log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
                  epoch + 1, config.optim.epochs, stats.loss, stats.accuracy, val_clean, val_robust,
@@ -222,6 +232,9 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
             "history": history, "best_key": list(best_key),
         }
+        if masker is not None:
+            checkpoint["sparsity"] = masker.state_dict()
+            _append_layer_densities(masker, epoch + 1, run_dir / "layer_density.csv")
         if is_best:
             best_key = (val_robust, val_clean)
             checkpoint["best_key"] = list(best_key)
@@ -245,6 +258,22 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
                  evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
     return FitResult(run_dir, metrics, evaluation)
+
+
+def _sparsity_metrics(masker: SparseMasker | None) -> dict[str, float]:
+    if masker is None:
+        return {}
+    return {"density": masker.global_density(), "exploration_rate": masker.exploration_rate()}
+
+
+def _append_layer_densities(masker: SparseMasker, epoch: int, path: Path) -> None:
+    counts = masker.active_counts()
+    frame = pd.DataFrame([{"epoch": epoch, "layer": name, "active": count, "total": masker.masks[name].numel(),
+                           "density": count / masker.masks[name].numel()} for name, count in counts.items()])
+    previous = pd.read_csv(path) if path.exists() and epoch > 1 else None
+    if previous is not None:
+        frame = pd.concat([previous[previous["epoch"] < epoch], frame])
+    frame.to_csv(path, index=False)
 
 
 def _write_metrics(history: list[dict[str, Any]], run_dir: Path) -> pd.DataFrame:

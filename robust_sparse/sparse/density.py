@@ -1,0 +1,89 @@
+"""Layer-wise density allocation: uniform, ERK, and BSR-Net's per-architecture initial densities.
+
+Every function maps ``{layer name: shape}`` to ``{layer name: density}`` so that the total number of
+active connections is (up to rounding) ``density * total``, except BSR-Net's, which sets *initial*
+densities only: its global budget K is held by rewiring from the first step on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from robust_sparse.errors import ConfigError
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def uniform(shapes: Shapes, density: float, dense_layers: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The same density everywhere, with ``dense_layers`` kept dense and the budget spread over the rest."""
+    total = sum(math.prod(s) for s in shapes.values())
+    dense = sum(math.prod(shapes[n]) for n in dense_layers)
+    sparse_total = total - dense
+    if sparse_total <= 0:
+        raise ConfigError("sparsity: every sparsifiable layer is dense; nothing left to sparsify")
+    rest = (density * total - dense) / sparse_total
+    if rest <= 0:
+        raise ConfigError(f"sparsity.density = {density}: smaller than the layers kept dense already use")
+    return {name: 1.0 if name in dense_layers else min(1.0, rest) for name in shapes}
+
+
+def erk(shapes: Shapes, density: float, dense_layers: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Erdős–Rényi-Kernel (Evci et al. 2020): density ∝ (sum of dims) / (product of dims).
+
+    Layers whose ERK density would exceed 1 are made dense and the scale is solved again for the rest.
+    """
+    dense = set(dense_layers)
+    while True:
+        budget = density * sum(math.prod(s) for s in shapes.values())
+        budget -= sum(math.prod(shapes[n]) for n in dense)
+        raw = {n: sum(s) / math.prod(s) for n, s in shapes.items() if n not in dense}
+        if not raw:
+            raise ConfigError(f"sparsity.density = {density}: ERK made every layer dense")
+        scale = budget / sum(raw[n] * math.prod(shapes[n]) for n in raw)
+        overflowing = {n for n in raw if scale * raw[n] > 1}
+        if not overflowing:
+            break
+        dense |= overflowing
+    return {n: 1.0 if n in dense else scale * raw[n] for n in shapes}
+
+
+def bsrnet_initial(model_name: str, shapes: Shapes, density: float) -> dict[str, float]:
+    """BSR-Net's hand-set initial densities (bsrnet_spec.md §1.2), p being the global density.
+
+    VGG-16: conv1-2 0.6, conv3-4 0.2, the rest 0.5p, classifier 0.6. ResNet: stem 0.6, every conv of the
+    first (64-channel) stage 0.2, later stages 0.5p, classifier 0.6. WRN: stem 0.6, first group 0.1, later
+    groups 0.5p, classifier 0.6. Other models: first and last layer 0.6, the rest 0.5p.
+    """
+    names = list(shapes)
+    rule = _BSRNET_RULES.get(model_name.split("_")[0].rstrip("0123456789"), _bsrnet_generic)
+    densities = rule(names, density)
+    densities[names[0]] = densities[names[-1]] = 0.6
+    return {n: min(1.0, d) for n, d in densities.items()}
+
+
+def _bsrnet_generic(names: list[str], p: float) -> dict[str, float]:
+    return {n: 0.5 * p for n in names}
+
+
+def _bsrnet_vgg(names: list[str], p: float) -> dict[str, float]:
+    return {n: 0.6 if i < 2 else 0.2 if i < 4 else 0.5 * p for i, n in enumerate(names)}
+
+
+def _first_stage_rule(stage_density: float) -> Callable[[list[str], float], dict[str, float]]:
+    def rule(names: list[str], p: float) -> dict[str, float]:
+        # The first stage/group is the first residual container in registration order ("layer1.",
+        # "block1.", ...): whatever follows the stem and precedes the second container.
+        first_container = names[1].split(".")[0] if len(names) > 2 else None
+        return {n: stage_density if first_container and n.split(".")[0] == first_container else 0.5 * p
+                for n in names}
+
+    return rule
+
+
+_BSRNET_RULES = {
+    "vgg": _bsrnet_vgg,
+    "resnet": _first_stage_rule(0.2),
+    "preact": _first_stage_rule(0.2),
+    "wrn": _first_stage_rule(0.1),
+}

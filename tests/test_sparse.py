@@ -1,0 +1,344 @@
+"""Sparse engines: invariants over real training steps, hand-computed BSR-Net steps, export, bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.cli import main
+from robust_sparse.config import load_config
+from robust_sparse.errors import ConfigError
+from robust_sparse.optim import SGDW, sgdw
+from robust_sparse.sparse import build_sparsity, density as allocation
+from robust_sparse.sparse.engines import BSRNetEngine, PruneGrowEngine
+from robust_sparse.sparse.export import export_checkpoint, load_compact
+from robust_sparse.sparse.masker import SparseMasker
+from robust_sparse.train import fit
+
+from conftest import make_tiny_model
+
+ENGINES = {
+    "static": [],
+    "set": ["sparsity.update_every=3"],
+    "rigl": ["sparsity.update_every=3"],
+    "itop": ["sparsity.update_every=3"],
+    "snfs-momentum": ["sparsity.update_every=3", "sparsity.growth=momentum"],
+    "bsrnet": [],
+}
+
+
+def _setup(name, mnist, density=0.2, optimizer="sgd"):
+    method = "set" if name == "snfs-momentum" else name
+    config = load_config(None, [f"sparsity.method={method}", f"sparsity.density={density}", *ENGINES[name]])
+    model = make_tiny_model()
+    opt = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgdw"
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=40, seed=0)
+    train, _ = mnist
+    return model, opt, masker, train.images[:640].float() / 255, train.labels[:640]
+
+
+def _assert_sparse_state(model, opt, masker, check_grad=True):
+    for name, param in masker.params.items():
+        dormant = ~masker.masks[name]
+        assert torch.all(param[dormant] == 0), f"{name}: pruned weight not zero"
+        if check_grad and param.grad is not None:
+            assert torch.all(param.grad[dormant] == 0), f"{name}: pruned gradient not zero"
+        buffer = opt.state.get(param, {}).get("momentum_buffer")
+        if buffer is not None:
+            assert torch.all(buffer[dormant] == 0), f"{name}: pruned momentum not zero"
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+@pytest.mark.parametrize("optimizer", ["sgd", "sgdw"])
+def test_pruned_weights_gradients_and_momentum_stay_zero(name, optimizer, mnist):
+    model, opt, masker, images, labels = _setup(name, mnist, optimizer=optimizer)
+    counts = sum(masker.active_counts().values())
+    target = masker.engine.budget if isinstance(masker.engine, BSRNetEngine) else counts
+    for step in range(10):
+        before = {n: m.clone() for n, m in masker.masks.items()}
+        batch = slice(step * 64, (step + 1) * 64)
+        loss = F.cross_entropy(model(images[batch]), labels[batch])
+        opt.zero_grad()
+        loss.backward()
+        _assert_sparse_state(model, opt, masker)  # gradients masked by the hooks
+        opt.step()
+        # weights and momentum re-masked by the step hook (.grad still holds the previous topology's gradient)
+        _assert_sparse_state(model, opt, masker, check_grad=False)
+        changed = any(not torch.equal(before[n], masker.masks[n]) for n in before)
+        if isinstance(masker.engine, PruneGrowEngine):
+            assert changed == masker.engine.is_update_step(masker.step) or not changed
+            if not masker.engine.is_update_step(masker.step):
+                assert not changed  # topology frozen between updates
+        if name == "static":
+            assert not changed
+        count = sum(masker.active_counts().values())
+        if counts <= target:
+            assert count == target  # exact global count after every step
+        else:  # BSR-Net may start over budget (first/last layers at 0.6): no regrowth until pruned down to K
+            assert count <= counts
+        counts = count
+
+
+def test_rigl_grows_by_dense_gradient_and_grown_weights_start_at_zero(mnist):
+    model, opt, masker, images, labels = _setup("rigl", mnist)
+    engine, calls = masker.engine, []
+    prune, grow = engine.prune, engine.grow
+
+    def recording_prune(weight, mask, count):
+        calls.append({"weight": weight.detach().clone(), "mask": mask.clone(), "count": count})
+        calls[-1]["kept"] = prune(weight, mask, count)
+        return calls[-1]["kept"]
+
+    def recording_grow(mask, count, score, generator):
+        calls[-1]["score"] = score.clone()
+        return grow(mask, count, score, generator)
+
+    engine.prune, engine.grow = recording_prune, recording_grow
+    for step in range(3):
+        loss = F.cross_entropy(model(images[:64]), labels[:64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert masker.step == 3 and len(calls) == len(masker.params)  # one update, at step 3 (update_every=3)
+    for call, (name, param) in zip(calls, masker.params.items()):
+        old, kept, new = call["mask"], call["kept"], masker.masks[name]
+        dropped, grown = old & ~kept, new & ~kept
+        assert int(dropped.sum()) == int(grown.sum()) == call["count"] and int(new.sum()) == int(old.sum())
+        if call["count"] == 0:
+            continue
+        # the dropped ones are the smallest-magnitude active weights (after the optimizer step)
+        assert call["weight"][dropped].abs().max() <= call["weight"][kept].abs().min()
+        # the grown ones have the largest |dense gradient| among dormant positions, start at zero, no momentum
+        assert call["score"][grown].abs().min() >= call["score"][~kept & ~grown].abs().max()
+        assert torch.all(param.detach()[grown] == 0)
+        assert torch.all(opt.state[param]["momentum_buffer"][grown] == 0)
+
+
+def test_set_exploration_rate_grows(mnist):
+    model, opt, masker, images, labels = _setup("set", mnist)
+    start = masker.exploration_rate()
+    for step in range(6):
+        loss = F.cross_entropy(model(images[:64]), labels[:64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert masker.exploration_rate() > start > 0
+    assert masker.exploration_rate() >= masker.global_density()
+
+
+# ---- BSR-Net against a hand computation ----------------------------------------------------------------
+
+
+def test_bsrnet_steps_match_hand_computation():
+    """Two SGDW steps plus rewiring on one 2x3 layer, noise off, loss = sum(W * G) so dL/dW = G."""
+    layer = nn.Linear(3, 2, bias=False)
+    W0 = torch.tensor([[0.5, -0.2, 0.0], [0.03, 0.0, -0.4]])
+    sign = torch.tensor([[1.0, -1.0, 1.0], [1.0, -1.0, -1.0]])
+    mask0 = torch.tensor([[True, True, False], [True, False, True]])
+    G = torch.tensor([[0.1, 0.3, 0.2], [1.0, 0.5, -0.2]])
+    lr, momentum, wd, budget = 0.1, 0.9, 0.01, 4
+    with torch.no_grad():
+        layer.weight.copy_(W0)
+    opt = SGDW(layer.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    engine = BSRNetEngine(signs={"weight": sign}, budget=budget, noise_scale=0.0, temperature=None, l1=0.0,
+                          regrow_value=1e-12, generator=torch.Generator().manual_seed(0),
+                          count_generator=torch.Generator().manual_seed(1))
+    masker = SparseMasker({"weight": layer.weight}, opt, {"weight": mask0}, engine)
+
+    # step 1 by hand: v = -lr*G*mask; W = (1-wd)*W0 + v
+    v1 = -lr * G * mask0
+    W1 = (1 - wd) * W0 + v1
+    # theta = sign*W1: [0.485, 0.168, -], [-0.0703, -, 0.396] -> position (1,0) crosses zero and is pruned
+    alive1 = mask0 & (sign * W1 > 0)
+    assert alive1.sum() == 3
+    (layer.weight * G).sum().backward()
+    opt.step()
+    mask1 = masker.masks["weight"]
+    assert int(mask1.sum()) == budget  # deficit of 1 regrown at once
+    regrown = mask1 & ~alive1
+    assert int(regrown.sum()) == 1
+    torch.testing.assert_close(layer.weight.detach()[alive1], W1[alive1])
+    assert layer.weight.detach()[regrown].item() == pytest.approx((sign[regrown] * 1e-12).item(), abs=0)
+    assert torch.all(layer.weight.detach()[~mask1] == 0)
+
+    # step 2 by hand, from the actual state: Keras momentum keeps lr inside the velocity
+    W1_actual = layer.weight.detach().clone()
+    v1_masked = v1 * mask1
+    v2 = momentum * v1_masked - lr * G * mask1
+    W2 = (1 - wd) * W1_actual + v2
+    layer.weight.grad = None
+    (layer.weight * G).sum().backward()
+    opt.step()
+    alive2 = mask1 & (sign * W2 > 0)
+    kept = masker.masks["weight"] & alive2
+    torch.testing.assert_close(layer.weight.detach()[kept], W2[kept])
+    assert int(masker.masks["weight"].sum()) == budget
+
+
+def test_bsrnet_regrowth_never_exceeds_a_layers_room():
+    """The official code crashes when a layer must regrow more than it has dormant; here the excess moves."""
+    small, big = nn.Linear(2, 2, bias=False), nn.Linear(50, 10, bias=False)
+    params = {"small": small.weight, "big": big.weight}
+    opt = torch.optim.SGD([small.weight, big.weight], lr=0.0)
+    signs = {"small": torch.ones(2, 2), "big": torch.ones(10, 50)}
+    with torch.no_grad():
+        small.weight.fill_(1.0)
+        big.weight.fill_(1.0)
+    masks = {"small": torch.zeros(2, 2, dtype=torch.bool), "big": torch.zeros(10, 50, dtype=torch.bool)}
+    engine = BSRNetEngine(signs=signs, budget=503, noise_scale=0.0, temperature=None, l1=0.0, regrow_value=1e-12,
+                          generator=torch.Generator().manual_seed(0), count_generator=torch.Generator().manual_seed(0))
+    masker = SparseMasker(params, opt, masks, engine)
+    engine.regrow(masker)
+    assert masker.active_counts() == {"small": 4, "big": 499}
+
+
+def test_bsrnet_noise_follows_temperature_and_scale():
+    engine = BSRNetEngine(signs={}, budget=1, noise_scale=1e-6, temperature=None, l1=0.0, regrow_value=1e-12,
+                          generator=torch.Generator(), count_generator=torch.Generator())
+    assert engine.noise_std(0.1) == pytest.approx(1e-7)
+    engine.temperature = 5e-14
+    assert engine.noise_std(0.1) == pytest.approx(math.sqrt(2 * 0.1 * 5e-14))
+
+
+def test_bsrnet_initial_densities_follow_the_paper():
+    shapes = {f"features.{i}.weight": (64, 64, 3, 3) for i in range(13)}
+    shapes.update({"classifier.0.weight": (256, 2048), "classifier.2.weight": (256, 256),
+                   "classifier.4.weight": (10, 256)})
+    densities = allocation.bsrnet_initial("vgg16", shapes, 0.01)
+    values = list(densities.values())
+    assert values[:4] == [0.6, 0.6, 0.2, 0.2] and values[-1] == 0.6
+    assert all(v == pytest.approx(0.005) for v in values[4:-1])
+    resnet = {"conv1.weight": (64, 3, 3, 3), "layer1.0.conv1.weight": (64, 64, 3, 3),
+              "layer1.0.conv2.weight": (64, 64, 3, 3), "layer2.0.conv1.weight": (128, 64, 3, 3),
+              "fc.weight": (10, 512)}
+    assert list(allocation.bsrnet_initial("resnet18", resnet, 0.1).values()) == [0.6, 0.2, 0.2, 0.05, 0.6]
+    wrn = {"conv1.weight": (16, 3, 3, 3), "block1.0.conv1.weight": (64, 16, 3, 3),
+           "block2.0.conv1.weight": (128, 64, 3, 3), "fc.weight": (10, 256)}
+    assert list(allocation.bsrnet_initial("wrn28_4", wrn, 0.1).values()) == [0.6, 0.1, 0.05, 0.6]
+
+
+# ---- allocation -----------------------------------------------------------------------------------------
+
+
+def test_erk_meets_the_budget_and_caps_at_dense():
+    shapes = {"conv1": (16, 3, 3, 3), "conv2": (32, 16, 3, 3), "fc": (10, 512)}
+    total = sum(math.prod(s) for s in shapes.values())
+    densities = allocation.erk(shapes, 0.3)
+    assert sum(densities[n] * math.prod(s) for n, s in shapes.items()) == pytest.approx(0.3 * total)
+    # ERK density is proportional to (sum of dims) / (product of dims): highest for the FC layer here
+    assert densities["fc"] > densities["conv1"] > densities["conv2"]
+    densities = allocation.erk(shapes, 0.6)
+    assert densities["fc"] == 1.0  # would exceed 1, so it is made dense and the rest re-solved
+    assert sum(densities[n] * math.prod(s) for n, s in shapes.items()) == pytest.approx(0.6 * total)
+    assert all(0 < d <= 1 for d in densities.values())
+    uniform = allocation.uniform(shapes, 0.3)
+    assert len(set(uniform.values())) == 1
+
+
+def test_sgdw_matches_hand_computation():
+    param, grad, velocity = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5]), torch.tensor([0.1, 0.0])
+    sgdw([param], [grad], [velocity], lr=0.1, momentum=0.9, decay=0.01)
+    torch.testing.assert_close(velocity, torch.tensor([0.9 * 0.1 - 0.05, -0.05]))
+    torch.testing.assert_close(param, torch.tensor([0.99 + 0.04, -1.98 - 0.05]))
+
+
+# ---- runs, resume, export ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["bsrnet", "rigl"])
+def test_resumed_sparse_run_matches_uninterrupted(method, tiny_config, tmp_path):
+    from test_train import _train_one_epoch_then_stop
+
+    common = [f"sparsity.method={method}", "sparsity.density=0.2", "sparsity.update_every=4",
+              "optim.epochs=3", "eval.n_examples=0"]
+    uninterrupted = fit(tiny_config(*common, f"out_dir={tmp_path / 'a'}"))
+    killed = tiny_config(*common, f"out_dir={tmp_path / 'b'}")
+    _train_one_epoch_then_stop(killed)
+    resumed = fit(killed, resume=True)
+    a = load_checkpoint(uninterrupted.run_dir / "last.pt")
+    b = load_checkpoint(resumed.run_dir / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["sparsity"]["masks"]:
+        assert torch.equal(a["sparsity"]["masks"][key], b["sparsity"]["masks"][key])
+        assert torch.equal(a["sparsity"]["ever_active"][key], b["sparsity"]["ever_active"][key])
+    assert a["sparsity"]["step"] == b["sparsity"]["step"]
+    assert list(resumed.metrics["density"]) == list(uninterrupted.metrics["density"])
+
+
+def test_sparse_run_reports_density_and_exports_exactly(tiny_config, tmp_path):
+    # ERK initial densities: BSR-Net's hand-set ones (first and last layer at 0.6) start tiny_cnn far over
+    # budget, and the official behaviour is to wait for pruning to bring the count down to K.
+    result = fit(tiny_config("sparsity.method=bsrnet", "sparsity.density=0.1", "sparsity.distribution=erk",
+                             "optim.optimizer=sgdw"))
+    assert result.metrics["density"].tolist() == pytest.approx([0.1] * 2, abs=1e-3)
+    assert (result.metrics["exploration_rate"] >= result.metrics["density"]).all()
+    layer_rows = (result.run_dir / "layer_density.csv").read_text().strip().splitlines()
+    assert len(layer_rows) == 1 + 2 * 3  # header + 2 epochs x 3 layers of tiny_cnn
+
+    checkpoint = load_checkpoint(result.run_dir / "best.pt")
+    masks = checkpoint["sparsity"]["masks"]
+    expected_density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    summary = export_checkpoint(result.run_dir / "best.pt", tmp_path / "export")
+    assert summary["density"] == expected_density
+
+    model = make_tiny_model(seed=123)  # the ordinary model class, fresh weights
+    model.load_state_dict(torch.load(tmp_path / "export" / "model_dense.pt", weights_only=True))
+    training_model = make_tiny_model()
+    training_model.load_state_dict(checkpoint["model"])
+    images = torch.rand(8, 1, 28, 28)
+    torch.testing.assert_close(model.eval()(images), training_model.eval()(images), rtol=0, atol=0)
+    compact = load_compact(tmp_path / "export" / "model_sparse.pt")
+    assert all(torch.equal(compact[k], checkpoint["model"][k]) for k in checkpoint["model"])
+    for name, mask in masks.items():
+        assert int(compact[name].count_nonzero()) <= int(mask.sum())
+
+
+def test_magnitude_prune_keeps_largest_weights_and_fine_tunes(tiny_config, tmp_path):
+    dense = fit(tiny_config("optim.epochs=1", "eval.n_examples=0", f"out_dir={tmp_path / 'dense'}"))
+    dense_weights = load_checkpoint(dense.run_dir / "last.pt")["model"]
+    pruned = fit(tiny_config("optim.epochs=1", "eval.n_examples=0", "sparsity.method=magnitude_prune",
+                             "sparsity.density=0.3", f"sparsity.dense_checkpoint={dense.run_dir / 'last.pt'}",
+                             f"out_dir={tmp_path / 'pruned'}"))
+    state = load_checkpoint(pruned.run_dir / "last.pt")
+    masks = state["sparsity"]["masks"]
+    scores = torch.cat([dense_weights[n].abs().flatten() for n in masks])
+    threshold = torch.topk(scores, round(0.3 * scores.numel())).values.min()
+    for name, mask in masks.items():
+        assert torch.all(dense_weights[name][mask].abs() >= threshold)
+        assert torch.all(state["model"][name][~mask] == 0)
+    assert pruned.metrics["density"].iloc[-1] == pytest.approx(0.3, abs=1e-3)
+
+
+# ---- bad settings -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override,field", [
+    ("sparsity.density=0", "sparsity.density"),
+    ("sparsity.density=1.5", "sparsity.density"),
+    ("sparsity.method=lottery", "sparsity.method"),
+    ("sparsity.update_every=0", "sparsity.update_every"),
+    ("sparsity.prune_rate=1.0", "sparsity.prune_rate"),
+    ("sparsity.growth=magic", "sparsity.growth"),
+    ("sparsity.end_fraction=0", "sparsity.end_fraction"),
+    ("sparsity.dense_checkpoint=/nonexistent.pt", "sparsity.dense_checkpoint"),
+])
+def test_bad_sparsity_settings_give_one_line_errors(override, field, capsys, tmp_path):
+    method = [] if "method=" in override else ["--set", "sparsity.method=" +
+                                              ("magnitude_prune" if "dense_checkpoint" in override else "rigl")]
+    assert main(["train", *method, "--set", override, "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and field in error[0]
+
+
+def test_model_without_sparsifiable_layers_is_an_error():
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4))
+    config = load_config(None, ["sparsity.method=set"])
+    with pytest.raises(ConfigError, match="no sparsifiable"):
+        build_sparsity(config.sparsity, model, "bn_only", torch.optim.SGD(model.parameters(), lr=0.1), 10, 0)
