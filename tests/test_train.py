@@ -103,7 +103,8 @@ def test_collapse_to_chance_stops_and_keeps_best(tiny_config, tmp_path, capsys):
     assert error[-1].startswith("robust-sparse: diverged: validation accuracy stayed at chance")
     last = load_checkpoint(config.out_dir + "/last.pt")
     assert last["epoch"] == 2  # stopped after `patience` epochs, not at optim.epochs
-    best_epoch = max((row["val_pgd_accuracy"], row["val_clean_accuracy"], row["epoch"]) for row in last["history"])[2]
+    # the first epoch with the highest (robust, clean) validation accuracy
+    best_epoch = -max((row["val_pgd_accuracy"], row["val_clean_accuracy"], -row["epoch"]) for row in last["history"])[2]
     assert load_checkpoint(config.out_dir + "/best.pt")["epoch"] == best_epoch
 
 
