@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="write the result as JSON here")
     _add_device(evaluate)
 
+    export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
+    export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
+    export.add_argument("--out", required=True, help="output directory")
+
     doctor = commands.add_parser("doctor", help="check the installed stack and say how to fix it")
     doctor.add_argument("--fix", action="store_true", help="apply the automatic fixes (pip commands, alias)")
     return parser
@@ -129,6 +133,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from robust_sparse.sparse.export import export_checkpoint
+
+    summary = export_checkpoint(args.checkpoint, args.out)
+    _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
+          f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
+          f"bytes ({summary['compact_to_dense_size']:.1%}); written to {args.out}")
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from robust_sparse import doctor
 
@@ -146,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("robust_sparse").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-        return {"train": _train, "eval": _eval, "doctor": _doctor}[args.command](args)
+        return {"train": _train, "eval": _eval, "doctor": _doctor, "export": _export}[args.command](args)
     except UserError as error:
         if args is not None and args.debug:
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from robust_sparse.errors import ConfigError
 from robust_sparse.optim import SGDW, sgdw
 from robust_sparse.sparse import build_sparsity, density as allocation
 from robust_sparse.sparse.engines import BSRNetEngine, PruneGrowEngine
-from robust_sparse.sparse.export import export_checkpoint, load_compact
+from robust_sparse.sparse.export import load_compact
 from robust_sparse.sparse.masker import SparseMasker
 from robust_sparse.train import fit
 
@@ -285,7 +286,8 @@ def test_sparse_run_reports_density_and_exports_exactly(tiny_config, tmp_path):
     checkpoint = load_checkpoint(result.run_dir / "best.pt")
     masks = checkpoint["sparsity"]["masks"]
     expected_density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
-    summary = export_checkpoint(result.run_dir / "best.pt", tmp_path / "export")
+    assert main(["export", str(result.run_dir / "best.pt"), "--out", str(tmp_path / "export")]) == 0
+    summary = json.loads((tmp_path / "export" / "export.json").read_text())
     assert summary["density"] == expected_density
 
     model = make_tiny_model(seed=123)  # the ordinary model class, fresh weights
@@ -335,6 +337,11 @@ def test_bad_sparsity_settings_give_one_line_errors(override, field, capsys, tmp
     assert main(["train", *method, "--set", override, "--out", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and field in error[0]
+
+
+def test_export_of_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().startswith("robust-sparse: error: checkpoint not found")
 
 
 def test_model_without_sparsifiable_layers_is_an_error():
