@@ -73,6 +73,12 @@ class PruneScope(str, Enum):
     LAYERWISE = "layerwise"
 
 
+class AgentEstimator(str, Enum):
+    PAPER = "paper"  # c_hat compares the current model with the previous snapshot: c_t adapts
+    OFFICIAL = "official"  # the official A-BSR-Net code: c_hat == 1, gamma*c_t = gamma*(1 - 0.7^e)
+    FIXED = "fixed"  # c_t held at agent.fixed_c (the paper's ablation)
+
+
 class DeviceChoice(str, Enum):
     AUTO = "auto"
     CPU = "cpu"
@@ -148,6 +154,24 @@ class SparsityConfig:
 
 
 @dataclass
+class AgentConfig:
+    """AGENT's adaptive gradient correction (robust_sparse/agent.py); defaults follow the official code."""
+
+    enabled: bool = False
+    gamma: float = 0.1  # scales c_t; limits the bias of a clean g_tilde under adversarial training
+    alpha: float = 0.3  # momentum of c_t: c <- (1 - alpha) c + alpha c_hat
+    estimator: AgentEstimator = AgentEstimator.PAPER
+    fixed_c: float = 0.1  # c_t for estimator = fixed
+    clip: bool = False  # clip c_t to [0, 1] (the paper's text); the official code never clips
+    snapshot_every: int = 1  # epochs between snapshot refreshes (the paper: every epoch)
+    full_grad_batches: int = 0  # batches in the g_tilde pass; 0 = the whole training split
+    full_grad_inputs: str = "clean"  # "clean" (official, also under AT) or "adversarial"
+    full_grad_bn: str = "train"  # BatchNorm mode of the g_tilde pass: "train" (official) or "eval"
+    snapshot_mask: str = "snapshot"  # mask on g_old and g_tilde: "snapshot" (official), "current" or "none"
+    probe_chunks: int = 8  # sub-batches of one probe batch for Var(g_hat)/Var(g_new) each epoch; 0 = off
+
+
+@dataclass
 class ValidationConfig:
     """Per-epoch model selection on the held-out split, by PGD accuracy (robust overfitting, Rice et al.)."""
 
@@ -179,6 +203,7 @@ class TrainConfig:
     trades_beta: float = 6.0
     attack: AttackConfig = field(default_factory=AttackConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -401,6 +426,23 @@ def validate(config: TrainConfig) -> None:
     _check(config.seed >= 0, f"seed = {config.seed}: must be >= 0")
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
     _validate_sparsity(config.sparsity)
+    _validate_agent(config.agent)
+
+
+def _validate_agent(agent: AgentConfig) -> None:
+    _check(0 <= agent.gamma <= 1, f"agent.gamma = {agent.gamma}: must be in [0, 1]")
+    _check(0 < agent.alpha <= 1, f"agent.alpha = {agent.alpha}: must be in (0, 1]")
+    _check(0 <= agent.fixed_c <= 1, f"agent.fixed_c = {agent.fixed_c}: must be in [0, 1]")
+    _check(agent.snapshot_every >= 1, f"agent.snapshot_every = {agent.snapshot_every}: must be >= 1")
+    _check(agent.full_grad_batches >= 0, f"agent.full_grad_batches = {agent.full_grad_batches}: must be >= 0 "
+           "(0 = the whole training split)")
+    _check(agent.full_grad_inputs in ("clean", "adversarial"),
+           f"agent.full_grad_inputs = {agent.full_grad_inputs!r}: must be clean or adversarial")
+    _check(agent.full_grad_bn in ("train", "eval"), f"agent.full_grad_bn = {agent.full_grad_bn!r}: must be train or eval")
+    _check(agent.snapshot_mask in ("snapshot", "current", "none"),
+           f"agent.snapshot_mask = {agent.snapshot_mask!r}: must be snapshot, current or none")
+    _check(agent.probe_chunks == 0 or agent.probe_chunks >= 2,
+           f"agent.probe_chunks = {agent.probe_chunks}: must be 0 (off) or >= 2")
 
 
 def _validate_sparsity(sparsity: SparsityConfig) -> None:

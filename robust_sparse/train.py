@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robust_sparse.agent import AGENT
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.config import DeviceChoice, OptimizerName, Schedule, TrainConfig, save_config, to_dict
 from robust_sparse.data import BatchLoader, ImageSet, load_splits
@@ -85,6 +86,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loader: BatchLoader,
     *,
+    agent: AGENT | None = None,
     progress: bool = False,
     description: str = "train",
     check_every: int = 25,
@@ -100,6 +102,8 @@ def train_one_epoch(
         loss, logits = objective.loss(model, images, labels, adversarial)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if agent is not None:  # g_old: the snapshot's gradient on the same (adversarial) batch
+            agent.snapshot_backward(lambda snapshot: objective.loss(snapshot, images, labels, adversarial)[0])
         optimizer.step()
         scheduler.step()
         # Accumulate on the device; reading a value back costs a sync, so do it only every few batches.
@@ -190,6 +194,10 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
                             config.optim.epochs * len(loader), config.seed)
     objective = build_objective(config, model)
+    agent = None
+    if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base
+        agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker is not None else None)
+    stepper = agent if agent is not None else optimizer
 
     history: list[dict[str, Any]] = []
     best_key = (-1.0, -1.0)
@@ -199,7 +207,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         if _comparable(state["config"]) != _comparable(to_dict(config)):
             raise UserError(f"cannot resume {last_path}: its config differs from this one (see {run_dir}/config.yaml)")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        stepper.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if masker is not None:
             masker.load_state_dict(state["sparsity"])
@@ -215,7 +223,9 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     for epoch in range(start_epoch, config.optim.epochs):
         loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, objective, optimizer, scheduler, loader, progress=progress,
+        if agent is not None and agent.due(epoch):
+            agent.refresh(_agent_batches(config, splits.train, objective, device, epoch), _objective_loss(objective))
+        stats = train_one_epoch(model, objective, stepper, scheduler, loader, agent=agent, progress=progress,
                                 description=f"epoch {epoch + 1}/{config.optim.epochs}")
         val_clean, val_robust = validate(model, splits.val, config, device)
         is_best = (val_robust, val_clean) > best_key
@@ -223,13 +233,14 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
             "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
             "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
+            **_agent_metrics(agent, config, splits.train, objective, device),
         })
         log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
                  epoch + 1, config.optim.epochs, stats.loss, stats.accuracy, val_clean, val_robust,
                  stats.images / stats.seconds)
         checkpoint = {
             "config": to_dict(config), "epoch": epoch + 1, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+            "optimizer": stepper.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
             "history": history, "best_key": list(best_key),
         }
         if masker is not None:
@@ -258,6 +269,42 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
                  evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
     return FitResult(run_dir, metrics, evaluation)
+
+
+def _objective_loss(objective: Objective):
+    """``loss(model, images, labels, model_inputs)``: the objective's batch-mean loss, for AGENT's passes."""
+    return lambda model, images, labels, inputs: objective.loss(model, images, labels, inputs)[0]
+
+
+def _agent_batches(config: TrainConfig, train: ImageSet, objective: Objective, device: torch.device, epoch: int):
+    """The large-batch pass of AGENT: unaugmented training batches, clean (official) or adversarial inputs."""
+    loader = BatchLoader(train, config.data.batch_size, device, shuffle=True, seed=config.seed + 1, drop_last=True)
+    loader.set_epoch(epoch)
+    limit = config.agent.full_grad_batches or len(loader)
+    for index, (images, labels) in enumerate(loader):
+        if index == limit:
+            return
+        inputs = images if config.agent.full_grad_inputs == "clean" else objective.perturb(images, labels)
+        yield images, labels, images if inputs is None else inputs
+
+
+def _agent_metrics(agent: AGENT | None, config: TrainConfig, train: ImageSet, objective: Objective,
+                   device: torch.device) -> dict[str, float]:
+    if agent is None:
+        return {}
+    metrics = agent.epoch_metrics()
+    ratio = float("nan")
+    if config.agent.probe_chunks and agent.active():
+        # A fixed probe batch (the first training images), attacked afresh, split into sub-batches.
+        images = train.images[: config.data.batch_size].to(device).float().div_(255)
+        labels = train.labels[: config.data.batch_size].to(device)
+        adversarial = objective.perturb(images, labels)
+        inputs = images if adversarial is None else adversarial
+        chunks = [(x, y, a) for x, y, a in zip(images.chunk(config.agent.probe_chunks),
+                                                 labels.chunk(config.agent.probe_chunks),
+                                                 inputs.chunk(config.agent.probe_chunks))]
+        ratio = agent.variance_ratio(chunks, _objective_loss(objective))
+    return {**metrics, "agent_variance_ratio": ratio}
 
 
 def _sparsity_metrics(masker: SparseMasker | None) -> dict[str, float]:

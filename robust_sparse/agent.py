@@ -1,0 +1,267 @@
+"""AGENT: adaptive gradient correction for sparse training (Lei et al., "Balance is Essence", CPAL 2024).
+
+Every step uses the corrected gradient
+
+    g_hat = g_new - gamma * c_t * (g_old - g_tilde)
+
+where ``g_new`` is the current model's gradient on the batch, ``g_old`` the snapshot's gradient on the *same*
+batch (the same adversarial examples, no second attack), and ``g_tilde`` the snapshot's large-batch gradient
+over (a subsample of) the training set. At every snapshot refresh ``c_t = (1 - alpha) c_{t-1} + alpha c_hat``
+with ``c_0 = 0``, where ``c_hat = Cov(l(B|theta_t), l(B|theta~)) / Var(l(B|theta~))`` over per-batch losses
+(numpy's ddof=1). Estimators of ``c_hat``:
+
+``paper`` (default)
+    compares the current model with the *previous* snapshot, so c_t really adapts (as A-ITOP/A-RigL do).
+``official``
+    the official A-BSR-Net code copies the model right before measuring, so its estimate is identically 1 and
+    ``gamma * c_t`` is the ramp ``gamma * (1 - (1 - alpha)^e)``, i.e. ``gamma * (1 - 0.7^e)``.
+``fixed``
+    ``c_t`` held at ``fixed_c`` from the first step (the paper's "fixed c_t" ablation).
+
+:class:`AGENT` is an optimizer *wrapper*: it shares ``param_groups`` with the base optimizer, corrects the
+gradients in ``.grad`` and delegates the update, so it composes with any base optimizer, sparse engine (their
+hooks sit on the base optimizer) and objective. The maths is the pure function :func:`agent_correction`.
+
+Deliberate deviation: sparse engines hold dormant weights at exactly zero (their invariant), so the part of
+the correction that falls on dormant positions has no effect. In the official TF code a dormant BSR-Net theta
+is a negative number that the correction term could push back above zero, reviving a connection outside the
+rewiring budget; we do not reproduce that.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from robust_sparse.config import AgentConfig, AgentEstimator
+
+
+def agent_correction(grads: list[torch.Tensor], snapshot_grads: list[torch.Tensor],
+                     full_grads: list[torch.Tensor], *, weight: float) -> None:
+    """In place: ``g <- g - weight * (g_old - g_tilde)`` for every tensor (single-tensor reference)."""
+    for grad, old, full in zip(grads, snapshot_grads, full_grads):
+        grad.sub_(old - full, alpha=weight)
+
+
+def estimate_c(current_losses: list[float], snapshot_losses: list[float]) -> float:
+    """Eq. (4): Cov(l(B|theta_t), l(B|theta~)) / Var(l(B|theta~)), both with ddof=1 like ``numpy.cov``."""
+    n = len(current_losses)
+    if n < 2 or len(snapshot_losses) != n:
+        raise ValueError("estimate_c needs at least two paired per-batch losses")
+    mean_current, mean_snapshot = sum(current_losses) / n, sum(snapshot_losses) / n
+    covariance = sum((a - mean_current) * (b - mean_snapshot) for a, b in zip(current_losses, snapshot_losses)) / (n - 1)
+    variance = sum((b - mean_snapshot) ** 2 for b in snapshot_losses) / (n - 1)
+    return covariance / variance if variance > 0 else 0.0
+
+
+def momentum_update(c_previous: float, c_hat: float, alpha: float, refresh_index: int) -> float:
+    """``c_0 = 0``; afterwards ``(1 - alpha) c + alpha c_hat``."""
+    return 0.0 if refresh_index == 0 else (1 - alpha) * c_previous + alpha * c_hat
+
+
+class AGENT(torch.optim.Optimizer):
+    """Wrap ``base`` (SGD, SGDW, ...) with AGENT's gradient correction for the parameters of ``model``.
+
+    Per step the training loop calls :meth:`snapshot_backward` after ``loss.backward()`` (it computes ``g_old``
+    on the same inputs), then :meth:`step`. Before each epoch it calls :meth:`refresh` when :meth:`due`.
+    """
+
+    def __init__(self, base: torch.optim.Optimizer, model: nn.Module, config: AgentConfig,
+                 masks: dict[str, torch.Tensor] | None = None) -> None:
+        # super().__init__ over the base optimizer's own group dicts: both optimizers share the same group
+        # objects, so a scheduler stepping either one changes the learning rate both see.
+        super().__init__(base.param_groups, {})
+        self.base = base
+        self.model = model
+        self.config = config
+        self.masks = masks or {}  # the sparse engine's live masks, keyed by parameter name
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.snapshot: nn.Module | None = None
+        self.snapshot_masks: dict[str, torch.Tensor] = {}
+        self.full_grads: list[torch.Tensor] | None = None
+        self.snapshot_grads: list[torch.Tensor] | None = None
+        self.c = 0.0
+        self.c_hat = float("nan")
+        self.refreshes = 0
+        self._cosine_sum = torch.zeros(())
+        self._cosine_count = 0
+
+    # ---- the weight --------------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> float:
+        """gamma * c_t, the weight of the correction in the current epoch."""
+        return self.config.gamma * self.c
+
+    def due(self, epoch: int) -> bool:
+        return self.config.gamma > 0 and epoch % self.config.snapshot_every == 0
+
+    # ---- per epoch ---------------------------------------------------------------------------------------
+
+    def refresh(self, batches: Iterable[tuple[Any, ...]], loss_fn) -> dict[str, float]:
+        """New snapshot; update c_t; compute g_tilde at the new snapshot if the coming epochs use it.
+
+        ``batches`` yields argument tuples of the large-batch pass (clean or adversarial inputs, per config);
+        ``loss_fn(model, *batch)`` is the objective's batch-mean loss. The pass runs only when needed: never
+        at the first refresh of ``paper``/``official`` (c_0 = 0), always afterwards for ``paper`` (the
+        estimate needs it) and whenever c_t != 0 for the others.
+        """
+        config = self.config
+        new_snapshot = copy.deepcopy(self.model)
+        new_snapshot.train(config.full_grad_bn == "train")
+        previous = self.snapshot
+        estimator = config.estimator
+        needs_estimate = estimator is AgentEstimator.PAPER and previous is not None
+        if estimator is AgentEstimator.FIXED:
+            self.c = config.fixed_c
+        elif estimator is AgentEstimator.OFFICIAL:
+            self.c_hat = 1.0
+            self.c = momentum_update(self.c, 1.0, config.alpha, self.refreshes)
+        need_gradient = needs_estimate or (estimator is not AgentEstimator.PAPER and self.c != 0)
+
+        snapshot_params = [p for p in new_snapshot.parameters() if p.requires_grad]
+        full = [torch.zeros_like(p) for p in snapshot_params] if need_gradient else None
+        current_losses, previous_losses, count = [], [], 0
+        if need_gradient or needs_estimate:
+            if previous is not None:
+                previous.train(config.full_grad_bn == "train")
+            for batch in batches:
+                loss = loss_fn(new_snapshot, *batch)
+                if full is not None:
+                    for accumulator, grad in zip(full, torch.autograd.grad(loss, snapshot_params)):
+                        accumulator.add_(grad)
+                if needs_estimate:
+                    with torch.no_grad():
+                        previous_losses.append(loss_fn(previous, *batch).detach())
+                    current_losses.append(loss.detach())
+                count += 1
+        if needs_estimate:
+            self.c_hat = estimate_c(torch.stack(current_losses).tolist(), torch.stack(previous_losses).tolist())
+            self.c = momentum_update(self.c, self.c_hat, config.alpha, self.refreshes)
+        elif estimator is AgentEstimator.PAPER:
+            self.c_hat, self.c = float("nan"), 0.0  # the first refresh: no previous snapshot, c_0 = 0
+        if config.clip:
+            self.c = min(1.0, max(0.0, self.c))
+        self.snapshot_masks = {name: mask.clone() for name, mask in self.masks.items()}
+        if full is not None and count:
+            full = [value / count for value in full]  # mean of batch-mean gradients
+            self.full_grads = self._mask_like_snapshot(full)
+        for p in new_snapshot.parameters():
+            p.requires_grad_(True)
+        new_snapshot.train()
+        self.snapshot = new_snapshot
+        self.refreshes += 1
+        return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.weight}
+
+    def _mask_like_snapshot(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Mask snapshot gradients as the config says: by the snapshot's mask (official), the current one, or not."""
+        choice = self.config.snapshot_mask
+        if choice == "none":
+            return grads
+        masks = self.snapshot_masks if choice == "snapshot" else self.masks
+        return [grad * masks[name] if name in masks else grad for name, grad in zip(self.names, grads)]
+
+    # ---- per step ----------------------------------------------------------------------------------------
+
+    def active(self) -> bool:
+        return self.snapshot is not None and self.full_grads is not None and self.weight != 0
+
+    def snapshot_backward(self, loss_fn) -> None:
+        """g_old: the snapshot's gradient of ``loss_fn(snapshot)`` (the same batch as the current step)."""
+        if not self.active():
+            self.snapshot_grads = None
+            return
+        assert self.snapshot is not None
+        snapshot_params = [p for p in self.snapshot.parameters() if p.requires_grad]
+        grads = list(torch.autograd.grad(loss_fn(self.snapshot), snapshot_params))
+        self.snapshot_grads = self._mask_like_snapshot(grads)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("AGENT does not take a closure: call snapshot_backward() between backward and step")
+        if self.snapshot_grads is not None and self.active():
+            assert self.full_grads is not None
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            self._record_cosine(grads, self.snapshot_grads)
+            agent_correction(grads, self.snapshot_grads, self.full_grads, weight=self.weight)
+            for p, grad in zip(self.params, grads):
+                p.grad = grad
+            self.snapshot_grads = None
+        return self.base.step()
+
+    def _record_cosine(self, new: list[torch.Tensor], old: list[torch.Tensor]) -> None:
+        # Accumulated on the device: reading it back every step would cost a host sync per step.
+        dot = sum((a * b).sum() for a, b in zip(new, old))
+        norms = torch.sqrt(sum((a * a).sum() for a in new) * sum((b * b).sum() for b in old))
+        cosine = (dot / norms.clamp_min(1e-30)).detach()
+        self._cosine_sum = self._cosine_sum.to(cosine.device) + cosine
+        self._cosine_count += 1
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Per-epoch logging: c_hat, c_t, gamma*c_t and the mean cosine between g_new and g_old."""
+        cosine = self._cosine_sum.item() / self._cosine_count if self._cosine_count else float("nan")
+        self._cosine_sum, self._cosine_count = torch.zeros(()), 0
+        return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.weight, "agent_cosine": cosine}
+
+    def variance_ratio(self, chunks: list[tuple[Any, Any]], loss_fn) -> float:
+        """Var(g_hat) / Var(g_new) across the sub-batches of a probe batch (summed over coordinates).
+
+        ``chunks`` are argument tuples for ``loss_fn(model, *chunk)``; the model's BN is in train mode, as in
+        training, but on a copy so that the probe does not move the running statistics.
+        """
+        if not self.active() or len(chunks) < 2:
+            return float("nan")
+        assert self.snapshot is not None and self.full_grads is not None
+        probe = copy.deepcopy(self.model).train()
+        probe_params = [p for p in probe.parameters() if p.requires_grad]
+        snapshot_params = [p for p in self.snapshot.parameters() if p.requires_grad]
+        news, hats = [], []
+        for chunk in chunks:
+            new = [g * self.masks[n] if n in self.masks else g
+                   for n, g in zip(self.names, torch.autograd.grad(loss_fn(probe, *chunk), probe_params))]
+            old = self._mask_like_snapshot(list(torch.autograd.grad(loss_fn(self.snapshot, *chunk), snapshot_params)))
+            hat = [g.clone() for g in new]
+            agent_correction(hat, old, self.full_grads, weight=self.weight)
+            news.append(torch.cat([g.flatten() for g in new]))
+            hats.append(torch.cat([g.flatten() for g in hat]))
+        variance_new = torch.stack(news).var(dim=0).sum()
+        variance_hat = torch.stack(hats).var(dim=0).sum()
+        return (variance_hat / variance_new).item() if variance_new > 0 else float("nan")
+
+    # ---- persistence -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base.state_dict(),
+            "agent": {
+                "c": self.c, "c_hat": self.c_hat, "refreshes": self.refreshes,
+                "snapshot": self.snapshot.state_dict() if self.snapshot is not None else None,
+                "snapshot_masks": {k: v.clone() for k, v in self.snapshot_masks.items()},
+                "full_grads": [g.clone() for g in self.full_grads] if self.full_grads is not None else None,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state["base"])
+        self.param_groups = self.base.param_groups  # loading replaced the base's group dicts: share again
+        agent = state["agent"]
+        self.c, self.c_hat, self.refreshes = float(agent["c"]), float(agent["c_hat"]), int(agent["refreshes"])
+        self.snapshot = None
+        if agent["snapshot"] is not None:
+            self.snapshot = copy.deepcopy(self.model)
+            self.snapshot.load_state_dict(agent["snapshot"])
+            self.snapshot.train()
+        self.snapshot_masks = dict(agent["snapshot_masks"])
+        self.full_grads = list(agent["full_grads"]) if agent["full_grads"] is not None else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+
+
+__all__ = ["AGENT", "agent_correction", "estimate_c", "momentum_update"]

@@ -1,0 +1,235 @@
+"""AGENT: hand-computed steps, estimators, gamma = 0 identity, state round trip, every engine and objective."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_sparse.agent import AGENT, agent_correction, estimate_c, momentum_update
+from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.config import AgentConfig, AgentEstimator, load_config
+from robust_sparse.objectives import build_objective
+from robust_sparse.optim import SGDW
+from robust_sparse.sparse import build_sparsity
+from robust_sparse.train import fit
+
+from conftest import make_tiny_model
+
+
+def test_correction_is_g_minus_weight_times_old_minus_full():
+    grads = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    agent_correction(grads, [torch.tensor([0.5, 1.0]), torch.tensor([[2.0]])],
+                     [torch.tensor([0.25, 0.0]), torch.tensor([[1.0]])], weight=0.2)
+    torch.testing.assert_close(grads[0], torch.tensor([1.0 - 0.2 * 0.25, 2.0 - 0.2 * 1.0]))
+    torch.testing.assert_close(grads[1], torch.tensor([[3.0 - 0.2 * 1.0]]))
+
+
+def test_estimate_c_matches_numpy_cov_ddof1():
+    rng = np.random.default_rng(0)
+    snapshot = rng.normal(size=50)
+    current = 0.7 * snapshot + rng.normal(scale=0.3, size=50)
+    expected = np.cov(current, snapshot, ddof=1)[0][1] / np.var(snapshot, ddof=1)
+    assert estimate_c(current.tolist(), snapshot.tolist()) == pytest.approx(expected, rel=1e-12)
+    assert momentum_update(0.5, 2.0, 0.3, refresh_index=0) == 0.0  # c_0 = 0
+    assert momentum_update(0.5, 2.0, 0.3, refresh_index=3) == pytest.approx(0.7 * 0.5 + 0.3 * 2.0)
+
+
+# ---- a linear model with a quadratic loss: every gradient by hand --------------------------------------
+
+
+X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
+Y = torch.tensor([1.0, -1.0, 0.5, 2.0])
+BATCHES = [(X[:2], Y[:2]), (X[2:], Y[2:]), (X[[0, 3]], Y[[0, 3]])]
+
+
+def quadratic(model, x, y):
+    return 0.5 * ((model(x).squeeze(1) - y) ** 2).mean()
+
+
+def hand_grad(w, x, y):
+    return ((x @ w - y)[:, None] * x).mean(0)
+
+
+def hand_loss(w, x, y):
+    return float(0.5 * ((x @ w - y) ** 2).mean())
+
+
+def test_two_agent_steps_match_hand_computation():
+    gamma, alpha, lr = 0.5, 0.3, 0.1
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.2, -0.4]]))
+    base = torch.optim.SGD(model.parameters(), lr=lr)
+    agent = AGENT(base, model, AgentConfig(enabled=True, gamma=gamma, alpha=alpha, probe_chunks=0))
+
+    w0 = torch.tensor([0.2, -0.4])
+    agent.refresh(BATCHES, quadratic)  # refresh 0: snapshot = w0, c_0 = 0, no gradient pass needed
+    assert agent.c == 0.0 and agent.full_grads is None
+    for x, y in BATCHES[:2]:  # an epoch without correction: plain SGD
+        base.zero_grad()
+        quadratic(model, x, y).backward()
+        agent.snapshot_backward(lambda snap: quadratic(snap, x, y))
+        agent.step()
+    w1 = w0 - lr * hand_grad(w0, *BATCHES[0])
+    w1 = w1 - lr * hand_grad(w1, *BATCHES[1])
+    torch.testing.assert_close(model.weight.detach()[0], w1)
+
+    # refresh 1 by hand: c_hat from per-batch losses of w1 (current) against w0 (previous snapshot)
+    current = [hand_loss(w1, x, y) for x, y in BATCHES]
+    previous = [hand_loss(w0, x, y) for x, y in BATCHES]
+    c_hat = np.cov(current, previous, ddof=1)[0][1] / np.var(previous, ddof=1)
+    c1 = alpha * c_hat  # (1 - alpha) * c_0 + alpha * c_hat with c_0 = 0
+    full = torch.stack([hand_grad(w1, x, y) for x, y in BATCHES]).mean(0)  # g_tilde at the new snapshot w1
+    stats = agent.refresh(BATCHES, quadratic)
+    assert stats["agent_c_hat"] == pytest.approx(c_hat, rel=1e-5)
+    assert agent.c == pytest.approx(c1, rel=1e-5)
+    torch.testing.assert_close(agent.full_grads[0][0], full)
+
+    # two corrected steps: g_hat = g_new - gamma * c1 * (g_old(w1) - g_tilde)
+    w = w1.clone()
+    for x, y in BATCHES[:2]:
+        base.zero_grad()
+        quadratic(model, x, y).backward()
+        agent.snapshot_backward(lambda snap: quadratic(snap, x, y))
+        agent.step()
+        g_hat = hand_grad(w, x, y) - gamma * c1 * (hand_grad(w1, x, y) - full)
+        w = w - lr * g_hat
+    torch.testing.assert_close(model.weight.detach()[0], w, rtol=1e-6, atol=1e-7)
+
+
+def test_official_estimator_is_the_ramp_gamma_times_one_minus_0_7_to_the_e():
+    model = nn.Linear(2, 1, bias=False)
+    agent = AGENT(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                  AgentConfig(enabled=True, gamma=0.1, alpha=0.3, estimator=AgentEstimator.OFFICIAL, probe_chunks=0))
+    for epoch in range(8):
+        agent.refresh(BATCHES, quadratic)
+        assert agent.weight == pytest.approx(0.1 * (1 - 0.7 ** epoch), abs=1e-15)
+        assert (agent.full_grads is None) == (epoch == 0)  # no wasted gradient pass while c = 0
+
+
+def test_fixed_estimator_and_clip():
+    model = nn.Linear(2, 1, bias=False)
+    fixed = AGENT(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                  AgentConfig(enabled=True, gamma=0.5, estimator=AgentEstimator.FIXED, fixed_c=0.4, probe_chunks=0))
+    fixed.refresh(BATCHES, quadratic)
+    assert fixed.weight == pytest.approx(0.2) and fixed.full_grads is not None  # corrected from the first epoch
+
+    clipped = AGENT(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                    AgentConfig(enabled=True, gamma=0.5, alpha=1.0, clip=True, probe_chunks=0))
+    clipped.refresh(BATCHES, quadratic)
+    with torch.no_grad():
+        model.weight.mul_(3.0)  # the per-batch losses no longer track the snapshot's: c_hat far outside [0, 1]
+    clipped.refresh(BATCHES, quadratic)
+    assert not 0 <= clipped.c_hat <= 1
+    assert clipped.c == (1.0 if clipped.c_hat > 1 else 0.0)  # alpha = 1: c would be c_hat without the clip
+
+
+def test_state_dict_round_trip_mid_epoch_resumes_identically():
+    def make():
+        torch.manual_seed(0)
+        model = nn.Linear(2, 1, bias=False)
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, AGENT(base, model, AgentConfig(enabled=True, gamma=0.3, probe_chunks=0))
+
+    def train_steps(model, agent, batches):
+        for x, y in batches:
+            agent.zero_grad()
+            quadratic(model, x, y).backward()
+            agent.snapshot_backward(lambda snap: quadratic(snap, x, y))
+            agent.step()
+
+    model, agent = make()
+    agent.refresh(BATCHES, quadratic)
+    train_steps(model, agent, BATCHES)
+    agent.refresh(BATCHES, quadratic)
+    train_steps(model, agent, BATCHES[:1])  # mid-epoch
+    state = copy.deepcopy(agent.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    train_steps(model, agent, BATCHES[1:])
+    reference = model.weight.detach().clone()
+
+    model2, agent2 = make()
+    model2.load_state_dict(weights)
+    agent2.load_state_dict(state)
+    train_steps(model2, agent2, BATCHES[1:])
+    assert torch.equal(model2.weight.detach(), reference)
+    assert agent2.c == agent.c and agent2.param_groups is agent2.base.param_groups
+
+
+def test_gamma_zero_reproduces_the_base_run_bit_for_bit(tiny_config, tmp_path):
+    common = ["sparsity.method=rigl", "sparsity.density=0.3", "sparsity.update_every=4", "eval.n_examples=0"]
+    base = fit(tiny_config(*common, f"out_dir={tmp_path / 'base'}"))
+    agent = fit(tiny_config(*common, "agent.enabled=true", "agent.gamma=0", f"out_dir={tmp_path / 'agent'}"))
+    a = load_checkpoint(base.run_dir / "last.pt")["model"]
+    b = load_checkpoint(agent.run_dir / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_agent_run_logs_its_state(tiny_config):
+    result = fit(tiny_config("agent.enabled=true", "agent.gamma=0.2", "agent.full_grad_batches=3",
+                             "optim.epochs=3", "eval.n_examples=0"))
+    metrics = result.metrics
+    assert metrics["agent_c"].iloc[0] == 0.0  # c_0 = 0
+    assert np.isfinite(metrics["agent_c_hat"].iloc[1:]).all()
+    assert metrics["agent_weight"].tolist() == pytest.approx((0.2 * metrics["agent_c"]).tolist())
+    assert np.isfinite(metrics["agent_cosine"].iloc[2]) and -1 <= metrics["agent_cosine"].iloc[2] <= 1
+    assert np.isfinite(metrics["agent_variance_ratio"].iloc[2])
+
+
+# ---- every engine x every objective ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["natural", "pgd_at", "trades"])
+@pytest.mark.parametrize("engine", ["none", "static", "set", "rigl", "itop", "bsrnet"])
+def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist):
+    config = load_config(None, [f"sparsity.method={engine}", "sparsity.density=0.3", "sparsity.update_every=2",
+                                f"objective={objective}", "attack.steps=1", "agent.enabled=true",
+                                "agent.gamma=0.5", "agent.estimator=fixed", "agent.fixed_c=1.0",
+                                "optim.optimizer=" + ("sgdw" if engine == "bsrnet" else "sgd")])
+    train, _ = mnist
+    images, labels = train.images[:96].float() / 255, train.labels[:96]
+    model = make_tiny_model()
+    base = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) if engine == "bsrnet"
+            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", base, total_steps=12, seed=0)
+    agent = AGENT(base, model, config.agent, masks=masker.masks if masker else None)
+    objective_ = build_objective(config, model)
+    loss_fn = lambda m, x, y, inputs: objective_.loss(m, x, y, inputs)[0]  # noqa: E731
+    chunks = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]
+    for epoch in range(2):
+        agent.refresh([(x, y, x) for x, y in chunks], loss_fn)
+        assert agent.weight == 0.5
+        for x, y in chunks:
+            adversarial = objective_.perturb(x, y)
+            loss, _ = objective_.loss(model, x, y, adversarial)
+            agent.zero_grad()
+            loss.backward()
+            agent.snapshot_backward(lambda snap: objective_.loss(snap, x, y, adversarial)[0])
+            assert agent.snapshot_grads is not None
+            agent.step()
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+            if masker is not None:  # the sparse invariants survive the corrected update
+                for name, param in masker.params.items():
+                    assert torch.all(param[~masker.masks[name]] == 0)
+                    momentum = base.state[param].get("momentum_buffer")
+                    assert momentum is None or torch.all(momentum[~masker.masks[name]] == 0)
+    if masker is not None and engine in ("set", "rigl", "itop", "bsrnet"):
+        assert masker.step == 6
+
+
+@pytest.mark.parametrize("override,field", [
+    ("agent.gamma=1.5", "agent.gamma"), ("agent.gamma=-0.1", "agent.gamma"), ("agent.alpha=0", "agent.alpha"),
+    ("agent.estimator=magic", "agent.estimator"), ("agent.snapshot_every=0", "agent.snapshot_every"),
+    ("agent.full_grad_inputs=noisy", "agent.full_grad_inputs"), ("agent.snapshot_mask=all", "agent.snapshot_mask"),
+])
+def test_bad_agent_settings(override, field, capsys, tmp_path):
+    from robust_sparse.cli import main
+
+    assert main(["train", "--set", "agent.enabled=true", "--set", override, "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and field in error[0]
