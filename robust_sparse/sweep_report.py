@@ -1,0 +1,154 @@
+"""Aggregate a sweep directory: per-run table, mean ± std over seeds, γ-sensitivity and convergence plots,
+epochs needed to reach given accuracies (the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from robust_sparse.errors import UserError
+from robust_sparse.sweep import run_status
+
+log = logging.getLogger(__name__)
+
+FINAL = ["test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy", "val_pgd_accuracy"]
+
+
+def _parse_overrides(text: str) -> dict[str, Any]:
+    values = {}
+    for item in text.split():
+        key, _, raw = item.partition("=")
+        values[key] = yaml.safe_load(raw)
+    return values
+
+
+def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, curves): one row per run with its grid values and final numbers; one row per run and epoch."""
+    sweep_dir = Path(sweep_dir)
+    index_path = sweep_dir / "runs.csv"
+    if not index_path.is_file():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no runs.csv); run robust-sparse sweep first")
+    index = pd.read_csv(index_path, keep_default_na=False)
+    runs, curves = [], []
+    for _, entry in index.iterrows():
+        run_dir = sweep_dir / "runs" / entry["run_id"]
+        row: dict[str, Any] = {"run_id": entry["run_id"], **_parse_overrides(entry["overrides"]),
+                               "status": run_status(run_dir)}
+        metrics_path = run_dir / "metrics.csv"
+        if metrics_path.exists():
+            metrics = pd.read_csv(metrics_path)
+            metrics.insert(0, "run_id", entry["run_id"])
+            curves.append(metrics)
+            last = metrics.iloc[-1]
+            row.update({"epochs": int(last["epoch"]), "val_clean_accuracy": last["val_clean_accuracy"],
+                        "val_pgd_accuracy": last["val_pgd_accuracy"]})
+            row["diverged"] = row["status"] == "diverged" or bool(last["train_loss"] != last["train_loss"])
+        if (run_dir / "eval.json").exists():
+            evaluation = json.loads((run_dir / "eval.json").read_text())
+            row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
+                        "test_pgd_accuracy": evaluation["pgd_accuracy"], "best_epoch": evaluation["epoch"]})
+        runs.append(row)
+    return pd.DataFrame(runs), (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame())
+
+
+def grid_keys(runs: pd.DataFrame) -> list[str]:
+    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", *FINAL}
+    return [c for c in runs.columns if c not in reserved]
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds of the final numbers, one row per setting."""
+    keys = [k for k in grid_keys(runs) if k != "seed"]
+    present = [c for c in FINAL if c in runs]
+    grouped = runs.groupby(keys, dropna=False) if keys else runs.assign(_all=0).groupby("_all")
+    table = grouped[present].agg(["mean", "std"]) if present else grouped.size().to_frame("_").drop(columns="_")
+    table.columns = [f"{metric} {stat}" for metric, stat in table.columns] if present else []
+    table["runs"] = grouped.size()
+    table["diverged"] = grouped["diverged"].sum() if "diverged" in runs else 0
+    table["failed"] = grouped["status"].apply(lambda s: int((~s.isin(["done", "diverged"])).sum()))
+    return table.reset_index()
+
+
+def epochs_to_accuracy(runs: pd.DataFrame, curves: pd.DataFrame, thresholds: list[float],
+                       column: str = "val_clean_accuracy") -> pd.DataFrame:
+    """Mean over seeds of the first epoch whose ``column`` reaches each threshold (NaN: never reached)."""
+    keys = [k for k in grid_keys(runs) if k != "seed"]
+    merged = curves.merge(runs[["run_id", *keys]], on="run_id")
+    rows = []
+    for setting, group in (merged.groupby(keys, dropna=False) if keys else [((), merged)]):
+        setting = setting if isinstance(setting, tuple) else (setting,)
+        row = dict(zip(keys, setting))
+        for threshold in thresholds:
+            firsts = []
+            for _, run in group.groupby("run_id"):
+                reached = run.loc[run[column] >= threshold, "epoch"]
+                firsts.append(reached.min() if len(reached) else float("nan"))
+            row[f"{column} >= {threshold:g}"] = pd.Series(firsts).mean()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_report(sweep_dir: str | Path, out: str | Path | None = None,
+                 thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep_dir = Path(sweep_dir)
+    out = Path(out) if out else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    runs, curves = collect(sweep_dir)
+    table = aggregate(runs)
+    runs.to_csv(out / "runs.csv", index=False)
+    table.to_csv(out / "summary.csv", index=False)
+    lines = [f"# Sweep report: {sweep_dir}", "", f"{len(runs)} runs; {int(runs.get('diverged', pd.Series()).sum())} "
+             "diverged (NaN loss or validation accuracy at chance).", "", "## Final accuracy, mean ± std over seeds",
+             "", _markdown(table), ""]
+    if not curves.empty:
+        steps = epochs_to_accuracy(runs, curves, list(thresholds))
+        steps.to_csv(out / "epochs_to_accuracy.csv", index=False)
+        lines += ["## Epochs to reach a validation clean accuracy (mean over seeds)", "", _markdown(steps), ""]
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        keys = [k for k in grid_keys(runs) if k != "seed"]
+        merged = curves.merge(runs[["run_id", *keys]], on="run_id")
+        for setting, group in (merged.groupby(keys, dropna=False) if keys else [("all", merged)]):
+            mean = group.groupby("epoch")["val_pgd_accuracy"].mean()
+            axis.plot(mean.index, mean.values, marker="o", label=str(setting))
+        axis.set(xlabel="epoch", ylabel="validation PGD accuracy", title="Convergence (mean over seeds)")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "convergence.png", dpi=120)
+        plt.close(figure)
+        lines += ["![convergence](convergence.png)", ""]
+    if "agent.gamma" in runs and "test_pgd_accuracy mean" in table:
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        series_key = "sparsity.density" if "sparsity.density" in table else None
+        for value, group in (table.groupby(series_key) if series_key else [("all", table)]):
+            group = group.sort_values("agent.gamma")
+            for axis, metric in zip(axes, ["test_clean_accuracy", "test_pgd_accuracy"]):
+                axis.errorbar(group["agent.gamma"], group[f"{metric} mean"], yerr=group[f"{metric} std"].fillna(0),
+                              marker="o", capsize=3, label=f"density {value}")
+                axis.set(xlabel="γ", ylabel=metric.replace("_", " "), xscale="symlog", xlim=(-0.001, None))
+        axes[0].legend()
+        figure.suptitle("AGENT γ sensitivity (mean ± std over seeds)")
+        figure.tight_layout()
+        figure.savefig(out / "gamma_sensitivity.png", dpi=120)
+        plt.close(figure)
+        lines += ["![gamma sensitivity](gamma_sensitivity.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |"
+            for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
