@@ -36,6 +36,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from robust_sparse import distributed
 from robust_sparse.config import AgentConfig, AgentEstimator
 
 
@@ -139,8 +140,12 @@ class AGENT(torch.optim.Optimizer):
                         previous_losses.append(loss_fn(previous, *batch).detach())
                     current_losses.append(loss.detach())
                 count += 1
+        if full is not None:
+            distributed.all_reduce_mean(full)  # every rank saw its own shard of the pass
         if needs_estimate:
-            self.c_hat = estimate_c(torch.stack(current_losses).tolist(), torch.stack(previous_losses).tolist())
+            current = distributed.all_gather_cat(torch.stack(current_losses))
+            previous_all = distributed.all_gather_cat(torch.stack(previous_losses))
+            self.c_hat = estimate_c(current.tolist(), previous_all.tolist())
             self.c = momentum_update(self.c, self.c_hat, config.alpha, self.refreshes)
         elif estimator is AgentEstimator.PAPER:
             self.c_hat, self.c = float("nan"), 0.0  # the first refresh: no previous snapshot, c_0 = 0
@@ -178,6 +183,7 @@ class AGENT(torch.optim.Optimizer):
         assert self.snapshot is not None
         snapshot_params = [p for p in self.snapshot.parameters() if p.requires_grad]
         grads = list(torch.autograd.grad(loss_fn(self.snapshot), snapshot_params))
+        distributed.all_reduce_mean(grads)  # like g_new, which DistributedDataParallel averages
         self.snapshot_grads = self._mask_like_snapshot(grads)
 
     @torch.no_grad()

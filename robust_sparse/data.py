@@ -242,6 +242,8 @@ class BatchLoader:
         info: DatasetInfo | None = None,
         augment_batches: bool = False,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.data = data
         self.batch_size = batch_size
@@ -251,19 +253,25 @@ class BatchLoader:
         self.info = info
         self.augment_batches = augment_batches and info is not None
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size  # data parallel: this rank takes every world_size-th image
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _shard_size(self) -> int:
+        return len(range(self.rank, len(self.data) - len(self.data) % self.world_size, self.world_size))
+
     def __len__(self) -> int:
-        full, rest = divmod(len(self.data), self.batch_size)
+        full, rest = divmod(self._shard_size(), self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.data)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        # Every rank draws the same permutation and keeps its own slice of equal length.
+        order = order[: n - n % self.world_size][self.rank :: self.world_size]
         for batch_number in range(len(self)):
             index = order[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
             images = self.data.images[index].to(self.device, non_blocking=True)

@@ -21,8 +21,10 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from robust_sparse import distributed
 from robust_sparse.agent import AGENT
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.config import DeviceChoice, OptimizerName, Schedule, TrainConfig, save_config, to_dict
@@ -152,6 +154,9 @@ class FitResult:
     run_dir: Path
     metrics: pd.DataFrame
     evaluation: dict[str, Any] | None
+    model: nn.Module | None = None  # with the best checkpoint's weights when an evaluation ran, else the last
+    masker: SparseMasker | None = None
+    agent: AGENT | None = None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -182,14 +187,17 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if not resume and (last_path.exists() or best_path.exists()):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out_dir")
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    world = distributed.setup(resolve_device(config.device))  # a no-op without torchrun
+    device = world.device
+    distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    torch.manual_seed(config.seed)  # the same seed on every rank: same init, masks, signs, attack streams
 
     splits = load_splits(config.data, config.seed)
     info = splits.info
     model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std).to(device)
     loader = BatchLoader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,
-                         augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size)
+                         augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size,
+                         rank=world.rank, world_size=world.world_size)
     optimizer, scheduler = build_optimization(config, model, len(loader))
     masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
                             config.optim.epochs * len(loader), config.seed)
@@ -198,6 +206,9 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base
         agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker is not None else None)
     stepper = agent if agent is not None else optimizer
+    # Gradients of the training forward are averaged over ranks by DDP; attacks and AGENT's snapshot use the
+    # plain module (gradients with respect to inputs, or AGENT's own all-reduce).
+    trained = DistributedDataParallel(model) if world.world_size > 1 else model
 
     history: list[dict[str, Any]] = []
     best_key = (-1.0, -1.0)
@@ -214,8 +225,9 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         _set_rng_state(state["rng"])
         history, best_key, start_epoch = state["history"], tuple(state["best_key"]), state["epoch"]
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
              config.data.dataset.value, len(splits.train), len(splits.val), config.objective.value, device)
 
@@ -225,8 +237,10 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         lr = optimizer.param_groups[0]["lr"]
         if agent is not None and agent.due(epoch):
             agent.refresh(_agent_batches(config, splits.train, objective, device, epoch), _objective_loss(objective))
-        stats = train_one_epoch(model, objective, stepper, scheduler, loader, agent=agent, progress=progress,
+        stats = train_one_epoch(trained, objective, stepper, scheduler, loader, agent=agent,
+                                progress=progress and world.is_main,
                                 description=f"epoch {epoch + 1}/{config.optim.epochs}")
+        distributed.broadcast_buffers(model)  # as DDP does before each forward: validate and save one state
         val_clean, val_robust = validate(model, splits.val, config, device)
         is_best = (val_robust, val_clean) > best_key
         history.append({
@@ -245,13 +259,16 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         }
         if masker is not None:
             checkpoint["sparsity"] = masker.state_dict()
-            _append_layer_densities(masker, epoch + 1, run_dir / "layer_density.csv")
         if is_best:
             best_key = (val_robust, val_clean)
             checkpoint["best_key"] = list(best_key)
-            save_checkpoint(checkpoint, best_path)
-        save_checkpoint(checkpoint, last_path)
-        _write_metrics(history, run_dir)
+        if world.is_main:  # the ranks hold identical state; one of them writes it
+            if masker is not None:
+                _append_layer_densities(masker, epoch + 1, run_dir / "layer_density.csv")
+            if is_best:
+                save_checkpoint(checkpoint, best_path)
+            save_checkpoint(checkpoint, last_path)
+            _write_metrics(history, run_dir)
         recent = history[-config.divergence.patience:]
         if len(recent) == config.divergence.patience and all(row["val_clean_accuracy"] < chance for row in recent):
             raise DivergenceError(
@@ -259,16 +276,17 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
                 f"stopped after epoch {epoch + 1}, best checkpoint kept at {best_path}"
             )
 
-    metrics = _write_metrics(history, run_dir)
+    metrics = pd.DataFrame(history)
     evaluation = None
-    if config.eval.n_examples > 0:
+    distributed.barrier()  # best.pt is on disk before anyone reads it
+    if world.is_main and config.eval.n_examples > 0:
         best = load_checkpoint(best_path, map_location=device)
         model.load_state_dict(best["model"])
         evaluation = {"checkpoint": str(best_path), "epoch": best["epoch"], **evaluate_test(model, splits.test, config, device)}
         (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
         log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
                  evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
-    return FitResult(run_dir, metrics, evaluation)
+    return FitResult(run_dir, metrics, evaluation, model=model, masker=masker, agent=agent)
 
 
 def _objective_loss(objective: Objective):

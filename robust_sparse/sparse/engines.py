@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from robust_sparse import distributed
 from robust_sparse.sparse.strategies import GrowFn, PruneFn, random_grow
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class PruneGrowEngine(Engine):
         if not self.is_update_step(step):
             return False
         rate = self.rate(step)
+        distributed.all_reduce_mean(list(self.scores.values()))  # hooks saw this rank's gradient only
         for name, param in masker.params.items():
             mask = masker.masks[name]
             count = int(rate * int(mask.sum()))

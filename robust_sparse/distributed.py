@@ -1,0 +1,89 @@
+"""Data-parallel training under ``torchrun``: process-group set-up and the few collectives the engines need.
+
+Everything that decides the topology or AGENT's correction must be identical on every rank. Weights and
+gradients are kept identical by DistributedDataParallel; on top of that:
+
+* BSR-Net's and the other engines' generators are seeded identically, so identical weights give identical
+  pruning and regrowth with no communication;
+* the dense gradients RigL grows by, and SNFS's gradient momentum, are computed per rank and all-reduced
+  (mean) before a topology update;
+* AGENT's snapshot gradient g_old and large-batch gradient g~ are all-reduced, and the per-batch losses of
+  its c-hat estimate are gathered from every rank.
+
+Without ``torchrun`` (WORLD_SIZE unset or 1) every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: torch.device) -> Context:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA) and pick this rank's device."""
+    if world_size_from_env() <= 1:
+        return Context(device=device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """In place, the mean over ranks of each tensor."""
+    if not active():
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-d tensor of the same length from every rank, in rank order."""
+    if not active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank: each rank updated them on its own shard."""
+    if not active():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
