@@ -61,3 +61,10 @@ def test_no_print_in_library_code():
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) in {"print", "eval", "exec"}:
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders
+
+
+def test_public_api_is_small_and_lazy():
+    code = ("import sys, robust_sparse\n"
+            "assert 'torch' not in sys.modules, 'importing the package imported torch'\n"
+            "assert all(callable(getattr(robust_sparse, name)) for name in robust_sparse.__all__)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
