@@ -61,6 +61,7 @@ class SparsityMethod(str, Enum):
     ITOP = "itop"  # Liu et al. 2021: SET/RigL updates run for in-time over-parameterisation
     BSRNET = "bsrnet"  # Özdenizci & Legenstein 2021: Bayesian connectivity sampling
     MAGNITUDE_PRUNE = "magnitude_prune"  # prune a trained dense model by magnitude, then fine-tune
+    GSE = "gse"  # Heddes et al. 2024: grow-then-prune, gradients only at sampled candidate connections
 
 
 class Distribution(str, Enum):
@@ -144,6 +145,10 @@ class SparsityConfig:
     prune_schedule: str | None = None  # "cosine" (RigL, ITOP) or "constant" (SET)
     growth: str | None = None  # "random" (SET, SET-ITOP), "gradient" (RigL), "momentum" (SNFS)
     end_fraction: float = 0.75  # topology updates stop after this fraction of training (RigL's T_end)
+    # GSE (also uses update_every, prune_rate = alpha0 and end_fraction; cosine schedule, gse_er allocation)
+    gse_sampler: str = "grabo"  # candidate distribution: "uniform" or "grabo" (output-grad x input marginals)
+    gse_candidates: float = 1.0  # gamma: candidates sampled per layer, as a multiple of its active count
+    gse_samples_per_class: int = 10  # size of the class-balanced batch that scores the candidates
     # BSR-Net
     noise_scale: float = 1e-6  # Langevin noise std = lr * noise_scale (the official --noise_scaling)
     temperature: float | None = None  # if set, noise std = sqrt(2 * lr * T) instead (DEEP R's form)
@@ -466,6 +471,11 @@ def _validate_sparsity(sparsity: SparsityConfig) -> None:
            f"sparsity.temperature = {sparsity.temperature}: must be >= 0")
     _check(sparsity.l1 >= 0, f"sparsity.l1 = {sparsity.l1}: must be >= 0")
     _check(sparsity.regrow_value > 0, f"sparsity.regrow_value = {sparsity.regrow_value}: must be > 0")
+    _check(sparsity.gse_sampler in ("uniform", "grabo"),
+           f"sparsity.gse_sampler = {sparsity.gse_sampler!r}: must be uniform or grabo")
+    _check(sparsity.gse_candidates > 0, f"sparsity.gse_candidates = {sparsity.gse_candidates}: must be > 0")
+    _check(sparsity.gse_samples_per_class >= 1,
+           f"sparsity.gse_samples_per_class = {sparsity.gse_samples_per_class}: must be >= 1")
     _check(sparsity.distribution is not Distribution.BSRNET or sparsity.method is SparsityMethod.BSRNET,
            "sparsity.distribution = bsrnet: only for sparsity.method = bsrnet (it sets initial densities)")
     if sparsity.method is SparsityMethod.MAGNITUDE_PRUNE:

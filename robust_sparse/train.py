@@ -35,6 +35,7 @@ from robust_sparse.models import build_model
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import SGDW
 from robust_sparse.sparse import SparseMasker, build_sparsity
+from robust_sparse.sparse.gse import balanced_batch
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,10 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
                          rank=world.rank, world_size=world.world_size)
     optimizer, scheduler = build_optimization(config, model, len(loader))
     masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
-                            config.optim.epochs * len(loader), config.seed)
+                            config.optim.epochs * len(loader), config.seed,
+                            score_batch=lambda: balanced_batch(  # GSE; objective, masker are bound when called
+                                splits.train, config.sparsity.gse_samples_per_class, device,
+                                config.seed + masker.step, objective.perturb))
     objective = build_objective(config, model)
     agent = None
     if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base

@@ -10,6 +10,8 @@ set       random      0.3        constant        100            erk
 rigl      gradient    0.3        cosine          100            erk
 itop      random      0.5        cosine          1500           erk
 bsrnet    random      (every step, zero crossing, global budget)  bsrnet
+gse       |g| on      0.2        cosine          1000           gse_er
+          candidates
 static    (never)                                               erk
 ========  ==========  =========  ==============  =============  ==========
 """
@@ -89,8 +91,12 @@ def _bsrnet_reinit(params: dict[str, nn.Parameter], generator: torch.Generator) 
 
 
 def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, optimizer: torch.optim.Optimizer,
-                   total_steps: int, seed: int) -> SparseMasker | None:
-    """Attach the configured sparse training to ``model``/``optimizer``; None for dense training."""
+                   total_steps: int, seed: int, *, score_batch=None) -> SparseMasker | None:
+    """Attach the configured sparse training to ``model``/``optimizer``; None for dense training.
+
+    ``score_batch`` (GSE only, required there): a callable returning the (images, labels) batch, on the
+    model's device and already adversarial under AT, on which GSE scores its candidate connections.
+    """
     method = config.method
     if method is SparsityMethod.NONE:
         return None
@@ -116,7 +122,9 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
         return SparseMasker(params, optimizer, magnitude_masks(params, config.density, config.prune_scope),
                             Engine())
 
-    if distribution is Distribution.BSRNET:
+    if method is SparsityMethod.GSE and config.distribution is None:
+        densities = allocation.gse_er(shapes, config.density)
+    elif distribution is Distribution.BSRNET:
         densities = allocation.bsrnet_initial(model_name, shapes, config.density)
     elif distribution is Distribution.UNIFORM:
         densities = allocation.uniform(shapes, config.density)
@@ -131,6 +139,22 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
             signs=signs, budget=budget, noise_scale=config.noise_scale, temperature=config.temperature,
             l1=config.l1, regrow_value=config.regrow_value, generator=engine_generator,
             count_generator=torch.Generator().manual_seed(seed + 1299709))
+    elif method is SparsityMethod.GSE:
+        from robust_sparse.sparse import gse
+
+        if score_batch is None:
+            raise ConfigError("sparsity.method = gse: needs a score batch (build_sparsity(..., score_batch=...))")
+        modules = gse.modules_of(model, list(params))
+        unsupported = [name for name, module in modules.items() if not gse.supported(module)]
+        if unsupported:
+            raise ConfigError(f"sparsity.method = gse: layer {unsupported[0]} is not a Linear or zero-padded "
+                              "Conv2d layer")
+        engine = gse.GSEEngine(
+            model=model, modules=modules, score_batch=score_batch, sampler=config.gse_sampler,
+            candidates=config.gse_candidates, update_every=config.update_every or 1000,
+            prune_rate=config.prune_rate or 0.2, end_step=max(1, int(config.end_fraction * total_steps)),
+            generator=engine_generator)
+        masks = random_masks(shapes, densities, generator, device)
     elif method is SparsityMethod.STATIC:
         masks, engine = random_masks(shapes, densities, generator, device), Engine()
     else:

@@ -1,4 +1,4 @@
-"""Layer-wise density allocation: uniform, ERK, and BSR-Net's per-architecture initial densities.
+"""Layer-wise density allocation: uniform, ERK, GSE's Erdős–Rényi, and BSR-Net's per-architecture initial densities.
 
 Every function maps ``{layer name: shape}`` to ``{layer name: density}`` so that the total number of
 active connections is (up to rounding) ``density * total``, except BSR-Net's, which sets *initial*
@@ -87,3 +87,30 @@ _BSRNET_RULES = {
     "preact": _first_stage_rule(0.2),
     "wrn": _first_stage_rule(0.1),
 }
+
+
+def gse_er(shapes: Shapes, density: float) -> dict[str, float]:
+    """GSE's Erdős–Rényi (Heddes et al. 2024; not ERK): density ∝ (fan_in + fan_out) / (fan_in * fan_out), with
+    fan_in = C_in * k_h * k_w and fan_out = C_out, clipped to 1.
+
+    The scale is solved so that the global density is ``density``; layers the clip makes dense are taken
+    out and the scale is solved again for the rest (the official code clips without re-solving, so it falls
+    short of the budget whenever a layer is clipped).
+    """
+    def raw(shape: tuple[int, ...]) -> float:
+        fan_out, fan_in = shape[0], math.prod(shape[1:])
+        return (fan_in + fan_out) / (fan_in * fan_out)
+
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(math.prod(s) for s in shapes.values())
+        budget -= sum(math.prod(shapes[n]) for n in dense)
+        rest = {n: raw(s) for n, s in shapes.items() if n not in dense}
+        if not rest:
+            raise ConfigError(f"sparsity.density = {density}: GSE's Erdős–Rényi made every layer dense")
+        scale = budget / sum(rest[n] * math.prod(shapes[n]) for n in rest)
+        overflowing = {n for n in rest if scale * rest[n] > 1}
+        if not overflowing:
+            break
+        dense |= overflowing
+    return {n: 1.0 if n in dense else scale * rest[n] for n in shapes}
