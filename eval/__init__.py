@@ -1,5 +1,21 @@
-"""Evaluation: clean and robust accuracy; installed as ``robust_sparse.eval``."""
+"""Evaluation: clean, PGD, FGSM, CW and AutoAttack accuracy with per-point flags; installed as ``robust_sparse.eval``.
+
+* :func:`evaluate` (``runner``): a model, [0,1] images, labels and a list of attacks -> per-point flags per
+  attack and the pointwise worst case, resumable from saved flags;
+* ``specs``: the attack names (``pgd-50x10``, ``autoattack``, ...); ``autoattack``: the original AutoAttack
+  behind one interface with adapters for its GitHub and PyPI APIs;
+* ``loading``: robust-sparse checkpoints, RobustBench zoo models and plain state_dicts; the RobustBench protocol;
+* ``sanity``: gradient-masking checks; ``store``: the results store; ``leaderboard``/``report``: comparison
+  with published numbers, Markdown and plots.
+
+:func:`evaluate_pgd` is the short clean + PGD evaluation used during training.
+"""
 
 from robust_sparse.eval.accuracy import RobustnessResult, evaluate_pgd, pgd_step_size, predict
+from robust_sparse.eval.runner import AttackOutcome, Evaluation, check_inputs, evaluate
+from robust_sparse.eval.specs import AttackSpec, parse_attack, parse_attacks
 
-__all__ = ["RobustnessResult", "evaluate_pgd", "pgd_step_size", "predict"]
+__all__ = [
+    "AttackOutcome", "AttackSpec", "Evaluation", "RobustnessResult", "check_inputs", "evaluate", "evaluate_pgd",
+    "parse_attack", "parse_attacks", "pgd_step_size", "predict",
+]

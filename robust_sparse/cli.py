@@ -7,7 +7,6 @@ for bugs only (``--debug`` shows them for user errors too).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -19,6 +18,7 @@ from robust_sparse.errors import DivergenceError, UserError
 log = logging.getLogger("robust_sparse")
 
 EXIT_USER_ERROR = 2
+QUICKSTART = Path(__file__).with_name("quickstart.yaml")  # `robust-sparse train` with no CONFIG
 EXIT_DIVERGED = 3
 
 
@@ -51,18 +51,66 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_device(train)
 
-    evaluate = commands.add_parser("eval", help="clean and PGD accuracy of a checkpoint on the test set")
-    evaluate.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
-    evaluate.add_argument("--n-examples", type=int, help="first n test points (default: the run's eval.n_examples)")
-    evaluate.add_argument("--pgd-steps", type=int, help="PGD steps (default: the run's eval.pgd_steps)")
-    evaluate.add_argument("--restarts", type=int, help="PGD restarts (default: the run's eval.restarts)")
-    evaluate.add_argument("--eps", help="radius, e.g. 8/255 (default: the run's)")
-    evaluate.add_argument("--output", help="write the result as JSON here")
+    evaluate = commands.add_parser(
+        "eval", help="clean, PGD and AutoAttack accuracy of a model (RobustBench protocol); results appended to a store",
+        description="Evaluate one model: a CHECKPOINT written by robust-sparse train, a RobustBench zoo model "
+                    "(--robustbench-model), or a state_dict for an architecture of the registry (--arch --weights). "
+                    "Points: the first n of the test split, in order. Per-point flags are saved, so a killed "
+                    "evaluation resumes where it stopped.")
+    evaluate.add_argument("checkpoint", nargs="?", help="a best.pt/last.pt written by robust-sparse train")
+    evaluate.add_argument("--robustbench-model", metavar="NAME", help="a RobustBench zoo entry, e.g. Standard")
+    evaluate.add_argument("--model-dir", default="models",
+                          help="RobustBench weights, laid out <dir>/<dataset>/<Linf|L2>/<NAME>.pt (default: models)")
+    evaluate.add_argument("--arch", metavar="NAME", help="architecture of the registry for --weights, e.g. resnet18")
+    evaluate.add_argument("--weights", metavar="PATH", help="a state_dict file for --arch")
+    evaluate.add_argument("--name", help="the model's name in the results (default: from the source)")
+    evaluate.add_argument("--dataset", help="cifar10, cifar100, svhn or mnist5k (default: the checkpoint's)")
+    evaluate.add_argument("--data-root", help="local datasets in torchvision's layout (default: the run's, or data)")
+    evaluate.add_argument("--download", action="store_true", help="let torchvision download the test set")
+    evaluate.add_argument("--data-file", help="evaluate on a torch file {'images', 'labels'} instead of the test set")
+    evaluate.add_argument("--n-examples", type=int,
+                          help="first n test points (default: the run's eval.n_examples, else 10000 or the whole set)")
+    evaluate.add_argument("--threat-model", help="Linf or L2 (default: the checkpoint's, else Linf)")
+    evaluate.add_argument("--eps", help="radius, e.g. 8/255, or several: 2/255,4/255,8/255 "
+                                        "(default: the run's; else 8/255 Linf / 0.5 L2 on CIFAR and SVHN)")
+    evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack); "
+                                            "fgsm, pgd[-K[xR]], cw[-K[xR]], autoattack, apgd-ce, apgd-t, fab-t, "
+                                            "square, torchattacks-aa")
+    evaluate.add_argument("--pgd-steps", type=int, help="steps of a bare 'pgd' (default: the run's, else 50)")
+    evaluate.add_argument("--restarts", type=int, help="restarts of a bare 'pgd' (default: the run's, else 10)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of every random start, AutoAttack's too (default 0)")
+    evaluate.add_argument("--batch-size", type=int, default=500, help="points per attack batch (default 500)")
+    evaluate.add_argument("--chained", action="store_true",
+                          help="attack only points every previous attack left robust (faster; per-attack numbers "
+                               "become cumulative)")
+    evaluate.add_argument("--autoattack-backend", default="auto", choices=["auto", "pyautoattack", "github"],
+                          help="the original AutoAttack's API: GitHub autoattack if installed, else pyautoattack")
+    evaluate.add_argument("--cross-check-torchattacks", action="store_true",
+                          help="also run torchattacks.AutoAttack configured to match and report the difference")
+    evaluate.add_argument("--large-eps", help="eps of the gradient-masking probe (default: 0.5 Linf; L2: the ball "
+                                              "around that Linf ball)")
+    evaluate.add_argument("--no-probe", action="store_true", help="skip the large-eps gradient-masking probe")
+    evaluate.add_argument("--results-dir", help="results store (default: <run dir>/eval for a checkpoint, else runs/eval)")
+    evaluate.add_argument("--fresh", action="store_true", help="discard saved per-point flags instead of resuming")
+    evaluate.add_argument("--output", help="also write the result as JSON here")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_device(evaluate)
+
+    report = commands.add_parser("report", help="Markdown tables and plots from results stores (robust accuracy "
+                                                "vs sparsity, against the leaderboard) or from a sweep directory "
+                                                "(mean ± std over seeds, γ sensitivity, convergence)")
+    report.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="stores written by robust-sparse eval")
+    report.add_argument("--out", help="where report.md and the plots go (default: the first RESULTS_DIR)")
+    report.add_argument("--leaderboard", help="a leaderboard CSV to use instead of the shipped one")
 
     export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
     export.add_argument("--out", required=True, help="output directory")
+
+    sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
+    sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, backend, devices")
+    sweep.add_argument("--out", help="sweep directory (overrides out_dir)")
+    sweep.add_argument("--dry-run", action="store_true", help="prepare the run directories and list them only")
 
     doctor = commands.add_parser("doctor", help="check the installed stack and say how to fix it")
     doctor.add_argument("--fix", action="store_true", help="apply the automatic fixes (pip commands, alias)")
@@ -78,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     if args.out:
         overrides.append(f"out_dir={args.out}")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config or QUICKSTART, overrides)
     result = fit(config, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
     _emit(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if result.evaluation:
@@ -94,42 +142,99 @@ def _format_evaluation(evaluation: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from robust_sparse.checkpoint import load_checkpoint
-    from robust_sparse.config import _coerce, config_from_dict, validate
-    from robust_sparse.data import DATASETS, load_raw
-    from robust_sparse.models import build_model
-    from robust_sparse.train import evaluate_test, resolve_device
+    from robust_sparse.config import _coerce
+    from robust_sparse.data import DATASETS
+    from robust_sparse.eval import job, loading, sanity, specs
+    from robust_sparse.train import resolve_device
 
-    state = load_checkpoint(args.checkpoint)
-    config = config_from_dict(state["config"])
-    changes = {}
-    if args.n_examples is not None:
-        changes["n_examples"] = args.n_examples
-    if args.pgd_steps is not None:
-        changes["pgd_steps"] = args.pgd_steps
-    if args.restarts is not None:
-        changes["restarts"] = args.restarts
+    chosen = [args.checkpoint is not None, args.robustbench_model is not None,
+              args.arch is not None or args.weights is not None]
+    if sum(chosen) != 1:
+        raise UserError("eval needs exactly one model: a CHECKPOINT, --robustbench-model NAME, "
+                        "or --arch NAME --weights PATH")
+    if (args.arch is None) != (args.weights is None):
+        raise UserError("--arch and --weights go together")
+    dataset = loading.parse_dataset(args.dataset) if args.dataset else None
+    if args.checkpoint is not None:
+        loaded = loading.from_checkpoint(args.checkpoint, data_root=args.data_root)
+        if dataset is not None and dataset is not loaded.dataset:
+            raise UserError(f"--dataset {dataset.value}: the checkpoint was trained on {loaded.dataset.value}")
+    else:
+        if dataset is None:
+            raise UserError("--dataset is required with --robustbench-model and --arch")
+        if args.robustbench_model is not None:
+            norm = loading.parse_threat(args.threat_model or "Linf")
+            loaded = loading.from_robustbench(args.robustbench_model, dataset, norm, args.model_dir)
+        else:
+            loaded = loading.from_weights(args.arch, args.weights, dataset)
+    if args.name:
+        loaded.name = args.name
+    norm = loading.parse_threat(args.threat_model) if args.threat_model else (loaded.norm or "linf")
     if args.eps is not None:
-        changes["eps"] = _coerce(args.eps, float, "--eps")
-    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, **changes))
-    validate(config)
-    device = resolve_device(args.device or config.device)
-    _, test = load_raw(config.data, need_train=False)
-    if config.eval.n_examples > len(test):
-        raise UserError(f"--n-examples {config.eval.n_examples}: the test set has only {len(test)} points")
-    info = DATASETS[config.data.dataset]
-    model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise UserError(f"{args.checkpoint}: weights do not fit {config.model.name}: "
-                        f"{str(error).splitlines()[0]}") from None
-    model.to(device)
-    evaluation = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"],
-                  **evaluate_test(model, test, config, device)}
-    _emit(_format_evaluation(evaluation))
+        eps_values = [_coerce(part, float, "--eps") for part in args.eps.split(",") if part.strip()]
+        if not eps_values:
+            raise UserError("--eps: give at least one radius, e.g. 8/255")
+    elif loaded.eps is not None and norm == loaded.norm:
+        eps_values = [loaded.eps]
+    else:
+        eps_values = [loading.PROTOCOL_EPS[(loaded.dataset, norm)]]
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    for name in ("pgd_steps", "restarts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    attacks = specs.parse_attacks(args.attacks or "pgd,autoattack",
+                                  default_steps=args.pgd_steps or loaded.pgd_steps or 50,
+                                  default_restarts=args.restarts or loaded.restarts or 10)
+    images, labels = loading.load_points(loaded.dataset, args.n_examples or loaded.n_examples,
+                                         root=args.data_root or loaded.data_root or "data",
+                                         download=args.download, data_file=args.data_file)
+    if args.no_probe:
+        large_eps = None
+    elif args.large_eps is not None:
+        large_eps = _coerce(args.large_eps, float, "--large-eps")
+    else:
+        large_eps = sanity.default_large_eps(norm, tuple(images.shape[1:]))
+    if args.results_dir:
+        results_dir = Path(args.results_dir)
+    elif args.checkpoint is not None:
+        results_dir = Path(args.checkpoint).parent / "eval"
+    else:
+        results_dir = Path("runs") / "eval"
+    request = job.EvalRequest(
+        loaded=loaded, images=images, labels=labels, norm=norm, eps=eps_values, attacks=attacks,
+        num_classes=DATASETS[loaded.dataset].num_classes, results_dir=results_dir,
+        device=resolve_device(args.device or "auto"), seed=args.seed, batch_size=args.batch_size,
+        chained=args.chained, resume=not args.fresh, progress=not args.no_progress and sys.stderr.isatty(),
+        autoattack_backend=args.autoattack_backend, large_eps=large_eps, cross_check=args.cross_check_torchattacks,
+    )
+    outcome = job.run(request)
+    for row in outcome.rows:
+        _emit(job.format_row(row))
+    for warning in outcome.warnings:
+        _emit(f"warning: {warning}")
+    _emit(f"results: {results_dir / 'results.csv'} (and results.json; per-point flags in {results_dir / 'flags'})")
     if args.output:
-        Path(args.output).write_text(json.dumps(evaluation, indent=2))
+        records = [{**row, "checkpoint": args.checkpoint, "epoch": loaded.epoch, "norm": norm,
+                    "clean_accuracy": row["clean_acc"], "pgd_accuracy": row["pgd_acc"],
+                    "autoattack_accuracy": row["autoattack_acc"], "worst_case_accuracy": row["worst_acc"]}
+                   for row in outcome.rows]
+        Path(args.output).write_text(json.dumps(records[0] if len(records) == 1 else records, indent=2, default=str))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from robust_sparse.eval.report import build_report
+
+    first = Path(args.results_dirs[0])
+    if len(args.results_dirs) == 1 and (first / "sweep.yaml").is_file():  # a sweep directory
+        from robust_sparse.sweep_report import write_report
+
+        _emit(f"report: {write_report(first, args.out)}")
+        return 0
+
+    path = build_report(args.results_dirs, args.out, args.leaderboard)
+    _emit(f"report: {path}")
     return 0
 
 
@@ -141,6 +246,15 @@ def _export(args: argparse.Namespace) -> int:
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
           f"bytes ({summary['compact_to_dense_size']:.1%}); written to {args.out}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from robust_sparse.sweep import load_sweep, run_sweep
+
+    index = run_sweep(load_sweep(args.sweep_file, out_dir=args.out), dry_run=args.dry_run)
+    _emit(index.to_string(index=False))
+    failed = (~index["status"].isin(["done", "diverged", "pending", "partial"])).sum()
+    return 1 if failed else 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -160,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("robust_sparse").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-        return {"train": _train, "eval": _eval, "doctor": _doctor, "export": _export}[args.command](args)
+        return {"train": _train, "eval": _eval, "report": _report, "doctor": _doctor, "export": _export,
+                "sweep": _sweep}[args.command](args)
     except UserError as error:
         if args is not None and args.debug:
             raise

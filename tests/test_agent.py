@@ -119,11 +119,13 @@ def test_fixed_estimator_and_clip():
     fixed.refresh(BATCHES, quadratic)
     assert fixed.weight == pytest.approx(0.2) and fixed.full_grads is not None  # corrected from the first epoch
 
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.2, -0.4]]))  # a fixed start: the assertion below depends on it
     clipped = AGENT(torch.optim.SGD(model.parameters(), lr=0.1), model,
                     AgentConfig(enabled=True, gamma=0.5, alpha=1.0, clip=True, probe_chunks=0))
     clipped.refresh(BATCHES, quadratic)
     with torch.no_grad():
-        model.weight.mul_(3.0)  # the per-batch losses no longer track the snapshot's: c_hat far outside [0, 1]
+        model.weight.mul_(10.0)  # the per-batch losses now vary far more than the snapshot's: c_hat = 28.4
     clipped.refresh(BATCHES, quadratic)
     assert not 0 <= clipped.c_hat <= 1
     assert clipped.c == (1.0 if clipped.c_hat > 1 else 0.0)  # alpha = 1: c would be c_hat without the clip

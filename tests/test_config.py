@@ -21,6 +21,14 @@ def test_defaults_are_the_valid_embedded_quickstart():
     validate(config)
 
 
+def test_shipped_quickstart_copy_matches_the_embedded_one():
+    from robust_sparse.cli import QUICKSTART
+
+    assert (REPO / "configs" / "quickstart_mnist5k.yaml").read_text() == QUICKSTART.read_text()
+    config = load_config(QUICKSTART)
+    assert config.sparsity.method.value == "bsrnet" and config.sparsity.density == 0.1
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.2\n  epochs: 3\nattack:\n  eps: 8/255\n  norm: l2\n")

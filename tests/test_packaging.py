@@ -22,6 +22,12 @@ def test_wheel_holds_only_the_robust_sparse_namespace(tmp_path):
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"robust_sparse"}
     assert "robust_sparse/attacks/pgd.py" in names and "robust_sparse/eval/accuracy.py" in names
+    for module in ["robust_sparse/sparse/masker.py", "robust_sparse/models/vgg.py", "robust_sparse/quickstart.yaml",
+                   "robust_sparse/eval/leaderboard.csv"]:
+        assert module in names, module
+    # every package in the source tree is shipped
+    for init in (REPO / "robust_sparse").rglob("__init__.py"):
+        assert init.relative_to(REPO).as_posix() in names, init
     assert not any(name.startswith(("tests/", "configs/", "attacks/", "eval/")) for name in names)
 
 

@@ -1,0 +1,172 @@
+"""One ``robust-sparse eval`` invocation: a model, its test points, a suite of attacks at one or more eps.
+
+For every eps it runs :func:`robust_sparse.eval.runner.evaluate` (resuming from saved flags), applies the
+gradient-masking checks, appends a row to the results store and, when asked, compares the original
+AutoAttack with ``torchattacks.AutoAttack`` configured to match on the same points.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robust_sparse.errors import UserError
+from robust_sparse.eval import sanity
+from robust_sparse.eval.loading import LoadedModel, data_fingerprint, model_fingerprint, sparsity_stats, threat_label
+from robust_sparse.eval.runner import Evaluation, evaluate
+from robust_sparse.eval.specs import AttackSpec
+from robust_sparse.eval.store import append_result, flags_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalRequest:
+    loaded: LoadedModel
+    images: torch.Tensor  # float [N, C, H, W] in [0, 1], CPU
+    labels: torch.Tensor
+    norm: str
+    eps: list[float]
+    attacks: list[AttackSpec]
+    num_classes: int
+    results_dir: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    batch_size: int = 500
+    chained: bool = False
+    resume: bool = True
+    progress: bool = False
+    autoattack_backend: str = "auto"
+    large_eps: float | None = None  # None: no probe
+    cross_check: bool = False
+
+
+@dataclass
+class EvalOutcome:
+    rows: list[dict[str, Any]]
+    evaluations: list[Evaluation]
+    warnings: list[str]  # across eps (non-monotone accuracy)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def cross_check_attacks(attacks: list[AttackSpec]) -> list[AttackSpec]:
+    """The suite with the original AutoAttack and torchattacks' matched copy both in it."""
+    attacks = list(attacks)
+    for kind in ("autoattack", "torchattacks-aa"):
+        if not any(spec.kind == kind for spec in attacks):
+            attacks.append(AttackSpec(kind))
+    return attacks
+
+
+def cross_check_summary(evaluation: Evaluation) -> dict[str, Any] | None:
+    original, copy = evaluation.outcome("autoattack"), evaluation.outcome("torchattacks-aa")
+    if original is None or copy is None:
+        return None
+    return {
+        "autoattack_acc": original.accuracy, "torchattacks_acc": copy.accuracy,
+        "difference": copy.accuracy - original.accuracy,
+        "points_disagreeing": int((original.robust ^ copy.robust).sum()),
+        "robust_only_under_torchattacks": int((copy.robust & ~original.robust).sum()),
+        "robust_only_under_autoattack": int((original.robust & ~copy.robust).sum()),
+    }
+
+
+def run(request: EvalRequest) -> EvalOutcome:
+    loaded, device = request.loaded, request.device
+    if request.cross_check and request.chained:
+        raise UserError("--cross-check-torchattacks compares standalone attacks: drop --chained")
+    model = loaded.model.to(device).eval()
+    attacks = cross_check_attacks(request.attacks) if request.cross_check else list(request.attacks)
+    images, labels = request.images.to(device), request.labels.to(device)
+    fingerprints = {"model_fingerprint": model_fingerprint(model),
+                    "data_fingerprint": data_fingerprint(request.images, request.labels),
+                    "autoattack_backend": request.autoattack_backend}
+    stats = sparsity_stats(model)
+    threat = threat_label(request.norm)
+    rows, evaluations = [], []
+    for eps in request.eps:
+        settings = {**fingerprints, "large_eps": request.large_eps}
+        state = flags_path(request.results_dir, model=loaded.name, dataset=loaded.dataset.value, threat_model=threat,
+                           eps=eps, settings={**settings, "n": len(labels), "seed": request.seed,
+                                              "batch_size": request.batch_size, "chained": request.chained,
+                                              "attacks": [a.key for a in attacks]})
+        if not request.resume and state.exists():
+            state.unlink()
+        evaluation = evaluate(
+            model, images, labels, norm=request.norm, eps=eps, attacks=attacks, batch_size=request.batch_size,
+            seed=request.seed, chained=request.chained, num_classes=request.num_classes, state_path=state,
+            settings=settings, progress=request.progress, autoattack_backend=request.autoattack_backend,
+            large_eps=request.large_eps,
+        )
+        evaluation.warnings = sanity.check_evaluation(evaluation)
+        for warning in evaluation.warnings:
+            log.warning("%s", warning)
+        row = _row(request, evaluation, stats, fingerprints, state)
+        append_result(request.results_dir, row)
+        rows.append(row)
+        evaluations.append(evaluation)
+    across = sanity.check_monotone(evaluations) if len(evaluations) > 1 else []
+    for warning in across:
+        log.warning("%s", warning)
+    return EvalOutcome(rows, evaluations, across)
+
+
+def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fingerprints: dict[str, str],
+         state: Path) -> dict[str, Any]:
+    loaded = request.loaded
+    pgd = evaluation.outcome("pgd")
+    autoattack = evaluation.outcome("autoattack")
+    row: dict[str, Any] = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
+        "dataset": loaded.dataset.value, "threat_model": threat_label(request.norm), "eps": evaluation.eps,
+        "n_examples": evaluation.n, "seed": evaluation.seed, "batch_size": evaluation.batch_size,
+        "mode": "chained" if evaluation.chained else "standalone",
+        "attacks": ",".join(o.spec.key for o in evaluation.outcomes),
+        "clean_acc": evaluation.clean_accuracy,
+        "pgd_attack": pgd.label if pgd else None, "pgd_acc": pgd.accuracy if pgd else None,
+        "autoattack_acc": autoattack.accuracy if autoattack else None,
+        "worst_acc": evaluation.worst_accuracy, "per_attack": evaluation.accuracies(),
+        "sparsity": stats["sparsity"], "params": stats["params"], "nonzero_params": stats["nonzero_params"],
+        "wall_seconds": round(evaluation.seconds, 3), "device": device_name(request.device),
+        "autoattack_backend": evaluation.autoattack_backend or None,
+        "large_eps": evaluation.probe["eps"] if evaluation.probe else None,
+        "large_eps_acc": evaluation.probe["accuracy"] if evaluation.probe else None,
+        "warnings": list(evaluation.warnings), "model_fingerprint": fingerprints["model_fingerprint"],
+        "data_fingerprint": fingerprints["data_fingerprint"], "flags_file": str(state),
+        "torch_version": torch.__version__,
+    }
+    summary = cross_check_summary(evaluation)
+    if summary is not None:
+        row["cross_check"] = summary
+    return row
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """The lines ``robust-sparse eval`` prints for one row."""
+    lines = [f"{row['model']} on {row['dataset']} ({row['n_examples']} points, {row['threat_model']} "
+             f"eps={row['eps']:.4g}, seed {row['seed']}, {row['wall_seconds']:.1f} s on {row['device']}): "
+             f"clean accuracy {row['clean_acc']:.4f}"]
+    for label, value in row["per_attack"].items():
+        lines.append(f"  {label:<24} {value:.4f}")
+    if len(row["per_attack"]) > 1:
+        lines.append(f"  {'worst case':<24} {row['worst_acc']:.4f}")
+    lines.append(f"  sparsity {row['sparsity']:.4f}, {row['nonzero_params']:,} non-zero of {row['params']:,} parameters")
+    check = row.get("cross_check")
+    if check:
+        lines.append(f"  cross-check: torchattacks-AA (configured to match) {check['torchattacks_acc']:.4f} vs "
+                     f"original AutoAttack {check['autoattack_acc']:.4f}: difference {check['difference']:+.4f} "
+                     f"({check['points_disagreeing']} points disagree)")
+    for warning in row["warnings"]:
+        lines.append(f"  warning: {warning}")
+    return "\n".join(lines)

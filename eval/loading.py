@@ -1,0 +1,299 @@
+"""Where models and test points come from, and what we measure about a model before attacking it.
+
+Three model sources, each ending in an ``nn.Module`` that takes [0,1] images and returns logits:
+
+* a robust-sparse checkpoint (``best.pt``/``last.pt``): architecture, dataset and threat model from its config;
+* a RobustBench zoo entry, through ``robustbench.utils.load_model`` from a local model directory laid out as
+  the zoo's (``<model_dir>/<dataset>/<threat_model>/<name>.pt``), downloaded by robustbench when absent;
+* a plain ``state_dict`` file for an architecture of our registry (``--arch NAME --weights PATH``).
+
+Test points follow the RobustBench protocol: the first ``n`` points of the test split, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import io
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.config import DataConfig, DatasetName
+from robust_sparse.errors import CheckpointError, UserError
+from robust_sparse.eval.runner import check_inputs
+
+log = logging.getLogger(__name__)
+
+RB_DEFAULT_N = 10000  # RobustBench: the whole CIFAR test set
+#: The conventional radius per dataset and threat model: RobustBench for CIFAR, the same for SVHN
+#: (HYDRA, BSR-Net), Madry et al. / AutoAttack for MNIST.
+PROTOCOL_EPS: dict[tuple[DatasetName, str], float] = {
+    (DatasetName.CIFAR10, "linf"): 8 / 255, (DatasetName.CIFAR10, "l2"): 0.5,
+    (DatasetName.CIFAR100, "linf"): 8 / 255, (DatasetName.CIFAR100, "l2"): 0.5,
+    (DatasetName.SVHN, "linf"): 8 / 255, (DatasetName.SVHN, "l2"): 0.5,
+    (DatasetName.MNIST5K, "linf"): 0.3, (DatasetName.MNIST5K, "l2"): 2.0,
+}
+_THREATS = {"linf": "linf", "l2": "l2"}
+ROBUSTBENCH_THREATS = {"linf": "Linf", "l2": "L2"}
+ROBUSTBENCH_DATASETS = (DatasetName.CIFAR10, DatasetName.CIFAR100)
+
+
+def parse_dataset(text: str) -> DatasetName:
+    try:
+        return DatasetName(text.strip().lower())
+    except ValueError:
+        raise UserError(f"unknown dataset {text!r}; choose one of: {', '.join(d.value for d in DatasetName)}") from None
+
+
+def parse_threat(text: str) -> str:
+    """``Linf``/``linf`` -> ``linf``; ``L2``/``l2`` -> ``l2``."""
+    try:
+        return _THREATS[text.strip().lower()]
+    except KeyError:
+        raise UserError(f"unknown threat model {text!r}; choose Linf or L2") from None
+
+
+def threat_label(norm: str) -> str:
+    """``linf`` -> ``Linf`` (RobustBench's spelling, used in results)."""
+    return ROBUSTBENCH_THREATS[norm]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str  # the results key
+    source: str  # "checkpoint", "robustbench" or "weights"
+    path: str
+    architecture: str
+    dataset: DatasetName
+    # defaults a checkpoint carries (None elsewhere)
+    norm: str | None = None
+    eps: float | None = None
+    n_examples: int | None = None
+    pgd_steps: int | None = None
+    restarts: int | None = None
+    data_root: str | None = None
+    epoch: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model sources
+
+
+def from_checkpoint(path: str | Path, data_root: str | None = None) -> LoadedModel:
+    """A robust-sparse checkpoint; its config gives the architecture, dataset, threat model and eval settings."""
+    from robust_sparse.config import config_from_dict
+    from robust_sparse.data import DATASETS
+    from robust_sparse.models import build_model
+
+    path = Path(path)
+    state = load_checkpoint(path)
+    raw = state.get("config")
+    if not isinstance(raw, dict) or "model" not in state:
+        raise CheckpointError(f"{path} has no config/model: not written by robust-sparse train")
+    if data_root is not None:  # validation checks the data root exists; the evaluation's root is what counts
+        raw = {**raw, "data": {**raw.get("data", {}), "root": data_root}}
+    config = config_from_dict(raw)
+    info = DATASETS[config.data.dataset]
+    model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std)
+    _load_into(model, state["model"], path, config.model.name)
+    eval_config = config.eval
+    return LoadedModel(
+        model=model.eval(), name=f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem,
+        source="checkpoint", path=str(path), architecture=config.model.name, dataset=config.data.dataset,
+        norm=config.attack.norm.value, eps=eval_config.eps if eval_config.eps is not None else config.attack.eps,
+        n_examples=eval_config.n_examples or None, pgd_steps=eval_config.pgd_steps, restarts=eval_config.restarts,
+        data_root=config.data.root, epoch=state.get("epoch"),
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a file: plain, or under ``state_dict``/``model`` (robust-sparse), ``module.`` stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file; the first line says which
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"weights file {path} is corrupted or not loadable safely: {reason}") from None
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+    if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise UserError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in payload.items()}
+
+
+def _load_into(model: nn.Module, state_dict: dict[str, Any], path: Path, architecture: str) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise UserError(f"{path}: weights do not fit {architecture}: {str(error).strip().splitlines()[0]}") from None
+
+
+def from_weights(architecture: str, path: str | Path, dataset: DatasetName) -> LoadedModel:
+    """A plain state_dict for an architecture of :data:`robust_sparse.models.MODELS` and a dataset's shapes."""
+    from robust_sparse.data import DATASETS
+    from robust_sparse.models import build_model
+
+    info = DATASETS[dataset]
+    model = build_model(architecture, info.num_classes, info.in_channels, info.mean, info.std)
+    path = Path(path)
+    _load_into(model, read_state_dict(path), path, architecture)
+    return LoadedModel(model=model.eval(), name=f"{architecture}:{path.stem}", source="weights", path=str(path),
+                       architecture=architecture, dataset=dataset)
+
+
+def from_robustbench(name: str, dataset: DatasetName, norm: str, model_dir: str | Path) -> LoadedModel:
+    """A RobustBench zoo model through ``robustbench.utils.load_model``.
+
+    The weights are read from ``<model_dir>/<dataset>/<Linf|L2>/<name>.pt`` when present; otherwise robustbench
+    downloads them, and without a network that fails with a one-line error naming the path to fill.
+    """
+    from robust_sparse.compat import import_robustbench
+
+    if dataset not in ROBUSTBENCH_DATASETS:
+        raise UserError(f"--robustbench-model: the zoo is supported for {', '.join(d.value for d in ROBUSTBENCH_DATASETS)}, "
+                        f"not {dataset.value}")
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.utils import load_model
+
+    threat = ROBUSTBENCH_THREATS[norm]
+    zoo = model_dicts[BenchmarkDataset(dataset.value)][ThreatModel(threat)]
+    if name not in zoo:
+        close = difflib.get_close_matches(name, list(zoo), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f" ({len(zoo)} entries, e.g. Standard)"
+        raise UserError(f"unknown RobustBench model {name!r} for {dataset.value}/{threat}{hint}")
+    model_dir = Path(model_dir)
+    path = model_dir / dataset.value / threat / f"{name}.pt"
+    existed = path.is_file()
+    if not existed:
+        log.info("%s is not in %s: asking robustbench to download it", name, path.parent)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            model = load_model(model_name=name, model_dir=str(model_dir), dataset=dataset.value, threat_model=threat)
+    except Exception as error:  # requests/gdown/urllib connection errors, torch load errors, state_dict mismatch
+        reason = _reason(error)
+        if not existed:
+            if path.is_file():  # a partial download must not pass for weights next time
+                path.unlink()
+            raise UserError(f"RobustBench model {name}: weights not found at {path} and the download failed "
+                            f"({reason}); copy the checkpoint there or run with network access") from None
+        raise UserError(f"RobustBench model {name}: cannot load {path} ({reason})") from None
+    finally:
+        for line in printed.getvalue().splitlines():
+            log.info("robustbench: %s", line)
+    architecture = type(model).__name__
+    return LoadedModel(model=model.eval(), name=name, source="robustbench", path=str(path),
+                       architecture=architecture, dataset=dataset)
+
+
+def _reason(error: BaseException) -> str:
+    """One short line for an exception: connection errors name the host they could not reach."""
+    text = str(error).strip()
+    host = re.search(r"host='([^']+)'", text)
+    if host:
+        return f"{type(error).__name__}: cannot reach {host.group(1)}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first[:160]}{'...' if len(first) > 160 else ''}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# test points
+
+
+def load_points(dataset: DatasetName, n: int | None, *, root: str = "data", download: bool = False,
+                data_file: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test points in order, as float [0,1] images and int64 labels (RobustBench protocol).
+
+    ``data_file`` replaces the dataset's test split with a torch file holding ``{"images", "labels"}``
+    (uint8 0-255, or float in [0, 1]). ``n=None`` takes ``min(10000, size)``; a larger ``n`` is an error.
+    """
+    from robust_sparse.data import DATASETS, load_raw
+
+    if data_file is not None:
+        images, labels = _read_points(Path(data_file))
+    else:
+        _, test = load_raw(DataConfig(dataset=dataset, root=root, download=download), need_train=False)
+        images, labels = test.images, test.labels
+    total = len(labels)
+    if n is None:
+        n = min(RB_DEFAULT_N, total)
+    if n < 1:
+        raise UserError(f"--n-examples {n}: must be >= 1")
+    if n > total:
+        raise UserError(f"--n-examples {n}: the test set has only {total} points")
+    images, labels = images[:n], labels[:n]
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    check_inputs(images, labels, DATASETS[dataset].num_classes)
+    return images.float(), labels.long()
+
+
+def _read_points(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"data file {path} is corrupted or not loadable safely: {reason}") from None
+    if not isinstance(payload, dict) or not {"images", "labels"} <= set(payload):
+        raise UserError(f"data file {path} must hold a dict with 'images' [N,C,H,W] and 'labels' [N]")
+    images, labels = payload["images"], payload["labels"]
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise UserError(f"data file {path}: 'images' and 'labels' must be tensors")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise UserError(f"data file {path}: images must be uint8 (0-255) or float in [0, 1], got {images.dtype}")
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a model is
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of the state_dict: saved flags are only resumed for the very same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def sparsity_stats(model: nn.Module) -> dict[str, float | int]:
+    """Weight sparsity (exact zeros in conv/linear weights) and parameter counts, for any model."""
+    prunable = zeros = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and isinstance(weight, torch.Tensor):
+            prunable += weight.numel()
+            zeros += int((weight == 0).sum())
+    parameters = list(model.parameters())
+    total = sum(p.numel() for p in parameters)
+    nonzero = sum(int((p != 0).sum()) for p in parameters)
+    return {"sparsity": zeros / prunable if prunable else 0.0, "params": total, "nonzero_params": nonzero,
+            "prunable_params": prunable}

@@ -1,0 +1,461 @@
+"""The evaluation runner: clean accuracy, then every attack of a suite, with per-point flags.
+
+Protocol
+    Each attack is evaluated on its own (``chained=False``, the default): it attacks the points the model
+    classifies correctly, and its robust accuracy is its own, comparable with published numbers for that
+    attack. The worst case over all attacks is the pointwise AND of their flags. With ``chained=True`` every
+    attack only sees the points all previous attacks left robust: faster when only the worst case matters,
+    and the per-attack columns are then cumulative.
+
+Early exit
+    An attack is a sequence of *units* (PGD's restarts; AutoAttack's APGD-CE, APGD-T, FAB-T, Square), each
+    run only on the points the previous units left robust, in batches of ``batch_size``, as AutoAttack
+    does. A point is broken only by a valid adversarial example: inside the eps-ball and [0, 1] (checked).
+
+Resume
+    With ``state_path`` the flags are saved (atomically) after batches, at most every few seconds, and at the
+    end of every unit. A rerun with the same settings continues after the last saved batch and gives the
+    same flags as an uninterrupted run: every batch is seeded from ``(seed, attack, unit)`` alone and the
+    batches of a unit are fixed when it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robust_sparse.attacks import CW, FGSM, PGD
+from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.errors import CheckpointError, UserError
+from robust_sparse.eval.accuracy import pgd_step_size, predict
+from robust_sparse.eval.autoattack import AutoAttackBackend, select_backend, torchattacks_autoattack
+from robust_sparse.eval.specs import AttackSpec
+
+log = logging.getLogger(__name__)
+
+STATE_KIND = "robust-sparse-eval-flags/1"
+SAVE_EVERY_SECONDS = 5.0
+PROBE_POINTS = 1000  # the large-eps probe attacks at most this many (the first) points
+PROBE_STEPS = 20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class AttackOutcome:
+    """Per-point flags of one attack. ``broken_by[i]`` is the index of the unit that broke point i, or -1."""
+
+    spec: AttackSpec
+    robust: torch.Tensor  # bool [N]
+    broken_by: torch.Tensor  # int8 [N]
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def accuracy(self) -> float:
+        return _mean(self.robust)
+
+    def unit_accuracies(self) -> dict[str, float]:
+        """Robust accuracy after each unit, cumulative (AutoAttack's "robust accuracy after APGD-CE: ...")."""
+        return {unit: _mean(self.robust | (self.broken_by > index)) for index, unit in enumerate(self.spec.units)}
+
+    def broken_by_unit(self, unit: str) -> torch.Tensor:
+        return self.broken_by == self.spec.units.index(unit)
+
+
+@dataclass
+class Evaluation:
+    """Everything one evaluation at one eps produced; flags are on the CPU."""
+
+    norm: str
+    eps: float
+    seed: int
+    batch_size: int
+    chained: bool
+    clean: torch.Tensor  # bool [N]
+    outcomes: list[AttackOutcome]
+    seconds: float  # wall time, summed over resumed runs
+    probe: dict[str, Any] | None = None  # the large-eps probe: eps, points, accuracy
+    invalid: dict[str, int] = field(default_factory=dict)  # attack label -> examples rejected (outside the ball)
+    autoattack_messages: list[str] = field(default_factory=list)
+    autoattack_backend: str = ""
+    warnings: list[str] = field(default_factory=list)  # filled by robust_sparse.eval.sanity
+
+    @property
+    def n(self) -> int:
+        return len(self.clean)
+
+    @property
+    def clean_accuracy(self) -> float:
+        return _mean(self.clean)
+
+    @property
+    def worst(self) -> torch.Tensor:
+        robust = self.clean.clone()
+        for outcome in self.outcomes:
+            robust &= outcome.robust
+        return robust
+
+    @property
+    def worst_accuracy(self) -> float:
+        return _mean(self.worst)
+
+    def outcome(self, kind: str) -> AttackOutcome | None:
+        """The first outcome of that attack kind (``"pgd"``, ``"autoattack"``, ...)."""
+        return next((o for o in self.outcomes if o.spec.kind == kind), None)
+
+    def accuracies(self) -> dict[str, float]:
+        """Label -> robust accuracy, plus ``AutoAttack/apgd-ce``-style cumulative entries for multi-unit attacks."""
+        result: dict[str, float] = {}
+        for outcome in self.outcomes:
+            result[outcome.label] = outcome.accuracy
+            if outcome.spec.kind == "autoattack":
+                for unit, accuracy in outcome.unit_accuracies().items():
+                    result[f"{outcome.label}/{unit}"] = accuracy
+        return result
+
+
+def _mean(flags: torch.Tensor) -> float:
+    return flags.float().mean().item() if len(flags) else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input checks
+
+
+def check_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> None:
+    """Images float [N, C, H, W] in [0, 1] (unnormalised: models own their normalisation); labels int64 [N]."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise UserError(f"images must be a tensor [N, C, H, W], got shape {tuple(getattr(images, 'shape', ()))}")
+    if not images.is_floating_point():
+        raise UserError(f"images must be float in [0, 1], got dtype {images.dtype} (divide uint8 images by 255)")
+    if len(images) and not bool(torch.isfinite(images).all()):
+        raise UserError("images contain NaN or infinite values")
+    if len(images):
+        low, high = images.min().item(), images.max().item()
+        if low < 0 or high > 1:
+            raise UserError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]: pass unnormalised "
+                            "images (the model owns its normalisation)")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or len(labels) != len(images):
+        raise UserError(f"labels must be a 1-D tensor with one label per image ({len(images)})")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise UserError(f"labels must be integers, got dtype {labels.dtype}")
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(f"labels must lie in [0, {num_classes - 1}], got [{labels.min().item()}, {labels.max().item()}]")
+
+
+def _check_model_output(model: nn.Module, images: torch.Tensor, num_classes: int | None) -> None:
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device != images.device:
+        raise UserError(f"the model is on {parameter.device} but the images are on {images.device}")
+    try:
+        with torch.no_grad():
+            logits = model(images[:2])
+    except RuntimeError as error:
+        raise UserError(f"the model cannot process images of shape {tuple(images.shape[1:])}: "
+                        f"{str(error).strip().splitlines()[0]}") from None
+    if logits.dim() != 2 or len(logits) != len(images[:2]):
+        raise UserError(f"the model must return logits [N, classes], got shape {tuple(logits.shape)}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise UserError(f"the model returns {logits.shape[1]} logits but the dataset has {num_classes} classes")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# units
+
+
+class _Unit:
+    def run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _OwnAttack(_Unit):
+    def __init__(self, attack) -> None:
+        self.attack = attack
+
+    def run(self, images, labels):
+        return self.attack(images, labels)
+
+
+class _AutoAttackUnit(_Unit):
+    def __init__(self, backend: AutoAttackBackend, handle: Any, sub_attack: str) -> None:
+        self.backend, self.handle, self.sub_attack = backend, handle, sub_attack
+
+    def run(self, images, labels):
+        return self.backend.attack(self.handle, self.sub_attack, images, labels, batch_size=len(images))
+
+
+class _Factory:
+    """Builds the units of a spec lazily (AutoAttack objects only when a unit actually runs)."""
+
+    def __init__(self, model, *, norm, eps, seed, device, num_classes, backend_name: str,
+                 backend: AutoAttackBackend | None) -> None:
+        self.model, self.norm, self.eps, self.seed, self.device = model, norm, eps, seed, device
+        self.num_classes, self.backend_name, self._backend = num_classes, backend_name, backend
+        self._autoattack: Any = None
+
+    @property
+    def backend(self) -> AutoAttackBackend:
+        if self._backend is None:
+            self._backend = select_backend(self.backend_name)
+        return self._backend
+
+    def unit(self, spec: AttackSpec, unit: str) -> _Unit:
+        kind, model, norm, eps = spec.kind, self.model, self.norm, self.eps
+        if kind == "fgsm":
+            return _OwnAttack(FGSM(model, norm=norm, eps=eps))
+        if kind == "pgd":
+            return _OwnAttack(PGD(model, norm=norm, eps=eps, steps=spec.steps, restarts=1,
+                                  step_size=pgd_step_size(eps, spec.steps), random_start=True))
+        if kind == "cw":
+            return _OwnAttack(CW(model, norm=norm, eps=eps, steps=spec.steps, step_size=pgd_step_size(eps, spec.steps)))
+        if kind == "torchattacks-aa":
+            if self.num_classes is None:
+                raise UserError("torchattacks-aa needs the number of classes")
+            return _OwnAttack(torchattacks_autoattack(model, norm=norm, eps=eps, n_classes=self.num_classes,
+                                                      seed=self.seed))
+        if self._autoattack is None:
+            self._autoattack = self.backend.create(model, norm=norm, eps=eps, seed=self.seed, device=self.device)
+        return _AutoAttackUnit(self.backend, self._autoattack, unit)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed every generator for one batch and give the caller's RNG state back afterwards."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _unit_seed(seed: int, spec: AttackSpec, unit_index: int) -> int:
+    """Our own attacks: one seed per (seed, attack, restart). AutoAttack re-seeds itself with ``seed``."""
+    return (seed * 1_000_003 + zlib.crc32(spec.key.encode()) * 7919 + unit_index) % (2**63 - 1)
+
+
+def _valid(adversarial: torch.Tensor, images: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Per point: finite, inside [0, 1] and inside the eps-ball (float32 rounding tolerated)."""
+    delta = (adversarial - images).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    flat = adversarial.flatten(1)
+    tolerance = 1e-5
+    return (torch.isfinite(flat).all(1) & (flat.amin(1) >= -tolerance) & (flat.amax(1) <= 1 + tolerance)
+            & (size <= eps * (1 + tolerance) + tolerance))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# state (per-point flags on disk)
+
+
+class _State:
+    def __init__(self, path: Path | None, settings: dict[str, Any]) -> None:
+        self.path, self.settings = path, settings
+        self.data: dict[str, Any] = {"kind": STATE_KIND, "settings": settings, "attacks": {}, "seconds": 0.0}
+        self._last_save = 0.0
+        if path is not None and path.is_file():
+            try:
+                saved = load_checkpoint(path)
+            except CheckpointError as error:
+                log.warning("ignoring unreadable flags file %s: %s", path, error)
+                return
+            if saved.get("kind") == STATE_KIND and saved.get("settings") == settings:
+                saved.pop("format", None)
+                self.data = saved
+                log.info("resuming from %s", path)
+            else:
+                log.info("flags in %s were computed with other settings; starting afresh", path)
+
+    def save(self, force: bool = False) -> None:
+        if self.path is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_save >= SAVE_EVERY_SECONDS:
+            save_checkpoint(self.data, self.path)
+            self._last_save = now
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the runner
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    attacks: Sequence[AttackSpec],
+    batch_size: int = 500,
+    seed: int = 0,
+    chained: bool = False,
+    num_classes: int | None = None,
+    state_path: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
+    progress: bool = False,
+    autoattack_backend: str = "auto",
+    backend: AutoAttackBackend | None = None,
+    large_eps: float | None = None,
+) -> Evaluation:
+    """Clean accuracy and every attack in ``attacks`` on [0,1] ``images`` (on the model's device).
+
+    Args:
+        model: maps [0,1] images to logits; evaluated in eval mode (its mode is restored afterwards).
+        norm, eps: the threat model (``"linf"``/``"l2"``, pixel units).
+        attacks: the suite, run in order (see :mod:`robust_sparse.eval.specs`).
+        batch_size: points per attack batch (AutoAttack's ``bs``; its results depend on it through seeding).
+        seed: fixes every random start, AutoAttack's included.
+        chained: attack only points every previous attack left robust (per-attack numbers become cumulative).
+        num_classes: checked against the model's output; needed by ``torchattacks-aa``.
+        state_path: where per-point flags are saved, and resumed from when the settings match.
+        settings: extra identification stored with the flags (model and data fingerprints, ...).
+        progress: tqdm bars with an ETA (stderr).
+        autoattack_backend: ``auto``, ``pyautoattack`` or ``github`` (see :func:`select_backend`).
+        backend: an already built backend (tests inject fakes here).
+        large_eps: if set, the gradient-masking probe: a 20-step margin PGD without random start at this eps
+            on the first 1000 points; its accuracy should be ~0.
+    """
+    if norm not in ("linf", "l2"):
+        raise UserError(f"threat model must be linf or l2, got {norm!r}")
+    if not eps >= 0:
+        raise UserError(f"eps must be >= 0, got {eps}")
+    if norm == "linf" and eps > 1:
+        raise UserError(f"eps = {eps}: must be <= 1 for linf (inputs are in [0, 1])")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    check_inputs(images, labels, num_classes)
+    labels = labels.long()
+    device = images.device
+    settings = {"n": len(labels), "norm": norm, "eps": float(eps), "seed": seed, "batch_size": batch_size,
+                "chained": chained, "attacks": [s.key for s in attacks], **(settings or {})}
+    state = _State(Path(state_path) if state_path is not None else None, settings)
+    started = time.monotonic()
+    was_training = model.training
+    model.eval()
+    factory = _Factory(model, norm=norm, eps=eps, seed=seed, device=device, num_classes=num_classes,
+                       backend_name=autoattack_backend, backend=backend)
+    invalid: dict[str, int] = {}
+    try:
+        if len(labels):
+            _check_model_output(model, images, num_classes)
+        if "clean" not in state.data:
+            state.data["clean"] = (predict(model, images, batch_size) == labels).cpu()
+            state.save(force=True)
+        clean = state.data["clean"]
+        log.info("%s eps=%.4g on %d points: clean accuracy %.4f", norm, eps, len(labels), _mean(clean))
+        outcomes = []
+        alive = clean.clone()
+        for spec in attacks:
+            outcome = _run_attack(spec, factory, state, images, labels, clean if not chained else alive,
+                                  norm=norm, eps=eps, seed=seed, batch_size=batch_size, progress=progress,
+                                  invalid=invalid)
+            outcomes.append(outcome)
+            alive &= outcome.robust
+        probe = None
+        if large_eps is not None and len(labels):
+            probe = _probe(model, images, labels, clean, state, norm=norm, eps=large_eps, batch_size=batch_size,
+                           seed=seed)
+    finally:
+        model.train(was_training)
+        state.data["seconds"] = state.data.get("seconds", 0.0) + (time.monotonic() - started)
+        state.save(force=True)
+    backend_used = factory._backend
+    return Evaluation(norm=norm, eps=float(eps), seed=seed, batch_size=batch_size, chained=chained, clean=clean,
+                      outcomes=outcomes, seconds=state.data["seconds"], probe=probe, invalid=invalid,
+                      autoattack_messages=list(backend_used.messages) if backend_used else [],
+                      autoattack_backend=backend_used.name if backend_used else "")
+
+
+def _run_attack(spec: AttackSpec, factory: _Factory, state: _State, images, labels, candidates, *, norm, eps,
+                seed, batch_size, progress, invalid) -> AttackOutcome:
+    n, units = len(labels), spec.units
+    saved = state.data["attacks"].get(spec.key)
+    if saved is None:
+        saved = {"robust": candidates.clone(), "broken_by": torch.full((n,), -1, dtype=torch.int8),
+                 "done": torch.zeros(len(units), n, dtype=torch.bool), "complete": False}
+        state.data["attacks"][spec.key] = saved
+    robust, broken_by, done = saved["robust"], saved["broken_by"], saved["done"]
+    if saved["complete"] or eps == 0:  # at eps 0 the ball is a point: robust accuracy is clean accuracy
+        saved["complete"] = True
+        return AttackOutcome(spec, robust, broken_by)
+    device = images.device
+    for index, unit_name in enumerate(units):
+        todo = robust & ~done[index]
+        if not bool(todo.any()):
+            continue
+        unit = factory.unit(spec, unit_name)
+        points = torch.nonzero(todo).flatten()
+        description = spec.label if len(units) == 1 else f"{spec.label} {unit_name}"
+        started = time.monotonic()
+        with tqdm(total=int(done[index].sum()) + len(points), initial=int(done[index].sum()), desc=description,
+                  unit="pt", leave=False, disable=not progress, dynamic_ncols=True) as bar:
+            for chunk in points.split(batch_size):
+                on_device = chunk.to(device)
+                x, y = images[on_device], labels[on_device]
+                with _seeded(_unit_seed(seed, spec, index), device):
+                    adversarial = unit.run(x, y)
+                with torch.no_grad():
+                    fooled = (factory.model(adversarial).argmax(1) != y)
+                    valid = _valid(adversarial, x, norm, eps)
+                rejected = int((fooled & ~valid).sum())
+                if rejected:
+                    invalid[spec.label] = invalid.get(spec.label, 0) + rejected
+                    log.warning("%s %s returned %d examples outside the threat model; they do not count",
+                                spec.label, unit_name, rejected)
+                broken = chunk[(fooled & valid).cpu()]
+                robust[broken] = False
+                broken_by[broken] = index
+                done[index, chunk] = True
+                state.save()
+                bar.update(len(chunk))
+        state.save(force=True)
+        log.info("%s eps=%.4g %s%s: %d/%d robust (%.1f s)", norm, eps, spec.label,
+                 "" if len(units) == 1 else f" after {unit_name}", int(robust.sum()), n, time.monotonic() - started)
+    saved["complete"] = True
+    state.save(force=True)
+    return AttackOutcome(spec, robust, broken_by)
+
+
+def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size, seed) -> dict[str, Any]:
+    """Margin PGD from the clean point (no random start) at a large eps: a working gradient breaks ~every point.
+
+    Without a random start a zero or useless gradient leaves the points where they are, so a masked model keeps
+    its clean accuracy here instead of being broken by noise alone.
+    """
+    key = {"eps": float(eps), "steps": PROBE_STEPS, "points": min(PROBE_POINTS, len(labels))}
+    saved = state.data.get("probe")
+    if saved is not None and saved.get("key") == key:
+        return saved["result"]
+    points = key["points"]
+    robust = clean[:points].clone()
+    attack = CW(model, norm=norm, eps=eps, steps=PROBE_STEPS, step_size=pgd_step_size(eps, PROBE_STEPS),
+                random_start=False)
+    candidates = torch.nonzero(robust).flatten()
+    for chunk in candidates.split(batch_size):
+        on_device = chunk.to(images.device)
+        with _seeded(seed, images.device):
+            adversarial = attack(images[on_device], labels[on_device])
+        with torch.no_grad():
+            fooled = (model(adversarial).argmax(1) != labels[on_device]) & _valid(adversarial, images[on_device],
+                                                                                   norm, eps)
+        robust[chunk[fooled.cpu()]] = False
+    result = {"eps": float(eps), "points": points, "steps": PROBE_STEPS, "accuracy": _mean(robust),
+              "clean_accuracy": _mean(clean[:points])}
+    state.data["probe"] = {"key": key, "result": result}
+    state.save(force=True)
+    log.info("large-eps probe: %s eps=%.4g, %d-step margin PGD from the clean point: accuracy %.4f on %d points",
+             norm, eps, PROBE_STEPS, result["accuracy"], points)
+    return result

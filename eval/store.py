@@ -1,0 +1,103 @@
+"""The results store: one directory with ``results.csv``, ``results.json`` and ``flags/``.
+
+Every evaluation (one model at one eps) appends one row to both files (the JSON holds the nested fields as
+objects, the CSV as JSON strings) and keeps its per-point flags in ``flags/<key>.pt``, where the key names the
+model, dataset, threat model and eps plus a hash of everything else that defines the run (n, seed, attacks,
+batch size, model and data fingerprints): a rerun with the same settings resumes from those flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from robust_sparse.errors import UserError
+
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+FLAGS_DIR = "flags"
+#: Columns every row has, in this order (CSV and JSON).
+COLUMNS = [
+    "timestamp", "model", "source", "path", "architecture", "dataset", "threat_model", "eps", "n_examples",
+    "seed", "batch_size", "mode", "attacks", "clean_acc", "pgd_attack", "pgd_acc", "autoattack_acc", "worst_acc",
+    "per_attack", "sparsity", "params", "nonzero_params", "wall_seconds", "device", "autoattack_backend",
+    "large_eps", "large_eps_acc", "warnings", "model_fingerprint", "data_fingerprint", "flags_file",
+    "torch_version",
+]
+NESTED = ("per_attack", "warnings")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def flags_path(results_dir: str | Path, *, model: str, dataset: str, threat_model: str, eps: float,
+               settings: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = f"{_slug(model)}__{dataset}__{threat_model}__eps{eps:.6g}__{digest}.pt"
+    return Path(results_dir) / FLAGS_DIR / name
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_results(results_dir: str | Path) -> pd.DataFrame:
+    """All rows of a store, nested fields decoded (empty frame with :data:`COLUMNS` if there is none)."""
+    path = Path(results_dir) / RESULTS_JSON
+    if not path.is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON (line {error.lineno}); fix or remove it") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path} must hold a list of result rows")
+    frame = pd.DataFrame(rows)
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    return frame
+
+
+def append_result(results_dir: str | Path, row: dict[str, Any]) -> int:
+    """Append ``row`` to ``results.json`` and ``results.csv``; returns its index in the store."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    json_path = results_dir / RESULTS_JSON
+    if json_path.is_file():
+        rows = load_results(results_dir).to_dict("records")
+    rows.append({column: row.get(column) for column in COLUMNS} | {k: v for k, v in row.items() if k not in COLUMNS})
+    rows = [_plain(r) for r in rows]
+    _write_atomic(json_path, json.dumps(rows, indent=1, default=str) + "\n")
+    frame = pd.DataFrame(rows)
+    for column in NESTED:
+        if column in frame:
+            frame[column] = [json.dumps(v) for v in frame[column]]
+    _write_atomic(results_dir / RESULTS_CSV, frame.to_csv(index=False))
+    return len(rows) - 1
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN (pandas' missing value) -> None, so the JSON stays valid."""
+    clean = {}
+    for key, value in row.items():
+        if isinstance(value, float) and value != value:
+            value = None
+        clean[key] = value
+    return clean

@@ -1,0 +1,121 @@
+"""Results store, the shipped leaderboard, comparability, and ``robust-sparse report``."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from robust_sparse.cli import main
+from robust_sparse.errors import UserError
+from robust_sparse.eval.leaderboard import differences, load_leaderboard, normalize_attack
+from robust_sparse.eval.report import build_report, collect
+from robust_sparse.eval.store import COLUMNS, append_result, flags_path, load_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(**changes):
+    row = {
+        "timestamp": "2026-01-01T00:00:00+00:00", "model": "vgg16-99", "source": "checkpoint", "path": "runs/a/best.pt",
+        "architecture": "vgg16", "dataset": "cifar10", "threat_model": "Linf", "eps": 8 / 255, "n_examples": 10000,
+        "seed": 0, "batch_size": 500, "mode": "standalone", "attacks": "pgd-50x10,autoattack", "clean_acc": 0.70,
+        "pgd_attack": "PGD-50x10", "pgd_acc": 0.42, "autoattack_acc": 0.38, "worst_acc": 0.38,
+        "per_attack": {"PGD-50x10": 0.42, "AutoAttack": 0.38, "AutoAttack/apgd-ce": 0.40}, "sparsity": 0.99,
+        "params": 15_000_000, "nonzero_params": 150_000, "wall_seconds": 1234.5, "device": "cuda:0", "warnings": [],
+        "model_fingerprint": "abc", "data_fingerprint": "def", "large_eps": 0.5, "large_eps_acc": 0.0,
+    }
+    row.update(changes)
+    return row
+
+
+def test_store_appends_csv_and_json(tmp_path):
+    assert append_result(tmp_path, _row()) == 0
+    assert append_result(tmp_path, _row(eps=4 / 255, warnings=["something"])) == 1
+    frame = load_results(tmp_path)
+    assert list(frame.columns[: len(COLUMNS)]) == COLUMNS and len(frame) == 2
+    assert frame.loc[1, "warnings"] == ["something"] and frame.loc[0, "per_attack"]["AutoAttack"] == 0.38
+    csv = pd.read_csv(tmp_path / "results.csv")
+    assert json.loads(csv.loc[0, "per_attack"])["PGD-50x10"] == 0.42
+    first = flags_path(tmp_path, model="runs/a", dataset="cifar10", threat_model="Linf", eps=8 / 255, settings={"n": 1})
+    second = flags_path(tmp_path, model="runs/a", dataset="cifar10", threat_model="Linf", eps=8 / 255, settings={"n": 2})
+    assert first != second and first.parent == tmp_path / "flags" and "/" not in first.name
+
+
+def test_shipped_leaderboard_has_the_required_rows():
+    board = load_leaderboard()
+    names = set(board["name"])
+    assert {"Sehwag2020Hydra", "Kundu2020Tunable", "Wong2020Fast", "Rice2020Overfitting"} <= names
+    methods = " ".join(board["method"])
+    for method in ("HYDRA", "RADMM", "FlyingBird", "BSR-Net", "A-BSR-Net"):
+        assert method in methods
+    assert set(board["dataset"]) >= {"cifar10", "cifar100", "svhn"}
+    assert board["source_url"].str.startswith("https://").all() and board["source_date"].notna().all()
+    assert board["robust_acc"].between(0, 100).all() and board["eps"].gt(0).all()
+    hydra = board[board["name"] == "Sehwag2020Hydra"].iloc[0]
+    assert (hydra["clean_acc"], hydra["robust_acc"], hydra["attack"], hydra["n_examples"]) == (88.98, 57.14, "AutoAttack", 10000)
+
+
+def test_comparability():
+    board = load_leaderboard()
+    entry = board[board["name"] == "Wong2020Fast"].iloc[0].to_dict()
+    same = dict(dataset="cifar10", threat_model="Linf", eps=8 / 255, attack="AutoAttack", n_examples=10000)
+    assert differences(entry, **same) == []
+    assert differences(entry, **{**same, "n_examples": 1000}) == ["n 10000 vs 1000"]
+    assert differences(entry, **{**same, "attack": "PGD-50x10"}) == ["attack AutoAttack vs PGD-50x10"]
+    trades = board[board["name"] == "Zhang2019Theoretically"].iloc[0].to_dict()
+    assert differences(trades, **same) == ["eps 0.031 vs 0.03137"]  # 0.031 is not 8/255
+    assert normalize_attack("PGD-20") == normalize_attack("pgd-20x1") == "pgd-20x1"
+
+
+def test_report_tables_plots_and_checks(tmp_path, capsys):
+    store = tmp_path / "results"
+    append_result(store, _row())
+    append_result(store, _row(model="tiny", dataset="mnist5k", eps=0.1, n_examples=100,
+                              per_attack={"PGD-20x1": 0.3}, pgd_attack="PGD-20x1", pgd_acc=0.3, autoattack_acc=None,
+                              worst_acc=0.3, warnings=["the black-box Square attack broke 3 points"]))
+    append_result(store, _row(model="tiny", dataset="mnist5k", eps=0.2, n_examples=100, per_attack={"PGD-20x1": 0.4},
+                              pgd_attack="PGD-20x1", pgd_acc=0.4, autoattack_acc=None, worst_acc=0.4))
+    assert main(["report", str(store), "--out", str(tmp_path / "report")]) == 0
+    assert "report: " in capsys.readouterr().out
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| vgg16-99 | checkpoint | cifar10 | Linf | 0.03137 | 10000 | 70.00 | 42.00 (PGD-50x10) | 38.00 |" in text
+    assert "the black-box Square attack broke 3 points" in text
+    assert "accuracy rises from 0.3000 at eps=0.1 to 0.4000 at eps=0.2" in text  # non-monotone across stored rows
+    comparison = text.split("## Leaderboard comparison: cifar10 Linf")[1].split("## ")[0]
+    wong = next(line for line in comparison.splitlines() if line.startswith("| Wong2020Fast"))
+    assert "yes: vgg16-99 (AutoAttack)" in wong
+    trades = next(line for line in comparison.splitlines() if line.startswith("| Zhang2019Theoretically"))
+    assert "no: eps 0.031 vs 0.03137" in trades
+    bsr = next(line for line in comparison.splitlines() if line.startswith("| BSR-Net AT VGG-16 99%"))
+    assert "yes: vgg16-99 (PGD-50x10)" in bsr
+    assert (tmp_path / "report" / "robust_vs_sparsity_cifar10_Linf.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "accuracy_vs_eps_mnist5k_Linf.png").is_file()
+    assert "No leaderboard rows for this dataset" in text.split("## Leaderboard comparison: mnist5k Linf")[1]
+
+
+def test_rerun_rows_are_deduplicated_and_a_custom_leaderboard_can_be_used(tmp_path):
+    store = tmp_path / "results"
+    append_result(store, _row(clean_acc=0.5))
+    append_result(store, _row(clean_acc=0.7))  # the same evaluation again: only the latest counts
+    assert collect([store])["clean_acc"].tolist() == [0.7]
+    board = tmp_path / "board.csv"
+    load_leaderboard().head(2).to_csv(board, index=False, columns=[c for c in load_leaderboard().columns if c != "eps_text"])
+    assert main(["report", str(store), "--leaderboard", str(board)]) == 0
+    text = (store / "report.md").read_text()
+    assert "2 leaderboard rows" in text and "Sehwag2020Hydra" in text
+    with pytest.raises(UserError, match="missing columns"):
+        pd.DataFrame({"name": ["x"]}).to_csv(board, index=False)
+        build_report([store], leaderboard=board)
+
+
+def test_the_leaderboard_ships_in_the_wheel(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("robust_sparse-*.whl")
+    assert "robust_sparse/eval/leaderboard.csv" in zipfile.ZipFile(wheel).namelist()

@@ -1,0 +1,131 @@
+"""Sweeps: grid expansion, bad sweep files, idempotent resume, aggregated report."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from robust_sparse.errors import ConfigError
+from robust_sparse.sweep import expand, load_sweep, run_id, run_sweep, run_status
+from robust_sparse.sweep_report import aggregate, collect, epochs_to_accuracy, write_report
+
+TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "optim.epochs=2", "attack.steps=1",
+        "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=64", "eval.pgd_steps=2", "device=cpu"]
+
+
+def write(tmp_path, **content):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), **content}, sort_keys=False))
+    return path
+
+
+def test_grid_expands_to_the_cartesian_product(tmp_path):
+    sweep = load_sweep(write(tmp_path, overrides=["agent.enabled=true"],
+                             grid={"agent.gamma": [0, 0.01, 0.1], "sparsity.density": [0.1, 0.01], "seed": [0, 1, 2]}))
+    runs = expand(sweep)
+    assert len(runs) == 18 and len({tuple(r) for r in runs}) == 18
+    assert ["agent.gamma=0", "sparsity.density=0.1", "seed=0"] in runs
+    assert run_id(["agent.gamma=0.1", "seed=2"]) == "agent.gamma=0.1__seed=2"
+
+
+def test_random_search_samples_inside_the_space(tmp_path):
+    sweep = load_sweep(write(tmp_path, grid={"seed": [0, 1]},
+                             random={"samples": 5, "seed": 3, "space": {"optim.lr": {"log_uniform": [0.001, 0.1]}}}))
+    runs = expand(sweep)
+    assert len(runs) == 10
+    learning_rates = [float(r[1].split("=")[1]) for r in runs]
+    assert all(0.001 <= lr <= 0.1 for lr in learning_rates)
+    assert expand(sweep) == runs  # seeded: the same sweep file gives the same runs
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"grid": {"optim.lrr": [0.1]}}, "optim.lrr"),
+    ({"grid": {}}, "grid is empty"),
+    ({"grid": {"seed": []}}, "non-empty list"),
+    ({"grid": {"optim.epochs": ["many"]}}, "optim.epochs"),
+    ({"grid": {"agent.gamma": [2.0]}}, "agent.gamma"),
+    ({"grid": {"seed": [0]}, "backend": "kubernetes"}, "backend"),
+    ({"grid": {"seed": [0]}, "parallel": 0}, "parallel"),
+    ({"grid": {"seed": [0]}, "bogus": 1}, "bogus"),
+    ({"grid": {"seed": [0]}, "base": "missing.yaml"}, "not found"),
+])
+def test_bad_sweep_files_give_one_line_errors(tmp_path, content, message, capsys):
+    from robust_sparse.cli import main
+
+    path = write(tmp_path, **content)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+    assert main(["sweep", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+
+
+def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
+    from robust_sparse.checkpoint import load_checkpoint
+    from robust_sparse.config import load_config
+    from test_train import _train_one_epoch_then_stop
+
+    sweep = load_sweep(write(tmp_path, overrides=TINY + ["agent.enabled=true"],
+                             grid={"agent.gamma": [0, 0.1], "seed": [0]}, parallel=2))
+    index = run_sweep(sweep, dry_run=True)
+    assert list(index["status"]) == ["pending", "pending"]
+    runs = tmp_path / "out" / "runs"
+    killed = runs / "agent.gamma=0.1__seed=0"
+    # The sweep was killed after this run's first epoch: its last.pt holds epoch 1 of 2.
+    _train_one_epoch_then_stop(load_config(killed / "requested.yaml"))
+    assert run_status(killed) == "partial"
+
+    index = run_sweep(sweep)
+    assert list(index["status"]) == ["done", "done"]
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 2 and (killed / "eval.json").exists()
+    log = (killed / "train.log").read_text()
+    assert "resuming" in log and "after epoch 1" in log  # continued, not restarted
+    stamps = {run.name: (run / "eval.json").stat().st_mtime_ns for run in runs.iterdir()}
+    index = run_sweep(sweep)  # everything finished: nothing runs again
+    assert {run.name: (run / "eval.json").stat().st_mtime_ns for run in runs.iterdir()} == stamps
+
+    runs_table, curves = collect(tmp_path / "out")
+    assert set(runs_table["status"]) == {"done"} and len(curves) == 4
+    summary = aggregate(runs_table)
+    assert list(summary["runs"]) == [1, 1] and "test_pgd_accuracy mean" in summary
+    steps = epochs_to_accuracy(runs_table, curves, [0.0, 1.01])
+    assert (steps["val_clean_accuracy >= 0"] == 1).all() and steps["val_clean_accuracy >= 1.01"].isna().all()
+    report = write_report(tmp_path / "out")
+    assert "Final accuracy" in report.read_text()
+    assert (report.parent / "gamma_sensitivity.png").exists() and (report.parent / "convergence.png").exists()
+
+
+def test_another_sweep_in_the_same_directory_is_refused(tmp_path):
+    first = load_sweep(write(tmp_path, overrides=TINY, grid={"seed": [0]}))
+    run_sweep(first, dry_run=True)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "overrides": TINY, "grid": {"seed": [5]}}))
+    with pytest.raises(ConfigError, match="holds another sweep"):
+        run_sweep(load_sweep(other))
+    shutil.rmtree(tmp_path / "out")
+    assert isinstance(run_sweep(load_sweep(other), dry_run=True), pd.DataFrame)
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs" / "studies")
+                                        .glob("*_*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_expand_and_validate(path, tmp_path, monkeypatch):
+    if path.name.startswith("common_"):
+        pytest.skip("a base config, not a sweep file")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # the CIFAR studies read a local copy from ./data
+    sweep = load_sweep(path)
+    runs = expand(sweep)
+    assert runs and len({run_id(r) for r in runs}) == len(runs)
+
+
+def test_report_command_on_a_sweep_directory(tmp_path, capsys):
+    from robust_sparse.cli import main
+
+    sweep = load_sweep(write(tmp_path, overrides=TINY, grid={"seed": [0]}))
+    run_sweep(sweep)
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report" / "report.md").exists()
+    assert "report.md" in capsys.readouterr().out
