@@ -88,8 +88,11 @@ class LoadedModel:
 # model sources
 
 
-def from_checkpoint(path: str | Path, data_root: str | None = None) -> LoadedModel:
-    """A robust-sparse checkpoint; its config gives the architecture, dataset, threat model and eval settings."""
+def from_checkpoint(path: str | Path, data_root: str | None = None, subnet: int | None = None) -> LoadedModel:
+    """A robust-sparse checkpoint; its config gives the architecture, dataset, threat model and eval settings.
+
+    AST checkpoints hold several sub-nets over one weight tensor: ``subnet`` picks one (required there).
+    """
     from robust_sparse.config import config_from_dict
     from robust_sparse.data import DATASETS
     from robust_sparse.models import build_model
@@ -104,10 +107,21 @@ def from_checkpoint(path: str | Path, data_root: str | None = None) -> LoadedMod
     config = config_from_dict(raw)
     info = DATASETS[config.data.dataset]
     model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std)
-    _load_into(model, state["model"], path, config.model.name)
+    weights, suffix = state["model"], ""
+    subnets = (state.get("sparsity") or {}).get("subnet_masks")
+    if subnets:
+        if subnet is None:
+            raise UserError(f"{path} is an AST checkpoint with {len(subnets)} sub-nets: pass --subnet K "
+                            f"(0..{len(subnets) - 1}, 0 = the densest)")
+        from robust_sparse.sparse.ast import subnet_weights
+
+        weights, suffix = subnet_weights(state, subnet), f"/subnet{subnet}"
+    elif subnet is not None:
+        raise UserError(f"--subnet {subnet}: {path} is not an AST checkpoint (it has one network)")
+    _load_into(model, weights, path, config.model.name)
     eval_config = config.eval
     return LoadedModel(
-        model=model.eval(), name=f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem,
+        model=model.eval(), name=(f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem) + suffix,
         source="checkpoint", path=str(path), architecture=config.model.name, dataset=config.data.dataset,
         norm=config.attack.norm.value, eps=eval_config.eps if eval_config.eps is not None else config.attack.eps,
         n_examples=eval_config.n_examples or None, pgd_steps=eval_config.pgd_steps, restarts=eval_config.restarts,

@@ -26,11 +26,17 @@ Deliberate deviation: sparse engines hold dormant weights at exactly zero (their
 the correction that falls on dormant positions has no effect. In the official TF code a dormant BSR-Net theta
 is a negative number that the correction term could push back above zero, reviving a connection outside the
 rewiring budget; we do not reproduce that.
+
+With AST (several sub-nets over one shared weight tensor, ``subnets=`` the :class:`AlternatingMasker`) the
+snapshot holds the full shared weights and every sub-net gets its own ``g_tilde``: the large-batch pass gives
+batch ``b`` to sub-net ``b mod K`` (so it costs one pass, not K), and ``g_old`` of a step is the snapshot seen
+as the step's sub-net.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from typing import Any, Iterable
 
 import torch
@@ -71,7 +77,7 @@ class AGENT(torch.optim.Optimizer):
     """
 
     def __init__(self, base: torch.optim.Optimizer, model: nn.Module, config: AgentConfig,
-                 masks: dict[str, torch.Tensor] | None = None) -> None:
+                 masks: dict[str, torch.Tensor] | None = None, subnets: Any = None) -> None:
         # super().__init__ over the base optimizer's own group dicts: both optimizers share the same group
         # objects, so a scheduler stepping either one changes the learning rate both see.
         super().__init__(base.param_groups, {})
@@ -79,17 +85,41 @@ class AGENT(torch.optim.Optimizer):
         self.model = model
         self.config = config
         self.masks = masks or {}  # the sparse engine's live masks, keyed by parameter name
+        self.subnets = subnets  # AST's AlternatingMasker: K masks over one weight tensor, one active per step
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.snapshot: nn.Module | None = None
-        self.snapshot_masks: dict[str, torch.Tensor] = {}
-        self.full_grads: list[torch.Tensor] | None = None
+        self.subnet_snapshot_masks: list[dict[str, torch.Tensor]] = [{}]  # one entry per sub-net (1 without AST)
+        self.subnet_full_grads: list[list[torch.Tensor]] | None = None
         self.snapshot_grads: list[torch.Tensor] | None = None
         self.c = 0.0
         self.c_hat = float("nan")
         self.refreshes = 0
         self._cosine_sum = torch.zeros(())
         self._cosine_count = 0
+
+    # ---- sub-nets (AST); one sub-net, the model itself, otherwise -----------------------------------------
+
+    def _count(self) -> int:
+        return self.subnets.count if self.subnets is not None else 1
+
+    def _active(self) -> int:
+        return self.subnets.active if self.subnets is not None else 0
+
+    def _view(self, module: nn.Module | None, k: int):
+        return self.subnets.view(module, k) if self.subnets is not None and module is not None else nullcontext()
+
+    def _masks_of(self, k: int) -> dict[str, torch.Tensor]:
+        return self.subnets.subnet_masks[k] if self.subnets is not None else self.masks
+
+    @property
+    def full_grads(self) -> list[torch.Tensor] | None:
+        """g_tilde of the active sub-net (of the model without AST)."""
+        return self.subnet_full_grads[self._active()] if self.subnet_full_grads is not None else None
+
+    @property
+    def snapshot_masks(self) -> dict[str, torch.Tensor]:
+        return self.subnet_snapshot_masks[self._active()]
 
     # ---- the weight --------------------------------------------------------------------------------------
 
@@ -112,7 +142,8 @@ class AGENT(torch.optim.Optimizer):
         estimate needs it) and whenever c_t != 0 for the others.
         """
         config = self.config
-        new_snapshot = copy.deepcopy(self.model)
+        with self.subnets.full_weights() if self.subnets is not None else nullcontext():
+            new_snapshot = copy.deepcopy(self.model)
         new_snapshot.train(config.full_grad_bn == "train")
         previous = self.snapshot
         estimator = config.estimator
@@ -125,23 +156,27 @@ class AGENT(torch.optim.Optimizer):
         need_gradient = needs_estimate or (estimator is not AgentEstimator.PAPER and self.c != 0)
 
         snapshot_params = [p for p in new_snapshot.parameters() if p.requires_grad]
-        full = [torch.zeros_like(p) for p in snapshot_params] if need_gradient else None
-        current_losses, previous_losses, count = [], [], 0
+        subnets = self._count()
+        full = [[torch.zeros_like(p) for p in snapshot_params] for _ in range(subnets)] if need_gradient else None
+        current_losses, previous_losses, counts = [], [], [0] * subnets
         if need_gradient or needs_estimate:
             if previous is not None:
                 previous.train(config.full_grad_bn == "train")
-            for batch in batches:
-                loss = loss_fn(new_snapshot, *batch)
-                if full is not None:
-                    for accumulator, grad in zip(full, torch.autograd.grad(loss, snapshot_params)):
-                        accumulator.add_(grad)
+            for index, batch in enumerate(batches):
+                k = index % subnets
+                with self._view(new_snapshot, k):
+                    loss = loss_fn(new_snapshot, *batch)
+                    if full is not None:
+                        for accumulator, grad in zip(full[k], torch.autograd.grad(loss, snapshot_params)):
+                            accumulator.add_(grad)
                 if needs_estimate:
-                    with torch.no_grad():
+                    with torch.no_grad(), self._view(previous, k):
                         previous_losses.append(loss_fn(previous, *batch).detach())
                     current_losses.append(loss.detach())
-                count += 1
+                counts[k] += 1
         if full is not None:
-            distributed.all_reduce_mean(full)  # every rank saw its own shard of the pass
+            for grads in full:
+                distributed.all_reduce_mean(grads)  # every rank saw its own shard of the pass
         if needs_estimate:
             current = distributed.all_gather_cat(torch.stack(current_losses))
             previous_all = distributed.all_gather_cat(torch.stack(previous_losses))
@@ -151,10 +186,12 @@ class AGENT(torch.optim.Optimizer):
             self.c_hat, self.c = float("nan"), 0.0  # the first refresh: no previous snapshot, c_0 = 0
         if config.clip:
             self.c = min(1.0, max(0.0, self.c))
-        self.snapshot_masks = {name: mask.clone() for name, mask in self.masks.items()}
-        if full is not None and count:
-            full = [value / count for value in full]  # mean of batch-mean gradients
-            self.full_grads = self._mask_like_snapshot(full)
+        self.subnet_snapshot_masks = [{name: mask.clone() for name, mask in self._masks_of(k).items()}
+                                      for k in range(subnets)]
+        if full is not None and min(counts):
+            # the mean of batch-mean gradients, per sub-net
+            self.subnet_full_grads = [self._mask_like_snapshot([value / counts[k] for value in full[k]], k)
+                                      for k in range(subnets)]
         for p in new_snapshot.parameters():
             p.requires_grad_(True)
         new_snapshot.train()
@@ -162,12 +199,13 @@ class AGENT(torch.optim.Optimizer):
         self.refreshes += 1
         return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.weight}
 
-    def _mask_like_snapshot(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Mask snapshot gradients as the config says: by the snapshot's mask (official), the current one, or not."""
+    def _mask_like_snapshot(self, grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+        """Mask sub-net ``k``'s snapshot gradients as the config says: by the snapshot's mask (official), the
+        current one, or not."""
         choice = self.config.snapshot_mask
         if choice == "none":
             return grads
-        masks = self.snapshot_masks if choice == "snapshot" else self.masks
+        masks = self.subnet_snapshot_masks[k] if choice == "snapshot" else self._masks_of(k)
         return [grad * masks[name] if name in masks else grad for name, grad in zip(self.names, grads)]
 
     # ---- per step ----------------------------------------------------------------------------------------
@@ -182,9 +220,11 @@ class AGENT(torch.optim.Optimizer):
             return
         assert self.snapshot is not None
         snapshot_params = [p for p in self.snapshot.parameters() if p.requires_grad]
-        grads = list(torch.autograd.grad(loss_fn(self.snapshot), snapshot_params))
+        k = self._active()
+        with self._view(self.snapshot, k):
+            grads = list(torch.autograd.grad(loss_fn(self.snapshot), snapshot_params))
         distributed.all_reduce_mean(grads)  # like g_new, which DistributedDataParallel averages
-        self.snapshot_grads = self._mask_like_snapshot(grads)
+        self.snapshot_grads = self._mask_like_snapshot(grads, k)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -230,7 +270,9 @@ class AGENT(torch.optim.Optimizer):
         for chunk in chunks:
             new = [g * self.masks[n] if n in self.masks else g
                    for n, g in zip(self.names, torch.autograd.grad(loss_fn(probe, *chunk), probe_params))]
-            old = self._mask_like_snapshot(list(torch.autograd.grad(loss_fn(self.snapshot, *chunk), snapshot_params)))
+            with self._view(self.snapshot, self._active()):
+                old = list(torch.autograd.grad(loss_fn(self.snapshot, *chunk), snapshot_params))
+            old = self._mask_like_snapshot(old, self._active())
             hat = [g.clone() for g in new]
             agent_correction(hat, old, self.full_grads, weight=self.weight)
             news.append(torch.cat([g.flatten() for g in new]))
@@ -247,8 +289,9 @@ class AGENT(torch.optim.Optimizer):
             "agent": {
                 "c": self.c, "c_hat": self.c_hat, "refreshes": self.refreshes,
                 "snapshot": self.snapshot.state_dict() if self.snapshot is not None else None,
-                "snapshot_masks": {k: v.clone() for k, v in self.snapshot_masks.items()},
-                "full_grads": [g.clone() for g in self.full_grads] if self.full_grads is not None else None,
+                "snapshot_masks": [{n: m.clone() for n, m in masks.items()} for masks in self.subnet_snapshot_masks],
+                "full_grads": [[g.clone() for g in grads] for grads in self.subnet_full_grads]
+                if self.subnet_full_grads is not None else None,
             },
         }
 
@@ -262,8 +305,11 @@ class AGENT(torch.optim.Optimizer):
             self.snapshot = copy.deepcopy(self.model)
             self.snapshot.load_state_dict(agent["snapshot"])
             self.snapshot.train()
-        self.snapshot_masks = dict(agent["snapshot_masks"])
-        self.full_grads = list(agent["full_grads"]) if agent["full_grads"] is not None else None
+        masks, full = agent["snapshot_masks"], agent["full_grads"]
+        if isinstance(masks, dict):  # written before sub-nets existed: one set of masks and gradients
+            masks, full = [masks], [full] if full is not None else None
+        self.subnet_snapshot_masks = [dict(m) for m in masks]
+        self.subnet_full_grads = [list(g) for g in full] if full is not None else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Points: the first n of the test split, in order. Per-point flags are saved, so a killed "
                     "evaluation resumes where it stopped.")
     evaluate.add_argument("checkpoint", nargs="?", help="a best.pt/last.pt written by robust-sparse train")
+    evaluate.add_argument("--subnet", type=int, help="AST checkpoints: which sub-net (0 = the densest)")
     evaluate.add_argument("--robustbench-model", metavar="NAME", help="a RobustBench zoo entry, e.g. Standard")
     evaluate.add_argument("--model-dir", default="models",
                           help="RobustBench weights, laid out <dir>/<dataset>/<Linf|L2>/<NAME>.pt (default: models)")
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
     export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--subnet", type=int, help="AST checkpoints: which sub-net (0 = the densest)")
 
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
     sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, backend, devices")
@@ -156,7 +158,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("--arch and --weights go together")
     dataset = loading.parse_dataset(args.dataset) if args.dataset else None
     if args.checkpoint is not None:
-        loaded = loading.from_checkpoint(args.checkpoint, data_root=args.data_root)
+        loaded = loading.from_checkpoint(args.checkpoint, data_root=args.data_root, subnet=args.subnet)
         if dataset is not None and dataset is not loaded.dataset:
             raise UserError(f"--dataset {dataset.value}: the checkpoint was trained on {loaded.dataset.value}")
     else:
@@ -167,6 +169,8 @@ def _eval(args: argparse.Namespace) -> int:
             loaded = loading.from_robustbench(args.robustbench_model, dataset, norm, args.model_dir)
         else:
             loaded = loading.from_weights(args.arch, args.weights, dataset)
+    if args.subnet is not None and args.checkpoint is None:
+        raise UserError("--subnet is for AST checkpoints written by robust-sparse train")
     if args.name:
         loaded.name = args.name
     norm = loading.parse_threat(args.threat_model) if args.threat_model else (loaded.norm or "linf")
@@ -241,7 +245,7 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from robust_sparse.sparse.export import export_checkpoint
 
-    summary = export_checkpoint(args.checkpoint, args.out)
+    summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet)
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
           f"bytes ({summary['compact_to_dense_size']:.1%}); written to {args.out}")

@@ -62,6 +62,7 @@ class SparsityMethod(str, Enum):
     BSRNET = "bsrnet"  # Özdenizci & Legenstein 2021: Bayesian connectivity sampling
     MAGNITUDE_PRUNE = "magnitude_prune"  # prune a trained dense model by magnitude, then fine-tune
     GSE = "gse"  # Heddes et al. 2024: grow-then-prune, gradients only at sampled candidate connections
+    AST = "ast"  # Yang et al. 2022: K sub-nets of one shared weight tensor, trained alternately
 
 
 class Distribution(str, Enum):
@@ -149,6 +150,13 @@ class SparsityConfig:
     gse_sampler: str = "grabo"  # candidate distribution: "uniform" or "grabo" (output-grad x input marginals)
     gse_candidates: float = 1.0  # gamma: candidates sampled per layer, as a multiple of its active count
     gse_samples_per_class: int = 10  # size of the class-balanced batch that scores the candidates
+    # AST (also uses update_every = delta T, prune_rate = the initial regrowth fraction, end_fraction)
+    ast_densities: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.02])  # sub-net targets, densest first
+    ast_init_density: float = 1.0  # every sub-net starts from this (ERK) density: 1.0 = dense, as the official recipe
+    ast_offset: int | None = None  # sub-net k's rewiring is delayed by k * offset of its own steps; None = delta T / K
+    ast_gc: bool = True  # gradient correction (projection on conflict with the previous sub-net's running gradient)
+    ast_gc_beta: float = 0.9  # momentum of each sub-net's running gradient
+    ast_nested: bool = False  # enforce mask_k within mask_{k-1} (not in the official code)
     # BSR-Net
     noise_scale: float = 1e-6  # Langevin noise std = lr * noise_scale (the official --noise_scaling)
     temperature: float | None = None  # if set, noise std = sqrt(2 * lr * T) instead (DEEP R's form)
@@ -478,6 +486,17 @@ def _validate_sparsity(sparsity: SparsityConfig) -> None:
            f"sparsity.gse_samples_per_class = {sparsity.gse_samples_per_class}: must be >= 1")
     _check(sparsity.distribution is not Distribution.BSRNET or sparsity.method is SparsityMethod.BSRNET,
            "sparsity.distribution = bsrnet: only for sparsity.method = bsrnet (it sets initial densities)")
+    if sparsity.method is SparsityMethod.AST:
+        densities = sparsity.ast_densities
+        _check(len(densities) >= 1, "sparsity.ast_densities: give at least one sub-net density")
+        _check(all(0 < d <= 1 for d in densities), f"sparsity.ast_densities = {densities}: each must be in (0, 1]")
+        _check(densities == sorted(densities, reverse=True),
+               f"sparsity.ast_densities = {densities}: list the sub-nets densest first")
+        _check(densities[0] <= sparsity.ast_init_density <= 1, f"sparsity.ast_init_density = "
+               f"{sparsity.ast_init_density}: must be in [{densities[0]}, 1] (pruning only removes connections)")
+        _check(sparsity.ast_offset is None or sparsity.ast_offset >= 0,
+               f"sparsity.ast_offset = {sparsity.ast_offset}: must be >= 0")
+        _check(0 <= sparsity.ast_gc_beta < 1, f"sparsity.ast_gc_beta = {sparsity.ast_gc_beta}: must be in [0, 1)")
     if sparsity.method is SparsityMethod.MAGNITUDE_PRUNE:
         _check(bool(sparsity.dense_checkpoint), "sparsity.dense_checkpoint: magnitude_prune needs the trained "
                "dense model's checkpoint")

@@ -6,6 +6,10 @@ A run directory holds everything a run produces::
     last.pt          written after every epoch      best.pt     best robust validation accuracy
     eval.json        test-set clean/PGD accuracy of best.pt after training
     layer_density.csv  sparse runs: per-layer active connections after every epoch
+    subnets.csv      AST runs: the test evaluation of every sub-net
+
+AST runs (several sub-nets over one weight tensor) validate every sub-net each epoch (``*_subnet{k}`` columns;
+the plain columns and the model selection use their mean) and evaluate every sub-net on test.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ from robust_sparse.models import build_model
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import SGDW
 from robust_sparse.sparse import SparseMasker, build_sparsity
+from robust_sparse.sparse.ast import AlternatingMasker
 from robust_sparse.sparse.gse import balanced_batch
 
 log = logging.getLogger(__name__)
@@ -206,9 +212,14 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
                                 splits.train, config.sparsity.gse_samples_per_class, device,
                                 config.seed + masker.step, objective.perturb))
     objective = build_objective(config, model)
+    subnets = masker if isinstance(masker, AlternatingMasker) else None
     agent = None
     if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base
-        agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker is not None else None)
+        if subnets is not None and 0 < config.agent.full_grad_batches < subnets.count:
+            raise UserError(f"agent.full_grad_batches = {config.agent.full_grad_batches}: AST gives each of its "
+                            f"{subnets.count} sub-nets its own g_tilde batches; use >= {subnets.count} (or 0 = all)")
+        agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker is not None else None,
+                      subnets=subnets)
     stepper = agent if agent is not None else optimizer
     # Gradients of the training forward are averaged over ranks by DDP; attacks and AGENT's snapshot use the
     # plain module (gradients with respect to inputs, or AGENT's own all-reduce).
@@ -245,12 +256,21 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
                                 progress=progress and world.is_main,
                                 description=f"epoch {epoch + 1}/{config.optim.epochs}")
         distributed.broadcast_buffers(model)  # as DDP does before each forward: validate and save one state
-        val_clean, val_robust = validate(model, splits.val, config, device)
-        is_best = (val_robust, val_clean) > best_key
+        per_subnet = {}
+        for k, as_subnet in _subnet_views(masker):
+            with as_subnet:
+                per_subnet[k] = validate(model, splits.val, config, device)
+        val_clean = sum(clean for clean, _ in per_subnet.values()) / len(per_subnet)
+        val_robust = sum(robust for _, robust in per_subnet.values()) / len(per_subnet)
+        # AST prunes gradually: a checkpoint counts only once every sub-net has reached its target density.
+        eligible = subnets is None or subnets.pruning_done()
+        is_best = eligible and (val_robust, val_clean) > best_key
         history.append({
             "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
             "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
             "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
+            **{f"val_{kind}_accuracy_subnet{k}": value for k, pair in per_subnet.items() if k is not None
+               for kind, value in zip(("clean", "pgd"), pair)},
             **_agent_metrics(agent, config, splits.train, objective, device),
         })
         log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
@@ -286,7 +306,18 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     if world.is_main and config.eval.n_examples > 0:
         best = load_checkpoint(best_path, map_location=device)
         model.load_state_dict(best["model"])
-        evaluation = {"checkpoint": str(best_path), "epoch": best["epoch"], **evaluate_test(model, splits.test, config, device)}
+        if masker is not None:
+            masker.load_state_dict(best["sparsity"])
+        rows = []
+        for k, as_subnet in _subnet_views(masker):
+            with as_subnet:
+                rows.append({"subnet": k, "density": masker.subnet_density(k) if k is not None else None,
+                             **evaluate_test(model, splits.test, config, device)})
+        evaluation = {"checkpoint": str(best_path), "epoch": best["epoch"],
+                      **{key: value for key, value in rows[0].items() if key not in ("subnet", "density")}}
+        if subnets is not None:  # the densest sub-net's figures on top; every sub-net in the table
+            evaluation["subnets"] = rows
+            pd.DataFrame(rows).to_csv(run_dir / "subnets.csv", index=False)
         (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
         log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
                  evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
@@ -329,16 +360,31 @@ def _agent_metrics(agent: AGENT | None, config: TrainConfig, train: ImageSet, ob
     return {**metrics, "agent_variance_ratio": ratio}
 
 
+def _subnet_views(masker: SparseMasker | None):
+    """(sub-net index, context that makes the model that sub-net): AST's sub-nets, else the model itself."""
+    if isinstance(masker, AlternatingMasker):
+        return [(k, masker.as_subnet(k)) for k in range(masker.count)]
+    return [(None, nullcontext())]
+
+
 def _sparsity_metrics(masker: SparseMasker | None) -> dict[str, float]:
     if masker is None:
         return {}
+    if isinstance(masker, AlternatingMasker):
+        densities = {f"density_subnet{k}": masker.subnet_density(k) for k in range(masker.count)}
+        return {"density": densities["density_subnet0"], **densities, "exploration_rate": masker.exploration_rate()}
     return {"density": masker.global_density(), "exploration_rate": masker.exploration_rate()}
 
 
 def _append_layer_densities(masker: SparseMasker, epoch: int, path: Path) -> None:
-    counts = masker.active_counts()
-    frame = pd.DataFrame([{"epoch": epoch, "layer": name, "active": count, "total": masker.masks[name].numel(),
-                           "density": count / masker.masks[name].numel()} for name, count in counts.items()])
+    if isinstance(masker, AlternatingMasker):
+        counts = [(k, masker.subnet_counts(k)) for k in range(masker.count)]
+    else:
+        counts = [(None, masker.active_counts())]
+    frame = pd.DataFrame([{"epoch": epoch, **({"subnet": k} if k is not None else {}), "layer": name,
+                           "active": count, "total": masker.masks[name].numel(),
+                           "density": count / masker.masks[name].numel()}
+                          for k, layer_counts in counts for name, count in layer_counts.items()])
     previous = pd.read_csv(path) if path.exists() and epoch > 1 else None
     if previous is not None:
         frame = pd.concat([previous[previous["epoch"] < epoch], frame])

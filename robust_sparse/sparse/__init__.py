@@ -12,6 +12,8 @@ itop      random      0.5        cosine          1500           erk
 bsrnet    random      (every step, zero crossing, global budget)  bsrnet
 gse       |g| on      0.2        cosine          1000           gse_er
           candidates
+ast       |g|         0.5        cosine (per     999 (per       erk at
+                                 sub-net)        sub-net)       ast_init_density
 static    (never)                                               erk
 ========  ==========  =========  ==============  =============  ==========
 """
@@ -121,6 +123,21 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
                               f"{str(error).splitlines()[0]}") from None
         return SparseMasker(params, optimizer, magnitude_masks(params, config.density, config.prune_scope),
                             Engine())
+
+    if method is SparsityMethod.AST:
+        from robust_sparse.sparse.ast import AlternatingMasker, ASTSchedule
+
+        count = len(config.ast_densities)
+        update_every = config.update_every or 999
+        schedule = ASTSchedule(
+            config.ast_densities, config.ast_init_density, total_steps, update_every,
+            offset=config.ast_offset if config.ast_offset is not None else update_every // count,
+            end_fraction=config.end_fraction, prune_rate=config.prune_rate or 0.5)
+        init = allocation.uniform(shapes, 1.0) if config.ast_init_density >= 1 else (
+            allocation.uniform(shapes, config.ast_init_density) if distribution is Distribution.UNIFORM
+            else allocation.erk(shapes, config.ast_init_density))
+        return AlternatingMasker(params, optimizer, random_masks(shapes, init, generator, device), schedule,
+                                 gc=config.ast_gc, gc_beta=config.ast_gc_beta, nested=config.ast_nested)
 
     if method is SparsityMethod.GSE and config.distribution is None:
         densities = allocation.gse_er(shapes, config.density)

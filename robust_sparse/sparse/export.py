@@ -63,12 +63,24 @@ def load_compact(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: state[name] for name in payload["order"]}
 
 
-def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: int | None = None) -> dict[str, Any]:
+    """Export a checkpoint; for AST checkpoints, sub-net ``subnet`` (required there)."""
+    from robust_sparse.errors import UserError
+    from robust_sparse.sparse.ast import subnet_weights
+
     state = load_checkpoint(checkpoint_path)
+    sparsity = state.get("sparsity") or {}
+    subnets = sparsity.get("subnet_masks")
+    if subnets and subnet is None:
+        raise UserError(f"{checkpoint_path} is an AST checkpoint with {len(subnets)} sub-nets: pass --subnet K")
+    if subnet is not None and not subnets:
+        raise UserError(f"--subnet {subnet}: {checkpoint_path} is not an AST checkpoint")
+    weights = subnet_weights(state, subnet) if subnets else state["model"]
+    mask_source = subnets[subnet] if subnets else sparsity.get("masks", {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_state = {name: tensor.cpu() for name, tensor in state["model"].items()}
-    masks = {name: mask.cpu() for name, mask in state.get("sparsity", {}).get("masks", {}).items()}
+    model_state = {name: tensor.cpu() for name, tensor in weights.items()}
+    masks = {name: mask.cpu() for name, mask in mask_source.items()}
 
     dense_path = out / "model_dense.pt"
     torch.save(model_state, dense_path)  # plain tensors only: any torch can load it with weights_only=True
@@ -83,6 +95,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> dict[
     total = {name: mask.numel() for name, mask in masks.items()}
     summary = {
         "checkpoint": str(checkpoint_path), "model": state["config"]["model"]["name"], "epoch": state["epoch"],
+        "subnet": subnet,
         "sparse_layers": len(masks),
         "density": sum(active.values()) / sum(total.values()) if masks else 1.0,
         "layer_density": {name: active[name] / total[name] for name in masks},

@@ -1,0 +1,403 @@
+"""AST: alternating sparse training of K sub-networks that share one weight tensor (Yang et al., NeurIPS 2022).
+
+Sub-net ``k`` is the shared weight ``W`` seen through its own mask ``M_k`` (densities ``d_0 > d_1 > ...``).
+Iteration ``t`` trains sub-net ``t mod K`` only, so K sub-nets cost one sparse training run.
+
+How this module realises it without touching the model's forward:
+
+* between optimizer steps the model *holds* the sub-net of the next iteration: ``W ⊙ M_k``. The values
+  the mask hides (other sub-nets' weights) and the matching optimizer buffers wait in a stash;
+* after the step, everything outside ``M_k`` is put back from the stash, so training sub-net ``k`` never
+  changes a weight, or the optimizer state, outside its mask (the official code lets shared momentum and
+  weight decay move other sub-nets' weights; we do not);
+* BatchNorm, biases and every dense parameter are shared, as in the official code.
+
+Topology, per sub-net and on its own iteration count ``i`` (events every ``update_every`` of its steps,
+delayed by ``k * offset`` so that the sub-nets rewire at different times, until ``end_fraction`` of its steps):
+
+1. gradual magnitude pruning with the cubic schedule ``d(i) = d_k + (d_init - d_k) (1 - i / i_last)^3``,
+   one global ``|W|`` threshold over the sub-net's active weights; it reaches ``d_k`` exactly at the last event;
+2. RigL-style prune and regrow: each layer drops its ``p_i`` fraction of smallest ``|W|`` and grows as many
+   inactive positions of largest dense ``|grad|``; ``p_i`` cosine-decays from ``prune_rate`` to 0.005.
+   A grown position that another sub-net uses keeps the shared value; one that no sub-net uses starts at
+   zero with reset optimizer state (RigL); positions no sub-net uses any more are zeroed.
+
+Gradient correction (our implementation from the paper's description: the official code's version never
+projects, see anchors.md §C.1): every sub-net keeps a running gradient ``G_k <- beta G_k + (1 - beta) g``
+per layer; when ``<G_k, G_{k-1}> < 0`` the step's gradient becomes
+``g - <G_k, G_{k-1}> / ||G_{k-1}||^2 G_{k-1}``, masked to ``M_k``. It runs as an optimizer step-pre-hook,
+so under DDP it sees the averaged gradient, and under AGENT the corrected one.
+
+Optional nesting (not in the official code) keeps ``M_k`` inside ``M_{k-1}``: pruning and growth of
+sub-net ``k`` only consider its parent's positions, and a position the parent drops leaves its children
+too; the next event of a child tops it back up to its target count from its parent's positions.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from robust_sparse import distributed
+from robust_sparse.errors import CheckpointError, ConfigError, UserError
+from robust_sparse.sparse.engines import Engine
+from robust_sparse.sparse.masker import SparseMasker
+from robust_sparse.sparse.strategies import _set_top
+
+
+def gradient_correction(grad: torch.Tensor, running_own: torch.Tensor, running_previous: torch.Tensor) -> torch.Tensor:
+    """``grad`` projected off ``running_previous`` when the running gradients conflict (negative inner product).
+
+    Branch-free (no host sync): the coefficient is zero when ``<running_own, running_previous> >= 0``.
+    """
+    dot = (running_own * running_previous).sum()
+    norm = running_previous.square().sum().clamp_min(torch.finfo(grad.dtype).tiny)
+    coefficient = torch.where(dot < 0, dot / norm, torch.zeros_like(dot))
+    return grad - coefficient * running_previous
+
+
+def cubic_density(step: int, last_step: int, initial: float, final: float) -> float:
+    """Zhu & Gupta's gradual pruning schedule: ``initial`` at step 0, ``final`` from ``last_step`` on."""
+    progress = min(1.0, step / last_step)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+class ASTSchedule:
+    """When sub-net ``k`` rewires (in its own step count ``i``, 1-based) and to what density."""
+
+    def __init__(self, densities: list[float], init_density: float, total_steps: int, update_every: int,
+                 offset: int, end_fraction: float, prune_rate: float) -> None:
+        self.densities, self.init_density = list(densities), init_density
+        self.update_every, self.offset, self.prune_rate = update_every, offset, prune_rate
+        count = len(densities)
+        self.subnet_steps = [len(range(k, total_steps, count)) for k in range(count)]
+        self.last_event = []
+        for k, steps in enumerate(self.subnet_steps):
+            end = int(end_fraction * steps)
+            first = k * offset + update_every
+            if first > end:
+                raise ConfigError(
+                    f"sparsity.update_every = {update_every}: sub-net {k} (density {densities[k]}) would never "
+                    f"prune: its first rewiring step {first} comes after its last {end} of {steps}; lower "
+                    "update_every or ast_offset, or train longer")
+            self.last_event.append(first + (end - first) // update_every * update_every)
+
+    def is_event(self, k: int, i: int) -> bool:
+        first = k * self.offset + self.update_every
+        return first <= i <= self.last_event[k] and (i - first) % self.update_every == 0
+
+    def density(self, k: int, i: int) -> float:
+        return cubic_density(i, self.last_event[k], self.init_density, self.densities[k])
+
+    def regrow_fraction(self, k: int, i: int) -> float:
+        low = 0.005  # the official CosineDecay's floor
+        if self.prune_rate <= low:
+            return self.prune_rate
+        return low + (self.prune_rate - low) / 2 * (1 + math.cos(math.pi * i / self.subnet_steps[k]))
+
+
+class AlternatingMasker(SparseMasker):
+    """The mask owner for AST: K sub-net masks over the same parameters; ``masks`` is the active sub-net's.
+
+    ``masks`` is one dict whose entries are replaced in place when the active sub-net changes, so holders of
+    it (AGENT) always see the active sub-net. ``subnet_masks[k]`` are the K topologies.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                 initial_masks: dict[str, torch.Tensor], schedule: ASTSchedule, *, gc: bool, gc_beta: float,
+                 nested: bool) -> None:
+        self.schedule, self.gc, self.gc_beta, self.nested = schedule, gc, gc_beta, nested
+        self.count = len(schedule.densities)
+        self.subnet_masks = [{name: mask.to(p.device, torch.bool).clone() for name, p in params.items()
+                              for mask in [initial_masks[name]]} for _ in range(self.count)]
+        self.active = 0
+        self._stash: dict[str, torch.Tensor] = {}  # name -> the full weight while a sub-net is materialised
+        self._stash_state: dict[str, dict[str, torch.Tensor]] = {}
+        self._running: list[dict[str, torch.Tensor]] = [{} for _ in range(self.count)]
+        self._dense_grads: dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # positions no sub-net uses hold zero in the shared tensor
+            for name, param in params.items():
+                param.mul_(self.subnet_masks[0][name])
+        super().__init__(params, optimizer, self.subnet_masks[0], Engine())  # the topology is driven here
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+
+    # ---- which sub-net, which step ----------------------------------------------------------------------
+
+    def subnet_step(self, step: int) -> tuple[int, int]:
+        """Global optimizer step ``step`` (1-based) trains sub-net ``k``; it is that sub-net's ``i``-th step."""
+        return (step - 1) % self.count, (step - 1) // self.count + 1
+
+    # ---- hooks ------------------------------------------------------------------------------------------
+
+    def _gradient_hook(self, name: str):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            k, i = self.subnet_step(self.step + 1)
+            if self.schedule.is_event(k, i):  # growth needs the dense gradient of this very step
+                self._dense_grads[name] = grad.detach().clone()
+            return grad * self.masks[name]
+
+        return hook
+
+    @torch.no_grad()
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.gc or self.count == 1:
+            return
+        k = self.active
+        previous = (k - 1) % self.count
+        for name, param in self.params.items():
+            if param.grad is None:
+                continue
+            own = self._running[k].get(name)
+            grad = param.grad * self.masks[name]
+            own = grad * (1 - self.gc_beta) if own is None else own.mul_(self.gc_beta).add_(grad, alpha=1 - self.gc_beta)
+            self._running[k][name] = own
+            other = self._running[previous].get(name)
+            if other is not None:
+                param.grad = gradient_correction(grad, own, other).mul_(self.masks[name])
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.step += 1
+        k, i = self.subnet_step(self.step)
+        self._restore_hidden()
+        if self.schedule.is_event(k, i):
+            self._rewire(k, i)
+        self._select(self.step % self.count)
+
+    # ---- materialising a sub-net ------------------------------------------------------------------------
+
+    def _buffers(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in self.optimizer.state.get(param, {}).items()
+                if isinstance(value, torch.Tensor) and value.shape == param.shape}
+
+    @torch.no_grad()
+    def _select(self, k: int) -> None:
+        """Make the model sub-net ``k``: stash the full weights and buffers, zero what ``M_k`` hides."""
+        self.active = k
+        for name, param in self.params.items():
+            mask = self.subnet_masks[k][name]
+            self.masks[name] = mask
+            self._stash[name] = param.detach().clone()
+            self._stash_state[name] = {key: value.clone() for key, value in self._buffers(param).items()}
+            param.mul_(mask)
+            for value in self._buffers(param).values():
+                value.mul_(mask)
+
+    @torch.no_grad()
+    def _restore_hidden(self) -> None:
+        """Put back every weight and buffer entry outside the active mask (a buffer born this step: zero)."""
+        for name, param in self.params.items():
+            hidden = ~self.masks[name]
+            param.copy_(torch.where(hidden, self._stash[name], param))
+            saved = self._stash_state.get(name, {})
+            for key, value in self._buffers(param).items():
+                value.copy_(torch.where(hidden, saved[key], value) if key in saved else value * ~hidden)
+
+    def apply(self) -> None:
+        """(Re)materialise the active sub-net from the full weights (after loading or construction)."""
+        if self._stash:
+            self._restore_hidden()
+        self._select(self.active)
+
+    @contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Inside, the model holds the full shared weights (every sub-net's); the active sub-net after."""
+        self._restore_hidden()
+        try:
+            yield
+        finally:
+            self._select(self.active)
+
+    @contextmanager
+    def as_subnet(self, k: int) -> Iterator[None]:
+        """Inside, the model is sub-net ``k`` (for validation and evaluation between steps)."""
+        active = self.active
+        self._restore_hidden()
+        self._select(k)
+        try:
+            yield
+        finally:
+            self._restore_hidden()
+            self._select(active)
+
+    @contextmanager
+    def view(self, module: nn.Module, k: int) -> Iterator[None]:
+        """Inside, ``module`` (a copy of the model holding full weights, e.g. AGENT's snapshot) is sub-net ``k``."""
+        named = dict(module.named_parameters())
+        saved = {name: named[name].detach().clone() for name in self.params}
+        with torch.no_grad():
+            for name in self.params:
+                named[name].mul_(self.subnet_masks[k][name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name in self.params:
+                    named[name].copy_(saved[name])
+
+    # ---- topology ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _rewire(self, k: int, i: int) -> None:
+        """Sub-net ``k``'s event at its step ``i``: cubic magnitude pruning, then prune-and-regrow per layer."""
+        distributed.all_reduce_mean(list(self._dense_grads.values()))  # hooks saw this rank's gradient only
+        masks = self.subnet_masks[k]
+        allowed = self.subnet_masks[k - 1] if self.nested and k > 0 else None
+        old = {name: mask.clone() for name, mask in masks.items()}
+        if allowed is not None:
+            for name in masks:
+                masks[name] = masks[name] & allowed[name]
+        total = sum(mask.numel() for mask in masks.values())
+        target = max(1, round(self.schedule.density(k, i) * total))
+        self._magnitude_to(masks, target)
+        active = sum(int(mask.sum()) for mask in masks.values())
+        if active < target:  # nested: the parent dropped positions; top up from its others by |grad|
+            self._grow_global(masks, target - active, allowed, self._dense_grads)
+        fraction = self.schedule.regrow_fraction(k, i)
+        for name, param in self.params.items():
+            mask = masks[name]
+            candidates = ~mask if allowed is None else allowed[name] & ~mask
+            count = min(int(fraction * int(mask.sum())), int(candidates.sum()))
+            if count == 0:
+                continue
+            kept = _set_top(mask, torch.where(mask, -param.abs(), torch.full_like(param, -torch.inf)), count, False)
+            score = self._dense_grads.get(name)
+            score = torch.zeros_like(param) if score is None else score.abs()
+            masks[name] = _set_top(kept, torch.where(candidates, score, torch.full_like(param, -torch.inf)),
+                                   count, True)
+        if self.nested:  # a position a parent dropped leaves its children, who refill from the parent by |W|
+            for child in range(k + 1, self.count):
+                child_masks, parent = self.subnet_masks[child], self.subnet_masks[child - 1]
+                before = sum(int(mask.sum()) for mask in child_masks.values())
+                for name in child_masks:
+                    child_masks[name] = child_masks[name] & parent[name]
+                lost = before - sum(int(mask.sum()) for mask in child_masks.values())
+                if lost:
+                    scores = {name: p.detach().abs() for name, p in self.params.items()}
+                    self._grow_global(child_masks, lost, parent, scores)
+        self._settle_weights(k, old)
+        self._dense_grads.clear()
+
+    def _magnitude_to(self, masks: dict[str, torch.Tensor], target: int) -> None:
+        """Keep the ``target`` active weights of largest |W| (one global threshold) when more are active."""
+        names = list(masks)
+        flat_masks = torch.cat([masks[n].flatten() for n in names])
+        if int(flat_masks.sum()) <= target:
+            return
+        scores = torch.cat([self.params[n].detach().abs().flatten() for n in names])
+        scores = torch.where(flat_masks, scores, torch.full_like(scores, -torch.inf))
+        kept = _set_top(torch.zeros_like(flat_masks), scores, target, True)
+        self._unflatten(masks, kept)
+
+    def _grow_global(self, masks: dict[str, torch.Tensor], count: int, allowed: dict[str, torch.Tensor] | None,
+                     scores: dict[str, torch.Tensor]) -> None:
+        """Activate the ``count`` allowed inactive positions of largest ``|scores|`` (one global ranking)."""
+        names = list(masks)
+        flat_masks = torch.cat([masks[n].flatten() for n in names])
+        room = ~flat_masks if allowed is None else torch.cat([allowed[n].flatten() for n in names]) & ~flat_masks
+        flat_scores = torch.cat([scores[n].abs().flatten() if n in scores
+                                 else torch.zeros(masks[n].numel(), device=flat_masks.device) for n in names])
+        grown = _set_top(flat_masks, torch.where(room, flat_scores, torch.full_like(flat_scores, -torch.inf)),
+                         min(count, int(room.sum())), True)
+        self._unflatten(masks, grown)
+
+    @staticmethod
+    def _unflatten(masks: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
+        offset = 0
+        for name, mask in masks.items():
+            masks[name] = flat[offset:offset + mask.numel()].view_as(mask).clone()
+            offset += mask.numel()
+
+    @torch.no_grad()
+    def _settle_weights(self, k: int, old: dict[str, torch.Tensor]) -> None:
+        """Zero (weight and optimizer state) what no sub-net uses, and what sub-net ``k`` grew that nobody used."""
+        for name, param in self.params.items():
+            used_before = old[name].clone()
+            for j in range(self.count):
+                if j != k:
+                    used_before |= self.subnet_masks[j][name]
+            used_now = torch.zeros_like(used_before)
+            for j in range(self.count):
+                used_now |= self.subnet_masks[j][name]
+            fresh = (self.subnet_masks[k][name] & ~used_before) | ~used_now
+            param.masked_fill_(fresh, 0.0)
+            for value in self._buffers(param).values():
+                value.masked_fill_(fresh, 0.0)
+            self.ever_active[name] |= used_now
+
+    def pruning_done(self) -> bool:
+        """Every sub-net has had its last pruning event: the masks have their target densities."""
+        last = max((i - 1) * self.count + k + 1 for k, i in enumerate(self.schedule.last_event))
+        return self.step >= last
+
+    # ---- reporting --------------------------------------------------------------------------------------
+
+    def subnet_counts(self, k: int) -> dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in self.subnet_masks[k].items()}
+
+    def subnet_density(self, k: int) -> float:
+        return sum(self.subnet_counts(k).values()) / sum(m.numel() for m in self.subnet_masks[k].values())
+
+    # ---- persistence ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({
+            "active": self.active,
+            "subnet_masks": [{name: mask.clone() for name, mask in masks.items()} for masks in self.subnet_masks],
+            "full_weights": {name: self._full(name, param.detach(), self._stash[name])
+                             for name, param in self.params.items()},
+            "full_optimizer_state": {name: {key: self._full(name, value, saved[key]) if key in saved else value.clone()
+                                            for key, value in self._buffers(param).items()}
+                                     for name, param in self.params.items() for saved in [self._stash_state.get(name, {})]},
+            "running_gradients": [{name: g.clone() for name, g in running.items()} for running in self._running],
+        })
+        return state
+
+    def _full(self, name: str, current: torch.Tensor, stashed: torch.Tensor) -> torch.Tensor:
+        """The full tensor: the live values inside the active mask, the stashed ones outside."""
+        return torch.where(self.masks[name], current, stashed)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the topology, the full weights and the full optimizer state (load the optimizer first: its
+        own state dict holds the materialised sub-net only)."""
+        if "subnet_masks" not in state or len(state["subnet_masks"]) != self.count:
+            raise ValueError(f"the saved sparsity state is not an AST state with {self.count} sub-nets")
+        self.step = int(state["step"])
+        self.active = int(state["active"])
+        for k, saved in enumerate(state["subnet_masks"]):
+            if set(saved) != set(self.params):
+                raise ValueError("the saved masks are for other parameters")
+            self.subnet_masks[k] = {name: saved[name].to(p.device, torch.bool) for name, p in self.params.items()}
+        for name in self.params:
+            self.masks[name] = self.subnet_masks[self.active][name]
+            self.ever_active[name] = state["ever_active"][name].to(self.masks[name].device, torch.bool)
+        for name, param in self.params.items():
+            param.copy_(state["full_weights"][name])
+            saved = state["full_optimizer_state"].get(name, {})
+            for key, value in self._buffers(param).items():
+                if key in saved:
+                    value.copy_(saved[key])
+        device = next(iter(self.params.values())).device
+        self._running = [{name: g.to(device) for name, g in running.items()} for running in state["running_gradients"]]
+        self._select(self.active)
+
+
+def subnet_weights(checkpoint: dict[str, Any], k: int) -> dict[str, torch.Tensor]:
+    """The plain ``state_dict`` of sub-net ``k`` from a robust-sparse AST checkpoint."""
+    sparsity = checkpoint.get("sparsity") or {}
+    subnets = sparsity.get("subnet_masks")
+    if not subnets:
+        raise CheckpointError("this checkpoint has no AST sub-nets (train with sparsity.method=ast)")
+    if not 0 <= k < len(subnets):
+        raise UserError(f"--subnet {k}: this checkpoint has sub-nets 0..{len(subnets) - 1}")
+    state = dict(checkpoint["model"])
+    full = sparsity.get("full_weights", {})
+    for name, mask in subnets[k].items():
+        weight = full.get(name, state[name])
+        state[name] = weight * mask.to(weight.device)
+    return state

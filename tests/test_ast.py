@@ -1,0 +1,213 @@
+"""AST: alternating sub-nets over one shared weight tensor, cubic pruning, our gradient correction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.cli import main
+from robust_sparse.config import load_config
+from robust_sparse.errors import ConfigError
+from robust_sparse.optim import SGDW
+from robust_sparse.sparse import build_sparsity
+from robust_sparse.sparse.ast import ASTSchedule, AlternatingMasker, cubic_density, gradient_correction, subnet_weights
+from robust_sparse.train import fit
+
+from conftest import make_tiny_model
+
+DENSITIES = [0.3, 0.15, 0.05]
+
+
+def _setup(mnist, overrides=(), optimizer="sgd", total_steps=60):
+    config = load_config(None, ["sparsity.method=ast", f"sparsity.ast_densities={DENSITIES}",
+                                "sparsity.update_every=4", "sparsity.end_fraction=0.6", *overrides])
+    model = make_tiny_model()
+    opt = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgdw"
+           else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=total_steps, seed=0)
+    assert isinstance(masker, AlternatingMasker)
+    train, _ = mnist
+    return model, opt, masker, train.images[:1920].float() / 255, train.labels[:1920]
+
+
+def _step(model, opt, masker, images, labels, step):
+    batch = slice((step * 32) % len(labels), (step * 32) % len(labels) + 32)
+    loss = F.cross_entropy(model(images[batch]), labels[batch])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _full(masker, name):
+    with masker.full_weights():
+        return masker.params[name].detach().clone()
+
+
+def test_each_subnet_reaches_its_exact_density_after_pruning(mnist):
+    model, opt, masker, images, labels = _setup(mnist)
+    total = sum(m.numel() for m in masker.subnet_masks[0].values())
+    assert all(masker.subnet_density(k) == 1.0 for k in range(3))  # the official recipe starts dense
+    densities = []
+    for step in range(60):
+        _step(model, opt, masker, images, labels, step)
+        densities.append([masker.subnet_density(k) for k in range(3)])
+    for k, target in enumerate(DENSITIES):
+        assert sum(masker.subnet_counts(k).values()) == round(target * total)
+        trace = [row[k] for row in densities]
+        assert all(a >= b for a, b in zip(trace, trace[1:]))  # gradual pruning only removes
+        assert trace[0] == 1.0 and trace[-1] < trace[len(trace) // 3]
+    # The sub-nets rewired at different global steps (staggered) and stop at end_fraction of their steps.
+    schedule = masker.schedule
+    events = [{(i - 1) * 3 + k + 1 for i in range(1, 21) if schedule.is_event(k, i)} for k in range(3)]
+    assert not (events[0] & events[1]) and not (events[1] & events[2])
+    assert all(max(e) <= 0.6 * 60 + 3 for e in events)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgdw"])
+def test_training_subnet_k_never_changes_weights_or_momentum_outside_its_mask(mnist, optimizer):
+    model, opt, masker, images, labels = _setup(mnist, optimizer=optimizer)
+    for step in range(40):
+        k = masker.active
+        assert k == step % 3
+        mask = {name: m.clone() for name, m in masker.subnet_masks[k].items()}
+        with masker.full_weights():
+            before = {name: p.detach().clone() for name, p in masker.params.items()}
+            buffers_before = {name: {key: v.clone() for key, v in masker._buffers(p).items()}
+                              for name, p in masker.params.items()}
+        rewires = masker.schedule.is_event(*masker.subnet_step(step + 1))
+        # while sub-net k trains, the model *is* sub-net k: zero wherever its mask is off
+        for name, param in masker.params.items():
+            assert torch.all(param[~mask[name]] == 0)
+        _step(model, opt, masker, images, labels, step)
+        if rewires:
+            continue  # a topology event may zero positions that no sub-net uses any more
+        with masker.full_weights():
+            for name, param in masker.params.items():
+                outside = ~mask[name]
+                assert torch.equal(param[outside], before[name][outside]), f"step {step}: {name} moved outside M_{k}"
+                assert not torch.equal(param[mask[name]], before[name][mask[name]])  # and it did train
+                for key, value in masker._buffers(param).items():
+                    if key in buffers_before[name]:
+                        assert torch.equal(value[outside], buffers_before[name][key][outside])
+                    else:
+                        assert torch.all(value[outside] == 0)
+
+
+def test_gradient_correction_equals_hand_computed_projection():
+    grad = torch.tensor([1.0, 2.0, -1.0])
+    own = torch.tensor([1.0, 0.0, 0.0])
+    previous = torch.tensor([-2.0, 1.0, 0.0])
+    # <own, previous> = -2 < 0: grad - (-2 / 5) * previous
+    expected = torch.tensor([1.0 - 0.8, 2.0 + 0.4, -1.0])
+    torch.testing.assert_close(gradient_correction(grad, own, previous), expected)
+    # no conflict: untouched
+    torch.testing.assert_close(gradient_correction(grad, own, -previous), grad)
+
+
+def test_masker_applies_the_correction_with_running_gradients(mnist):
+    """Two steps of a 2-sub-net masker against the running-gradient recursion by hand."""
+    config = load_config(None, ["sparsity.method=ast", "sparsity.ast_densities=[0.5, 0.2]", "sparsity.update_every=50",
+                                "sparsity.ast_gc_beta=0.5", "sparsity.ast_init_density=0.5"])
+    model = make_tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=400, seed=0)
+    name, param = next(iter(masker.params.items()))
+    mask = masker.masks[name].clone()  # both sub-nets start from the same mask
+    grads = [torch.randn(param.shape, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    seen = []
+    for g in grads:
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        param.grad = g.clone()
+        with torch.no_grad():
+            before = param.detach().clone()
+        opt.step()
+        seen.append((before - param.detach()) / 0.1)  # the gradient the step used, inside the mask
+    running0 = 0.5 * (grads[0] * mask)
+    torch.testing.assert_close(seen[0] * mask, grads[0] * mask)  # no previous running gradient yet
+    running1 = 0.5 * (grads[1] * mask)
+    dot = (running1 * running0).sum()
+    expected = grads[1] * mask
+    if dot < 0:
+        expected = expected - dot / running0.square().sum() * running0
+    torch.testing.assert_close(seen[1] * mask, expected * mask, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masker._running[1][name], running1)
+
+
+def test_nested_masks_stay_nested(mnist):
+    model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_nested=true"])
+    total = sum(m.numel() for m in masker.subnet_masks[0].values())
+    for step in range(60):
+        _step(model, opt, masker, images, labels, step)
+        for k in range(1, 3):
+            for name in masker.params:
+                assert not torch.any(masker.subnet_masks[k][name] & ~masker.subnet_masks[k - 1][name])
+    for k, target in enumerate(DENSITIES):
+        assert sum(masker.subnet_counts(k).values()) == round(target * total)
+
+
+def test_schedule_shape_and_too_short_run():
+    assert cubic_density(0, 10, 1.0, 0.1) == 1.0 and cubic_density(10, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert cubic_density(5, 10, 1.0, 0.1) == pytest.approx(0.1 + 0.9 * 0.125)
+    schedule = ASTSchedule([0.1, 0.05], 1.0, total_steps=200, update_every=10, offset=5, end_fraction=0.5,
+                           prune_rate=0.5)
+    assert [i for i in range(1, 101) if schedule.is_event(0, i)] == [10, 20, 30, 40, 50]
+    assert [i for i in range(1, 101) if schedule.is_event(1, i)] == [15, 25, 35, 45]
+    assert schedule.density(1, 45) == pytest.approx(0.05)
+    assert schedule.regrow_fraction(0, 0) == pytest.approx(0.5) and schedule.regrow_fraction(0, 100) == pytest.approx(0.005)
+    with pytest.raises(ConfigError, match="never prune"):
+        ASTSchedule([0.1, 0.05], 1.0, total_steps=20, update_every=10, offset=5, end_fraction=0.5, prune_rate=0.5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sparsity.ast_densities=[0.05, 0.1]", "densest first"),
+    ("sparsity.ast_densities=[]", "at least one"),
+    ("sparsity.ast_densities=[1.5]", r"\(0, 1\]"),
+    ("sparsity.ast_init_density=0.05", "ast_init_density"),
+    ("sparsity.ast_gc_beta=1", "ast_gc_beta"),
+])
+def test_bad_ast_settings_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["sparsity.method=ast", override])
+
+
+AST_RUN = ["sparsity.method=ast", "sparsity.ast_densities=[0.2, 0.05]", "sparsity.update_every=3",
+           "optim.epochs=3", "agent.enabled=true", "agent.estimator=fixed", "agent.fixed_c=0.5",
+           "agent.full_grad_batches=2"]
+
+
+def test_fit_evaluates_every_subnet_resumes_exactly_and_exports_each(tiny_config, tmp_path, capsys):
+    from test_train import _train_one_epoch_then_stop
+
+    result = fit(tiny_config(*AST_RUN, f"out_dir={tmp_path / 'a'}"))
+    subnets = result.evaluation["subnets"]
+    assert [row["subnet"] for row in subnets] == [0, 1]
+    assert [row["density"] for row in subnets] == pytest.approx([0.2, 0.05], abs=1e-3)
+    assert (result.run_dir / "subnets.csv").is_file()
+    assert {"val_pgd_accuracy_subnet0", "val_pgd_accuracy_subnet1", "density_subnet1"} <= set(result.metrics.columns)
+
+    # killed after epoch 1 and resumed: bit for bit the uninterrupted run (full weights, hidden momentum, GC state)
+    killed = tiny_config(*AST_RUN, f"out_dir={tmp_path / 'b'}")
+    _train_one_epoch_then_stop(killed)
+    resumed = fit(killed, resume=True)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for k in range(2):
+        for name, tensor in subnet_weights(a, k).items():
+            assert torch.equal(tensor, subnet_weights(b, k)[name]), f"sub-net {k}: {name} differs after resume"
+    untimed = lambda rows: [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+    assert untimed(resumed.evaluation["subnets"]) == untimed(subnets)
+
+    best = tmp_path / "a" / "best.pt"
+    assert main(["export", str(best), "--subnet", "1", "--out", str(tmp_path / "export1")]) == 0
+    exported = torch.load(tmp_path / "export1" / "model_dense.pt", weights_only=True)
+    weights = [t for n, t in exported.items() if n.endswith("weight") and t.dim() > 1]
+    assert sum(int(t.count_nonzero()) for t in weights) / sum(t.numel() for t in weights) <= 0.05 + 1e-3
+    assert main(["eval", str(best), "--subnet", "1", "--attacks", "fgsm", "--n-examples", "64",
+                 "--device", "cpu", "--no-probe", "--no-progress", "--results-dir", str(tmp_path / "ev")]) == 0
+    assert main(["eval", str(best), "--subnet", "5", "--attacks", "fgsm"]) == 2
+    assert "sub-nets 0..1" in capsys.readouterr().err
+    assert main(["eval", str(best), "--attacks", "fgsm"]) == 2
+    assert "--subnet" in capsys.readouterr().err
