@@ -49,11 +49,21 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             row.update({"epochs": int(last["epoch"]), "val_clean_accuracy": last["val_clean_accuracy"],
                         "val_pgd_accuracy": last["val_pgd_accuracy"]})
             row["diverged"] = row["status"] == "diverged" or bool(last["train_loss"] != last["train_loss"])
-        if (run_dir / "eval.json").exists():
-            evaluation = json.loads((run_dir / "eval.json").read_text())
+        evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+        if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
                         "test_pgd_accuracy": evaluation["pgd_accuracy"], "best_epoch": evaluation["epoch"]})
-        runs.append(row)
+        if "subnets" not in evaluation:
+            runs.append(row)
+            continue
+        for subnet in evaluation["subnets"]:  # AST: one row per sub-net, its density a grid-like key
+            k = subnet["subnet"]
+            subnet_row = {**row, "subnet": k, "subnet_density": round(subnet["density"], 4),
+                          "test_clean_accuracy": subnet["clean_accuracy"], "test_pgd_accuracy": subnet["pgd_accuracy"]}
+            if metrics_path.exists():
+                subnet_row.update({"val_clean_accuracy": last[f"val_clean_accuracy_subnet{k}"],
+                                   "val_pgd_accuracy": last[f"val_pgd_accuracy_subnet{k}"]})
+            runs.append(subnet_row)
     return pd.DataFrame(runs), (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame())
 
 

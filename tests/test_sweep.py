@@ -124,8 +124,13 @@ def test_shipped_sweep_files_expand_and_validate(path, tmp_path, monkeypatch):
 def test_report_command_on_a_sweep_directory(tmp_path, capsys):
     from robust_sparse.cli import main
 
-    sweep = load_sweep(write(tmp_path, overrides=TINY, grid={"seed": [0]}))
+    # an AST run: the report has one row per sub-net, with its density
+    sweep = load_sweep(write(tmp_path, overrides=TINY + ["sparsity.method=ast", "sparsity.ast_densities=[0.3, 0.1]",
+                                                         "sparsity.update_every=1"], grid={"seed": [0]}))
     run_sweep(sweep)
+    runs, _ = collect(tmp_path / "out")
+    assert list(runs["subnet"]) == [0, 1] and list(runs["subnet_density"]) == pytest.approx([0.3, 0.1], abs=1e-3)
+    assert list(aggregate(runs)["subnet"]) == [0, 1]
     assert main(["report", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report" / "report.md").exists()
     assert "report.md" in capsys.readouterr().out
