@@ -87,7 +87,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
 def epochs_to_accuracy(runs: pd.DataFrame, curves: pd.DataFrame, thresholds: list[float],
                        column: str = "val_clean_accuracy") -> pd.DataFrame:
-    """Mean over seeds of the first epoch whose ``column`` reaches each threshold (NaN: never reached)."""
+    """The first epoch whose ``column`` reaches each threshold: mean over the seeds that reached it (NaN: none
+    did), and in ``... reached`` how many seeds did."""
     keys = [k for k in grid_keys(runs) if k != "seed"]
     merged = curves.merge(runs[["run_id", *keys]], on="run_id")
     rows = []
@@ -99,13 +100,15 @@ def epochs_to_accuracy(runs: pd.DataFrame, curves: pd.DataFrame, thresholds: lis
             for _, run in group.groupby("run_id"):
                 reached = run.loc[run[column] >= threshold, "epoch"]
                 firsts.append(reached.min() if len(reached) else float("nan"))
-            row[f"{column} >= {threshold:g}"] = pd.Series(firsts).mean()
+            row[f"{column} >= {threshold:g}"] = pd.Series(firsts).mean()  # NaN-skipping: over the seeds that did
+            row[f"{column} >= {threshold:g} reached"] = f"{pd.Series(firsts).notna().sum()}/{len(firsts)}"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def write_report(sweep_dir: str | Path, out: str | Path | None = None,
-                 thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)) -> Path:
+                 thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9),
+                 robust_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8)) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,17 +125,22 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
              "diverged (NaN loss or validation accuracy at chance).", "", "## Final accuracy, mean ± std over seeds",
              "", _markdown(table), ""]
     if not curves.empty:
-        steps = epochs_to_accuracy(runs, curves, list(thresholds))
-        steps.to_csv(out / "epochs_to_accuracy.csv", index=False)
-        lines += ["## Epochs to reach a validation clean accuracy (mean over seeds)", "", _markdown(steps), ""]
-        figure, axis = plt.subplots(figsize=(7, 4.5))
         keys = [k for k in grid_keys(runs) if k != "seed"]
-        merged = curves.merge(runs[["run_id", *keys]], on="run_id")
+        clean_steps = epochs_to_accuracy(runs, curves, list(thresholds))
+        robust_steps = epochs_to_accuracy(runs, curves, list(robust_thresholds), column="val_pgd_accuracy")
+        clean_steps.merge(robust_steps, on=keys).to_csv(out / "epochs_to_accuracy.csv", index=False)
+        lines += ["## Epochs to reach a validation accuracy", "",
+                  "Mean first epoch over the seeds that reached it; (reached/seeds) in brackets, '-' if none did.",
+                  "", _markdown(_with_reached(clean_steps)), "", _markdown(_with_reached(robust_steps)), ""]
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        merged = curves.merge(runs[["run_id", *keys]].drop_duplicates("run_id"), on="run_id")
         for setting, group in (merged.groupby(keys, dropna=False) if keys else [("all", merged)]):
-            mean = group.groupby("epoch")["val_pgd_accuracy"].mean()
-            axis.plot(mean.index, mean.values, marker="o", label=str(setting))
-        axis.set(xlabel="epoch", ylabel="validation PGD accuracy", title="Convergence (mean over seeds)")
-        axis.legend(fontsize=7)
+            for axis, column in zip(axes, ["val_clean_accuracy", "val_pgd_accuracy"]):
+                mean = group.groupby("epoch")[column].mean()
+                axis.plot(mean.index, mean.values, marker="o", label=str(setting))
+                axis.set(xlabel="epoch", ylabel=column.replace("_", " ").replace("val", "validation"))
+        axes[0].legend(fontsize=7, title=", ".join(keys) if keys else None, title_fontsize=7)
+        figure.suptitle("Convergence (mean over seeds)")
         figure.tight_layout()
         figure.savefig(out / "convergence.png", dpi=120)
         plt.close(figure)
@@ -145,7 +153,12 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
             for axis, metric in zip(axes, ["test_clean_accuracy", "test_pgd_accuracy"]):
                 axis.errorbar(group["agent.gamma"], group[f"{metric} mean"], yerr=group[f"{metric} std"].fillna(0),
                               marker="o", capsize=3, label=f"density {value}")
-                axis.set(xlabel="γ", ylabel=metric.replace("_", " "), xscale="symlog", xlim=(-0.001, None))
+                axis.set(xlabel="γ", ylabel=metric.replace("_", " "))
+        gammas = sorted(table["agent.gamma"].unique())
+        positive = [g for g in gammas if g > 0]
+        for axis in axes:  # γ spans decades and includes 0: symmetric log, ticks at the values studied
+            axis.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+            axis.set_xticks(gammas, [f"{g:g}" for g in gammas])
         axes[0].legend()
         figure.suptitle("AGENT γ sensitivity (mean ± std over seeds)")
         figure.tight_layout()
@@ -154,6 +167,17 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
         lines += ["![gamma sensitivity](gamma_sensitivity.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def _with_reached(steps: pd.DataFrame) -> pd.DataFrame:
+    """Fold each ``... reached`` column into its threshold column as ``2.33 (3/3)``."""
+    table = steps.copy()
+    for column in [c for c in table.columns if c.endswith(" reached")]:
+        base = column[: -len(" reached")]
+        table[base] = [("-" if pd.isna(value) else f"{value:.2f}") + f" ({reached})"
+                       for value, reached in zip(table[base], table[column])]
+        table = table.drop(columns=column)
+    return table
 
 
 def _markdown(frame: pd.DataFrame) -> str:

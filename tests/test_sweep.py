@@ -93,6 +93,8 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     assert list(summary["runs"]) == [1, 1] and "test_pgd_accuracy mean" in summary
     steps = epochs_to_accuracy(runs_table, curves, [0.0, 1.01])
     assert (steps["val_clean_accuracy >= 0"] == 1).all() and steps["val_clean_accuracy >= 1.01"].isna().all()
+    assert list(steps["val_clean_accuracy >= 0 reached"]) == ["1/1", "1/1"]
+    assert list(steps["val_clean_accuracy >= 1.01 reached"]) == ["0/1", "0/1"]
     report = write_report(tmp_path / "out")
     assert "Final accuracy" in report.read_text()
     assert (report.parent / "gamma_sensitivity.png").exists() and (report.parent / "convergence.png").exists()
