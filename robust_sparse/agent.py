@@ -47,10 +47,30 @@ from robust_sparse.config import AgentConfig, AgentEstimator
 
 
 def agent_correction(grads: list[torch.Tensor], snapshot_grads: list[torch.Tensor],
-                     full_grads: list[torch.Tensor], *, weight: float) -> None:
-    """In place: ``g <- g - weight * (g_old - g_tilde)`` for every tensor (single-tensor reference)."""
+                     full_grads: list[torch.Tensor], *, weight: float, foreach: bool | None = None) -> None:
+    """In place: ``g <- g - weight * (g_old - g_tilde)`` for every tensor.
+
+    ``foreach`` (default: whenever every tensor is on one device) runs it as two fused multi-tensor kernels
+    without temporaries, like ``torch.optim.SGD``'s foreach path; the loop is the reference.
+    """
+    if not grads:
+        return
+    if foreach is None:
+        foreach = len({g.device for g in grads}) == 1 and not torch.jit.is_scripting()
+    if foreach:
+        _multi_tensor_agent_correction(grads, snapshot_grads, full_grads, weight)
+    else:
+        _single_tensor_agent_correction(grads, snapshot_grads, full_grads, weight)
+
+
+def _single_tensor_agent_correction(grads, snapshot_grads, full_grads, weight: float) -> None:
     for grad, old, full in zip(grads, snapshot_grads, full_grads):
         grad.sub_(old - full, alpha=weight)
+
+
+def _multi_tensor_agent_correction(grads, snapshot_grads, full_grads, weight: float) -> None:
+    torch._foreach_add_(grads, full_grads, alpha=weight)
+    torch._foreach_add_(grads, snapshot_grads, alpha=-weight)
 
 
 def estimate_c(current_losses: list[float], snapshot_losses: list[float]) -> float:
@@ -206,7 +226,8 @@ class AGENT(torch.optim.Optimizer):
         if choice == "none":
             return grads
         masks = self.subnet_snapshot_masks[k] if choice == "snapshot" else self._masks_of(k)
-        return [grad * masks[name] if name in masks else grad for name, grad in zip(self.names, grads)]
+        # in place: the gradients are fresh tensors from autograd.grad or the g_tilde accumulators
+        return [grad.mul_(masks[name]) if name in masks else grad for name, grad in zip(self.names, grads)]
 
     # ---- per step ----------------------------------------------------------------------------------------
 
@@ -241,9 +262,11 @@ class AGENT(torch.optim.Optimizer):
         return self.base.step()
 
     def _record_cosine(self, new: list[torch.Tensor], old: list[torch.Tensor]) -> None:
-        # Accumulated on the device: reading it back every step would cost a host sync per step.
-        dot = sum((a * b).sum() for a, b in zip(new, old))
-        norms = torch.sqrt(sum((a * a).sum() for a in new) * sum((b * b).sum() for b in old))
+        # Accumulated on the device: reading it back every step would cost a host sync per step. Flat dot
+        # products allocate no per-element temporaries.
+        dot = sum(torch.dot(a.flatten(), b.flatten()) for a, b in zip(new, old))
+        norms = torch.sqrt(sum(torch.dot(a.flatten(), a.flatten()) for a in new)
+                           * sum(torch.dot(b.flatten(), b.flatten()) for b in old))
         cosine = (dot / norms.clamp_min(1e-30)).detach()
         self._cosine_sum = self._cosine_sum.to(cosine.device) + cosine
         self._cosine_count += 1

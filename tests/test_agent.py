@@ -21,12 +21,24 @@ from robust_sparse.train import fit
 from conftest import make_tiny_model
 
 
-def test_correction_is_g_minus_weight_times_old_minus_full():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_correction_is_g_minus_weight_times_old_minus_full(foreach):
     grads = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
     agent_correction(grads, [torch.tensor([0.5, 1.0]), torch.tensor([[2.0]])],
-                     [torch.tensor([0.25, 0.0]), torch.tensor([[1.0]])], weight=0.2)
+                     [torch.tensor([0.25, 0.0]), torch.tensor([[1.0]])], weight=0.2, foreach=foreach)
     torch.testing.assert_close(grads[0], torch.tensor([1.0 - 0.2 * 0.25, 2.0 - 0.2 * 1.0]))
     torch.testing.assert_close(grads[1], torch.tensor([[3.0 - 0.2 * 1.0]]))
+
+
+def test_fused_correction_matches_the_reference_loop():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (10, 64)]
+    grads, old, full = ([torch.randn(s, generator=generator) for s in shapes] for _ in range(3))
+    reference = [g.clone() for g in grads]
+    agent_correction(reference, old, full, weight=0.37, foreach=False)
+    agent_correction(grads, old, full, weight=0.37)  # the default: fused
+    for fused, looped in zip(grads, reference):
+        torch.testing.assert_close(fused, looped, rtol=1e-6, atol=1e-6)
 
 
 def test_estimate_c_matches_numpy_cov_ddof1():
