@@ -199,7 +199,7 @@ def test_agent_run_logs_its_state(tiny_config):
 
 
 @pytest.mark.parametrize("objective", ["natural", "pgd_at", "trades"])
-@pytest.mark.parametrize("engine", ["none", "static", "set", "rigl", "itop", "bsrnet"])
+@pytest.mark.parametrize("engine", ["none", "static", "set", "rigl", "itop", "bsrnet", "gse", "ast"])
 def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist):
     config = load_config(None, [f"sparsity.method={engine}", "sparsity.density=0.3", "sparsity.update_every=2",
                                 f"objective={objective}", "attack.steps=1", "agent.enabled=true",
@@ -210,8 +210,10 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     model = make_tiny_model()
     base = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) if engine == "bsrnet"
             else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    masker = build_sparsity(config.sparsity, model, "tiny_cnn", base, total_steps=12, seed=0)
-    agent = AGENT(base, model, config.agent, masks=masker.masks if masker else None)
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", base, total_steps=12, seed=0,
+                            score_batch=lambda: (images[:20], labels[:20]))
+    agent = AGENT(base, model, config.agent, masks=masker.masks if masker else None,
+                  subnets=masker if engine == "ast" else None)
     objective_ = build_objective(config, model)
     loss_fn = lambda m, x, y, inputs: objective_.loss(m, x, y, inputs)[0]  # noqa: E731
     chunks = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]
@@ -232,8 +234,10 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
                     assert torch.all(param[~masker.masks[name]] == 0)
                     momentum = base.state[param].get("momentum_buffer")
                     assert momentum is None or torch.all(momentum[~masker.masks[name]] == 0)
-    if masker is not None and engine in ("set", "rigl", "itop", "bsrnet"):
+    if masker is not None and engine in ("set", "rigl", "itop", "bsrnet", "gse", "ast"):
         assert masker.step == 6
+    if engine == "ast":  # one g_tilde per sub-net, each from its share of the refresh batches
+        assert len(agent.subnet_full_grads) == 3 and agent.full_grads is agent.subnet_full_grads[masker.active]
 
 
 @pytest.mark.parametrize("override,field", [

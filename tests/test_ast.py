@@ -211,3 +211,37 @@ def test_fit_evaluates_every_subnet_resumes_exactly_and_exports_each(tiny_config
     assert "sub-nets 0..1" in capsys.readouterr().err
     assert main(["eval", str(best), "--attacks", "fgsm"]) == 2
     assert "--subnet" in capsys.readouterr().err
+
+
+def test_agent_snapshot_holds_full_weights_and_sees_the_active_subnet(mnist):
+    import copy
+
+    from robust_sparse.agent import AGENT
+
+    model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_init_density=0.5"])
+    config = load_config(None, ["agent.enabled=true", "agent.estimator=fixed", "agent.fixed_c=1.0",
+                                "agent.snapshot_mask=current"]).agent
+    agent = AGENT(opt, model, config, masks=masker.masks, subnets=masker)
+    for step in range(4):  # move the sub-nets apart (the next step is sub-net 1)
+        _step(model, opt, masker, images, labels, step)
+    loss_fn = lambda m, x, y: F.cross_entropy(m(x), y)  # noqa: E731
+    agent.refresh([(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)], loss_fn)
+    with masker.full_weights():
+        full = {name: p.detach().clone() for name, p in masker.params.items()}
+    snapshot = dict(agent.snapshot.named_parameters())
+    for name in masker.params:
+        assert torch.equal(snapshot[name].detach(), full[name])  # every sub-net's weights, not just the active one
+    x, y = images[:32], labels[:32]
+    agent.snapshot_backward(lambda snap: loss_fn(snap, x, y))
+    k = masker.active
+    expected_model = copy.deepcopy(agent.snapshot)
+    with torch.no_grad():
+        for name, param in expected_model.named_parameters():
+            if name in masker.params:
+                param.mul_(masker.subnet_masks[k][name])
+    expected = torch.autograd.grad(loss_fn(expected_model, x, y), list(expected_model.parameters()))
+    for name, got, want in zip(agent.names, agent.snapshot_grads, expected):
+        want = want * masker.subnet_masks[k][name] if name in masker.params else want
+        torch.testing.assert_close(got, want)
+    for name in masker.params:  # the view restored the snapshot
+        assert torch.equal(snapshot[name].detach(), full[name])
