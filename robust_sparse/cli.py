@@ -230,12 +230,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from robust_sparse.eval.report import build_report
 
-    first = Path(args.results_dirs[0])
-    if len(args.results_dirs) == 1 and (first / "sweep.yaml").is_file():  # a sweep directory
+    sweeps = [(Path(d) / "sweep.yaml").is_file() for d in args.results_dirs]
+    if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
 
-        _emit(f"report: {write_report(first, args.out)}")
+        _emit(f"report: {write_report(list(args.results_dirs), args.out)}")
         return 0
+    if any(sweeps):
+        raise UserError("report: give either sweep directories or evaluation results stores, not both")
 
     path = build_report(args.results_dirs, args.out, args.leaderboard)
     _emit(f"report: {path}")

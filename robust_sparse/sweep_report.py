@@ -106,18 +106,36 @@ def epochs_to_accuracy(runs: pd.DataFrame, curves: pd.DataFrame, thresholds: lis
     return pd.DataFrame(rows)
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None,
+def collect_many(sweep_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Several sweeps in one table: a ``sweep`` column (the directory's name) leads the grid keys."""
+    names = [d.name for d in sweep_dirs]
+    labels = names if len(set(names)) == len(names) else [str(d) for d in sweep_dirs]
+    all_runs, all_curves = [], []
+    for sweep_dir, label in zip(sweep_dirs, labels):
+        runs, curves = collect(sweep_dir)
+        for frame in (runs, curves):
+            if not frame.empty:
+                frame["run_id"] = label + "/" + frame["run_id"]
+        runs.insert(0, "sweep", label)
+        all_runs.append(runs)
+        all_curves.append(curves)
+    return pd.concat(all_runs, ignore_index=True), pd.concat(all_curves, ignore_index=True)
+
+
+def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
                  thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9),
                  robust_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8)) -> Path:
+    """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep_dir = Path(sweep_dir)
-    out = Path(out) if out else sweep_dir / "report"
+    sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
+    out = Path(out) if out else sweep_dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
-    runs, curves = collect(sweep_dir)
+    runs, curves = collect(sweep_dirs[0]) if len(sweep_dirs) == 1 else collect_many(sweep_dirs)
+    sweep_dir = ", ".join(map(str, sweep_dirs))
     table = aggregate(runs)
     runs.to_csv(out / "runs.csv", index=False)
     table.to_csv(out / "summary.csv", index=False)
@@ -145,7 +163,8 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
         figure.savefig(out / "convergence.png", dpi=120)
         plt.close(figure)
         lines += ["![convergence](convergence.png)", ""]
-    if "agent.gamma" in runs and "test_pgd_accuracy mean" in table:
+    if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].notna().sum() > 1:
+        table = table[table["agent.gamma"].notna()]
         figure, axes = plt.subplots(1, 2, figsize=(10, 4))
         series_key = "sparsity.density" if "sparsity.density" in table else None
         for value, group in (table.groupby(series_key) if series_key else [("all", table)]):

@@ -136,3 +136,13 @@ def test_report_command_on_a_sweep_directory(tmp_path, capsys):
     assert main(["report", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report" / "report.md").exists()
     assert "report.md" in capsys.readouterr().out
+
+    # two sweeps side by side (a study and its baseline): one table with a leading sweep column
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    run_sweep(load_sweep(write(baseline, overrides=TINY, grid={"seed": [0]})))
+    assert main(["report", str(tmp_path / "out"), str(baseline / "out"), "--out", str(tmp_path / "both")]) == 0
+    summary = pd.read_csv(tmp_path / "both" / "summary.csv")
+    assert list(summary.columns[:2]) == ["sweep", "subnet"] and len(summary) == 3  # 2 AST sub-nets + 1 dense run
+    assert summary["sweep"].nunique() == 2
+    assert main(["report", str(tmp_path / "out"), str(tmp_path)]) == 2  # a sweep and a non-sweep: refused
