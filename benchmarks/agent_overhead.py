@@ -10,7 +10,10 @@ The floor is 12/11 per step (one extra unit over 10 attack + 1 update units) plu
 ``full_grad_batches / batches * (1 + 1/3)`` extra units per step-equivalent; ``--full-grad-batches`` trades
 g~'s accuracy for that cost.
 
-Peak memory is measured in a fresh subprocess per side (peak RSS on CPU, ``max_memory_allocated`` on CUDA).
+Peak memory is measured in a fresh subprocess per side: on CUDA ``max_memory_allocated``; on CPU the growth
+of the process's high-water mark (``VmHWM``) over its RSS after imports, so the ~1 GiB of libraries does not
+drown the training's own memory. Both sides also report the bytes of their persistent training state (model,
+optimizer buffers, and for AGENT the snapshots, g~ and g_old), which is exact.
 
 Usage::
 
@@ -35,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sparse_overhead import real_batches  # noqa: E402
+from throughput import proc_status_mib  # noqa: E402
 
 from robust_sparse.agent import AGENT  # noqa: E402
 from robust_sparse.config import load_config  # noqa: E402
@@ -47,7 +51,7 @@ from robust_sparse.train import _agent_batches, _objective_loss, build_optimizat
 log = logging.getLogger("agent_overhead")
 
 
-def measure(args, with_agent: bool, device: torch.device) -> float:
+def measure(args, with_agent: bool, device: torch.device, state: dict | None = None) -> float:
     small = args.model in ("small_cnn", "tiny_cnn")
     data = real_batches(args.batches * args.batch_size, 1 if small else 3, 28 if small else 32)
     overrides = [f"model.name={args.model}", "attack.eps=8/255", "attack.step_size=2/255", "attack.steps=10",
@@ -82,15 +86,30 @@ def measure(args, with_agent: bool, device: torch.device) -> float:
     train_one_epoch(model, objective, stepper, scheduler, loader, agent=agent)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if state is not None:  # persistent training state, in bytes
+        tensors = [*model.state_dict().values(),
+                   *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
+        if agent is not None:
+            tensors += list(agent.snapshot.state_dict().values())  # the previous one lives only during a refresh
+            tensors += [g for grads in agent.subnet_full_grads or [] for g in grads]
+            tensors += [p for p in model.parameters()]  # g_old, one gradient-sized buffer per step
+        state["bytes"] = sum(t.numel() * t.element_size() for t in tensors)
+    return elapsed
 
 
 def child(args) -> None:
     device = resolve_device(args.device)
-    measure(args, args.child == "agent", device)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    sys.stdout.write(json.dumps({"peak_mib": peak}) + "\n")
+    setup = proc_status_mib("VmRSS")
+    state: dict = {}
+    measure(args, args.child == "agent", device, state)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        high_water = proc_status_mib("VmHWM")
+        peak = (high_water - setup if high_water is not None and setup is not None
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    sys.stdout.write(json.dumps({"peak_mib": peak, "state_mib": state["bytes"] / 2**20}) + "\n")
 
 
 def main() -> None:
@@ -115,17 +134,18 @@ def main() -> None:
         for side in seconds:
             seconds[side].append(measure(args, side == "agent", device))
             log.info("round %d %s: %.2f s", round_number + 1, side, seconds[side][-1])
-    peaks = {}
+    peaks, states = {}, {}
     for side in seconds:
         command = [sys.executable, __file__, *sys.argv[1:], "--child", side]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        peaks[side] = json.loads(output)["peak_mib"]
+        peaks[side], states[side] = json.loads(output)["peak_mib"], json.loads(output)["state_mib"]
     base, agent = statistics.median(seconds["base"]), statistics.median(seconds["agent"])
     table = pd.DataFrame([{
         "model": args.model, "engine": args.engine, "density": args.density, "batches": args.batches,
         "g~ batches": args.full_grad_batches or args.batches, "base s/epoch": base, "AGENT s/epoch": agent,
         "time ratio": agent / base, "base peak MiB": peaks["base"], "AGENT peak MiB": peaks["agent"],
-        "memory ratio": peaks["agent"] / peaks["base"]}])
+        "memory ratio": peaks["agent"] / peaks["base"], "base state MiB": states["base"],
+        "AGENT state MiB": states["agent"], "state ratio": states["agent"] / states["base"]}])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))  # noqa: T201
 
 

@@ -450,6 +450,8 @@ def _validate_agent(agent: AgentConfig) -> None:
     _check(agent.snapshot_every >= 1, f"agent.snapshot_every = {agent.snapshot_every}: must be >= 1")
     _check(agent.full_grad_batches >= 0, f"agent.full_grad_batches = {agent.full_grad_batches}: must be >= 0 "
            "(0 = the whole training split)")
+    _check(agent.estimator is not AgentEstimator.PAPER or agent.full_grad_batches != 1,
+           "agent.full_grad_batches = 1: the paper estimator's covariance needs at least 2 batches (or 0 = all)")
     _check(agent.full_grad_inputs in ("clean", "adversarial"),
            f"agent.full_grad_inputs = {agent.full_grad_inputs!r}: must be clean or adversarial")
     _check(agent.full_grad_bn in ("train", "eval"), f"agent.full_grad_bn = {agent.full_grad_bn!r}: must be train or eval")

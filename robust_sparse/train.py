@@ -218,6 +218,10 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         if subnets is not None and 0 < config.agent.full_grad_batches < subnets.count:
             raise UserError(f"agent.full_grad_batches = {config.agent.full_grad_batches}: AST gives each of its "
                             f"{subnets.count} sub-nets its own g_tilde batches; use >= {subnets.count} (or 0 = all)")
+        pass_batches = len(splits.train) // config.data.batch_size  # the g_tilde pass drops the last partial batch
+        if config.agent.gamma > 0 and min(config.agent.full_grad_batches or pass_batches, pass_batches) < 2:
+            raise UserError(f"agent: the g_tilde pass needs at least 2 full batches of {config.data.batch_size} "
+                            f"training images, the split has {len(splits.train)}; lower data.batch_size")
         agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker is not None else None,
                       subnets=subnets)
     stepper = agent if agent is not None else optimizer

@@ -244,6 +244,7 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     ("agent.gamma=1.5", "agent.gamma"), ("agent.gamma=-0.1", "agent.gamma"), ("agent.alpha=0", "agent.alpha"),
     ("agent.estimator=magic", "agent.estimator"), ("agent.snapshot_every=0", "agent.snapshot_every"),
     ("agent.full_grad_inputs=noisy", "agent.full_grad_inputs"), ("agent.snapshot_mask=all", "agent.snapshot_mask"),
+    ("agent.full_grad_batches=1", "at least 2 batches"), ("data.train_limit=200", "at least 2 full batches"),
 ])
 def test_bad_agent_settings(override, field, capsys, tmp_path):
     from robust_sparse.cli import main
