@@ -133,9 +133,8 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
             config.ast_densities, config.ast_init_density, total_steps, update_every,
             offset=config.ast_offset if config.ast_offset is not None else update_every // count,
             end_fraction=config.end_fraction, prune_rate=config.prune_rate or 0.5)
-        init = allocation.uniform(shapes, 1.0) if config.ast_init_density >= 1 else (
-            allocation.uniform(shapes, config.ast_init_density) if distribution is Distribution.UNIFORM
-            else allocation.erk(shapes, config.ast_init_density))
+        allocate = allocation.uniform if distribution is Distribution.UNIFORM else allocation.erk
+        init = allocate(shapes, config.ast_init_density)
         return AlternatingMasker(params, optimizer, random_masks(shapes, init, generator, device), schedule,
                                  gc=config.ast_gc, gc_beta=config.ast_gc_beta, nested=config.ast_nested)
 

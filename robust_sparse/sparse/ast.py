@@ -112,8 +112,8 @@ class AlternatingMasker(SparseMasker):
                  nested: bool) -> None:
         self.schedule, self.gc, self.gc_beta, self.nested = schedule, gc, gc_beta, nested
         self.count = len(schedule.densities)
-        self.subnet_masks = [{name: mask.to(p.device, torch.bool).clone() for name, p in params.items()
-                              for mask in [initial_masks[name]]} for _ in range(self.count)]
+        self.subnet_masks = [{name: initial_masks[name].to(p.device, torch.bool).clone() for name, p in params.items()}
+                             for _ in range(self.count)]  # every sub-net starts from the same mask
         self.active = 0
         self._stash: dict[str, torch.Tensor] = {}  # name -> the full weight while a sub-net is materialised
         self._stash_state: dict[str, dict[str, torch.Tensor]] = {}
