@@ -129,6 +129,12 @@ def from_checkpoint(path: str | Path, data_root: str | None = None, subnet: int 
     )
 
 
+def checkpoint_subnets(path: str | Path) -> int:
+    """How many AST sub-nets a robust-sparse checkpoint holds (0: an ordinary checkpoint)."""
+    state = load_checkpoint(Path(path))
+    return len((state.get("sparsity") or {}).get("subnet_masks") or [])
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from a file: plain, or under ``state_dict``/``model`` (robust-sparse), ``module.`` stripped."""
     path = Path(path)

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Points: the first n of the test split, in order. Per-point flags are saved, so a killed "
                     "evaluation resumes where it stopped.")
     evaluate.add_argument("checkpoint", nargs="?", help="a best.pt/last.pt written by robust-sparse train")
-    evaluate.add_argument("--subnet", type=int, help="AST checkpoints: which sub-net (0 = the densest)")
+    evaluate.add_argument("--subnet", type=int, help="AST checkpoints: only this sub-net (0 = the densest; "
+                                                     "default: every sub-net, one row each)")
     evaluate.add_argument("--robustbench-model", metavar="NAME", help="a RobustBench zoo entry, e.g. Standard")
     evaluate.add_argument("--model-dir", default="models",
                           help="RobustBench weights, laid out <dir>/<dataset>/<Linf|L2>/<NAME>.pt (default: models)")
@@ -145,9 +146,7 @@ def _format_evaluation(evaluation: dict) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     from robust_sparse.config import _coerce
-    from robust_sparse.data import DATASETS
     from robust_sparse.eval import job, loading, sanity, specs
-    from robust_sparse.train import resolve_device
 
     chosen = [args.checkpoint is not None, args.robustbench_model is not None,
               args.arch is not None or args.weights is not None]
@@ -158,7 +157,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("--arch and --weights go together")
     dataset = loading.parse_dataset(args.dataset) if args.dataset else None
     if args.checkpoint is not None:
-        loaded = loading.from_checkpoint(args.checkpoint, data_root=args.data_root, subnet=args.subnet)
+        subnets = loading.checkpoint_subnets(args.checkpoint) if args.subnet is None else 0
+        loaded = loading.from_checkpoint(args.checkpoint, data_root=args.data_root,
+                                         subnet=args.subnet if not subnets else 0)
         if dataset is not None and dataset is not loaded.dataset:
             raise UserError(f"--dataset {dataset.value}: the checkpoint was trained on {loaded.dataset.value}")
     else:
@@ -205,6 +206,35 @@ def _eval(args: argparse.Namespace) -> int:
         results_dir = Path(args.checkpoint).parent / "eval"
     else:
         results_dir = Path("runs") / "eval"
+    models = [loaded]
+    if args.checkpoint is not None and subnets:  # an AST checkpoint: every sub-net, one row each
+        models += [loading.from_checkpoint(args.checkpoint, data_root=args.data_root, subnet=k)
+                   for k in range(1, subnets)]
+    rows, warnings = [], []
+    for model in models:
+        outcome = _run_evaluation(args, job, model, images, labels, norm, eps_values, attacks, results_dir,
+                                  large_eps)
+        rows += outcome.rows
+        warnings += outcome.warnings
+    for row in rows:
+        _emit(job.format_row(row))
+    for warning in warnings:
+        _emit(f"warning: {warning}")
+    _emit(f"results: {results_dir / 'results.csv'} (and results.json; per-point flags in {results_dir / 'flags'})")
+    if args.output:
+        records = [{**row, "checkpoint": args.checkpoint, "epoch": loaded.epoch, "norm": norm,
+                    "clean_accuracy": row["clean_acc"], "pgd_accuracy": row["pgd_acc"],
+                    "autoattack_accuracy": row["autoattack_acc"], "worst_case_accuracy": row["worst_acc"]}
+                   for row in rows]
+        Path(args.output).write_text(json.dumps(records[0] if len(records) == 1 else records, indent=2, default=str))
+    return 0
+
+
+def _run_evaluation(args, job, loaded, images, labels, norm, eps_values, attacks, results_dir, large_eps):
+    """One model through the evaluation runner (results appended to the store)."""
+    from robust_sparse.data import DATASETS
+    from robust_sparse.train import resolve_device
+
     request = job.EvalRequest(
         loaded=loaded, images=images, labels=labels, norm=norm, eps=eps_values, attacks=attacks,
         num_classes=DATASETS[loaded.dataset].num_classes, results_dir=results_dir,
@@ -212,19 +242,7 @@ def _eval(args: argparse.Namespace) -> int:
         chained=args.chained, resume=not args.fresh, progress=not args.no_progress and sys.stderr.isatty(),
         autoattack_backend=args.autoattack_backend, large_eps=large_eps, cross_check=args.cross_check_torchattacks,
     )
-    outcome = job.run(request)
-    for row in outcome.rows:
-        _emit(job.format_row(row))
-    for warning in outcome.warnings:
-        _emit(f"warning: {warning}")
-    _emit(f"results: {results_dir / 'results.csv'} (and results.json; per-point flags in {results_dir / 'flags'})")
-    if args.output:
-        records = [{**row, "checkpoint": args.checkpoint, "epoch": loaded.epoch, "norm": norm,
-                    "clean_accuracy": row["clean_acc"], "pgd_accuracy": row["pgd_acc"],
-                    "autoattack_accuracy": row["autoattack_acc"], "worst_case_accuracy": row["worst_acc"]}
-                   for row in outcome.rows]
-        Path(args.output).write_text(json.dumps(records[0] if len(records) == 1 else records, indent=2, default=str))
-    return 0
+    return job.run(request)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -209,8 +209,17 @@ def test_fit_evaluates_every_subnet_resumes_exactly_and_exports_each(tiny_config
                  "--device", "cpu", "--no-probe", "--no-progress", "--results-dir", str(tmp_path / "ev")]) == 0
     assert main(["eval", str(best), "--subnet", "5", "--attacks", "fgsm"]) == 2
     assert "sub-nets 0..1" in capsys.readouterr().err
-    assert main(["eval", str(best), "--attacks", "fgsm"]) == 2
-    assert "--subnet" in capsys.readouterr().err
+    capsys.readouterr()
+    # no --subnet: every sub-net, one row each, in one results store
+    assert main(["eval", str(best), "--attacks", "fgsm", "--n-examples", "64", "--device", "cpu", "--no-probe",
+                 "--no-progress", "--results-dir", str(tmp_path / "all")]) == 0
+    out = capsys.readouterr().out
+    assert "a/best/subnet0 on mnist5k" in out and "a/best/subnet1 on mnist5k" in out
+    import pandas as pd
+
+    store = pd.read_csv(tmp_path / "all" / "results.csv")
+    assert sorted(store["model"]) == ["a/best/subnet0", "a/best/subnet1"]
+    assert sorted(store["sparsity"].round(2)) == [0.8, 0.95]
 
 
 def test_agent_snapshot_holds_full_weights_and_sees_the_active_subnet(mnist):
