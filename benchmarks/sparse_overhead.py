@@ -41,7 +41,7 @@ from robust_sparse.sparse.export import export_checkpoint
 from robust_sparse.train import build_optimization, resolve_device, train_one_epoch
 
 log = logging.getLogger("sparse_overhead")
-ENGINES = ["dense", "static", "set", "rigl", "itop", "bsrnet"]
+ENGINES = ["dense", "static", "set", "rigl", "itop", "bsrnet", "gse", "ast"]
 
 
 def real_batches(count: int, in_channels: int, size: int) -> ImageSet:
@@ -57,15 +57,18 @@ def time_epoch(model_name: str, engine: str, data: ImageSet, args, device: torch
     overrides = [f"model.name={model_name}", "attack.eps=8/255", "attack.step_size=2/255", "attack.steps=10",
                  f"data.batch_size={args.batch_size}", "optim.epochs=1", "device=cpu"]
     if engine != "dense":
+        # AST's sub-nets rewire on their own step counts (a third of the batches each with 3 sub-nets)
+        every = max(1, args.batches // (6 if engine == "ast" else 2))
         overrides += [f"sparsity.method={engine}", f"sparsity.density={args.density}",
-                      f"sparsity.update_every={max(1, args.batches // 2)}", "sparsity.end_fraction=1.0"]
+                      f"sparsity.update_every={every}", "sparsity.end_fraction=1.0"]
     config = load_config(None, overrides)
     torch.manual_seed(0)
     in_channels = data.images.shape[1]
     model = build_model(model_name, 10, in_channels, (0.5,) * in_channels, (0.25,) * in_channels).to(device)
     loader = BatchLoader(data, args.batch_size, device, shuffle=True, seed=0)
     optimizer, scheduler = build_optimization(config, model, len(loader))
-    build_sparsity(config.sparsity, model, model_name, optimizer, len(loader), seed=0)
+    score = (data.images[:100].to(device).float() / 255, data.labels[:100].to(device))  # GSE's scoring batch
+    build_sparsity(config.sparsity, model, model_name, optimizer, len(loader), seed=0, score_batch=lambda: score)
     objective = build_objective(config, model)
     warm = BatchLoader(ImageSet(data.images[: args.batch_size], data.labels[: args.batch_size]), args.batch_size,
                        device)
