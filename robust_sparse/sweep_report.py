@@ -110,16 +110,33 @@ def collect_many(sweep_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Several sweeps in one table: a ``sweep`` column (the directory's name) leads the grid keys."""
     names = [d.name for d in sweep_dirs]
     labels = names if len(set(names)) == len(names) else [str(d) for d in sweep_dirs]
+    fixed = [_fixed_overrides(d) for d in sweep_dirs]
+    # a field one sweep fixes and another varies or fixes differently tells the sweeps apart: show it
+    telling = [key for key in dict.fromkeys(k for f in fixed for k in f)
+               if len({repr(f.get(key)) for f in fixed}) > 1]
     all_runs, all_curves = [], []
-    for sweep_dir, label in zip(sweep_dirs, labels):
+    for sweep_dir, label, overrides in zip(sweep_dirs, labels, fixed):
         runs, curves = collect(sweep_dir)
         for frame in (runs, curves):
             if not frame.empty:
                 frame["run_id"] = label + "/" + frame["run_id"]
+        for key in telling:
+            if key in overrides and (key not in runs or runs[key].isna().all()):
+                runs[key] = [overrides[key]] * len(runs)
         runs.insert(0, "sweep", label)
         all_runs.append(runs)
         all_curves.append(curves)
     return pd.concat(all_runs, ignore_index=True), pd.concat(all_curves, ignore_index=True)
+
+
+def _fixed_overrides(sweep_dir: Path) -> dict[str, Any]:
+    """The ``overrides`` of a sweep directory's sweep.yaml, as field -> value."""
+    data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
+    values = {}
+    for item in data.get("overrides") or []:
+        key, _, raw = str(item).partition("=")
+        values[key.strip()] = yaml.safe_load(raw)
+    return values
 
 
 def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
@@ -166,19 +183,22 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].notna().sum() > 1:
         table = table[table["agent.gamma"].notna()]
         figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-        series_key = "sparsity.density" if "sparsity.density" in table else None
-        for value, group in (table.groupby(series_key) if series_key else [("all", table)]):
+        # one line per setting of every other key (sparsity, estimator, sweep, ...)
+        series_keys = [k for k in grid_keys(runs) if k not in ("seed", "agent.gamma") and k in table]
+        for value, group in (table.groupby(series_keys, dropna=False) if series_keys else [("all", table)]):
             group = group.sort_values("agent.gamma")
+            label = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in zip(series_keys, value if isinstance(value, tuple)
+                                                                          else (value,))) or "all"
             for axis, metric in zip(axes, ["test_clean_accuracy", "test_pgd_accuracy"]):
                 axis.errorbar(group["agent.gamma"], group[f"{metric} mean"], yerr=group[f"{metric} std"].fillna(0),
-                              marker="o", capsize=3, label=f"density {value}")
+                              marker="o", capsize=3, label=label)
                 axis.set(xlabel="γ", ylabel=metric.replace("_", " "))
         gammas = sorted(table["agent.gamma"].unique())
         positive = [g for g in gammas if g > 0]
         for axis in axes:  # γ spans decades and includes 0: symmetric log, ticks at the values studied
             axis.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
             axis.set_xticks(gammas, [f"{g:g}" for g in gammas])
-        axes[0].legend()
+        axes[0].legend(fontsize=7)
         figure.suptitle("AGENT γ sensitivity (mean ± std over seeds)")
         figure.tight_layout()
         figure.savefig(out / "gamma_sensitivity.png", dpi=120)
