@@ -20,11 +20,16 @@ log = logging.getLogger(__name__)
 FINAL = ["test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy", "val_pgd_accuracy"]
 
 
+def _cell(value: Any) -> Any:
+    """A table cell: lists and mappings (e.g. AST's densities) as their YAML flow text, so they group."""
+    return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, (list, dict)) else value
+
+
 def _parse_overrides(text: str) -> dict[str, Any]:
     values = {}
     for item in text.split():
         key, _, raw = item.partition("=")
-        values[key] = yaml.safe_load(raw)
+        values[key] = _cell(yaml.safe_load(raw))
     return values
 
 
@@ -135,7 +140,7 @@ def _fixed_overrides(sweep_dir: Path) -> dict[str, Any]:
     values = {}
     for item in data.get("overrides") or []:
         key, _, raw = str(item).partition("=")
-        values[key.strip()] = yaml.safe_load(raw)
+        values[key.strip()] = _cell(yaml.safe_load(raw))
     return values
 
 
