@@ -150,7 +150,8 @@ class SparsityConfig:
     gse_sampler: str = "grabo"  # candidate distribution: "uniform" or "grabo" (output-grad x input marginals)
     gse_candidates: float = 1.0  # gamma: candidates sampled per layer, as a multiple of its active count
     gse_samples_per_class: int = 10  # size of the class-balanced batch that scores the candidates
-    # AST (also uses update_every = delta T, prune_rate = the initial regrowth fraction, end_fraction)
+    # AST (also uses update_every = delta T in each sub-net's own steps, prune_rate = the initial regrowth
+    # fraction, end_fraction)
     ast_densities: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.02])  # sub-net targets, densest first
     ast_init_density: float = 1.0  # every sub-net starts from this (ERK) density: 1.0 = dense, as the official recipe
     ast_offset: int | None = None  # sub-net k's rewiring is delayed by k * offset of its own steps; None = delta T / K

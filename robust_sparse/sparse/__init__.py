@@ -12,8 +12,8 @@ itop      random      0.5        cosine          1500           erk
 bsrnet    random      (every step, zero crossing, global budget)  bsrnet
 gse       |g| on      0.2        cosine          1000           gse_er
           candidates
-ast       |g|         0.5        cosine (per     999 (per       erk at
-                                 sub-net)        sub-net)       ast_init_density
+ast       |g|         0.5        cosine (per     999 // K of a  erk at
+                                 sub-net)        sub-net's own  ast_init_density
 static    (never)                                               erk
 ========  ==========  =========  ==============  =============  ==========
 """
@@ -128,7 +128,7 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
         from robust_sparse.sparse.ast import AlternatingMasker, ASTSchedule
 
         count = len(config.ast_densities)
-        update_every = config.update_every or 999
+        update_every = config.update_every or max(1, 999 // count)  # the official 999 iterations, in a sub-net's
         schedule = ASTSchedule(
             config.ast_densities, config.ast_init_density, total_steps, update_every,
             offset=config.ast_offset if config.ast_offset is not None else update_every // count,
