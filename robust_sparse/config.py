@@ -165,7 +165,7 @@ class SparsityConfig:
     regrow_value: float = 1e-12  # theta of a regrown connection
     # magnitude_prune
     dense_checkpoint: str = ""  # a robust-sparse checkpoint of the trained dense model
-    prune_scope: PruneScope = PruneScope.GLOBAL
+    prune_scope: PruneScope = PruneScope.GLOBAL  # magnitude_prune and AST: one |W| threshold, or one per layer
 
 
 @dataclass

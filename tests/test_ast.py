@@ -45,6 +45,20 @@ def _full(masker, name):
         return masker.params[name].detach().clone()
 
 
+def test_layerwise_scope_prunes_each_layer_to_its_erk_share(mnist):
+    from robust_sparse.sparse import density as allocation
+
+    model, opt, masker, images, labels = _setup(mnist, ["sparsity.prune_scope=layerwise"])
+    for step in range(60):
+        _step(model, opt, masker, images, labels, step)
+    shapes = {name: p.shape for name, p in masker.params.items()}
+    for k, target in enumerate(DENSITIES):
+        shares = allocation.erk(shapes, target)
+        expected = {name: max(1, round(shares[name] * p.numel())) for name, p in masker.params.items()}
+        assert masker.subnet_counts(k) == expected
+        assert all(count > 0 for count in masker.subnet_counts(k).values())  # no layer pruned away
+
+
 def test_each_subnet_reaches_its_exact_density_after_pruning(mnist):
     model, opt, masker, images, labels = _setup(mnist)
     total = sum(m.numel() for m in masker.subnet_masks[0].values())
@@ -137,8 +151,9 @@ def test_masker_applies_the_correction_with_running_gradients(mnist):
     torch.testing.assert_close(masker._running[1][name], running1)
 
 
-def test_nested_masks_stay_nested(mnist):
-    model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_nested=true"])
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_nested_masks_stay_nested(mnist, scope):
+    model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_nested=true", f"sparsity.prune_scope={scope}"])
     total = sum(m.numel() for m in masker.subnet_masks[0].values())
     for step in range(60):
         _step(model, opt, masker, images, labels, step)
@@ -146,7 +161,10 @@ def test_nested_masks_stay_nested(mnist):
             for name in masker.params:
                 assert not torch.any(masker.subnet_masks[k][name] & ~masker.subnet_masks[k - 1][name])
     for k, target in enumerate(DENSITIES):
-        assert sum(masker.subnet_counts(k).values()) == round(target * total)
+        if scope == "global":
+            assert sum(masker.subnet_counts(k).values()) == round(target * total)
+        else:
+            assert sum(masker.subnet_counts(k).values()) == pytest.approx(target * total, abs=len(masker.params))
 
 
 def test_schedule_shape_and_too_short_run():

@@ -135,8 +135,10 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
             end_fraction=config.end_fraction, prune_rate=config.prune_rate or 0.5)
         allocate = allocation.uniform if distribution is Distribution.UNIFORM else allocation.erk
         init = allocate(shapes, config.ast_init_density)
+        layerwise = config.prune_scope is PruneScope.LAYERWISE
         return AlternatingMasker(params, optimizer, random_masks(shapes, init, generator, device), schedule,
-                                 gc=config.ast_gc, gc_beta=config.ast_gc_beta, nested=config.ast_nested)
+                                 gc=config.ast_gc, gc_beta=config.ast_gc_beta, nested=config.ast_nested,
+                                 layer_densities=(lambda density: allocate(shapes, density)) if layerwise else None)
 
     if method is SparsityMethod.GSE and config.distribution is None:
         densities = allocation.gse_er(shapes, config.density)

@@ -16,7 +16,9 @@ Topology, per sub-net and on its own iteration count ``i`` (events every ``updat
 delayed by ``k * offset`` so that the sub-nets rewire at different times, until ``end_fraction`` of its steps):
 
 1. gradual magnitude pruning with the cubic schedule ``d(i) = d_k + (d_init - d_k) (1 - i / i_last)^3``,
-   one global ``|W|`` threshold over the sub-net's active weights; it reaches ``d_k`` exactly at the last event;
+   one global ``|W|`` threshold over the sub-net's active weights (official; ``prune_scope: layerwise``
+   prunes each layer to its ERK/uniform share of ``d(i)`` instead, which keeps a small network's widest layer
+   from being pruned away at 99%); it reaches ``d_k`` exactly at the last event;
 2. RigL-style prune and regrow: each layer drops its ``p_i`` fraction of smallest ``|W|`` and grows as many
    inactive positions of largest dense ``|grad|``; ``p_i`` cosine-decays from ``prune_rate`` to 0.005.
    A grown position that another sub-net uses keeps the shared value; one that no sub-net uses starts at
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -109,8 +111,9 @@ class AlternatingMasker(SparseMasker):
 
     def __init__(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                  initial_masks: dict[str, torch.Tensor], schedule: ASTSchedule, *, gc: bool, gc_beta: float,
-                 nested: bool) -> None:
+                 nested: bool, layer_densities: Callable[[float], dict[str, float]] | None = None) -> None:
         self.schedule, self.gc, self.gc_beta, self.nested = schedule, gc, gc_beta, nested
+        self.layer_densities = layer_densities  # None: one global |W| threshold (official)
         self.count = len(schedule.densities)
         self.subnet_masks = [{name: initial_masks[name].to(p.device, torch.bool).clone() for name, p in params.items()}
                              for _ in range(self.count)]  # every sub-net starts from the same mask
@@ -250,12 +253,12 @@ class AlternatingMasker(SparseMasker):
         if allowed is not None:
             for name in masks:
                 masks[name] = masks[name] & allowed[name]
-        total = sum(mask.numel() for mask in masks.values())
-        target = max(1, round(self.schedule.density(k, i) * total))
-        self._magnitude_to(masks, target)
-        active = sum(int(mask.sum()) for mask in masks.values())
-        if active < target:  # nested: the parent dropped positions; top up from its others by |grad|
-            self._grow_global(masks, target - active, allowed, self._dense_grads)
+        for names, target in self._groups(self.schedule.density(k, i)):
+            active = sum(int(masks[n].sum()) for n in names)
+            if active > target:
+                self._keep_top(masks, names, target, {n: self.params[n].detach() for n in names}, allowed=None)
+            elif active < target:  # nested: the parent dropped positions; top up from its others by |grad|
+                self._keep_top(masks, names, target, self._dense_grads, allowed=allowed)
         fraction = self.schedule.regrow_fraction(k, i)
         for name, param in self.params.items():
             mask = masks[name]
@@ -269,47 +272,46 @@ class AlternatingMasker(SparseMasker):
             masks[name] = _set_top(kept, torch.where(candidates, score, torch.full_like(param, -torch.inf)),
                                    count, True)
         if self.nested:  # a position a parent dropped leaves its children, who refill from the parent by |W|
+            weights = {name: p.detach() for name, p in self.params.items()}
             for child in range(k + 1, self.count):
                 child_masks, parent = self.subnet_masks[child], self.subnet_masks[child - 1]
-                before = sum(int(mask.sum()) for mask in child_masks.values())
+                before = {name: int(mask.sum()) for name, mask in child_masks.items()}
                 for name in child_masks:
                     child_masks[name] = child_masks[name] & parent[name]
-                lost = before - sum(int(mask.sum()) for mask in child_masks.values())
-                if lost:
-                    scores = {name: p.detach().abs() for name, p in self.params.items()}
-                    self._grow_global(child_masks, lost, parent, scores)
+                for names, _ in self._groups(1.0):
+                    target = sum(before[n] for n in names)
+                    if sum(int(child_masks[n].sum()) for n in names) < target:
+                        self._keep_top(child_masks, names, target, weights, allowed=parent)
         self._settle_weights(k, old)
         self._dense_grads.clear()
 
-    def _magnitude_to(self, masks: dict[str, torch.Tensor], target: int) -> None:
-        """Keep the ``target`` active weights of largest |W| (one global threshold) when more are active."""
-        names = list(masks)
-        flat_masks = torch.cat([masks[n].flatten() for n in names])
-        if int(flat_masks.sum()) <= target:
-            return
-        scores = torch.cat([self.params[n].detach().abs().flatten() for n in names])
-        scores = torch.where(flat_masks, scores, torch.full_like(scores, -torch.inf))
-        kept = _set_top(torch.zeros_like(flat_masks), scores, target, True)
-        self._unflatten(masks, kept)
+    def _groups(self, density: float) -> list[tuple[list[str], int]]:
+        """Where the pruning threshold applies, with its target count: all layers at once (the official global
+        |W| threshold), or each layer alone at its share of ``density`` (``layer_densities``, e.g. ERK)."""
+        if self.layer_densities is None:
+            total = sum(p.numel() for p in self.params.values())
+            return [(list(self.params), max(1, round(density * total)))]
+        shares = self.layer_densities(density)
+        return [([name], max(1, round(shares[name] * p.numel()))) for name, p in self.params.items()]
 
-    def _grow_global(self, masks: dict[str, torch.Tensor], count: int, allowed: dict[str, torch.Tensor] | None,
-                     scores: dict[str, torch.Tensor]) -> None:
-        """Activate the ``count`` allowed inactive positions of largest ``|scores|`` (one global ranking)."""
-        names = list(masks)
-        flat_masks = torch.cat([masks[n].flatten() for n in names])
-        room = ~flat_masks if allowed is None else torch.cat([allowed[n].flatten() for n in names]) & ~flat_masks
-        flat_scores = torch.cat([scores[n].abs().flatten() if n in scores
-                                 else torch.zeros(masks[n].numel(), device=flat_masks.device) for n in names])
-        grown = _set_top(flat_masks, torch.where(room, flat_scores, torch.full_like(flat_scores, -torch.inf)),
-                         min(count, int(room.sum())), True)
-        self._unflatten(masks, grown)
-
-    @staticmethod
-    def _unflatten(masks: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
+    def _keep_top(self, masks: dict[str, torch.Tensor], names: list[str], target: int,
+                  scores: dict[str, torch.Tensor], allowed: dict[str, torch.Tensor] | None) -> None:
+        """Make ``names``' masks hold ``target`` positions: prune to the largest ``|scores|`` among the active
+        ones (``allowed`` None), or grow the largest ``|scores|`` among the ``allowed`` inactive ones."""
+        flat = torch.cat([masks[n].flatten() for n in names])
+        values = torch.cat([scores[n].abs().flatten() if n in scores else torch.zeros(masks[n].numel(), device=flat.device)
+                            for n in names])
+        if allowed is None and int(flat.sum()) > target:
+            chosen = _set_top(torch.zeros_like(flat), torch.where(flat, values, torch.full_like(values, -torch.inf)),
+                              target, True)
+        else:
+            room = torch.cat([allowed[n].flatten() for n in names]) & ~flat if allowed is not None else ~flat
+            grow = min(target - int(flat.sum()), int(room.sum()))
+            chosen = _set_top(flat, torch.where(room, values, torch.full_like(values, -torch.inf)), grow, True)
         offset = 0
-        for name, mask in masks.items():
-            masks[name] = flat[offset:offset + mask.numel()].view_as(mask).clone()
-            offset += mask.numel()
+        for name in names:
+            masks[name] = chosen[offset:offset + masks[name].numel()].view_as(masks[name]).clone()
+            offset += masks[name].numel()
 
     @torch.no_grad()
     def _settle_weights(self, k: int, old: dict[str, torch.Tensor]) -> None:
