@@ -158,6 +158,7 @@ class SparsityConfig:
     ast_gc: bool = True  # gradient correction (projection on conflict with the previous sub-net's running gradient)
     ast_gc_beta: float = 0.9  # momentum of each sub-net's running gradient
     ast_nested: bool = False  # enforce mask_k within mask_{k-1} (not in the official code)
+    ast_subnet_bn: bool = False  # BatchNorm running statistics per sub-net (the official code shares them)
     # BSR-Net
     noise_scale: float = 1e-6  # Langevin noise std = lr * noise_scale (the official --noise_scaling)
     temperature: float | None = None  # if set, noise std = sqrt(2 * lr * T) instead (DEEP R's form)

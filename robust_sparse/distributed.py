@@ -79,6 +79,12 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def broadcast(tensor: torch.Tensor) -> None:
+    """Rank 0's value of ``tensor`` to every rank (in place)."""
+    if active():
+        dist.broadcast(tensor, src=0)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from robust_sparse import distributed
 from robust_sparse.agent import AGENT
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
-from robust_sparse.config import DeviceChoice, OptimizerName, Schedule, TrainConfig, save_config, to_dict
+from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, TrainConfig, config_from_dict, save_config,
+                                  to_dict)
 from robust_sparse.data import BatchLoader, ImageSet, load_splits
 from robust_sparse.errors import DivergenceError, UserError
 from robust_sparse.eval import evaluate_pgd
@@ -234,7 +235,12 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     start_epoch = 0
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)
-        if _comparable(state["config"]) != _comparable(to_dict(config)):
+        # Through today's schema, so that a field added since the run started compares at its default.
+        try:
+            saved = to_dict(config_from_dict(state["config"]))
+        except UserError as error:
+            raise UserError(f"cannot resume {last_path}: its saved config does not load ({error})") from None
+        if _comparable(saved) != _comparable(to_dict(config)):
             raise UserError(f"cannot resume {last_path}: its config differs from this one (see {run_dir}/config.yaml)")
         model.load_state_dict(state["model"])
         stepper.load_state_dict(state["optimizer"])

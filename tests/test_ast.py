@@ -272,3 +272,30 @@ def test_agent_snapshot_holds_full_weights_and_sees_the_active_subnet(mnist):
         torch.testing.assert_close(got, want)
     for name in masker.params:  # the view restored the snapshot
         assert torch.equal(snapshot[name].detach(), full[name])
+
+
+def test_per_subnet_batchnorm_statistics_are_kept_apart_and_saved(mnist):
+    model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_subnet_bn=true"])
+    bn_names = list(masker.bn_buffers)
+    assert bn_names and all("running" in n or "num_batches" in n for n in bn_names)
+    for step in range(30):
+        _step(model, opt, masker, images, labels, step)
+    state = masker.state_dict()
+    stats = state["batchnorm"]
+    # every sub-net saw 10 of the 30 batches, its own statistics counted exactly those
+    counter = next(n for n in bn_names if n.endswith("num_batches_tracked"))
+    assert [int(s[counter]) for s in stats] == [10, 10, 10]
+    means = [s[next(n for n in bn_names if n.endswith("running_mean"))] for s in stats]
+    assert not torch.equal(means[0], means[2])  # a 5% sub-net's activations are not a 30% one's
+    with masker.as_subnet(2):  # the model carries sub-net 2's statistics while it is sub-net 2
+        assert torch.equal(dict(model.named_buffers())[counter], stats[2][counter])
+    checkpoint = {"model": model.state_dict(), "sparsity": state}
+    assert torch.equal(subnet_weights(checkpoint, 2)[counter], stats[2][counter])
+    # round trip into a fresh masker
+    model2, opt2, masker2, _, _ = _setup(mnist, ["sparsity.ast_subnet_bn=true"])
+    model2.load_state_dict(model.state_dict())
+    masker2.load_state_dict(state)
+    for k in range(3):
+        with masker.as_subnet(k), masker2.as_subnet(k):
+            for (n1, b1), (n2, b2) in zip(model.named_buffers(), model2.named_buffers()):
+                assert torch.equal(b1, b2), (k, n1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +84,22 @@ def test_resume_with_a_different_config_is_refused(tiny_config):
     fit(tiny_config("optim.epochs=1", "eval.n_examples=0"))
     with pytest.raises(UserError, match="config differs"):
         fit(tiny_config("optim.epochs=1", "eval.n_examples=0", "optim.lr=0.5"), resume=True)
+
+
+def test_resume_after_an_upgrade_that_added_a_config_field(tiny_config):
+    """A run saved before a field existed resumes: the field compares at its default on both sides."""
+    config = tiny_config("optim.epochs=2", "eval.n_examples=0")
+    _train_one_epoch_then_stop(config)
+    path = Path(config.out_dir) / "last.pt"
+    state = load_checkpoint(path)
+    del state["config"]["sparsity"]["ast_subnet_bn"]  # as written by a version without the field
+    torch.save(state, path)
+    assert fit(config, resume=True).metrics["epoch"].tolist() == [1, 2]
+    state = load_checkpoint(path)
+    state["config"]["sparsity"]["from_the_future"] = 1  # written by a newer version: refused, one line
+    torch.save(state, path)
+    with pytest.raises(UserError, match="saved config does not load"):
+        fit(config, resume=True)
 
 
 def test_nan_loss_stops_the_run(tiny_config):

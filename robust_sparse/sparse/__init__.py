@@ -77,6 +77,12 @@ def _top_fraction(scores: torch.Tensor, density: float) -> torch.Tensor:
     return flat.view_as(scores)
 
 
+def _bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of every BatchNorm layer, by buffer name."""
+    return {name: buffer for name, buffer in model.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
 @torch.no_grad()
 def _bsrnet_reinit(params: dict[str, nn.Parameter], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """BSR-Net's init: theta = |truncated He normal| (TF ``he_normal``: std sqrt(2/fan_in)/0.8796, cut at 2
@@ -138,6 +144,7 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
         layerwise = config.prune_scope is PruneScope.LAYERWISE
         return AlternatingMasker(params, optimizer, random_masks(shapes, init, generator, device), schedule,
                                  gc=config.ast_gc, gc_beta=config.ast_gc_beta, nested=config.ast_nested,
+                                 bn_buffers=_bn_statistics(model) if config.ast_subnet_bn else None,
                                  layer_densities=(lambda density: allocate(shapes, density)) if layerwise else None)
 
     if method is SparsityMethod.GSE and config.distribution is None:

@@ -10,7 +10,9 @@ How this module realises it without touching the model's forward:
 * after the step, everything outside ``M_k`` is put back from the stash, so training sub-net ``k`` never
   changes a weight, or the optimizer state, outside its mask (the official code lets shared momentum and
   weight decay move other sub-nets' weights; we do not);
-* BatchNorm, biases and every dense parameter are shared, as in the official code.
+* biases, BatchNorm's affine parameters and every dense parameter are shared, as in the official code;
+  BatchNorm's running statistics too, unless ``ast_subnet_bn`` keeps one set per sub-net (the statistics of a
+  1% sub-net are not those of a 10% one: shared statistics cost accuracy at evaluation).
 
 Topology, per sub-net and on its own iteration count ``i`` (events every ``update_every`` of its steps,
 delayed by ``k * offset`` so that the sub-nets rewire at different times, until ``end_fraction`` of its steps):
@@ -111,9 +113,13 @@ class AlternatingMasker(SparseMasker):
 
     def __init__(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                  initial_masks: dict[str, torch.Tensor], schedule: ASTSchedule, *, gc: bool, gc_beta: float,
-                 nested: bool, layer_densities: Callable[[float], dict[str, float]] | None = None) -> None:
+                 nested: bool, layer_densities: Callable[[float], dict[str, float]] | None = None,
+                 bn_buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.schedule, self.gc, self.gc_beta, self.nested = schedule, gc, gc_beta, nested
         self.layer_densities = layer_densities  # None: one global |W| threshold (official)
+        # Per-sub-net BatchNorm statistics: the model's buffers hold the active sub-net's; the others wait here.
+        self.bn_buffers = bn_buffers
+        self._bn = [{n: b.clone() for n, b in bn_buffers.items()} for _ in schedule.densities] if bn_buffers else None
         self.count = len(schedule.densities)
         self.subnet_masks = [{name: initial_masks[name].to(p.device, torch.bool).clone() for name, p in params.items()}
                              for _ in range(self.count)]  # every sub-net starts from the same mask
@@ -179,6 +185,10 @@ class AlternatingMasker(SparseMasker):
     @torch.no_grad()
     def _select(self, k: int) -> None:
         """Make the model sub-net ``k``: stash the full weights and buffers, zero what ``M_k`` hides."""
+        if self._bn is not None and self.bn_buffers:  # swap in sub-net k's BatchNorm statistics
+            for name, buffer in self.bn_buffers.items():
+                self._bn[self.active][name] = buffer.clone()
+                buffer.copy_(self._bn[k][name])
         self.active = k
         for name, param in self.params.items():
             mask = self.subnet_masks[k][name]
@@ -220,6 +230,9 @@ class AlternatingMasker(SparseMasker):
         active = self.active
         self._restore_hidden()
         self._select(k)
+        if self.bn_buffers:  # ranks updated their stored statistics on their own shards: use rank 0's
+            for buffer in self.bn_buffers.values():
+                distributed.broadcast(buffer)
         try:
             yield
         finally:
@@ -357,6 +370,10 @@ class AlternatingMasker(SparseMasker):
                                      for name, param in self.params.items() for saved in [self._stash_state.get(name, {})]},
             "running_gradients": [{name: g.clone() for name, g in running.items()} for running in self._running],
         })
+        if self._bn is not None:
+            current = {name: buffer.clone() for name, buffer in self.bn_buffers.items()}
+            state["batchnorm"] = [current if k == self.active else {n: b.clone() for n, b in saved.items()}
+                                  for k, saved in enumerate(self._bn)]
         return state
 
     def _full(self, name: str, current: torch.Tensor, stashed: torch.Tensor) -> torch.Tensor:
@@ -386,6 +403,12 @@ class AlternatingMasker(SparseMasker):
                     value.copy_(saved[key])
         device = next(iter(self.params.values())).device
         self._running = [{name: g.to(device) for name, g in running.items()} for running in state["running_gradients"]]
+        if self._bn is not None:
+            if "batchnorm" not in state:
+                raise ValueError("the saved AST state has no per-sub-net BatchNorm statistics (ast_subnet_bn)")
+            self._bn = [{n: b.to(device) for n, b in saved.items()} for saved in state["batchnorm"]]
+            for name, buffer in self.bn_buffers.items():
+                buffer.copy_(self._bn[self.active][name])
         self._select(self.active)
 
 
@@ -398,6 +421,8 @@ def subnet_weights(checkpoint: dict[str, Any], k: int) -> dict[str, torch.Tensor
     if not 0 <= k < len(subnets):
         raise UserError(f"--subnet {k}: this checkpoint has sub-nets 0..{len(subnets) - 1}")
     state = dict(checkpoint["model"])
+    if sparsity.get("batchnorm"):  # per-sub-net BatchNorm statistics
+        state.update(sparsity["batchnorm"][k])
     full = sparsity.get("full_weights", {})
     for name, mask in subnets[k].items():
         weight = full.get(name, state[name])
