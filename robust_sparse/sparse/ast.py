@@ -185,7 +185,7 @@ class AlternatingMasker(SparseMasker):
     @torch.no_grad()
     def _select(self, k: int) -> None:
         """Make the model sub-net ``k``: stash the full weights and buffers, zero what ``M_k`` hides."""
-        if self._bn is not None and self.bn_buffers:  # swap in sub-net k's BatchNorm statistics
+        if self._bn is not None:  # swap in sub-net k's BatchNorm statistics
             for name, buffer in self.bn_buffers.items():
                 self._bn[self.active][name] = buffer.clone()
                 buffer.copy_(self._bn[k][name])
