@@ -186,6 +186,7 @@ def test_schedule_shape_and_too_short_run():
     ("sparsity.ast_densities=[1.5]", r"\(0, 1\]"),
     ("sparsity.ast_init_density=0.05", "ast_init_density"),
     ("sparsity.ast_gc_beta=1", "ast_gc_beta"),
+    ("sparsity.ast_offset=-1", "ast_offset"),
 ])
 def test_bad_ast_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message):
