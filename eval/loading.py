@@ -93,6 +93,13 @@ def from_checkpoint(path: str | Path, data_root: str | None = None, subnet: int 
 
     AST checkpoints hold several sub-nets over one weight tensor: ``subnet`` picks one (required there).
     """
+    return from_checkpoint_subnets(path, data_root, [subnet])[0]
+
+
+def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
+                            subnets: list[int | None] | None = None) -> list[LoadedModel]:
+    """One model per requested sub-net of a checkpoint, read once; ``subnets=None``: every sub-net of an AST
+    checkpoint, or the one network of any other."""
     from robust_sparse.config import config_from_dict
     from robust_sparse.data import DATASETS
     from robust_sparse.models import build_model
@@ -106,33 +113,32 @@ def from_checkpoint(path: str | Path, data_root: str | None = None, subnet: int 
         raw = {**raw, "data": {**raw.get("data", {}), "root": data_root}}
     config = config_from_dict(raw)
     info = DATASETS[config.data.dataset]
-    model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std)
-    weights, suffix = state["model"], ""
-    subnets = (state.get("sparsity") or {}).get("subnet_masks")
-    if subnets:
-        if subnet is None:
-            raise UserError(f"{path} is an AST checkpoint with {len(subnets)} sub-nets: pass --subnet K "
-                            f"(0..{len(subnets) - 1}, 0 = the densest)")
-        from robust_sparse.sparse.ast import subnet_weights
+    stored = (state.get("sparsity") or {}).get("subnet_masks") or []
+    if subnets is None:
+        subnets = list(range(len(stored))) if stored else [None]
+    loaded = []
+    for subnet in subnets:
+        weights, suffix = state["model"], ""
+        if stored:
+            if subnet is None:
+                raise UserError(f"{path} is an AST checkpoint with {len(stored)} sub-nets: pass --subnet K "
+                                f"(0..{len(stored) - 1}, 0 = the densest)")
+            from robust_sparse.sparse.ast import subnet_weights
 
-        weights, suffix = subnet_weights(state, subnet), f"/subnet{subnet}"
-    elif subnet is not None:
-        raise UserError(f"--subnet {subnet}: {path} is not an AST checkpoint (it has one network)")
-    _load_into(model, weights, path, config.model.name)
-    eval_config = config.eval
-    return LoadedModel(
-        model=model.eval(), name=(f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem) + suffix,
-        source="checkpoint", path=str(path), architecture=config.model.name, dataset=config.data.dataset,
-        norm=config.attack.norm.value, eps=eval_config.eps if eval_config.eps is not None else config.attack.eps,
-        n_examples=eval_config.n_examples or None, pgd_steps=eval_config.pgd_steps, restarts=eval_config.restarts,
-        data_root=config.data.root, epoch=state.get("epoch"),
-    )
-
-
-def checkpoint_subnets(path: str | Path) -> int:
-    """How many AST sub-nets a robust-sparse checkpoint holds (0: an ordinary checkpoint)."""
-    state = load_checkpoint(Path(path))
-    return len((state.get("sparsity") or {}).get("subnet_masks") or [])
+            weights, suffix = subnet_weights(state, subnet), f"/subnet{subnet}"
+        elif subnet is not None:
+            raise UserError(f"--subnet {subnet}: {path} is not an AST checkpoint (it has one network)")
+        model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std)
+        _load_into(model, weights, path, config.model.name)
+        eval_config = config.eval
+        loaded.append(LoadedModel(
+            model=model.eval(), name=(f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem) + suffix,
+            source="checkpoint", path=str(path), architecture=config.model.name, dataset=config.data.dataset,
+            norm=config.attack.norm.value, eps=eval_config.eps if eval_config.eps is not None else config.attack.eps,
+            n_examples=eval_config.n_examples or None, pgd_steps=eval_config.pgd_steps, restarts=eval_config.restarts,
+            data_root=config.data.root, epoch=state.get("epoch"),
+        ))
+    return loaded
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

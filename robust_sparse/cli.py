@@ -157,9 +157,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("--arch and --weights go together")
     dataset = loading.parse_dataset(args.dataset) if args.dataset else None
     if args.checkpoint is not None:
-        subnets = loading.checkpoint_subnets(args.checkpoint) if args.subnet is None else 0
-        loaded = loading.from_checkpoint(args.checkpoint, data_root=args.data_root,
-                                         subnet=args.subnet if not subnets else 0)
+        # one model, or every sub-net of an AST checkpoint (one row each) unless --subnet picks one
+        models = loading.from_checkpoint_subnets(args.checkpoint, data_root=args.data_root,
+                                                 subnets=None if args.subnet is None else [args.subnet])
+        loaded = models[0]
+        if args.name:  # keep the sub-net suffix: one results key per sub-net
+            for model in models:
+                model.name = args.name + model.name[len(model.name.split("/subnet")[0]):]
         if dataset is not None and dataset is not loaded.dataset:
             raise UserError(f"--dataset {dataset.value}: the checkpoint was trained on {loaded.dataset.value}")
     else:
@@ -172,7 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
             loaded = loading.from_weights(args.arch, args.weights, dataset)
     if args.subnet is not None and args.checkpoint is None:
         raise UserError("--subnet is for AST checkpoints written by robust-sparse train")
-    if args.name:
+    if args.name and args.checkpoint is None:
         loaded.name = args.name
     norm = loading.parse_threat(args.threat_model) if args.threat_model else (loaded.norm or "linf")
     if args.eps is not None:
@@ -206,10 +210,8 @@ def _eval(args: argparse.Namespace) -> int:
         results_dir = Path(args.checkpoint).parent / "eval"
     else:
         results_dir = Path("runs") / "eval"
-    models = [loaded]
-    if args.checkpoint is not None and subnets:  # an AST checkpoint: every sub-net, one row each
-        models += [loading.from_checkpoint(args.checkpoint, data_root=args.data_root, subnet=k)
-                   for k in range(1, subnets)]
+    if args.checkpoint is None:
+        models = [loaded]
     rows, warnings = [], []
     for model in models:
         outcome = _run_evaluation(args, job, model, images, labels, norm, eps_values, attacks, results_dir,

@@ -234,8 +234,11 @@ def test_fit_evaluates_every_subnet_resumes_exactly_and_exports_each(tiny_config
                  "--no-progress", "--results-dir", str(tmp_path / "all")]) == 0
     out = capsys.readouterr().out
     assert "a/best/subnet0 on mnist5k" in out and "a/best/subnet1 on mnist5k" in out
+    assert main(["eval", str(best), "--attacks", "fgsm", "--n-examples", "64", "--device", "cpu", "--no-probe",
+                 "--no-progress", "--results-dir", str(tmp_path / "named"), "--name", "mine"]) == 0
     import pandas as pd
 
+    assert sorted(pd.read_csv(tmp_path / "named" / "results.csv")["model"]) == ["mine/subnet0", "mine/subnet1"]
     store = pd.read_csv(tmp_path / "all" / "results.csv")
     assert sorted(store["model"]) == ["a/best/subnet0", "a/best/subnet1"]
     assert sorted(store["sparsity"].round(2)) == [0.8, 0.95]
