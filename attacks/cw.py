@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robust_sparse.attacks.base import Attack, ascent_step, project, random_start
+from robust_sparse.attacks.pgd import PGD
 
 
 def margin_loss(logits: torch.Tensor, labels: torch.Tensor, kappa: float = float("inf")) -> torch.Tensor:
@@ -23,8 +23,8 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, kappa: float = float
     return (others.amax(1) - true_logit).clamp(max=kappa)
 
 
-class CW(Attack):
-    """Untargeted PGD on the CW margin loss, L-inf or L2, from a random start.
+class CW(PGD):
+    """Untargeted PGD on the CW margin loss, L-inf or L2, from a random start: :class:`PGD` with another loss.
 
     ``kappa`` caps the margin, as in the usual CW-inf evaluation code (50): a point already misclassified by
     ``kappa`` stops moving. One run per call; the evaluation runner does restarts (on the points still
@@ -48,23 +48,10 @@ class CW(Attack):
         random_start: bool = True,
         kappa: float = 50.0,
     ) -> None:
-        super().__init__(model)
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-        if eps < 0 or step_size <= 0 or steps < 1 or kappa <= 0:
-            raise ValueError("CW needs eps >= 0, step_size > 0, steps >= 1 and kappa > 0")
-        self.norm, self.eps, self.step_size, self.steps = norm, eps, step_size, steps
-        self.random_start, self.kappa = random_start, kappa
+        super().__init__(model, norm=norm, eps=eps, step_size=step_size, steps=steps, random_start=random_start)
+        if kappa <= 0:
+            raise ValueError(f"CW needs kappa > 0, got {kappa}")
+        self.kappa = kappa
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:
-            raise ValueError("CW needs labels")
-        delta = torch.zeros_like(images)
-        if self.random_start:
-            delta = project(random_start(images, self.norm, self.eps), images, self.norm, self.eps)
-        for _ in range(self.steps):
-            delta.requires_grad_(True)
-            loss = margin_loss(self.model(images + delta), labels, self.kappa).sum()
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = project(delta.detach() + ascent_step(grad, self.norm, self.step_size), images, self.norm, self.eps)
-        return images + delta
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return margin_loss(logits, labels, self.kappa).sum()

@@ -68,13 +68,17 @@ class PGD(Attack):
             still_robust &= ~fooled
         return best
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The summed objective each step ascends (cross-entropy here; subclasses change only this)."""
+        return F.cross_entropy(logits, labels, reduction="sum")
+
     def _run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         delta = torch.zeros_like(images)
         if self.random_start:
             delta = project(random_start(images, self.norm, self.eps), images, self.norm, self.eps)
         for _ in range(self.steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(self.model(images + delta), labels, reduction="sum")
+            loss = self.loss(self.model(images + delta), labels)
             (grad,) = torch.autograd.grad(loss, delta)
             delta = project(delta.detach() + ascent_step(grad, self.norm, self.step_size), images, self.norm, self.eps)
         return images + delta
