@@ -252,12 +252,20 @@ def test_sgdw_matches_hand_computation():
 # ---- runs, resume, export ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["bsrnet", "rigl"])
+RESUMED = {
+    "bsrnet": ["sparsity.update_every=4", "optim.epochs=3"],
+    "rigl": ["sparsity.update_every=4", "optim.epochs=3"],
+    # GSE rewires every step on a smaller split (3 steps per epoch), so its sampling generators are exercised
+    "gse": ["sparsity.update_every=1", "optim.epochs=2", "data.train_limit=192", "data.val_size=64",
+            "val.max_examples=64"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
 def test_resumed_sparse_run_matches_uninterrupted(method, tiny_config, tmp_path):
     from test_train import _train_one_epoch_then_stop
 
-    common = [f"sparsity.method={method}", "sparsity.density=0.2", "sparsity.update_every=4",
-              "optim.epochs=3", "eval.n_examples=0"]
+    common = [f"sparsity.method={method}", "sparsity.density=0.2", "eval.n_examples=0", *RESUMED[method]]
     uninterrupted = fit(tiny_config(*common, f"out_dir={tmp_path / 'a'}"))
     killed = tiny_config(*common, f"out_dir={tmp_path / 'b'}")
     _train_one_epoch_then_stop(killed)
@@ -270,6 +278,8 @@ def test_resumed_sparse_run_matches_uninterrupted(method, tiny_config, tmp_path)
         assert torch.equal(a["sparsity"]["masks"][key], b["sparsity"]["masks"][key])
         assert torch.equal(a["sparsity"]["ever_active"][key], b["sparsity"]["ever_active"][key])
     assert a["sparsity"]["step"] == b["sparsity"]["step"]
+    if "generator" in a["sparsity"]["engine"]:
+        assert torch.equal(a["sparsity"]["engine"]["generator"], b["sparsity"]["engine"]["generator"])
     assert list(resumed.metrics["density"]) == list(uninterrupted.metrics["density"])
 
 
