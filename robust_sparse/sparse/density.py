@@ -33,13 +33,20 @@ def erk(shapes: Shapes, density: float, dense_layers: frozenset[str] = frozenset
 
     Layers whose ERK density would exceed 1 are made dense and the scale is solved again for the rest.
     """
+    return _proportional(shapes, density, lambda s: sum(s) / math.prod(s), "ERK", dense_layers)
+
+
+def _proportional(shapes: Shapes, density: float, score: Callable[[tuple[int, ...]], float], label: str,
+                  dense_layers: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Layer densities ``scale * score(shape)`` meeting the global ``density``; a layer the scale would push
+    above 1 is made dense and the scale is solved again for the others."""
     dense = set(dense_layers)
     while True:
         budget = density * sum(math.prod(s) for s in shapes.values())
         budget -= sum(math.prod(shapes[n]) for n in dense)
-        raw = {n: sum(s) / math.prod(s) for n, s in shapes.items() if n not in dense}
+        raw = {n: score(s) for n, s in shapes.items() if n not in dense}
         if not raw:
-            raise ConfigError(f"sparsity.density = {density}: ERK made every layer dense")
+            raise ConfigError(f"sparsity.density = {density}: {label} made every layer dense")
         scale = budget / sum(raw[n] * math.prod(shapes[n]) for n in raw)
         overflowing = {n for n in raw if scale * raw[n] > 1}
         if not overflowing:
@@ -97,20 +104,8 @@ def gse_er(shapes: Shapes, density: float) -> dict[str, float]:
     out and the scale is solved again for the rest (the official code clips without re-solving, so it falls
     short of the budget whenever a layer is clipped).
     """
-    def raw(shape: tuple[int, ...]) -> float:
+    def fans(shape: tuple[int, ...]) -> float:
         fan_out, fan_in = shape[0], math.prod(shape[1:])
         return (fan_in + fan_out) / (fan_in * fan_out)
 
-    dense: set[str] = set()
-    while True:
-        budget = density * sum(math.prod(s) for s in shapes.values())
-        budget -= sum(math.prod(shapes[n]) for n in dense)
-        rest = {n: raw(s) for n, s in shapes.items() if n not in dense}
-        if not rest:
-            raise ConfigError(f"sparsity.density = {density}: GSE's Erdős–Rényi made every layer dense")
-        scale = budget / sum(rest[n] * math.prod(shapes[n]) for n in rest)
-        overflowing = {n for n in rest if scale * rest[n] > 1}
-        if not overflowing:
-            break
-        dense |= overflowing
-    return {n: 1.0 if n in dense else scale * rest[n] for n in shapes}
+    return _proportional(shapes, density, fans, "GSE's Erdős–Rényi")
