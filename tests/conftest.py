@@ -61,3 +61,14 @@ def tiny_config(tmp_path):
         ])
 
     return make
+
+
+def assert_in_ball_and_box(adversarial: torch.Tensor, images: torch.Tensor, attack) -> torch.Tensor:
+    """The attack's output is an image ([0,1]) within its eps-ball around ``images``; returns the flat deltas."""
+    delta = (adversarial - images).flatten(1)
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    if attack.norm == "linf":
+        assert delta.abs().max() <= attack.eps + 1e-6
+    else:
+        assert delta.norm(dim=1).max() <= attack.eps + 1e-5
+    return delta
