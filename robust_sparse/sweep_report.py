@@ -25,12 +25,17 @@ def _cell(value: Any) -> Any:
     return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, (list, dict)) else value
 
 
-def _parse_overrides(text: str) -> dict[str, Any]:
+def _parse_items(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> ``{"a.b": 1, ...}``, values read as YAML."""
     values = {}
-    for item in text.split():
-        key, _, raw = item.partition("=")
-        values[key] = _cell(yaml.safe_load(raw))
+    for item in items:
+        key, _, raw = str(item).partition("=")
+        values[key.strip()] = _cell(yaml.safe_load(raw))
     return values
+
+
+def _parse_overrides(text: str) -> dict[str, Any]:
+    return _parse_items(text.split())
 
 
 def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -137,11 +142,7 @@ def collect_many(sweep_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _fixed_overrides(sweep_dir: Path) -> dict[str, Any]:
     """The ``overrides`` of a sweep directory's sweep.yaml, as field -> value."""
     data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
-    values = {}
-    for item in data.get("overrides") or []:
-        key, _, raw = str(item).partition("=")
-        values[key.strip()] = _cell(yaml.safe_load(raw))
-    return values
+    return _parse_items(data.get("overrides") or [])
 
 
 def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
