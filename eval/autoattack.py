@@ -30,6 +30,7 @@ import importlib
 import importlib.machinery
 import io
 import logging
+import re
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -46,6 +47,7 @@ STANDARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 WHITE_BOX_ATTACKS = frozenset({"apgd-ce", "apgd-t", "fab-t"})
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
+_NUMBER = re.compile(r"\d+")  # point counts in AutoAttack's warnings
 
 
 def aa_norm(norm: str) -> str:
@@ -84,9 +86,21 @@ class AutoAttackBackend(ABC):
         return self.run(handle, images, labels, batch_size=batch_size)
 
     def _note(self, message: str) -> None:
+        """Keep each distinct message once; those differing only in their numbers (AutoAttack's "there are N
+        points with zero gradient!", once per call) once, with the largest numbers."""
         message = message.strip()
-        if message and message not in self.messages:
-            self.messages.append(message)
+        if not message:
+            return
+        for index, kept in enumerate(self.messages):
+            if _NUMBER.sub("#", kept) == _NUMBER.sub("#", message):
+                if _numbers(message) > _numbers(kept):
+                    self.messages[index] = message
+                return
+        self.messages.append(message)
+
+
+def _numbers(message: str) -> list[int]:
+    return [int(number) for number in _NUMBER.findall(message)]
 
 
 class GitHubAutoAttack(AutoAttackBackend):

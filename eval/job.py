@@ -42,7 +42,7 @@ class EvalRequest:
     resume: bool = True
     progress: bool = False
     autoattack_backend: str = "auto"
-    large_eps: float | None = None  # None: no probe
+    large_eps: float | str | None = "auto"  # the gradient-masking probe's eps; None: no probe
     cross_check: bool = False
 
 
@@ -108,9 +108,6 @@ def run(request: EvalRequest) -> EvalOutcome:
             settings=settings, progress=request.progress, autoattack_backend=request.autoattack_backend,
             large_eps=request.large_eps,
         )
-        evaluation.warnings = sanity.check_evaluation(evaluation)
-        for warning in evaluation.warnings:
-            log.warning("%s", warning)
         row = _row(request, evaluation, stats, fingerprints, state)
         append_result(request.results_dir, row)
         rows.append(row)
@@ -130,6 +127,7 @@ def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fi
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
         "dataset": loaded.dataset.value, "threat_model": threat_label(request.norm), "eps": evaluation.eps,
+        "train_images": loaded.train_images, "epochs": loaded.epochs,
         "n_examples": evaluation.n, "seed": evaluation.seed, "batch_size": evaluation.batch_size,
         "mode": "chained" if evaluation.chained else "standalone",
         "attacks": ",".join(o.spec.key for o in evaluation.outcomes),
@@ -170,3 +168,33 @@ def format_row(row: dict[str, Any]) -> str:
     for warning in row["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
+
+
+def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: torch.device,
+                          progress: bool = False, seed: int = 0) -> EvalOutcome:
+    """The original AutoAttack (standard) on the first ``n_examples`` test points of a robust-sparse checkpoint,
+    at its evaluation eps, into ``<run dir>/eval`` (resumable from the per-point flags there).
+
+    What ``robust-sparse train`` runs after training when ``eval.autoattack_examples`` is set. AST checkpoints
+    give one row per sub-net, as ``robust-sparse eval`` does.
+    """
+    from robust_sparse.data import DATASETS
+    from robust_sparse.eval.loading import from_checkpoint_subnets, load_points
+    from robust_sparse.eval.specs import parse_attacks
+
+    checkpoint = Path(checkpoint)
+    models = from_checkpoint_subnets(checkpoint)
+    first = models[0]
+    images, labels = load_points(first.dataset, n_examples, root=first.data_root or "data")
+    outcome = EvalOutcome([], [], [])
+    for loaded in models:
+        request = EvalRequest(loaded=loaded, images=images, labels=labels, norm=first.norm or "linf",
+                              eps=[first.eps], attacks=parse_attacks("autoattack"),
+                              num_classes=DATASETS[first.dataset].num_classes, results_dir=checkpoint.parent / "eval",
+                              device=device, seed=seed, progress=progress)
+        result = run(request)
+        outcome.rows += result.rows
+        outcome.evaluations += result.evaluations
+        outcome.warnings += result.warnings
+    return outcome
+

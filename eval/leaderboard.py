@@ -7,7 +7,8 @@ Flying Bird), each with its protocol (eps, attack, number of test points), sourc
 are in percent; ``sparsity`` is the fraction of pruned weights (empty when the source does not say).
 
 A row is *comparable* with one of our results when the dataset, threat model, eps, attack and number of
-test points all match; :func:`differences` says which of them do not.
+test points all match and, for a model trained here, when it was trained on the dataset's whole training set
+without extra data, as the published rows were; :func:`differences` says in words which of them do not.
 """
 
 from __future__ import annotations
@@ -64,10 +65,31 @@ def normalize_attack(label: Any) -> str:
     return text
 
 
+#: Training images of the published protocol (the whole training split; extra data is flagged per entry).
+FULL_TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+
+
+def _known(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def differences(entry: dict[str, Any], *, dataset: str, threat_model: str, eps: float, attack: str,
-                n_examples: int) -> list[str]:
-    """Why a leaderboard ``entry`` is not comparable with a result (empty list: it is)."""
+                n_examples: int, train_images: int | None = None, epochs: int | None = None) -> list[str]:
+    """Why a leaderboard ``entry`` is not comparable with a result (empty list: it is).
+
+    ``train_images``/``epochs``: the recipe of a model trained here (unknown for outside models). Published rows
+    train on the whole training split (plus extra data where the entry says so), so a model trained on a subset
+    of it answers another question, whatever its attack and n.
+    """
     reasons = []
+    full = FULL_TRAIN_IMAGES.get(str(entry["dataset"]))
+    extra = str(entry.get("extra_data", "")).strip().lower() == "true"
+    if _known(train_images) and entry["dataset"] == dataset and full is not None:
+        ours = f"trained on {int(train_images):,} images" + (f" for {int(epochs)} epochs" if _known(epochs) else "")
+        if extra:
+            reasons.append(f"{ours}; the entry used {full:,} plus extra data")
+        elif int(train_images) < 0.8 * full:  # a validation split of up to 20% is the usual protocol
+            reasons.append(f"{ours}; the entry used the {full:,} of the training split")
     if entry["dataset"] != dataset:
         reasons.append(f"dataset {entry['dataset']}")
     if str(entry["threat_model"]).lower() != threat_model.lower():

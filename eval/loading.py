@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.checkpoint import load_checkpoint, safe_load
 from robust_sparse.config import DataConfig, DatasetName
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.eval.runner import check_inputs
@@ -82,6 +82,9 @@ class LoadedModel:
     restarts: int | None = None
     data_root: str | None = None
     epoch: int | None = None
+    # the training recipe (checkpoints only): images trained on and epochs planned, for the report's comparison
+    train_images: int | None = None
+    epochs: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,24 +140,25 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
             norm=config.attack.norm.value, eps=eval_config.eps if eval_config.eps is not None else config.attack.eps,
             n_examples=eval_config.n_examples or None, pgd_steps=eval_config.pgd_steps, restarts=eval_config.restarts,
             data_root=config.data.root, epoch=state.get("epoch"),
+            train_images=(state.get("data_sizes") or {}).get("train"), epochs=config.optim.epochs,
         ))
     return loaded
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a file: plain, or under ``state_dict``/``model`` (robust-sparse), ``module.`` stripped."""
+def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """A state_dict from a file: plain, under ``key`` when given, else under ``state_dict``/``model``
+    (robust-sparse) when present; ``module.`` (DataParallel) stripped."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a bad file; the first line says which
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"weights file {path} is corrupted or not loadable safely: {reason}") from None
-    if isinstance(payload, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(payload.get(key), dict):
-                payload = payload[key]
+    payload = safe_load(path, "weights file")
+    if key is not None:
+        if not isinstance(payload, dict) or key not in payload:
+            keys = ", ".join(map(str, list(payload)[:8])) if isinstance(payload, dict) else type(payload).__name__
+            raise UserError(f"--weights-key {key!r}: {path} has no such key (it holds: {keys})")
+        payload = payload[key]
+    elif isinstance(payload, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(payload.get(wrapper), dict):
+                payload = payload[wrapper]
                 break
     if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise UserError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
@@ -164,12 +168,43 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _load_into(model: nn.Module, state_dict: dict[str, Any], path: Path, architecture: str) -> None:
     try:
         model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise UserError(f"{path}: weights do not fit {architecture}: {str(error).strip().splitlines()[0]}") from None
+    except RuntimeError as error:  # torch's first line is only "Error(s) in loading state_dict for X:"
+        expected = model.state_dict()
+
+        def first(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        shapes = [f"{k} {list(v.shape)} in the file, {list(expected[k].shape)} in the model"
+                  for k, v in state_dict.items()
+                  if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape]
+        parts = [f"{label} {len(names)} ({first(names)})" for label, names in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if names]
+        lines = [line.strip() for line in str(error).strip().splitlines()]
+        detail = "; ".join(parts) or next((line for line in lines[1:] if line), lines[0] if lines else "")
+        raise UserError(f"{path}: weights do not fit {architecture}: {detail}") from None
+
+
+def exported_protocol(weights: str | Path) -> dict[str, Any] | None:
+    """The protocol ``robust-sparse export`` wrote beside ``model_dense.pt`` (``export.json``), if any."""
+    import json
+
+    manifest = Path(weights).parent / "export.json"
+    if Path(weights).name != "model_dense.pt" or not manifest.is_file():
+        return None
+    try:
+        protocol = json.loads(manifest.read_text()).get("protocol")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{manifest}: unreadable export manifest (re-run robust-sparse export)") from None
+    return protocol if isinstance(protocol, dict) else None
 
 
 def from_weights(architecture: str, path: str | Path, dataset: DatasetName) -> LoadedModel:
-    """A plain state_dict for an architecture of :data:`robust_sparse.models.MODELS` and a dataset's shapes."""
+    """A plain state_dict for an architecture of :data:`robust_sparse.models.MODELS` and a dataset's shapes.
+
+    An exported ``model_dense.pt`` brings its run's threat model and eps (``export.json``) as the defaults.
+    """
     from robust_sparse.data import DATASETS
     from robust_sparse.models import build_model
 
@@ -177,16 +212,118 @@ def from_weights(architecture: str, path: str | Path, dataset: DatasetName) -> L
     model = build_model(architecture, info.num_classes, info.in_channels, info.mean, info.std)
     path = Path(path)
     _load_into(model, read_state_dict(path), path, architecture)
-    return LoadedModel(model=model.eval(), name=f"{architecture}:{path.stem}", source="weights", path=str(path),
+    loaded = LoadedModel(model=model.eval(), name=f"{architecture}:{path.stem}", source="weights", path=str(path),
+                         architecture=architecture, dataset=dataset)
+    protocol = exported_protocol(path)
+    if protocol is not None and protocol.get("dataset") == dataset.value:
+        loaded.norm, loaded.eps = protocol.get("norm"), protocol.get("eps")
+    return loaded
+
+
+def parse_factory(spec: str) -> tuple[str, str]:
+    """``FILE.py:FACTORY`` or ``package.module:FACTORY`` -> (module part, attribute); one-line error otherwise."""
+    module, sep, attribute = spec.rpartition(":")
+    if not sep or not module or not attribute.isidentifier():
+        raise UserError(f"--model {spec!r}: expected FILE.py:FACTORY or package.module:FACTORY, e.g. factory.py:build")
+    return module, attribute
+
+
+def _import_factory_module(module: str, spec: str):
+    import importlib
+    import importlib.util
+    import sys
+
+    if module.endswith(".py") or "/" in module or "\\" in module:
+        path = Path(module)
+        if not path.is_file():
+            raise UserError(f"--model {spec}: file not found: {path}")
+        # a name of its own per file, so two factory files never share a module cache entry
+        name = "robust_sparse_user_model_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        loaded = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = loaded  # dataclasses and pickling look modules up by name while they execute
+        try:
+            module_spec.loader.exec_module(loaded)
+        except Exception as error:
+            sys.modules.pop(name, None)
+            raise UserError(f"--model {spec}: importing {path} failed: {_reason(error)}") from None
+        return loaded
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise UserError(f"--model {spec}: no module {error.name!r} (a FILE.py path, or an importable "
+                        "package.module)") from None
+    except Exception as error:
+        raise UserError(f"--model {spec}: importing {module} failed: {_reason(error)}") from None
+
+
+def check_model_output(model: nn.Module, dataset: DatasetName, what: str) -> None:
+    """One forward pass on two blank images of the dataset's shape: the model must return [2, num_classes] logits.
+
+    Run before any data or attack work, so a model for another dataset fails in one line, not mid-evaluation.
+    """
+    from robust_sparse.data import DATASETS
+
+    info = DATASETS[dataset]
+    probe = torch.full((2, info.in_channels, info.image_size, info.image_size), 0.5)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(probe)
+    except Exception as error:
+        raise UserError(f"{what}: a forward pass on {dataset.value} images [2, {info.in_channels}, "
+                        f"{info.image_size}, {info.image_size}] failed: {_reason(error)}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, info.num_classes):
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise UserError(f"{what}: the model must return logits of shape [batch, {info.num_classes}] for "
+                        f"{dataset.value}, got {shape} for a batch of 2")
+
+
+def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = None,
+                 weights_key: str | None = None) -> LoadedModel:
+    """Any model: ``FACTORY()`` from ``FILE.py:FACTORY`` or ``package.module:FACTORY`` returns an ``nn.Module`` on
+    [0,1] inputs; ``weights`` (a state_dict, or a dict holding one under ``weights_key``) is loaded strictly.
+
+    Every failure (file, attribute, the factory raising, weights that do not fit, output shape) is a one-line
+    :class:`UserError` before any data or attack work.
+    """
+    module_name, attribute = parse_factory(spec)
+    if weights is not None and not Path(weights).is_file():  # the cheap check before running user code
+        raise UserError(f"--weights: file not found: {weights}")
+    module = _import_factory_module(module_name, spec)
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(attribute, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"--model {spec}: {module_name} has no attribute {attribute!r}{hint}")
+    if not callable(factory):
+        raise UserError(f"--model {spec}: {attribute} is a {type(factory).__name__}, not a callable factory")
+    try:
+        model = factory()
+    except Exception as error:
+        raise UserError(f"--model {spec}: {attribute}() raised {_reason(error)}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"--model {spec}: {attribute}() returned a {type(model).__name__}, not a torch.nn.Module")
+    architecture = type(model).__name__
+    name = f"{Path(module_name).stem if module_name.endswith('.py') else module_name}:{attribute}"
+    if weights is not None:
+        path = Path(weights)
+        _load_into(model, read_state_dict(path, key=weights_key), path, architecture)
+        name = f"{name}:{path.stem}"
+    elif weights_key is not None:
+        raise UserError("--weights-key needs --weights")
+    model = model.cpu().eval()
+    check_model_output(model, dataset, f"--model {spec}")
+    return LoadedModel(model=model, name=name, source="factory", path=str(weights or module_name),
                        architecture=architecture, dataset=dataset)
 
 
-def from_robustbench(name: str, dataset: DatasetName, norm: str, model_dir: str | Path) -> LoadedModel:
-    """A RobustBench zoo model through ``robustbench.utils.load_model``.
-
-    The weights are read from ``<model_dir>/<dataset>/<Linf|L2>/<name>.pt`` when present; otherwise robustbench
-    downloads them, and without a network that fails with a one-line error naming the path to fill.
-    """
+def check_robustbench_name(name: str, dataset: DatasetName, norm: str) -> None:
+    """The zoo has an entry ``name`` for this dataset and threat model (cheap: no weights are read)."""
     from robust_sparse.compat import import_robustbench
 
     if dataset not in ROBUSTBENCH_DATASETS:
@@ -195,7 +332,6 @@ def from_robustbench(name: str, dataset: DatasetName, norm: str, model_dir: str 
     import_robustbench()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-    from robustbench.utils import load_model
 
     threat = ROBUSTBENCH_THREATS[norm]
     zoo = model_dicts[BenchmarkDataset(dataset.value)][ThreatModel(threat)]
@@ -203,6 +339,18 @@ def from_robustbench(name: str, dataset: DatasetName, norm: str, model_dir: str 
         close = difflib.get_close_matches(name, list(zoo), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f" ({len(zoo)} entries, e.g. Standard)"
         raise UserError(f"unknown RobustBench model {name!r} for {dataset.value}/{threat}{hint}")
+
+
+def from_robustbench(name: str, dataset: DatasetName, norm: str, model_dir: str | Path) -> LoadedModel:
+    """A RobustBench zoo model through ``robustbench.utils.load_model``.
+
+    The weights are read from ``<model_dir>/<dataset>/<Linf|L2>/<name>.pt`` when present; otherwise robustbench
+    downloads them, and without a network that fails with a one-line error naming the path to fill.
+    """
+    check_robustbench_name(name, dataset, norm)
+    from robustbench.utils import load_model
+
+    threat = ROBUSTBENCH_THREATS[norm]
     model_dir = Path(model_dir)
     path = model_dir / dataset.value / threat / f"{name}.pt"
     existed = path.is_file()
@@ -249,12 +397,13 @@ def load_points(dataset: DatasetName, n: int | None, *, root: str = "data", down
     ``data_file`` replaces the dataset's test split with a torch file holding ``{"images", "labels"}``
     (uint8 0-255, or float in [0, 1]). ``n=None`` takes ``min(10000, size)``; a larger ``n`` is an error.
     """
-    from robust_sparse.data import DATASETS, load_raw
+    from robust_sparse.data import DATASETS, EVAL_DOWNLOAD_HINT, load_raw
 
     if data_file is not None:
         images, labels = _read_points(Path(data_file))
     else:
-        _, test = load_raw(DataConfig(dataset=dataset, root=root, download=download), need_train=False)
+        _, test = load_raw(DataConfig(dataset=dataset, root=root, download=download), need_train=False,
+                           download_hint=EVAL_DOWNLOAD_HINT)
         images, labels = test.images, test.labels
     total = len(labels)
     if n is None:
@@ -271,13 +420,7 @@ def load_points(dataset: DatasetName, n: int | None, *, root: str = "data", down
 
 
 def _read_points(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"data file {path} is corrupted or not loadable safely: {reason}") from None
+    payload = safe_load(path, "data file")
     if not isinstance(payload, dict) or not {"images", "labels"} <= set(payload):
         raise UserError(f"data file {path} must hold a dict with 'images' [N,C,H,W] and 'labels' [N]")
     images, labels = payload["images"], payload["labels"]

@@ -28,8 +28,12 @@ def collect(results_dirs: Sequence[str | Path]) -> pd.DataFrame:
     frames = []
     for directory in results_dirs:
         directory = Path(directory)
+        if not (directory / RESULTS_JSON).is_file() and (directory / "eval" / RESULTS_JSON).is_file():
+            directory = directory / "eval"  # a run directory: its evaluations are in eval/
         if not (directory / RESULTS_JSON).is_file():
-            raise UserError(f"no results in {directory} (expected {RESULTS_JSON}; run robust-sparse eval first)")
+            hint = (f"; {directory} is a run directory: run robust-sparse eval {directory / 'best.pt'} first"
+                    if (directory / "best.pt").is_file() else "; run robust-sparse eval first")
+            raise UserError(f"no results in {directory} (expected {RESULTS_JSON}){hint}")
         frames.append(load_results(directory))
     frame = pd.concat(frames, ignore_index=True)
     frame = frame.drop_duplicates(subset=IDENTITY, keep="last").reset_index(drop=True)
@@ -155,8 +159,7 @@ def _comparison(ours: pd.DataFrame, board: pd.DataFrame) -> list[str]:
             for label in r["per_attack"]:
                 if "/" in label:
                     continue
-                reasons = differences(entry.to_dict(), dataset=r["dataset"], threat_model=r["threat_model"],
-                                      eps=float(r["eps"]), attack=label, n_examples=int(r["n_examples"]))
+                reasons = _differences(entry.to_dict(), r, label)
                 verdicts.append((len(reasons), reasons, r["model"], label))
         verdicts.sort(key=lambda v: v[0])
         matches = sorted({f"{model} ({label})" for count, _, model, label in verdicts if count == 0})
@@ -233,9 +236,15 @@ def _plot_sparsity(ours: pd.DataFrame, board: pd.DataFrame, dataset: str, threat
 
 
 def _comparable_with_any(entry: dict[str, Any], ours: pd.DataFrame) -> bool:
-    return any(not differences(entry, dataset=r["dataset"], threat_model=r["threat_model"], eps=float(r["eps"]),
-                               attack=label, n_examples=int(r["n_examples"]))
+    return any(not _differences(entry, r, label)
                for _, r in ours.iterrows() for label in r["per_attack"] if "/" not in label)
+
+
+def _differences(entry: dict[str, Any], ours: pd.Series, attack: str) -> list[str]:
+    """Why ``entry`` is not comparable with our result row ``ours`` under ``attack``."""
+    return differences(entry, dataset=ours["dataset"], threat_model=ours["threat_model"], eps=float(ours["eps"]),
+                       attack=attack, n_examples=int(ours["n_examples"]), train_images=ours.get("train_images"),
+                       epochs=ours.get("epochs"))
 
 
 def _plot_eps(ours: pd.DataFrame, dataset: str, threat: str, out: Path) -> Path | None:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from robust_sparse.attacks import CW, FGSM, PGD
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.errors import CheckpointError, UserError
+from robust_sparse.eval import sanity
 from robust_sparse.eval.accuracy import pgd_step_size, predict
 from robust_sparse.eval.autoattack import AutoAttackBackend, select_backend, torchattacks_autoattack
 from robust_sparse.eval.specs import AttackSpec
@@ -308,7 +309,7 @@ def evaluate(
     progress: bool = False,
     autoattack_backend: str = "auto",
     backend: AutoAttackBackend | None = None,
-    large_eps: float | None = None,
+    large_eps: float | str | None = "auto",
 ) -> Evaluation:
     """Clean accuracy and every attack in ``attacks`` on [0,1] ``images`` (on the model's device).
 
@@ -325,8 +326,12 @@ def evaluate(
         progress: tqdm bars with an ETA (stderr).
         autoattack_backend: ``auto``, ``pyautoattack`` or ``github`` (see :func:`select_backend`).
         backend: an already built backend (tests inject fakes here).
-        large_eps: if set, the gradient-masking probe: a 20-step margin PGD without random start at this eps
-            on the first 1000 points; its accuracy should be ~0.
+        large_eps: the gradient-masking probe: a 20-step margin PGD without random start at this eps on the
+            first 1000 points; its accuracy should be ~0. ``"auto"``: :func:`sanity.default_large_eps` (L-inf
+            0.5); ``None``: no probe.
+
+    The gradient-masking checks of :mod:`robust_sparse.eval.sanity` run on the result: their warnings are in
+    ``Evaluation.warnings`` and in the log.
     """
     if norm not in ("linf", "l2"):
         raise UserError(f"threat model must be linf or l2, got {norm!r}")
@@ -337,6 +342,10 @@ def evaluate(
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     check_inputs(images, labels, num_classes)
+    if large_eps == "auto":
+        large_eps = sanity.default_large_eps(norm, tuple(images.shape[1:]))
+    elif large_eps is not None and not 0 < large_eps < float("inf"):
+        raise UserError(f"large_eps = {large_eps}: must be a finite radius > 0, 'auto', or None (no probe)")
     labels = labels.long()
     device = images.device
     settings = {"n": len(labels), "norm": norm, "eps": float(eps), "seed": seed, "batch_size": batch_size,
@@ -373,10 +382,14 @@ def evaluate(
         state.data["seconds"] = state.data.get("seconds", 0.0) + (time.monotonic() - started)
         state.save(force=True)
     backend_used = factory._backend
-    return Evaluation(norm=norm, eps=float(eps), seed=seed, batch_size=batch_size, chained=chained, clean=clean,
-                      outcomes=outcomes, seconds=state.data["seconds"], probe=probe, invalid=invalid,
-                      autoattack_messages=list(backend_used.messages) if backend_used else [],
-                      autoattack_backend=backend_used.name if backend_used else "")
+    evaluation = Evaluation(norm=norm, eps=float(eps), seed=seed, batch_size=batch_size, chained=chained,
+                            clean=clean, outcomes=outcomes, seconds=state.data["seconds"], probe=probe,
+                            invalid=invalid, autoattack_messages=list(backend_used.messages) if backend_used else [],
+                            autoattack_backend=backend_used.name if backend_used else "")
+    evaluation.warnings = sanity.check_evaluation(evaluation)
+    for warning in evaluation.warnings:
+        log.warning("%s", warning)
+    return evaluation
 
 
 def _run_attack(spec: AttackSpec, factory: _Factory, state: _State, images, labels, candidates, *, norm, eps,

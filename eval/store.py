@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from robust_sparse.checkpoint import write_atomic
 from robust_sparse.errors import UserError
+
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -26,6 +26,7 @@ FLAGS_DIR = "flags"
 #: Columns every row has, in this order (CSV and JSON).
 COLUMNS = [
     "timestamp", "model", "source", "path", "architecture", "dataset", "threat_model", "eps", "n_examples",
+    "train_images", "epochs",
     "seed", "batch_size", "mode", "attacks", "clean_acc", "pgd_attack", "pgd_acc", "autoattack_acc", "worst_acc",
     "per_attack", "sparsity", "params", "nonzero_params", "wall_seconds", "device", "autoattack_backend",
     "large_eps", "large_eps_acc", "warnings", "model_fingerprint", "data_fingerprint", "flags_file",
@@ -43,17 +44,6 @@ def flags_path(results_dir: str | Path, *, model: str, dataset: str, threat_mode
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = f"{_slug(model)}__{dataset}__{threat_model}__eps{eps:.6g}__{digest}.pt"
     return Path(results_dir) / FLAGS_DIR / name
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_results(results_dir: str | Path) -> pd.DataFrame:
@@ -84,12 +74,14 @@ def append_result(results_dir: str | Path, row: dict[str, Any]) -> int:
         rows = load_results(results_dir).to_dict("records")
     rows.append({column: row.get(column) for column in COLUMNS} | {k: v for k, v in row.items() if k not in COLUMNS})
     rows = [_plain(r) for r in rows]
-    _write_atomic(json_path, json.dumps(rows, indent=1, default=str) + "\n")
     frame = pd.DataFrame(rows)
     for column in NESTED:
         if column in frame:
             frame[column] = [json.dumps(v) for v in frame[column]]
-    _write_atomic(results_dir / RESULTS_CSV, frame.to_csv(index=False))
+    # Both atomic, the JSON (what the store is read from) last: a kill in between leaves the CSV one row ahead,
+    # and the rerun's append rewrites it from the JSON.
+    write_atomic(results_dir / RESULTS_CSV, frame.to_csv(index=False))
+    write_atomic(json_path, json.dumps(rows, indent=1, default=str) + "\n")
     return len(rows) - 1
 
 

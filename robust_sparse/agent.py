@@ -36,6 +36,7 @@ as the step's sub-net.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import nullcontext
 from typing import Any, Iterable
 
@@ -44,6 +45,8 @@ from torch import nn
 
 from robust_sparse import distributed
 from robust_sparse.config import AgentConfig, AgentEstimator
+
+log = logging.getLogger(__name__)
 
 
 def agent_correction(grads: list[torch.Tensor], snapshot_grads: list[torch.Tensor],
@@ -179,11 +182,14 @@ class AGENT(torch.optim.Optimizer):
         subnets = self._count()
         full = [[torch.zeros_like(p) for p in snapshot_params] for _ in range(subnets)] if need_gradient else None
         current_losses, previous_losses, counts = [], [], [0] * subnets
+        # Under torchrun ``batches`` is this rank's share of the pass: its i-th batch is batch i * W + rank of the
+        # whole pass, which picks the sub-net.
+        rank, world_size = distributed.rank_and_world_size()
         if need_gradient or needs_estimate:
             if previous is not None:
                 previous.train(config.full_grad_bn == "train")
             for index, batch in enumerate(batches):
-                k = index % subnets
+                k = (index * world_size + rank) % subnets
                 with self._view(new_snapshot, k):
                     loss = loss_fn(new_snapshot, *batch)
                     if full is not None:
@@ -195,8 +201,12 @@ class AGENT(torch.optim.Optimizer):
                     current_losses.append(loss.detach())
                 counts[k] += 1
         if full is not None:
+            # Every rank ran its own shard of the pass: sums and batch counts over all ranks.
             for grads in full:
-                distributed.all_reduce_mean(grads)  # every rank saw its own shard of the pass
+                distributed.all_reduce_mean(grads)
+            totals = torch.tensor(counts, dtype=torch.float32, device=snapshot_params[0].device)
+            distributed.all_reduce_mean([totals])
+            counts = totals.tolist()
         if needs_estimate:
             current = distributed.all_gather_cat(torch.stack(current_losses))
             previous_all = distributed.all_gather_cat(torch.stack(previous_losses))
@@ -206,6 +216,13 @@ class AGENT(torch.optim.Optimizer):
             self.c_hat, self.c = float("nan"), 0.0  # the first refresh: no previous snapshot, c_0 = 0
         if config.clip:
             self.c = min(1.0, max(0.0, self.c))
+        elif not 0.0 <= self.c <= 1.0:  # only the paper estimator can get here (official ramps, fixed is checked)
+            log.warning("AGENT c_t = %.4g (c_hat %.4g) at refresh %d is outside [0, 1], the paper's range: %s",
+                        self.c, self.c_hat, self.refreshes,
+                        "a negative c_t reverses the correction (adds gamma*|c_t|*(g_old - g_tilde))" if self.c < 0
+                        else "the correction outweighs the variance it should remove (c_t > 1)")
+            log.warning("unclipped c_t is the official code's behaviour; agent.clip=true clips it to [0, 1] as the "
+                        "paper's text does")
         self.subnet_snapshot_masks = [{name: mask.clone() for name, mask in self._masks_of(k).items()}
                                       for k in range(subnets)]
         if full is not None and min(counts):

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import re
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 
 from robust_sparse.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 FORMAT = "robust-sparse/1"
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A stream on a temporary file in ``path``'s directory, fsynced and renamed over ``path`` on success.
 
-    A run killed mid-write leaves the previous checkpoint intact: ``os.replace`` is atomic on POSIX.
+    A process killed mid-write leaves the previous file intact (``os.replace`` is atomic on POSIX) and at
+    worst a ``.NAME.*.tmp`` leftover, which :func:`remove_temporaries` clears.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save({"format": FORMAT, **payload}, stream)
+        with os.fdopen(handle, mode) as stream:
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -33,16 +42,72 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path) as stream:
+        stream.write(text)
+
+
+def remove_temporaries(directory: str | Path) -> None:
+    """Delete the ``.NAME.*.tmp`` files a killed :func:`atomic_open` left in ``directory``.
+
+    Only for a directory one process owns (a run directory): another writer's file in flight would go too.
+    """
+    for leftover in Path(directory).glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", leftover)
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write atomically (see :func:`atomic_open`): a run killed mid-write leaves the previous checkpoint intact."""
+    with atomic_open(path, "wb") as stream:
+        torch.save({"format": FORMAT, **payload}, stream)
+
+
+def safe_load(path: str | Path, what: str = "checkpoint", map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; every failure one :class:`CheckpointError` line naming ``what``.
+
+    torch's own messages run to several hundred characters and, for a file with pickled objects, advise
+    ``weights_only=False``: the wrong advice for a file we did not write. Ours say what is wrong with the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # e.g. "Detected pickle protocol 4": not one line
+            warnings.simplefilter("always")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        for warning in caught:
+            log.debug("loading %s: %s", path, warning.message)
+        return payload
+    except PermissionError:
+        raise CheckpointError(f"{what} {path} cannot be read: permission denied") from None
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if found:  # a well-formed file that pickles code or classes: refused, never executed
+            raise CheckpointError(
+                f"{what} {path} is not a safe checkpoint (not loadable safely): it pickles the Python object "
+                f"{found.group(1)}, and only tensors and plain containers are loaded, so pickled code never "
+                "runs") from None
+        raise CheckpointError(f"{what} {path} is corrupted or not loadable safely: not a torch.save file of "
+                              "tensors and plain containers (random bytes, or a plain pickle)") from None
+    except (EOFError, OSError, RuntimeError) as error:  # EOF, "[Errno 22]", miniz "central directory", ...
+        text = str(error).strip()
+        if isinstance(error, RuntimeError) and not re.search(r"zip archive|EOF|corrupt", text, re.IGNORECASE):
+            first = text.splitlines()[0] if text else type(error).__name__
+            raise CheckpointError(f"{what} {path} cannot be loaded: {first[:160]}") from None
+        detail = "empty" if path.stat().st_size == 0 else "truncated or damaged"
+        raise CheckpointError(f"{what} {path} is corrupted: {detail}, not a complete torch file "
+                              f"({type(error).__name__}); copy or write it again") from None
+    except Exception as error:  # anything else torch's unpickler raises on bytes it does not understand
+        raise CheckpointError(f"{what} {path} is corrupted or not loadable safely: not a torch file "
+                              f"({type(error).__name__})") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a robust-sparse checkpoint. Only tensors and plain containers are accepted (``weights_only``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, zip errors, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupted or not loadable safely: {reason}") from None
+    payload = safe_load(path, "checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a robust-sparse checkpoint (format {FORMAT!r} expected)")
     return payload

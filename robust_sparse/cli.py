@@ -1,6 +1,6 @@
-"""``robust-sparse``: train, eval, doctor.
+"""robust-sparse: train adversarially robust sparse networks and evaluate them honestly.
 
-Every user error ends as one line on stderr and exit code 2; a diverged run exits with 3. Tracebacks are
+Commands: train, eval, export, sweep, report, doctor (``robust-sparse COMMAND --help``). Every user error ends as one line on stderr and exit code 2; a diverged run exits with 3. Tracebacks are
 for bugs only (``--debug`` shows them for user errors too).
 """
 
@@ -32,12 +32,24 @@ def _emit(text: str) -> None:
     sys.stdout.write(text.rstrip("\n") + "\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("robust-sparse")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default: the config's, auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="robust-sparse", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="robust-sparse", description=__doc__.splitlines()[0],
+                     epilog="Start with `robust-sparse train` (the embedded MNIST-5k quickstart) and "
+                            "`robust-sparse COMMAND --help`.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -49,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (overrides out_dir)")
     train.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (CONFIG and every --set applied, validated) as YAML and exit")
     _add_device(train)
 
     evaluate = commands.add_parser(
         "eval", help="clean, PGD and AutoAttack accuracy of a model (RobustBench protocol); results appended to a store",
         description="Evaluate one model: a CHECKPOINT written by robust-sparse train, a RobustBench zoo model "
-                    "(--robustbench-model), or a state_dict for an architecture of the registry (--arch --weights). "
+                    "(--robustbench-model), a state_dict for an architecture of the registry (--arch --weights), "
+                    "or any model built by a factory of yours (--model FILE.py:FACTORY [--weights PATH]). "
                     "Points: the first n of the test split, in order. Per-point flags are saved, so a killed "
                     "evaluation resumes where it stopped.")
     evaluate.add_argument("checkpoint", nargs="?", help="a best.pt/last.pt written by robust-sparse train")
@@ -64,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model-dir", default="models",
                           help="RobustBench weights, laid out <dir>/<dataset>/<Linf|L2>/<NAME>.pt (default: models)")
     evaluate.add_argument("--arch", metavar="NAME", help="architecture of the registry for --weights, e.g. resnet18")
-    evaluate.add_argument("--weights", metavar="PATH", help="a state_dict file for --arch")
+    evaluate.add_argument("--model", metavar="FILE.py:FACTORY",
+                          help="any model: FACTORY() (in FILE.py, or package.module:FACTORY) returns an nn.Module "
+                               "on [0,1] inputs that owns its normalisation; weights from --weights")
+    evaluate.add_argument("--weights", metavar="PATH", help="a state_dict file for --arch or --model "
+                                                            "(loaded with weights_only=True)")
+    evaluate.add_argument("--weights-key", metavar="KEY",
+                          help="the key of the state_dict inside the --weights file (default: the file is the "
+                               "state_dict, or holds it under 'state_dict' or 'model')")
     evaluate.add_argument("--name", help="the model's name in the results (default: from the source)")
     evaluate.add_argument("--dataset", help="cifar10, cifar100, svhn or mnist5k (default: the checkpoint's)")
     evaluate.add_argument("--data-root", help="local datasets in torchvision's layout (default: the run's, or data)")
@@ -104,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="stores written by robust-sparse eval")
     report.add_argument("--out", help="where report.md and the plots go (default: the first RESULTS_DIR)")
     report.add_argument("--leaderboard", help="a leaderboard CSV to use instead of the shipped one")
+    report.add_argument("--thresholds", help="sweep reports: validation clean accuracies whose first epoch to report, "
+                                             "comma-separated (default 0.5,0.7,0.8,0.9)")
+    report.add_argument("--robust-thresholds", help="sweep reports: the same for validation PGD accuracy "
+                                                    "(default 0.3,0.5,0.7,0.8)")
 
     export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
@@ -111,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--subnet", type=int, help="AST checkpoints: which sub-net (0 = the densest)")
 
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
-    sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, backend, devices")
+    sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
+                                          "devices, slurm, eval (an evaluation stage: attacks, n_examples, eps, "
+                                          "seeds, batch_size, probe)")
     sweep.add_argument("--out", help="sweep directory (overrides out_dir)")
     sweep.add_argument("--dry-run", action="store_true", help="prepare the run directories and list them only")
+    sweep.add_argument("--no-eval", action="store_true", help="train only: skip the sweep file's evaluation stage")
 
     doctor = commands.add_parser("doctor", help="check the installed stack and say how to fix it")
     doctor.add_argument("--fix", action="store_true", help="apply the automatic fixes (pip commands, alias)")
@@ -130,12 +159,41 @@ def _train(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"out_dir={args.out}")
     config = load_config(args.config or QUICKSTART, overrides)
-    result = fit(config, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
+    if args.print_config:
+        import yaml
+
+        from robust_sparse.config import to_dict
+
+        _emit(yaml.safe_dump(to_dict(config), sort_keys=False))
+        return 0
+    progress = not args.no_progress and sys.stderr.isatty()
+    result = fit(config, resume=args.resume, progress=progress)
     _emit(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if result.evaluation:
         _emit(_format_evaluation(result.evaluation))
+    best = result.run_dir / "best.pt"
+    if config.eval.autoattack_examples and best.is_file():
+        _emit(_autoattack_after_training(best, config, progress))
     _emit(f"run directory: {result.run_dir}")
     return 0
+
+
+def _autoattack_after_training(best: Path, config, progress: bool) -> str:
+    """The original AutoAttack on best.pt: the number published tables report, kept apart from the training loop."""
+    from robust_sparse.eval import job
+    from robust_sparse.train import resolve_device
+
+    n = config.eval.autoattack_examples
+    log.info("AutoAttack (standard, original implementation) on the first %d test points of %s", n, best)
+    outcome = job.autoattack_checkpoint(best, n, device=resolve_device(config.device), progress=progress)
+    lines = []
+    for row in outcome.rows:
+        lines.append(f"AutoAttack standard ({row['n_examples']} points, {row['threat_model']} eps={row['eps']:.4g}, "
+                     f"{row['wall_seconds'] / 60:.1f} min): clean accuracy {row['clean_acc']:.4f}, AutoAttack "
+                     f"accuracy {row['autoattack_acc']:.4f}" + (f" [{row['model']}]" if len(outcome.rows) > 1 else ""))
+        lines += [f"  warning: {warning}" for warning in row["warnings"]]
+    lines.append(f"AutoAttack results: {best.parent / 'eval' / 'results.csv'}")
+    return "\n".join(lines)
 
 
 def _format_evaluation(evaluation: dict) -> str:
@@ -145,73 +203,118 @@ def _format_evaluation(evaluation: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """Every flag is checked first, then the test points are read, then the model is built: a bad value or a
+    missing dataset never costs a model download or an attack, and never leaves a file behind."""
     from robust_sparse.config import _coerce
+    from robust_sparse.data import DATASETS
     from robust_sparse.eval import job, loading, sanity, specs
 
-    chosen = [args.checkpoint is not None, args.robustbench_model is not None,
-              args.arch is not None or args.weights is not None]
-    if sum(chosen) != 1:
-        raise UserError("eval needs exactly one model: a CHECKPOINT, --robustbench-model NAME, "
-                        "or --arch NAME --weights PATH")
-    if (args.arch is None) != (args.weights is None):
-        raise UserError("--arch and --weights go together")
-    dataset = loading.parse_dataset(args.dataset) if args.dataset else None
-    if args.checkpoint is not None:
-        # one model, or every sub-net of an AST checkpoint (one row each) unless --subnet picks one
-        models = loading.from_checkpoint_subnets(args.checkpoint, data_root=args.data_root,
-                                                 subnets=None if args.subnet is None else [args.subnet])
-        loaded = models[0]
-        if args.name:  # keep the sub-net suffix: one results key per sub-net
-            for model in models:
-                model.name = args.name + model.name[len(model.name.split("/subnet")[0]):]
-        if dataset is not None and dataset is not loaded.dataset:
-            raise UserError(f"--dataset {dataset.value}: the checkpoint was trained on {loaded.dataset.value}")
-    else:
-        if dataset is None:
-            raise UserError("--dataset is required with --robustbench-model and --arch")
-        if args.robustbench_model is not None:
-            norm = loading.parse_threat(args.threat_model or "Linf")
-            loaded = loading.from_robustbench(args.robustbench_model, dataset, norm, args.model_dir)
-        else:
-            loaded = loading.from_weights(args.arch, args.weights, dataset)
+    # 1. flags alone
+    sources = {"CHECKPOINT": args.checkpoint is not None, "--robustbench-model": args.robustbench_model is not None,
+               "--arch": args.arch is not None, "--model": args.model is not None}
+    if sum(sources.values()) != 1:
+        chosen = [name for name, given in sources.items() if given]
+        raise UserError("eval needs exactly one model: a CHECKPOINT, --robustbench-model NAME, --arch NAME "
+                        f"--weights PATH, or --model FILE.py:FACTORY [--weights PATH]"
+                        + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    if args.arch is not None and args.weights is None:
+        raise UserError("--arch needs --weights PATH (a state_dict for that architecture)")
+    if args.weights is not None and args.arch is None and args.model is None:
+        raise UserError("--weights goes with --arch NAME or --model FILE.py:FACTORY")
+    if args.weights_key is not None and args.weights is None:
+        raise UserError("--weights-key needs --weights")
     if args.subnet is not None and args.checkpoint is None:
         raise UserError("--subnet is for AST checkpoints written by robust-sparse train")
-    if args.name and args.checkpoint is None:
-        loaded.name = args.name
-    norm = loading.parse_threat(args.threat_model) if args.threat_model else (loaded.norm or "linf")
+    if args.model is not None:
+        loading.parse_factory(args.model)
+    if args.chained and args.cross_check_torchattacks:
+        raise UserError("--cross-check-torchattacks compares standalone attacks: drop --chained")
+    dataset = loading.parse_dataset(args.dataset) if args.dataset else None
+    exported = loading.exported_protocol(args.weights) if args.arch is not None else None
+    if dataset is None and exported is not None:  # an exported model carries its run's protocol
+        dataset = loading.parse_dataset(exported["dataset"])
+    if dataset is None and args.checkpoint is None:
+        raise UserError("--dataset is required with --robustbench-model, --arch and --model")
+    threat = loading.parse_threat(args.threat_model) if args.threat_model else None
+    if args.robustbench_model is not None:
+        loading.check_robustbench_name(args.robustbench_model, dataset, threat or "linf")
+    eps_values = None
     if args.eps is not None:
         eps_values = [_coerce(part, float, "--eps") for part in args.eps.split(",") if part.strip()]
         if not eps_values:
             raise UserError("--eps: give at least one radius, e.g. 8/255")
-    elif loaded.eps is not None and norm == loaded.norm:
-        eps_values = [loaded.eps]
-    else:
-        eps_values = [loading.PROTOCOL_EPS[(loaded.dataset, norm)]]
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
-    for name in ("pgd_steps", "restarts"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+        for eps in eps_values:
+            if not 0 <= eps < float("inf"):
+                raise UserError(f"--eps {eps}: must be a finite radius >= 0 (pixel units, inputs in [0, 1])")
+    for name in ("batch_size", "pgd_steps", "restarts", "n_examples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    large_eps = None
+    if args.large_eps is not None:
+        if args.no_probe:
+            raise UserError("--large-eps and --no-probe contradict each other")
+        large_eps = _coerce(args.large_eps, float, "--large-eps")
+        if not 0 < large_eps < float("inf"):
+            raise UserError(f"--large-eps {args.large_eps}: must be a finite radius > 0 (pixel units)")
+    specs.parse_attacks(args.attacks or "pgd,autoattack")  # names checked now; defaults filled in below
+    if args.output is not None:
+        output = Path(args.output)
+        if output.is_dir():
+            raise UserError(f"--output {output}: is a directory; give a file name, e.g. {output / 'result.json'}")
+        if not output.parent.is_dir():
+            raise UserError(f"--output {output}: the folder {output.parent} does not exist")
+
+
+    # 2. local models (a checkpoint names the dataset), the test points, then a zoo model (maybe a download)
+    models = None
+    if args.model is not None:
+        models = [loading.from_factory(args.model, dataset, args.weights, args.weights_key)]
+    elif args.arch is not None:
+        models = [loading.from_weights(args.arch, args.weights, dataset)]
+    elif args.checkpoint is not None:
+        # one model, or every sub-net of an AST checkpoint (one row each) unless --subnet picks one
+        models = loading.from_checkpoint_subnets(args.checkpoint, data_root=args.data_root,
+                                                 subnets=None if args.subnet is None else [args.subnet])
+        if dataset is not None and dataset is not models[0].dataset:
+            raise UserError(f"--dataset {dataset.value}: the checkpoint was trained on {models[0].dataset.value}")
+        dataset = models[0].dataset
+        if args.name:  # keep the sub-net suffix: one results key per sub-net
+            for model in models:
+                model.name = args.name + model.name[len(model.name.split("/subnet")[0]):]
+    defaults = models[0] if models else None
+    n_examples = args.n_examples or (defaults.n_examples if defaults else None)
+    images, labels = loading.load_points(dataset, n_examples,
+                                         root=args.data_root or (defaults.data_root if defaults else None) or "data",
+                                         download=args.download, data_file=args.data_file)
+    if models is None:
+        models = [loading.from_robustbench(args.robustbench_model, dataset, threat or "linf", args.model_dir)]
+    loaded = models[0]
+    if args.name and args.checkpoint is None:
+        loaded.name = args.name
+
+    # 3. the protocol: the checkpoint's threat model and settings unless a flag says otherwise
+    norm = threat or loaded.norm or "linf"
+    if eps_values is None:
+        eps_values = [loaded.eps if loaded.eps is not None and norm == loaded.norm
+                      else loading.PROTOCOL_EPS[(dataset, norm)]]
+    for eps in eps_values:
+        if norm == "linf" and eps > 1:
+            raise UserError(f"--eps {eps:.4g}: must be <= 1 for linf (inputs are in [0, 1])")
     attacks = specs.parse_attacks(args.attacks or "pgd,autoattack",
                                   default_steps=args.pgd_steps or loaded.pgd_steps or 50,
                                   default_restarts=args.restarts or loaded.restarts or 10)
-    images, labels = loading.load_points(loaded.dataset, args.n_examples or loaded.n_examples,
-                                         root=args.data_root or loaded.data_root or "data",
-                                         download=args.download, data_file=args.data_file)
-    if args.no_probe:
-        large_eps = None
-    elif args.large_eps is not None:
-        large_eps = _coerce(args.large_eps, float, "--large-eps")
-    else:
-        large_eps = sanity.default_large_eps(norm, tuple(images.shape[1:]))
+    if not args.no_probe and large_eps is None:
+        info = DATASETS[dataset]
+        large_eps = sanity.default_large_eps(norm, (info.in_channels, info.image_size, info.image_size))
     if args.results_dir:
         results_dir = Path(args.results_dir)
     elif args.checkpoint is not None:
         results_dir = Path(args.checkpoint).parent / "eval"
     else:
         results_dir = Path("runs") / "eval"
-    if args.checkpoint is None:
-        models = [loaded]
+
+    # 4. the attacks
     rows, warnings = [], []
     for model in models:
         outcome = _run_evaluation(args, job, model, images, labels, norm, eps_values, attacks, results_dir,
@@ -224,11 +327,14 @@ def _eval(args: argparse.Namespace) -> int:
         _emit(f"warning: {warning}")
     _emit(f"results: {results_dir / 'results.csv'} (and results.json; per-point flags in {results_dir / 'flags'})")
     if args.output:
+        from robust_sparse.checkpoint import write_atomic
+
         records = [{**row, "checkpoint": args.checkpoint, "epoch": loaded.epoch, "norm": norm,
                     "clean_accuracy": row["clean_acc"], "pgd_accuracy": row["pgd_acc"],
                     "autoattack_accuracy": row["autoattack_acc"], "worst_case_accuracy": row["worst_acc"]}
                    for row in rows]
-        Path(args.output).write_text(json.dumps(records[0] if len(records) == 1 else records, indent=2, default=str))
+        write_atomic(Path(args.output), json.dumps(records[0] if len(records) == 1 else records, indent=2,
+                                                    default=str))
     return 0
 
 
@@ -248,16 +354,23 @@ def _run_evaluation(args, job, loaded, images, labels, norm, eps_values, attacks
 
 
 def _report(args: argparse.Namespace) -> int:
+    from robust_sparse.config import _coerce
     from robust_sparse.eval.report import build_report
 
     sweeps = [(Path(d) / "sweep.yaml").is_file() for d in args.results_dirs]
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
 
-        _emit(f"report: {write_report(list(args.results_dirs), args.out)}")
+        levels = {name: tuple(_coerce(part, float, f"--{name.replace('_', '-')}") for part in text.split(",")
+                              if part.strip())
+                  for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
+                  if text is not None}
+        _emit(f"report: {write_report(list(args.results_dirs), args.out, **levels)}")
         return 0
     if any(sweeps):
         raise UserError("report: give either sweep directories or evaluation results stores, not both")
+    if args.thresholds is not None or args.robust_thresholds is not None:
+        raise UserError("report --thresholds/--robust-thresholds: only for sweep directories")
 
     path = build_report(args.results_dirs, args.out, args.leaderboard)
     _emit(f"report: {path}")
@@ -265,8 +378,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from robust_sparse.config import check_output_dir
     from robust_sparse.sparse.export import export_checkpoint
 
+    check_output_dir(args.out, "export --out")  # before the checkpoint is read
     summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet)
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
@@ -277,9 +392,11 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from robust_sparse.sweep import load_sweep, run_sweep
 
-    index = run_sweep(load_sweep(args.sweep_file, out_dir=args.out), dry_run=args.dry_run)
+    index = run_sweep(load_sweep(args.sweep_file, out_dir=args.out), dry_run=args.dry_run, evaluate=not args.no_eval)
     _emit(index.to_string(index=False))
     failed = (~index["status"].isin(["done", "diverged", "pending", "partial"])).sum()
+    if "eval" in index:
+        failed += index["eval"].astype(str).str.startswith("failed").sum()
     return 1 if failed else 0
 
 

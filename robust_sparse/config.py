@@ -11,6 +11,7 @@ ever evaluated as code: numbers written as fractions (``8/255``) are parsed by a
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -203,6 +204,9 @@ class EvalConfig:
     pgd_steps: int = 20
     restarts: int = 1
     eps: float | None = None  # None = the training eps
+    # After training, `robust-sparse train` runs the original AutoAttack (standard) on the first n test points
+    # of best.pt (0 = skip). On a CPU it costs seconds to minutes per robust point: keep n small there.
+    autoattack_examples: int = 0
 
 
 @dataclass
@@ -268,21 +272,28 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and (match := _FLOAT.match(value)):
-            return float(match.group(1))
-        if isinstance(value, str) and (match := _FRACTION.match(value)):
-            numerator, denominator = float(match.group(1)), float(match.group(2))
-            if denominator == 0:
-                raise ConfigError(f"{where}: division by zero in {value!r}")
-            return numerator / denominator
-        raise ConfigError(f"{where}: expected a number (or a fraction like 8/255), got {value!r}")
+        number = _number(value, where)
+        if not math.isfinite(number):  # .inf, .nan, 1e999: a run would only diverge (or never stop)
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     raise TypeError(f"unsupported annotation {annotation!r} at {where}")  # a bug in this module
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and (match := _FLOAT.match(value)):
+        return float(match.group(1))
+    if isinstance(value, str) and (match := _FRACTION.match(value)):
+        numerator, denominator = float(match.group(1)), float(match.group(2))
+        if denominator == 0:
+            raise ConfigError(f"{where}: division by zero in {value!r}")
+        return numerator / denominator
+    raise ConfigError(f"{where}: expected a number (or a fraction like 8/255), got {value!r}")
 
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:
@@ -323,11 +334,16 @@ def to_dict(config: Any) -> dict[str, Any]:
     }
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = _merge(merged[key], value, where)
+        elif isinstance(value, dict) and merged.get(key) is not None:
+            # `attack: 0.1` then `--set attack.eps=...`: replacing the scalar would hide the first mistake
+            raise ConfigError(f"{where}: expected a mapping of fields (e.g. {where}.{next(iter(value))}), "
+                              f"got {merged[key]!r}")
         else:
             merged[key] = value
     return merged
@@ -356,7 +372,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (UTF-8) YAML file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -371,6 +389,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    if path is not None and not data:
+        # An empty file would train the schema defaults (dense PGD-AT), while no file trains the quickstart
+        # (BSR-Net, 90% sparse): either reading is a guess, and an empty file is more often a mistake (a
+        # truncated copy, the wrong path) than a request for the defaults. Say so instead of guessing.
+        raise ConfigError(f"config file {path} is empty; give at least one field (e.g. objective: pgd_at), or "
+                          "no CONFIG for the quickstart")
     for text in overrides:
         data = _merge(data, parse_override(text))
     config = _from_dict(TrainConfig, data, "")
@@ -386,7 +410,9 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    from robust_sparse.checkpoint import write_atomic  # lazily: this module does not import torch
+
+    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,6 +422,16 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_output_dir(path: str | Path, where: str, hint: str = "choose another path") -> None:
+    """An output directory must be a directory or creatable as one: no existing file at it or above it.
+
+    Checked before any work: otherwise ``mkdir`` fails with a traceback after data and model were loaded.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    _check(existing is None or existing.is_dir(), f"{where}: {existing} is an existing file, not a directory; {hint}")
 
 
 def validate(config: TrainConfig) -> None:
@@ -416,12 +452,19 @@ def validate(config: TrainConfig) -> None:
     if attack.norm is Norm.LINF:
         _check(attack.eps <= 1, f"attack.eps = {attack.eps}: must be <= 1 for linf (inputs are in [0,1])")
     _check(attack.step_size > 0, f"attack.step_size = {attack.step_size}: must be > 0")
+    if attack.norm is Norm.LINF:
+        _check(attack.step_size <= 1, f"attack.step_size = {attack.step_size}: must be <= 1 for linf "
+               "(inputs are in [0,1])")
     _check(attack.steps >= 1, f"attack.steps = {attack.steps}: must be >= 1")
     _check(config.trades_beta >= 0, f"trades_beta = {config.trades_beta}: must be >= 0")
     _check(optim.epochs >= 1, f"optim.epochs = {optim.epochs}: must be >= 1")
-    _check(optim.lr > 0, f"optim.lr = {optim.lr}: must be > 0")
+    _check(0 < optim.lr < float("inf"), f"optim.lr = {optim.lr}: must be a finite number > 0")
     _check(0 <= optim.momentum < 1, f"optim.momentum = {optim.momentum}: must be in [0, 1)")
     _check(optim.weight_decay >= 0, f"optim.weight_decay = {optim.weight_decay}: must be >= 0")
+    # the fraction of every weight removed per step (sgdw: decoupled, not scaled by lr): 1 or more zeroes them
+    shrink = optim.weight_decay if optim.optimizer is OptimizerName.SGDW else optim.lr * optim.weight_decay
+    _check(shrink < 1, f"optim.weight_decay = {optim.weight_decay}: must be < 1 for sgdw, and optim.lr * "
+           "optim.weight_decay < 1 for sgd (the fraction of each weight removed every step)")
     _check(not optim.nesterov or optim.momentum > 0, "optim.nesterov: needs optim.momentum > 0")
     _check(len(optim.milestones) == len(optim.factors),
            f"optim.milestones and optim.factors: need the same length, got {len(optim.milestones)} "
@@ -434,13 +477,18 @@ def validate(config: TrainConfig) -> None:
     _check(config.val.max_examples >= 1, f"val.max_examples = {config.val.max_examples}: must be >= 1")
     _check(config.eval.n_examples >= 0, f"eval.n_examples = {config.eval.n_examples}: must be >= 0 (0 = skip)")
     _check(config.eval.pgd_steps >= 1, f"eval.pgd_steps = {config.eval.pgd_steps}: must be >= 1")
+    _check(config.eval.autoattack_examples >= 0,
+           f"eval.autoattack_examples = {config.eval.autoattack_examples}: must be >= 0 (0 = no AutoAttack)")
     _check(config.eval.restarts >= 1, f"eval.restarts = {config.eval.restarts}: must be >= 1")
     _check(config.eval.eps is None or config.eval.eps >= 0, f"eval.eps = {config.eval.eps}: must be >= 0")
+    _check(config.eval.eps is None or attack.norm is not Norm.LINF or config.eval.eps <= 1,
+           f"eval.eps = {config.eval.eps}: must be <= 1 for linf (inputs are in [0,1])")
     _check(config.divergence.patience >= 1, f"divergence.patience = {config.divergence.patience}: must be >= 1")
     _check(0 <= config.divergence.chance_margin < 1,
            f"divergence.chance_margin = {config.divergence.chance_margin}: must be in [0, 1)")
     _check(config.seed >= 0, f"seed = {config.seed}: must be >= 0")
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
+    check_output_dir(config.out_dir, "out_dir", "set another out_dir (train --out)")
     _validate_sparsity(config.sparsity)
     _validate_agent(config.agent)
 

@@ -130,7 +130,13 @@ def _read_cifar_files(folder: Path, files: list[str], label_key: bytes) -> Image
     return ImageSet(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
 
 
-def load_cifar(name: DatasetName, root: Path, download: bool, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
+#: How to get a missing dataset, in the words of the caller: a config field for train, flags for eval.
+TRAIN_DOWNLOAD_HINT = "set data.download=true to fetch it"
+EVAL_DOWNLOAD_HINT = "pass --download to fetch it, or --data-root DIR for a local copy"
+
+
+def load_cifar(name: DatasetName, root: Path, download: bool, need_train: bool = True,
+               download_hint: str = TRAIN_DOWNLOAD_HINT) -> tuple[ImageSet | None, ImageSet]:
     """CIFAR-10/100 from ``root`` in torchvision's layout, downloading through torchvision when allowed.
 
     torchvision's class checks the md5 of *every* batch even for the test split, so a test-only copy (all an
@@ -153,7 +159,7 @@ def load_cifar(name: DatasetName, root: Path, download: bool, need_train: bool =
     if missing:
         raise UserError(
             f"{name.value} not found: expected {', '.join(missing)} in {folder} "
-            "(the layout torchvision downloads; set data.download=true to fetch it)"
+            f"(the layout torchvision downloads; {download_hint})"
         )
     try:
         train = _read_cifar_files(folder, train_files, label_key) if need_train else None
@@ -163,7 +169,8 @@ def load_cifar(name: DatasetName, root: Path, download: bool, need_train: bool =
     return train, test
 
 
-def load_svhn(root: Path, download: bool, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
+def load_svhn(root: Path, download: bool, need_train: bool = True,
+              download_hint: str = TRAIN_DOWNLOAD_HINT) -> tuple[ImageSet | None, ImageSet]:
     """SVHN through torchvision (``train_32x32.mat``/``test_32x32.mat`` in ``root``); label 10 is digit 0."""
     import torchvision.datasets as tvd
 
@@ -173,20 +180,22 @@ def load_svhn(root: Path, download: bool, need_train: bool = True) -> tuple[Imag
         except RuntimeError as error:
             raise UserError(
                 f"svhn {split} split not found in {root}: {str(error).splitlines()[0]} "
-                "(set data.download=true to fetch it)"
+                f"({download_hint})"
             ) from None
         return ImageSet(torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels.astype(np.int64)))
 
     return (read("train") if need_train else None), read("test")
 
 
-def load_raw(config: DataConfig, need_train: bool = True) -> tuple[ImageSet | None, ImageSet]:
+def load_raw(config: DataConfig, need_train: bool = True,
+             download_hint: str = TRAIN_DOWNLOAD_HINT) -> tuple[ImageSet | None, ImageSet]:
+    """``download_hint`` ends the missing-dataset error: eval passes :data:`EVAL_DOWNLOAD_HINT`."""
     if config.dataset is DatasetName.MNIST5K:
         return load_mnist5k()
     root = Path(config.root)
     if config.dataset is DatasetName.SVHN:
-        return load_svhn(root, config.download, need_train)
-    return load_cifar(config.dataset, root, config.download, need_train)
+        return load_svhn(root, config.download, need_train, download_hint)
+    return load_cifar(config.dataset, root, config.download, need_train, download_hint)
 
 
 def load_splits(config: DataConfig, seed: int) -> Splits:

@@ -53,6 +53,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks ((0, 1) without torchrun)."""
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
 def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
     """In place, the mean over ranks of each tensor."""
     if not active():

@@ -5,6 +5,13 @@ The sweep directory is the single source of truth::
     SWEEP_DIR/sweep.yaml            the sweep file as given (a re-run must match it)
     SWEEP_DIR/runs.csv              one row per run: run id, overrides, status
     SWEEP_DIR/runs/<run id>/        an ordinary run directory (config.yaml, metrics.csv, last.pt, eval.json)
+    SWEEP_DIR/runs/<run id>/sweep_eval.json   the evaluation stage's settings and result (if the sweep has one)
+
+An optional evaluation stage (``eval:`` in the sweep file: attacks, n_examples, eps, seeds, batch_size, probe)
+runs ``robust-sparse eval`` on the best checkpoint of every finished run (or of the runs whose seed is in
+``seeds``) once training is done; its per-point flags live in ``<run id>/eval/``, so a killed stage resumes,
+and a run whose ``sweep_eval.json`` holds the same settings is not evaluated again. The stage and ``threads``
+may change between reruns of a sweep directory; everything else must match.
 
 Runs are idempotent: a run with ``eval.json`` (or a recorded divergence) is skipped, a run with ``last.pt`` but
 no result is resumed, anything else starts fresh. Execution uses existing engines: the standard library's
@@ -14,12 +21,14 @@ Slurm clusters (``backend: slurm``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -30,12 +39,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse.config import load_config, parse_override, read_yaml, save_config
-from robust_sparse.errors import ConfigError
+from robust_sparse.checkpoint import write_atomic
+from robust_sparse.config import _coerce, check_output_dir, load_config, parse_override, read_yaml, save_config
+from robust_sparse.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-SWEEP_KEYS = {"base", "overrides", "grid", "random", "out_dir", "parallel", "backend", "devices", "slurm"}
+SWEEP_KEYS = {"base", "overrides", "grid", "random", "out_dir", "parallel", "threads", "backend", "devices", "slurm",
+              "eval"}
 
 
 @dataclass
@@ -52,6 +63,27 @@ class Sweep:
     backend: str = "local"
     devices: list[str] = field(default_factory=lambda: ["auto"])
     slurm: dict[str, Any] = field(default_factory=dict)
+    threads: int = 0  # torch threads per local run; 0 = the machine's cores divided by parallel
+    eval_stage: "EvalStage | None" = None
+
+
+EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "batch_size", "probe"}
+
+
+@dataclass
+class EvalStage:
+    """``robust-sparse eval`` on the best checkpoint of every finished run (or of the runs with ``seeds``)."""
+
+    attacks: str  # canonical, e.g. "pgd-50x10,autoattack"
+    n_examples: int | None = None  # None: the run's eval.n_examples
+    eps: float | None = None  # None: the run's eps
+    seeds: list[int] | None = None  # None: every run
+    batch_size: int = 500
+    probe: bool = True  # the large-eps gradient-masking probe
+
+    def settings(self) -> dict[str, Any]:
+        """What defines one run's evaluation (``seeds`` only selects the runs, so it is not part of it)."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "seeds"}
 
 
 def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
@@ -68,35 +100,124 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep grid {key!r}: needs a non-empty list of values, got {values!r}")
     random_part = data.get("random") or {}
-    space = random_part.get("space", {}) if isinstance(random_part, dict) else {}
-    samples = int(random_part.get("samples", 0)) if isinstance(random_part, dict) else 0
-    for key, spec in space.items():
-        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("uniform", "log_uniform")
-                and len(next(iter(spec.values()))) == 2):
-            raise ConfigError(f"sweep random.space {key!r}: use {{uniform: [low, high]}} or {{log_uniform: [low, high]}}")
+    if not isinstance(random_part, dict) or set(random_part) - {"samples", "seed", "space"}:
+        raise ConfigError(f"sweep random: expected a mapping with samples, seed and space, got {random_part!r}")
+    samples = _coerce(random_part.get("samples", 0), int, "sweep random.samples")
+    seed = _coerce(random_part.get("seed", 0), int, "sweep random.seed")
+    for name, number in (("samples", samples), ("seed", seed)):
+        if number < 0:
+            raise ConfigError(f"sweep random.{name} = {number}: must be >= 0")
+    space = _random_space(random_part.get("space") or {})
+    if samples > 0 and not space:
+        raise ConfigError(f"sweep random.samples = {samples}: needs a random.space to draw from")
     if not grid and not (space and samples > 0):
         raise ConfigError(f"sweep file {path}: the grid is empty (give grid values or random samples)")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(text, str) for text in overrides):
+        raise ConfigError(f"sweep overrides: expected a list of key=value strings (e.g. [optim.lr=0.1]), "
+                          f"got {overrides!r}")
+    for text in overrides:
+        parse_override(text)  # "override 'x' must look like key.sub=value"
     base = data.get("base")
-    base_path = (path.parent / base).resolve() if base else None
+    base_path = (path.parent / _coerce(base, str, "sweep base")).resolve() if base else None
     if base_path is not None and not base_path.is_file():
         raise ConfigError(f"sweep base: config file not found: {base_path}")
     backend = data.get("backend", "local")
     if backend not in ("local", "slurm"):
         raise ConfigError(f"sweep backend {backend!r}: must be local or slurm")
-    parallel = data.get("parallel", 1)
-    if not isinstance(parallel, int) or parallel < 1:
+    parallel = _coerce(data.get("parallel", 1), int, "sweep parallel")
+    if parallel < 1:
         raise ConfigError(f"sweep parallel = {parallel!r}: must be an integer >= 1")
+    threads = _coerce(data.get("threads", 0), int, "sweep threads")
+    if threads < 0:
+        raise ConfigError(f"sweep threads = {threads!r}: must be >= 0 (0 = cores / parallel)")
+    devices = data.get("devices", ["auto"])
+    if (not isinstance(devices, list) or not devices
+            or not all(isinstance(d, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", d) for d in devices)):
+        raise ConfigError(f"sweep devices: expected a list of auto, cpu, cuda or cuda:N, got {devices!r}")
+    slurm = data.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise ConfigError(f"sweep slurm: expected a mapping of submitit parameters (e.g. partition: gpu), "
+                          f"got {slurm!r}")
+    eval_stage = _eval_stage(data.get("eval"))
     target = out_dir or data.get("out_dir")
     if not target:
         raise ConfigError(f"sweep file {path}: out_dir is required (or pass --out)")
-    sweep = Sweep(path=path, base=base_path, overrides=list(data.get("overrides") or []), grid=grid,
-                  random_space=space, random_samples=samples, random_seed=int(random_part.get("seed", 0))
-                  if isinstance(random_part, dict) else 0, out_dir=Path(target), parallel=parallel,
-                  backend=backend, devices=[str(d) for d in data.get("devices", ["auto"])],
-                  slurm=dict(data.get("slurm") or {}))
+    check_output_dir(_coerce(target, str, "sweep out_dir"), "sweep out_dir", "set another out_dir (sweep --out)")
+    sweep = Sweep(path=path, base=base_path, overrides=list(overrides), grid=grid,
+                  random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),
+                  parallel=parallel, backend=backend, devices=devices, slurm=dict(slurm), threads=threads,
+                  eval_stage=eval_stage)
     for overrides in expand(sweep):  # type errors, unknown fields and ranges surface before anything runs
         load_config(sweep.base, sweep.overrides + overrides)
     return sweep
+
+
+def _eval_stage(value: Any) -> EvalStage | None:
+    """The sweep file's ``eval`` mapping, checked key by key (attack names as ``robust-sparse eval`` parses them)."""
+    from robust_sparse.eval.specs import parse_attacks
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"sweep eval: expected a mapping with {', '.join(sorted(EVAL_KEYS))}, got {value!r}")
+    unknown = sorted(set(map(str, value)) - EVAL_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep eval: unknown key {unknown[0]!r}; known: {', '.join(sorted(EVAL_KEYS))}")
+    if "attacks" not in value:
+        raise ConfigError("sweep eval.attacks: required, e.g. pgd-50x10,autoattack")
+    attacks = value["attacks"]
+    if isinstance(attacks, list):
+        attacks = ",".join(map(str, attacks))
+    try:
+        specs = parse_attacks(_coerce(attacks, str, "sweep eval.attacks"))
+    except ConfigError:
+        raise
+    except UserError as error:
+        raise ConfigError(f"sweep eval.attacks: {error}") from None
+    if not specs:
+        raise ConfigError("sweep eval.attacks: name at least one attack, e.g. pgd-50x10,autoattack")
+    n_examples = value.get("n_examples")
+    if n_examples is not None and _coerce(n_examples, int, "sweep eval.n_examples") < 1:
+        raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
+    eps = value.get("eps")
+    if eps is not None:
+        eps = _coerce(eps, float, "sweep eval.eps")
+        if not 0 <= eps <= 1:
+            raise ConfigError(f"sweep eval.eps = {eps}: must be in [0, 1] (pixel units)")
+    seeds = value.get("seeds")
+    if seeds is not None:
+        seeds = _coerce(seeds, list[int], "sweep eval.seeds")
+        if not seeds:
+            raise ConfigError("sweep eval.seeds: give at least one seed (or leave it out: every run)")
+    batch_size = _coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
+    if batch_size < 1:
+        raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
+    probe = _coerce(value.get("probe", True), bool, "sweep eval.probe")
+    return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=n_examples, eps=eps, seeds=seeds,
+                     batch_size=batch_size, probe=probe)
+
+
+def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
+    """``{field: {uniform|log_uniform: [low, high]}}`` with two finite numbers, low < high (log: low > 0)."""
+    usage = "use {uniform: [low, high]} or {log_uniform: [low, high]}"
+    if not isinstance(space, dict):
+        raise ConfigError(f"sweep random.space: expected a mapping of config fields to ranges ({usage}), got {space!r}")
+    checked = {}
+    for key, spec in space.items():
+        where = f"sweep random.space.{key}"
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("uniform", "log_uniform")):
+            raise ConfigError(f"{where}: {usage}, got {spec!r}")
+        ((kind, bounds),) = spec.items()
+        if not isinstance(bounds, list) or len(bounds) != 2:
+            raise ConfigError(f"{where}.{kind}: expected two numbers [low, high], got {bounds!r}")
+        low, high = _coerce(bounds, list[float], f"{where}.{kind}")  # finite numbers, fractions allowed
+        if not low < high:
+            raise ConfigError(f"{where}.{kind} = [{low}, {high}]: needs low < high")
+        if kind == "log_uniform" and low <= 0:
+            raise ConfigError(f"{where}.log_uniform = [{low}, {high}]: needs low > 0")
+        checked[str(key)] = {kind: [low, high]}
+    return checked
 
 
 def _format(value: Any) -> str:
@@ -142,31 +263,90 @@ def _command(config_path: Path, run_dir: Path, device: str) -> list[str]:
             "--out", str(run_dir), "--device", device]
 
 
-def _run_local(config_path: Path, run_dir: Path, device: str, threads: int) -> str:
+def _child(device: str, threads: int) -> tuple[dict[str, str], str]:
+    """A child process's environment and --device: its thread count, and one GPU per run (it sees only its own)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if device.startswith("cuda:"):  # one GPU per run: the child sees only its own
+    if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
+    return env, device
+
+
+def _run_local(config_path: Path, run_dir: Path, device: str, threads: int) -> str:
+    env, device = _child(device, threads)
     with open(run_dir / "train.log", "a") as logfile:
         result = subprocess.run(_command(config_path, run_dir, device), stdout=logfile, stderr=subprocess.STDOUT,
                                 env=env)
     if result.returncode == 3:
-        (run_dir / "diverged.json").write_text(json.dumps({"returncode": 3}))
+        write_atomic(run_dir / "diverged.json", json.dumps({"returncode": 3}))
         return "diverged"
     if result.returncode == 0 and not (run_dir / "eval.json").exists():
-        (run_dir / "done.json").write_text("{}")
+        write_atomic(run_dir / "done.json", "{}")
     return "done" if result.returncode == 0 else f"failed ({result.returncode}, see {run_dir / 'train.log'})"
 
 
-def run_sweep(sweep: Sweep, *, dry_run: bool = False) -> pd.DataFrame:
-    """Prepare every run directory, launch what is not finished, and return the run index."""
+EVAL_RESULT = "sweep_eval.json"  # in a run directory: the evaluation stage's settings and result rows
+
+
+def eval_stage_done(run_dir: Path, stage: EvalStage) -> bool:
+    """Whether ``run_dir`` holds this stage's result (a stage with other settings runs again; widening ``seeds``
+    evaluates only the runs it adds)."""
+    path = run_dir / EVAL_RESULT
+    try:
+        recorded = json.loads(path.read_text()).get("stage") if path.is_file() else None
+    except json.JSONDecodeError:
+        return False
+    return isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k != "seeds"} == stage.settings()
+
+
+def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
+    command = [sys.executable, "-m", "robust_sparse.cli", "eval", str(run_dir / "best.pt"), "--attacks",
+               stage.attacks, "--batch-size", str(stage.batch_size), "--results-dir", str(run_dir / "eval"),
+               "--output", str(run_dir / f".{EVAL_RESULT}.output"), "--no-progress", "--device", device]
+    if stage.n_examples is not None:
+        command += ["--n-examples", str(stage.n_examples)]
+    if stage.eps is not None:
+        command += ["--eps", repr(stage.eps)]
+    if not stage.probe:
+        command.append("--no-probe")
+    return command
+
+
+def _run_eval(run_dir: Path, stage: EvalStage, device: str, threads: int) -> str:
+    """The stage on one run: ``robust-sparse eval`` (resuming from its saved per-point flags), then the record."""
+    env, device = _child(device, threads)
+    with open(run_dir / "eval.log", "a") as logfile:
+        result = subprocess.run(_eval_command(run_dir, stage, device), stdout=logfile, stderr=subprocess.STDOUT,
+                                env=env)
+    output = run_dir / f".{EVAL_RESULT}.output"
+    if result.returncode != 0 or not output.is_file():
+        return f"failed ({result.returncode}, see {run_dir / 'eval.log'})"
+    rows = json.loads(output.read_text())
+    write_atomic(run_dir / EVAL_RESULT, json.dumps({"stage": stage.settings(),
+                                                    "results": rows if isinstance(rows, list) else [rows]}, indent=2))
+    output.unlink()
+    return "done"
+
+
+def _eval_status(run_dir: Path, status: str, stage: EvalStage, seed: int) -> str:
+    if stage.seeds is not None and seed not in stage.seeds:
+        return "-"  # not selected
+    if eval_stage_done(run_dir, stage):
+        return "done"
+    return "pending" if status == "done" else "waits for training"
+
+
+def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> pd.DataFrame:
+    """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
+    has one and ``evaluate``), and return the run index."""
     out = sweep.out_dir
     recorded = out / "sweep.yaml"
     text = sweep.path.read_text()
-    if recorded.exists() and yaml.safe_load(recorded.read_text()) != yaml.safe_load(text):
+    if recorded.exists() and _training_part(yaml.safe_load(recorded.read_text())) != _training_part(
+            yaml.safe_load(text)):
         raise ConfigError(f"{out} holds another sweep ({recorded} differs from {sweep.path}); use another out_dir")
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    recorded.write_text(text)
+    write_atomic(recorded, text)
     rows, todo = [], []
     for overrides in expand(sweep):
         identifier = run_id(overrides)
@@ -177,29 +357,57 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False) -> pd.DataFrame:
         save_config(config, requested)
         status = run_status(run_dir)
         rows.append({"run_id": identifier, "overrides": " ".join(overrides), "status": status})
+        if sweep.eval_stage is not None:
+            rows[-1]["eval"] = _eval_status(run_dir, status, sweep.eval_stage, config.seed)
         if status in ("pending", "partial"):
             todo.append((len(rows) - 1, requested, run_dir))
     index = pd.DataFrame(rows)
     log.info("sweep %s: %d runs, %d to do", out, len(rows), len(todo))
-    if dry_run or not todo:
-        index.to_csv(out / "runs.csv", index=False)
+    if dry_run:
+        _write_index(index, out)
         return index
-    if sweep.backend == "slurm":
-        _submit_slurm(sweep, todo, index)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // sweep.parallel)
-        with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:  # threads only wait on child processes
-            futures = {pool.submit(_run_local, requested, run_dir, sweep.devices[i % len(sweep.devices)], threads): row
-                       for i, (row, requested, run_dir) in enumerate(todo)}
-            for future in as_completed(futures):
-                index.loc[futures[future], "status"] = future.result()
-                index.to_csv(out / "runs.csv", index=False)  # progress survives a killed sweep
-                log.info("%s: %s", index.loc[futures[future], "run_id"], index.loc[futures[future], "status"])
-    index.to_csv(out / "runs.csv", index=False)
+    _launch(sweep, todo, index, "status", _run_local)
+    if sweep.eval_stage is not None:
+        for row, (_, entry) in enumerate(index.iterrows()):  # runs that finished training just now count too
+            if entry["eval"] == "waits for training" and entry["status"] == "done":
+                index.loc[row, "eval"] = "pending"
+        stage_todo = [(row, out / "runs" / entry["run_id"], sweep.eval_stage) for row, (_, entry)
+                      in enumerate(index.iterrows()) if evaluate and entry["eval"] == "pending"]
+        log.info("sweep %s: evaluation stage (%s), %d runs to evaluate", out, sweep.eval_stage.attacks,
+                 len(stage_todo))
+        _launch(sweep, stage_todo, index, "eval", _run_eval)
+    _write_index(index, out)
     return index
 
 
-def _submit_slurm(sweep: Sweep, todo: list, index: pd.DataFrame) -> None:
+def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, job) -> None:
+    """``job(*arguments, device, threads)`` for every ``(row, *arguments)`` of ``todo``; results in ``column``."""
+    if not todo:
+        return
+    if sweep.backend == "slurm":
+        _submit_slurm(sweep, todo, index, column, job)
+        return
+    threads = sweep.threads or max(1, (os.cpu_count() or 1) // sweep.parallel)
+    with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:  # threads only wait on child processes
+        futures = {pool.submit(job, *arguments, sweep.devices[i % len(sweep.devices)], threads): row
+                   for i, (row, *arguments) in enumerate(todo)}
+        for future in as_completed(futures):
+            index.loc[futures[future], column] = future.result()
+            _write_index(index, sweep.out_dir)  # progress survives a killed sweep
+            log.info("%s: %s %s", index.loc[futures[future], "run_id"], column, index.loc[futures[future], column])
+
+
+def _training_part(data: Any) -> Any:
+    """A sweep file without what may change between reruns: the evaluation stage and the thread count."""
+    return {k: v for k, v in data.items() if k not in ("eval", "threads")} if isinstance(data, dict) else data
+
+
+def _write_index(index: pd.DataFrame, out: Path) -> None:
+    """runs.csv, atomically: a killed sweep leaves the previous one (a rerun derives it again from the runs)."""
+    write_atomic(out / "runs.csv", index.to_csv(index=False))
+
+
+def _submit_slurm(sweep: Sweep, todo: list, index: pd.DataFrame, column: str = "status", job=_run_local) -> None:
     try:
         import submitit
     except ImportError:
@@ -210,7 +418,7 @@ def _submit_slurm(sweep: Sweep, todo: list, index: pd.DataFrame) -> None:
     threads = int(parameters.get("cpus_per_task", 1))
     jobs = []
     with executor.batch():  # one job array; each job runs the same resumable command as the local backend
-        for row, requested, run_dir in todo:
-            jobs.append((row, executor.submit(_run_local, requested, run_dir, "auto", threads)))
-    for row, job in jobs:
-        index.loc[row, "status"] = job.result()
+        for row, *arguments in todo:
+            jobs.append((row, executor.submit(job, *arguments, "auto", threads)))
+    for row, submitted in jobs:
+        index.loc[row, column] = submitted.result()

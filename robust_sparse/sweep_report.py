@@ -13,11 +13,30 @@ import pandas as pd
 import yaml
 
 from robust_sparse.errors import UserError
-from robust_sparse.sweep import run_status
+from robust_sparse.sweep import EVAL_RESULT, run_status
 
 log = logging.getLogger(__name__)
 
 FINAL = ["test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy", "val_pgd_accuracy"]
+STAGE = "eval_"  # columns of the sweep's evaluation stage: eval_n, eval_clean_accuracy, eval_<attack>_accuracy
+
+
+def _stage_columns(record: dict[str, Any]) -> dict[str, Any]:
+    """One result row of ``robust-sparse eval`` as report columns: n, clean and each attack's accuracy (the
+    attacks' totals, not their sub-attacks) and the worst case over them."""
+    columns = {f"{STAGE}n": record["n_examples"], f"{STAGE}clean_accuracy": record["clean_acc"]}
+    for label, accuracy in (record.get("per_attack") or {}).items():
+        if "/" not in label:
+            columns[f"{STAGE}{label}_accuracy"] = accuracy
+    if len([label for label in record.get("per_attack") or {} if "/" not in label]) > 1:
+        columns[f"{STAGE}worst_accuracy"] = record["worst_acc"]
+    columns[f"{STAGE}warnings"] = len(record.get("warnings") or [])  # gradient-masking checks that fired
+    return columns
+
+
+def _stage_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / EVAL_RESULT
+    return json.loads(path.read_text())["results"] if path.is_file() else []
 
 
 def _cell(value: Any) -> Any:
@@ -38,6 +57,17 @@ def _parse_overrides(text: str) -> dict[str, Any]:
     return _parse_items(text.split())
 
 
+def _read_metrics(path: Path) -> pd.DataFrame:
+    try:
+        metrics = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+        metrics = pd.DataFrame()
+    if metrics.empty or "epoch" not in metrics:
+        raise UserError(f"{path} is empty or damaged; rewrite it from the run's last.pt: robust-sparse train "
+                        f"{path.parent / 'config.yaml'} --resume --out {path.parent}")
+    return metrics
+
+
 def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves): one row per run with its grid values and final numbers; one row per run and epoch."""
     sweep_dir = Path(sweep_dir)
@@ -52,7 +82,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                                "status": run_status(run_dir)}
         metrics_path = run_dir / "metrics.csv"
         if metrics_path.exists():
-            metrics = pd.read_csv(metrics_path)
+            metrics = _read_metrics(metrics_path)
             metrics.insert(0, "run_id", entry["run_id"])
             curves.append(metrics)
             last = metrics.iloc[-1]
@@ -63,8 +93,9 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
                         "test_pgd_accuracy": evaluation["pgd_accuracy"], "best_epoch": evaluation["epoch"]})
+        stage = _stage_records(run_dir)
         if "subnets" not in evaluation:
-            runs.append(row)
+            runs.append({**row, **(_stage_columns(stage[0]) if stage else {})})
             continue
         for subnet in evaluation["subnets"]:  # AST: one row per sub-net, its density a grid-like key
             k = subnet["subnet"]
@@ -73,25 +104,34 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             if metrics_path.exists():
                 subnet_row.update({"val_clean_accuracy": last[f"val_clean_accuracy_subnet{k}"],
                                    "val_pgd_accuracy": last[f"val_pgd_accuracy_subnet{k}"]})
-            runs.append(subnet_row)
+            runs.append({**subnet_row, **(_stage_columns(stage[k]) if k < len(stage) else {})})
     return pd.DataFrame(runs), (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame())
 
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
     reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", *FINAL}
-    return [c for c in runs.columns if c not in reserved]
+    return [c for c in runs.columns if c not in reserved and not c.startswith(STAGE)]
+
+
+def stage_metrics(runs: pd.DataFrame) -> list[str]:
+    """The evaluation stage's accuracy columns, in the order they first appear."""
+    return [c for c in runs.columns if c.startswith(STAGE) and c.endswith("_accuracy")]
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds of the final numbers, one row per setting."""
     keys = [k for k in grid_keys(runs) if k != "seed"]
-    present = [c for c in FINAL if c in runs]
+    present = [c for c in FINAL if c in runs] + stage_metrics(runs)
     grouped = runs.groupby(keys, dropna=False) if keys else runs.assign(_all=0).groupby("_all")
     table = grouped[present].agg(["mean", "std"]) if present else grouped.size().to_frame("_").drop(columns="_")
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns] if present else []
     table["runs"] = grouped.size()
     table["diverged"] = grouped["diverged"].sum() if "diverged" in runs else 0
     table["failed"] = grouped["status"].apply(lambda s: int((~s.isin(["done", "diverged"])).sum()))
+    if f"{STAGE}n" in runs:  # how many runs the evaluation stage covered, on how many points
+        table[f"{STAGE}runs"] = grouped[f"{STAGE}n"].count()
+        table[f"{STAGE}n"] = grouped[f"{STAGE}n"].max()
+        table[f"{STAGE}warnings"] = grouped[f"{STAGE}warnings"].sum()
     return table.reset_index()
 
 
@@ -161,29 +201,43 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     sweep_dir = ", ".join(map(str, sweep_dirs))
     table = aggregate(runs)
     runs.to_csv(out / "runs.csv", index=False)
+    if not curves.empty:
+        curves.to_csv(out / "curves.csv", index=False)  # every run's metrics.csv, one row per run and epoch
     table.to_csv(out / "summary.csv", index=False)
     lines = [f"# Sweep report: {sweep_dir}", "", f"{len(runs)} runs; {int(runs.get('diverged', pd.Series()).sum())} "
              "diverged (NaN loss or validation accuracy at chance).", "", "## Final accuracy, mean ± std over seeds",
              "", _markdown(table), ""]
+    lines += _stage_section(runs)
+    if not curves.empty and "agent_cosine" in curves and curves["agent_cosine"].notna().any():
+        lines += _cosine_section(runs, curves, out, plt)
     if not curves.empty:
         keys = [k for k in grid_keys(runs) if k != "seed"]
         clean_steps = epochs_to_accuracy(runs, curves, list(thresholds))
         robust_steps = epochs_to_accuracy(runs, curves, list(robust_thresholds), column="val_pgd_accuracy")
-        clean_steps.merge(robust_steps, on=keys).to_csv(out / "epochs_to_accuracy.csv", index=False)
+        (clean_steps.merge(robust_steps, on=keys) if keys else pd.concat([clean_steps, robust_steps], axis=1)).to_csv(
+            out / "epochs_to_accuracy.csv", index=False)
         lines += ["## Epochs to reach a validation accuracy", "",
                   "Mean first epoch over the seeds that reached it; (reached/seeds) in brackets, '-' if none did.",
                   "", _markdown(_with_reached(clean_steps)), "", _markdown(_with_reached(robust_steps)), ""]
-        figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         merged = curves.merge(runs[["run_id", *keys]].drop_duplicates("run_id"), on="run_id")
-        for setting, group in (merged.groupby(keys, dropna=False) if keys else [("all", merged)]):
+        # the legend names a setting by the keys that tell settings apart (not the ones all runs share)
+        shown = [k for k in keys if runs[k].astype(str).nunique() > 1] or keys
+        styles = ["-", "--", ":", "-."]
+        for number, (setting, group) in enumerate(merged.groupby(keys, dropna=False) if keys else [("all", merged)]):
+            values = dict(zip(keys, setting if isinstance(setting, tuple) else (setting,)))
+            label = _label(shown, tuple(values.get(k) for k in shown)) if keys else "all"
             for axis, column in zip(axes, ["val_clean_accuracy", "val_pgd_accuracy"]):
                 mean = group.groupby("epoch")[column].mean()
-                axis.plot(mean.index, mean.values, marker="o", label=str(setting))
+                axis.plot(mean.index, mean.values, marker="o", linestyle=styles[number // 10 % len(styles)],
+                          label=label)
                 axis.set(xlabel="epoch", ylabel=column.replace("_", " ").replace("val", "validation"))
-        axes[0].legend(fontsize=7, title=", ".join(keys) if keys else None, title_fontsize=7)
+                axis.xaxis.get_major_locator().set_params(integer=True)
+        handles, labels = axes[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         figure.suptitle("Convergence (mean over seeds)")
         figure.tight_layout()
-        figure.savefig(out / "convergence.png", dpi=120)
+        figure.savefig(out / "convergence.png", dpi=120, bbox_inches="tight")
         plt.close(figure)
         lines += ["![convergence](convergence.png)", ""]
     if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].notna().sum() > 1:
@@ -212,6 +266,110 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         lines += ["![gamma sensitivity](gamma_sensitivity.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    return f"{values.mean():.3f}" + (f" ± {values.std():.3f}" if len(values) > 1 else "")
+
+
+def _stage_section(runs: pd.DataFrame) -> list[str]:
+    """The sweep's evaluation stage (robust-sparse eval on best.pt): mean ± std over the runs it covered."""
+    metrics = stage_metrics(runs)
+    if not metrics:
+        return []
+    keys = [k for k in grid_keys(runs) if k != "seed"]
+    covered = runs[runs[f"{STAGE}n"].notna()]
+    rows = []
+    for setting, group in (covered.groupby(keys, dropna=False) if keys else [((), covered)]):
+        setting = setting if isinstance(setting, tuple) else (setting,)
+        rows.append({**dict(zip(keys, setting)), "runs": len(group), "n": int(group[f"{STAGE}n"].max()),
+                     **{m[len(STAGE):].replace("_accuracy", "").replace("_", " "): _mean_std(group[m])
+                        for m in metrics},
+                     "warnings": int(group[f"{STAGE}warnings"].sum()) if f"{STAGE}warnings" in group else 0})
+    return ["## Evaluation stage (robust-sparse eval on each run's best.pt)", "",
+            "Accuracy on the first n test points; mean ± std over the runs evaluated (no ± for one run). The "
+            "attacks run standalone (each on every point); worst = robust to all of them; warnings = gradient-masking "
+            "checks of robust-sparse eval that fired (in each run's sweep_eval.json).", "",
+            _markdown(pd.DataFrame(rows)), ""]
+
+
+def _cosine_runs(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run that logged AGENT's cosine: its density (the measured one; 1.0 for a dense run), the mean
+    over its logged epochs, its last logged epoch, and the grid keys that vary among these runs."""
+    logged = curves[curves["agent_cosine"].notna()]
+    per_run = []
+    for run_id_, run in logged.groupby("run_id"):
+        density = run["density"].iloc[-1] if "density" in run and run["density"].notna().any() else 1.0
+        per_run.append({"run_id": run_id_, "density": round(float(density), 3),
+                        "cosine": run["agent_cosine"].mean(), "cosine_last": run["agent_cosine"].iloc[-1],
+                        "epochs_logged": len(run)})
+    keys = [k for k in grid_keys(runs) if k != "seed"]
+    per_run = pd.DataFrame(per_run).merge(runs[["run_id", *keys]].drop_duplicates("run_id"), on="run_id")
+    varying = [k for k in keys if per_run[k].astype(str).nunique() > 1
+               and k not in ("sparsity.density", "sparsity.method", "sweep", "subnet_density")]
+    return per_run, varying
+
+
+def cosine_table(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """AGENT's logged cosine between g_new and g_old: per density (and any other key that varies among the AGENT
+    runs), mean ± std over seeds of each run's mean over its logged epochs and of its last logged epoch."""
+    per_run, varying = _cosine_runs(runs, curves)
+    grouped = per_run.groupby(["density", *varying], dropna=False)
+    table = grouped[["cosine", "cosine_last"]].agg(["mean", "std"])
+    table.columns = [f"{metric} {stat}" for metric, stat in table.columns]
+    table["runs"] = grouped.size()
+    table["epochs_logged"] = grouped["epochs_logged"].max()
+    return table.reset_index().sort_values(["density", *varying], ascending=[False] + [True] * len(varying))
+
+
+def _label(keys: list[str], values: Any) -> str:
+    values = values if isinstance(values, tuple) else (values,)
+    return ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
+                     for k, v in zip(keys, values) if not (v is None or v != v)) or "all"  # NaN: not set
+
+
+def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, plt) -> list[str]:
+    table = cosine_table(runs, curves)
+    table.to_csv(out / "cosine.csv", index=False)
+    per_run, varying = _cosine_runs(runs, curves)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    merged = curves[["run_id", "epoch", "agent_cosine"]].merge(per_run[["run_id", "density", *varying]], on="run_id")
+    per_epoch = merged.dropna(subset=["agent_cosine"]).groupby(["density", *varying, "epoch"], dropna=False)
+    per_epoch = per_epoch["agent_cosine"].agg(["mean", "std", "count"]).reset_index()
+    per_epoch.sort_values(["density", *varying, "epoch"], ascending=[False] + [True] * (len(varying) + 1)).rename(
+        columns={"mean": "cosine mean", "std": "cosine std", "count": "runs"}).to_csv(out / "cosine_per_epoch.csv",
+                                                                                     index=False)
+    for setting, group in merged.groupby(["density", *varying], dropna=False, sort=False):
+        mean = group.groupby("epoch")["agent_cosine"].mean().dropna()
+        axes[0].plot(mean.index, mean.values, marker="o", label=_label(["density", *varying], setting))
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set(xlabel="epoch", ylabel="cos(g_new, g_old): mean over the epoch's steps and seeds",
+                title="per epoch")
+    axes[0].legend(fontsize=8)
+    for value, group in (table.groupby(varying, dropna=False) if varying else [((), table)]):
+        group = group.sort_values("density", ascending=False)
+        axes[1].errorbar(group["density"], group["cosine mean"], yerr=group["cosine std"].fillna(0), marker="o",
+                         capsize=3, label=_label(varying, value))
+    densities = sorted(table["density"].unique(), reverse=True)
+    axes[1].set_xscale("log")
+    axes[1].set_xticks(densities, [f"{d:.2g}" + (" (dense)" if d == 1 else "") for d in densities])
+    axes[1].minorticks_off()
+    axes[1].invert_xaxis()
+    axes[1].set(xlabel="density (sparser to the right)", ylabel="cos(g_new, g_old): mean over logged epochs",
+                title="per density (mean ± std over seeds)")
+    axes[1].legend(fontsize=8)
+    figure.suptitle("AGENT: cosine between the current and the snapshot gradient on the same batch")
+    figure.tight_layout()
+    figure.savefig(out / "cosine.png", dpi=120)
+    plt.close(figure)
+    return ["## AGENT's assumption: cosine between g_new and g_old", "",
+            "Logged by AGENT at every corrected step, averaged per epoch (epochs where the correction is off are not "
+            "logged); per run, the mean over the logged epochs and the last logged epoch; mean ± std over seeds "
+            "(per epoch: cosine_per_epoch.csv).",
+            "", _markdown(table), "", "![cosine](cosine.png)", ""]
 
 
 def _with_reached(steps: pd.DataFrame) -> pd.DataFrame:

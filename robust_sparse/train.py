@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from robust_sparse import distributed
 from robust_sparse.agent import AGENT
-from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.checkpoint import load_checkpoint, remove_temporaries, save_checkpoint, write_atomic
 from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, TrainConfig, config_from_dict, save_config,
                                   to_dict)
 from robust_sparse.data import BatchLoader, ImageSet, load_splits
@@ -181,8 +181,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields that must match to resume: everything but where the run executes."""
-    return {key: value for key, value in config.items() if key != "device"}
+    """The fields that must match to resume: everything but where the run executes and where it is stored
+    (a run directory can be moved or copied)."""
+    return {key: value for key, value in config.items() if key not in ("device", "out_dir")}
+
+
+def _difference(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> str | None:
+    """The first field (dotted name) whose value differs, with both values; None if none does."""
+    for key in [*saved, *(key for key in current if key not in saved)]:
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found = _difference(old, new, f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif old != new:
+            return f"{prefix}{key} (saved {old!r}, now {new!r})"
+    return None
 
 
 def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) -> FitResult:
@@ -219,10 +233,12 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         if subnets is not None and 0 < config.agent.full_grad_batches < subnets.count:
             raise UserError(f"agent.full_grad_batches = {config.agent.full_grad_batches}: AST gives each of its "
                             f"{subnets.count} sub-nets its own g_tilde batches; use >= {subnets.count} (or 0 = all)")
-        pass_batches = len(splits.train) // config.data.batch_size  # the g_tilde pass drops the last partial batch
-        if config.agent.gamma > 0 and min(config.agent.full_grad_batches or pass_batches, pass_batches) < 2:
+        # The g_tilde pass drops the last partial batch; under torchrun each rank runs its share of it.
+        rank_batches = _agent_pass_batches(config, len(splits.train), world.world_size)
+        if config.agent.gamma > 0 and (rank_batches < 1 or rank_batches * world.world_size < 2):
             raise UserError(f"agent: the g_tilde pass needs at least 2 full batches of {config.data.batch_size} "
-                            f"training images, the split has {len(splits.train)}; lower data.batch_size")
+                            f"training images (one per rank), the split has {len(splits.train)}; lower "
+                            "data.batch_size")
         agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker is not None else None,
                       subnets=subnets)
     stepper = agent if agent is not None else optimizer
@@ -231,8 +247,11 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     trained = DistributedDataParallel(model) if world.world_size > 1 else model
 
     history: list[dict[str, Any]] = []
+    layer_rows: list[dict[str, Any]] = []  # layer_density.csv; kept in the checkpoint, so a resume rewrites it
     best_key = (-1.0, -1.0)
     start_epoch = 0
+    if resume and not last_path.exists():
+        log.warning("--resume: %s holds no last.pt; starting a fresh run", run_dir)
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)
         # Through today's schema, so that a field added since the run started compares at its default.
@@ -240,8 +259,9 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             saved = to_dict(config_from_dict(state["config"]))
         except UserError as error:
             raise UserError(f"cannot resume {last_path}: its saved config does not load ({error})") from None
-        if _comparable(saved) != _comparable(to_dict(config)):
-            raise UserError(f"cannot resume {last_path}: its config differs from this one (see {run_dir}/config.yaml)")
+        difference = _difference(_comparable(saved), _comparable(to_dict(config)))
+        if difference is not None:
+            raise UserError(f"cannot resume {last_path}: its config differs from this one in {difference}")
         model.load_state_dict(state["model"])
         stepper.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -249,10 +269,17 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             masker.load_state_dict(state["sparsity"])
         _set_rng_state(state["rng"])
         history, best_key, start_epoch = state["history"], tuple(state["best_key"]), state["epoch"]
+        if masker is not None:
+            layer_rows = _saved_layer_densities(state, run_dir / "layer_density.csv")
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(run_dir)  # of writes a kill interrupted
         save_config(config, run_dir / "config.yaml")
+        if history:  # a kill may have cut the writes after the checkpoint: rewrite them from it
+            _write_metrics(history, run_dir)
+            if masker is not None:
+                _write_layer_densities(layer_rows, run_dir / "layer_density.csv")
     log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
              config.data.dataset.value, len(splits.train), len(splits.val), config.objective.value, device)
 
@@ -261,7 +288,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         if agent is not None and agent.due(epoch):
-            agent.refresh(_agent_batches(config, splits.train, objective, device, epoch), _objective_loss(objective))
+            agent.refresh(_agent_batches(config, splits.train, objective, device, epoch, world),
+                          _objective_loss(objective))
         stats = train_one_epoch(trained, objective, stepper, scheduler, loader, agent=agent,
                                 progress=progress and world.is_main,
                                 description=f"epoch {epoch + 1}/{config.optim.epochs}")
@@ -290,15 +318,19 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             "config": to_dict(config), "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": stepper.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
             "history": history, "best_key": list(best_key),
+            # what the evaluation report needs to say whether a published row had the same training data
+            "data_sizes": {"train": len(splits.train), "val": len(splits.val)},
         }
         if masker is not None:
+            layer_rows += _layer_densities(masker, epoch + 1)
             checkpoint["sparsity"] = masker.state_dict()
+            checkpoint["layer_density"] = layer_rows
         if is_best:
             best_key = (val_robust, val_clean)
             checkpoint["best_key"] = list(best_key)
         if world.is_main:  # the ranks hold identical state; one of them writes it
             if masker is not None:
-                _append_layer_densities(masker, epoch + 1, run_dir / "layer_density.csv")
+                _write_layer_densities(layer_rows, run_dir / "layer_density.csv")
             if is_best:
                 save_checkpoint(checkpoint, best_path)
             save_checkpoint(checkpoint, last_path)
@@ -327,8 +359,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
                       **{key: value for key, value in rows[0].items() if key not in ("subnet", "density")}}
         if subnets is not None:  # the densest sub-net's figures on top; every sub-net in the table
             evaluation["subnets"] = rows
-            pd.DataFrame(rows).to_csv(run_dir / "subnets.csv", index=False)
-        (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=2))
+            write_atomic(run_dir / "subnets.csv", pd.DataFrame(rows).to_csv(index=False))
+        write_atomic(run_dir / "eval.json", json.dumps(evaluation, indent=2))
         log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
                  evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
     return FitResult(run_dir, metrics, evaluation, model=model, masker=masker, agent=agent)
@@ -339,11 +371,24 @@ def _objective_loss(objective: Objective):
     return lambda model, images, labels, inputs: objective.loss(model, images, labels, inputs)[0]
 
 
-def _agent_batches(config: TrainConfig, train: ImageSet, objective: Objective, device: torch.device, epoch: int):
-    """The large-batch pass of AGENT: unaugmented training batches, clean (official) or adversarial inputs."""
-    loader = BatchLoader(train, config.data.batch_size, device, shuffle=True, seed=config.seed + 1, drop_last=True)
+def _agent_pass_batches(config: TrainConfig, images: int, world_size: int) -> int:
+    """Batches of AGENT's g_tilde pass each rank runs: its share of ``agent.full_grad_batches`` (rounded up, the
+    same on every rank), at most its shard of the training split in full batches."""
+    shard = (images // world_size) // config.data.batch_size
+    return min(math.ceil(config.agent.full_grad_batches / world_size) or shard, shard)
+
+
+def _agent_batches(config: TrainConfig, train: ImageSet, objective: Objective, device: torch.device, epoch: int,
+                   world: distributed.Context = distributed.Context()):
+    """The large-batch pass of AGENT: unaugmented training batches, clean (official) or adversarial inputs.
+
+    Under torchrun each rank takes its own shard of the split, as the training loader does, and runs
+    1/world_size of the pass; AGENT all-reduces what the ranks computed.
+    """
+    loader = BatchLoader(train, config.data.batch_size, device, shuffle=True, seed=config.seed + 1, drop_last=True,
+                         rank=world.rank, world_size=world.world_size)
     loader.set_epoch(epoch)
-    limit = config.agent.full_grad_batches or len(loader)
+    limit = _agent_pass_batches(config, len(train), world.world_size)
     for index, (images, labels) in enumerate(loader):
         if index == limit:
             return
@@ -386,23 +431,36 @@ def _sparsity_metrics(masker: SparseMasker | None) -> dict[str, float]:
     return {"density": masker.global_density(), "exploration_rate": masker.exploration_rate()}
 
 
-def _append_layer_densities(masker: SparseMasker, epoch: int, path: Path) -> None:
+def _layer_densities(masker: SparseMasker, epoch: int) -> list[dict[str, Any]]:
+    """This epoch's rows of layer_density.csv: active connections per layer (and sub-net)."""
     if isinstance(masker, AlternatingMasker):
         counts = [(k, masker.subnet_counts(k)) for k in range(masker.count)]
     else:
         counts = [(None, masker.active_counts())]
-    frame = pd.DataFrame([{"epoch": epoch, **({"subnet": k} if k is not None else {}), "layer": name,
-                           "active": count, "total": masker.masks[name].numel(),
-                           "density": count / masker.masks[name].numel()}
-                          for k, layer_counts in counts for name, count in layer_counts.items()])
-    previous = pd.read_csv(path) if path.exists() and epoch > 1 else None
-    if previous is not None:
-        frame = pd.concat([previous[previous["epoch"] < epoch], frame])
-    frame.to_csv(path, index=False)
+    return [{"epoch": epoch, **({"subnet": k} if k is not None else {}), "layer": name, "active": int(count),
+             "total": masker.masks[name].numel(), "density": int(count) / masker.masks[name].numel()}
+            for k, layer_counts in counts for name, count in layer_counts.items()]
+
+
+def _saved_layer_densities(state: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """The layer densities up to the checkpoint's epoch: from the checkpoint, else (a checkpoint written before
+    it held them) from the CSV."""
+    if "layer_density" in state:
+        return list(state["layer_density"])
+    try:
+        frame = pd.read_csv(path)
+        return frame[frame["epoch"] <= state["epoch"]].to_dict("records")
+    except (OSError, ValueError, KeyError) as error:  # missing, empty (EmptyDataError) or damaged
+        log.warning("%s is unreadable (%s); it restarts at epoch %d", path, error, state["epoch"] + 1)
+        return []
+
+
+def _write_layer_densities(rows: list[dict[str, Any]], path: Path) -> None:
+    write_atomic(path, pd.DataFrame(rows).to_csv(index=False))
 
 
 def _write_metrics(history: list[dict[str, Any]], run_dir: Path) -> pd.DataFrame:
     frame = pd.DataFrame(history)
-    frame.to_csv(run_dir / "metrics.csv", index=False)
-    frame.to_json(run_dir / "metrics.json", orient="records", indent=2)
+    write_atomic(run_dir / "metrics.csv", frame.to_csv(index=False))
+    write_atomic(run_dir / "metrics.json", frame.to_json(orient="records", indent=2))
     return frame

@@ -143,6 +143,28 @@ def test_fixed_estimator_and_clip():
     assert clipped.c == (1.0 if clipped.c_hat > 1 else 0.0)  # alpha = 1: c would be c_hat without the clip
 
 
+@pytest.mark.parametrize("c_hat, words", [(-0.13, "reverses the correction"), (28.4, "c_t > 1"), (0.4, None)])
+def test_c_t_outside_0_1_is_warned_unless_clipped(c_hat, words, monkeypatch, caplog):
+    import robust_sparse.agent as agent_module
+
+    monkeypatch.setattr(agent_module, "estimate_c", lambda current, previous: c_hat)
+    for clip in (False, True):
+        model = nn.Linear(2, 1, bias=False)
+        agent = AGENT(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                      AgentConfig(enabled=True, gamma=0.5, alpha=1.0, clip=clip, probe_chunks=0))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="robust_sparse.agent"):
+            agent.refresh(BATCHES, quadratic)  # c_0 = 0: nothing to say
+            agent.refresh(BATCHES, quadratic)
+        warned = [r.getMessage() for r in caplog.records]
+        if words is None or clip:
+            assert warned == []
+            assert 0 <= agent.c <= 1
+        else:
+            assert agent.c == pytest.approx(c_hat)  # unclipped, as the official code: reproducible, and said
+            assert f"c_t = {c_hat:.4g}" in warned[0] and words in warned[0] and "agent.clip=true" in warned[1]
+
+
 def test_state_dict_round_trip_mid_epoch_resumes_identically():
     def make():
         torch.manual_seed(0)

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from robust_sparse.cli import main
+from robust_sparse.cli import QUICKSTART, main
 from robust_sparse.config import DatasetName, Norm, TrainConfig, load_config, parse_override, to_dict, validate
 from robust_sparse.errors import ConfigError
 from pathlib import Path
@@ -116,3 +117,28 @@ def test_console_script_reports_error_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "robust-sparse: error: attack.eps = -1.0: must be >= 0 (pixel units, inputs in [0,1])"
     ]
+
+
+def test_print_config_shows_the_resolved_yaml_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--print-config", "--set", "optim.lr=0.01", "--set", "attack.eps=8/255"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.01 and printed["attack"]["eps"] == pytest.approx(8 / 255)
+    assert printed["sparsity"]["method"] == "bsrnet"  # no CONFIG: the quickstart, as `train` would run it
+    assert load_config(QUICKSTART).optim.epochs == printed["optim"]["epochs"]
+    assert list(tmp_path.iterdir()) == []  # no run directory
+
+
+def test_version_and_top_level_help(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"robust-sparse {version('robust-sparse')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text  # no reStructuredText markup in a terminal
+    for command in ("train", "eval", "export", "sweep", "report", "doctor"):
+        assert command in text

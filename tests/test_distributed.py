@@ -45,9 +45,12 @@ def test_two_ranks_keep_masks_rewiring_and_agent_state_identical(tmp_path, engin
     extra = ["sparsity.ast_densities=[0.3, 0.1]", "sparsity.update_every=2"] if engine == "ast" else []
     rank0, rank1 = _run(tmp_path, f"sparsity.method={engine}", "sparsity.density=0.3", "sparsity.update_every=3",
                         "sparsity.distribution=erk", "agent.enabled=true", "agent.gamma=0.1", *extra)
-    _assert_identical(rank0, rank1)
+    _assert_identical(rank0, rank1)  # c, c_hat and every sub-net's g_tilde included
     assert rank0["masks"] and rank0["full_grads"] is not None  # the engines and AGENT really ran
     assert torch.isfinite(rank0["c_hat"])
+    # AGENT's g_tilde pass is sharded: of the 512 // 32 = 16 batches of the pass, each rank ran 8 (the first
+    # refresh needs no pass), and the all-reduce gave both the same g_tilde and c.
+    assert rank0["pass_batches"] == rank1["pass_batches"] == [0, 8]
     from robust_sparse.checkpoint import load_checkpoint
 
     saved = load_checkpoint(tmp_path / "run" / "last.pt")  # written once, by rank 0

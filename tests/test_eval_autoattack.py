@@ -104,7 +104,7 @@ def test_the_fakes_have_the_real_signatures():
 def test_adapter_drives_its_api_sub_attack_by_sub_attack(adapter, fake, mnist):
     images, labels = _marked_points(mnist)
     backend = adapter(fake)
-    result = evaluate(MarkerModel(), images, labels, norm="linf", eps=EPS, attacks=parse_attacks("autoattack"),
+    result = evaluate(MarkerModel(), images, labels, norm="linf", eps=EPS, large_eps=None, attacks=parse_attacks("autoattack"),
                       batch_size=8, seed=7, backend=backend)
     outcome = result.outcomes[0]
     assert result.clean_accuracy == 1.0
@@ -117,6 +117,27 @@ def test_adapter_drives_its_api_sub_attack_by_sub_attack(adapter, fake, mnist):
     message = "Warning: it seems" if adapter is GitHubAutoAttack else "zero gradient"  # printed / logged
     assert len(result.autoattack_messages) == 1 and message in result.autoattack_messages[0]
     assert any("AutoAttack's own check" in w for w in check_evaluation(result))
+
+
+class CountingPyAutoAttack(FakePyAutoAttack):
+    """Warns as pyautoattack does: once per call, with that call's count of points."""
+
+    def run_standard_evaluation(self, x_orig, y_orig, /, *, batch_size=250, state_path=None):
+        self.calls.append((list(self.attacks_to_run), len(x_orig), batch_size))
+        logging.getLogger("auto-attack").warning(f"there are {len(x_orig)} points with zero gradient! This might "
+                                                 "lead to unreliable evaluation with gradient-based attacks.")
+        logging.getLogger("auto-attack").warning("a warning without a count")
+        return _fake_attack(x_orig, y_orig, self.attacks_to_run, self.epsilon), y_orig
+
+
+def test_autoattack_warnings_differing_only_in_their_count_are_kept_once_with_the_largest(mnist):
+    images, labels = _marked_points(mnist, 30)
+    result = evaluate(MarkerModel(), images, labels, norm="linf", eps=EPS, large_eps=None, attacks=parse_attacks("autoattack"),
+                      batch_size=8, seed=7, backend=PyAutoAttack(CountingPyAutoAttack))
+    assert result.autoattack_messages == [
+        "there are 8 points with zero gradient! This might lead to unreliable evaluation with gradient-based "
+        "attacks.", "a warning without a count"]  # 4 sub-attacks x batches of 8 and fewer points: one each
+    assert sum("zero gradient" in warning for warning in check_evaluation(result)) == 1
 
 
 @pytest.mark.parametrize("adapter, fake", [(GitHubAutoAttack, FakeGitHubAutoAttack), (PyAutoAttack, FakePyAutoAttack)])
@@ -140,7 +161,7 @@ def test_early_exit_only_still_robust_points_reach_later_sub_attacks(mnist):
             super().__init__(*args, **kwargs)
             fake_instances.append(self)
 
-    evaluate(MarkerModel(), images, labels, norm="linf", eps=EPS, attacks=parse_attacks("autoattack"), batch_size=100,
+    evaluate(MarkerModel(), images, labels, norm="linf", eps=EPS, large_eps=None, attacks=parse_attacks("autoattack"), batch_size=100,
              backend=PyAutoAttack(Recording))
     (fake,) = fake_instances
     sizes = {attacks[0]: n for attacks, n, _ in fake.calls}
@@ -159,7 +180,7 @@ def test_examples_outside_the_ball_never_count(mnist):
             adversarial[:, 0, 0, 0] = (adversarial[:, 0, 0, 0] + 3 * self.epsilon).clamp(max=1)  # 3 eps away
             return adversarial, y_orig
 
-    result = evaluate(MarkerModel(), images, labels, norm="linf", eps=EPS, attacks=parse_attacks("apgd-ce"),
+    result = evaluate(MarkerModel(), images, labels, norm="linf", eps=EPS, large_eps=None, attacks=parse_attacks("apgd-ce"),
                       backend=PyAutoAttack(Cheating))
     assert result.outcomes[0].accuracy == 1.0  # every point stays robust
     assert result.invalid == {"APGD-CE": int((labels < 9).sum())}  # all that were "fooled" (9 + 0.3 clamps to 9)

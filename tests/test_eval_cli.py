@@ -182,7 +182,7 @@ def _float_255_file(mnist, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (lambda w, c, z, m, t: ["eval"], "exactly one model"),
     (lambda w, c, z, m, t: ["eval", str(c), "--arch", "tiny_cnn", "--weights", w], "exactly one model"),
-    (lambda w, c, z, m, t: ["eval", "--arch", "tiny_cnn", "--dataset", "mnist5k"], "--arch and --weights go together"),
+    (lambda w, c, z, m, t: ["eval", "--arch", "tiny_cnn", "--dataset", "mnist5k"], "--arch needs --weights"),
     (lambda w, c, z, m, t: ["eval", "--arch", "tiny_cnn", "--weights", w], "--dataset is required"),
     (lambda w, c, z, m, t: ["eval", "--arch", "nope", "--weights", w, "--dataset", "mnist5k"], "unknown model 'nope'"),
     (lambda w, c, z, m, t: ["eval", "--robustbench-model", "Nope", "--dataset", "cifar10", "--model-dir", z],
@@ -208,7 +208,7 @@ def test_bad_inputs_are_one_line_errors(argv, message, weights, checkpoint, zoo,
     assert len(error) == 1 and error[0].startswith("robust-sparse: error: ") and message in error[0]
 
 
-def test_missing_robustbench_weights_offline_is_one_line(monkeypatch, tmp_path, capsys):
+def test_missing_robustbench_weights_offline_is_one_line(monkeypatch, tmp_path, capsys, cifar_root):
     import requests
     import robustbench.utils
 
@@ -216,6 +216,7 @@ def test_missing_robustbench_weights_offline_is_one_line(monkeypatch, tmp_path, 
         raise requests.exceptions.ConnectionError("HTTPSConnectionPool(host='drive.google.com', port=443): Max retries")
 
     monkeypatch.setattr(robustbench.utils, "download_gdrive_new", offline)
-    code = main(["eval", "--robustbench-model", "Wong2020Fast", "--dataset", "cifar10", "--model-dir", str(tmp_path)])
+    code = main(["eval", "--robustbench-model", "Wong2020Fast", "--dataset", "cifar10", "--model-dir", str(tmp_path),
+                 "--data-root", cifar_root])
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and "weights not found at" in error[0] and "download failed" in error[0]

@@ -70,6 +70,14 @@ def test_comparability():
     assert differences(entry, **{**same, "attack": "PGD-50x10"}) == ["attack AutoAttack vs PGD-50x10"]
     trades = board[board["name"] == "Zhang2019Theoretically"].iloc[0].to_dict()
     assert differences(trades, **same) == ["eps 0.031 vs 0.03137"]  # 0.031 is not 8/255
+    # the recipe of a model trained here: the whole training split (a 10% validation split is fine) or not
+    assert differences(entry, **same, train_images=45000, epochs=200) == []
+    assert differences(entry, **same, train_images=4194, epochs=10) == [
+        "trained on 4,194 images for 10 epochs; the entry used the 50,000 of the training split"]
+    hydra = board[board["name"] == "Sehwag2020Hydra"].iloc[0].to_dict()
+    assert differences(hydra, **same, train_images=50000) == [
+        "trained on 50,000 images; the entry used 50,000 plus extra data"]
+    assert differences(hydra, **same) == []  # an outside model: its recipe is unknown, only the protocol counts
     assert normalize_attack("PGD-20") == normalize_attack("pgd-20x1") == "pgd-20x1"
 
 

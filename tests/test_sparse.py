@@ -211,17 +211,34 @@ def test_bsrnet_initial_densities_follow_the_paper():
     shapes = {f"features.{i}.weight": (64, 64, 3, 3) for i in range(13)}
     shapes.update({"classifier.0.weight": (256, 2048), "classifier.2.weight": (256, 256),
                    "classifier.4.weight": (10, 256)})
-    densities = allocation.bsrnet_initial("vgg16", shapes, 0.01)
+    densities = allocation.bsrnet_initial("vgg16", shapes, 0.1)  # within the budget: as the paper sets them
     values = list(densities.values())
     assert values[:4] == [0.6, 0.6, 0.2, 0.2] and values[-1] == 0.6
-    assert all(v == pytest.approx(0.005) for v in values[4:-1])
+    assert all(v == pytest.approx(0.05) for v in values[4:-1])
     resnet = {"conv1.weight": (64, 3, 3, 3), "layer1.0.conv1.weight": (64, 64, 3, 3),
-              "layer1.0.conv2.weight": (64, 64, 3, 3), "layer2.0.conv1.weight": (128, 64, 3, 3),
+              "layer1.0.conv2.weight": (64, 64, 3, 3), "layer2.0.conv1.weight": (256, 128, 3, 3),
               "fc.weight": (10, 512)}
     assert list(allocation.bsrnet_initial("resnet18", resnet, 0.1).values()) == [0.6, 0.2, 0.2, 0.05, 0.6]
     wrn = {"conv1.weight": (16, 3, 3, 3), "block1.0.conv1.weight": (64, 16, 3, 3),
            "block2.0.conv1.weight": (128, 64, 3, 3), "fc.weight": (10, 256)}
     assert list(allocation.bsrnet_initial("wrn28_4", wrn, 0.1).values()) == [0.6, 0.1, 0.05, 0.6]
+
+
+def test_bsrnet_holds_its_budget_where_the_hand_set_layers_hold_most_weights(mnist):
+    """tiny_cnn's first and last layer, at 0.6, would start it at density 0.43 when 0.1 is asked for."""
+    model, opt, masker, images, labels = _setup("bsrnet", mnist, density=0.1, optimizer="sgdw")
+    total = sum(m.numel() for m in masker.masks.values())
+    assert masker.engine.budget == int(0.1 * total)
+    assert masker.engine.budget - 3 <= sum(masker.active_counts().values()) <= masker.engine.budget  # int() per layer
+    densities = {name: int(mask.sum()) / mask.numel() for name, mask in masker.masks.items()}
+    first, middle, last = densities.values()  # the paper's proportions, scaled down together
+    assert first == pytest.approx(last, abs=0.02) and middle == pytest.approx(last * 0.05 / 0.6, abs=0.005)
+    for step in range(5):
+        batch = slice(step * 64, (step + 1) * 64)
+        opt.zero_grad()
+        F.cross_entropy(model(images[batch]), labels[batch]).backward()
+        opt.step()
+        assert masker.global_density() == pytest.approx(0.1, abs=1e-3)
 
 
 # ---- allocation -----------------------------------------------------------------------------------------
@@ -284,8 +301,7 @@ def test_resumed_sparse_run_matches_uninterrupted(method, tiny_config, tmp_path)
 
 
 def test_sparse_run_reports_density_and_exports_exactly(tiny_config, tmp_path):
-    # ERK initial densities: BSR-Net's hand-set ones (first and last layer at 0.6) start tiny_cnn far over
-    # budget, and the official behaviour is to wait for pruning to bring the count down to K.
+    # ERK initial densities: BSR-Net's hand-set ones (first and last layer at 0.6) are scaled down on tiny_cnn.
     result = fit(tiny_config("sparsity.method=bsrnet", "sparsity.density=0.1", "sparsity.distribution=erk",
                              "optim.optimizer=sgdw"))
     assert result.metrics["density"].tolist() == pytest.approx([0.1] * 2, abs=1e-3)
@@ -310,6 +326,18 @@ def test_sparse_run_reports_density_and_exports_exactly(tiny_config, tmp_path):
     assert all(torch.equal(compact[k], checkpoint["model"][k]) for k in checkpoint["model"])
     for name, mask in masks.items():
         assert int(compact[name].count_nonzero()) <= int(mask.sum())
+
+    # the export carries its protocol, so evaluating the exported weights needs neither --dataset nor --eps
+    config = checkpoint["config"]
+    assert summary["protocol"] == {
+        "architecture": "tiny_cnn", "dataset": "mnist5k", "num_classes": 10, "in_channels": 1, "image_size": 28,
+        "norm": config["attack"]["norm"], "eps": config["attack"]["eps"], "objective": config["objective"]}
+    output = tmp_path / "exported_eval.json"
+    assert main(["eval", "--arch", "tiny_cnn", "--weights", str(tmp_path / "export" / "model_dense.pt"),
+                 "--n-examples", "32", "--attacks", "pgd-2x1", "--no-probe", "--results-dir", str(tmp_path / "ev"),
+                 "--output", str(output)]) == 0
+    row = json.loads(output.read_text())
+    assert row["dataset"] == "mnist5k" and row["eps"] == pytest.approx(config["attack"]["eps"])
 
 
 def test_magnitude_prune_keeps_largest_weights_and_fine_tunes(tiny_config, tmp_path):

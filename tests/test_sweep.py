@@ -116,8 +116,11 @@ def test_another_sweep_in_the_same_directory_is_refused(tmp_path):
 def test_shipped_sweep_files_expand_and_validate(path, tmp_path, monkeypatch):
     if path.name.startswith("common_"):
         pytest.skip("a base config, not a sweep file")
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()  # the CIFAR studies read a local copy from ./data
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    (repo / "data").mkdir()  # the CIFAR studies read a local copy from ./data
+    (tmp_path / "shared" / "data" / "cifar10-prefix").mkdir(parents=True)  # ... or the prefix beside the repo
     sweep = load_sweep(path)
     runs = expand(sweep)
     assert runs and len({run_id(r) for r in runs}) == len(runs)

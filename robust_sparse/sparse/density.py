@@ -2,7 +2,7 @@
 
 Every function maps ``{layer name: shape}`` to ``{layer name: density}`` so that the total number of
 active connections is (up to rounding) ``density * total``, except BSR-Net's, which sets *initial*
-densities only: its global budget K is held by rewiring from the first step on.
+densities only, at most the budget: its global budget K is held by rewiring from the first step on.
 """
 
 from __future__ import annotations
@@ -61,12 +61,20 @@ def bsrnet_initial(model_name: str, shapes: Shapes, density: float) -> dict[str,
     VGG-16: conv1-2 0.6, conv3-4 0.2, the rest 0.5p, classifier 0.6. ResNet: stem 0.6, every conv of the
     first (64-channel) stage 0.2, later stages 0.5p, classifier 0.6. WRN: stem 0.6, first group 0.1, later
     groups 0.5p, classifier 0.6. Other models: first and last layer 0.6, the rest 0.5p.
+
+    Where the hand-set layers hold most of the weights (small models, very low p) these densities exceed the
+    budget ``p * total``, which rewiring only tops up and never cuts: then every density is scaled down by the
+    same factor so that the initial count is the budget.
     """
     names = list(shapes)
     rule = _BSRNET_RULES.get(model_name.split("_")[0].rstrip("0123456789"), _bsrnet_generic)
     densities = rule(names, density)
     densities[names[0]] = densities[names[-1]] = 0.6
-    return {n: min(1.0, d) for n, d in densities.items()}
+    densities = {n: min(1.0, d) for n, d in densities.items()}
+    budget = density * sum(math.prod(s) for s in shapes.values())
+    active = sum(densities[n] * math.prod(s) for n, s in shapes.items())
+    scale = min(1.0, budget / active)
+    return {n: d * scale for n, d in densities.items()}
 
 
 def _bsrnet_generic(names: list[str], p: float) -> dict[str, float]:

@@ -8,7 +8,9 @@ Two files:
   the mask either as a packed bitmask (1 bit per position) or as int32 positions, whichever is smaller:
   positions win below 1/32 = 3.1% density (99% sparsity), the bitmask above.
 
-``export.json`` records the densities and the file sizes.
+``export.json`` records the densities, the file sizes and the protocol the model was trained for (dataset,
+number of classes, threat model and eps): ``robust-sparse eval --arch NAME --weights DIR/model_dense.pt`` reads it,
+so an exported model is evaluated at its own eps. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.checkpoint import atomic_open, load_checkpoint, save_checkpoint, write_atomic
 
 COMPACT_FORMAT = "robust-sparse-compact/1"
 
@@ -83,7 +85,8 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: 
     masks = {name: mask.cpu() for name, mask in mask_source.items()}
 
     dense_path = out / "model_dense.pt"
-    torch.save(model_state, dense_path)  # plain tensors only: any torch can load it with weights_only=True
+    with atomic_open(dense_path, "wb") as stream:  # plain tensors only: any torch loads it with weights_only=True
+        torch.save(model_state, stream)
 
     sparse = {name: encode(model_state[name], mask) for name, mask in masks.items()}
     dense = {name: tensor for name, tensor in model_state.items() if name not in masks}
@@ -104,5 +107,18 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: 
         "dense_file_bytes": dense_path.stat().st_size, "compact_file_bytes": compact_path.stat().st_size,
     }
     summary["compact_to_dense_size"] = summary["compact_file_bytes"] / summary["dense_file_bytes"]
-    (out / "export.json").write_text(json.dumps(summary, indent=2))
+    summary["protocol"] = export_protocol(state["config"])
+    write_atomic(out / "export.json", json.dumps(summary, indent=2))
     return summary
+
+
+def export_protocol(config: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation of the exported weights needs to match the run's: dataset, classes, threat model, eps."""
+    from robust_sparse.config import config_from_dict
+    from robust_sparse.data import DATASETS
+
+    run = config_from_dict({**config, "data": {**config.get("data", {}), "root": "."}})  # the root may be gone
+    info = DATASETS[run.data.dataset]
+    return {"architecture": run.model.name, "dataset": run.data.dataset.value, "num_classes": info.num_classes,
+            "in_channels": info.in_channels, "image_size": info.image_size, "norm": run.attack.norm.value,
+            "eps": run.eval.eps if run.eval.eps is not None else run.attack.eps, "objective": run.objective.value}
