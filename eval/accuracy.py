@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from robust_sparse.attacks import PGD
+from robust_sparse.progress import progress as progress_bar
 
 
 @dataclass
@@ -45,6 +46,8 @@ def evaluate_pgd(
     restarts: int = 1,
     step_size: float | None = None,
     batch_size: int = 500,
+    progress: bool = False,
+    description: str = "PGD",
 ) -> RobustnessResult:
     """Clean and PGD robustness of ``model`` (put in eval mode) on [0,1] ``images`` already on its device.
 
@@ -59,9 +62,11 @@ def evaluate_pgd(
     attack = PGD(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
                  step_size=step_size if step_size is not None else pgd_step_size(eps, steps))
     candidates = torch.nonzero(clean_correct).flatten()
-    for start in range(0, len(candidates), batch_size):
-        index = candidates[start : start + batch_size]
-        adversarial = attack(images[index], labels[index])
-        with torch.no_grad():
-            robust_correct[index] = model(adversarial).argmax(1) == labels[index]
+    with progress_bar(total=len(candidates), desc=description, unit="pt", enabled=progress) as bar:
+        for start in range(0, len(candidates), batch_size):
+            index = candidates[start : start + batch_size]
+            adversarial = attack(images[index], labels[index])
+            with torch.no_grad():
+                robust_correct[index] = model(adversarial).argmax(1) == labels[index]
+            bar.update(len(index))
     return RobustnessResult(clean_correct.cpu(), robust_correct.cpu())

@@ -31,11 +31,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from robust_sparse.attacks import CW, FGSM, PGD
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.errors import CheckpointError, UserError
+from robust_sparse.progress import progress as progress_bar
 from robust_sparse.eval import sanity
 from robust_sparse.eval.accuracy import pgd_step_size, predict
 from robust_sparse.eval.autoattack import AutoAttackBackend, select_backend, torchattacks_autoattack
@@ -323,7 +323,7 @@ def evaluate(
         num_classes: checked against the model's output; needed by ``torchattacks-aa``.
         state_path: where per-point flags are saved, and resumed from when the settings match.
         settings: extra identification stored with the flags (model and data fingerprints, ...).
-        progress: tqdm bars with an ETA (stderr).
+        progress: a bar with an ETA on a terminal, periodic log lines elsewhere (:mod:`robust_sparse.progress`).
         autoattack_backend: ``auto``, ``pyautoattack`` or ``github`` (see :func:`select_backend`).
         backend: an already built backend (tests inject fakes here).
         large_eps: the gradient-masking probe: a 20-step margin PGD without random start at this eps on the
@@ -413,8 +413,8 @@ def _run_attack(spec: AttackSpec, factory: _Factory, state: _State, images, labe
         points = torch.nonzero(todo).flatten()
         description = spec.label if len(units) == 1 else f"{spec.label} {unit_name}"
         started = time.monotonic()
-        with tqdm(total=int(done[index].sum()) + len(points), initial=int(done[index].sum()), desc=description,
-                  unit="pt", leave=False, disable=not progress, dynamic_ncols=True) as bar:
+        with progress_bar(total=int(done[index].sum()) + len(points), initial=int(done[index].sum()),
+                          desc=description, unit="pt", enabled=progress) as bar:
             for chunk in points.split(batch_size):
                 on_device = chunk.to(device)
                 x, y = images[on_device], labels[on_device]

@@ -166,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
 
         _emit(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = not args.no_progress  # a bar on a terminal, periodic log lines in a file (robust_sparse.progress)
     result = fit(config, resume=args.resume, progress=progress)
     _emit(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if result.evaluation:
@@ -347,7 +347,7 @@ def _run_evaluation(args, job, loaded, images, labels, norm, eps_values, attacks
         loaded=loaded, images=images, labels=labels, norm=norm, eps=eps_values, attacks=attacks,
         num_classes=DATASETS[loaded.dataset].num_classes, results_dir=results_dir,
         device=resolve_device(args.device or "auto"), seed=args.seed, batch_size=args.batch_size,
-        chained=args.chained, resume=not args.fresh, progress=not args.no_progress and sys.stderr.isatty(),
+        chained=args.chained, resume=not args.fresh, progress=not args.no_progress,
         autoattack_backend=args.autoattack_backend, large_eps=large_eps, cross_check=args.cross_check_torchattacks,
     )
     return job.run(request)

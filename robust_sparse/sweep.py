@@ -259,7 +259,7 @@ def run_status(run_dir: Path) -> str:
 
 
 def _command(config_path: Path, run_dir: Path, device: str) -> list[str]:
-    return [sys.executable, "-m", "robust_sparse.cli", "train", str(config_path), "--resume", "--no-progress",
+    return [sys.executable, "-m", "robust_sparse.cli", "train", str(config_path), "--resume",
             "--out", str(run_dir), "--device", device]
 
 
@@ -302,7 +302,7 @@ def eval_stage_done(run_dir: Path, stage: EvalStage) -> bool:
 def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
     command = [sys.executable, "-m", "robust_sparse.cli", "eval", str(run_dir / "best.pt"), "--attacks",
                stage.attacks, "--batch-size", str(stage.batch_size), "--results-dir", str(run_dir / "eval"),
-               "--output", str(run_dir / f".{EVAL_RESULT}.output"), "--no-progress", "--device", device]
+               "--output", str(run_dir / f".{EVAL_RESULT}.output"), "--device", device]
     if stage.n_examples is not None:
         command += ["--n-examples", str(stage.n_examples)]
     if stage.eps is not None:

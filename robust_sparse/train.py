@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from robust_sparse import distributed
 from robust_sparse.agent import AGENT
@@ -39,6 +38,7 @@ from robust_sparse.errors import DivergenceError, UserError
 from robust_sparse.eval import evaluate_pgd
 from robust_sparse.models import build_model
 from robust_sparse.objectives import Objective, build_objective
+from robust_sparse.progress import progress as progress_bar
 from robust_sparse.optim import SGDW
 from robust_sparse.sparse import SparseMasker, build_sparsity
 from robust_sparse.sparse.ast import AlternatingMasker
@@ -106,7 +106,7 @@ def train_one_epoch(
     device_correct = torch.zeros((), device=loader.device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=description, leave=False, disable=not progress, unit="batch")
+    bar = progress_bar(loader, enabled=progress, desc=description, unit="batch")
     for step, (images, labels) in enumerate(bar, start=1):
         adversarial = objective.perturb(images, labels)  # the inner maximisation, model in eval mode
         loss, logits = objective.loss(model, images, labels, adversarial)
@@ -128,18 +128,21 @@ def train_one_epoch(
     return EpochStats(device_loss.item() / seen, device_correct.item() / seen, seen, time.perf_counter() - start)
 
 
-def validate(model: nn.Module, data: ImageSet, config: TrainConfig, device: torch.device) -> tuple[float, float]:
+def validate(model: nn.Module, data: ImageSet, config: TrainConfig, device: torch.device,
+             progress: bool = False) -> tuple[float, float]:
     """Clean and PGD accuracy on (at most ``val.max_examples`` of) the held-out validation split."""
     subset = data.take(slice(0, config.val.max_examples))
     images = subset.images.to(device).float().div_(255)
     result = evaluate_pgd(
         model, images, subset.labels.to(device), eps=config.attack.eps, norm=config.attack.norm.value,
-        steps=config.val.pgd_steps, batch_size=config.data.eval_batch_size,
+        steps=config.val.pgd_steps, batch_size=config.data.eval_batch_size, progress=progress,
+        description=f"validation PGD-{config.val.pgd_steps}",
     )
     return result.clean_accuracy, result.robust_accuracy
 
 
-def evaluate_test(model: nn.Module, test: ImageSet, config: TrainConfig, device: torch.device) -> dict[str, Any]:
+def evaluate_test(model: nn.Module, test: ImageSet, config: TrainConfig, device: torch.device,
+                  progress: bool = False) -> dict[str, Any]:
     """The short post-training evaluation: clean and PGD accuracy on the first ``eval.n_examples`` test points."""
     test = test.take(slice(0, config.eval.n_examples))
     eps = config.eval.eps if config.eval.eps is not None else config.attack.eps
@@ -147,7 +150,8 @@ def evaluate_test(model: nn.Module, test: ImageSet, config: TrainConfig, device:
     result = evaluate_pgd(
         model, test.images.to(device).float().div_(255), test.labels.to(device), eps=eps,
         norm=config.attack.norm.value, steps=config.eval.pgd_steps, restarts=config.eval.restarts,
-        batch_size=config.data.eval_batch_size,
+        batch_size=config.data.eval_batch_size, progress=progress,
+        description=f"test PGD-{config.eval.pgd_steps}x{config.eval.restarts}",
     )
     return {
         "dataset": config.data.dataset.value, "model": config.model.name, "n_examples": len(test),
@@ -288,7 +292,10 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         if agent is not None and agent.due(epoch):
-            agent.refresh(_agent_batches(config, splits.train, objective, device, epoch, world),
+            batches = _agent_batches(config, splits.train, objective, device, epoch, world)
+            agent.refresh(progress_bar(batches, enabled=progress and world.is_main, desc="AGENT g_tilde pass",
+                                       total=_agent_pass_batches(config, len(splits.train), world.world_size),
+                                       unit="batch"),
                           _objective_loss(objective))
         stats = train_one_epoch(trained, objective, stepper, scheduler, loader, agent=agent,
                                 progress=progress and world.is_main,
@@ -297,7 +304,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         per_subnet = {}
         for k, as_subnet in _subnet_views(masker):
             with as_subnet:
-                per_subnet[k] = validate(model, splits.val, config, device)
+                per_subnet[k] = validate(model, splits.val, config, device, progress and world.is_main)
         val_clean = sum(clean for clean, _ in per_subnet.values()) / len(per_subnet)
         val_robust = sum(robust for _, robust in per_subnet.values()) / len(per_subnet)
         # AST prunes gradually: a checkpoint counts only once every sub-net has reached its target density.
@@ -354,7 +361,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         for k, as_subnet in _subnet_views(masker):
             with as_subnet:
                 rows.append({"subnet": k, "density": masker.subnet_density(k) if k is not None else None,
-                             **evaluate_test(model, splits.test, config, device)})
+                             **evaluate_test(model, splits.test, config, device, progress)})
         evaluation = {"checkpoint": str(best_path), "epoch": best["epoch"],
                       **{key: value for key, value in rows[0].items() if key not in ("subnet", "density")}}
         if subnets is not None:  # the densest sub-net's figures on top; every sub-net in the table
