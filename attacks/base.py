@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,10 +17,21 @@ class Attack(ABC):
     and AGENT; the model's previous mode is restored afterwards, even if the attack raises. Gradients are
     taken with ``torch.autograd.grad`` with respect to the input only, so parameter ``.grad`` fields are
     never touched.
+
+    ``autocast`` (default: none) is entered around every forward of the model made through :meth:`logits`
+    (mixed-precision training sets it): only the forward runs in reduced precision, the logits come back as
+    the inputs' dtype, and the perturbation, its step and its projection stay in the inputs' dtype.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.autocast: Callable[[], AbstractContextManager] = nullcontext
+
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's forward, under :attr:`autocast`; the logits in the inputs' dtype (fp32 under autocast)."""
+        with self.autocast():
+            logits = self.model(inputs)
+        return logits if logits.dtype == inputs.dtype else logits.to(inputs.dtype)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         was_training = self.model.training

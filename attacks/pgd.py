@@ -61,7 +61,7 @@ class PGD(Attack):
             if self.restarts == 1:
                 return adversarial
             with torch.no_grad():
-                fooled = self.model(adversarial).argmax(1) != labels
+                fooled = self.logits(adversarial).argmax(1) != labels
             # Points no earlier run fooled take this run's output: frozen from now on if it fools the model,
             # replaced by the next run's otherwise. The result is always a genuine attack output.
             best[still_robust] = adversarial[still_robust]
@@ -78,7 +78,7 @@ class PGD(Attack):
             delta = project(random_start(images, self.norm, self.eps), images, self.norm, self.eps)
         for _ in range(self.steps):
             delta.requires_grad_(True)
-            loss = self.loss(self.model(images + delta), labels)
+            loss = self.loss(self.logits(images + delta), labels)
             (grad,) = torch.autograd.grad(loss, delta)
             delta = project(delta.detach() + ascent_step(grad, self.norm, self.step_size), images, self.norm, self.eps)
         return images + delta

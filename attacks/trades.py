@@ -34,13 +34,13 @@ class TradesKL(Attack):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            clean_probs = F.softmax(self.model(images), dim=1)
+            clean_probs = F.softmax(self.logits(images), dim=1)
         # The TRADES reference evaluates its first gradient at x + 0.001 * N(0,1) outside the box; like
         # torchattacks.TPGD we clamp the start into [0,1], so the model never sees an out-of-range input.
         delta = project(0.001 * torch.randn_like(images), images, self.norm, self.eps)
         for _ in range(self.steps):
             delta.requires_grad_(True)
-            log_probs = F.log_softmax(self.model(images + delta), dim=1)
+            log_probs = F.log_softmax(self.logits(images + delta), dim=1)
             loss = F.kl_div(log_probs, clean_probs, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta)
             delta = project(delta.detach() + ascent_step(grad, self.norm, self.step_size), images, self.norm, self.eps)

@@ -65,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,7 +112,8 @@ def cifar_shaped_mnist(n: int) -> ImageSet:
     return ImageSet(images[index].contiguous(), labels[index].contiguous())
 
 
-def make_config(model_name: str, batch_size: int) -> TrainConfig:
+def make_config(model_name: str, batch_size: int, *extra: str) -> TrainConfig:
+    """The benchmark's PGD-10 AT config; ``extra`` overrides (``key=value``) go last."""
     return load_config(None, [
         f"model.name={model_name}", "objective=pgd_at", "attack.norm=linf", "attack.eps=8/255",
         "attack.step_size=2/255", f"attack.steps={STEPS}", "attack.random_start=true",
@@ -119,7 +121,7 @@ def make_config(model_name: str, batch_size: int) -> TrainConfig:
         "optim.weight_decay=5e-4", "optim.nesterov=false", f"seed={SEED}",
         # Constant: the scheduler still steps every batch, but both sides train with the same learning rate,
         # so neither side's numbers drift into a different regime (say, float underflow) than the other's.
-        "optim.schedule=constant",
+        "optim.schedule=constant", *extra,
     ])
 
 
@@ -138,8 +140,10 @@ def count_params(model: nn.Module) -> int:
 
 
 def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: ImageSet, batch_size: int,
-                   device: torch.device, eps: float = EPS, alpha: float = STEP_SIZE, steps: int = STEPS) -> None:
-    """Plain-PyTorch PGD-AT (Madry et al.) over ``data`` in order, one SGD step per batch."""
+                   device: torch.device, eps: float = EPS, alpha: float = STEP_SIZE, steps: int = STEPS,
+                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+    """Plain-PyTorch PGD-AT (Madry et al.) over ``data`` in order, one SGD step per batch; ``autocast`` wraps
+    each forward and its loss (bf16 mixed precision; backward outside it, as the PyTorch AMP recipe does)."""
     for start in range(0, len(data), batch_size):
         x = data.images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
         y = data.labels[start:start + batch_size].to(device, non_blocking=True)
@@ -148,12 +152,14 @@ def baseline_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Ima
         delta = (x + delta).clamp(0, 1) - x
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            with autocast():
+                loss = F.cross_entropy(model(x + delta), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, delta)
             delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
             delta = (x + delta).clamp(0, 1) - x
         model.train()
-        loss = F.cross_entropy(model(x + delta), y)
+        with autocast():
+            loss = F.cross_entropy(model(x + delta), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,25 +50,29 @@ def evaluate_pgd(
     batch_size: int = 500,
     progress: bool = False,
     description: str = "PGD",
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> RobustnessResult:
     """Clean and PGD robustness of ``model`` (put in eval mode) on [0,1] ``images`` already on its device.
 
     Only points the model classifies correctly are attacked: a misclassified point is not robust whatever
-    the attack does, so attacking it is wasted work.
+    the attack does, so attacking it is wasted work. ``autocast`` wraps every forward of the model (mixed
+    precision); the attack's perturbation stays in the images' dtype.
     """
     model.eval()
-    clean_correct = predict(model, images, batch_size) == labels
+    with autocast():
+        clean_correct = predict(model, images, batch_size) == labels
     robust_correct = clean_correct.clone()
     if eps == 0:  # the ball is a point: robust accuracy is clean accuracy, by definition
         return RobustnessResult(clean_correct.cpu(), robust_correct.cpu())
     attack = PGD(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
                  step_size=step_size if step_size is not None else pgd_step_size(eps, steps))
+    attack.autocast = autocast
     candidates = torch.nonzero(clean_correct).flatten()
     with progress_bar(total=len(candidates), desc=description, unit="pt", enabled=progress) as bar:
         for start in range(0, len(candidates), batch_size):
             index = candidates[start : start + batch_size]
             adversarial = attack(images[index], labels[index])
             with torch.no_grad():
-                robust_correct[index] = model(adversarial).argmax(1) == labels[index]
+                robust_correct[index] = attack.logits(adversarial).argmax(1) == labels[index]
             bar.update(len(index))
     return RobustnessResult(clean_correct.cpu(), robust_correct.cpu())

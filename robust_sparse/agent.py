@@ -97,6 +97,10 @@ class AGENT(torch.optim.Optimizer):
 
     Per step the training loop calls :meth:`snapshot_backward` after ``loss.backward()`` (it computes ``g_old``
     on the same inputs), then :meth:`step`. Before each epoch it calls :meth:`refresh` when :meth:`due`.
+
+    Under a GradScaler (fp16) ``.grad`` and ``g_old`` both carry the loss scale ``s``: the loop calls
+    :meth:`correct` with ``s`` before the scaler's step, which applies ``g - w (g_old - s g_tilde)``, exactly
+    ``s`` times the unscaled correction, so the scaler's unscale and overflow check cover it.
     """
 
     def __init__(self, base: torch.optim.Optimizer, model: nn.Module, config: AgentConfig,
@@ -156,13 +160,15 @@ class AGENT(torch.optim.Optimizer):
 
     # ---- per epoch ---------------------------------------------------------------------------------------
 
-    def refresh(self, batches: Iterable[tuple[Any, ...]], loss_fn) -> dict[str, float]:
+    def refresh(self, batches: Iterable[tuple[Any, ...]], loss_fn, scale: float = 1.0) -> dict[str, float]:
         """New snapshot; update c_t; compute g_tilde at the new snapshot if the coming epochs use it.
 
         ``batches`` yields argument tuples of the large-batch pass (clean or adversarial inputs, per config);
         ``loss_fn(model, *batch)`` is the objective's batch-mean loss. The pass runs only when needed: never
         at the first refresh of ``paper``/``official`` (c_0 = 0), always afterwards for ``paper`` (the
-        estimate needs it) and whenever c_t != 0 for the others.
+        estimate needs it) and whenever c_t != 0 for the others. ``scale`` (fp16: the GradScaler's scale) multiplies
+        each batch's loss before its gradient, which is then divided by it; a batch whose scaled gradient
+        overflows is taken again at half the scale.
         """
         config = self.config
         with self.subnets.full_weights() if self.subnets is not None else nullcontext():
@@ -193,7 +199,7 @@ class AGENT(torch.optim.Optimizer):
                 with self._view(new_snapshot, k):
                     loss = loss_fn(new_snapshot, *batch)
                     if full is not None:
-                        for accumulator, grad in zip(full[k], torch.autograd.grad(loss, snapshot_params)):
+                        for accumulator, grad in zip(full[k], _scaled_grad(loss, snapshot_params, scale)):
                             accumulator.add_(grad)
                 if needs_estimate:
                     with torch.no_grad(), self._view(previous, k):
@@ -265,17 +271,24 @@ class AGENT(torch.optim.Optimizer):
         self.snapshot_grads = self._mask_like_snapshot(grads, k)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("AGENT does not take a closure: call snapshot_backward() between backward and step")
+    def correct(self, scale: torch.Tensor | None = None) -> None:
+        """Apply the correction to ``.grad`` now (:meth:`step` does it otherwise). ``scale``: the loss scale that
+        ``.grad`` and ``g_old`` carry (a GradScaler's), applied to ``g_tilde`` too; None = unscaled."""
         if self.snapshot_grads is not None and self.active():
             assert self.full_grads is not None
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             self._record_cosine(grads, self.snapshot_grads)
-            agent_correction(grads, self.snapshot_grads, self.full_grads, weight=self.weight)
+            full = self.full_grads if scale is None else torch._foreach_mul(self.full_grads, scale)
+            agent_correction(grads, self.snapshot_grads, full, weight=self.weight)
             for p, grad in zip(self.params, grads):
                 p.grad = grad
-            self.snapshot_grads = None
+        self.snapshot_grads = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("AGENT does not take a closure: call snapshot_backward() between backward and step")
+        self.correct()
         return self.base.step()
 
     def _record_cosine(self, new: list[torch.Tensor], old: list[torch.Tensor]) -> None:
@@ -354,6 +367,17 @@ class AGENT(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
+
+
+def _scaled_grad(loss: torch.Tensor, params: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """d loss / d params, computed as d (scale * loss) / d params / scale; halves the scale until it is finite."""
+    if scale == 1.0:
+        return list(torch.autograd.grad(loss, params))
+    while True:
+        grads = torch.autograd.grad(loss * scale, params, retain_graph=scale > 1.0)
+        if scale <= 1.0 or all(bool(torch.isfinite(g).all()) for g in grads):
+            return [g / scale for g in grads]
+        scale /= 2
 
 
 __all__ = ["AGENT", "agent_correction", "estimate_c", "momentum_update"]

@@ -11,6 +11,7 @@ ever evaluated as code: numbers written as fractions (``8/255``) are parsed by a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -23,6 +24,8 @@ from typing import Any, Union
 import yaml
 
 from robust_sparse.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class DatasetName(str, Enum):
@@ -89,6 +92,12 @@ class DeviceChoice(str, Enum):
     CUDA = "cuda"
 
 
+class Precision(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"  # torch.autocast(bfloat16) of the model's forwards: CPU and CUDA (Ampere or newer)
+    FP16 = "fp16"  # torch.autocast(float16) with a GradScaler: CUDA only
+
+
 @dataclass
 class DataConfig:
     dataset: DatasetName = DatasetName.MNIST5K
@@ -119,6 +128,7 @@ class AttackConfig:
 
 @dataclass
 class OptimConfig:
+    # sgd; with sparsity.method = bsrnet, load_config makes it sgdw (the paper's decoupled decay) unless given
     optimizer: OptimizerName = OptimizerName.SGD
     epochs: int = 6
     lr: float = 0.05
@@ -151,6 +161,9 @@ class SparsityConfig:
     gse_sampler: str = "grabo"  # candidate distribution: "uniform" or "grabo" (output-grad x input marginals)
     gse_candidates: float = 1.0  # gamma: candidates sampled per layer, as a multiple of its active count
     gse_samples_per_class: int = 10  # size of the class-balanced batch that scores the candidates
+    # "layerwise": each layer grows and prunes its own alpha_t share (its count is fixed); "global" (the official
+    # code's default scope): one |g| ranking for growth and one |W| ranking for pruning across all layers
+    gse_scope: PruneScope = PruneScope.LAYERWISE
     # AST (also uses update_every = delta T in each sub-net's own steps, prune_rate = the initial regrowth
     # fraction, end_fraction)
     ast_densities: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.02])  # sub-net targets, densest first
@@ -160,6 +173,9 @@ class SparsityConfig:
     ast_gc_beta: float = 0.9  # momentum of each sub-net's running gradient
     ast_nested: bool = False  # enforce mask_k within mask_{k-1} (not in the official code)
     ast_subnet_bn: bool = False  # BatchNorm running statistics per sub-net (the official code shares them)
+    # where the cubic pruning's |W| threshold is taken: "subnet" (among the sub-net's active weights) or "shared"
+    # (the official code: over every position of the shared tensor, so other sub-nets' weights can enter M_k)
+    ast_prune_from: str = "subnet"
     # BSR-Net
     noise_scale: float = 1e-6  # Langevin noise std = lr * noise_scale (the official --noise_scaling)
     temperature: float | None = None  # if set, noise std = sqrt(2 * lr * T) instead (DEEP R's form)
@@ -207,12 +223,45 @@ class EvalConfig:
     # After training, `robust-sparse train` runs the original AutoAttack (standard) on the first n test points
     # of best.pt (0 = skip). On a CPU it costs seconds to minutes per robust point: keep n small there.
     autoattack_examples: int = 0
+    # autocast of the model's forwards in the PGD evaluation above (eval.json); AutoAttack always runs in fp32
+    precision: Precision = Precision.FP32
+
+
+@dataclass
+class TrainingConfig:
+    """How the training step runs on the device; none of these changes the method (see robust_sparse/precision.py)."""
+
+    # autocast of the model's forwards in training, in the training attack and in validation; perturbations,
+    # projections, losses, weights, gradients and optimizer state stay fp32
+    precision: Precision = Precision.FP32
+    channels_last: bool = False  # the model's weights (and each batch) in channels-last memory format
+    compile: bool = False  # torch.compile the training forward; falls back to eager (logged) if compilation fails
 
 
 @dataclass
 class DivergenceConfig:
     patience: int = 3  # stop after this many consecutive epochs with validation accuracy at chance
     chance_margin: float = 0.02  # "at chance" = accuracy below 1/num_classes + margin
+
+
+class WandbMode(str, Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"  # written under the run directory; `wandb sync` uploads it later
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None  # a Weights & Biases project: W&B tracking on (pip install 'robust-sparse[tracking]')
+    entity: str | None = None
+    mode: WandbMode = WandbMode.ONLINE
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking: every per-epoch metric, the resolved config and the final evaluation."""
+
+    tensorboard: bool = False  # event files under <run dir>/tensorboard; offline, `tensorboard --logdir runs`
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -227,7 +276,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     device: DeviceChoice = DeviceChoice.AUTO
     out_dir: str = "runs/quickstart"
@@ -398,8 +449,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         data = _merge(data, parse_override(text))
     config = _from_dict(TrainConfig, data, "")
+    _method_defaults(config, data)
     validate(config)
     return config
+
+
+def _method_defaults(config: TrainConfig, data: dict[str, Any]) -> None:
+    """Defaults that depend on the sparse method. BSR-Net (and A-BSR-Net) train with tfa SGDW: decay decoupled
+    from the gradient and not scaled by the learning rate. ``optim.optimizer`` given in the file or an override
+    is kept as it is (``train`` warns when bsrnet then runs with coupled ``sgd`` decay)."""
+    optim = data.get("optim")
+    given = isinstance(optim, dict) and "optimizer" in optim
+    if config.sparsity.method is SparsityMethod.BSRNET and not given:
+        config.optim.optimizer = OptimizerName.SGDW
+        log.info("sparsity.method = bsrnet: optim.optimizer = sgdw (decoupled weight decay, BSR-Net's), "
+                 "as optim.optimizer was not given")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -434,11 +498,25 @@ def check_output_dir(path: str | Path, where: str, hint: str = "choose another p
     _check(existing is None or existing.is_dir(), f"{where}: {existing} is an existing file, not a directory; {hint}")
 
 
+def _check_tracking(tracking: TrackingConfig) -> None:
+    """The trackers' packages are optional: a missing one is a one-line error before any data is read."""
+    from importlib.util import find_spec
+
+    install = "pip install 'robust-sparse[tracking]'"
+    _check(not tracking.tensorboard or find_spec("tensorboard") is not None,
+           f"tracking.tensorboard = true needs the tensorboard package ({install})")
+    project = tracking.wandb.project
+    _check(project is None or bool(project.strip()), "tracking.wandb.project: give a project name, or leave it out")
+    _check(project is None or find_spec("wandb") is not None,
+           f"tracking.wandb.project = {project!r} needs the wandb package ({install})")
+
+
 def validate(config: TrainConfig) -> None:
     # Imported here: the model registry imports torch modules, which config loading should not need.
     from robust_sparse.models import MODELS
 
     data, attack, optim = config.data, config.attack, config.optim
+    _check_tracking(config.tracking)
     _check(config.model.name in MODELS, f"model.name: unknown model {config.model.name!r}; "
            f"choose one of: {', '.join(MODELS.names())}")
     _check(data.batch_size >= 1, f"data.batch_size = {data.batch_size}: must be >= 1")
@@ -487,6 +565,12 @@ def validate(config: TrainConfig) -> None:
     _check(0 <= config.divergence.chance_margin < 1,
            f"divergence.chance_margin = {config.divergence.chance_margin}: must be in [0, 1)")
     _check(config.seed >= 0, f"seed = {config.seed}: must be >= 0")
+    for where, precision in (("train.precision", config.train.precision), ("eval.precision", config.eval.precision)):
+        _check(precision is not Precision.FP16 or config.device is not DeviceChoice.CPU,
+               f"{where} = fp16: needs a CUDA device (fp16 autocast with a GradScaler); use bf16 on the CPU")
+    _check(config.train.precision is not Precision.FP16 or config.sparsity.growth != "momentum",
+           "train.precision = fp16: sparsity.growth = momentum would add the gradient of a step the GradScaler "
+           "skips (an overflow) to its running average; use bf16 or fp32")
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
     check_output_dir(config.out_dir, "out_dir", "set another out_dir (train --out)")
     _validate_sparsity(config.sparsity)
@@ -549,6 +633,8 @@ def _validate_sparsity(sparsity: SparsityConfig) -> None:
         _check(sparsity.ast_offset is None or sparsity.ast_offset >= 0,
                f"sparsity.ast_offset = {sparsity.ast_offset}: must be >= 0")
         _check(0 <= sparsity.ast_gc_beta < 1, f"sparsity.ast_gc_beta = {sparsity.ast_gc_beta}: must be in [0, 1)")
+        _check(sparsity.ast_prune_from in ("subnet", "shared"),
+               f"sparsity.ast_prune_from = {sparsity.ast_prune_from!r}: must be subnet or shared")
     if sparsity.method is SparsityMethod.MAGNITUDE_PRUNE:
         _check(bool(sparsity.dense_checkpoint), "sparsity.dense_checkpoint: magnitude_prune needs the trained "
                "dense model's checkpoint")

@@ -7,6 +7,8 @@ scores its snapshot on the *same* adversarial batch as the current model, with n
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +70,19 @@ class Trades(Objective):
         return F.cross_entropy(clean_logits, labels) + self.beta * robust_term, clean_logits
 
 
-def build_objective(config: TrainConfig, model: nn.Module) -> Objective:
+def build_objective(config: TrainConfig, model: nn.Module,
+                    autocast: Callable[[], AbstractContextManager] | None = None) -> Objective:
+    """The objective of ``config``; ``autocast`` (mixed precision) wraps the training attack's forwards."""
     attack = config.attack
     if config.objective is ObjectiveName.NATURAL:
         return Natural()
     if config.objective is ObjectiveName.PGD_AT:
-        return PGDAdversarial(PGD(model, norm=attack.norm.value, eps=attack.eps, step_size=attack.step_size,
-                                  steps=attack.steps, random_start=attack.random_start))
-    return Trades(TradesKL(model, norm=attack.norm.value, eps=attack.eps, step_size=attack.step_size,
-                           steps=attack.steps), beta=config.trades_beta)
+        objective: Objective = PGDAdversarial(PGD(model, norm=attack.norm.value, eps=attack.eps,
+                                                  step_size=attack.step_size, steps=attack.steps,
+                                                  random_start=attack.random_start))
+    else:
+        objective = Trades(TradesKL(model, norm=attack.norm.value, eps=attack.eps, step_size=attack.step_size,
+                                    steps=attack.steps), beta=config.trades_beta)
+    if autocast is not None:
+        objective.attack.autocast = autocast
+    return objective

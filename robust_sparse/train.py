@@ -31,15 +31,17 @@ from torch.nn.parallel import DistributedDataParallel
 from robust_sparse import distributed
 from robust_sparse.agent import AGENT
 from robust_sparse.checkpoint import load_checkpoint, remove_temporaries, save_checkpoint, write_atomic
-from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, TrainConfig, config_from_dict, save_config,
-                                  to_dict)
+from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, TrackingConfig, TrainConfig, config_from_dict,
+                                  save_config, to_dict)
 from robust_sparse.data import BatchLoader, ImageSet, load_splits
 from robust_sparse.errors import DivergenceError, UserError
 from robust_sparse.eval import evaluate_pgd
 from robust_sparse.models import build_model
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.progress import progress as progress_bar
+from robust_sparse.tracking import Tracker
 from robust_sparse.optim import SGDW
+from robust_sparse.precision import Amp, maybe_compile
 from robust_sparse.sparse import SparseMasker, build_sparsity
 from robust_sparse.sparse.ast import AlternatingMasker
 from robust_sparse.sparse.gse import balanced_batch
@@ -75,6 +77,9 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                     weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+        if config.sparsity.method.value == "bsrnet" and optim.weight_decay > 0:
+            log.warning("sparsity.method = bsrnet runs with coupled weight decay (optim.optimizer = sgd); the paper "
+                        "uses decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw")
     total = config.optim.epochs * steps_per_epoch
     # Stepped once per iteration, so milestones fall where the papers put them (BSR-Net counts iterations).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step / total))
@@ -100,7 +105,12 @@ def train_one_epoch(
     progress: bool = False,
     description: str = "train",
     check_every: int = 25,
+    amp: Amp | None = None,
 ) -> EpochStats:
+    """One epoch. ``amp`` (train.precision): autocast of the training forward and AGENT's snapshot forward
+    (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``."""
+    amp = amp if amp is not None else Amp("fp32", loader.device)
+    scaler = amp.scaler
     model.train()
     device_loss = torch.zeros((), device=loader.device)
     device_correct = torch.zeros((), device=loader.device, dtype=torch.long)
@@ -108,13 +118,22 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = progress_bar(loader, enabled=progress, desc=description, unit="batch")
     for step, (images, labels) in enumerate(bar, start=1):
+        images = amp.format(images)
         adversarial = objective.perturb(images, labels)  # the inner maximisation, model in eval mode
-        loss, logits = objective.loss(model, images, labels, adversarial)
+        with amp.autocast():
+            loss, logits = objective.loss(model, images, labels, adversarial)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if agent is not None:  # g_old: the snapshot's gradient on the same (adversarial) batch
-            agent.snapshot_backward(lambda snapshot: objective.loss(snapshot, images, labels, adversarial)[0])
-        optimizer.step()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if agent is not None:  # g_old: the snapshot's gradient on the same (adversarial) batch, scaled as g_new
+            agent.snapshot_backward(lambda snapshot: _scaled_loss(objective, snapshot, images, labels, adversarial,
+                                                                  amp))
+        if scaler is None:
+            optimizer.step()
+        else:  # the correction in the scaled space, then unscale, overflow check, step (or skip), new scale
+            if agent is not None:
+                agent.correct(amp.scale())
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         # Accumulate on the device; reading a value back costs a sync, so do it only every few batches.
         device_loss += loss.detach() * len(labels)
@@ -128,36 +147,48 @@ def train_one_epoch(
     return EpochStats(device_loss.item() / seen, device_correct.item() / seen, seen, time.perf_counter() - start)
 
 
+def _scaled_loss(objective: Objective, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 adversarial: torch.Tensor | None, amp: Amp) -> torch.Tensor:
+    with amp.autocast():
+        loss = objective.loss(model, images, labels, adversarial)[0]
+    return loss if amp.scaler is None else amp.scaler.scale(loss)
+
+
 def validate(model: nn.Module, data: ImageSet, config: TrainConfig, device: torch.device,
-             progress: bool = False) -> tuple[float, float]:
-    """Clean and PGD accuracy on (at most ``val.max_examples`` of) the held-out validation split."""
+             progress: bool = False, amp: Amp | None = None) -> tuple[float, float]:
+    """Clean and PGD accuracy on (at most ``val.max_examples`` of) the held-out validation split; ``amp``:
+    autocast of the model's forwards (train.precision)."""
     subset = data.take(slice(0, config.val.max_examples))
     images = subset.images.to(device).float().div_(255)
     result = evaluate_pgd(
         model, images, subset.labels.to(device), eps=config.attack.eps, norm=config.attack.norm.value,
         steps=config.val.pgd_steps, batch_size=config.data.eval_batch_size, progress=progress,
         description=f"validation PGD-{config.val.pgd_steps}",
+        **({"autocast": amp.autocast} if amp is not None else {}),
     )
     return result.clean_accuracy, result.robust_accuracy
 
 
 def evaluate_test(model: nn.Module, test: ImageSet, config: TrainConfig, device: torch.device,
                   progress: bool = False) -> dict[str, Any]:
-    """The short post-training evaluation: clean and PGD accuracy on the first ``eval.n_examples`` test points."""
+    """The short post-training evaluation: clean and PGD accuracy on the first ``eval.n_examples`` test points,
+    in ``eval.precision`` (fp32 by default, whatever the training precision)."""
     test = test.take(slice(0, config.eval.n_examples))
     eps = config.eval.eps if config.eval.eps is not None else config.attack.eps
+    amp = Amp(config.eval.precision, device, where="eval.precision")
     start = time.perf_counter()
     result = evaluate_pgd(
         model, test.images.to(device).float().div_(255), test.labels.to(device), eps=eps,
         norm=config.attack.norm.value, steps=config.eval.pgd_steps, restarts=config.eval.restarts,
         batch_size=config.data.eval_batch_size, progress=progress,
-        description=f"test PGD-{config.eval.pgd_steps}x{config.eval.restarts}",
+        description=f"test PGD-{config.eval.pgd_steps}x{config.eval.restarts}", autocast=amp.autocast,
     )
     return {
         "dataset": config.data.dataset.value, "model": config.model.name, "n_examples": len(test),
         "norm": config.attack.norm.value, "eps": eps, "pgd_steps": config.eval.pgd_steps,
         "restarts": config.eval.restarts, "clean_accuracy": result.clean_accuracy,
         "pgd_accuracy": result.robust_accuracy, "seconds": time.perf_counter() - start, "device": str(device),
+        "precision": config.eval.precision.value,
     }
 
 
@@ -185,9 +216,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields that must match to resume: everything but where the run executes and where it is stored
-    (a run directory can be moved or copied)."""
-    return {key: value for key, value in config.items() if key not in ("device", "out_dir")}
+    """The fields that must match to resume: everything but where the run executes, where it is stored (a run
+    directory can be moved or copied) and where its metrics are mirrored (tracking may be turned on later)."""
+    comparable = {key: value for key, value in config.items() if key not in ("device", "out_dir", "tracking")}
+    if isinstance(comparable.get("train"), dict):  # the same arithmetic laid out or compiled otherwise may resume
+        comparable["train"] = {key: value for key, value in comparable["train"].items()
+                               if key not in ("channels_last", "compile")}
+    return comparable
 
 
 def _difference(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> str | None:
@@ -215,12 +250,17 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out_dir")
     world = distributed.setup(resolve_device(config.device))  # a no-op without torchrun
     device = world.device
+    # fp16 on a CPU (device auto without CUDA) is refused here, before any data is read
+    amp = Amp(config.train.precision, device, channels_last=config.train.channels_last)
+    Amp(config.eval.precision, device, where="eval.precision")
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
     torch.manual_seed(config.seed)  # the same seed on every rank: same init, masks, signs, attack streams
 
     splits = load_splits(config.data, config.seed)
     info = splits.info
     model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std).to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     loader = BatchLoader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,
                          augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size,
                          rank=world.rank, world_size=world.world_size)
@@ -230,7 +270,10 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
                             score_batch=lambda: balanced_batch(  # GSE; objective, masker are bound when called
                                 splits.train, config.sparsity.gse_samples_per_class, device,
                                 config.seed + masker.step, objective.perturb))
-    objective = build_objective(config, model)
+    # the attack runs the (compiled, if train.compile) plain model's forwards under train.precision's autocast
+    objective = build_objective(config, maybe_compile(model, config.train.compile), autocast=amp.autocast)
+    if masker is not None and amp.scaler is not None:
+        masker.grad_scale = amp.scale
     subnets = masker if isinstance(masker, AlternatingMasker) else None
     agent = None
     if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base
@@ -248,7 +291,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     stepper = agent if agent is not None else optimizer
     # Gradients of the training forward are averaged over ranks by DDP; attacks and AGENT's snapshot use the
     # plain module (gradients with respect to inputs, or AGENT's own all-reduce).
-    trained = DistributedDataParallel(model) if world.world_size > 1 else model
+    trained = maybe_compile(DistributedDataParallel(model) if world.world_size > 1 else model, config.train.compile)
 
     history: list[dict[str, Any]] = []
     layer_rows: list[dict[str, Any]] = []  # layer_density.csv; kept in the checkpoint, so a resume rewrites it
@@ -268,6 +311,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             raise UserError(f"cannot resume {last_path}: its config differs from this one in {difference}")
         model.load_state_dict(state["model"])
         stepper.load_state_dict(state["optimizer"])
+        if amp.scaler is not None and "grad_scaler" in state:
+            amp.scaler.load_state_dict(state["grad_scaler"])
         scheduler.load_state_dict(state["scheduler"])
         if masker is not None:
             masker.load_state_dict(state["sparsity"])
@@ -284,6 +329,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             _write_metrics(history, run_dir)
             if masker is not None:
                 _write_layer_densities(layer_rows, run_dir / "layer_density.csv")
+    tracker = Tracker(config.tracking if world.is_main else TrackingConfig(), config, run_dir)
     log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
              config.data.dataset.value, len(splits.train), len(splits.val), config.objective.value, device)
 
@@ -296,15 +342,16 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             agent.refresh(progress_bar(batches, enabled=progress and world.is_main, desc="AGENT g_tilde pass",
                                        total=_agent_pass_batches(config, len(splits.train), world.world_size),
                                        unit="batch"),
-                          _objective_loss(objective))
+                          _objective_loss(objective, amp),
+                          scale=amp.scaler.get_scale() if amp.scaler is not None else 1.0)
         stats = train_one_epoch(trained, objective, stepper, scheduler, loader, agent=agent,
                                 progress=progress and world.is_main,
-                                description=f"epoch {epoch + 1}/{config.optim.epochs}")
+                                description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=amp)
         distributed.broadcast_buffers(model)  # as DDP does before each forward: validate and save one state
         per_subnet = {}
         for k, as_subnet in _subnet_views(masker):
             with as_subnet:
-                per_subnet[k] = validate(model, splits.val, config, device, progress and world.is_main)
+                per_subnet[k] = validate(model, splits.val, config, device, progress and world.is_main, amp)
         val_clean = sum(clean for clean, _ in per_subnet.values()) / len(per_subnet)
         val_robust = sum(robust for _, robust in per_subnet.values()) / len(per_subnet)
         # AST prunes gradually: a checkpoint counts only once every sub-net has reached its target density.
@@ -316,8 +363,9 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
             **{f"val_{kind}_accuracy_subnet{k}": value for k, pair in per_subnet.items() if k is not None
                for kind, value in zip(("clean", "pgd"), pair)},
-            **_agent_metrics(agent, config, splits.train, objective, device),
+            **_agent_metrics(agent, config, splits.train, objective, device, amp),
         })
+        tracker.epoch(history[-1])
         log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
                  epoch + 1, config.optim.epochs, stats.loss, stats.accuracy, val_clean, val_robust,
                  stats.images / stats.seconds)
@@ -328,6 +376,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             # what the evaluation report needs to say whether a published row had the same training data
             "data_sizes": {"train": len(splits.train), "val": len(splits.val)},
         }
+        if amp.scaler is not None:
+            checkpoint["grad_scaler"] = amp.scaler.state_dict()
         if masker is not None:
             layer_rows += _layer_densities(masker, epoch + 1)
             checkpoint["sparsity"] = masker.state_dict()
@@ -344,6 +394,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
             _write_metrics(history, run_dir)
         recent = history[-config.divergence.patience:]
         if len(recent) == config.divergence.patience and all(row["val_clean_accuracy"] < chance for row in recent):
+            tracker.close()
             raise DivergenceError(
                 f"validation accuracy stayed at chance (< {chance:.3f}) for {len(recent)} epochs; "
                 f"stopped after epoch {epoch + 1}, best checkpoint kept at {best_path}"
@@ -370,12 +421,20 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         write_atomic(run_dir / "eval.json", json.dumps(evaluation, indent=2))
         log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
                  evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
+        tracker.final(evaluation)
+    tracker.close()
     return FitResult(run_dir, metrics, evaluation, model=model, masker=masker, agent=agent)
 
 
-def _objective_loss(objective: Objective):
-    """``loss(model, images, labels, model_inputs)``: the objective's batch-mean loss, for AGENT's passes."""
-    return lambda model, images, labels, inputs: objective.loss(model, images, labels, inputs)[0]
+def _objective_loss(objective: Objective, amp: Amp | None = None):
+    """``loss(model, images, labels, model_inputs)``: the objective's batch-mean loss, for AGENT's passes (the
+    forward under ``amp``'s autocast; unscaled)."""
+
+    def loss(model, images, labels, inputs):
+        with amp.autocast() if amp is not None else nullcontext():
+            return objective.loss(model, images, labels, inputs)[0]
+
+    return loss
 
 
 def _agent_pass_batches(config: TrainConfig, images: int, world_size: int) -> int:
@@ -404,7 +463,7 @@ def _agent_batches(config: TrainConfig, train: ImageSet, objective: Objective, d
 
 
 def _agent_metrics(agent: AGENT | None, config: TrainConfig, train: ImageSet, objective: Objective,
-                   device: torch.device) -> dict[str, float]:
+                   device: torch.device, amp: Amp | None = None) -> dict[str, float]:
     if agent is None:
         return {}
     metrics = agent.epoch_metrics()
@@ -418,7 +477,7 @@ def _agent_metrics(agent: AGENT | None, config: TrainConfig, train: ImageSet, ob
         chunks = [(x, y, a) for x, y, a in zip(images.chunk(config.agent.probe_chunks),
                                                  labels.chunk(config.agent.probe_chunks),
                                                  inputs.chunk(config.agent.probe_chunks))]
-        ratio = agent.variance_ratio(chunks, _objective_loss(objective))
+        ratio = agent.variance_ratio(chunks, _objective_loss(objective, amp))
     return {**metrics, "agent_variance_ratio": ratio}
 
 

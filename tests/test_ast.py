@@ -110,45 +110,91 @@ def test_training_subnet_k_never_changes_weights_or_momentum_outside_its_mask(mn
 
 
 def test_gradient_correction_equals_hand_computed_projection():
-    grad = torch.tensor([1.0, 2.0, -1.0])
-    own = torch.tensor([1.0, 0.0, 0.0])
-    previous = torch.tensor([-2.0, 1.0, 0.0])
-    # <own, previous> = -2 < 0: grad - (-2 / 5) * previous
-    expected = torch.tensor([1.0 - 0.8, 2.0 + 0.4, -1.0])
-    torch.testing.assert_close(gradient_correction(grad, own, previous), expected)
-    # no conflict: untouched
-    torch.testing.assert_close(gradient_correction(grad, own, -previous), grad)
+    grad = torch.tensor([1.0, 1.0, 0.0])
+    reference = torch.tensor([-2.0, 0.0, 1.0])
+    # <g, G> = -2 < 0: g - (-2 / 5) G = [1 - 0.8, 1, 0.4], and then <g', G> = -0.4 + 0 + 0.4 = 0
+    corrected = gradient_correction(grad, reference)
+    torch.testing.assert_close(corrected, torch.tensor([0.2, 1.0, 0.4]))
+    assert abs(float(corrected @ reference)) < 1e-6
+    # no conflict (<g, -G> = 2 >= 0): untouched
+    torch.testing.assert_close(gradient_correction(grad, -reference), grad)
 
 
-def test_masker_applies_the_correction_with_running_gradients(mnist):
-    """Two steps of a 2-sub-net masker against the running-gradient recursion by hand."""
+def test_masker_projects_the_steps_gradient_off_the_previous_running_gradient(mnist):
+    """Two steps of a 2-sub-net masker against PCGrad's projection by hand: the applied gradient of sub-net 1
+    conflicts with sub-net 0's running gradient before, and is orthogonal to it (within M_1) after."""
     config = load_config(None, ["sparsity.method=ast", "sparsity.ast_densities=[0.5, 0.2]", "sparsity.update_every=50",
                                 "sparsity.ast_gc_beta=0.5", "sparsity.ast_init_density=0.5"])
     model = make_tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=400, seed=0)
     name, param = next(iter(masker.params.items()))
-    mask = masker.masks[name].clone()  # both sub-nets start from the same mask
-    grads = [torch.randn(param.shape, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    mask0 = masker.masks[name].clone()
+    half = torch.rand(param.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask1 = mask0 & half  # sub-net 1 trains only part of sub-net 0's positions
+    masker.subnet_masks[1][name] = mask1
+    g0 = torch.randn(param.shape, generator=torch.Generator().manual_seed(1))
+    g1 = -g0 + 0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2))  # a conflicting pair
     seen = []
-    for g in grads:
+    for g in (g0, g1):
         opt.zero_grad()
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         param.grad = g.clone()
-        with torch.no_grad():
+        with masker.full_weights():
             before = param.detach().clone()
         opt.step()
-        seen.append((before - param.detach()) / 0.1)  # the gradient the step used, inside the mask
-    running0 = 0.5 * (grads[0] * mask)
-    torch.testing.assert_close(seen[0] * mask, grads[0] * mask)  # no previous running gradient yet
-    running1 = 0.5 * (grads[1] * mask)
-    dot = (running1 * running0).sum()
-    expected = grads[1] * mask
-    if dot < 0:
-        expected = expected - dot / running0.square().sum() * running0
-    torch.testing.assert_close(seen[1] * mask, expected * mask, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(masker._running[1][name], running1)
+        with masker.full_weights():
+            seen.append((before - param.detach()) / 0.1)  # the gradient the step applied
+    running0 = 0.5 * (g0 * mask0)
+    torch.testing.assert_close(seen[0], g0 * mask0)  # no previous running gradient yet
+    raw = g1 * mask1
+    reference = running0 * mask1
+    dot = float((raw * reference).sum())
+    assert dot < 0  # the pair conflicts before the correction
+    expected = raw - dot / float(reference.square().sum()) * reference
+    torch.testing.assert_close(seen[1], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.any(seen[1][~mask1])  # nothing outside M_1 moved
+    # after: orthogonal to sub-net 0's running gradient, relative to the sizes involved
+    assert abs(float((seen[1] * running0).sum())) < 1e-5 * float(raw.norm() * running0.norm())
+    torch.testing.assert_close(masker._running[1][name], 0.5 * raw)  # the running gradient keeps the raw g
+
+
+def test_shared_prune_takes_the_top_magnitudes_of_the_whole_shared_tensor(mnist):
+    """ast_prune_from=shared (official): sub-net 1's cubic-pruning event keeps the largest |W| over every
+    position of the shared tensor, even ones outside its own mask; subnet (default) keeps within its mask."""
+    kept = {}
+    for prune_from in ("shared", "subnet"):
+        config = load_config(None, ["sparsity.method=ast", "sparsity.ast_densities=[0.5, 0.1]",
+                                    "sparsity.update_every=5", "sparsity.prune_rate=0.001",
+                                    f"sparsity.ast_prune_from={prune_from}"])
+        model = make_tiny_model()
+        masker = build_sparsity(config.sparsity, model, "tiny_cnn", torch.optim.SGD(model.parameters(), lr=0.1),
+                                total_steps=100, seed=0)
+        with masker.full_weights():
+            full = {n: p.detach().clone() for n, p in masker.params.items()}
+        # sub-net 1 holds the smaller-|W| half of every layer: the official threshold looks beyond it
+        for name, weight in full.items():
+            masker.subnet_masks[1][name] = weight.abs() <= weight.abs().flatten().median()
+        before = {n: m.clone() for n, m in masker.subnet_masks[1].items()}
+        last = masker.schedule.last_event[1]
+        with masker.full_weights():
+            masker._rewire(1, last)  # the last event: density exactly 0.1; regrowth of int(0.001 * nnz) = 0
+        total = sum(w.numel() for w in full.values())
+        target = round(0.1 * total)
+        masks = masker.subnet_masks[1]
+        assert sum(int(m.sum()) for m in masks.values()) == target
+        magnitudes = torch.cat([full[n].abs().flatten() for n in full])
+        chosen = torch.cat([masks[n].flatten() for n in full])
+        if prune_from == "shared":
+            assert magnitudes[chosen].min() >= magnitudes[~chosen].max()  # one global |W| threshold
+            assert any(torch.any(masks[n] & ~before[n]) for n in masks)  # it took positions outside M_1
+        else:
+            assert all(not torch.any(masks[n] & ~before[n]) for n in masks)  # pruning only removed
+            inside = torch.cat([before[n].flatten() for n in full])
+            assert magnitudes[chosen].min() >= magnitudes[inside & ~chosen].max()
+        kept[prune_from] = chosen
+    assert not torch.equal(kept["shared"], kept["subnet"])
 
 
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
@@ -187,6 +233,7 @@ def test_schedule_shape_and_too_short_run():
     ("sparsity.ast_init_density=0.05", "ast_init_density"),
     ("sparsity.ast_gc_beta=1", "ast_gc_beta"),
     ("sparsity.ast_offset=-1", "ast_offset"),
+    ("sparsity.ast_prune_from=everywhere", "ast_prune_from"),
 ])
 def test_bad_ast_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -59,12 +59,12 @@ def test_candidate_gradients_equal_the_dense_gradient_at_the_candidates(layer, m
     assert p_out.shape == (reference.shape[0],) and p_in.shape == (reference.shape[1],)
 
 
-def _gse_run(mnist, density=0.25, sampler="grabo", steps=8, update_every=2):
+def _gse_run(mnist, density=0.25, sampler="grabo", steps=8, update_every=2, extra=()):
     """tiny_cnn under GSE, with a score batch that also records the reference dense gradient of the model
     at the moment GSE scores (after the optimizer step, before the topology change)."""
     train, _ = mnist
     config = load_config(None, ["sparsity.method=gse", f"sparsity.density={density}",
-                                f"sparsity.update_every={update_every}", f"sparsity.gse_sampler={sampler}"])
+                                f"sparsity.update_every={update_every}", f"sparsity.gse_sampler={sampler}", *extra])
     model = make_tiny_model().double()  # float64: candidate vs reference gradients compared to 1e-5
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     seen = {}
@@ -130,6 +130,48 @@ def test_gse_grows_the_top_candidates_protects_them_and_keeps_every_count(mnist)
             assert int(new_mask.sum()) == counts[name]
         assert sum(len(u["grown"]) for u in masker.engine.last_update.values()) > 0
     assert updates == 4
+
+
+def test_gse_global_scope_keeps_the_global_budget_with_global_rankings(mnist):
+    """gse_scope=global (the official default): one |g| ranking grows int(alpha_t * N) dormant candidates over all
+    layers, one |W| ranking prunes as many previously active connections; the global count stays exactly N."""
+    model, optimizer, masker, seen, train = _gse_run(mnist, extra=["sparsity.gse_scope=global"])
+    assert masker.engine.scope == "global"
+    budget = sum(masker.active_counts().values())
+    initial = masker.active_counts()
+    images, labels = train.images[:256].double() / 255, train.labels[:256]
+    moved = False
+    for step in range(8):
+        index = slice(32 * step, 32 * (step + 1))
+        optimizer.zero_grad()
+        F.cross_entropy(model(images[index]), labels[index]).backward()
+        optimizer.step()
+        counts = masker.active_counts()
+        assert sum(counts.values()) == budget  # exact, after every step and update
+        moved |= counts != initial
+        if masker.step % 2:
+            continue
+        updates = masker.engine.last_update
+        grown = {n: u["grown"] for n, u in updates.items()}
+        pruned = {n: u["pruned"] for n, u in updates.items()}
+        total_grown = sum(len(g) for g in grown.values())
+        dormant = {n: u["candidates"][~seen["masks"][n][u["candidates"]]] for n, u in updates.items()}
+        assert total_grown == min(int(masker.engine.rate(masker.step) * budget), sum(len(d) for d in dormant.values()))
+        assert total_grown == sum(len(q) for q in pruned.values()) > 0
+        # grown: the largest |g| among every layer's dormant candidates (a hand ranking over the union)
+        grown_g = torch.cat([seen["reference"][n][grown[n]].abs() for n in grown])
+        rest_g = torch.cat([seen["reference"][n][torch.tensor(sorted(set(dormant[n].tolist()) - set(grown[n].tolist())),
+                                                             dtype=torch.long)].abs() for n in grown])
+        if len(rest_g):
+            assert grown_g.min() >= rest_g.max() - 1e-9
+        # pruned: the smallest |W| among every layer's previously active connections
+        pruned_w = torch.cat([seen["weights"][n][pruned[n]].abs() for n in pruned])
+        kept_w = torch.cat([seen["weights"][n][seen["masks"][n] & masker.masks[n].flatten()].abs() for n in pruned])
+        assert pruned_w.max() <= kept_w.min()
+        for n in grown:  # grown entries start at zero and survive the prune
+            assert masker.masks[n].flatten()[grown[n]].all()
+            assert torch.all(masker.params[n].detach().flatten()[grown[n]] == 0)
+    assert moved  # unlike the layerwise scope, layer counts move under the global budget
 
 
 def test_gse_below_threshold_samples_about_gamma_nnz_candidates(mnist):
@@ -202,6 +244,7 @@ def test_gse_needs_a_score_batch():
     ("sparsity.gse_sampler=magic", "sparsity.gse_sampler"),
     ("sparsity.gse_candidates=0", "sparsity.gse_candidates"),
     ("sparsity.gse_samples_per_class=0", "sparsity.gse_samples_per_class"),
+    ("sparsity.gse_scope=local", "sparsity.gse_scope"),
     ("sparsity.prune_rate=1.5", "sparsity.prune_rate"),
 ])
 def test_bad_gse_settings_give_one_line_errors(override, field, capsys, tmp_path):

@@ -145,6 +145,7 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
         return AlternatingMasker(params, optimizer, random_masks(shapes, init, generator, device), schedule,
                                  gc=config.ast_gc, gc_beta=config.ast_gc_beta, nested=config.ast_nested,
                                  bn_buffers=_bn_statistics(model) if config.ast_subnet_bn else None,
+                                 prune_from=config.ast_prune_from,
                                  layer_densities=(lambda density: allocate(shapes, density)) if layerwise else None)
 
     if method is SparsityMethod.GSE and config.distribution is None:
@@ -178,7 +179,7 @@ def build_sparsity(config: SparsityConfig, model: nn.Module, model_name: str, op
             model=model, modules=modules, score_batch=score_batch, sampler=config.gse_sampler,
             candidates=config.gse_candidates, update_every=config.update_every or 1000,
             prune_rate=config.prune_rate or 0.2, end_step=max(1, int(config.end_fraction * total_steps)),
-            generator=engine_generator)
+            generator=engine_generator, scope=config.gse_scope.value)
         masks = random_masks(shapes, densities, generator, device)
     elif method is SparsityMethod.STATIC:
         masks, engine = random_masks(shapes, densities, generator, device), Engine()

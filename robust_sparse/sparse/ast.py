@@ -18,9 +18,13 @@ Topology, per sub-net and on its own iteration count ``i`` (events every ``updat
 delayed by ``k * offset`` so that the sub-nets rewire at different times, until ``end_fraction`` of its steps):
 
 1. gradual magnitude pruning with the cubic schedule ``d(i) = d_k + (d_init - d_k) (1 - i / i_last)^3``,
-   one global ``|W|`` threshold over the sub-net's active weights (official; ``prune_scope: layerwise``
-   prunes each layer to its ERK/uniform share of ``d(i)`` instead, which keeps a small network's widest layer
-   from being pruned away at 99%); it reaches ``d_k`` exactly at the last event;
+   one global ``|W|`` threshold across layers (official; ``prune_scope: layerwise`` prunes each layer to its
+   ERK/uniform share of ``d(i)`` instead, which keeps a small network's widest layer from being pruned away
+   at 99%); it reaches ``d_k`` exactly at the last event. Where the threshold is taken:
+   ``ast_prune_from: subnet`` (default) among sub-net ``k``'s own active weights, so pruning only removes;
+   ``ast_prune_from: shared`` (the official code, ``Mask.pruning``) over every position of the shared
+   tensor, so ``M_k`` becomes the top ``|W|`` of the shared weights and may take in positions that another
+   sub-net trained;
 2. RigL-style prune and regrow: each layer drops its ``p_i`` fraction of smallest ``|W|`` and grows as many
    inactive positions of largest dense ``|grad|``; ``p_i`` cosine-decays from ``prune_rate`` to 0.005.
    A grown position that another sub-net uses keeps the shared value; one that no sub-net uses starts at
@@ -28,9 +32,11 @@ delayed by ``k * offset`` so that the sub-nets rewire at different times, until 
 
 Gradient correction (our implementation from the paper's description: the official code's version never
 projects, see anchors.md §C.1): every sub-net keeps a running gradient ``G_k <- beta G_k + (1 - beta) g``
-per layer; when ``<G_k, G_{k-1}> < 0`` the step's gradient becomes
-``g - <G_k, G_{k-1}> / ||G_{k-1}||^2 G_{k-1}``, masked to ``M_k``. It runs as an optimizer step-pre-hook,
-so under DDP it sees the averaged gradient, and under AGENT the corrected one.
+per layer (of its raw, uncorrected masked gradients). Per layer, with ``G = G_{k-1} ⊙ M_k`` (the previous
+sub-net's running gradient on the positions sub-net ``k`` trains), the step's gradient ``g`` itself is
+projected PCGrad-style when it conflicts: if ``<g, G> < 0``, ``g <- g - <g, G> / ||G||^2 G``, so that
+``<g, G_{k-1}> = <g, G> = 0`` afterwards and ``g`` stays inside ``M_k``. It runs as an optimizer
+step-pre-hook, so under DDP it sees the averaged gradient, and under AGENT the corrected one.
 
 Optional nesting (not in the official code) keeps ``M_k`` inside ``M_{k-1}``: pruning and growth of
 sub-net ``k`` only consider its parent's positions, and a position the parent drops leaves its children
@@ -53,15 +59,16 @@ from robust_sparse.sparse.masker import SparseMasker
 from robust_sparse.sparse.strategies import _set_top
 
 
-def gradient_correction(grad: torch.Tensor, running_own: torch.Tensor, running_previous: torch.Tensor) -> torch.Tensor:
-    """``grad`` projected off ``running_previous`` when the running gradients conflict (negative inner product).
+def gradient_correction(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """PCGrad's projection: ``grad`` itself projected off ``reference`` when the two conflict.
 
-    Branch-free (no host sync): the coefficient is zero when ``<running_own, running_previous> >= 0``.
+    ``g - <g, G> / ||G||^2 G`` if ``<g, G> < 0``, else ``g`` unchanged; after a projection ``<g', G> = 0``.
+    Branch-free (no host sync): the coefficient is zero when ``<grad, reference> >= 0``.
     """
-    dot = (running_own * running_previous).sum()
-    norm = running_previous.square().sum().clamp_min(torch.finfo(grad.dtype).tiny)
+    dot = (grad * reference).sum()
+    norm = reference.square().sum().clamp_min(torch.finfo(grad.dtype).tiny)
     coefficient = torch.where(dot < 0, dot / norm, torch.zeros_like(dot))
-    return grad - coefficient * running_previous
+    return grad - coefficient * reference
 
 
 def cubic_density(step: int, last_step: int, initial: float, final: float) -> float:
@@ -114,8 +121,11 @@ class AlternatingMasker(SparseMasker):
     def __init__(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                  initial_masks: dict[str, torch.Tensor], schedule: ASTSchedule, *, gc: bool, gc_beta: float,
                  nested: bool, layer_densities: Callable[[float], dict[str, float]] | None = None,
-                 bn_buffers: dict[str, torch.Tensor] | None = None) -> None:
+                 bn_buffers: dict[str, torch.Tensor] | None = None, prune_from: str = "subnet") -> None:
+        if prune_from not in ("subnet", "shared"):
+            raise ValueError(f"prune_from = {prune_from!r}: must be subnet or shared")
         self.schedule, self.gc, self.gc_beta, self.nested = schedule, gc, gc_beta, nested
+        self.prune_from = prune_from  # where the magnitude threshold is taken (module docstring, step 1)
         self.layer_densities = layer_densities  # None: one global |W| threshold (official)
         # Per-sub-net BatchNorm statistics: the model's buffers hold the active sub-net's; the others wait here.
         self.bn_buffers = bn_buffers
@@ -165,8 +175,8 @@ class AlternatingMasker(SparseMasker):
             own = grad * (1 - self.gc_beta) if own is None else own.mul_(self.gc_beta).add_(grad, alpha=1 - self.gc_beta)
             self._running[k][name] = own
             other = self._running[previous].get(name)
-            if other is not None:
-                param.grad = gradient_correction(grad, own, other).mul_(self.masks[name])
+            if other is not None:  # the reference restricted to M_k: the projected gradient stays inside M_k
+                param.grad = gradient_correction(grad, other * self.masks[name])
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
@@ -268,7 +278,11 @@ class AlternatingMasker(SparseMasker):
                 masks[name] = masks[name] & allowed[name]
         for names, target in self._groups(self.schedule.density(k, i)):
             active = sum(int(masks[n].sum()) for n in names)
-            if active > target:
+            if self.prune_from == "shared":  # official: the top |W| of the whole shared tensor (the parent's if nested)
+                for n in names:
+                    masks[n] = torch.zeros_like(masks[n])
+                self._keep_top(masks, names, target, {n: self.params[n].detach() for n in names}, allowed=allowed)
+            elif active > target:
                 self._keep_top(masks, names, target, {n: self.params[n].detach() for n in names}, allowed=None)
             elif active < target:  # nested: the parent dropped positions; top up from its others by |grad|
                 self._keep_top(masks, names, target, self._dense_grads, allowed=allowed)

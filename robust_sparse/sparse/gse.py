@@ -12,8 +12,12 @@ steps until ``end_step``, each sparse layer
    input. No dense weight gradient of a layer below the 0.5 threshold is ever formed, and no parameter's
    ``.grad`` is touched (``torch.autograd.grad`` with respect to the layer outputs);
 3. grows the top ``alpha_t * nnz`` dormant candidates by |g| (weights and optimizer state start at zero),
-   then prunes as many of the smallest-|W| previously active connections (grown ones are protected), so each
-   layer keeps its count and the global density stays exact. ``alpha_t = alpha0/2 (1 + cos(pi t / T_end))``.
+   then prunes as many of the smallest-|W| previously active connections (grown ones are protected).
+   ``alpha_t = alpha0/2 (1 + cos(pi t / T_end))``. Scope ``layerwise`` (our default): each layer does this
+   with its own ``nnz``, so each layer keeps its count. Scope ``global`` (the official code's default,
+   ``Config.scope = "global"``): one ranking of all layers' dormant candidates by |g| grows
+   ``alpha_t * N`` (N = all active connections), one ranking of all previously active connections by |W|
+   prunes as many; layer counts move, the global count stays exactly N.
 
 Deviation from the reference code (which computes the dense gradient and masks it to the sample): the
 candidate gradients are computed directly, as the paper intends. Robust training: the score batch is
@@ -123,15 +127,20 @@ class GSEEngine(Engine):
         score_batch: returns (images, labels) on the model's device, already adversarial under AT.
         sampler: "uniform" or "grabo".
         candidates: gamma, candidates per layer as a multiple of its active count.
+        scope: "layerwise" (each layer keeps its count) or "global" (one growth and one prune ranking over all
+            layers: the official code's default; the global count stays exact).
     """
 
     def __init__(self, *, model: nn.Module, modules: dict[str, nn.Module], score_batch: ScoreBatch,
                  sampler: str, candidates: float, update_every: int, prune_rate: float, end_step: int,
                  generator: torch.Generator, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-                 ) -> None:
+                 scope: str = "layerwise") -> None:
         super().__init__(generator)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown GSE sampler {sampler!r}")
+        if scope not in ("layerwise", "global"):
+            raise ValueError(f"unknown GSE scope {scope!r}")
+        self.scope = scope
         self.model, self.modules, self.score_batch, self.loss = model, modules, score_batch, loss
         self.sampler, self.gamma = sampler, candidates
         self.update_every, self.prune_rate, self.end_step = update_every, prune_rate, end_step
@@ -234,6 +243,9 @@ class GSEEngine(Engine):
             plan.append((name, candidates))
             scores.append(gradient)
         distributed.all_reduce_mean(scores)
+        if self.scope == "global":
+            self._update_global(masker, plan, scores, rate)
+            return
 
         for (name, candidates), gradient in zip(plan, scores):
             param, mask = masker.params[name], masker.masks[name]
@@ -247,15 +259,43 @@ class GSEEngine(Engine):
             # prune as many of the weakest previously active connections (the grown ones are protected)
             active = flat_mask.nonzero().squeeze(1)
             weakest = torch.topk(param.detach().flatten()[active].abs(), count, largest=False, sorted=False).indices
-            pruned = active[weakest]
-            # index updates only: no further weight-sized temporaries besides the new mask itself
-            new_mask = mask.clone()
-            new_mask.view(-1)[grown] = True
-            new_mask.view(-1)[pruned] = False
-            _zero_entries(masker, name, grown)  # grown weights and their optimizer state start at zero
-            masker.masks[name] = new_mask
-            self.last_update[name] = {"candidates": candidates, "gradients": gradient, "grown": grown,
-                                      "pruned": pruned}
+            self._commit(masker, name, candidates, gradient, grown, active[weakest])
+
+    def _update_global(self, masker: "SparseMasker", plan: list[tuple[str, torch.Tensor]],
+                       scores: list[torch.Tensor], rate: float) -> None:
+        """The official global scope: grow ``int(rate * N)`` dormant candidates of largest |g| over all layers,
+        then prune as many previously active connections of smallest |W| over all layers."""
+        if not plan:
+            return
+        names = [name for name, _ in plan]
+        flat_masks = [masker.masks[name].flatten() for name in names]
+        dormant = [~flat[candidates] for flat, (_, candidates) in zip(flat_masks, plan)]
+        pool = [candidates[d] for (_, candidates), d in zip(plan, dormant)]  # per layer: dormant candidates
+        pool_scores = torch.cat([gradient[d].abs() for gradient, d in zip(scores, dormant)])
+        active = [flat.nonzero().squeeze(1) for flat in flat_masks]
+        magnitudes = torch.cat([masker.params[name].detach().flatten()[a].abs() for name, a in zip(names, active)])
+        count = min(int(rate * magnitudes.numel()), pool_scores.numel())
+        grown_at = torch.topk(pool_scores, count, sorted=False).indices
+        pruned_at = torch.topk(magnitudes, count, largest=False, sorted=False).indices
+        grow_start = pruned_start = 0
+        for i, ((name, candidates), gradient) in enumerate(zip(plan, scores)):
+            grow_end, pruned_end = grow_start + pool[i].numel(), pruned_start + active[i].numel()
+            grown = pool[i][grown_at[(grown_at >= grow_start) & (grown_at < grow_end)] - grow_start]
+            pruned = active[i][pruned_at[(pruned_at >= pruned_start) & (pruned_at < pruned_end)] - pruned_start]
+            self._commit(masker, name, candidates, gradient, grown, pruned)
+            grow_start, pruned_start = grow_end, pruned_end
+
+    def _commit(self, masker: "SparseMasker", name: str, candidates: torch.Tensor, gradient: torch.Tensor,
+                grown: torch.Tensor, pruned: torch.Tensor) -> None:
+        """Switch ``grown`` on and ``pruned`` off in layer ``name`` (flat indices); grown entries start at zero."""
+        # index updates only: no further weight-sized temporaries besides the new mask itself
+        new_mask = masker.masks[name].clone()
+        new_mask.view(-1)[grown] = True
+        new_mask.view(-1)[pruned] = False
+        _zero_entries(masker, name, grown)  # grown weights and their optimizer state start at zero
+        masker.masks[name] = new_mask
+        self.last_update[name] = {"candidates": candidates, "gradients": gradient, "grown": grown,
+                                  "pruned": pruned}
 
 
 @torch.no_grad()

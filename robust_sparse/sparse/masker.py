@@ -12,7 +12,7 @@ So between topology updates pruned weights, their gradients and their momentum a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -59,6 +59,9 @@ class SparseMasker:
         self.ever_active = {name: mask.clone() for name, mask in self.masks.items()}
         self.engine = engine
         self.step = 0  # optimizer steps taken
+        # fp16 training: the GradScaler's current scale (a tensor), which the gradients the hooks see carry;
+        # the engine is shown them unscaled
+        self.grad_scale: Callable[[], torch.Tensor | None] | None = None
         self._handles = [p.register_hook(self._gradient_hook(name)) for name, p in params.items()]
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
         self.apply()
@@ -68,7 +71,8 @@ class SparseMasker:
     def _gradient_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.engine.wants_dense_grad(self.step + 1):
-                self.engine.observe_dense_grad(name, grad)
+                scale = self.grad_scale() if self.grad_scale is not None else None
+                self.engine.observe_dense_grad(name, grad if scale is None else grad / scale)
             return grad * self.masks[name]
 
         return hook

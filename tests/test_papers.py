@@ -1,0 +1,184 @@
+"""configs/papers/: every config loads (offline, CIFAR root redirected) and holds what its docs/papers.md row says;
+bsrnet gets decoupled decay by default, and every shipped config that uses bsrnet runs with it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from robust_sparse.cli import QUICKSTART
+from robust_sparse.config import OptimizerName, load_config
+from robust_sparse.sweep import expand, load_sweep
+
+from conftest import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+PAPERS = REPO / "configs" / "papers"
+
+# file -> the fields its docs/papers.md row states (dotted path -> value; enums compared by .value)
+ROWS = {
+    "bsrnet_vgg16_cifar10_pgdat.yaml": {
+        "model.name": "vgg16", "objective": "pgd_at", "sparsity.method": "bsrnet", "sparsity.density": 0.1,
+        "sparsity.distribution": "bsrnet", "optim.optimizer": "sgdw", "optim.lr": 0.1, "optim.weight_decay": 1e-3,
+        "optim.schedule": "piecewise", "optim.milestones": [0.5, 0.75], "optim.factors": [0.1, 0.01],
+        "optim.epochs": 200, "data.batch_size": 128, "data.augment": True},
+    "bsrnet_vgg16_cifar10_trades.yaml": {
+        "model.name": "vgg16", "objective": "trades", "trades_beta": 6.0, "sparsity.method": "bsrnet",
+        "optim.optimizer": "sgdw", "optim.lr": 0.1, "optim.weight_decay": 5e-4, "optim.milestones": [0.5, 0.75],
+        "optim.factors": [0.1, 0.01], "optim.epochs": 200, "data.batch_size": 128},
+    "bsrnet_wrn28_4_cifar10_pgdat.yaml": {
+        "model.name": "wrn28_4", "objective": "pgd_at", "sparsity.method": "bsrnet", "optim.optimizer": "sgdw",
+        "optim.lr": 0.1, "optim.weight_decay": 1e-3, "optim.milestones": [0.5, 0.75], "optim.epochs": 200,
+        "data.batch_size": 128},
+    "bsrnet_wrn28_4_cifar10_trades.yaml": {
+        "model.name": "wrn28_4", "objective": "trades", "sparsity.method": "bsrnet", "optim.optimizer": "sgdw",
+        "optim.lr": 0.1, "optim.weight_decay": 5e-4, "optim.milestones": [0.5, 0.75], "optim.epochs": 200,
+        "data.batch_size": 128},
+    "absrnet_vgg16_cifar10_pgdat.yaml": {
+        "model.name": "vgg16", "objective": "pgd_at", "sparsity.method": "bsrnet", "optim.optimizer": "sgdw",
+        "optim.lr": 0.04, "optim.weight_decay": 1e-3, "optim.schedule": "piecewise",
+        "optim.milestones": [0.25, 0.5], "optim.factors": [0.1, 0.005], "optim.epochs": 200,
+        "data.batch_size": 128, "agent.enabled": True, "agent.estimator": "official", "agent.gamma": 0.1,
+        "agent.alpha": 0.3, "agent.clip": False, "agent.full_grad_inputs": "clean", "agent.full_grad_bn": "train"},
+    "rigl_wrn28_4_cifar10_pgdat.yaml": {
+        "model.name": "wrn28_4", "sparsity.method": "rigl", "sparsity.update_every": 100, "sparsity.prune_rate": 0.3,
+        "sparsity.prune_schedule": "cosine", "sparsity.end_fraction": 0.75, "sparsity.distribution": "erk",
+        "sparsity.growth": "gradient", "optim.optimizer": "sgd", "optim.weight_decay": 5e-4, "optim.epochs": 200,
+        "optim.milestones": [0.5, 0.75], "data.batch_size": 128},
+    "itop_vgg16_cifar10_pgdat.yaml": {
+        "model.name": "vgg16", "sparsity.method": "itop", "sparsity.update_every": 1500, "sparsity.prune_rate": 0.5,
+        "sparsity.prune_schedule": "cosine", "sparsity.growth": "random", "sparsity.distribution": "erk",
+        "sparsity.end_fraction": 1.0, "optim.optimizer": "sgd", "optim.nesterov": True, "optim.lr": 0.1,
+        "optim.weight_decay": 5e-4, "optim.milestones": [0.5, 0.75], "optim.factors": [0.1, 0.01],
+        "optim.epochs": 250, "data.batch_size": 128},
+    "hydra_dense_vgg16_cifar10_trades.yaml": {
+        "model.name": "vgg16", "objective": "trades", "trades_beta": 6.0, "sparsity.method": "none",
+        "attack.eps": 0.031, "attack.step_size": 0.0078, "attack.steps": 10, "optim.optimizer": "sgd",
+        "optim.lr": 0.1, "optim.weight_decay": 1e-4, "optim.schedule": "cosine", "optim.epochs": 100,
+        "data.batch_size": 128},
+    "hydra_lwm_vgg16_cifar10_trades.yaml": {
+        "model.name": "vgg16", "objective": "trades", "sparsity.method": "magnitude_prune",
+        "sparsity.prune_scope": "layerwise", "attack.eps": 0.031, "optim.optimizer": "sgd", "optim.lr": 0.01,
+        "optim.weight_decay": 1e-4, "optim.schedule": "cosine", "optim.epochs": 100, "data.batch_size": 128},
+    "ast_resnet18_cifar10_pgdat.yaml": {
+        "model.name": "resnet18", "sparsity.method": "ast", "sparsity.ast_densities": [0.1, 0.05, 0.02],
+        "sparsity.ast_init_density": 1.0, "sparsity.update_every": 333, "sparsity.ast_offset": 33,
+        "sparsity.prune_rate": 0.5, "sparsity.end_fraction": 0.6875, "sparsity.prune_scope": "global",
+        "sparsity.ast_prune_from": "shared", "sparsity.ast_gc": True, "sparsity.ast_gc_beta": 0.0,
+        "sparsity.ast_subnet_bn": False, "optim.optimizer": "sgd", "optim.lr": 0.1, "optim.weight_decay": 5e-4,
+        "optim.schedule": "cosine", "optim.epochs": 160, "data.batch_size": 128},
+    "gse_vgg16_cifar10_pgdat.yaml": {
+        "model.name": "vgg16", "sparsity.method": "gse", "sparsity.gse_sampler": "grabo",
+        "sparsity.gse_candidates": 1.0, "sparsity.gse_samples_per_class": 10, "sparsity.gse_scope": "global",
+        "sparsity.prune_rate": 0.2, "sparsity.update_every": 1000, "sparsity.end_fraction": 0.6,
+        "optim.optimizer": "sgd", "optim.lr": 0.1, "optim.weight_decay": 1e-4, "optim.schedule": "piecewise",
+        "optim.milestones": [0.4, 0.6], "optim.factors": [0.1, 0.01], "optim.epochs": 200, "data.batch_size": 128},
+}
+
+
+def _load(path: Path, tmp_path: Path, *overrides: str):
+    """Load offline: CIFAR roots point at an empty directory, the dense checkpoint at an empty file."""
+    checkpoint = tmp_path / "dense.pt"
+    checkpoint.touch()
+    return load_config(path, [f"data.root={tmp_path}", f"sparsity.dense_checkpoint={checkpoint}", *overrides])
+
+
+def _get(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return getattr(value, "value", value)
+
+
+def test_every_paper_config_has_a_row_and_a_docs_entry():
+    shipped = sorted(p.name for p in PAPERS.glob("*.yaml"))
+    assert len(shipped) >= 6 and shipped == sorted(ROWS)
+    docs = (REPO / "docs" / "papers.md").read_text()
+    assert all(f"`{name}`" in docs for name in shipped)
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_paper_config_loads_and_holds_its_row(name, tmp_path):
+    config = _load(PAPERS / name, tmp_path)
+    assert config.data.dataset.value == "cifar10"
+    for field, expected in ROWS[name].items():
+        actual = _get(config, field)
+        if isinstance(expected, float):
+            assert actual == pytest.approx(expected), field
+        else:
+            assert actual == expected, field
+    # the evaluation of every row: PGD-50 x 10 restarts on the whole test set
+    assert (config.eval.n_examples, config.eval.pgd_steps, config.eval.restarts) == (10000, 50, 10)
+    assert config.out_dir == f"runs/papers/{name.removesuffix('.yaml')}"
+
+
+def test_the_99_percent_setting_is_one_override(tmp_path):
+    config = _load(PAPERS / "bsrnet_vgg16_cifar10_pgdat.yaml", tmp_path, "sparsity.density=0.01")
+    assert config.sparsity.density == 0.01 and config.optim.optimizer is OptimizerName.SGDW
+
+
+# ---- decoupled decay for bsrnet ----------------------------------------------------------------------------
+
+
+def test_bsrnet_defaults_to_decoupled_decay_unless_the_optimizer_is_given(tmp_path):
+    assert load_config(None, ["sparsity.method=bsrnet"]).optim.optimizer is OptimizerName.SGDW
+    # a YAML file that names no optimizer (the shipped dense CIFAR configs) gets it too
+    config = load_config(REPO / "configs" / "cifar10_trades_vgg16.yaml",
+                         [f"data.root={tmp_path}", "sparsity.method=bsrnet"])
+    assert config.optim.optimizer is OptimizerName.SGDW
+    # given explicitly, in an override or a file: kept
+    assert load_config(None, ["sparsity.method=bsrnet", "optim.optimizer=sgd"]).optim.optimizer is OptimizerName.SGD
+    path = tmp_path / "c.yaml"
+    path.write_text("sparsity:\n  method: bsrnet\noptim:\n  optimizer: sgd\n")
+    assert load_config(path).optim.optimizer is OptimizerName.SGD
+    # other methods keep torch's SGD
+    for method in ("none", "rigl", "ast", "gse"):
+        assert load_config(None, [f"sparsity.method={method}"]).optim.optimizer is OptimizerName.SGD
+
+
+def test_bsrnet_with_coupled_sgd_decay_warns_in_one_line(caplog):
+    from robust_sparse.optim import SGDW
+    from robust_sparse.train import build_optimization
+
+    model = make_tiny_model()
+    with caplog.at_level(logging.WARNING, logger="robust_sparse.train"):
+        optimizer, _ = build_optimization(load_config(None, ["sparsity.method=bsrnet", "optim.optimizer=sgd"]),
+                                          model, 10)
+    assert isinstance(optimizer, torch.optim.SGD)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "sgdw" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="robust_sparse.train"):
+        optimizer, _ = build_optimization(load_config(None, ["sparsity.method=bsrnet"]), model, 10)
+        build_optimization(load_config(None, ["sparsity.method=rigl"]), model, 10)
+    assert isinstance(optimizer, SGDW) and not caplog.records
+
+
+def _shipped_run_configs(tmp_path, monkeypatch):
+    """Every config a shipped file trains: configs/*.yaml, configs/papers/*.yaml, the quickstart, and every run
+    of every study sweep (configs/studies, grids expanded)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)  # the studies read ./data or ../shared/data/cifar10-prefix: empty stand-ins
+    (repo / "data").mkdir()
+    (tmp_path / "shared" / "data" / "cifar10-prefix").mkdir(parents=True)
+    for path in [*sorted((REPO / "configs").glob("*.yaml")), *sorted(PAPERS.glob("*.yaml")), QUICKSTART]:
+        yield path.name, _load(path, tmp_path)
+    for path in sorted((REPO / "configs" / "studies").glob("*.yaml")):
+        if path.name.startswith("common_"):
+            continue
+        sweep = load_sweep(path, out_dir=str(tmp_path / "out"))
+        for overrides in expand(sweep):
+            yield f"{path.name} {overrides}", load_config(sweep.base, sweep.overrides + overrides)
+
+
+def test_every_shipped_config_using_bsrnet_uses_decoupled_decay(tmp_path, monkeypatch):
+    seen = 0
+    for name, config in _shipped_run_configs(tmp_path, monkeypatch):
+        if config.sparsity.method.value == "bsrnet":
+            seen += 1
+            assert config.optim.optimizer is OptimizerName.SGDW, name
+    assert seen >= 10  # the quickstart, six paper configs and the study grids
