@@ -8,10 +8,11 @@
 * ``sanity``: gradient-masking checks; ``store``: the results store; ``leaderboard``/``report``: comparison
   with published numbers, Markdown and plots.
 
-:func:`evaluate_pgd` is the short clean + PGD evaluation used during training.
+:func:`evaluate_pgd` (re-exported from the core module :mod:`robust_sparse.accuracy`) is the short clean + PGD
+evaluation used during training; training itself imports nothing from this package.
 """
 
-from robust_sparse.eval.accuracy import RobustnessResult, evaluate_pgd, pgd_step_size, predict
+from robust_sparse.accuracy import RobustnessResult, evaluate_pgd, pgd_step_size, predict
 from robust_sparse.eval.runner import AttackOutcome, Evaluation, check_inputs, evaluate
 from robust_sparse.eval.specs import AttackSpec, parse_attack, parse_attacks
 

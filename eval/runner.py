@@ -37,7 +37,7 @@ from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.progress import progress as progress_bar
 from robust_sparse.eval import sanity
-from robust_sparse.eval.accuracy import pgd_step_size, predict
+from robust_sparse.accuracy import pgd_step_size, predict
 from robust_sparse.eval.autoattack import AutoAttackBackend, select_backend, torchattacks_autoattack
 from robust_sparse.eval.specs import AttackSpec
 

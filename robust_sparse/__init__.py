@@ -18,7 +18,7 @@ _EXPORTS = {
     "AGENT": "robust_sparse.agent",
     "PGD": "robust_sparse.attacks",
     "TradesKL": "robust_sparse.attacks",
-    "evaluate_pgd": "robust_sparse.eval",
+    "evaluate_pgd": "robust_sparse.accuracy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -29,22 +29,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from robust_sparse import distributed
+from robust_sparse.accuracy import evaluate_pgd
 from robust_sparse.agent import AGENT
 from robust_sparse.checkpoint import load_checkpoint, remove_temporaries, save_checkpoint, write_atomic
 from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, TrackingConfig, TrainConfig, config_from_dict,
                                   save_config, to_dict)
 from robust_sparse.data import BatchLoader, ImageSet, load_splits
 from robust_sparse.errors import DivergenceError, UserError
-from robust_sparse.eval import evaluate_pgd
 from robust_sparse.models import build_model
 from robust_sparse.objectives import Objective, build_objective
-from robust_sparse.progress import progress as progress_bar
-from robust_sparse.tracking import Tracker
 from robust_sparse.optim import SGDW
 from robust_sparse.precision import Amp, maybe_compile
+from robust_sparse.progress import progress as progress_bar
 from robust_sparse.sparse import SparseMasker, build_sparsity
 from robust_sparse.sparse.ast import AlternatingMasker
 from robust_sparse.sparse.gse import balanced_batch
+from robust_sparse.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

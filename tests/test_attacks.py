@@ -9,7 +9,7 @@ import torch
 import torchattacks
 
 from robust_sparse.attacks import PGD, Attack, TradesKL
-from robust_sparse.eval import evaluate_pgd
+from robust_sparse.accuracy import evaluate_pgd
 
 from conftest import assert_in_ball_and_box, make_tiny_model
 

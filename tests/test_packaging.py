@@ -21,7 +21,7 @@ def test_wheel_holds_only_the_robust_sparse_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"robust_sparse"}
-    assert "robust_sparse/attacks/pgd.py" in names and "robust_sparse/eval/accuracy.py" in names
+    assert "robust_sparse/attacks/pgd.py" in names and "robust_sparse/eval/runner.py" in names
     for module in ["robust_sparse/sparse/masker.py", "robust_sparse/models/vgg.py", "robust_sparse/quickstart.yaml",
                    "robust_sparse/eval/leaderboard.csv"]:
         assert module in names, module
@@ -74,3 +74,11 @@ def test_public_api_is_small_and_lazy():
             "assert 'torch' not in sys.modules, 'importing the package imported torch'\n"
             "assert all(callable(getattr(robust_sparse, name)) for name in robust_sparse.__all__)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_training_imports_nothing_from_eval():
+    """Layering: attacks <- core <- eval. Training must not pull in the evaluation suite (AutoAttack runner)."""
+    code = ("import sys, robust_sparse.train, robust_sparse.sweep; "
+            "print([m for m in sys.modules if m.startswith('robust_sparse.eval')])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
