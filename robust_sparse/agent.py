@@ -298,7 +298,9 @@ class AGENT(torch.optim.Optimizer):
         norms = torch.sqrt(sum(torch.dot(a.flatten(), a.flatten()) for a in new)
                            * sum(torch.dot(b.flatten(), b.flatten()) for b in old))
         cosine = (dot / norms.clamp_min(1e-30)).detach()
-        self._cosine_sum = self._cosine_sum.to(cosine.device) + cosine
+        if self._cosine_count == 0:  # a fresh zero on the gradients' device: moving the CPU one is a blocking copy
+            self._cosine_sum = torch.zeros((), device=cosine.device)
+        self._cosine_sum = self._cosine_sum + cosine
         self._cosine_count += 1
 
     def epoch_metrics(self) -> dict[str, float]:

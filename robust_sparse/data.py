@@ -223,14 +223,15 @@ def augment(images: torch.Tensor, padding: int, hflip: bool, generator: torch.Ge
         padded = torch.nn.functional.pad(images, (padding,) * 4)
         dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(height)[None, :]).to(images.device)  # [n, H]
-        cols = (dx[:, None] + torch.arange(width)[None, :]).to(images.device)  # [n, W]
+        # drawn on the CPU (the loader's generator); non_blocking: a blocking copy to the GPU is a host sync
+        rows = (dy[:, None] + torch.arange(height)[None, :]).to(images.device, non_blocking=True)  # [n, H]
+        cols = (dx[:, None] + torch.arange(width)[None, :]).to(images.device, non_blocking=True)  # [n, W]
         batch_index = torch.arange(n, device=images.device)[:, None, None, None]
         channel_index = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
         images = padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
     if hflip:
         flip = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+        images = torch.where(flip.to(images.device, non_blocking=True)[:, None, None, None], images.flip(-1), images)
     return images
 
 

@@ -172,8 +172,22 @@ class BSRNetEngine(Engine):
     @torch.no_grad()
     def regrow(self, masker: "SparseMasker") -> None:
         names = list(masker.params)
+        for name, count in zip(names, self.regrowth_counts(masker, names)):
+            if count:
+                mask = masker.masks[name]
+                grown = random_grow(mask, count, None, self.generator)
+                new_positions = grown & ~mask
+                param = masker.params[name]  # where, not boolean indexing: that reads the positions back
+                param.copy_(torch.where(new_positions, self.signs[name] * self.regrow_value, param))
+                _reset_optimizer_entries(masker, name, new_positions)
+                masker.masks[name] = grown
+
+    @torch.no_grad()
+    def regrowth_counts(self, masker: "SparseMasker", names: list[str]) -> list[int]:
+        """Connections each layer regrows, drawn on the CPU from the layers' dormant counts: reading those back
+        (once, for all layers) is the one host sync of a BSR-Net step."""
         sizes = torch.tensor([masker.masks[n].numel() for n in names], dtype=torch.float64)
-        room = torch.tensor([int((~masker.masks[n]).sum()) for n in names], dtype=torch.int64)
+        room = torch.stack([(~masker.masks[n]).sum() for n in names]).cpu()
         deficit = self.budget - int(sizes.sum().item() - room.sum().item())
         grant = torch.zeros(len(names), dtype=torch.int64)
         while deficit > 0 and bool((room > grant).any()):
@@ -183,14 +197,7 @@ class BSRNetEngine(Engine):
             granted = torch.minimum(wanted, room)
             deficit -= int((granted - grant).sum())
             grant = granted
-        for name, count in zip(names, grant.tolist()):
-            if count:
-                mask = masker.masks[name]
-                grown = random_grow(mask, count, None, self.generator)
-                new_positions = grown & ~mask
-                masker.params[name][new_positions] = self.signs[name][new_positions] * self.regrow_value
-                _reset_optimizer_entries(masker, name, new_positions)
-                masker.masks[name] = grown
+        return grant.tolist()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "count_generator": self.count_generator.get_state(),
