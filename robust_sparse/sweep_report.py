@@ -31,6 +31,8 @@ def _stage_columns(record: dict[str, Any]) -> dict[str, Any]:
     if len([label for label in record.get("per_attack") or {} if "/" not in label]) > 1:
         columns[f"{STAGE}worst_accuracy"] = record["worst_acc"]
     columns[f"{STAGE}warnings"] = len(record.get("warnings") or [])  # gradient-masking checks that fired
+    columns[f"{STAGE}warning_text"] = " | ".join(record.get("warnings") or [])
+    columns[f"{STAGE}seconds"] = record.get("wall_seconds")
     return columns
 
 
@@ -92,7 +94,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
-                        "test_pgd_accuracy": evaluation["pgd_accuracy"], "best_epoch": evaluation["epoch"]})
+                        "test_pgd_accuracy": evaluation["pgd_accuracy"], "best_epoch": evaluation["epoch"],
+                        "test_seconds": evaluation.get("seconds")})
         stage = _stage_records(run_dir)
         if "subnets" not in evaluation:
             runs.append({**row, **(_stage_columns(stage[0]) if stage else {})})
@@ -109,7 +112,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
-    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", *FINAL}
+    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", *FINAL}
     return [c for c in runs.columns if c not in reserved and not c.startswith(STAGE)]
 
 
@@ -240,7 +243,7 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         figure.savefig(out / "convergence.png", dpi=120, bbox_inches="tight")
         plt.close(figure)
         lines += ["![convergence](convergence.png)", ""]
-    if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].notna().sum() > 1:
+    if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].nunique() > 1:
         table = table[table["agent.gamma"].notna()]
         figure, axes = plt.subplots(1, 2, figsize=(10, 4))
         # one line per setting of every other key (sparsity, estimator, sweep, ...)

@@ -61,6 +61,8 @@ def test_eval_stage_added_to_a_finished_sweep_runs_once_and_reaches_the_report(t
     assert evaluated["eval_FGSM_accuracy"] == pytest.approx(result["per_attack"]["FGSM"])
     assert evaluated["eval_worst_accuracy"] <= min(evaluated["eval_PGD-2x1_accuracy"], evaluated["eval_FGSM_accuracy"])
     assert evaluated["eval_PGD-2x1_accuracy"] <= evaluated["eval_clean_accuracy"]
+    assert evaluated["eval_seconds"] == pytest.approx(result["wall_seconds"]) and evaluated["eval_seconds"] > 0
+    assert evaluated["eval_warnings"] == len(result["warnings"])
     assert runs.set_index("run_id").loc["seed=1", ["eval_n", "eval_FGSM_accuracy"]].isna().all()
     summary = aggregate(runs)
     assert summary.loc[0, "eval_runs"] == 1 and summary.loc[0, "runs"] == 2 and summary.loc[0, "eval_n"] == 24

@@ -1,0 +1,73 @@
+"""Time of each evaluation attack per test point, for one checkpoint, on the current device and threads.
+
+Every attack of ``--attacks`` runs standalone (on every point, as ``robust-sparse eval`` without ``--chained``)
+through :func:`robust_sparse.eval.evaluate`, without the large-eps probe and without saved flags, on the first
+``--n`` test points. Wall time and the process's CPU time are both given: with one thread, the CPU time is what
+the attack costs on an idle core, whatever else shares the machine. Early exits make the cost depend on the
+model: a restart of PGD-KxR and each AutoAttack sub-attack after APGD-CE only attack the points still robust, so
+the table gives the robust accuracy beside the time. Prints a Markdown table and writes ``--json``.
+
+Usage (one core, a checkpoint of the CIFAR-10-prefix study)::
+
+    OMP_NUM_THREADS=1 python benchmarks/attack_cost.py --checkpoint RUN/best.pt --n 50 \\
+        --attacks pgd-20x1,pgd-50x10,autoattack --json attack_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# This folder holds benchmarks/autoattack.py, which would shadow the autoattack package for this script.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def main() -> None:
+    from robust_sparse.eval import evaluate
+    from robust_sparse.eval.loading import from_checkpoint, load_points
+    from robust_sparse.eval.specs import parse_attacks
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a best.pt written by robust-sparse train")
+    parser.add_argument("--n", type=int, default=50, help="first n test points (default 50)")
+    parser.add_argument("--attacks", default="pgd-20x1,pgd-50x10,autoattack")
+    parser.add_argument("--eps", type=float, help="default: the run's training eps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    loaded = from_checkpoint(args.checkpoint)
+    images, labels = load_points(loaded.dataset, args.n, root=loaded.data_root or "data")
+    model = loaded.model.eval()
+    eps = args.eps if args.eps is not None else loaded.eps
+    rows = []
+    for spec in parse_attacks(args.attacks):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = evaluate(model, images, labels, norm=loaded.norm or "linf", eps=eps, attacks=[spec],
+                          batch_size=500, seed=0, large_eps=None)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        rows.append({"attack": spec.label, "n": len(labels), "seconds": round(seconds, 2),
+                     "seconds_per_point": round(seconds / len(labels), 4), "cpu_seconds": round(cpu_seconds, 2),
+                     "cpu_seconds_per_point": round(cpu_seconds / len(labels), 4),
+                     "clean_accuracy": result.clean_accuracy, "robust_accuracy": result.accuracies()[spec.label],
+                     "threads": torch.get_num_threads(), "checkpoint": args.checkpoint})
+    print("| attack | n | wall s | wall s/point | CPU s | CPU s/point | clean | robust |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['attack']} | {row['n']} | {row['seconds']:.1f} | {row['seconds_per_point']:.3f} | "
+              f"{row['cpu_seconds']:.1f} | {row['cpu_seconds_per_point']:.3f} | {row['clean_accuracy']:.3f} | "
+              f"{row['robust_accuracy']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
