@@ -199,3 +199,21 @@ def test_eval_command_rejects_too_many_examples(tiny_config, capsys):
     fit(config)
     assert main(["eval", config.out_dir + "/best.pt", "--n-examples", "5000"]) == 2
     assert "only 1000 points" in capsys.readouterr().err
+
+
+def test_train_ends_with_autoattack_on_the_configured_points(tiny_config, tmp_path, capsys):
+    """eval.autoattack_examples: `robust-sparse train` runs the original AutoAttack on best.pt (the quickstart's
+    number), into the run's results store, after the clean/PGD test evaluation."""
+    config = tiny_config()
+    assert main(["train", "--set", "model.name=tiny_cnn", "--set", "data.train_limit=256", "--set", "data.val_size=64",
+                 "--set", "optim.epochs=1", "--set", "attack.steps=1", "--set", "val.pgd_steps=1", "--set",
+                 "eval.n_examples=16", "--set", "eval.autoattack_examples=12", "--out", config.out_dir,
+                 "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "AutoAttack standard (12 points, Linf eps=0.1" in out
+    (row,) = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert row["n_examples"] == 12 and row["attacks"] == "autoattack" and row["source"] == "checkpoint"
+    assert row["autoattack_acc"] <= row["clean_acc"]
+    assert f"AutoAttack accuracy {row['autoattack_acc']:.4f}" in out
+    assert main(["train", "--set", "eval.autoattack_examples=-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "eval.autoattack_examples = -1" in capsys.readouterr().err
