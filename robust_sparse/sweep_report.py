@@ -18,6 +18,7 @@ from robust_sparse.sweep import EVAL_RESULT, run_status
 log = logging.getLogger(__name__)
 
 FINAL = ["test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy", "val_pgd_accuracy"]
+C_RANGE = ("agent_c_min", "agent_c_max")  # per run: the range of AGENT's c_t over its epochs
 STAGE = "eval_"  # columns of the sweep's evaluation stage: eval_n, eval_clean_accuracy, eval_<attack>_accuracy
 
 
@@ -70,6 +71,48 @@ def _read_metrics(path: Path) -> pd.DataFrame:
     return metrics
 
 
+CHANCE_MARGIN = 0.02  # "at chance": final validation accuracy below 1/classes + this (the divergence rule's)
+
+
+def _chance(run_dir: Path) -> float | None:
+    """1 / number of classes of the run's dataset (from its config.yaml), None if unknown."""
+    from robust_sparse.config import DatasetName
+    from robust_sparse.data import DATASETS
+
+    try:
+        dataset = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dataset"]
+        return 1.0 / DATASETS[DatasetName(dataset)].num_classes
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def run_flags(runs: pd.DataFrame) -> list[str]:
+    """What a reader must know before reading the tables, in words: runs that diverged, that ended at chance
+    accuracy, or whose AGENT c_t left [0, 1] (a negative c_t reverses the correction)."""
+    flags = []
+    if "diverged" in runs and runs["diverged"].fillna(False).astype(bool).any():
+        names = sorted(runs.loc[runs["diverged"].fillna(False).astype(bool), "run_id"].unique())
+        flags.append(f"{len(names)} run(s) diverged (NaN loss or validation accuracy stuck at chance), their "
+                     f"numbers are from the best checkpoint before that: {', '.join(names)}")
+    if "chance" in runs and "val_clean_accuracy" in runs:
+        level = runs["chance"] + CHANCE_MARGIN
+        at_chance = runs[(runs["val_clean_accuracy"] < level) & runs["chance"].notna()]
+        if not at_chance.empty:
+            names = sorted(at_chance["run_id"].unique())
+            flags.append(f"{len(names)} run(s) ended with validation clean accuracy at chance (below 1/classes + "
+                         f"{CHANCE_MARGIN}): they learned nothing, and their robust accuracy means nothing: "
+                         f"{', '.join(names)}")
+    if "agent_c_min" in runs:
+        outside = runs[(runs["agent_c_min"] < 0) | (runs["agent_c_max"] > 1)].drop_duplicates("run_id")
+        if not outside.empty:
+            ranges = ", ".join(f"{r.run_id} [{r.agent_c_min:.3g}, {r.agent_c_max:.3g}]"
+                               for r in outside.itertuples())
+            flags.append(f"{len(outside)} AGENT run(s) had c_t outside [0, 1], the paper's range (unclipped, as "
+                         f"the official code; agent.clip=true clips; a negative c_t reverses the correction): "
+                         f"{ranges}")
+    return flags
+
+
 def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves): one row per run with its grid values and final numbers; one row per run and epoch."""
     sweep_dir = Path(sweep_dir)
@@ -91,6 +134,9 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             row.update({"epochs": int(last["epoch"]), "val_clean_accuracy": last["val_clean_accuracy"],
                         "val_pgd_accuracy": last["val_pgd_accuracy"]})
             row["diverged"] = row["status"] == "diverged" or bool(last["train_loss"] != last["train_loss"])
+            row["chance"] = _chance(run_dir)
+            if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
+                row["agent_c_min"], row["agent_c_max"] = metrics["agent_c"].min(), metrics["agent_c"].max()
         evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
@@ -112,7 +158,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
-    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", *FINAL}
+    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "chance", *C_RANGE, *FINAL}
     return [c for c in runs.columns if c not in reserved and not c.startswith(STAGE)]
 
 
@@ -131,6 +177,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     table["runs"] = grouped.size()
     table["diverged"] = grouped["diverged"].sum() if "diverged" in runs else 0
     table["failed"] = grouped["status"].apply(lambda s: int((~s.isin(["done", "diverged"])).sum()))
+    if C_RANGE[0] in runs:  # AGENT's c_t over all seeds' epochs: its sign and range, beside the accuracies
+        table[C_RANGE[0]], table[C_RANGE[1]] = grouped[C_RANGE[0]].min(), grouped[C_RANGE[1]].max()
     if f"{STAGE}n" in runs:  # how many runs the evaluation stage covered, on how many points
         table[f"{STAGE}runs"] = grouped[f"{STAGE}n"].count()
         table[f"{STAGE}n"] = grouped[f"{STAGE}n"].max()
@@ -207,9 +255,12 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     if not curves.empty:
         curves.to_csv(out / "curves.csv", index=False)  # every run's metrics.csv, one row per run and epoch
     table.to_csv(out / "summary.csv", index=False)
+    flags = run_flags(runs)
     lines = [f"# Sweep report: {sweep_dir}", "", f"{len(runs)} runs; {int(runs.get('diverged', pd.Series()).sum())} "
-             "diverged (NaN loss or validation accuracy at chance).", "", "## Final accuracy, mean ± std over seeds",
-             "", _markdown(table), ""]
+             "diverged (NaN loss or validation accuracy at chance).", ""]
+    if flags:
+        lines += ["## Read this first", "", *[f"- **{flag}**" for flag in flags], ""]
+    lines += ["## Final accuracy, mean ± std over seeds", "", _markdown(table), ""]
     lines += _stage_section(runs)
     if not curves.empty and "agent_cosine" in curves and curves["agent_cosine"].notna().any():
         lines += _cosine_section(runs, curves, out, plt)

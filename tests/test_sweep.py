@@ -149,3 +149,24 @@ def test_report_command_on_a_sweep_directory(tmp_path, capsys):
     assert list(summary.columns[:2]) == ["sweep", "subnet"] and len(summary) == 3  # 2 AST sub-nets + 1 dense run
     assert summary["sweep"].nunique() == 2
     assert main(["report", str(tmp_path / "out"), str(tmp_path)]) == 2  # a sweep and a non-sweep: refused
+
+
+def test_report_flags_diverged_chance_and_c_t_outside_0_1_in_words():
+    from robust_sparse.sweep_report import run_flags
+
+    runs = pd.DataFrame([
+        {"run_id": "ok", "seed": 0, "status": "done", "diverged": False, "chance": 0.1, "val_clean_accuracy": 0.9,
+         "agent_c_min": 0.0, "agent_c_max": 0.4},
+        {"run_id": "nan", "seed": 1, "status": "diverged", "diverged": True, "chance": 0.1,
+         "val_clean_accuracy": 0.5, "agent_c_min": 0.0, "agent_c_max": 0.2},
+        {"run_id": "flat", "seed": 2, "status": "done", "diverged": False, "chance": 0.1,
+         "val_clean_accuracy": 0.115, "agent_c_min": -0.23, "agent_c_max": 0.1},
+    ])
+    diverged, at_chance, outside = run_flags(runs)
+    assert diverged.startswith("1 run(s) diverged") and diverged.endswith(": nan")
+    assert at_chance.startswith("1 run(s) ended with validation clean accuracy at chance") and "flat" in at_chance
+    assert "ok" not in at_chance  # 0.9 is far above 0.1 + 0.02
+    assert outside.startswith("1 AGENT run(s) had c_t outside [0, 1]") and "flat [-0.23, 0.1]" in outside
+    assert run_flags(runs.iloc[:1]) == []
+    table = aggregate(runs)
+    assert table["agent_c_min"].min() == -0.23 and "chance" not in table.columns
