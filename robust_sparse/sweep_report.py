@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,13 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
 def epochs_to_accuracy(runs: pd.DataFrame, curves: pd.DataFrame, thresholds: list[float],
                        column: str = "val_clean_accuracy") -> pd.DataFrame:
-    """The first epoch whose ``column`` reaches each threshold: mean over the seeds that reached it (NaN: none
-    did), and in ``... reached`` how many seeds did."""
+    """The first epoch whose ``column`` reaches each threshold, as the median over *all* seeds of a setting.
+
+    A seed that never reaches the level is censored at its last epoch: it counts as later than every epoch it
+    ran, never as missing (averaging only the seeds that got there reads like a speed-up). The median is NaN
+    when it falls on a censored seed; ``... censored at`` then holds the last epoch, shown as ``>E``.
+    ``... reached`` says how many seeds got there.
+    """
     keys = [k for k in grid_keys(runs) if k != "seed"]
     merged = curves.merge(runs[["run_id", *keys]], on="run_id")
     rows = []
@@ -197,12 +203,16 @@ def epochs_to_accuracy(runs: pd.DataFrame, curves: pd.DataFrame, thresholds: lis
         setting = setting if isinstance(setting, tuple) else (setting,)
         row = dict(zip(keys, setting))
         for threshold in thresholds:
-            firsts = []
+            firsts, last_epochs = [], []
             for _, run in group.groupby("run_id"):
                 reached = run.loc[run[column] >= threshold, "epoch"]
-                firsts.append(reached.min() if len(reached) else float("nan"))
-            row[f"{column} >= {threshold:g}"] = pd.Series(firsts).mean()  # NaN-skipping: over the seeds that did
-            row[f"{column} >= {threshold:g} reached"] = f"{pd.Series(firsts).notna().sum()}/{len(firsts)}"
+                firsts.append(float(reached.min()) if len(reached) else math.inf)
+                last_epochs.append(int(run["epoch"].max()))
+            median = pd.Series(firsts).median()
+            name = f"{column} >= {threshold:g}"
+            row[name] = median if math.isfinite(median) else float("nan")
+            row[f"{name} reached"] = f"{sum(math.isfinite(f) for f in firsts)}/{len(firsts)}"
+            row[f"{name} censored at"] = max(last_epochs) if not math.isfinite(median) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -271,7 +281,9 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         (clean_steps.merge(robust_steps, on=keys) if keys else pd.concat([clean_steps, robust_steps], axis=1)).to_csv(
             out / "epochs_to_accuracy.csv", index=False)
         lines += ["## Epochs to reach a validation accuracy", "",
-                  "Mean first epoch over the seeds that reached it; (reached/seeds) in brackets, '-' if none did.",
+                  "Median first epoch over all seeds; a seed that never reached the level counts as later than its "
+                  "last epoch (censored), so '>E' means the median seed did not get there within E epochs; "
+                  "(reached/seeds) in brackets.",
                   "", _markdown(_with_reached(clean_steps)), "", _markdown(_with_reached(robust_steps)), ""]
         figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
         merged = curves.merge(runs[["run_id", *keys]].drop_duplicates("run_id"), on="run_id")
@@ -427,13 +439,15 @@ def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, plt) ->
 
 
 def _with_reached(steps: pd.DataFrame) -> pd.DataFrame:
-    """Fold each ``... reached`` column into its threshold column as ``2.33 (3/3)``."""
+    """Fold each threshold's columns into one cell: ``2 (3/3)``, or ``>4 (1/3)`` when the median seed never got
+    there within its 4 epochs."""
     table = steps.copy()
     for column in [c for c in table.columns if c.endswith(" reached")]:
         base = column[: -len(" reached")]
-        table[base] = [("-" if pd.isna(value) else f"{value:.2f}") + f" ({reached})"
-                       for value, reached in zip(table[base], table[column])]
-        table = table.drop(columns=column)
+        censored = table[f"{base} censored at"]
+        table[base] = [(f">{int(last)}" if pd.isna(value) else f"{value:g}") + f" ({reached})"
+                       for value, last, reached in zip(table[base], censored, table[column])]
+        table = table.drop(columns=[column, f"{base} censored at"])
     return table
 
 

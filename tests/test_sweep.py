@@ -170,3 +170,21 @@ def test_report_flags_diverged_chance_and_c_t_outside_0_1_in_words():
     assert run_flags(runs.iloc[:1]) == []
     table = aggregate(runs)
     assert table["agent_c_min"].min() == -0.23 and "chance" not in table.columns
+
+
+def test_epochs_to_accuracy_counts_seeds_that_never_reach_the_level_as_censored():
+    """Three seeds reach 0.5 at epochs 2, never (4 epochs) and 3: the median is 3, not the mean 2.5 of the two
+    that got there; a level only one seed reaches is '>4 (1/3)', not '2.00 (1/3)'."""
+    from robust_sparse.sweep_report import _with_reached
+
+    accuracy = {"a": [0.3, 0.5, 0.6, 0.9], "b": [0.2, 0.3, 0.4, 0.45], "c": [0.1, 0.4, 0.5, 0.6]}
+    curves = pd.DataFrame([{"run_id": run, "epoch": epoch + 1, "val_clean_accuracy": value}
+                           for run, values in accuracy.items() for epoch, value in enumerate(values)])
+    runs = pd.DataFrame([{"run_id": run, "seed": seed, "gamma": 0.1} for seed, run in enumerate(accuracy)])
+    steps = epochs_to_accuracy(runs, curves, [0.5, 0.9, 0.95])
+    row = steps.iloc[0]
+    assert row["val_clean_accuracy >= 0.5"] == 3 and row["val_clean_accuracy >= 0.5 reached"] == "2/3"
+    assert pd.isna(row["val_clean_accuracy >= 0.9"]) and row["val_clean_accuracy >= 0.9 censored at"] == 4
+    shown = _with_reached(steps).iloc[0]
+    assert shown["val_clean_accuracy >= 0.5"] == "3 (2/3)"
+    assert shown["val_clean_accuracy >= 0.9"] == ">4 (1/3)" and shown["val_clean_accuracy >= 0.95"] == ">4 (0/3)"
