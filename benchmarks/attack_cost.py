@@ -29,6 +29,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 
 
 def main() -> None:
+    from robust_sparse.checkpoint import write_atomic
     from robust_sparse.eval import evaluate
     from robust_sparse.eval.loading import from_checkpoint, load_points
     from robust_sparse.eval.specs import parse_attacks
@@ -66,7 +67,7 @@ def main() -> None:
               f"{row['cpu_seconds']:.1f} | {row['cpu_seconds_per_point']:.3f} | {row['clean_accuracy']:.3f} | "
               f"{row['robust_accuracy']:.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_atomic(Path(args.json), json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

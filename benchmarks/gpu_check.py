@@ -69,6 +69,7 @@ machine_description, make_model, sync, timed = (throughput.machine_description, 
 
 from robust_sparse import cli  # noqa: E402
 from robust_sparse.agent import AGENT  # noqa: E402
+from robust_sparse.checkpoint import write_atomic  # noqa: E402
 from robust_sparse.config import load_config  # noqa: E402
 from robust_sparse.data import BatchLoader, ImageSet  # noqa: E402
 from robust_sparse.objectives import build_objective  # noqa: E402
@@ -484,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = time.time() - started
     report["load_average_after"] = os.getloadavg()
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    output.with_suffix(".md").write_text(markdown(report) + "\n")
+    write_atomic(output, json.dumps(report, indent=2))
+    write_atomic(output.with_suffix(".md"), markdown(report) + "\n")
     log.info("wrote %s and %s (%.0f s)", output, output.with_suffix(".md"), report["seconds"])
     return 0
 

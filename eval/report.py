@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from robust_sparse.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
 from robust_sparse.eval.sanity import monotone_warnings
@@ -120,7 +121,7 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
             plots.append(eps_image)
             lines += ["", f"![accuracy against eps]({eps_image.name})"]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -230,7 +231,7 @@ def _plot_sparsity(ours: pd.DataFrame, board: pd.DataFrame, dataset: str, threat
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
     path = out / f"robust_vs_sparsity_{dataset}_{threat}.png"
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
     return path
 
@@ -266,7 +267,7 @@ def _plot_eps(ours: pd.DataFrame, dataset: str, threat: str, out: Path) -> Path 
     axes.legend(fontsize=7)
     figure.tight_layout()
     path = out / f"accuracy_vs_eps_{dataset}_{threat}.png"
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
     return path
 

@@ -48,6 +48,12 @@ def write_atomic(path: str | Path, text: str) -> None:
         stream.write(text)
 
 
+def save_figure(figure: Any, path: str | Path, **options: Any) -> None:
+    """``figure.savefig`` atomically (PNG; ``options`` as savefig's, e.g. dpi)."""
+    with atomic_open(path, "wb") as stream:
+        figure.savefig(stream, format="png", **options)
+
+
 def remove_temporaries(directory: str | Path) -> None:
     """Delete the ``.NAME.*.tmp`` files a killed :func:`atomic_open` left in ``directory``.
 

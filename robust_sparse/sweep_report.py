@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from robust_sparse.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.sweep import EVAL_RESULT, run_status
 
@@ -261,10 +262,10 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     runs, curves = collect(sweep_dirs[0]) if len(sweep_dirs) == 1 else collect_many(sweep_dirs)
     sweep_dir = ", ".join(map(str, sweep_dirs))
     table = aggregate(runs)
-    runs.to_csv(out / "runs.csv", index=False)
+    write_atomic(out / "runs.csv", runs.to_csv(index=False))
     if not curves.empty:
-        curves.to_csv(out / "curves.csv", index=False)  # every run's metrics.csv, one row per run and epoch
-    table.to_csv(out / "summary.csv", index=False)
+        write_atomic(out / "curves.csv", curves.to_csv(index=False))  # every run's metrics.csv, one row per run and epoch
+    write_atomic(out / "summary.csv", table.to_csv(index=False))
     flags = run_flags(runs)
     lines = [f"# Sweep report: {sweep_dir}", "", f"{len(runs)} runs; {int(runs.get('diverged', pd.Series()).sum())} "
              "diverged (NaN loss or validation accuracy at chance).", ""]
@@ -278,8 +279,8 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         keys = [k for k in grid_keys(runs) if k != "seed"]
         clean_steps = epochs_to_accuracy(runs, curves, list(thresholds))
         robust_steps = epochs_to_accuracy(runs, curves, list(robust_thresholds), column="val_pgd_accuracy")
-        (clean_steps.merge(robust_steps, on=keys) if keys else pd.concat([clean_steps, robust_steps], axis=1)).to_csv(
-            out / "epochs_to_accuracy.csv", index=False)
+        steps = clean_steps.merge(robust_steps, on=keys) if keys else pd.concat([clean_steps, robust_steps], axis=1)
+        write_atomic(out / "epochs_to_accuracy.csv", steps.to_csv(index=False))
         lines += ["## Epochs to reach a validation accuracy", "",
                   "Median first epoch over all seeds; a seed that never reached the level counts as later than its "
                   "last epoch (censored), so '>E' means the median seed did not get there within E epochs; "
@@ -303,7 +304,7 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         figure.suptitle("Convergence (mean over seeds)")
         figure.tight_layout()
-        figure.savefig(out / "convergence.png", dpi=120, bbox_inches="tight")
+        save_figure(figure, out / "convergence.png", dpi=120, bbox_inches="tight")
         plt.close(figure)
         lines += ["![convergence](convergence.png)", ""]
     if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].nunique() > 1:
@@ -327,10 +328,10 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         axes[0].legend(fontsize=7)
         figure.suptitle("AGENT γ sensitivity (mean ± std over seeds)")
         figure.tight_layout()
-        figure.savefig(out / "gamma_sensitivity.png", dpi=120)
+        save_figure(figure, out / "gamma_sensitivity.png", dpi=120)
         plt.close(figure)
         lines += ["![gamma sensitivity](gamma_sensitivity.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_atomic(out / "report.md", "\n".join(lines))
     return out / "report.md"
 
 
@@ -399,15 +400,15 @@ def _label(keys: list[str], values: Any) -> str:
 
 def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, plt) -> list[str]:
     table = cosine_table(runs, curves)
-    table.to_csv(out / "cosine.csv", index=False)
+    write_atomic(out / "cosine.csv", table.to_csv(index=False))
     per_run, varying = _cosine_runs(runs, curves)
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     merged = curves[["run_id", "epoch", "agent_cosine"]].merge(per_run[["run_id", "density", *varying]], on="run_id")
     per_epoch = merged.dropna(subset=["agent_cosine"]).groupby(["density", *varying, "epoch"], dropna=False)
     per_epoch = per_epoch["agent_cosine"].agg(["mean", "std", "count"]).reset_index()
-    per_epoch.sort_values(["density", *varying, "epoch"], ascending=[False] + [True] * (len(varying) + 1)).rename(
-        columns={"mean": "cosine mean", "std": "cosine std", "count": "runs"}).to_csv(out / "cosine_per_epoch.csv",
-                                                                                     index=False)
+    per_epoch = per_epoch.sort_values(["density", *varying, "epoch"], ascending=[False] + [True] * (len(varying) + 1))
+    write_atomic(out / "cosine_per_epoch.csv", per_epoch.rename(
+        columns={"mean": "cosine mean", "std": "cosine std", "count": "runs"}).to_csv(index=False))
     for setting, group in merged.groupby(["density", *varying], dropna=False, sort=False):
         mean = group.groupby("epoch")["agent_cosine"].mean().dropna()
         axes[0].plot(mean.index, mean.values, marker="o", label=_label(["density", *varying], setting))
@@ -429,7 +430,7 @@ def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, plt) ->
     axes[1].legend(fontsize=8)
     figure.suptitle("AGENT: cosine between the current and the snapshot gradient on the same batch")
     figure.tight_layout()
-    figure.savefig(out / "cosine.png", dpi=120)
+    save_figure(figure, out / "cosine.png", dpi=120)
     plt.close(figure)
     return ["## AGENT's assumption: cosine between g_new and g_old", "",
             "Logged by AGENT at every corrected step, averaged per epoch (epochs where the correction is off are not "
