@@ -1,5 +1,6 @@
-"""Aggregate a sweep directory: per-run table, mean ± std over seeds, γ-sensitivity and convergence plots,
-epochs needed to reach given accuracies (the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs.
+"""Aggregate a sweep directory: per-run table, mean ± std over seeds, epochs needed to reach given accuracies
+(the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs, and the figures of robust_sparse.plots
+(convergence, γ sensitivity, robust accuracy against sparsity, AGENT over epochs and its cosine per density).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse.checkpoint import save_figure, write_atomic
+from robust_sparse import plots
+from robust_sparse.checkpoint import write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.sweep import EVAL_RESULT, run_status
 
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FINAL = ["test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy", "val_pgd_accuracy"]
 C_RANGE = ("agent_c_min", "agent_c_max")  # per run: the range of AGENT's c_t over its epochs
+AGENT_SUMMARY = ("agent_weight_last", "agent_variance_ratio_last")  # averaged over seeds in summary.csv
 STAGE = "eval_"  # columns of the sweep's evaluation stage: eval_n, eval_clean_accuracy, eval_<attack>_accuracy
 
 
@@ -88,6 +91,21 @@ def _chance(run_dir: Path) -> float | None:
         return None
 
 
+def _agent_columns(metrics: pd.DataFrame) -> dict[str, Any]:
+    """What AGENT did in one run, for the tables and texts that quote it: the correction weight gamma*c_t and the
+    variance ratio Var(g_hat)/Var(g) of the probe batch (below 1: the correction reduced the gradient variance)
+    in the last epoch, and the largest variance ratio with its epoch (a spike is the instability the paper warns
+    about)."""
+    columns: dict[str, Any] = {}
+    if "agent_weight" in metrics and metrics["agent_weight"].notna().any():
+        columns["agent_weight_last"] = metrics["agent_weight"].dropna().iloc[-1]
+    if "agent_variance_ratio" in metrics and metrics["agent_variance_ratio"].notna().any():
+        ratios = metrics.set_index("epoch")["agent_variance_ratio"].dropna()
+        columns.update({"agent_variance_ratio_last": ratios.iloc[-1], "agent_variance_ratio_max": ratios.max(),
+                        "agent_variance_ratio_max_epoch": int(ratios.idxmax())})
+    return columns
+
+
 def run_flags(runs: pd.DataFrame) -> list[str]:
     """What a reader must know before reading the tables, in words: runs that diverged, that ended at chance
     accuracy, or whose AGENT c_t left [0, 1] (a negative c_t reverses the correction)."""
@@ -139,6 +157,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             row["chance"] = _chance(run_dir)
             if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
                 row["agent_c_min"], row["agent_c_max"] = metrics["agent_c"].min(), metrics["agent_c"].max()
+                row.update(_agent_columns(metrics))
         evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
@@ -161,7 +180,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
     reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "chance", *C_RANGE, *FINAL}
-    return [c for c in runs.columns if c not in reserved and not c.startswith(STAGE)]
+    return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))]
 
 
 def stage_metrics(runs: pd.DataFrame) -> list[str]:
@@ -172,7 +191,7 @@ def stage_metrics(runs: pd.DataFrame) -> list[str]:
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds of the final numbers, one row per setting."""
     keys = [k for k in grid_keys(runs) if k != "seed"]
-    present = [c for c in FINAL if c in runs] + stage_metrics(runs)
+    present = [c for c in FINAL if c in runs] + stage_metrics(runs) + [c for c in AGENT_SUMMARY if c in runs]
     grouped = runs.groupby(keys, dropna=False) if keys else runs.assign(_all=0).groupby("_all")
     table = grouped[present].agg(["mean", "std"]) if present else grouped.size().to_frame("_").drop(columns="_")
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns] if present else []
@@ -251,17 +270,14 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
                  thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9),
                  robust_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8)) -> Path:
     """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
     out = Path(out) if out else sweep_dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     runs, curves = collect(sweep_dirs[0]) if len(sweep_dirs) == 1 else collect_many(sweep_dirs)
     sweep_dir = ", ".join(map(str, sweep_dirs))
     table = aggregate(runs)
+    keys = [k for k in grid_keys(runs) if k != "seed"]
+    labels = plots.metric_labels(p for d in sweep_dirs for p in sorted((d / "runs").glob("*")) if p.is_dir())
     write_atomic(out / "runs.csv", runs.to_csv(index=False))
     if not curves.empty:
         write_atomic(out / "curves.csv", curves.to_csv(index=False))  # every run's metrics.csv, one row per run and epoch
@@ -274,9 +290,11 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     lines += ["## Final accuracy, mean ± std over seeds", "", _markdown(table), ""]
     lines += _stage_section(runs)
     if not curves.empty and "agent_cosine" in curves and curves["agent_cosine"].notna().any():
-        lines += _cosine_section(runs, curves, out, plt)
+        lines += _cosine_section(runs, curves, out)
+    lines += _figure(plots.agent_figure(runs, curves, keys), out, "agent.png", "## AGENT over epochs",
+                     "AGENT's c_t, the variance ratio Var(ĝ)/Var(g) of its probe batch and the cosine between g_new "
+                     "and g_old, per epoch of every run that used AGENT.")
     if not curves.empty:
-        keys = [k for k in grid_keys(runs) if k != "seed"]
         clean_steps = epochs_to_accuracy(runs, curves, list(thresholds))
         robust_steps = epochs_to_accuracy(runs, curves, list(robust_thresholds), column="val_pgd_accuracy")
         steps = clean_steps.merge(robust_steps, on=keys) if keys else pd.concat([clean_steps, robust_steps], axis=1)
@@ -286,53 +304,24 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
                   "last epoch (censored), so '>E' means the median seed did not get there within E epochs; "
                   "(reached/seeds) in brackets.",
                   "", _markdown(_with_reached(clean_steps)), "", _markdown(_with_reached(robust_steps)), ""]
-        figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-        merged = curves.merge(runs[["run_id", *keys]].drop_duplicates("run_id"), on="run_id")
-        # the legend names a setting by the keys that tell settings apart (not the ones all runs share)
-        shown = [k for k in keys if runs[k].astype(str).nunique() > 1] or keys
-        styles = ["-", "--", ":", "-."]
-        for number, (setting, group) in enumerate(merged.groupby(keys, dropna=False) if keys else [("all", merged)]):
-            values = dict(zip(keys, setting if isinstance(setting, tuple) else (setting,)))
-            label = _label(shown, tuple(values.get(k) for k in shown)) if keys else "all"
-            for axis, column in zip(axes, ["val_clean_accuracy", "val_pgd_accuracy"]):
-                mean = group.groupby("epoch")[column].mean()
-                axis.plot(mean.index, mean.values, marker="o", linestyle=styles[number // 10 % len(styles)],
-                          label=label)
-                axis.set(xlabel="epoch", ylabel=column.replace("_", " ").replace("val", "validation"))
-                axis.xaxis.get_major_locator().set_params(integer=True)
-        handles, labels = axes[0].get_legend_handles_labels()
-        figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-        figure.suptitle("Convergence (mean over seeds)")
-        figure.tight_layout()
-        save_figure(figure, out / "convergence.png", dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        lines += ["![convergence](convergence.png)", ""]
+        lines += _figure(plots.convergence_figure(runs, curves, keys, labels), out, "convergence.png")
     if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].nunique() > 1:
-        table = table[table["agent.gamma"].notna()]
-        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-        # one line per setting of every other key (sparsity, estimator, sweep, ...)
-        series_keys = [k for k in grid_keys(runs) if k not in ("seed", "agent.gamma") and k in table]
-        for value, group in (table.groupby(series_keys, dropna=False) if series_keys else [("all", table)]):
-            group = group.sort_values("agent.gamma")
-            label = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in zip(series_keys, value if isinstance(value, tuple)
-                                                                          else (value,))) or "all"
-            for axis, metric in zip(axes, ["test_clean_accuracy", "test_pgd_accuracy"]):
-                axis.errorbar(group["agent.gamma"], group[f"{metric} mean"], yerr=group[f"{metric} std"].fillna(0),
-                              marker="o", capsize=3, label=label)
-                axis.set(xlabel="γ", ylabel=metric.replace("_", " "))
-        gammas = sorted(table["agent.gamma"].unique())
-        positive = [g for g in gammas if g > 0]
-        for axis in axes:  # γ spans decades and includes 0: symmetric log, ticks at the values studied
-            axis.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
-            axis.set_xticks(gammas, [f"{g:g}" for g in gammas])
-        axes[0].legend(fontsize=7)
-        figure.suptitle("AGENT γ sensitivity (mean ± std over seeds)")
-        figure.tight_layout()
-        save_figure(figure, out / "gamma_sensitivity.png", dpi=120)
-        plt.close(figure)
-        lines += ["![gamma sensitivity](gamma_sensitivity.png)", ""]
+        lines += _figure(plots.gamma_figure(table, keys, labels), out, "gamma_sensitivity.png")
+    if "test_pgd_accuracy" in runs:
+        lines += _figure(plots.sparsity_figure(runs, curves, keys, labels), out, "robust_vs_sparsity.png",
+                         "## Robust accuracy against sparsity", "Test accuracy of each setting at each density "
+                         "(a dense run at 1); mean ± std over seeds.")
     write_atomic(out / "report.md", "\n".join(lines))
     return out / "report.md"
+
+
+def _figure(figure: Any, out: Path, name: str, heading: str = "", text: str = "") -> list[str]:
+    """Save ``figure`` (None: the question does not arise here) and return the report's lines that show it."""
+    if figure is None:
+        return []
+    plots.save(figure, out / name)
+    alt = name.removesuffix(".png").replace("_", " ")
+    return ([heading, ""] if heading else []) + ([text, ""] if text else []) + [f"![{alt}]({name})", ""]
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -392,46 +381,17 @@ def cosine_table(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index().sort_values(["density", *varying], ascending=[False] + [True] * len(varying))
 
 
-def _label(keys: list[str], values: Any) -> str:
-    values = values if isinstance(values, tuple) else (values,)
-    return ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} {v}"
-                     for k, v in zip(keys, values) if not (v is None or v != v)) or "all"  # NaN: not set
-
-
-def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, plt) -> list[str]:
+def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
     table = cosine_table(runs, curves)
     write_atomic(out / "cosine.csv", table.to_csv(index=False))
     per_run, varying = _cosine_runs(runs, curves)
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     merged = curves[["run_id", "epoch", "agent_cosine"]].merge(per_run[["run_id", "density", *varying]], on="run_id")
     per_epoch = merged.dropna(subset=["agent_cosine"]).groupby(["density", *varying, "epoch"], dropna=False)
     per_epoch = per_epoch["agent_cosine"].agg(["mean", "std", "count"]).reset_index()
     per_epoch = per_epoch.sort_values(["density", *varying, "epoch"], ascending=[False] + [True] * (len(varying) + 1))
     write_atomic(out / "cosine_per_epoch.csv", per_epoch.rename(
         columns={"mean": "cosine mean", "std": "cosine std", "count": "runs"}).to_csv(index=False))
-    for setting, group in merged.groupby(["density", *varying], dropna=False, sort=False):
-        mean = group.groupby("epoch")["agent_cosine"].mean().dropna()
-        axes[0].plot(mean.index, mean.values, marker="o", label=_label(["density", *varying], setting))
-    axes[0].xaxis.get_major_locator().set_params(integer=True)
-    axes[0].set(xlabel="epoch", ylabel="cos(g_new, g_old): mean over the epoch's steps and seeds",
-                title="per epoch")
-    axes[0].legend(fontsize=8)
-    for value, group in (table.groupby(varying, dropna=False) if varying else [((), table)]):
-        group = group.sort_values("density", ascending=False)
-        axes[1].errorbar(group["density"], group["cosine mean"], yerr=group["cosine std"].fillna(0), marker="o",
-                         capsize=3, label=_label(varying, value))
-    densities = sorted(table["density"].unique(), reverse=True)
-    axes[1].set_xscale("log")
-    axes[1].set_xticks(densities, [f"{d:.2g}" + (" (dense)" if d == 1 else "") for d in densities])
-    axes[1].minorticks_off()
-    axes[1].invert_xaxis()
-    axes[1].set(xlabel="density (sparser to the right)", ylabel="cos(g_new, g_old): mean over logged epochs",
-                title="per density (mean ± std over seeds)")
-    axes[1].legend(fontsize=8)
-    figure.suptitle("AGENT: cosine between the current and the snapshot gradient on the same batch")
-    figure.tight_layout()
-    save_figure(figure, out / "cosine.png", dpi=120)
-    plt.close(figure)
+    plots.save(plots.cosine_figure(table, varying), out / "cosine.png")  # per epoch: agent.png
     return ["## AGENT's assumption: cosine between g_new and g_old", "",
             "Logged by AGENT at every corrected step, averaged per epoch (epochs where the correction is off are not "
             "logged); per run, the mean over the logged epochs and the last logged epoch; mean ± std over seeds "

@@ -188,3 +188,21 @@ def test_epochs_to_accuracy_counts_seeds_that_never_reach_the_level_as_censored(
     shown = _with_reached(steps).iloc[0]
     assert shown["val_clean_accuracy >= 0.5"] == "3 (2/3)"
     assert shown["val_clean_accuracy >= 0.9"] == ">4 (1/3)" and shown["val_clean_accuracy >= 0.95"] == ">4 (0/3)"
+
+
+def test_agent_columns_quote_the_last_epoch_and_the_largest_variance_ratio_and_stay_out_of_the_grid():
+    from robust_sparse.sweep_report import _agent_columns, grid_keys
+
+    metrics = pd.DataFrame({"epoch": [1, 2, 3, 4], "agent_weight": [0.0, 0.03, 0.06, 0.05],
+                            "agent_variance_ratio": [float("nan"), 0.9, 52.7, 0.8]})
+    columns = _agent_columns(metrics)
+    assert columns == {"agent_weight_last": 0.05, "agent_variance_ratio_last": 0.8,
+                       "agent_variance_ratio_max": 52.7, "agent_variance_ratio_max_epoch": 3}
+    assert _agent_columns(metrics.drop(columns=["agent_weight", "agent_variance_ratio"])) == {}
+    runs = pd.DataFrame([{"run_id": f"seed={s}", "seed": s, "agent.gamma": 0.1, "status": "done", "diverged": False,
+                          "test_pgd_accuracy": 0.5 + s / 10,
+                          **columns} for s in (0, 1)])
+    assert sorted(grid_keys(runs)) == ["agent.gamma", "seed"]  # per-run AGENT figures are results, not settings
+    summary = aggregate(runs)
+    assert summary["agent_weight_last mean"].tolist() == [0.05]
+    assert summary["agent_variance_ratio_last mean"].tolist() == [0.8]
