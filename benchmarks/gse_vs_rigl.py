@@ -85,7 +85,7 @@ def child(method: str, width: int, density: float, batch: int, repeats: int) -> 
     config = load_config(None, [f"sparsity.method={method}", f"sparsity.density={density}",
                                 "sparsity.distribution=uniform", "sparsity.update_every=1"])
     masker = build_sparsity(config.sparsity, model, "wide_linear", optimizer, total_steps=10**6, seed=0,
-                            score_batch=lambda: (inputs, labels))
+                            score_batch=lambda step: (inputs, labels))
     engine = masker.engine
 
     def update(step: int) -> None:

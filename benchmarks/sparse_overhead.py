@@ -68,7 +68,7 @@ def time_epoch(model_name: str, engine: str, data: ImageSet, args, device: torch
     loader = BatchLoader(data, args.batch_size, device, shuffle=True, seed=0)
     optimizer, scheduler = build_optimization(config, model, len(loader))
     score = (data.images[:100].to(device).float() / 255, data.labels[:100].to(device))  # GSE's scoring batch
-    build_sparsity(config.sparsity, model, model_name, optimizer, len(loader), seed=0, score_batch=lambda: score)
+    build_sparsity(config.sparsity, model, model_name, optimizer, len(loader), seed=0, score_batch=lambda step: score)
     objective = build_objective(config, model)
     warm = BatchLoader(ImageSet(data.images[: args.batch_size], data.labels[: args.batch_size]), args.batch_size,
                        device)

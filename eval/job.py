@@ -3,11 +3,16 @@
 For every eps it runs :func:`robust_sparse.eval.runner.evaluate` (resuming from saved flags), applies the
 gradient-masking checks, appends a row to the results store and, when asked, compares the original
 AutoAttack with ``torchattacks.AutoAttack`` configured to match on the same points.
+
+:func:`run_job` is the whole command once its flags are checked (:class:`EvalJob`): which models to load (every
+sub-net of an AST checkpoint), the test points, the protocol a checkpoint carries unless a flag overrides it,
+the results store, and the ``--output`` file. The CLI only parses, checks flags and prints.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +20,10 @@ from typing import Any
 
 import torch
 
+from robust_sparse.checkpoint import write_atomic
+from robust_sparse.config import DatasetName
 from robust_sparse.errors import UserError
-from robust_sparse.eval import sanity
+from robust_sparse.eval import loading, sanity
 from robust_sparse.eval.loading import LoadedModel, data_fingerprint, model_fingerprint, sparsity_stats, threat_label
 from robust_sparse.eval.runner import Evaluation, evaluate
 from robust_sparse.eval.specs import AttackSpec
@@ -118,6 +125,136 @@ def run(request: EvalRequest) -> EvalOutcome:
     return EvalOutcome(rows, evaluations, across)
 
 
+@dataclass
+class EvalJob:
+    """One ``robust-sparse eval``, every flag already checked. None: the checkpoint's value, else the default."""
+
+    # the model: exactly one of checkpoint, robustbench_model, arch (with weights) and factory
+    checkpoint: str | None = None
+    robustbench_model: str | None = None
+    arch: str | None = None
+    factory: str | None = None  # FILE.py:FACTORY or module:FACTORY
+    weights: str | None = None
+    weights_key: str | None = None
+    subnet: int | None = None  # AST checkpoints: one sub-net; None: every sub-net, one row each
+    model_dir: str | None = None  # RobustBench weights
+    name: str | None = None  # the results key
+    # the test points
+    dataset: DatasetName | None = None
+    n_examples: int | None = None
+    data_root: str | None = None
+    data_file: str | None = None
+    download: bool = False
+    # the protocol
+    threat: str | None = None  # "linf" or "l2"
+    eps: list[float] | None = None
+    attacks: str = "pgd,autoattack"
+    pgd_steps: int | None = None  # of a bare "pgd"
+    restarts: int | None = None
+    probe: bool = True
+    large_eps: float | None = None  # None with probe: the default for the threat model and image shape
+    # the run
+    device: str = "auto"
+    seed: int = 0
+    batch_size: int = 500
+    chained: bool = False
+    resume: bool = True
+    progress: bool = True
+    autoattack_backend: str = "auto"
+    cross_check: bool = False
+    results_dir: str | None = None  # None: <run dir>/eval for a checkpoint, else runs/eval
+    output: str | None = None  # also write the rows here as JSON
+
+
+@dataclass
+class JobOutcome:
+    rows: list[dict[str, Any]]
+    warnings: list[str]  # across eps (non-monotone accuracy)
+    results_dir: Path
+
+
+def run_job(job: EvalJob) -> JobOutcome:
+    """Local models first (a checkpoint names the dataset), then the test points, then a zoo model (maybe a
+    download): a missing dataset never costs a download. Each model's rows go to the results store."""
+    from robust_sparse.data import DATASETS
+    from robust_sparse.eval.specs import parse_attacks
+    from robust_sparse.train import resolve_device
+
+    models, dataset = _local_models(job)
+    first = models[0] if models else None
+    images, labels = loading.load_points(
+        dataset, job.n_examples or (first.n_examples if first else None),
+        root=job.data_root or (first.data_root if first else None) or "data", download=job.download,
+        data_file=job.data_file)
+    if models is None:
+        models = [loading.from_robustbench(job.robustbench_model, dataset, job.threat or "linf", job.model_dir)]
+        first = models[0]
+        if job.name:
+            first.name = job.name
+
+    # the protocol: the checkpoint's threat model and settings unless a flag says otherwise
+    norm = job.threat or first.norm or "linf"
+    eps_values = job.eps if job.eps is not None else [
+        first.eps if first.eps is not None and norm == first.norm else loading.PROTOCOL_EPS[(dataset, norm)]]
+    for eps in eps_values:
+        if norm == "linf" and eps > 1:
+            raise UserError(f"--eps {eps:.4g}: must be <= 1 for linf (inputs are in [0, 1])")
+    attacks = parse_attacks(job.attacks, default_steps=job.pgd_steps or first.pgd_steps or 50,
+                            default_restarts=job.restarts or first.restarts or 10)
+    large_eps = job.large_eps
+    if job.probe and large_eps is None:
+        info = DATASETS[dataset]
+        large_eps = sanity.default_large_eps(norm, (info.in_channels, info.image_size, info.image_size))
+    if job.results_dir:
+        results_dir = Path(job.results_dir)
+    elif job.checkpoint is not None:
+        results_dir = Path(job.checkpoint).parent / "eval"
+    else:
+        results_dir = Path("runs") / "eval"
+
+    device = resolve_device(job.device)
+    rows, warnings = [], []
+    for loaded in models:
+        outcome = run(EvalRequest(
+            loaded=loaded, images=images, labels=labels, norm=norm, eps=eps_values, attacks=attacks,
+            num_classes=DATASETS[loaded.dataset].num_classes, results_dir=results_dir, device=device, seed=job.seed,
+            batch_size=job.batch_size, chained=job.chained, resume=job.resume, progress=job.progress,
+            autoattack_backend=job.autoattack_backend, large_eps=large_eps, cross_check=job.cross_check,
+        ))
+        rows += outcome.rows
+        warnings += outcome.warnings
+    if job.output:
+        records = [{**row, "checkpoint": job.checkpoint, "epoch": first.epoch, "norm": norm,
+                    "clean_accuracy": row["clean_acc"], "pgd_accuracy": row["pgd_acc"],
+                    "autoattack_accuracy": row["autoattack_acc"], "worst_case_accuracy": row["worst_acc"]}
+                   for row in rows]
+        write_atomic(Path(job.output), json.dumps(records[0] if len(records) == 1 else records, indent=2,
+                                                  default=str))
+    return JobOutcome(rows, warnings, results_dir)
+
+
+def _local_models(job: EvalJob) -> tuple[list[LoadedModel] | None, DatasetName | None]:
+    """The models read from local files and the dataset (a checkpoint's own); no models for a zoo model."""
+    if job.checkpoint is not None:
+        models = loading.from_checkpoint_subnets(job.checkpoint, data_root=job.data_root,
+                                                 subnets=None if job.subnet is None else [job.subnet])
+        if job.dataset is not None and job.dataset is not models[0].dataset:
+            raise UserError(f"--dataset {job.dataset.value}: the checkpoint was trained on {models[0].dataset.value}")
+        if job.name:  # keep the sub-net suffix: one results key per sub-net
+            for model in models:
+                model.name = job.name + model.suffix
+        return models, models[0].dataset
+    if job.factory is not None:
+        model = loading.from_factory(job.factory, job.dataset, job.weights, job.weights_key)
+    elif job.arch is not None:
+        model = loading.from_weights(job.arch, job.weights, job.dataset)
+    else:
+        return None, job.dataset
+    if job.name:
+        model.name = job.name
+    return [model], job.dataset
+
+
 def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fingerprints: dict[str, str],
          state: Path) -> dict[str, Any]:
     loaded = request.loaded
@@ -127,7 +264,8 @@ def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fi
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
         "dataset": loaded.dataset.value, "threat_model": threat_label(request.norm), "eps": evaluation.eps,
-        "train_images": loaded.train_images, "epochs": loaded.epochs,
+        "train_images": loaded.train_images, "epochs": loaded.epochs, "epoch": loaded.epoch,
+        "selection": loaded.selection, "estimator": loaded.estimator,
         "n_examples": evaluation.n, "seed": evaluation.seed, "batch_size": evaluation.batch_size,
         "mode": "chained" if evaluation.chained else "standalone",
         "attacks": ",".join(o.spec.key for o in evaluation.outcomes),

@@ -82,9 +82,13 @@ class LoadedModel:
     restarts: int | None = None
     data_root: str | None = None
     epoch: int | None = None
-    # the training recipe (checkpoints only): images trained on and epochs planned, for the report's comparison
+    # the training recipe (checkpoints only): images trained on, epochs planned, which checkpoint (a
+    # leaderboard.Selection value) and AGENT's estimator ("none" without AGENT), for the report's comparison
     train_images: int | None = None
     epochs: int | None = None
+    suffix: str = ""  # one of several networks in a checkpoint (AST's sub-nets): "/subnet{k}", part of ``name``
+    selection: str | None = None
+    estimator: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,32 +109,22 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
     checkpoint, or the one network of any other."""
     from robust_sparse.config import config_from_dict
     from robust_sparse.data import DATASETS
+    from robust_sparse.eval.leaderboard import NO_AGENT, checkpoint_selection
     from robust_sparse.models import build_model
+    from robust_sparse.sparse.methods import pick_view, saved_views
 
     path = Path(path)
     state = load_checkpoint(path)
     raw = state.get("config")
     if not isinstance(raw, dict) or "model" not in state:
         raise CheckpointError(f"{path} has no config/model: not written by robust-sparse train")
-    if data_root is not None:  # validation checks the data root exists; the evaluation's root is what counts
-        raw = {**raw, "data": {**raw.get("data", {}), "root": data_root}}
     config = config_from_dict(raw)
     info = DATASETS[config.data.dataset]
-    stored = (state.get("sparsity") or {}).get("subnet_masks") or []
-    if subnets is None:
-        subnets = list(range(len(stored))) if stored else [None]
+    views = saved_views(state)
+    chosen = views if subnets is None else [pick_view(views, k, path) for k in subnets]
     loaded = []
-    for subnet in subnets:
-        weights, suffix = state["model"], ""
-        if stored:
-            if subnet is None:
-                raise UserError(f"{path} is an AST checkpoint with {len(stored)} sub-nets: pass --subnet K "
-                                f"(0..{len(stored) - 1}, 0 = the densest)")
-            from robust_sparse.sparse.ast import subnet_weights
-
-            weights, suffix = subnet_weights(state, subnet), f"/subnet{subnet}"
-        elif subnet is not None:
-            raise UserError(f"--subnet {subnet}: {path} is not an AST checkpoint (it has one network)")
+    for view in chosen:
+        weights, suffix = view.weights, "" if view.index is None else f"/subnet{view.index}"
         model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std)
         _load_into(model, weights, path, config.model.name)
         eval_config = config.eval
@@ -139,8 +133,10 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
             source="checkpoint", path=str(path), architecture=config.model.name, dataset=config.data.dataset,
             norm=config.attack.norm.value, eps=eval_config.eps if eval_config.eps is not None else config.attack.eps,
             n_examples=eval_config.n_examples or None, pgd_steps=eval_config.pgd_steps, restarts=eval_config.restarts,
-            data_root=config.data.root, epoch=state.get("epoch"),
+            data_root=data_root if data_root is not None else config.data.root, epoch=state.get("epoch"),
             train_images=(state.get("data_sizes") or {}).get("train"), epochs=config.optim.epochs,
+            selection=getattr(checkpoint_selection(state), "value", None),
+            estimator=config.agent.estimator.value if config.agent.enabled else NO_AGENT, suffix=suffix,
         ))
     return loaded
 

@@ -245,7 +245,8 @@ def _differences(entry: dict[str, Any], ours: pd.Series, attack: str) -> list[st
     """Why ``entry`` is not comparable with our result row ``ours`` under ``attack``."""
     return differences(entry, dataset=ours["dataset"], threat_model=ours["threat_model"], eps=float(ours["eps"]),
                        attack=attack, n_examples=int(ours["n_examples"]), train_images=ours.get("train_images"),
-                       epochs=ours.get("epochs"))
+                       epochs=ours.get("epochs"), selection=ours.get("selection"), epoch=ours.get("epoch"),
+                       estimator=ours.get("estimator"))
 
 
 def _plot_eps(ours: pd.DataFrame, dataset: str, threat: str, out: Path) -> Path | None:

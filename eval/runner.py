@@ -32,14 +32,14 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from robust_sparse.attacks import CW, FGSM, PGD
+from robust_sparse.attacks import CW
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.progress import progress as progress_bar
 from robust_sparse.eval import sanity
 from robust_sparse.accuracy import pgd_step_size, predict
-from robust_sparse.eval.autoattack import AutoAttackBackend, select_backend, torchattacks_autoattack
-from robust_sparse.eval.specs import AttackSpec
+from robust_sparse.eval.autoattack import AutoAttackBackend
+from robust_sparse.eval.specs import AttackContext, AttackSpec
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Evaluation:
         result: dict[str, float] = {}
         for outcome in self.outcomes:
             result[outcome.label] = outcome.accuracy
-            if outcome.spec.kind == "autoattack":
+            if not outcome.spec.attack_kind.iterative and len(outcome.spec.units) > 1:  # AutoAttack's sub-attacks
                 for unit, accuracy in outcome.unit_accuracies().items():
                     result[f"{outcome.label}/{unit}"] = accuracy
         return result
@@ -175,62 +175,7 @@ def _check_model_output(model: nn.Module, images: torch.Tensor, num_classes: int
 
 
 # ----------------------------------------------------------------------------------------------------------
-# units
-
-
-class _Unit:
-    def run(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _OwnAttack(_Unit):
-    def __init__(self, attack) -> None:
-        self.attack = attack
-
-    def run(self, images, labels):
-        return self.attack(images, labels)
-
-
-class _AutoAttackUnit(_Unit):
-    def __init__(self, backend: AutoAttackBackend, handle: Any, sub_attack: str) -> None:
-        self.backend, self.handle, self.sub_attack = backend, handle, sub_attack
-
-    def run(self, images, labels):
-        return self.backend.attack(self.handle, self.sub_attack, images, labels, batch_size=len(images))
-
-
-class _Factory:
-    """Builds the units of a spec lazily (AutoAttack objects only when a unit actually runs)."""
-
-    def __init__(self, model, *, norm, eps, seed, device, num_classes, backend_name: str,
-                 backend: AutoAttackBackend | None) -> None:
-        self.model, self.norm, self.eps, self.seed, self.device = model, norm, eps, seed, device
-        self.num_classes, self.backend_name, self._backend = num_classes, backend_name, backend
-        self._autoattack: Any = None
-
-    @property
-    def backend(self) -> AutoAttackBackend:
-        if self._backend is None:
-            self._backend = select_backend(self.backend_name)
-        return self._backend
-
-    def unit(self, spec: AttackSpec, unit: str) -> _Unit:
-        kind, model, norm, eps = spec.kind, self.model, self.norm, self.eps
-        if kind == "fgsm":
-            return _OwnAttack(FGSM(model, norm=norm, eps=eps))
-        if kind == "pgd":
-            return _OwnAttack(PGD(model, norm=norm, eps=eps, steps=spec.steps, restarts=1,
-                                  step_size=pgd_step_size(eps, spec.steps), random_start=True))
-        if kind == "cw":
-            return _OwnAttack(CW(model, norm=norm, eps=eps, steps=spec.steps, step_size=pgd_step_size(eps, spec.steps)))
-        if kind == "torchattacks-aa":
-            if self.num_classes is None:
-                raise UserError("torchattacks-aa needs the number of classes")
-            return _OwnAttack(torchattacks_autoattack(model, norm=norm, eps=eps, n_classes=self.num_classes,
-                                                      seed=self.seed))
-        if self._autoattack is None:
-            self._autoattack = self.backend.create(model, norm=norm, eps=eps, seed=self.seed, device=self.device)
-        return _AutoAttackUnit(self.backend, self._autoattack, unit)
+# seeding and validity of every unit (each attack is built by its entry of robust_sparse.eval.specs.ATTACKS)
 
 
 @contextlib.contextmanager
@@ -354,8 +299,8 @@ def evaluate(
     started = time.monotonic()
     was_training = model.training
     model.eval()
-    factory = _Factory(model, norm=norm, eps=eps, seed=seed, device=device, num_classes=num_classes,
-                       backend_name=autoattack_backend, backend=backend)
+    context = AttackContext(model, norm=norm, eps=eps, seed=seed, device=device, num_classes=num_classes,
+                            backend_name=autoattack_backend, backend=backend)
     invalid: dict[str, int] = {}
     try:
         if len(labels):
@@ -368,7 +313,7 @@ def evaluate(
         outcomes = []
         alive = clean.clone()
         for spec in attacks:
-            outcome = _run_attack(spec, factory, state, images, labels, clean if not chained else alive,
+            outcome = _run_attack(spec, context, state, images, labels, clean if not chained else alive,
                                   norm=norm, eps=eps, seed=seed, batch_size=batch_size, progress=progress,
                                   invalid=invalid)
             outcomes.append(outcome)
@@ -381,7 +326,7 @@ def evaluate(
         model.train(was_training)
         state.data["seconds"] = state.data.get("seconds", 0.0) + (time.monotonic() - started)
         state.save(force=True)
-    backend_used = factory._backend
+    backend_used = context.backend_used
     evaluation = Evaluation(norm=norm, eps=float(eps), seed=seed, batch_size=batch_size, chained=chained,
                             clean=clean, outcomes=outcomes, seconds=state.data["seconds"], probe=probe,
                             invalid=invalid, autoattack_messages=list(backend_used.messages) if backend_used else [],
@@ -392,7 +337,7 @@ def evaluate(
     return evaluation
 
 
-def _run_attack(spec: AttackSpec, factory: _Factory, state: _State, images, labels, candidates, *, norm, eps,
+def _run_attack(spec: AttackSpec, context: AttackContext, state: _State, images, labels, candidates, *, norm, eps,
                 seed, batch_size, progress, invalid) -> AttackOutcome:
     n, units = len(labels), spec.units
     saved = state.data["attacks"].get(spec.key)
@@ -409,7 +354,7 @@ def _run_attack(spec: AttackSpec, factory: _Factory, state: _State, images, labe
         todo = robust & ~done[index]
         if not bool(todo.any()):
             continue
-        unit = factory.unit(spec, unit_name)
+        attack = spec.build(context, unit_name)
         points = torch.nonzero(todo).flatten()
         description = spec.label if len(units) == 1 else f"{spec.label} {unit_name}"
         started = time.monotonic()
@@ -419,9 +364,9 @@ def _run_attack(spec: AttackSpec, factory: _Factory, state: _State, images, labe
                 on_device = chunk.to(device)
                 x, y = images[on_device], labels[on_device]
                 with _seeded(_unit_seed(seed, spec, index), device):
-                    adversarial = unit.run(x, y)
+                    adversarial = attack(x, y)
                 with torch.no_grad():
-                    fooled = (factory.model(adversarial).argmax(1) != y)
+                    fooled = (context.model(adversarial).argmax(1) != y)
                     valid = _valid(adversarial, x, norm, eps)
                 rejected = int((fooled & ~valid).sum())
                 if rejected:

@@ -1,4 +1,5 @@
-"""Attack specifications: the names ``robust-sparse eval --attacks`` accepts, parsed without ``eval``.
+"""The attack registry: every name ``robust-sparse eval --attacks``, :func:`evaluate` and a sweep's ``eval`` stage
+accept, how its spelling parses (``pgd-50x10``, without ``eval``) and how the runner builds it.
 
 ===================  =====================================================================================
 ``fgsm``             one full step (Goodfellow et al.)
@@ -10,73 +11,172 @@
                      ``square``
 ``torchattacks-aa``  ``torchattacks.AutoAttack`` configured like the original (cross-checks only)
 ===================  =====================================================================================
+
+Each name is an :class:`AttackKind` in :data:`ATTACKS`; :func:`register_attack` adds one from Python (exported
+as ``robust_sparse.register_attack``). The runner (:mod:`robust_sparse.eval.runner`) only asks a kind for its
+units and builds each through it; the CLI's ``--attacks`` help lists :func:`names_help`. A new process knows the
+attacks of the modules named in ``$ROBUST_SPARSE_ATTACK_MODULES`` (comma-separated; imported on first need):
+``ROBUST_SPARSE_ATTACK_MODULES=my_attacks robust-sparse eval ... --attacks my-attack``; a sweep sets it for its
+evaluation processes.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
+import os
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
+import torch
+from torch import nn
+
+from robust_sparse.attacks import CW, FGSM, PGD, Attack
+from robust_sparse.accuracy import pgd_step_size
 from robust_sparse.errors import UserError
-from robust_sparse.eval.autoattack import STANDARD_ATTACKS, WHITE_BOX_ATTACKS
+from robust_sparse.eval.autoattack import (STANDARD_ATTACKS, WHITE_BOX_ATTACKS, AutoAttackBackend, select_backend,
+                                           torchattacks_autoattack)
+from robust_sparse.registry import Registry
 
-#: Kinds that take ``-K`` / ``-KxR``.
-ITERATIVE = ("pgd", "cw")
-SIMPLE = ("fgsm", "autoattack", *STANDARD_ATTACKS, "torchattacks-aa")
-_ITERATIVE_PATTERN = re.compile(r"^(pgd|cw)(?:-(\d+)(?:x(\d+))?)?$")
-_LABELS = {"fgsm": "FGSM", "autoattack": "AutoAttack", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T",
-           "fab-t": "FAB-T", "square": "Square", "torchattacks-aa": "torchattacks-AA"}
-HELP = "fgsm, pgd[-K[xR]], cw[-K[xR]], autoattack, apgd-ce, apgd-t, fab-t, square, torchattacks-aa"
+log = logging.getLogger(__name__)
+
+#: Images, labels -> adversarial images: what one unit of an attack is, once built.
+AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Comma-separated importable modules that register attacks; a sweep sets it for its evaluation children,
+#: which start without the parent's registrations.
+MODULES_VARIABLE = "ROBUST_SPARSE_ATTACK_MODULES"
+_NAME = re.compile(r"[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*")
+_STEPS_SUFFIX = re.compile(r"(.+?)-(\d+)(?:x(\d+))?")
+
+
+class AttackContext:
+    """What the runner gives a kind's builder: the model and threat model of one evaluation, and the original
+    AutoAttack, created once (on first use) and shared by every AutoAttack unit of the evaluation."""
+
+    def __init__(self, model: nn.Module, *, norm: str, eps: float, seed: int, device: torch.device,
+                 num_classes: int | None, backend_name: str = "auto",
+                 backend: AutoAttackBackend | None = None) -> None:
+        self.model, self.norm, self.eps, self.seed, self.device = model, norm, eps, seed, device
+        self.num_classes, self.backend_name, self._backend = num_classes, backend_name, backend
+        self._autoattack: Any = None
+
+    @property
+    def backend(self) -> AutoAttackBackend:
+        if self._backend is None:
+            self._backend = select_backend(self.backend_name)
+        return self._backend
+
+    @property
+    def backend_used(self) -> AutoAttackBackend | None:
+        """The AutoAttack backend if one was selected (an evaluation without AutoAttack never imports it)."""
+        return self._backend
+
+    def autoattack_unit(self, sub_attack: str) -> AttackFn:
+        if self._autoattack is None:
+            self._autoattack = self.backend.create(self.model, norm=self.norm, eps=self.eps, seed=self.seed,
+                                                   device=self.device)
+        backend, handle = self.backend, self._autoattack
+        # One call per batch with bs = the batch: the loop of AutoAttack's own run_standard_evaluation
+        return lambda images, labels: backend.attack(handle, sub_attack, images, labels, batch_size=len(images))
+
+
+@dataclass(frozen=True)
+class AttackKind:
+    """One name of the registry.
+
+    ``build(context, spec, unit)`` returns the unit's attack (images, labels -> adversarial images). An
+    ``iterative`` kind takes ``-K[xR]``: K steps and R restarts, one unit per restart; other kinds run
+    ``units`` in order (default: one unit, the name), each on the points the previous ones left robust.
+    """
+
+    name: str
+    label: str  # display name; an iterative kind's is upper-cased with -KxR
+    build: Callable[[AttackContext, "AttackSpec", str], AttackFn]
+    iterative: bool = False
+    bare_restarts: bool = False  # a bare iterative name takes the default restarts (pgd), else one (cw)
+    units: tuple[str, ...] = ()
+    black_box: frozenset[str] = frozenset()  # units that do not follow gradients (Square)
+    module: str | None = None  # the module that registers it, for child processes (None: built in)
+
+    def unit_names(self, spec: "AttackSpec") -> tuple[str, ...]:
+        if self.iterative:
+            return tuple(f"restart {r + 1}" for r in range(spec.restarts))
+        return self.units or (self.name,)
+
+    @property
+    def spelling(self) -> str:
+        return f"{self.name}[-K[xR]]" if self.iterative else self.name
+
+
+#: name -> AttackKind; built-ins below, users' through register_attack.
+ATTACKS: Registry[AttackKind] = Registry("attack")
 
 
 @dataclass(frozen=True)
 class AttackSpec:
     kind: str
-    steps: int = 0  # pgd/cw only
-    restarts: int = 1  # pgd/cw only
+    steps: int = 0  # iterative kinds only
+    restarts: int = 1  # iterative kinds only
+
+    @property
+    def attack_kind(self) -> AttackKind:
+        return ATTACKS.get(self.kind)
 
     @property
     def key(self) -> str:
         """Canonical spelling, e.g. ``pgd-50x10``; used in file names and as the results key."""
-        return f"{self.kind}-{self.steps}x{self.restarts}" if self.kind in ITERATIVE else self.kind
+        return f"{self.kind}-{self.steps}x{self.restarts}" if self.attack_kind.iterative else self.kind
 
     @property
     def label(self) -> str:
         """Display name, e.g. ``PGD-50x10``, ``AutoAttack``."""
-        if self.kind in ITERATIVE:
-            return f"{self.kind.upper()}-{self.steps}x{self.restarts}"
-        return _LABELS[self.kind]
+        kind = self.attack_kind
+        return f"{kind.label}-{self.steps}x{self.restarts}" if kind.iterative else kind.label
 
     @property
     def units(self) -> tuple[str, ...]:
         """The runs a point goes through, each only on the points the previous ones left robust."""
-        if self.kind in ITERATIVE:
-            return tuple(f"restart {r + 1}" for r in range(self.restarts))
-        if self.kind == "autoattack":
-            return STANDARD_ATTACKS
-        return (self.kind,)
+        return self.attack_kind.unit_names(self)
 
     def unit_is_white_box(self, unit: str) -> bool:
-        if self.kind == "autoattack":
-            return unit in WHITE_BOX_ATTACKS
-        return self.kind != "square"
+        return unit not in self.attack_kind.black_box
+
+    def build(self, context: AttackContext, unit: str) -> AttackFn:
+        return self.attack_kind.build(context, self, unit)
+
+
+def names_help() -> str:
+    """The registered names as ``--attacks`` accepts them, in registration order."""
+    _import_attack_modules()
+    return ", ".join(kind.spelling for _, kind in ATTACKS.entries())
 
 
 def parse_attack(text: str, *, default_steps: int = 50, default_restarts: int = 10) -> AttackSpec:
     """``"pgd-50x10"`` -> ``AttackSpec("pgd", 50, 10)``; bare ``pgd`` takes the defaults, bare ``cw`` one restart."""
     name = text.strip().lower()
-    match = _ITERATIVE_PATTERN.match(name)
-    if match:
-        kind, steps, restarts = match.group(1), match.group(2), match.group(3)
-        steps_value = int(steps) if steps else default_steps
-        restarts_value = int(restarts) if restarts else (default_restarts if kind == "pgd" and not steps else 1)
-        if steps_value < 1 or restarts_value < 1:
-            raise UserError(f"attack {text!r}: steps and restarts must be >= 1")
-        return AttackSpec(kind, steps_value, restarts_value)
-    if name in SIMPLE:
-        return AttackSpec(name)
-    raise UserError(f"unknown attack {text.strip()!r}; choose from: {HELP}")
+    spec = _parse(name, default_steps, default_restarts)
+    if spec is None and _import_attack_modules():
+        spec = _parse(name, default_steps, default_restarts)
+    if spec is None:
+        raise UserError(f"unknown attack {text.strip()!r}; choose from: {names_help()}")
+    if spec.attack_kind.iterative and (spec.steps < 1 or spec.restarts < 1):
+        raise UserError(f"attack {text!r}: steps and restarts must be >= 1")
+    return spec
+
+
+def _parse(name: str, default_steps: int, default_restarts: int) -> AttackSpec | None:
+    if name in ATTACKS:
+        kind = ATTACKS.get(name)
+        if not kind.iterative:
+            return AttackSpec(name)
+        return AttackSpec(name, default_steps, default_restarts if kind.bare_restarts else 1)
+    match = _STEPS_SUFFIX.fullmatch(name)
+    if match is None or match.group(1) not in ATTACKS or not ATTACKS.get(match.group(1)).iterative:
+        return None
+    kind, steps, restarts = match.groups()
+    return AttackSpec(kind, int(steps), int(restarts) if restarts else 1)
 
 
 def parse_attacks(texts: str | Iterable[str], *, default_steps: int = 50, default_restarts: int = 10) -> list[AttackSpec]:
@@ -92,3 +192,129 @@ def parse_attacks(texts: str | Iterable[str], *, default_steps: int = 50, defaul
                 raise UserError(f"attack {spec.key!r} is listed twice")
             specs.append(spec)
     return specs
+
+
+def attack_modules(specs: Iterable[AttackSpec]) -> tuple[str, ...]:
+    """The modules a child process must import to know these attacks (those registered from Python).
+
+    Raises UserError for an attack registered in ``__main__``: a child process cannot import that.
+    """
+    modules = []
+    for spec in specs:
+        module = spec.attack_kind.module
+        if module in ("__main__", ""):
+            raise UserError(f"attack {spec.kind!r} is registered from {module or 'an unknown module'}, which child "
+                            "processes cannot import: call register_attack in an importable module (or pass module=)")
+        if module is not None and module not in modules:
+            modules.append(module)
+    return tuple(modules)
+
+
+_imported_from_environment = False
+
+
+def _import_attack_modules() -> bool:
+    """Import the modules named in ``$ROBUST_SPARSE_ATTACK_MODULES`` (once); whether any were imported now."""
+    global _imported_from_environment
+    if _imported_from_environment:
+        return False
+    _imported_from_environment = True
+    names = [name.strip() for name in os.environ.get(MODULES_VARIABLE, "").split(",") if name.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise UserError(f"{MODULES_VARIABLE}: cannot import {name!r} ({error})") from None
+        log.debug("imported %s (%s) for its attacks", name, MODULES_VARIABLE)
+    return bool(names)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registering from Python
+
+
+def register_attack(name: str, attack: type[Attack] | Callable[..., torch.Tensor], *, label: str | None = None,
+                    iterative: bool = False, black_box: bool = False, module: str | None = None) -> AttackKind:
+    """Make ``attack`` usable by name: in :func:`evaluate` through :func:`parse_attacks`, in ``robust-sparse eval
+    --attacks NAME`` run in the same process (``robust_sparse.cli.main``), and in a sweep file's ``eval`` stage.
+
+    Args:
+        name: lower case, e.g. ``"my-attack"``; must not be registered yet.
+        attack: an :class:`~robust_sparse.attacks.Attack` subclass, built per unit as
+            ``attack(model, norm=..., eps=...)``, or a function called per batch as
+            ``attack(model, images, labels, norm=..., eps=...)``; either returns adversarial images in [0, 1]
+            (points outside the eps-ball do not count). Iterative ones also get ``steps=K``.
+        label: display name in results (default: ``name``).
+        iterative: accept ``NAME-K[xR]`` (K steps, R restarts, each a seeded run on the survivors).
+        black_box: the attack does not follow gradients (used by the gradient-masking checks).
+        module: the importable module that calls this function, which a sweep's evaluation processes import
+            (default: the module that defines ``attack``).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UserError(f"attack name {name!r}: use lower-case letters, digits, '_' and '-' (e.g. 'my-attack')")
+    if _parse(name, 1, 1) is not None:  # a registered name, or a spelling of one such as pgd-5
+        raise UserError(f"attack {name!r} is already registered; registered: {names_help()}")
+    if not callable(attack):
+        raise UserError(f"register_attack({name!r}, ...): expected an Attack subclass or a function, got {attack!r}")
+    is_class = inspect.isclass(attack)
+    if is_class and not issubclass(attack, Attack):
+        raise UserError(f"register_attack({name!r}, ...): {attack.__name__} is a class but not a "
+                        "robust_sparse.attacks.Attack subclass")
+
+    def build(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
+        extra = {"steps": spec.steps} if iterative else {}
+        if is_class:
+            return attack(context.model, norm=context.norm, eps=context.eps, **extra)
+        return lambda images, labels: attack(context.model, images, labels, norm=context.norm, eps=context.eps,
+                                             **extra)
+
+    kind = AttackKind(name=name, label=label or name, build=build, iterative=iterative,
+                      black_box=frozenset({name}) if black_box else frozenset(),
+                      module=module or getattr(attack, "__module__", None) or "")
+    ATTACKS.register(name)(kind)
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# built-in attacks
+
+
+def _fgsm(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
+    return FGSM(context.model, norm=context.norm, eps=context.eps)
+
+
+def _pgd(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
+    # one restart per unit: the runner seeds each restart and runs it on the points the previous ones left
+    return PGD(context.model, norm=context.norm, eps=context.eps, steps=spec.steps, restarts=1,
+               step_size=pgd_step_size(context.eps, spec.steps), random_start=True)
+
+
+def _cw(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
+    return CW(context.model, norm=context.norm, eps=context.eps, steps=spec.steps,
+              step_size=pgd_step_size(context.eps, spec.steps))
+
+
+def _autoattack(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
+    return context.autoattack_unit(unit)
+
+
+def _torchattacks_autoattack(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
+    if context.num_classes is None:
+        raise UserError("torchattacks-aa needs the number of classes")
+    return torchattacks_autoattack(context.model, norm=context.norm, eps=context.eps, n_classes=context.num_classes,
+                                   seed=context.seed)
+
+
+_SUB_ATTACK_LABELS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+_BLACK_BOX = frozenset(STANDARD_ATTACKS) - WHITE_BOX_ATTACKS
+
+for _kind in (
+    AttackKind("fgsm", "FGSM", _fgsm),
+    AttackKind("pgd", "PGD", _pgd, iterative=True, bare_restarts=True),
+    AttackKind("cw", "CW", _cw, iterative=True),
+    AttackKind("autoattack", "AutoAttack", _autoattack, units=STANDARD_ATTACKS, black_box=_BLACK_BOX),
+    *(AttackKind(sub, _SUB_ATTACK_LABELS[sub], _autoattack, black_box=_BLACK_BOX & {sub}) for sub in STANDARD_ATTACKS),
+    AttackKind("torchattacks-aa", "torchattacks-AA", _torchattacks_autoattack),
+):  # in the order of the table above; the CLI's help lists them so
+    ATTACKS.register(_kind.name)(_kind)
+del _kind

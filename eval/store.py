@@ -26,7 +26,7 @@ FLAGS_DIR = "flags"
 #: Columns every row has, in this order (CSV and JSON).
 COLUMNS = [
     "timestamp", "model", "source", "path", "architecture", "dataset", "threat_model", "eps", "n_examples",
-    "train_images", "epochs",
+    "train_images", "epochs", "epoch", "selection", "estimator",
     "seed", "batch_size", "mode", "attacks", "clean_acc", "pgd_attack", "pgd_acc", "autoattack_acc", "worst_acc",
     "per_attack", "sparsity", "params", "nonzero_params", "wall_seconds", "device", "autoattack_backend",
     "large_eps", "large_eps_acc", "warnings", "model_fingerprint", "data_fingerprint", "flags_file",

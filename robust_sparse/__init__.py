@@ -19,6 +19,8 @@ _EXPORTS = {
     "PGD": "robust_sparse.attacks",
     "TradesKL": "robust_sparse.attacks",
     "evaluate_pgd": "robust_sparse.accuracy",
+    "register_attack": "robust_sparse.eval.specs",
+    "register_sparsity_method": "robust_sparse.sparse",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,10 +27,10 @@ the correction that falls on dormant positions has no effect. In the official TF
 is a negative number that the correction term could push back above zero, reviving a connection outside the
 rewiring budget; we do not reproduce that.
 
-With AST (several sub-nets over one shared weight tensor, ``subnets=`` the :class:`AlternatingMasker`) the
-snapshot holds the full shared weights and every sub-net gets its own ``g_tilde``: the large-batch pass gives
-batch ``b`` to sub-net ``b mod K`` (so it costs one pass, not K), and ``g_old`` of a step is the snapshot seen
-as the step's sub-net.
+A sparse masker (``masker=``) may train several networks over one weight tensor, its views (AST's sub-nets).
+Then the snapshot holds the full shared weights and every view gets its own ``g_tilde``: the large-batch pass
+gives batch ``b`` to view ``b mod K`` (so it costs one pass, not K), and ``g_old`` of a step is the snapshot
+seen as the step's view. With one view (every other engine) this is plain AGENT.
 """
 
 from __future__ import annotations
@@ -38,13 +38,16 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import nullcontext
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 
 from robust_sparse import distributed
 from robust_sparse.config import AgentConfig, AgentEstimator
+
+if TYPE_CHECKING:
+    from robust_sparse.sparse.masker import SparseMasker
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +107,20 @@ class AGENT(torch.optim.Optimizer):
     """
 
     def __init__(self, base: torch.optim.Optimizer, model: nn.Module, config: AgentConfig,
-                 masks: dict[str, torch.Tensor] | None = None, subnets: Any = None) -> None:
+                 masks: dict[str, torch.Tensor] | None = None, masker: "SparseMasker | None" = None) -> None:
         # super().__init__ over the base optimizer's own group dicts: both optimizers share the same group
         # objects, so a scheduler stepping either one changes the learning rate both see.
         super().__init__(base.param_groups, {})
         self.base = base
         self.model = model
         self.config = config
-        self.masks = masks or {}  # the sparse engine's live masks, keyed by parameter name
-        self.subnets = subnets  # AST's AlternatingMasker: K masks over one weight tensor, one active per step
+        self.masker = masker  # the sparse masker: its views, the networks it trains (one active per step)
+        # the live masks of the network being trained, keyed by parameter name
+        self.masks = masks if masks is not None else masker.masks if masker is not None else {}
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.snapshot: nn.Module | None = None
-        self.subnet_snapshot_masks: list[dict[str, torch.Tensor]] = [{}]  # one entry per sub-net (1 without AST)
+        self.subnet_snapshot_masks: list[dict[str, torch.Tensor]] = [{}]  # one entry per view
         self.subnet_full_grads: list[list[torch.Tensor]] | None = None
         self.snapshot_grads: list[torch.Tensor] | None = None
         self.c = 0.0
@@ -125,23 +129,24 @@ class AGENT(torch.optim.Optimizer):
         self._cosine_sum = torch.zeros(())
         self._cosine_count = 0
 
-    # ---- sub-nets (AST); one sub-net, the model itself, otherwise -----------------------------------------
+    # ---- the masker's views: several sub-nets (AST), or the model itself ----------------------------------
 
     def _count(self) -> int:
-        return self.subnets.count if self.subnets is not None else 1
+        return len(self.masker.views()) if self.masker is not None else 1
 
     def _active(self) -> int:
-        return self.subnets.active if self.subnets is not None else 0
+        return self.masker.active_view if self.masker is not None else 0
 
     def _view(self, module: nn.Module | None, k: int):
-        return self.subnets.view(module, k) if self.subnets is not None and module is not None else nullcontext()
+        """Inside, ``module`` (the snapshot: full weights) is view ``k``."""
+        return self.masker.views()[k].on(module) if self.masker is not None and module is not None else nullcontext()
 
     def _masks_of(self, k: int) -> dict[str, torch.Tensor]:
-        return self.subnets.subnet_masks[k] if self.subnets is not None else self.masks
+        return self.masker.views()[k].masks if self.masker is not None else self.masks
 
     @property
     def full_grads(self) -> list[torch.Tensor] | None:
-        """g_tilde of the active sub-net (of the model without AST)."""
+        """g_tilde of the active view."""
         return self.subnet_full_grads[self._active()] if self.subnet_full_grads is not None else None
 
     @property
@@ -171,7 +176,7 @@ class AGENT(torch.optim.Optimizer):
         overflows is taken again at half the scale.
         """
         config = self.config
-        with self.subnets.full_weights() if self.subnets is not None else nullcontext():
+        with self.masker.full_weights() if self.masker is not None else nullcontext():
             new_snapshot = copy.deepcopy(self.model)
         new_snapshot.train(config.full_grad_bn == "train")
         previous = self.snapshot
@@ -185,9 +190,9 @@ class AGENT(torch.optim.Optimizer):
         need_gradient = needs_estimate or (estimator is not AgentEstimator.PAPER and self.c != 0)
 
         snapshot_params = [p for p in new_snapshot.parameters() if p.requires_grad]
-        subnets = self._count()
-        full = [[torch.zeros_like(p) for p in snapshot_params] for _ in range(subnets)] if need_gradient else None
-        current_losses, previous_losses, counts = [], [], [0] * subnets
+        n_views = self._count()
+        full = [[torch.zeros_like(p) for p in snapshot_params] for _ in range(n_views)] if need_gradient else None
+        current_losses, previous_losses, counts = [], [], [0] * n_views
         # Under torchrun ``batches`` is this rank's share of the pass: its i-th batch is batch i * W + rank of the
         # whole pass, which picks the sub-net.
         rank, world_size = distributed.rank_and_world_size()
@@ -195,7 +200,7 @@ class AGENT(torch.optim.Optimizer):
             if previous is not None:
                 previous.train(config.full_grad_bn == "train")
             for index, batch in enumerate(batches):
-                k = (index * world_size + rank) % subnets
+                k = (index * world_size + rank) % n_views
                 with self._view(new_snapshot, k):
                     loss = loss_fn(new_snapshot, *batch)
                     if full is not None:
@@ -230,11 +235,11 @@ class AGENT(torch.optim.Optimizer):
             log.warning("unclipped c_t is the official code's behaviour; agent.clip=true clips it to [0, 1] as the "
                         "paper's text does")
         self.subnet_snapshot_masks = [{name: mask.clone() for name, mask in self._masks_of(k).items()}
-                                      for k in range(subnets)]
+                                      for k in range(n_views)]
         if full is not None and min(counts):
             # the mean of batch-mean gradients, per sub-net
             self.subnet_full_grads = [self._mask_like_snapshot([value / counts[k] for value in full[k]], k)
-                                      for k in range(subnets)]
+                                      for k in range(n_views)]
         for p in new_snapshot.parameters():
             p.requires_grad_(True)
         new_snapshot.train()

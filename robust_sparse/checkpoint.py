@@ -14,7 +14,7 @@ from typing import IO, Any, Iterator
 
 import torch
 
-from robust_sparse.errors import CheckpointError
+from robust_sparse.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask), so results a
+        # group shares stay readable to it
+        os.chmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, mode) as stream:
             yield stream
             stream.flush()
@@ -40,6 +43,13 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -52,6 +62,17 @@ def save_figure(figure: Any, path: str | Path, **options: Any) -> None:
     """``figure.savefig`` atomically (PNG; ``options`` as savefig's, e.g. dpi)."""
     with atomic_open(path, "wb") as stream:
         figure.savefig(stream, format="png", **options)
+
+
+def check_output_dir(path: str | Path, where: str, hint: str = "choose another path") -> None:
+    """An output directory must be a directory or creatable as one: no existing file at it or above it.
+
+    Checked before any work: otherwise ``mkdir`` fails with a traceback after data and model were loaded.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{where}: {existing} is an existing file, not a directory; {hint}")
 
 
 def remove_temporaries(directory: str | Path) -> None:

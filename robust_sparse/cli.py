@@ -7,7 +7,6 @@ for bugs only (``--debug`` shows them for user errors too).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -43,6 +42,16 @@ def _version() -> str:
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run (default: the config's, auto)")
+
+
+class _RegisteredAttacks:
+    """The attack registry's names, read only when help is shown: the registry imports torch (which
+    ``doctor`` must not need) and may hold attacks registered from Python after the parser was built."""
+
+    def __str__(self) -> str:
+        from robust_sparse.eval.specs import names_help
+
+        return names_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threat-model", help="Linf or L2 (default: the checkpoint's, else Linf)")
     evaluate.add_argument("--eps", help="radius, e.g. 8/255, or several: 2/255,4/255,8/255 "
                                         "(default: the run's; else 8/255 Linf / 0.5 L2 on CIFAR and SVHN)")
-    evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack); "
-                                            "fgsm, pgd[-K[xR]], cw[-K[xR]], autoattack, apgd-ce, apgd-t, fab-t, "
-                                            "square, torchattacks-aa")
+    attacks = evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack); "
+                                                      "%(registered)s")
+    attacks.registered = _RegisteredAttacks()  # argparse fills %(registered)s from the action when help is shown
     evaluate.add_argument("--pgd-steps", type=int, help="steps of a bare 'pgd' (default: the run's, else 50)")
     evaluate.add_argument("--restarts", type=int, help="restarts of a bare 'pgd' (default: the run's, else 10)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of every random start, AutoAttack's too (default 0)")
@@ -206,8 +215,7 @@ def _eval(args: argparse.Namespace) -> int:
     """Every flag is checked first, then the test points are read, then the model is built: a bad value or a
     missing dataset never costs a model download or an attack, and never leaves a file behind."""
     from robust_sparse.config import _coerce
-    from robust_sparse.data import DATASETS
-    from robust_sparse.eval import job, loading, sanity, specs
+    from robust_sparse.eval import job, loading, specs
 
     # 1. flags alone
     sources = {"CHECKPOINT": args.checkpoint is not None, "--robustbench-model": args.robustbench_model is not None,
@@ -265,92 +273,25 @@ def _eval(args: argparse.Namespace) -> int:
         if not output.parent.is_dir():
             raise UserError(f"--output {output}: the folder {output.parent} does not exist")
 
-
-    # 2. local models (a checkpoint names the dataset), the test points, then a zoo model (maybe a download)
-    models = None
-    if args.model is not None:
-        models = [loading.from_factory(args.model, dataset, args.weights, args.weights_key)]
-    elif args.arch is not None:
-        models = [loading.from_weights(args.arch, args.weights, dataset)]
-    elif args.checkpoint is not None:
-        # one model, or every sub-net of an AST checkpoint (one row each) unless --subnet picks one
-        models = loading.from_checkpoint_subnets(args.checkpoint, data_root=args.data_root,
-                                                 subnets=None if args.subnet is None else [args.subnet])
-        if dataset is not None and dataset is not models[0].dataset:
-            raise UserError(f"--dataset {dataset.value}: the checkpoint was trained on {models[0].dataset.value}")
-        dataset = models[0].dataset
-        if args.name:  # keep the sub-net suffix: one results key per sub-net
-            for model in models:
-                model.name = args.name + model.name[len(model.name.split("/subnet")[0]):]
-    defaults = models[0] if models else None
-    n_examples = args.n_examples or (defaults.n_examples if defaults else None)
-    images, labels = loading.load_points(dataset, n_examples,
-                                         root=args.data_root or (defaults.data_root if defaults else None) or "data",
-                                         download=args.download, data_file=args.data_file)
-    if models is None:
-        models = [loading.from_robustbench(args.robustbench_model, dataset, threat or "linf", args.model_dir)]
-    loaded = models[0]
-    if args.name and args.checkpoint is None:
-        loaded.name = args.name
-
-    # 3. the protocol: the checkpoint's threat model and settings unless a flag says otherwise
-    norm = threat or loaded.norm or "linf"
-    if eps_values is None:
-        eps_values = [loaded.eps if loaded.eps is not None and norm == loaded.norm
-                      else loading.PROTOCOL_EPS[(dataset, norm)]]
-    for eps in eps_values:
-        if norm == "linf" and eps > 1:
-            raise UserError(f"--eps {eps:.4g}: must be <= 1 for linf (inputs are in [0, 1])")
-    attacks = specs.parse_attacks(args.attacks or "pgd,autoattack",
-                                  default_steps=args.pgd_steps or loaded.pgd_steps or 50,
-                                  default_restarts=args.restarts or loaded.restarts or 10)
-    if not args.no_probe and large_eps is None:
-        info = DATASETS[dataset]
-        large_eps = sanity.default_large_eps(norm, (info.in_channels, info.image_size, info.image_size))
-    if args.results_dir:
-        results_dir = Path(args.results_dir)
-    elif args.checkpoint is not None:
-        results_dir = Path(args.checkpoint).parent / "eval"
-    else:
-        results_dir = Path("runs") / "eval"
-
-    # 4. the attacks
-    rows, warnings = [], []
-    for model in models:
-        outcome = _run_evaluation(args, job, model, images, labels, norm, eps_values, attacks, results_dir,
-                                  large_eps)
-        rows += outcome.rows
-        warnings += outcome.warnings
-    for row in rows:
+    # 2. the models, the test points, the attacks (robust_sparse/eval/job.py)
+    outcome = job.run_job(job.EvalJob(
+        checkpoint=args.checkpoint, robustbench_model=args.robustbench_model, arch=args.arch, factory=args.model,
+        weights=args.weights, weights_key=args.weights_key, subnet=args.subnet, model_dir=args.model_dir,
+        name=args.name, dataset=dataset, n_examples=args.n_examples, data_root=args.data_root,
+        data_file=args.data_file, download=args.download, threat=threat, eps=eps_values,
+        attacks=args.attacks or "pgd,autoattack", pgd_steps=args.pgd_steps, restarts=args.restarts,
+        probe=not args.no_probe, large_eps=large_eps, device=args.device or "auto", seed=args.seed,
+        batch_size=args.batch_size, chained=args.chained, resume=not args.fresh, progress=not args.no_progress,
+        autoattack_backend=args.autoattack_backend, cross_check=args.cross_check_torchattacks,
+        results_dir=args.results_dir, output=args.output,
+    ))
+    for row in outcome.rows:
         _emit(job.format_row(row))
-    for warning in warnings:
+    for warning in outcome.warnings:
         _emit(f"warning: {warning}")
+    results_dir = outcome.results_dir
     _emit(f"results: {results_dir / 'results.csv'} (and results.json; per-point flags in {results_dir / 'flags'})")
-    if args.output:
-        from robust_sparse.checkpoint import write_atomic
-
-        records = [{**row, "checkpoint": args.checkpoint, "epoch": loaded.epoch, "norm": norm,
-                    "clean_accuracy": row["clean_acc"], "pgd_accuracy": row["pgd_acc"],
-                    "autoattack_accuracy": row["autoattack_acc"], "worst_case_accuracy": row["worst_acc"]}
-                   for row in rows]
-        write_atomic(Path(args.output), json.dumps(records[0] if len(records) == 1 else records, indent=2,
-                                                    default=str))
     return 0
-
-
-def _run_evaluation(args, job, loaded, images, labels, norm, eps_values, attacks, results_dir, large_eps):
-    """One model through the evaluation runner (results appended to the store)."""
-    from robust_sparse.data import DATASETS
-    from robust_sparse.train import resolve_device
-
-    request = job.EvalRequest(
-        loaded=loaded, images=images, labels=labels, norm=norm, eps=eps_values, attacks=attacks,
-        num_classes=DATASETS[loaded.dataset].num_classes, results_dir=results_dir,
-        device=resolve_device(args.device or "auto"), seed=args.seed, batch_size=args.batch_size,
-        chained=args.chained, resume=not args.fresh, progress=not args.no_progress,
-        autoattack_backend=args.autoattack_backend, large_eps=large_eps, cross_check=args.cross_check_torchattacks,
-    )
-    return job.run(request)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -378,7 +319,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from robust_sparse.config import check_output_dir
+    from robust_sparse.checkpoint import check_output_dir
     from robust_sparse.sparse.export import export_checkpoint
 
     check_output_dir(args.out, "export --out")  # before the checkpoint is read

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from robust_sparse.config import DataConfig, DatasetName
-from robust_sparse.errors import UserError
+from robust_sparse.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,15 @@ def load_raw(config: DataConfig, need_train: bool = True,
     if config.dataset is DatasetName.SVHN:
         return load_svhn(root, config.download, need_train, download_hint)
     return load_cifar(config.dataset, root, config.download, need_train, download_hint)
+
+
+def check_data_root(config: DataConfig) -> None:
+    """Training's data directory exists, or may be downloaded into: checked before any work (``fit`` and
+    ``sweep`` run it first), not when the config is read, so that a checkpoint's config still loads where its
+    data directory does not exist (evaluation reads the test split from its own ``--data-root``)."""
+    if config.dataset is not DatasetName.MNIST5K and not config.download and not Path(config.root).is_dir():
+        raise ConfigError(f"data.root: directory {config.root!r} does not exist; put a local copy of "
+                          f"{config.dataset.value} there or set data.download=true")
 
 
 def load_splits(config: DataConfig, seed: int) -> Splits:

@@ -36,6 +36,16 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def entries(self) -> list[tuple[str, T]]:
+        """(name, entry) pairs in registration order (built-ins first, as their module lists them)."""
+        return list(self._entries.items())
+
+    def remove(self, name: str) -> T:
+        """Take a registration back (a test's, or a plugin's being reloaded); unknown names raise UserError."""
+        entry = self.get(name)
+        del self._entries[name]
+        return entry
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

@@ -39,8 +39,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse.checkpoint import write_atomic
-from robust_sparse.config import _coerce, check_output_dir, load_config, parse_override, read_yaml, save_config
+from robust_sparse.checkpoint import check_output_dir, write_atomic
+from robust_sparse.config import _coerce, load_config, parse_override, read_yaml, save_config
 from robust_sparse.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,12 @@ class EvalStage:
     seeds: list[int] | None = None  # None: every run
     batch_size: int = 500
     probe: bool = True  # the large-eps gradient-masking probe
+    modules: tuple[str, ...] = ()  # modules registering attacks from Python: the evaluation children import them
 
     def settings(self) -> dict[str, Any]:
-        """What defines one run's evaluation (``seeds`` only selects the runs, so it is not part of it)."""
-        return {key: value for key, value in dataclasses.asdict(self).items() if key != "seeds"}
+        """What defines one run's evaluation (``seeds`` only selects the runs, ``modules`` where attacks come from,
+        so neither is part of it)."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in ("seeds", "modules")}
 
 
 def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
@@ -148,14 +150,16 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
                   random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),
                   parallel=parallel, backend=backend, devices=devices, slurm=dict(slurm), threads=threads,
                   eval_stage=eval_stage)
+    from robust_sparse.train import check_run  # the training stack, only once the sweep file itself is sound
+
     for overrides in expand(sweep):  # type errors, unknown fields and ranges surface before anything runs
-        load_config(sweep.base, sweep.overrides + overrides)
+        check_run(load_config(sweep.base, sweep.overrides + overrides))
     return sweep
 
 
 def _eval_stage(value: Any) -> EvalStage | None:
     """The sweep file's ``eval`` mapping, checked key by key (attack names as ``robust-sparse eval`` parses them)."""
-    from robust_sparse.eval.specs import parse_attacks
+    from robust_sparse.eval.specs import attack_modules, parse_attacks
 
     if value is None:
         return None
@@ -171,6 +175,7 @@ def _eval_stage(value: Any) -> EvalStage | None:
         attacks = ",".join(map(str, attacks))
     try:
         specs = parse_attacks(_coerce(attacks, str, "sweep eval.attacks"))
+        modules = attack_modules(specs)
     except ConfigError:
         raise
     except UserError as error:
@@ -195,7 +200,7 @@ def _eval_stage(value: Any) -> EvalStage | None:
         raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
     probe = _coerce(value.get("probe", True), bool, "sweep eval.probe")
     return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=n_examples, eps=eps, seeds=seeds,
-                     batch_size=batch_size, probe=probe)
+                     batch_size=batch_size, probe=probe, modules=modules)
 
 
 def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
@@ -315,6 +320,10 @@ def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
 def _run_eval(run_dir: Path, stage: EvalStage, device: str, threads: int) -> str:
     """The stage on one run: ``robust-sparse eval`` (resuming from its saved per-point flags), then the record."""
     env, device = _child(device, threads)
+    if stage.modules:  # attacks registered from Python: the child registers them by importing the same modules
+        from robust_sparse.eval.specs import MODULES_VARIABLE
+
+        env[MODULES_VARIABLE] = ",".join(filter(None, [env.get(MODULES_VARIABLE, ""), *stage.modules]))
     with open(run_dir / "eval.log", "a") as logfile:
         result = subprocess.run(_eval_command(run_dir, stage, device), stdout=logfile, stderr=subprocess.STDOUT,
                                 env=env)

@@ -17,6 +17,7 @@ from typing import Any
 
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
+from robust_sparse.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,18 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             values[key] = float(value)
     return values
+
+
+def check_trackers(tracking: TrackingConfig) -> None:
+    """The trackers' packages are optional: a missing one is a one-line error before any data is read (``fit``
+    runs this first), not when a config is read, so a checkpoint trained with tracking evaluates without them."""
+    from importlib.util import find_spec
+
+    install = "pip install 'robust-sparse[tracking]'"
+    if tracking.tensorboard and find_spec("tensorboard") is None:
+        raise ConfigError(f"tracking.tensorboard = true needs the tensorboard package ({install})")
+    if tracking.wandb.project is not None and find_spec("wandb") is None:
+        raise ConfigError(f"tracking.wandb.project = {tracking.wandb.project!r} needs the wandb package ({install})")
 
 
 class Tracker:

@@ -6,10 +6,11 @@ A run directory holds everything a run produces::
     last.pt          written after every epoch      best.pt     best robust validation accuracy
     eval.json        test-set clean/PGD accuracy of best.pt after training
     layer_density.csv  sparse runs: per-layer active connections after every epoch
-    subnets.csv      AST runs: the test evaluation of every sub-net
+    subnets.csv      runs of several sub-nets (AST): the test evaluation of every sub-net
 
-AST runs (several sub-nets over one weight tensor) validate every sub-net each epoch (``*_subnet{k}`` columns;
-the plain columns and the model selection use their mean) and evaluate every sub-net on test.
+A sparse masker trains one network or several sub-nets over one weight tensor (AST), its views: every view is
+validated each epoch (``*_subnet{k}`` columns where there are several; the plain columns and the model selection
+use their mean) and evaluated on test.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +33,20 @@ from torch.nn.parallel import DistributedDataParallel
 from robust_sparse import distributed
 from robust_sparse.accuracy import evaluate_pgd
 from robust_sparse.agent import AGENT
-from robust_sparse.checkpoint import load_checkpoint, remove_temporaries, save_checkpoint, write_atomic
-from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, TrackingConfig, TrainConfig, config_from_dict,
-                                  save_config, to_dict)
-from robust_sparse.data import BatchLoader, ImageSet, load_splits
-from robust_sparse.errors import DivergenceError, UserError
-from robust_sparse.models import build_model
+from robust_sparse.checkpoint import (check_output_dir, load_checkpoint, remove_temporaries, save_checkpoint,
+                                      write_atomic)
+from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, SparsityMethod, TrackingConfig, TrainConfig,
+                                  config_from_dict, save_config, to_dict)
+from robust_sparse.data import BatchLoader, ImageSet, Splits, check_data_root, load_splits
+from robust_sparse.errors import ConfigError, DivergenceError, UserError
+from robust_sparse.models import MODELS, build_model
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import SGDW
 from robust_sparse.precision import Amp, maybe_compile
 from robust_sparse.progress import progress as progress_bar
-from robust_sparse.sparse import SparseMasker, build_sparsity
-from robust_sparse.sparse.ast import AlternatingMasker
+from robust_sparse.sparse import SparseMasker, build_sparsity, views_of
 from robust_sparse.sparse.gse import balanced_batch
-from robust_sparse.tracking import Tracker
+from robust_sparse.tracking import Tracker, check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                     weight_decay=optim.weight_decay, nesterov=optim.nesterov)
-        if config.sparsity.method.value == "bsrnet" and optim.weight_decay > 0:
+        if config.sparsity.method is SparsityMethod.BSRNET and optim.weight_decay > 0:
             log.warning("sparsity.method = bsrnet runs with coupled weight decay (optim.optimizer = sgd); the paper "
                         "uses decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw")
     total = config.optim.epochs * steps_per_epoch
@@ -238,16 +240,99 @@ def _difference(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
     return None
 
 
+def check_run(config: TrainConfig) -> None:
+    """What a config names, checked before any data is read (validation sees only its values, so that a stored
+    config loads anywhere): the model is registered, the trackers are installed, the data and output
+    directories are usable. Each check lives with the code that uses the thing; every failure is one line."""
+    if config.model.name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {config.model.name!r}; choose one of: {', '.join(MODELS)}")
+    check_trackers(config.tracking)
+    check_data_root(config.data)
+    check_output_dir(config.out_dir, "out_dir", "set another out_dir (train --out)")
+
+
 def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) -> FitResult:
     """Train as ``config`` says, keep the best checkpoint by robust validation accuracy, evaluate it on test.
 
     Raises :class:`DivergenceError` (after saving metrics; ``best.pt`` is kept) if the loss is not finite or
     validation accuracy sits at chance for ``divergence.patience`` epochs.
     """
+    check_run(config)
+    _refuse_to_overwrite(config, resume)
+    run = _build(config)
+    record = _resume(run) if resume else _Record()
+    _prepare_run_dir(run, record)
+    tracker = Tracker(config.tracking if run.world.is_main else TrackingConfig(), config, run.run_dir)
+    log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
+             config.data.dataset.value, len(run.splits.train), len(run.splits.val), config.objective.value,
+             run.device)
+    for epoch in range(record.start_epoch, config.optim.epochs):
+        checkpoint, is_best = _train_epoch(run, record, epoch, tracker, progress)
+        _save_epoch(run, record, checkpoint, is_best)
+        _stop_if_diverged(run, record, tracker)
+    evaluation = _evaluate_best(run, tracker, progress)
+    tracker.close()
+    return FitResult(run.run_dir, pd.DataFrame(record.history), evaluation, model=run.model, masker=run.masker,
+                     agent=run.agent)
+
+
+@dataclass
+class _Run:
+    """What a run trains with, built by :func:`_build` in the same order for a fresh and a resumed run."""
+
+    config: TrainConfig
+    world: distributed.Context
+    amp: Amp  # train.precision
+    splits: Splits
+    model: nn.Module  # the plain module: state dicts, attacks, AGENT's snapshot, validation
+    trained: nn.Module  # what the training forward runs: DDP-wrapped under torchrun, compiled if train.compile
+    loader: BatchLoader
+    optimizer: torch.optim.Optimizer  # the base optimizer: the scheduler and the sparse hooks sit on it
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    objective: Objective
+    masker: SparseMasker | None
+    agent: AGENT | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def stepper(self) -> torch.optim.Optimizer:
+        """What steps: AGENT wrapping the base optimizer, or the base optimizer."""
+        return self.agent if self.agent is not None else self.optimizer
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+
+@dataclass
+class _Record:
+    """What the epochs produced so far; every checkpoint carries it, so a resumed run continues it."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv, one row per epoch
+    layer_rows: list[dict[str, Any]] = field(default_factory=list)  # layer_density.csv (sparse runs)
+    best_key: tuple[float, float] = (-1.0, -1.0)  # (robust, clean) validation accuracy of best.pt
+    start_epoch: int = 0
+
+
+def _refuse_to_overwrite(config: TrainConfig, resume: bool) -> None:
     run_dir = Path(config.out_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if not resume and (last_path.exists() or best_path.exists()):
+    if not resume and ((run_dir / "last.pt").exists() or (run_dir / "best.pt").exists()):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out_dir")
+
+
+def _build(config: TrainConfig) -> _Run:
+    """Device, data, model, optimizer, objective, sparse masker and AGENT, seeded as the config says."""
     world = distributed.setup(resolve_device(config.device))  # a no-op without torchrun
     device = world.device
     # fp16 on a CPU (device auto without CUDA) is refused here, before any data is read
@@ -265,165 +350,196 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
                          augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size,
                          rank=world.rank, world_size=world.world_size)
     optimizer, scheduler = build_optimization(config, model, len(loader))
-    masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
-                            config.optim.epochs * len(loader), config.seed,
-                            score_batch=lambda: balanced_batch(  # GSE; objective, masker are bound when called
-                                splits.train, config.sparsity.gse_samples_per_class, device,
-                                config.seed + masker.step, objective.perturb))
     # the attack runs the (compiled, if train.compile) plain model's forwards under train.precision's autocast
     objective = build_objective(config, maybe_compile(model, config.train.compile), autocast=amp.autocast)
+    masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
+                            config.optim.epochs * len(loader), config.seed,
+                            score_batch=partial(_gse_score_batch, config, splits.train, device, objective))
     if masker is not None and amp.scaler is not None:
         masker.grad_scale = amp.scale
-    subnets = masker if isinstance(masker, AlternatingMasker) else None
     agent = None
     if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base
-        if subnets is not None and 0 < config.agent.full_grad_batches < subnets.count:
-            raise UserError(f"agent.full_grad_batches = {config.agent.full_grad_batches}: AST gives each of its "
-                            f"{subnets.count} sub-nets its own g_tilde batches; use >= {subnets.count} (or 0 = all)")
-        # The g_tilde pass drops the last partial batch; under torchrun each rank runs its share of it.
-        rank_batches = _agent_pass_batches(config, len(splits.train), world.world_size)
-        if config.agent.gamma > 0 and (rank_batches < 1 or rank_batches * world.world_size < 2):
-            raise UserError(f"agent: the g_tilde pass needs at least 2 full batches of {config.data.batch_size} "
-                            f"training images (one per rank), the split has {len(splits.train)}; lower "
-                            "data.batch_size")
-        agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker is not None else None,
-                      subnets=subnets)
-    stepper = agent if agent is not None else optimizer
+        check_agent(config, len(splits.train), world.world_size, len(views_of(masker)))
+        agent = AGENT(optimizer, model, config.agent, masker=masker)
     # Gradients of the training forward are averaged over ranks by DDP; attacks and AGENT's snapshot use the
     # plain module (gradients with respect to inputs, or AGENT's own all-reduce).
     trained = maybe_compile(DistributedDataParallel(model) if world.world_size > 1 else model, config.train.compile)
+    return _Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent)
 
-    history: list[dict[str, Any]] = []
-    layer_rows: list[dict[str, Any]] = []  # layer_density.csv; kept in the checkpoint, so a resume rewrites it
-    best_key = (-1.0, -1.0)
-    start_epoch = 0
-    if resume and not last_path.exists():
-        log.warning("--resume: %s holds no last.pt; starting a fresh run", run_dir)
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path, map_location=device)
-        # Through today's schema, so that a field added since the run started compares at its default.
-        try:
-            saved = to_dict(config_from_dict(state["config"]))
-        except UserError as error:
-            raise UserError(f"cannot resume {last_path}: its saved config does not load ({error})") from None
-        difference = _difference(_comparable(saved), _comparable(to_dict(config)))
-        if difference is not None:
-            raise UserError(f"cannot resume {last_path}: its config differs from this one in {difference}")
-        model.load_state_dict(state["model"])
-        stepper.load_state_dict(state["optimizer"])
-        if amp.scaler is not None and "grad_scaler" in state:
-            amp.scaler.load_state_dict(state["grad_scaler"])
-        scheduler.load_state_dict(state["scheduler"])
-        if masker is not None:
-            masker.load_state_dict(state["sparsity"])
-        _set_rng_state(state["rng"])
-        history, best_key, start_epoch = state["history"], tuple(state["best_key"]), state["epoch"]
-        if masker is not None:
-            layer_rows = _saved_layer_densities(state, run_dir / "layer_density.csv")
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(run_dir)  # of writes a kill interrupted
-        save_config(config, run_dir / "config.yaml")
-        if history:  # a kill may have cut the writes after the checkpoint: rewrite them from it
-            _write_metrics(history, run_dir)
-            if masker is not None:
-                _write_layer_densities(layer_rows, run_dir / "layer_density.csv")
-    tracker = Tracker(config.tracking if world.is_main else TrackingConfig(), config, run_dir)
-    log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
-             config.data.dataset.value, len(splits.train), len(splits.val), config.objective.value, device)
 
-    chance = 1.0 / info.num_classes + config.divergence.chance_margin
-    for epoch in range(start_epoch, config.optim.epochs):
-        loader.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        if agent is not None and agent.due(epoch):
-            batches = _agent_batches(config, splits.train, objective, device, epoch, world)
-            agent.refresh(progress_bar(batches, enabled=progress and world.is_main, desc="AGENT g_tilde pass",
-                                       total=_agent_pass_batches(config, len(splits.train), world.world_size),
-                                       unit="batch"),
-                          _objective_loss(objective, amp),
-                          scale=amp.scaler.get_scale() if amp.scaler is not None else 1.0)
-        stats = train_one_epoch(trained, objective, stepper, scheduler, loader, agent=agent,
-                                progress=progress and world.is_main,
-                                description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=amp)
-        distributed.broadcast_buffers(model)  # as DDP does before each forward: validate and save one state
-        per_subnet = {}
-        for k, as_subnet in _subnet_views(masker):
-            with as_subnet:
-                per_subnet[k] = validate(model, splits.val, config, device, progress and world.is_main, amp)
-        val_clean = sum(clean for clean, _ in per_subnet.values()) / len(per_subnet)
-        val_robust = sum(robust for _, robust in per_subnet.values()) / len(per_subnet)
-        # AST prunes gradually: a checkpoint counts only once every sub-net has reached its target density.
-        eligible = subnets is None or subnets.pruning_done()
-        is_best = eligible and (val_robust, val_clean) > best_key
-        history.append({
-            "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-            "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
-            "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
-            **{f"val_{kind}_accuracy_subnet{k}": value for k, pair in per_subnet.items() if k is not None
-               for kind, value in zip(("clean", "pgd"), pair)},
-            **_agent_metrics(agent, config, splits.train, objective, device, amp),
-        })
-        tracker.epoch(history[-1])
-        log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
-                 epoch + 1, config.optim.epochs, stats.loss, stats.accuracy, val_clean, val_robust,
-                 stats.images / stats.seconds)
-        checkpoint = {
-            "config": to_dict(config), "epoch": epoch + 1, "model": model.state_dict(),
-            "optimizer": stepper.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-            "history": history, "best_key": list(best_key),
-            # what the evaluation report needs to say whether a published row had the same training data
-            "data_sizes": {"train": len(splits.train), "val": len(splits.val)},
-        }
-        if amp.scaler is not None:
-            checkpoint["grad_scaler"] = amp.scaler.state_dict()
-        if masker is not None:
-            layer_rows += _layer_densities(masker, epoch + 1)
-            checkpoint["sparsity"] = masker.state_dict()
-            checkpoint["layer_density"] = layer_rows
-        if is_best:
-            best_key = (val_robust, val_clean)
-            checkpoint["best_key"] = list(best_key)
-        if world.is_main:  # the ranks hold identical state; one of them writes it
-            if masker is not None:
-                _write_layer_densities(layer_rows, run_dir / "layer_density.csv")
-            if is_best:
-                save_checkpoint(checkpoint, best_path)
-            save_checkpoint(checkpoint, last_path)
-            _write_metrics(history, run_dir)
-        recent = history[-config.divergence.patience:]
-        if len(recent) == config.divergence.patience and all(row["val_clean_accuracy"] < chance for row in recent):
-            tracker.close()
-            raise DivergenceError(
-                f"validation accuracy stayed at chance (< {chance:.3f}) for {len(recent)} epochs; "
-                f"stopped after epoch {epoch + 1}, best checkpoint kept at {best_path}"
-            )
+def _gse_score_batch(config: TrainConfig, train: ImageSet, device: torch.device, objective: Objective,
+                     step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSE's scoring batch at optimizer step ``step``: class-balanced, drawn afresh (seeded by the step) and
+    attacked by the training objective."""
+    return balanced_batch(train, config.sparsity.gse.samples_per_class, device, config.seed + step,
+                          objective.perturb)
 
-    metrics = pd.DataFrame(history)
-    evaluation = None
+
+def check_agent(config: TrainConfig, train_images: int, world_size: int, views: int) -> None:
+    """AGENT's settings against what the run has: its g_tilde pass drops the last partial batch and, under
+    torchrun, each rank runs its share of it; several sub-nets (``views``) each need batches of their own."""
+    agent = config.agent
+    if views > 1 and 0 < agent.full_grad_batches < views:
+        raise UserError(f"agent.full_grad_batches = {agent.full_grad_batches}: each of the {views} sub-nets "
+                        f"gets its own g_tilde batches; use >= {views} (or 0 = all)")
+    rank_batches = _agent_pass_batches(config, train_images, world_size)
+    if agent.gamma > 0 and (rank_batches < 1 or rank_batches * world_size < 2):
+        raise UserError(f"agent: the g_tilde pass needs at least 2 full batches of {config.data.batch_size} "
+                        f"training images (one per rank), the split has {train_images}; lower data.batch_size")
+
+
+def _resume(run: _Run) -> _Record:
+    """Continue from ``last.pt`` (its config must match this one), or start afresh when there is none."""
+    if not run.last_path.exists():
+        log.warning("--resume: %s holds no last.pt; starting a fresh run", run.run_dir)
+        return _Record()
+    state = load_checkpoint(run.last_path, map_location=run.device)
+    # Through today's schema, so that a field added since the run started compares at its default.
+    try:
+        saved = to_dict(config_from_dict(state["config"]))
+    except UserError as error:
+        raise UserError(f"cannot resume {run.last_path}: its saved config does not load ({error})") from None
+    difference = _difference(_comparable(saved), _comparable(to_dict(run.config)))
+    if difference is not None:
+        raise UserError(f"cannot resume {run.last_path}: its config differs from this one in {difference}")
+    run.model.load_state_dict(state["model"])
+    run.stepper.load_state_dict(state["optimizer"])
+    if run.amp.scaler is not None and "grad_scaler" in state:
+        run.amp.scaler.load_state_dict(state["grad_scaler"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.masker is not None:
+        run.masker.load_state_dict(state["sparsity"])
+    _set_rng_state(state["rng"])
+    record = _Record(state["history"], [], tuple(state["best_key"]), state["epoch"])
+    if run.masker is not None:
+        record.layer_rows = _saved_layer_densities(state, run.run_dir / "layer_density.csv")
+    log.info("resuming %s after epoch %d", run.run_dir, record.start_epoch)
+    return record
+
+
+def _prepare_run_dir(run: _Run, record: _Record) -> None:
+    """The run directory with this config; after a kill, the files the checkpoint outlived rewritten from it."""
+    if not run.world.is_main:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(run.run_dir)  # of writes a kill interrupted
+    save_config(run.config, run.run_dir / "config.yaml")
+    if record.history:  # a kill may have cut the writes after the checkpoint: rewrite them from it
+        _write_metrics(record.history, run.run_dir)
+        if run.masker is not None:
+            _write_layer_densities(record.layer_rows, run.run_dir / "layer_density.csv")
+
+
+def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
+                 progress: bool) -> tuple[dict[str, Any], bool]:
+    """AGENT's refresh when due, one epoch of training, validation of every view and the metrics row (into
+    ``record``); returns the epoch's checkpoint and whether it is the new best."""
+    config, agent, masker, device = run.config, run.agent, run.masker, run.device
+    shown = progress and run.world.is_main
+    run.loader.set_epoch(epoch)
+    lr = run.optimizer.param_groups[0]["lr"]
+    if agent is not None and agent.due(epoch):
+        batches = _agent_batches(config, run.splits.train, run.objective, device, epoch, run.world)
+        agent.refresh(progress_bar(batches, enabled=shown, desc="AGENT g_tilde pass",
+                                   total=_agent_pass_batches(config, len(run.splits.train), run.world.world_size),
+                                   unit="batch"),
+                      _objective_loss(run.objective, run.amp),
+                      scale=run.amp.scaler.get_scale() if run.amp.scaler is not None else 1.0)
+    stats = train_one_epoch(run.trained, run.objective, run.stepper, run.scheduler, run.loader, agent=agent,
+                            progress=shown, description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=run.amp)
+    distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
+    per_view = {}
+    for view in views_of(masker):
+        with view.activate():
+            per_view[view.index] = validate(run.model, run.splits.val, config, device, shown, run.amp)
+    val_clean = sum(clean for clean, _ in per_view.values()) / len(per_view)
+    val_robust = sum(robust for _, robust in per_view.values()) / len(per_view)
+    # A gradually pruned run (AST) counts a checkpoint only once every mask has reached its target density.
+    eligible = masker is None or masker.at_target_density()
+    is_best = eligible and (val_robust, val_clean) > record.best_key
+    record.history.append({
+        "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+        "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
+        "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
+        **{f"val_{kind}_accuracy_subnet{k}": value for k, pair in per_view.items() if k is not None
+           for kind, value in zip(("clean", "pgd"), pair)},
+        **_agent_metrics(agent, config, run.splits.train, run.objective, device, run.amp),
+    })
+    tracker.epoch(record.history[-1])
+    log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
+             epoch + 1, config.optim.epochs, stats.loss, stats.accuracy, val_clean, val_robust,
+             stats.images / stats.seconds)
+    checkpoint = {
+        "config": to_dict(config), "epoch": epoch + 1, "model": run.model.state_dict(),
+        "optimizer": run.stepper.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": _rng_state(),
+        "history": record.history, "best_key": list(record.best_key),
+        # what the evaluation report needs to say whether a published row had the same training data
+        "data_sizes": {"train": len(run.splits.train), "val": len(run.splits.val)},
+    }
+    if run.amp.scaler is not None:
+        checkpoint["grad_scaler"] = run.amp.scaler.state_dict()
+    if masker is not None:
+        record.layer_rows += _layer_densities(masker, epoch + 1)
+        checkpoint["sparsity"] = masker.state_dict()
+        checkpoint["layer_density"] = record.layer_rows
+    if is_best:
+        record.best_key = (val_robust, val_clean)
+        checkpoint["best_key"] = list(record.best_key)
+    return checkpoint, is_best
+
+
+def _save_epoch(run: _Run, record: _Record, checkpoint: dict[str, Any], is_best: bool) -> None:
+    """layer_density.csv, best.pt (when it is the best), last.pt and the metrics; the ranks hold identical
+    state, so one of them writes it."""
+    if not run.world.is_main:
+        return
+    if run.masker is not None:
+        _write_layer_densities(record.layer_rows, run.run_dir / "layer_density.csv")
+    if is_best:
+        save_checkpoint(checkpoint, run.best_path)
+    save_checkpoint(checkpoint, run.last_path)
+    _write_metrics(record.history, run.run_dir)
+
+
+def _stop_if_diverged(run: _Run, record: _Record, tracker: Tracker) -> None:
+    """Validation accuracy at chance for ``divergence.patience`` epochs in a row: stop, keeping best.pt."""
+    config = run.config
+    chance = 1.0 / run.splits.info.num_classes + config.divergence.chance_margin
+    recent = record.history[-config.divergence.patience:]
+    if len(recent) == config.divergence.patience and all(row["val_clean_accuracy"] < chance for row in recent):
+        tracker.close()
+        raise DivergenceError(
+            f"validation accuracy stayed at chance (< {chance:.3f}) for {len(recent)} epochs; "
+            f"stopped after epoch {recent[-1]['epoch']}, best checkpoint kept at {run.best_path}"
+        )
+
+
+def _evaluate_best(run: _Run, tracker: Tracker, progress: bool) -> dict[str, Any] | None:
+    """Test clean and PGD accuracy of best.pt, of every view (eval.json, subnets.csv with several); None when
+    ``eval.n_examples`` is 0 (and on ranks other than the first)."""
+    config, masker = run.config, run.masker
     distributed.barrier()  # best.pt is on disk before anyone reads it
-    if world.is_main and config.eval.n_examples > 0:
-        best = load_checkpoint(best_path, map_location=device)
-        model.load_state_dict(best["model"])
-        if masker is not None:
-            masker.load_state_dict(best["sparsity"])
-        rows = []
-        for k, as_subnet in _subnet_views(masker):
-            with as_subnet:
-                rows.append({"subnet": k, "density": masker.subnet_density(k) if k is not None else None,
-                             **evaluate_test(model, splits.test, config, device, progress)})
-        evaluation = {"checkpoint": str(best_path), "epoch": best["epoch"],
-                      **{key: value for key, value in rows[0].items() if key not in ("subnet", "density")}}
-        if subnets is not None:  # the densest sub-net's figures on top; every sub-net in the table
-            evaluation["subnets"] = rows
-            write_atomic(run_dir / "subnets.csv", pd.DataFrame(rows).to_csv(index=False))
-        write_atomic(run_dir / "eval.json", json.dumps(evaluation, indent=2))
-        log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
-                 evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
-        tracker.final(evaluation)
-    tracker.close()
-    return FitResult(run_dir, metrics, evaluation, model=model, masker=masker, agent=agent)
+    if not run.world.is_main or config.eval.n_examples <= 0:
+        return None
+    best = load_checkpoint(run.best_path, map_location=run.device)
+    run.model.load_state_dict(best["model"])
+    if masker is not None:
+        masker.load_state_dict(best["sparsity"])
+    rows = []
+    for view in views_of(masker):
+        with view.activate():
+            rows.append({"subnet": view.index, "density": view.density() if view.index is not None else None,
+                         **evaluate_test(run.model, run.splits.test, config, run.device, progress)})
+    evaluation = {"checkpoint": str(run.best_path), "epoch": best["epoch"],
+                  **{key: value for key, value in rows[0].items() if key not in ("subnet", "density")}}
+    if rows[0]["subnet"] is not None:  # several sub-nets: the densest one's figures on top, every one in the table
+        evaluation["subnets"] = rows
+        write_atomic(run.run_dir / "subnets.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_atomic(run.run_dir / "eval.json", json.dumps(evaluation, indent=2))
+    log.info("test (first %d, best epoch %d): clean %.3f  PGD-%d %.3f", evaluation["n_examples"],
+             evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
+    tracker.final(evaluation)
+    return evaluation
 
 
 def _objective_loss(objective: Objective, amp: Amp | None = None):
@@ -481,31 +597,21 @@ def _agent_metrics(agent: AGENT | None, config: TrainConfig, train: ImageSet, ob
     return {**metrics, "agent_variance_ratio": ratio}
 
 
-def _subnet_views(masker: SparseMasker | None):
-    """(sub-net index, context that makes the model that sub-net): AST's sub-nets, else the model itself."""
-    if isinstance(masker, AlternatingMasker):
-        return [(k, masker.as_subnet(k)) for k in range(masker.count)]
-    return [(None, nullcontext())]
-
-
 def _sparsity_metrics(masker: SparseMasker | None) -> dict[str, float]:
+    """Density (of the first view, the densest sub-net where there are several, each in its own column too)
+    and the exploration rate."""
     if masker is None:
         return {}
-    if isinstance(masker, AlternatingMasker):
-        densities = {f"density_subnet{k}": masker.subnet_density(k) for k in range(masker.count)}
-        return {"density": densities["density_subnet0"], **densities, "exploration_rate": masker.exploration_rate()}
-    return {"density": masker.global_density(), "exploration_rate": masker.exploration_rate()}
+    views = masker.views()
+    per_view = {f"density_subnet{view.index}": view.density() for view in views if view.index is not None}
+    return {"density": views[0].density(), **per_view, "exploration_rate": masker.exploration_rate()}
 
 
 def _layer_densities(masker: SparseMasker, epoch: int) -> list[dict[str, Any]]:
     """This epoch's rows of layer_density.csv: active connections per layer (and sub-net)."""
-    if isinstance(masker, AlternatingMasker):
-        counts = [(k, masker.subnet_counts(k)) for k in range(masker.count)]
-    else:
-        counts = [(None, masker.active_counts())]
-    return [{"epoch": epoch, **({"subnet": k} if k is not None else {}), "layer": name, "active": int(count),
-             "total": masker.masks[name].numel(), "density": int(count) / masker.masks[name].numel()}
-            for k, layer_counts in counts for name, count in layer_counts.items()]
+    return [{"epoch": epoch, **({"subnet": view.index} if view.index is not None else {}), "layer": name,
+             "active": int(count), "total": view.masks[name].numel(), "density": int(count) / view.masks[name].numel()}
+            for view in masker.views() for name, count in view.counts().items()]
 
 
 def _saved_layer_densities(state: dict[str, Any], path: Path) -> list[dict[str, Any]]:

@@ -29,8 +29,8 @@ result = fit(load_config(None, overrides))
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 state = {"model": result.model.state_dict(), "masks": result.masker.masks if result.masker else {},
          "ever_active": result.masker.ever_active if result.masker else {}}
-if hasattr(result.masker, "subnet_masks"):  # AST: every sub-net's topology and its running gradients
-    state.update(subnet_masks=result.masker.subnet_masks, running=result.masker._running)
+if result.masker is not None and len(result.masker.views()) > 1:  # AST: every sub-net's topology, running gradients
+    state.update(subnet_masks=result.masker.engine.subnet_masks, running=result.masker.engine._running)
 if result.agent is not None:
     state.update(c=torch.tensor(result.agent.c), c_hat=torch.tensor(result.agent.c_hat),
                  full_grads=result.agent.full_grads, subnet_full_grads=result.agent.subnet_full_grads,

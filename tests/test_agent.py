@@ -233,9 +233,8 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     base = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) if engine == "bsrnet"
             else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", base, total_steps=12, seed=0,
-                            score_batch=lambda: (images[:20], labels[:20]))
-    agent = AGENT(base, model, config.agent, masks=masker.masks if masker else None,
-                  subnets=masker if engine == "ast" else None)
+                            score_batch=lambda step: (images[:20], labels[:20]))
+    agent = AGENT(base, model, config.agent, masker=masker)
     objective_ = build_objective(config, model)
     loss_fn = lambda m, x, y, inputs: objective_.loss(m, x, y, inputs)[0]  # noqa: E731
     chunks = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]
@@ -259,7 +258,7 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     if masker is not None and engine in ("set", "rigl", "itop", "bsrnet", "gse", "ast"):
         assert masker.step == 6
     if engine == "ast":  # one g_tilde per sub-net, each from its share of the refresh batches
-        assert len(agent.subnet_full_grads) == 3 and agent.full_grads is agent.subnet_full_grads[masker.active]
+        assert len(agent.subnet_full_grads) == 3 and agent.full_grads is agent.subnet_full_grads[masker.active_view]
 
 
 @pytest.mark.parametrize("override,field", [

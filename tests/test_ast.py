@@ -12,7 +12,7 @@ from robust_sparse.config import load_config
 from robust_sparse.errors import ConfigError
 from robust_sparse.optim import SGDW
 from robust_sparse.sparse import build_sparsity
-from robust_sparse.sparse.ast import ASTSchedule, AlternatingMasker, cubic_density, gradient_correction, subnet_weights
+from robust_sparse.sparse.ast import ASTEngine, ASTSchedule, cubic_density, gradient_correction, subnet_weights
 from robust_sparse.train import fit
 
 from conftest import make_tiny_model
@@ -27,7 +27,7 @@ def _setup(mnist, overrides=(), optimizer="sgd", total_steps=60):
     opt = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgdw"
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=total_steps, seed=0)
-    assert isinstance(masker, AlternatingMasker)
+    assert isinstance(masker.engine, ASTEngine)
     train, _ = mnist
     return model, opt, masker, train.images[:1920].float() / 255, train.labels[:1920]
 
@@ -55,25 +55,25 @@ def test_layerwise_scope_prunes_each_layer_to_its_erk_share(mnist):
     for k, target in enumerate(DENSITIES):
         shares = allocation.erk(shapes, target)
         expected = {name: max(1, round(shares[name] * p.numel())) for name, p in masker.params.items()}
-        assert masker.subnet_counts(k) == expected
-        assert all(count > 0 for count in masker.subnet_counts(k).values())  # no layer pruned away
+        assert masker.engine.subnet_counts(k) == expected
+        assert all(count > 0 for count in masker.engine.subnet_counts(k).values())  # no layer pruned away
 
 
 def test_each_subnet_reaches_its_exact_density_after_pruning(mnist):
     model, opt, masker, images, labels = _setup(mnist)
-    total = sum(m.numel() for m in masker.subnet_masks[0].values())
-    assert all(masker.subnet_density(k) == 1.0 for k in range(3))  # the official recipe starts dense
+    total = sum(m.numel() for m in masker.engine.subnet_masks[0].values())
+    assert all(masker.engine.subnet_density(k) == 1.0 for k in range(3))  # the official recipe starts dense
     densities = []
     for step in range(60):
         _step(model, opt, masker, images, labels, step)
-        densities.append([masker.subnet_density(k) for k in range(3)])
+        densities.append([masker.engine.subnet_density(k) for k in range(3)])
     for k, target in enumerate(DENSITIES):
-        assert sum(masker.subnet_counts(k).values()) == round(target * total)
+        assert sum(masker.engine.subnet_counts(k).values()) == round(target * total)
         trace = [row[k] for row in densities]
         assert all(a >= b for a, b in zip(trace, trace[1:]))  # gradual pruning only removes
         assert trace[0] == 1.0 and trace[-1] < trace[len(trace) // 3]
     # The sub-nets rewired at different global steps (staggered) and stop at end_fraction of their steps.
-    schedule = masker.schedule
+    schedule = masker.engine.schedule
     events = [{(i - 1) * 3 + k + 1 for i in range(1, 21) if schedule.is_event(k, i)} for k in range(3)]
     assert not (events[0] & events[1]) and not (events[1] & events[2])
     assert all(max(e) <= 0.6 * 60 + 3 for e in events)
@@ -83,14 +83,14 @@ def test_each_subnet_reaches_its_exact_density_after_pruning(mnist):
 def test_training_subnet_k_never_changes_weights_or_momentum_outside_its_mask(mnist, optimizer):
     model, opt, masker, images, labels = _setup(mnist, optimizer=optimizer)
     for step in range(40):
-        k = masker.active
+        k = masker.engine.active
         assert k == step % 3
-        mask = {name: m.clone() for name, m in masker.subnet_masks[k].items()}
+        mask = {name: m.clone() for name, m in masker.engine.subnet_masks[k].items()}
         with masker.full_weights():
             before = {name: p.detach().clone() for name, p in masker.params.items()}
-            buffers_before = {name: {key: v.clone() for key, v in masker._buffers(p).items()}
+            buffers_before = {name: {key: v.clone() for key, v in masker.optimizer_buffers(p).items()}
                               for name, p in masker.params.items()}
-        rewires = masker.schedule.is_event(*masker.subnet_step(step + 1))
+        rewires = masker.engine.schedule.is_event(*masker.engine.subnet_step(step + 1))
         # while sub-net k trains, the model *is* sub-net k: zero wherever its mask is off
         for name, param in masker.params.items():
             assert torch.all(param[~mask[name]] == 0)
@@ -102,7 +102,7 @@ def test_training_subnet_k_never_changes_weights_or_momentum_outside_its_mask(mn
                 outside = ~mask[name]
                 assert torch.equal(param[outside], before[name][outside]), f"step {step}: {name} moved outside M_{k}"
                 assert not torch.equal(param[mask[name]], before[name][mask[name]])  # and it did train
-                for key, value in masker._buffers(param).items():
+                for key, value in masker.optimizer_buffers(param).items():
                     if key in buffers_before[name]:
                         assert torch.equal(value[outside], buffers_before[name][key][outside])
                     else:
@@ -132,7 +132,7 @@ def test_masker_projects_the_steps_gradient_off_the_previous_running_gradient(mn
     mask0 = masker.masks[name].clone()
     half = torch.rand(param.shape, generator=torch.Generator().manual_seed(3)) < 0.5
     mask1 = mask0 & half  # sub-net 1 trains only part of sub-net 0's positions
-    masker.subnet_masks[1][name] = mask1
+    masker.engine.subnet_masks[1][name] = mask1
     g0 = torch.randn(param.shape, generator=torch.Generator().manual_seed(1))
     g1 = -g0 + 0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2))  # a conflicting pair
     seen = []
@@ -157,7 +157,7 @@ def test_masker_projects_the_steps_gradient_off_the_previous_running_gradient(mn
     assert not torch.any(seen[1][~mask1])  # nothing outside M_1 moved
     # after: orthogonal to sub-net 0's running gradient, relative to the sizes involved
     assert abs(float((seen[1] * running0).sum())) < 1e-5 * float(raw.norm() * running0.norm())
-    torch.testing.assert_close(masker._running[1][name], 0.5 * raw)  # the running gradient keeps the raw g
+    torch.testing.assert_close(masker.engine._running[1][name], 0.5 * raw)  # the running gradient keeps the raw g
 
 
 def test_shared_prune_takes_the_top_magnitudes_of_the_whole_shared_tensor(mnist):
@@ -175,14 +175,14 @@ def test_shared_prune_takes_the_top_magnitudes_of_the_whole_shared_tensor(mnist)
             full = {n: p.detach().clone() for n, p in masker.params.items()}
         # sub-net 1 holds the smaller-|W| half of every layer: the official threshold looks beyond it
         for name, weight in full.items():
-            masker.subnet_masks[1][name] = weight.abs() <= weight.abs().flatten().median()
-        before = {n: m.clone() for n, m in masker.subnet_masks[1].items()}
-        last = masker.schedule.last_event[1]
+            masker.engine.subnet_masks[1][name] = weight.abs() <= weight.abs().flatten().median()
+        before = {n: m.clone() for n, m in masker.engine.subnet_masks[1].items()}
+        last = masker.engine.schedule.last_event[1]
         with masker.full_weights():
-            masker._rewire(1, last)  # the last event: density exactly 0.1; regrowth of int(0.001 * nnz) = 0
+            masker.engine._rewire(1, last)  # the last event: density exactly 0.1; regrowth of int(0.001 * nnz) = 0
         total = sum(w.numel() for w in full.values())
         target = round(0.1 * total)
-        masks = masker.subnet_masks[1]
+        masks = masker.engine.subnet_masks[1]
         assert sum(int(m.sum()) for m in masks.values()) == target
         magnitudes = torch.cat([full[n].abs().flatten() for n in full])
         chosen = torch.cat([masks[n].flatten() for n in full])
@@ -200,17 +200,17 @@ def test_shared_prune_takes_the_top_magnitudes_of_the_whole_shared_tensor(mnist)
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
 def test_nested_masks_stay_nested(mnist, scope):
     model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_nested=true", f"sparsity.prune_scope={scope}"])
-    total = sum(m.numel() for m in masker.subnet_masks[0].values())
+    total = sum(m.numel() for m in masker.engine.subnet_masks[0].values())
     for step in range(60):
         _step(model, opt, masker, images, labels, step)
         for k in range(1, 3):
             for name in masker.params:
-                assert not torch.any(masker.subnet_masks[k][name] & ~masker.subnet_masks[k - 1][name])
+                assert not torch.any(masker.engine.subnet_masks[k][name] & ~masker.engine.subnet_masks[k - 1][name])
     for k, target in enumerate(DENSITIES):
         if scope == "global":
-            assert sum(masker.subnet_counts(k).values()) == round(target * total)
+            assert sum(masker.engine.subnet_counts(k).values()) == round(target * total)
         else:
-            assert sum(masker.subnet_counts(k).values()) == pytest.approx(target * total, abs=len(masker.params))
+            assert sum(masker.engine.subnet_counts(k).values()) == pytest.approx(target * total, abs=len(masker.params))
 
 
 def test_schedule_shape_and_too_short_run():
@@ -230,10 +230,10 @@ def test_schedule_shape_and_too_short_run():
     ("sparsity.ast_densities=[0.05, 0.1]", "densest first"),
     ("sparsity.ast_densities=[]", "at least one"),
     ("sparsity.ast_densities=[1.5]", r"\(0, 1\]"),
-    ("sparsity.ast_init_density=0.05", "ast_init_density"),
-    ("sparsity.ast_gc_beta=1", "ast_gc_beta"),
-    ("sparsity.ast_offset=-1", "ast_offset"),
-    ("sparsity.ast_prune_from=everywhere", "ast_prune_from"),
+    ("sparsity.ast_init_density=0.05", "sparsity.ast.init_density"),  # the first versions' flat names still parse
+    ("sparsity.ast.gc_beta=1", "sparsity.ast.gc_beta"),
+    ("sparsity.ast_offset=-1", "sparsity.ast.offset"),
+    ("sparsity.ast.prune_from=everywhere", "sparsity.ast.prune_from"),
 ])
 def test_bad_ast_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -299,7 +299,7 @@ def test_agent_snapshot_holds_full_weights_and_sees_the_active_subnet(mnist):
     model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_init_density=0.5"])
     config = load_config(None, ["agent.enabled=true", "agent.estimator=fixed", "agent.fixed_c=1.0",
                                 "agent.snapshot_mask=current"]).agent
-    agent = AGENT(opt, model, config, masks=masker.masks, subnets=masker)
+    agent = AGENT(opt, model, config, masker=masker)
     for step in range(4):  # move the sub-nets apart (the next step is sub-net 1)
         _step(model, opt, masker, images, labels, step)
     loss_fn = lambda m, x, y: F.cross_entropy(m(x), y)  # noqa: E731
@@ -311,15 +311,15 @@ def test_agent_snapshot_holds_full_weights_and_sees_the_active_subnet(mnist):
         assert torch.equal(snapshot[name].detach(), full[name])  # every sub-net's weights, not just the active one
     x, y = images[:32], labels[:32]
     agent.snapshot_backward(lambda snap: loss_fn(snap, x, y))
-    k = masker.active
+    k = masker.engine.active
     expected_model = copy.deepcopy(agent.snapshot)
     with torch.no_grad():
         for name, param in expected_model.named_parameters():
             if name in masker.params:
-                param.mul_(masker.subnet_masks[k][name])
+                param.mul_(masker.engine.subnet_masks[k][name])
     expected = torch.autograd.grad(loss_fn(expected_model, x, y), list(expected_model.parameters()))
     for name, got, want in zip(agent.names, agent.snapshot_grads, expected):
-        want = want * masker.subnet_masks[k][name] if name in masker.params else want
+        want = want * masker.engine.subnet_masks[k][name] if name in masker.params else want
         torch.testing.assert_close(got, want)
     for name in masker.params:  # the view restored the snapshot
         assert torch.equal(snapshot[name].detach(), full[name])
@@ -327,7 +327,7 @@ def test_agent_snapshot_holds_full_weights_and_sees_the_active_subnet(mnist):
 
 def test_per_subnet_batchnorm_statistics_are_kept_apart_and_saved(mnist):
     model, opt, masker, images, labels = _setup(mnist, ["sparsity.ast_subnet_bn=true"])
-    bn_names = list(masker.bn_buffers)
+    bn_names = list(masker.engine.bn_buffers)
     assert bn_names and all("running" in n or "num_batches" in n for n in bn_names)
     for step in range(30):
         _step(model, opt, masker, images, labels, step)
@@ -338,7 +338,7 @@ def test_per_subnet_batchnorm_statistics_are_kept_apart_and_saved(mnist):
     assert [int(s[counter]) for s in stats] == [10, 10, 10]
     means = [s[next(n for n in bn_names if n.endswith("running_mean"))] for s in stats]
     assert not torch.equal(means[0], means[2])  # a 5% sub-net's activations are not a 30% one's
-    with masker.as_subnet(2):  # the model carries sub-net 2's statistics while it is sub-net 2
+    with masker.views()[2].activate():  # the model carries sub-net 2's statistics while it is sub-net 2
         assert torch.equal(dict(model.named_buffers())[counter], stats[2][counter])
     checkpoint = {"model": model.state_dict(), "sparsity": state}
     assert torch.equal(subnet_weights(checkpoint, 2)[counter], stats[2][counter])
@@ -347,6 +347,6 @@ def test_per_subnet_batchnorm_statistics_are_kept_apart_and_saved(mnist):
     model2.load_state_dict(model.state_dict())
     masker2.load_state_dict(state)
     for k in range(3):
-        with masker.as_subnet(k), masker2.as_subnet(k):
+        with masker.views()[k].activate(), masker2.views()[k].activate():
             for (n1, b1), (n2, b2) in zip(model.named_buffers(), model2.named_buffers()):
                 assert torch.equal(b1, b2), (k, n1)

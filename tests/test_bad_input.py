@@ -77,7 +77,7 @@ def test_scalar_section_is_not_silently_replaced_by_an_override(tmp_path, capsys
     ("attack.eps=.nan", "attack.eps"),
     ("attack.eps=1e300/1e-300", "attack.eps"),
     ("eval.eps=1e999", "eval.eps"),
-    ("sparsity.temperature=.inf", "sparsity.temperature"),
+    ("sparsity.temperature=.inf", "sparsity.bsrnet.temperature"),
     ("optim.milestones=[0.5, .nan]", "optim.milestones[1]"),
     # upper bounds
     ("attack.step_size=2", "attack.step_size"),

@@ -142,3 +142,134 @@ def test_version_and_top_level_help(capsys):
     assert "``" not in text  # no reStructuredText markup in a terminal
     for command in ("train", "eval", "export", "sweep", "report", "doctor"):
         assert command in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layering: config reads and checks values; what the values name is checked where it is used
+
+
+def test_config_imports_nothing_above_it():
+    """Loading, validating and writing back a config needs the standard library, yaml and the errors only:
+    no torch, no model or sparse-method registry, no training code."""
+    code = ("import sys\n"
+            "before = set(sys.modules)\n"  # a .pth hook of `doctor --fix` may import robust_sparse at start-up
+            "from robust_sparse.config import config_from_dict, load_config, to_dict\n"
+            f"config_from_dict(to_dict(load_config({str(QUICKSTART)!r}, ['agent.enabled=true'])))\n"
+            "loaded = sorted(m for m in set(sys.modules) - before if m.startswith('robust_sparse'))\n"
+            "allowed = ('robust_sparse.config', 'robust_sparse.errors', 'robust_sparse.registry')\n"
+            "assert 'torch' not in sys.modules, 'loading a config imported torch'\n"
+            "assert all(m == 'robust_sparse' or m.startswith(allowed) for m in loaded), loaded\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def elsewhere(tmp_path):
+    """Overrides naming things this machine does not have: a data directory, a run directory below a file."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me\n")
+    return {"data.root": ["data.dataset=cifar10", f"data.root={tmp_path / 'no-data'}"],
+            "out_dir": [f"out_dir={blocker / 'run'}"],
+            "model.name": ["model.name=resnet9000"],
+            "tracking.tensorboard": ["tracking.tensorboard=true"]}
+
+
+def _without_tensorboard(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+
+
+@pytest.mark.parametrize("field", ["data.root", "out_dir", "model.name", "tracking.tensorboard"])
+def test_what_a_config_names_is_checked_before_training_not_when_it_loads(field, elsewhere, tmp_path, monkeypatch):
+    import robust_sparse.train as train_module
+    from robust_sparse.config import config_from_dict
+
+    _without_tensorboard(monkeypatch)
+    overrides = ["device=cpu", f"out_dir={tmp_path / 'run'}", *elsewhere[field]]
+    config = load_config(None, overrides)  # a stored config must load on any machine (eval, resume, report)
+    assert config_from_dict(to_dict(config)) == config
+    monkeypatch.setattr(train_module, "load_splits", lambda *a, **k: pytest.fail("data was loaded"))
+    with pytest.raises(ConfigError, match=rf"^{field}[: ]") as error:
+        train_module.fit(config)
+    assert "\n" not in str(error.value)
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n" and not (tmp_path / "run").exists()
+
+
+def test_cli_names_the_missing_tracker_package_in_one_line(tmp_path, capsys, monkeypatch):
+    _without_tensorboard(monkeypatch)
+    assert main(["train", "--set", "tracking.tensorboard=true", "--out", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "tracking.tensorboard = true needs the tensorboard package" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_evaluates_where_its_training_data_directory_does_not_exist(tmp_path):
+    """eval reads a checkpoint's config as it was saved (data and run directories of the machine it trained on):
+    no rewrite of data.root needed to get past validation."""
+    from robust_sparse.checkpoint import save_checkpoint
+    from robust_sparse.data import DATASETS
+    from robust_sparse.eval.loading import from_checkpoint
+    from robust_sparse.models import build_model
+
+    (tmp_path / "notes.txt").write_text("a file where the run directory was\n")
+    stored = load_config(None, ["model.name=tiny_cnn", "data.dataset=cifar10", "data.root=/nonexistent/data",
+                                f"out_dir={tmp_path / 'notes.txt' / 'run'}"])
+    info = DATASETS[DatasetName.CIFAR10]
+    model = build_model("tiny_cnn", info.num_classes, info.in_channels, info.mean, info.std)
+    save_checkpoint({"config": to_dict(stored), "model": model.state_dict(), "epoch": 1}, tmp_path / "best.pt")
+    assert from_checkpoint(tmp_path / "best.pt").data_root == "/nonexistent/data"
+    assert from_checkpoint(tmp_path / "best.pt", data_root=str(tmp_path)).data_root == str(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# closed choices are Enums
+
+
+def _str_fields(cls: type, prefix: str = ""):
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        annotation = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(annotation):
+            yield from _str_fields(annotation, f"{prefix}{f.name}.")
+        elif str in (annotation, *typing.get_args(annotation)):
+            yield f"{prefix}{f.name}"
+
+
+def test_only_open_ended_fields_are_plain_strings():
+    """Names of things (paths, registered models, W&B projects) are strings; every closed choice is an Enum, so
+    a typo is rejected with the allowed values (the sparsity section has its own per-method schema)."""
+    plain = {name for name in _str_fields(TrainConfig) if not name.startswith("sparsity.")}
+    assert plain == {"data.root", "model.name", "tracking.wandb.project", "tracking.wandb.entity", "out_dir"}
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("agent.full_grad_inputs", "adversarial", "clean, adversarial"),
+    ("agent.full_grad_bn", "eval", "train, eval"),
+    ("agent.snapshot_mask", "current", "snapshot, current, none"),
+])
+def test_agent_choices_are_enums_written_as_plain_strings(field, value, allowed, tmp_path):
+    from robust_sparse.config import config_from_dict, save_config
+
+    section, name = field.split(".")
+    config = load_config(None, [f"{field}={value}"])
+    chosen = getattr(config.agent, name)
+    assert chosen == value and chosen.value == value  # a str Enum: string comparisons keep working
+    save_config(config, tmp_path / "config.yaml")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert type(written[section][name]) is str and written[section][name] == value
+    assert config_from_dict(written) == config
+    with pytest.raises(ConfigError, match=rf"^{field}: 'sometimes' is not one of {allowed}$"):
+        load_config(None, [f"{field}=sometimes"])
+
+
+def test_sweep_checks_what_every_run_names_before_any_runs(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sweep"), "overrides": ["device=cpu"],
+                                    "grid": {"model.name": ["tiny_cnn", "resnet9000"]}}))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "model.name: unknown model 'resnet9000'" in line
+    assert not (tmp_path / "sweep").exists()

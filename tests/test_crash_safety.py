@@ -220,3 +220,17 @@ def test_a_sweep_killed_at_any_write_is_repaired_by_rerunning(tmp_path):
         assert pd.read_csv(out / "runs.csv")["status"].tolist() == ["done"]
         assert load_checkpoint(out / "runs" / "seed=0" / "last.pt")["epoch"] == 1
         assert yaml.safe_load((out / "sweep.yaml").read_text()) == yaml.safe_load(path.read_text())
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    from robust_sparse.checkpoint import write_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "shared.csv", "a\n")
+        os.umask(0o077)
+        write_atomic(tmp_path / "private.csv", "a\n")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.csv").stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0600
+    assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600

@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import robust_sparse.train as train_module
-from robust_sparse.sparse.engines import BSRNetEngine
+from robust_sparse.sparse.bsrnet import BSRNetEngine
 from robust_sparse.train import fit
 
 RUNS = {

@@ -71,9 +71,11 @@ def test_comparability():
     trades = board[board["name"] == "Zhang2019Theoretically"].iloc[0].to_dict()
     assert differences(trades, **same) == ["eps 0.031 vs 0.03137"]  # 0.031 is not 8/255
     # the recipe of a model trained here: the whole training split (a 10% validation split is fine) or not
-    assert differences(entry, **same, train_images=45000, epochs=200) == []
-    assert differences(entry, **same, train_images=4194, epochs=10) == [
-        "trained on 4,194 images for 10 epochs; the entry used the 50,000 of the training split"]
+    assert differences(entry, **same, train_images=45000) == []
+    assert differences(entry, **same, train_images=4194) == [
+        "trained on 4,194 images; the entry used the 50,000 of the training split"]
+    # epochs the entry does not state are not assumed equal (tests/test_leaderboard.py: every recipe field)
+    assert differences(entry, **same, train_images=45000, epochs=200) == ["epochs: 200 here, unknown for the entry"]
     hydra = board[board["name"] == "Sehwag2020Hydra"].iloc[0].to_dict()
     assert differences(hydra, **same, train_images=50000) == [
         "trained on 50,000 images; the entry used 50,000 plus extra data"]

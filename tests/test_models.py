@@ -132,3 +132,25 @@ def test_unknown_model_raises_user_error() -> None:
 def test_mean_std_channel_mismatch_raises_user_error() -> None:
     with pytest.raises(UserError, match="in_channels"):
         build_model("tiny_cnn", 10, 1, CIFAR_MEAN, CIFAR_STD)
+
+
+def _block_keys(prefix: str, shortcut: bool) -> list[str]:
+    batch_norm = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = [f"{prefix}.bn1.{k}" for k in batch_norm] + [f"{prefix}.conv1.weight"]
+    keys += [f"{prefix}.bn2.{k}" for k in batch_norm] + [f"{prefix}.conv2.weight"]
+    return keys + ([f"{prefix}.shortcut.weight"] if shortcut else [])
+
+
+def test_wide_resnet_keeps_the_reference_state_dict_keys() -> None:
+    """WRN shares PreAct ResNet's block; the keys stay those of stored checkpoints and RobustBench-style weights:
+    groups block1..3 of pre-activation blocks, a 1x1 shortcut where the shape changes."""
+    model = wide_resnet(16, 2, 10, 3, CIFAR_MEAN, CIFAR_STD)  # two blocks per group; every group's first projects
+    expected = ["normalize.mean", "normalize.std", "conv1.weight"]
+    for group in (1, 2, 3):
+        expected += _block_keys(f"block{group}.0", shortcut=True) + _block_keys(f"block{group}.1", shortcut=False)
+    expected += [f"bn.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    expected += ["fc.weight", "fc.bias"]
+    assert list(model.state_dict()) == expected
+    assert model.block1[0].shortcut.weight.shape == (32, 16, 1, 1) and model.block1[1].shortcut is None
+    preact = _build("preact_resnet18")
+    assert type(model.block2[0]) is type(preact.layer2[0])  # one block class for both architectures

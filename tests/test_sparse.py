@@ -16,7 +16,8 @@ from robust_sparse.config import load_config
 from robust_sparse.errors import ConfigError
 from robust_sparse.optim import SGDW, sgdw
 from robust_sparse.sparse import build_sparsity, density as allocation
-from robust_sparse.sparse.engines import BSRNetEngine, PruneGrowEngine
+from robust_sparse.sparse.bsrnet import BSRNetEngine, bsrnet_initial
+from robust_sparse.sparse.prune_regrow import PruneGrowEngine
 from robust_sparse.sparse.export import load_compact
 from robust_sparse.sparse.masker import SparseMasker
 from robust_sparse.train import fit
@@ -211,17 +212,17 @@ def test_bsrnet_initial_densities_follow_the_paper():
     shapes = {f"features.{i}.weight": (64, 64, 3, 3) for i in range(13)}
     shapes.update({"classifier.0.weight": (256, 2048), "classifier.2.weight": (256, 256),
                    "classifier.4.weight": (10, 256)})
-    densities = allocation.bsrnet_initial("vgg16", shapes, 0.1)  # within the budget: as the paper sets them
+    densities = bsrnet_initial("vgg16", shapes, 0.1)  # within the budget: as the paper sets them
     values = list(densities.values())
     assert values[:4] == [0.6, 0.6, 0.2, 0.2] and values[-1] == 0.6
     assert all(v == pytest.approx(0.05) for v in values[4:-1])
     resnet = {"conv1.weight": (64, 3, 3, 3), "layer1.0.conv1.weight": (64, 64, 3, 3),
               "layer1.0.conv2.weight": (64, 64, 3, 3), "layer2.0.conv1.weight": (256, 128, 3, 3),
               "fc.weight": (10, 512)}
-    assert list(allocation.bsrnet_initial("resnet18", resnet, 0.1).values()) == [0.6, 0.2, 0.2, 0.05, 0.6]
+    assert list(bsrnet_initial("resnet18", resnet, 0.1).values()) == [0.6, 0.2, 0.2, 0.05, 0.6]
     wrn = {"conv1.weight": (16, 3, 3, 3), "block1.0.conv1.weight": (64, 16, 3, 3),
            "block2.0.conv1.weight": (128, 64, 3, 3), "fc.weight": (10, 256)}
-    assert list(allocation.bsrnet_initial("wrn28_4", wrn, 0.1).values()) == [0.6, 0.1, 0.05, 0.6]
+    assert list(bsrnet_initial("wrn28_4", wrn, 0.1).values()) == [0.6, 0.1, 0.05, 0.6]
 
 
 def test_bsrnet_holds_its_budget_where_the_hand_set_layers_hold_most_weights(mnist):
@@ -367,7 +368,7 @@ def test_magnitude_prune_keeps_largest_weights_and_fine_tunes(tiny_config, tmp_p
     ("sparsity.prune_rate=1.0", "sparsity.prune_rate"),
     ("sparsity.growth=magic", "sparsity.growth"),
     ("sparsity.end_fraction=0", "sparsity.end_fraction"),
-    ("sparsity.dense_checkpoint=/nonexistent.pt", "sparsity.dense_checkpoint"),
+    ("sparsity.dense_checkpoint=/nonexistent.pt", "sparsity.magnitude_prune.dense_checkpoint"),  # old name, new field
 ])
 def test_bad_sparsity_settings_give_one_line_errors(override, field, capsys, tmp_path):
     method = [] if "method=" in override else ["--set", "sparsity.method=" +

@@ -92,7 +92,7 @@ def test_resume_after_an_upgrade_that_added_a_config_field(tiny_config):
     _train_one_epoch_then_stop(config)
     path = Path(config.out_dir) / "last.pt"
     state = load_checkpoint(path)
-    del state["config"]["sparsity"]["ast_subnet_bn"]  # as written by a version without the field
+    del state["config"]["sparsity"]["ast"]["subnet_bn"]  # as written by a version without the field
     torch.save(state, path)
     assert fit(config, resume=True).metrics["epoch"].tolist() == [1, 2]
     state = load_checkpoint(path)

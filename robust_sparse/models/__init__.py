@@ -7,22 +7,15 @@ returns an ``nn.Module`` that takes images in ``[0, 1]`` and applies its own
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from torch import nn
 
 from robust_sparse.errors import UserError
-from robust_sparse.registry import Registry
-
-ModelFactory = Callable[..., nn.Module]
-
-# Defined before the submodule imports below: each submodule imports MODELS from here
-# to register itself, so it must already exist when they run.
-MODELS: Registry[ModelFactory] = Registry("model")
-
-from robust_sparse.models import preact_resnet, resnet, small_cnn, vgg, wide_resnet  # noqa: E402,F401
-from robust_sparse.models.normalize import Normalize  # noqa: E402
-from robust_sparse.models.wide_resnet import wide_resnet  # noqa: E402
+from robust_sparse.models import preact_resnet, resnet, small_cnn, vgg, wide_resnet  # noqa: F401 (they register)
+from robust_sparse.models.normalize import Normalize
+from robust_sparse.models.registry import MODELS, ModelFactory
+from robust_sparse.models.wide_resnet import wide_resnet
 
 __all__ = ["MODELS", "ModelFactory", "Normalize", "build_model", "wide_resnet"]
 

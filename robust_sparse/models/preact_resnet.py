@@ -12,14 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.models import MODELS
 from robust_sparse.models.normalize import Normalize, init_weights
+from robust_sparse.models.registry import MODELS
 
 __all__ = ["PreActBlock", "PreActResNet"]
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut; also WRN's block.
+
+    The parameter names (bn1, conv1, bn2, conv2, shortcut) are those of stored checkpoints and of the
+    RobustBench/TRADES reference weights: renaming one breaks loading them.
+    """
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -33,8 +37,8 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        # The projection sees the pre-activated input, as in the original pre-activation
-        # design; the identity path carries the raw input.
+        # The projection sees the pre-activated input, as in the original pre-activation design
+        # and the reference WRN code; the identity path carries the raw input.
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.models import MODELS
 from robust_sparse.models.normalize import Normalize, init_weights
+from robust_sparse.models.registry import MODELS
 
 __all__ = ["BasicBlock", "ResNet"]
 

@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from robust_sparse.models import MODELS
 from robust_sparse.models.normalize import Normalize, init_weights
+from robust_sparse.models.registry import MODELS
 
 __all__ = ["SmallCNN", "TinyCNN"]
 

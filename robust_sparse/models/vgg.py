@@ -10,8 +10,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from robust_sparse.models import MODELS
 from robust_sparse.models.normalize import Normalize, init_weights
+from robust_sparse.models.registry import MODELS
 
 __all__ = ["VGG", "VGG16_PLAN"]
 

@@ -11,33 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.models import MODELS
 from robust_sparse.models.normalize import Normalize, init_weights
+from robust_sparse.models.registry import MODELS
+# WRN's block is the pre-activation block (same layers, same names, so RobustBench-style state_dicts load).
+from robust_sparse.models.preact_resnet import PreActBlock
 
-__all__ = ["WideBlock", "WideResNet", "wide_resnet"]
-
-
-class WideBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        # When projecting, the shortcut shares the pre-activated input (as in the reference
-        # WRN code); otherwise the raw input is carried through unchanged.
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
+__all__ = ["WideResNet", "wide_resnet"]
 
 
 class WideResNet(nn.Module):
@@ -66,7 +45,7 @@ class WideResNet(nn.Module):
         for planes, stride in zip(widths, (1, 2, 2)):
             layers = []
             for i in range(n):
-                layers.append(WideBlock(in_planes, planes, stride if i == 0 else 1))
+                layers.append(PreActBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
             groups.append(nn.Sequential(*layers))
         self.block1, self.block2, self.block3 = groups

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
@@ -54,8 +55,9 @@ from torch import nn
 
 from robust_sparse import distributed
 from robust_sparse.errors import CheckpointError, ConfigError, UserError
-from robust_sparse.sparse.engines import Engine
-from robust_sparse.sparse.masker import SparseMasker
+from robust_sparse.config import PruneScope
+from robust_sparse.sparse.masker import Engine, SparseMasker, View
+from robust_sparse.sparse.methods import METHODS, SavedView, Setup, SparseMethod
 from robust_sparse.sparse.strategies import _set_top
 
 
@@ -111,17 +113,18 @@ class ASTSchedule:
         return low + (self.prune_rate - low) / 2 * (1 + math.cos(math.pi * i / self.subnet_steps[k]))
 
 
-class AlternatingMasker(SparseMasker):
-    """The mask owner for AST: K sub-net masks over the same parameters; ``masks`` is the active sub-net's.
+class ASTEngine(Engine):
+    """AST's engine: K sub-net masks over the same parameters, one of them active (the masker's ``masks``).
 
-    ``masks`` is one dict whose entries are replaced in place when the active sub-net changes, so holders of
-    it (AGENT) always see the active sub-net. ``subnet_masks[k]`` are the K topologies.
+    ``subnet_masks[k]`` are the K topologies, :meth:`views` one view per sub-net. The masker's ``masks`` dict
+    has its entries replaced when the active sub-net changes, so holders of it (AGENT) always see the active
+    sub-net.
     """
 
-    def __init__(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                 initial_masks: dict[str, torch.Tensor], schedule: ASTSchedule, *, gc: bool, gc_beta: float,
-                 nested: bool, layer_densities: Callable[[float], dict[str, float]] | None = None,
+    def __init__(self, schedule: ASTSchedule, *, gc: bool, gc_beta: float, nested: bool,
+                 layer_densities: Callable[[float], dict[str, float]] | None = None,
                  bn_buffers: dict[str, torch.Tensor] | None = None, prune_from: str = "subnet") -> None:
+        super().__init__()  # no generator: AST's topology is deterministic given the weights and gradients
         if prune_from not in ("subnet", "shared"):
             raise ValueError(f"prune_from = {prune_from!r}: must be subnet or shared")
         self.schedule, self.gc, self.gc_beta, self.nested = schedule, gc, gc_beta, nested
@@ -131,18 +134,26 @@ class AlternatingMasker(SparseMasker):
         self.bn_buffers = bn_buffers
         self._bn = [{n: b.clone() for n, b in bn_buffers.items()} for _ in schedule.densities] if bn_buffers else None
         self.count = len(schedule.densities)
-        self.subnet_masks = [{name: initial_masks[name].to(p.device, torch.bool).clone() for name, p in params.items()}
-                             for _ in range(self.count)]  # every sub-net starts from the same mask
+        self.subnet_masks: list[dict[str, torch.Tensor]] = []
         self.active = 0
-        self._stash: dict[str, torch.Tensor] = {}  # name -> the full weight while a sub-net is materialised
+        # While a sub-net is materialised: name -> the full weight, and its optimizer buffers; empty otherwise
+        self._stash: dict[str, torch.Tensor] = {}
         self._stash_state: dict[str, dict[str, torch.Tensor]] = {}
         self._running: list[dict[str, torch.Tensor]] = [{} for _ in range(self.count)]
         self._dense_grads: dict[str, torch.Tensor] = {}
+        self.masker: SparseMasker | None = None
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        return self.masker.params
+
+    def attach(self, masker: SparseMasker) -> None:
+        self.masker = masker
+        self.subnet_masks = [{name: mask.clone() for name, mask in masker.masks.items()}
+                             for _ in range(self.count)]  # every sub-net starts from the same mask
         with torch.no_grad():  # positions no sub-net uses hold zero in the shared tensor
-            for name, param in params.items():
+            for name, param in masker.params.items():
                 param.mul_(self.subnet_masks[0][name])
-        super().__init__(params, optimizer, self.subnet_masks[0], Engine())  # the topology is driven here
-        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
 
     # ---- which sub-net, which step ----------------------------------------------------------------------
 
@@ -152,45 +163,45 @@ class AlternatingMasker(SparseMasker):
 
     # ---- hooks ------------------------------------------------------------------------------------------
 
-    def _gradient_hook(self, name: str):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            k, i = self.subnet_step(self.step + 1)
-            if self.schedule.is_event(k, i):  # growth needs the dense gradient of this very step
-                self._dense_grads[name] = grad.detach().clone()
-            return grad * self.masks[name]
+    def wants_dense_grad(self, step: int) -> bool:
+        return self.schedule.is_event(*self.subnet_step(step))  # growth needs the dense gradient of this step
 
-        return hook
+    def observe_dense_grad(self, name: str, grad: torch.Tensor) -> None:
+        self._dense_grads[name] = grad.detach().clone()
 
     @torch.no_grad()
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def before_step(self, masker: SparseMasker) -> None:
         if not self.gc or self.count == 1:
             return
         k = self.active
         previous = (k - 1) % self.count
-        for name, param in self.params.items():
+        for name, param in masker.params.items():
             if param.grad is None:
                 continue
             own = self._running[k].get(name)
-            grad = param.grad * self.masks[name]
+            grad = param.grad * masker.masks[name]
             own = grad * (1 - self.gc_beta) if own is None else own.mul_(self.gc_beta).add_(grad, alpha=1 - self.gc_beta)
             self._running[k][name] = own
             other = self._running[previous].get(name)
             if other is not None:  # the reference restricted to M_k: the projected gradient stays inside M_k
-                param.grad = gradient_correction(grad, other * self.masks[name])
+                param.grad = gradient_correction(grad, other * masker.masks[name])
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.step += 1
-        k, i = self.subnet_step(self.step)
+    def after_step(self, masker: SparseMasker, step: int) -> bool:
+        """Put back what the trained sub-net hid and rewire it on its events; :meth:`apply` then materialises
+        the next sub-net. Exploration is counted here (every sub-net's positions), so False."""
+        k, i = self.subnet_step(step)
         self._restore_hidden()
         if self.schedule.is_event(k, i):
             self._rewire(k, i)
-        self._select(self.step % self.count)
+        return False
+
+    def apply(self, masker: SparseMasker) -> None:
+        """(Re)materialise the sub-net the next step trains from the full weights."""
+        if self._stash:
+            self._restore_hidden()
+        self._select(masker.step % self.count)
 
     # ---- materialising a sub-net ------------------------------------------------------------------------
-
-    def _buffers(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
-        return {key: value for key, value in self.optimizer.state.get(param, {}).items()
-                if isinstance(value, torch.Tensor) and value.shape == param.shape}
 
     @torch.no_grad()
     def _select(self, k: int) -> None:
@@ -200,33 +211,42 @@ class AlternatingMasker(SparseMasker):
                 self._bn[self.active][name] = buffer.clone()
                 buffer.copy_(self._bn[k][name])
         self.active = k
-        for name, param in self.params.items():
+        masker = self.masker
+        for name, param in masker.params.items():
             mask = self.subnet_masks[k][name]
-            self.masks[name] = mask
+            masker.set_mask(name, mask)
+            buffers = masker.optimizer_buffers(param)
             self._stash[name] = param.detach().clone()
-            self._stash_state[name] = {key: value.clone() for key, value in self._buffers(param).items()}
+            self._stash_state[name] = {key: value.clone() for key, value in buffers.items()}
             param.mul_(mask)
-            for value in self._buffers(param).values():
+            for value in buffers.values():
                 value.mul_(mask)
 
     @torch.no_grad()
     def _restore_hidden(self) -> None:
         """Put back every weight and buffer entry outside the active mask (a buffer born this step: zero)."""
-        for name, param in self.params.items():
-            hidden = ~self.masks[name]
+        masker = self.masker
+        for name, param in masker.params.items():
+            hidden = ~masker.masks[name]
             param.copy_(torch.where(hidden, self._stash[name], param))
             saved = self._stash_state.get(name, {})
-            for key, value in self._buffers(param).items():
+            for key, value in masker.optimizer_buffers(param).items():
                 value.copy_(torch.where(hidden, saved[key], value) if key in saved else value * ~hidden)
+        self._stash, self._stash_state = {}, {}
 
-    def apply(self) -> None:
-        """(Re)materialise the active sub-net from the full weights (after loading or construction)."""
-        if self._stash:
-            self._restore_hidden()
-        self._select(self.active)
+    def views(self, masker: SparseMasker) -> list[View]:
+        return [View(k, self.subnet_masks[k], activate=partial(self.as_subnet, k), on=partial(self.view, k=k))
+                for k in range(self.count)]
+
+    @property
+    def active_view(self) -> int:
+        return self.active
+
+    def full_weights(self, masker: SparseMasker | None = None):
+        return self._full_weights()
 
     @contextmanager
-    def full_weights(self) -> Iterator[None]:
+    def _full_weights(self) -> Iterator[None]:
         """Inside, the model holds the full shared weights (every sub-net's); the active sub-net after."""
         self._restore_hidden()
         try:
@@ -343,7 +363,7 @@ class AlternatingMasker(SparseMasker):
     @torch.no_grad()
     def _settle_weights(self, k: int, old: dict[str, torch.Tensor]) -> None:
         """Zero (weight and optimizer state) what no sub-net uses, and what sub-net ``k`` grew that nobody used."""
-        for name, param in self.params.items():
+        for name in self.params:
             used_before = old[name].clone()
             for j in range(self.count):
                 if j != k:
@@ -351,16 +371,16 @@ class AlternatingMasker(SparseMasker):
             used_now = torch.zeros_like(used_before)
             for j in range(self.count):
                 used_now |= self.subnet_masks[j][name]
-            fresh = (self.subnet_masks[k][name] & ~used_before) | ~used_now
-            param.masked_fill_(fresh, 0.0)
-            for value in self._buffers(param).values():
-                value.masked_fill_(fresh, 0.0)
-            self.ever_active[name] |= used_now
+            self.masker.reset(name, (self.subnet_masks[k][name] & ~used_before) | ~used_now)
+            self.masker.mark_explored(name, used_now)
+
+    def at_target_density(self, masker: SparseMasker) -> bool:
+        return self.pruning_done()
 
     def pruning_done(self) -> bool:
         """Every sub-net has had its last pruning event: the masks have their target densities."""
         last = max((i - 1) * self.count + k + 1 for k, i in enumerate(self.schedule.last_event))
-        return self.step >= last
+        return self.masker.step >= last
 
     # ---- reporting --------------------------------------------------------------------------------------
 
@@ -370,20 +390,20 @@ class AlternatingMasker(SparseMasker):
     def subnet_density(self, k: int) -> float:
         return sum(self.subnet_counts(k).values()) / sum(m.numel() for m in self.subnet_masks[k].values())
 
-    # ---- persistence ------------------------------------------------------------------------------------
+    # ---- persistence: in the masker's state dict (the checkpoint format of the first AST version) -----------
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update({
+    def masker_state(self, masker: SparseMasker) -> dict[str, Any]:
+        state = {
             "active": self.active,
             "subnet_masks": [{name: mask.clone() for name, mask in masks.items()} for masks in self.subnet_masks],
             "full_weights": {name: self._full(name, param.detach(), self._stash[name])
-                             for name, param in self.params.items()},
+                             for name, param in masker.params.items()},
             "full_optimizer_state": {name: {key: self._full(name, value, saved[key]) if key in saved else value.clone()
-                                            for key, value in self._buffers(param).items()}
-                                     for name, param in self.params.items() for saved in [self._stash_state.get(name, {})]},
+                                            for key, value in masker.optimizer_buffers(param).items()}
+                                     for name, param in masker.params.items()
+                                     for saved in [self._stash_state.get(name, {})]},
             "running_gradients": [{name: g.clone() for name, g in running.items()} for running in self._running],
-        })
+        }
         if self._bn is not None:
             current = {name: buffer.clone() for name, buffer in self.bn_buffers.items()}
             state["batchnorm"] = [current if k == self.active else {n: b.clone() for n, b in saved.items()}
@@ -392,30 +412,28 @@ class AlternatingMasker(SparseMasker):
 
     def _full(self, name: str, current: torch.Tensor, stashed: torch.Tensor) -> torch.Tensor:
         """The full tensor: the live values inside the active mask, the stashed ones outside."""
-        return torch.where(self.masks[name], current, stashed)
+        return torch.where(self.masker.masks[name], current, stashed)
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_masker_state(self, masker: SparseMasker, state: dict[str, Any]) -> bool:
         """Restore the topology, the full weights and the full optimizer state (load the optimizer first: its
-        own state dict holds the materialised sub-net only)."""
+        own state dict holds the materialised sub-net only); the masker has restored its step and explored set."""
         if "subnet_masks" not in state or len(state["subnet_masks"]) != self.count:
             raise ValueError(f"the saved sparsity state is not an AST state with {self.count} sub-nets")
-        self.step = int(state["step"])
         self.active = int(state["active"])
         for k, saved in enumerate(state["subnet_masks"]):
-            if set(saved) != set(self.params):
+            if set(saved) != set(masker.params):
                 raise ValueError("the saved masks are for other parameters")
-            self.subnet_masks[k] = {name: saved[name].to(p.device, torch.bool) for name, p in self.params.items()}
-        for name in self.params:
-            self.masks[name] = self.subnet_masks[self.active][name]
-            self.ever_active[name] = state["ever_active"][name].to(self.masks[name].device, torch.bool)
-        for name, param in self.params.items():
+            self.subnet_masks[k] = {name: saved[name].to(p.device, torch.bool) for name, p in masker.params.items()}
+        for name in masker.params:
+            masker.set_mask(name, self.subnet_masks[self.active][name])
+        for name, param in masker.params.items():
             param.copy_(state["full_weights"][name])
             saved = state["full_optimizer_state"].get(name, {})
-            for key, value in self._buffers(param).items():
+            for key, value in masker.optimizer_buffers(param).items():
                 if key in saved:
                     value.copy_(saved[key])
-        device = next(iter(self.params.values())).device
+        device = next(iter(masker.params.values())).device
         self._running = [{name: g.to(device) for name, g in running.items()} for running in state["running_gradients"]]
         if self._bn is not None:
             if "batchnorm" not in state:
@@ -423,7 +441,9 @@ class AlternatingMasker(SparseMasker):
             self._bn = [{n: b.to(device) for n, b in saved.items()} for saved in state["batchnorm"]]
             for name, buffer in self.bn_buffers.items():
                 buffer.copy_(self._bn[self.active][name])
+        self._stash, self._stash_state = {}, {}  # the loaded full weights replace whatever was stashed
         self._select(self.active)
+        return True
 
 
 def subnet_weights(checkpoint: dict[str, Any], k: int) -> dict[str, torch.Tensor]:
@@ -442,3 +462,36 @@ def subnet_weights(checkpoint: dict[str, Any], k: int) -> dict[str, torch.Tensor
         weight = full.get(name, state[name])
         state[name] = weight * mask.to(weight.device)
     return state
+
+
+def saved_views(checkpoint: dict[str, Any]) -> list[SavedView]:
+    """One view per sub-net of an AST checkpoint, densest first."""
+    subnets = (checkpoint.get("sparsity") or {}).get("subnet_masks")
+    if not subnets:
+        raise CheckpointError("this AST checkpoint has no sub-nets (sparsity.subnet_masks)")
+    return [SavedView(k, subnet_weights(checkpoint, k), masks) for k, masks in enumerate(subnets)]
+
+
+def _bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of every BatchNorm layer, by buffer name."""
+    return {name: buffer for name, buffer in model.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
+    """Every sub-net starts from one random mask at ``ast_init_density`` (ERK or uniform)."""
+    config, ast = setup.config, setup.config.ast
+    count = len(ast.densities)
+    update_every = config.update_every or max(1, 999 // count)  # the official 999 iterations, in a sub-net's
+    schedule = ASTSchedule(
+        ast.densities, ast.init_density, setup.total_steps, update_every,
+        offset=ast.offset if ast.offset is not None else update_every // count,
+        end_fraction=config.end_fraction, prune_rate=config.prune_rate or 0.5)
+    layerwise = config.prune_scope is PruneScope.LAYERWISE
+    engine = ASTEngine(schedule, gc=ast.gc, gc_beta=ast.gc_beta, nested=ast.nested,
+                       bn_buffers=_bn_statistics(setup.model) if ast.subnet_bn else None,
+                       prune_from=ast.prune_from.value, layer_densities=partial(setup.densities) if layerwise else None)
+    return setup.random_masks(setup.densities(ast.init_density)), engine
+
+
+METHODS.register("ast")(SparseMethod(build, saved_views=saved_views))

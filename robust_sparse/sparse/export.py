@@ -66,19 +66,12 @@ def load_compact(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: int | None = None) -> dict[str, Any]:
-    """Export a checkpoint; for AST checkpoints, sub-net ``subnet`` (required there)."""
-    from robust_sparse.errors import UserError
-    from robust_sparse.sparse.ast import subnet_weights
+    """Export a checkpoint; for one that holds several sub-nets (AST), sub-net ``subnet`` (required there)."""
+    from robust_sparse.sparse.methods import pick_view, saved_views
 
     state = load_checkpoint(checkpoint_path)
-    sparsity = state.get("sparsity") or {}
-    subnets = sparsity.get("subnet_masks")
-    if subnets and subnet is None:
-        raise UserError(f"{checkpoint_path} is an AST checkpoint with {len(subnets)} sub-nets: pass --subnet K")
-    if subnet is not None and not subnets:
-        raise UserError(f"--subnet {subnet}: {checkpoint_path} is not an AST checkpoint")
-    weights = subnet_weights(state, subnet) if subnets else state["model"]
-    mask_source = subnets[subnet] if subnets else sparsity.get("masks", {})
+    view = pick_view(saved_views(state), subnet, checkpoint_path)
+    weights, mask_source = view.weights, view.masks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_state = {name: tensor.cpu() for name, tensor in weights.items()}

@@ -6,7 +6,7 @@ steps until ``end_step``, each sparse layer
 1. samples ``gamma * nnz`` candidate positions (with replacement, deduplicated) from a uniform distribution
    or GraBo's ``p_out(i) * p_in(j)`` (p_out ∝ Σ|∂L/∂out_i|, p_in ∝ Σ|in_j|); a layer whose density is at
    least 0.5 takes all of its positions as candidates;
-2. scores the candidates by |∂L/∂W| on a small class-balanced batch (``score_batch()``, adversarial under AT),
+2. scores the candidates by |∂L/∂W| on a small class-balanced batch (``score_batch(step)``, adversarial under AT),
    computed from the layer's input and output gradient captured by module hooks, *only at the candidates*:
    Linear ``g_ij = Σ_b δ[b,i] x[b,j]``, Conv2d ``g_{o,c} = Σ_{b,p} δ[b,o,p] U[b,c,p]`` with U the unfolded
    input. No dense weight gradient of a layer below the 0.5 threshold is ever formed, and no parameter's
@@ -37,17 +37,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from robust_sparse import distributed
-from robust_sparse.sparse.engines import Engine
+from robust_sparse.config import GSESampler
+from robust_sparse.errors import ConfigError
+from robust_sparse.sparse.density import Shapes, proportional
+from robust_sparse.sparse.masker import Engine
+from robust_sparse.sparse.methods import DISTRIBUTIONS, METHODS, Setup, SparseMethod
 
 if TYPE_CHECKING:
     from robust_sparse.data import ImageSet
     from robust_sparse.sparse.masker import SparseMasker
 
 DENSE_THRESHOLD = 0.5  # a layer at least this dense takes every position as a candidate
-SAMPLERS = ("uniform", "grabo")
+SAMPLERS = tuple(sampler.value for sampler in GSESampler)  # "uniform", "grabo"
 _CHUNK = 1 << 14  # candidates per gather chunk (bounds the B x chunk x L temporary of a conv layer)
 
-ScoreBatch = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
+ScoreBatch = Callable[[int], "tuple[torch.Tensor, torch.Tensor]"]  # optimizer step -> (images, labels)
 
 
 def supported(module: nn.Module) -> bool:
@@ -124,7 +128,8 @@ class GSEEngine(Engine):
     Args:
         model: the plain (non-DDP) model whose layers own the sparse parameters.
         modules: parameter name -> the Linear/Conv2d module whose ``weight`` it is.
-        score_batch: returns (images, labels) on the model's device, already adversarial under AT.
+        score_batch: ``score_batch(step)`` returns the (images, labels) to score on at optimizer step ``step``,
+            on the model's device, already adversarial under AT.
         sampler: "uniform" or "grabo".
         candidates: gamma, candidates per layer as a multiple of its active count.
         scope: "layerwise" (each layer keeps its count) or "global" (one growth and one prune ranking over all
@@ -203,7 +208,7 @@ class GSEEngine(Engine):
             return False
         saved = [b.detach().clone() for b in self.model.buffers()]
         try:  # neither the attack on the score batch nor its forward pass may move BatchNorm statistics
-            images, labels = self.score_batch()
+            images, labels = self.score_batch(step)
             captured = self.capture(images, labels)
         finally:
             with torch.no_grad():
@@ -292,26 +297,10 @@ class GSEEngine(Engine):
         new_mask = masker.masks[name].clone()
         new_mask.view(-1)[grown] = True
         new_mask.view(-1)[pruned] = False
-        _zero_entries(masker, name, grown)  # grown weights and their optimizer state start at zero
-        masker.masks[name] = new_mask
+        masker.reset(name, grown)  # grown weights and their optimizer state start at zero
+        masker.set_mask(name, new_mask)
         self.last_update[name] = {"candidates": candidates, "gradients": gradient, "grown": grown,
                                   "pruned": pruned}
-
-
-@torch.no_grad()
-def _zero_entries(masker: "SparseMasker", name: str, flat_index: torch.Tensor) -> None:
-    """Zero the weight and every same-shaped optimizer buffer at ``flat_index`` (the index form of
-    ``engines._reset_optimizer_entries``, which takes a dense boolean mask)."""
-    param = masker.params[name]
-    tensors = [param] + [value for value in masker.optimizer.state.get(param, {}).values()
-                         if isinstance(value, torch.Tensor) and value.shape == param.shape]
-    for tensor in tensors:
-        if tensor.is_contiguous():
-            tensor.view(-1)[flat_index] = 0
-        else:  # pragma: no cover - parameters and optimizer buffers are contiguous in practice
-            flat = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
-            flat[flat_index] = True
-            tensor.masked_fill_(flat.view_as(tensor), 0)
 
 
 def _distribution(weights: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -347,3 +336,41 @@ def modules_of(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     found = dict(model.named_modules())
     return {name: found[name.rsplit(".", 1)[0] if "." in name else ""] for name in names}
 
+
+# ---- allocation and the method ---------------------------------------------------------------------------
+
+
+def gse_er(shapes: Shapes, density: float) -> dict[str, float]:
+    """GSE's Erdős–Rényi (Heddes et al. 2024; not ERK): density ∝ (fan_in + fan_out) / (fan_in * fan_out), with
+    fan_in = C_in * k_h * k_w and fan_out = C_out, clipped to 1.
+
+    The scale is solved so that the global density is ``density``; layers the clip makes dense are taken
+    out and the scale is solved again for the rest (the official code clips without re-solving, so it falls
+    short of the budget whenever a layer is clipped).
+    """
+    def fans(shape: tuple[int, ...]) -> float:
+        fan_out, fan_in = shape[0], math.prod(shape[1:])
+        return (fan_in + fan_out) / (fan_in * fan_out)
+
+    return proportional(shapes, density, fans, "GSE's Erdős–Rényi")
+
+
+def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
+    config = setup.config
+    if setup.score_batch is None:
+        raise ConfigError("sparsity.method = gse: needs a score batch (build_sparsity(..., score_batch=...))")
+    modules = modules_of(setup.model, list(setup.params))
+    unsupported = [name for name, module in modules.items() if not supported(module)]
+    if unsupported:
+        raise ConfigError(f"sparsity.method = gse: layer {unsupported[0]} is not a Linear or zero-padded "
+                          "Conv2d layer")
+    engine = GSEEngine(
+        model=setup.model, modules=modules, score_batch=setup.score_batch, sampler=config.gse.sampler.value,
+        candidates=config.gse.candidates, update_every=config.update_every or 1000,
+        prune_rate=config.prune_rate or 0.2, end_step=setup.end_step, generator=setup.engine_generator,
+        scope=config.gse.scope.value)
+    return setup.random_masks(setup.densities(default="gse_er")), engine
+
+
+DISTRIBUTIONS["gse_er"] = lambda setup, density: gse_er(setup.shapes, density)
+METHODS.register("gse")(SparseMethod(build))

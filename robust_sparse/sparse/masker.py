@@ -1,24 +1,29 @@
-"""The mask owner: one boolean mask per sparse parameter, keyed by parameter name.
+"""The mask owner and the engine protocol: one boolean mask per sparse parameter, keyed by parameter name.
 
 Mechanics (no monkey-patching):
 
 * a tensor hook on every sparse parameter multiplies its gradient by the mask, after showing the dense
-  gradient to the engine when it asks for it (RigL's growth criterion, SNFS's momentum);
+  gradient to the engine when it asks for it (RigL's growth criterion, SNFS's momentum, AST's regrowth);
+* an optimizer step-pre-hook lets the engine adjust the gradients the step will use (AST's correction);
 * an optimizer step-post-hook counts steps, lets the engine change the topology, and re-masks the weights
   and every per-parameter optimizer buffer of the same shape (momentum, Adam moments, ...).
 
 So between topology updates pruned weights, their gradients and their momentum are exactly zero.
+
+Engines change the topology through the masker's API (:meth:`SparseMasker.set_mask`, :meth:`SparseMasker.reset`,
+:meth:`SparseMasker.optimizer_buffers`), never through its dicts or the optimizer's state. A masker offers
+:meth:`~SparseMasker.views`: the networks it trains. Every engine but AST trains one, the model itself; AST
+trains several sub-nets over one weight tensor, and training, AGENT, export and evaluation iterate the views.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from robust_sparse.sparse.engines import Engine
 
 
 def sparsifiable(model: nn.Module, include_first: bool = True, include_last: bool = True) -> dict[str, nn.Parameter]:
@@ -34,14 +39,104 @@ def sparsifiable(model: nn.Module, include_first: bool = True, include_last: boo
     return found
 
 
+@dataclass(frozen=True)
+class View:
+    """One network a masker trains: the model itself (``index`` None) or sub-net ``index`` of several.
+
+    ``activate()`` is a context inside which the model *is* this network (validation, evaluation);
+    ``on(module)`` one inside which ``module``, a copy of the model holding the full weights (AGENT's
+    snapshot), is this network.
+    """
+
+    index: int | None
+    masks: dict[str, torch.Tensor]
+    activate: Callable[[], AbstractContextManager] = nullcontext
+    on: Callable[[nn.Module], AbstractContextManager] = lambda module: nullcontext()
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+
+    def density(self) -> float:
+        return sum(self.counts().values()) / sum(mask.numel() for mask in self.masks.values())
+
+
+DENSE_VIEW = View(None, {})  # dense training: the model, no masks
+
+
+class Engine:
+    """Static sparsity, and the protocol every topology engine follows: the masks never change.
+
+    An engine sees the masker after every step and returns whether it changed any mask. Engines keep their
+    own state (random generator, BSR-Net's signs, SNFS's gradient momentum) and round-trip it through
+    ``state_dict`` so that a resumed run continues exactly.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def attach(self, masker: "SparseMasker") -> None:
+        """Called once by the masker, before it first applies the masks."""
+
+    def wants_dense_grad(self, step: int) -> bool:
+        """Should the gradient hooks show the engine the dense gradient of the backward before ``step``?"""
+        return False
+
+    def observe_dense_grad(self, name: str, grad: torch.Tensor) -> None:
+        pass
+
+    def before_step(self, masker: "SparseMasker") -> None:
+        """Right before the optimizer step (after DDP's averaging and AGENT's correction of ``.grad``)."""
+
+    def after_step(self, masker: "SparseMasker", step: int) -> bool:
+        return False
+
+    def apply(self, masker: "SparseMasker") -> None:
+        """Make the model hold the current topology (after every step, after loading, at construction)."""
+        masker.mask_weights()
+
+    # the networks the masker trains: one, the model itself, unless an engine trains several
+    def views(self, masker: "SparseMasker") -> list[View]:
+        return [View(None, masker.masks)]
+
+    @property
+    def active_view(self) -> int:
+        """The view the next optimizer step trains."""
+        return 0
+
+    def full_weights(self, masker: "SparseMasker") -> AbstractContextManager:
+        """Inside, the model holds every view's weights (the shared tensor); one view is the model already."""
+        return nullcontext()
+
+    def at_target_density(self, masker: "SparseMasker") -> bool:
+        """Have the masks reached their final densities? Model selection waits for it (AST prunes gradually)."""
+        return True
+
+    # ---- persistence -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()} if self.generator is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def masker_state(self, masker: "SparseMasker") -> dict[str, Any]:
+        """Entries this engine adds to the masker's own state dict (AST keeps its sub-nets there)."""
+        return {}
+
+    def load_masker_state(self, masker: "SparseMasker", state: dict[str, Any]) -> bool:
+        """Restore from the masker's state dict; False: the masker restores its masks itself."""
+        return False
+
+
 class SparseMasker:
     """Owns the masks of ``params`` and keeps ``optimizer``'s view of them sparse.
 
     Args:
         params: name -> parameter, the sparse tensors.
-        optimizer: the optimizer that updates them (its step-post-hook drives topology updates).
+        optimizer: the optimizer that updates them (its step hooks drive topology updates).
         masks: name -> bool tensor of the parameter's shape, the initial topology.
-        engine: decides topology changes (static, SET/RigL/ITOP, BSR-Net, ...).
+        engine: decides topology changes (static, SET/RigL/ITOP, BSR-Net, GSE, AST, ...).
     """
 
     def __init__(
@@ -49,7 +144,7 @@ class SparseMasker:
         params: dict[str, nn.Parameter],
         optimizer: torch.optim.Optimizer,
         masks: dict[str, torch.Tensor],
-        engine: "Engine",
+        engine: Engine,
     ) -> None:
         if not params:
             raise ValueError("SparseMasker needs at least one sparse parameter")
@@ -64,6 +159,8 @@ class SparseMasker:
         self.grad_scale: Callable[[], torch.Tensor | None] | None = None
         self._handles = [p.register_hook(self._gradient_hook(name)) for name, p in params.items()]
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        engine.attach(self)
         self.apply()
 
     # ---- hooks ------------------------------------------------------------------------------------------
@@ -77,6 +174,9 @@ class SparseMasker:
 
         return hook
 
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.engine.before_step(self)
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step += 1
         if self.engine.after_step(self, self.step):
@@ -84,20 +184,69 @@ class SparseMasker:
                 self.ever_active[name] |= mask
         self.apply()
 
-    @torch.no_grad()
     def apply(self) -> None:
-        """Zero pruned weights and the matching entries of every optimizer buffer shaped like them."""
-        for name, param in self.params.items():
-            mask = self.masks[name]
-            param.mul_(mask)
-            for value in self.optimizer.state.get(param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.mul_(mask)
+        """Make the model hold the topology: zero pruned weights and their optimizer state."""
+        self.engine.apply(self)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    # ---- the API engines change the topology through -----------------------------------------------------
+
+    def optimizer_buffers(self, param: nn.Parameter) -> dict[str, torch.Tensor]:
+        """The optimizer's per-parameter buffers shaped like ``param`` (momentum, Adam moments, ...)."""
+        return {key: value for key, value in self.optimizer.state.get(param, {}).items()
+                if isinstance(value, torch.Tensor) and value.shape == param.shape}
+
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Layer ``name``'s new topology; the dict entry is replaced, so holders of ``masks`` see it."""
+        self.masks[name] = mask
+
+    def mark_explored(self, name: str, mask: torch.Tensor) -> None:
+        """Count ``mask``'s positions of layer ``name`` as having been active (the exploration rate)."""
+        self.ever_active[name] |= mask
+
+    @torch.no_grad()
+    def mask_weights(self) -> None:
+        """Zero pruned weights and the matching entries of every optimizer buffer shaped like them."""
+        for name, param in self.params.items():
+            mask = self.masks[name]
+            param.mul_(mask)
+            for value in self.optimizer_buffers(param).values():
+                value.mul_(mask)
+
+    @torch.no_grad()
+    def reset(self, name: str, positions: torch.Tensor, *, weight: bool = True) -> None:
+        """Zero layer ``name``'s optimizer state, and its weight unless ``weight=False``, at ``positions``: a
+        bool tensor of the layer's shape, or flat indices (a connection grown there starts afresh)."""
+        param = self.params[name]
+        tensors = ([param] if weight else []) + list(self.optimizer_buffers(param).values())
+        for tensor in tensors:
+            if positions.dtype == torch.bool:
+                tensor.masked_fill_(positions, 0.0)
+            elif tensor.is_contiguous():  # index updates: no weight-sized temporary
+                tensor.view(-1)[positions] = 0
+            else:  # pragma: no cover - parameters and optimizer buffers are contiguous in practice
+                flat = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+                flat[positions] = True
+                tensor.masked_fill_(flat.view_as(tensor), 0)
+
+    # ---- the networks this masker trains -----------------------------------------------------------------
+
+    def views(self) -> list[View]:
+        return self.engine.views(self)
+
+    @property
+    def active_view(self) -> int:
+        return self.engine.active_view
+
+    def full_weights(self) -> AbstractContextManager:
+        return self.engine.full_weights(self)
+
+    def at_target_density(self) -> bool:
+        return self.engine.at_target_density(self)
 
     # ---- reporting --------------------------------------------------------------------------------------
 
@@ -122,15 +271,24 @@ class SparseMasker:
             "masks": {name: mask.clone() for name, mask in self.masks.items()},
             "ever_active": {name: mask.clone() for name, mask in self.ever_active.items()},
             "engine": self.engine.state_dict(),
+            **self.engine.masker_state(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["masks"]) != set(self.masks):
             raise ValueError("the saved masks are for other parameters: "
                              f"{sorted(set(state['masks']) ^ set(self.masks))[:3]}")
+        self.step = int(state["step"])
+        for name in self.masks:
+            self.ever_active[name] = state["ever_active"][name].to(self.masks[name].device, torch.bool)
+        if self.engine.load_masker_state(self, state):
+            return
         for name in self.masks:
             self.masks[name] = state["masks"][name].to(self.masks[name].device, torch.bool)
-            self.ever_active[name] = state["ever_active"][name].to(self.masks[name].device, torch.bool)
-        self.step = int(state["step"])
         self.engine.load_state_dict(state["engine"])
         self.apply()
+
+
+def views_of(masker: SparseMasker | None) -> list[View]:
+    """The networks trained: the masker's views, or the dense model itself."""
+    return masker.views() if masker is not None else [DENSE_VIEW]

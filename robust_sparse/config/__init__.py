@@ -1,0 +1,33 @@
+"""Typed run configuration: defaults in one place, YAML files, ``--set a.b=value`` overrides.
+
+- :mod:`~robust_sparse.config.schema`: the dataclasses and Enums (every field, its default and why);
+- :mod:`~robust_sparse.config.parsing`: YAML and overrides -> typed dataclasses, and back (``to_dict``);
+- :mod:`~robust_sparse.config.validation`: the rules, each a one-line ConfigError naming its field.
+
+Every name other modules import is re-exported here, so ``from robust_sparse.config import X`` is the one
+import path.
+"""
+
+from robust_sparse.config.parsing import (_coerce, config_from_dict, load_config, parse_override, read_yaml,
+                                          save_config, to_dict)
+from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
+                                         DatasetName, DeviceChoice, Distribution, DivergenceConfig, EvalConfig,
+                                         FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
+                                         Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig, SparsityMethod,
+                                         TrackingConfig, TrainConfig, TrainingConfig, ValidationConfig, WandbConfig,
+                                         WandbMode)
+from robust_sparse.config.validation import validate
+# the sparsity sections and their closed choices (sparse/ reads them)
+from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, ASTConfig, ASTPruneFrom, BSRNetConfig,  # noqa: E402
+                                         GSEConfig, GSESampler, Growth, MagnitudePruneConfig, PruneSchedule)
+
+__all__ = [
+    "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
+    "Distribution", "DivergenceConfig", "EvalConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
+    "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
+    "SparsityMethod", "TrackingConfig", "TrainConfig", "TrainingConfig", "ValidationConfig", "WandbConfig", "WandbMode",
+    "_coerce", "config_from_dict", "load_config", "parse_override", "read_yaml", "save_config",
+    "to_dict", "validate",
+    "ASTConfig", "ASTPruneFrom", "BSRNetConfig", "GSEConfig", "GSESampler", "Growth", "MagnitudePruneConfig",
+    "PruneSchedule", "REGISTERED_SPARSITY_METHODS",
+]

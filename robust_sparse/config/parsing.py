@@ -1,0 +1,241 @@
+"""Reading a configuration: YAML (``yaml.safe_load``) -> dataclass defaults -> ``--set a.b=value`` overrides ->
+:func:`~robust_sparse.config.validation.validate`, and writing it back.
+
+Nothing is ever evaluated as code: numbers written as fractions (``8/255``) are parsed by a regular expression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from robust_sparse.config.schema import FLAT_SPARSITY_NAMES, OptimizerName, SparsityMethod, TrainConfig
+from robust_sparse.config.validation import validate
+from robust_sparse.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+# YAML 1.1 reads "1e-4" (no dot) as a string; accept it, and fractions such as "8/255", without eval.
+_FLOAT = re.compile(rf"^\s*({_NUMBER})\s*$")
+_FRACTION = re.compile(rf"^\s*({_NUMBER})\s*/\s*({_NUMBER})\s*$")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        try:
+            return annotation(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in annotation)
+            raise ConfigError(f"{where}: {value!r} is not one of {allowed}") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        number = _number(value, where)
+        if not math.isfinite(number):  # .inf, .nan, 1e999: a run would only diverge (or never stop)
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return number
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")  # a bug in this module
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and (match := _FLOAT.match(value)):
+        return float(match.group(1))
+    if isinstance(value, str) and (match := _FRACTION.match(value)):
+        numerator, denominator = float(match.group(1)), float(match.group(2))
+        if denominator == 0:
+            raise ConfigError(f"{where}: division by zero in {value!r}")
+        return numerator / denominator
+    raise ConfigError(f"{where}: expected a number (or a fraction like 8/255), got {value!r}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown field {where!r}; known fields here: {', '.join(sorted(known))}")
+    values = {}
+    for name, raw in data.items():
+        where = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _from_dict(annotation, raw, where)
+        else:
+            values[name] = _coerce(raw, annotation, where)
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-Python view (Enums as values): what goes into YAML files and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        f.name: to_dict(getattr(config, f.name))
+        if dataclasses.is_dataclass(getattr(config, f.name))
+        else plain(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+    }
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, where)
+        elif isinstance(value, dict) and merged.get(key) is not None:
+            # `attack: 0.1` then `--set attack.eps=...`: replacing the scalar would hide the first mistake
+            raise ConfigError(f"{where}: expected a mapping of fields (e.g. {where}.{next(iter(value))}), "
+                              f"got {merged[key]!r}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``optim.lr=0.1`` -> ``{"optim": {"lr": 0.1}}``; the value is read as YAML (so lists work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (UTF-8) YAML file") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of fields, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides; validated."""
+    data: dict[str, Any] = nest_flat_names(read_yaml(path)) if path is not None else {}
+    if path is not None and not data:
+        # An empty file would train the schema defaults (dense PGD-AT), while no file trains the quickstart
+        # (BSR-Net, 90% sparse): either reading is a guess, and an empty file is more often a mistake (a
+        # truncated copy, the wrong path) than a request for the defaults. Say so instead of guessing.
+        raise ConfigError(f"config file {path} is empty; give at least one field (e.g. objective: pgd_at), or "
+                          "no CONFIG for the quickstart")
+    for text in overrides:
+        data = _merge(data, nest_flat_names(parse_override(text)))
+    config = _from_dict(TrainConfig, data, "")
+    _method_defaults(config, data)
+    validate(config)
+    return config
+
+
+def _method_defaults(config: TrainConfig, data: dict[str, Any]) -> None:
+    """Defaults that depend on the sparse method. BSR-Net (and A-BSR-Net) train with tfa SGDW: decay decoupled
+    from the gradient and not scaled by the learning rate. ``optim.optimizer`` given in the file or an override
+    is kept as it is (``train`` warns when bsrnet then runs with coupled ``sgd`` decay)."""
+    optim = data.get("optim")
+    given = isinstance(optim, dict) and "optimizer" in optim
+    if config.sparsity.method is SparsityMethod.BSRNET and not given:
+        config.optim.optimizer = OptimizerName.SGDW
+        log.info("sparsity.method = bsrnet: optim.optimizer = sgdw (decoupled weight decay, BSR-Net's), "
+                 "as optim.optimizer was not given")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved in a checkpoint (it is re-validated: a hand-edited checkpoint gets no pass)."""
+    config = _from_dict(TrainConfig, nest_flat_names(data), "")
+    validate(config)
+    return config
+
+
+def nest_flat_names(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with the first versions' flat sparsity names (``sparsity.ast_densities``) moved into
+    their method's section (``sparsity.ast.densities``): old configs, sweep files and checkpoints still load.
+    Applied to each source (file, override, saved config) before merging, so later sources still win."""
+    sparsity = data.get("sparsity") if isinstance(data, dict) else None
+    if not isinstance(sparsity, dict) or not any(key in FLAT_SPARSITY_NAMES for key in sparsity):
+        return data
+    nested = {key: value for key, value in sparsity.items() if key not in FLAT_SPARSITY_NAMES}
+    for key, value in sparsity.items():
+        if key not in FLAT_SPARSITY_NAMES:
+            continue
+        section, name = FLAT_SPARSITY_NAMES[key]
+        current = nested.get(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"sparsity.{section}: expected a mapping of fields, got {current!r}")
+        if name in current:
+            raise ConfigError(f"sparsity.{key} and sparsity.{section}.{name} are the same field: give one")
+        nested[section] = {**current, name: value}
+    return {**data, "sparsity": nested}
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    from robust_sparse.checkpoint import write_atomic  # lazily: this module does not import torch
+
+    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+

@@ -1,0 +1,125 @@
+"""Validation: every rule names its field and the allowed range, and fails with a one-line ConfigError."""
+
+from __future__ import annotations
+
+from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DeviceChoice, Distribution, Norm, OptimizerName,
+                                         Precision, REGISTERED_SPARSITY_METHODS, SparsityConfig, SparsityMethod,
+                                         TrainConfig)
+from robust_sparse.errors import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: TrainConfig) -> None:
+    """The values alone. What they name (registered models, installed trackers, data and output directories)
+    is checked where it is used, before any data is read: ``robust_sparse.train.check_run``."""
+    data, attack, optim = config.data, config.attack, config.optim
+    project = config.tracking.wandb.project
+    _check(project is None or bool(project.strip()), "tracking.wandb.project: give a project name, or leave it out")
+    _check(data.batch_size >= 1, f"data.batch_size = {data.batch_size}: must be >= 1")
+    _check(data.eval_batch_size >= 1, f"data.eval_batch_size = {data.eval_batch_size}: must be >= 1")
+    _check(data.val_size >= 0, f"data.val_size = {data.val_size}: must be >= 0")
+    _check(data.train_limit >= 0, f"data.train_limit = {data.train_limit}: must be >= 0 (0 = all)")
+    _check(attack.eps >= 0, f"attack.eps = {attack.eps}: must be >= 0 (pixel units, inputs in [0,1])")
+    if attack.norm is Norm.LINF:
+        _check(attack.eps <= 1, f"attack.eps = {attack.eps}: must be <= 1 for linf (inputs are in [0,1])")
+    _check(attack.step_size > 0, f"attack.step_size = {attack.step_size}: must be > 0")
+    if attack.norm is Norm.LINF:
+        _check(attack.step_size <= 1, f"attack.step_size = {attack.step_size}: must be <= 1 for linf "
+               "(inputs are in [0,1])")
+    _check(attack.steps >= 1, f"attack.steps = {attack.steps}: must be >= 1")
+    _check(config.trades_beta >= 0, f"trades_beta = {config.trades_beta}: must be >= 0")
+    _check(optim.epochs >= 1, f"optim.epochs = {optim.epochs}: must be >= 1")
+    _check(0 < optim.lr < float("inf"), f"optim.lr = {optim.lr}: must be a finite number > 0")
+    _check(0 <= optim.momentum < 1, f"optim.momentum = {optim.momentum}: must be in [0, 1)")
+    _check(optim.weight_decay >= 0, f"optim.weight_decay = {optim.weight_decay}: must be >= 0")
+    # the fraction of every weight removed per step (sgdw: decoupled, not scaled by lr): 1 or more zeroes them
+    shrink = optim.weight_decay if optim.optimizer is OptimizerName.SGDW else optim.lr * optim.weight_decay
+    _check(shrink < 1, f"optim.weight_decay = {optim.weight_decay}: must be < 1 for sgdw, and optim.lr * "
+           "optim.weight_decay < 1 for sgd (the fraction of each weight removed every step)")
+    _check(not optim.nesterov or optim.momentum > 0, "optim.nesterov: needs optim.momentum > 0")
+    _check(len(optim.milestones) == len(optim.factors),
+           f"optim.milestones and optim.factors: need the same length, got {len(optim.milestones)} "
+           f"and {len(optim.factors)}")
+    _check(all(0 < m < 1 for m in optim.milestones), f"optim.milestones = {optim.milestones}: each must be a "
+           "fraction of training in (0, 1)")
+    _check(optim.milestones == sorted(optim.milestones), f"optim.milestones = {optim.milestones}: must increase")
+    _check(all(f > 0 for f in optim.factors), f"optim.factors = {optim.factors}: each must be > 0")
+    _check(config.val.pgd_steps >= 1, f"val.pgd_steps = {config.val.pgd_steps}: must be >= 1")
+    _check(config.val.max_examples >= 1, f"val.max_examples = {config.val.max_examples}: must be >= 1")
+    _check(config.eval.n_examples >= 0, f"eval.n_examples = {config.eval.n_examples}: must be >= 0 (0 = skip)")
+    _check(config.eval.pgd_steps >= 1, f"eval.pgd_steps = {config.eval.pgd_steps}: must be >= 1")
+    _check(config.eval.autoattack_examples >= 0,
+           f"eval.autoattack_examples = {config.eval.autoattack_examples}: must be >= 0 (0 = no AutoAttack)")
+    _check(config.eval.restarts >= 1, f"eval.restarts = {config.eval.restarts}: must be >= 1")
+    _check(config.eval.eps is None or config.eval.eps >= 0, f"eval.eps = {config.eval.eps}: must be >= 0")
+    _check(config.eval.eps is None or attack.norm is not Norm.LINF or config.eval.eps <= 1,
+           f"eval.eps = {config.eval.eps}: must be <= 1 for linf (inputs are in [0,1])")
+    _check(config.divergence.patience >= 1, f"divergence.patience = {config.divergence.patience}: must be >= 1")
+    _check(0 <= config.divergence.chance_margin < 1,
+           f"divergence.chance_margin = {config.divergence.chance_margin}: must be in [0, 1)")
+    _check(config.seed >= 0, f"seed = {config.seed}: must be >= 0")
+    for where, precision in (("train.precision", config.train.precision), ("eval.precision", config.eval.precision)):
+        _check(precision is not Precision.FP16 or config.device is not DeviceChoice.CPU,
+               f"{where} = fp16: needs a CUDA device (fp16 autocast with a GradScaler); use bf16 on the CPU")
+    _check(config.train.precision is not Precision.FP16 or config.sparsity.growth != "momentum",
+           "train.precision = fp16: sparsity.growth = momentum would add the gradient of a step the GradScaler "
+           "skips (an overflow) to its running average; use bf16 or fp32")
+    _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
+    _validate_sparsity(config.sparsity)
+    _validate_agent(config.agent)
+
+
+def _validate_agent(agent: AgentConfig) -> None:
+    _check(0 <= agent.gamma <= 1, f"agent.gamma = {agent.gamma}: must be in [0, 1]")
+    _check(0 < agent.alpha <= 1, f"agent.alpha = {agent.alpha}: must be in (0, 1]")
+    _check(0 <= agent.fixed_c <= 1, f"agent.fixed_c = {agent.fixed_c}: must be in [0, 1]")
+    _check(agent.snapshot_every >= 1, f"agent.snapshot_every = {agent.snapshot_every}: must be >= 1")
+    _check(agent.full_grad_batches >= 0, f"agent.full_grad_batches = {agent.full_grad_batches}: must be >= 0 "
+           "(0 = the whole training split)")
+    _check(agent.estimator is not AgentEstimator.PAPER or agent.full_grad_batches != 1,
+           "agent.full_grad_batches = 1: the paper estimator's covariance needs at least 2 batches (or 0 = all)")
+    _check(agent.probe_chunks == 0 or agent.probe_chunks >= 2,
+           f"agent.probe_chunks = {agent.probe_chunks}: must be 0 (off) or >= 2")
+
+
+def _validate_sparsity(sparsity: SparsityConfig) -> None:
+    method = getattr(sparsity.method, "value", sparsity.method)
+    known = [m.value for m in SparsityMethod] + sorted(REGISTERED_SPARSITY_METHODS)
+    _check(method in known, f"sparsity.method: {method!r} is not one of {', '.join(known)} (or a name registered "
+           "with robust_sparse.register_sparsity_method)")
+    if sparsity.method is SparsityMethod.NONE:
+        return
+    _check(0 < sparsity.density <= 1, f"sparsity.density = {sparsity.density}: must be in (0, 1]")
+    _check(sparsity.update_every is None or sparsity.update_every >= 1,
+           f"sparsity.update_every = {sparsity.update_every}: must be >= 1")
+    _check(sparsity.prune_rate is None or 0 < sparsity.prune_rate < 1,
+           f"sparsity.prune_rate = {sparsity.prune_rate}: must be in (0, 1)")
+    _check(0 < sparsity.end_fraction <= 1, f"sparsity.end_fraction = {sparsity.end_fraction}: must be in (0, 1]")
+    bsrnet, gse, ast = sparsity.bsrnet, sparsity.gse, sparsity.ast
+    _check(bsrnet.noise_scale >= 0, f"sparsity.bsrnet.noise_scale = {bsrnet.noise_scale}: must be >= 0")
+    _check(bsrnet.temperature is None or bsrnet.temperature >= 0,
+           f"sparsity.bsrnet.temperature = {bsrnet.temperature}: must be >= 0")
+    _check(bsrnet.l1 >= 0, f"sparsity.bsrnet.l1 = {bsrnet.l1}: must be >= 0")
+    _check(bsrnet.regrow_value > 0, f"sparsity.bsrnet.regrow_value = {bsrnet.regrow_value}: must be > 0")
+    _check(gse.candidates > 0, f"sparsity.gse.candidates = {gse.candidates}: must be > 0")
+    _check(gse.samples_per_class >= 1, f"sparsity.gse.samples_per_class = {gse.samples_per_class}: must be >= 1")
+    _check(sparsity.distribution is not Distribution.BSRNET or sparsity.method is SparsityMethod.BSRNET,
+           "sparsity.distribution = bsrnet: only for sparsity.method = bsrnet (it sets initial densities)")
+    if sparsity.method is SparsityMethod.AST:
+        densities = ast.densities
+        _check(len(densities) >= 1, "sparsity.ast.densities: give at least one sub-net density")
+        _check(all(0 < d <= 1 for d in densities), f"sparsity.ast.densities = {densities}: each must be in (0, 1]")
+        _check(densities == sorted(densities, reverse=True),
+               f"sparsity.ast.densities = {densities}: list the sub-nets densest first")
+        _check(densities[0] <= ast.init_density <= 1, f"sparsity.ast.init_density = {ast.init_density}: must be "
+               f"in [{densities[0]}, 1] (pruning only removes connections)")
+        _check(ast.offset is None or ast.offset >= 0, f"sparsity.ast.offset = {ast.offset}: must be >= 0")
+        _check(0 <= ast.gc_beta < 1, f"sparsity.ast.gc_beta = {ast.gc_beta}: must be in [0, 1)")
+    if sparsity.method is SparsityMethod.MAGNITUDE_PRUNE:
+        checkpoint = sparsity.magnitude_prune.dense_checkpoint
+        _check(bool(checkpoint), "sparsity.magnitude_prune.dense_checkpoint: magnitude_prune needs the trained "
+               "dense model's checkpoint")
