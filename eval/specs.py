@@ -15,17 +15,14 @@ accept, how its spelling parses (``pgd-50x10``, without ``eval``) and how the ru
 Each name is an :class:`AttackKind` in :data:`ATTACKS`; :func:`register_attack` adds one from Python (exported
 as ``robust_sparse.register_attack``). The runner (:mod:`robust_sparse.eval.runner`) only asks a kind for its
 units and builds each through it; the CLI's ``--attacks`` help lists :func:`names_help`. A new process knows the
-attacks of the modules named in ``$ROBUST_SPARSE_ATTACK_MODULES`` (comma-separated; imported on first need):
-``ROBUST_SPARSE_ATTACK_MODULES=my_attacks robust-sparse eval ... --attacks my-attack``; a sweep sets it for its
-evaluation processes.
+attacks of the modules named in ``$ROBUST_SPARSE_PLUGINS`` (:mod:`robust_sparse.plugins`; imported on first
+need); a sweep sets it for its evaluation processes.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -35,6 +32,7 @@ from torch import nn
 
 from robust_sparse.attacks import CW, FGSM, PGD, Attack
 from robust_sparse.accuracy import pgd_step_size
+from robust_sparse import plugins
 from robust_sparse.errors import UserError
 from robust_sparse.eval.autoattack import (STANDARD_ATTACKS, WHITE_BOX_ATTACKS, AutoAttackBackend, select_backend,
                                            torchattacks_autoattack)
@@ -44,9 +42,6 @@ log = logging.getLogger(__name__)
 
 #: Images, labels -> adversarial images: what one unit of an attack is, once built.
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: Comma-separated importable modules that register attacks; a sweep sets it for its evaluation children,
-#: which start without the parent's registrations.
-MODULES_VARIABLE = "ROBUST_SPARSE_ATTACK_MODULES"
 _NAME = re.compile(r"[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*")
 _STEPS_SUFFIX = re.compile(r"(.+?)-(\d+)(?:x(\d+))?")
 
@@ -149,7 +144,7 @@ class AttackSpec:
 
 def names_help() -> str:
     """The registered names as ``--attacks`` accepts them, in registration order."""
-    _import_attack_modules()
+    plugins.import_from_environment()
     return ", ".join(kind.spelling for _, kind in ATTACKS.entries())
 
 
@@ -157,7 +152,7 @@ def parse_attack(text: str, *, default_steps: int = 50, default_restarts: int = 
     """``"pgd-50x10"`` -> ``AttackSpec("pgd", 50, 10)``; bare ``pgd`` takes the defaults, bare ``cw`` one restart."""
     name = text.strip().lower()
     spec = _parse(name, default_steps, default_restarts)
-    if spec is None and _import_attack_modules():
+    if spec is None and plugins.import_from_environment():
         spec = _parse(name, default_steps, default_restarts)
     if spec is None:
         raise UserError(f"unknown attack {text.strip()!r}; choose from: {names_help()}")
@@ -202,31 +197,12 @@ def attack_modules(specs: Iterable[AttackSpec]) -> tuple[str, ...]:
     modules = []
     for spec in specs:
         module = spec.attack_kind.module
-        if module in ("__main__", ""):
-            raise UserError(f"attack {spec.kind!r} is registered from {module or 'an unknown module'}, which child "
-                            "processes cannot import: call register_attack in an importable module (or pass module=)")
+        if module is not None:
+            module = plugins.importable(module, f"attack {spec.kind!r}")
         if module is not None and module not in modules:
             modules.append(module)
     return tuple(modules)
 
-
-_imported_from_environment = False
-
-
-def _import_attack_modules() -> bool:
-    """Import the modules named in ``$ROBUST_SPARSE_ATTACK_MODULES`` (once); whether any were imported now."""
-    global _imported_from_environment
-    if _imported_from_environment:
-        return False
-    _imported_from_environment = True
-    names = [name.strip() for name in os.environ.get(MODULES_VARIABLE, "").split(",") if name.strip()]
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as error:
-            raise UserError(f"{MODULES_VARIABLE}: cannot import {name!r} ({error})") from None
-        log.debug("imported %s (%s) for its attacks", name, MODULES_VARIABLE)
-    return bool(names)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from robust_sparse import plugins
 from robust_sparse.checkpoint import check_output_dir, write_atomic
-from robust_sparse.config import _coerce, load_config, parse_override, read_yaml, save_config
+from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, _coerce, load_config, parse_override, read_yaml,
+                                  save_config)
 from robust_sparse.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ class Sweep:
     slurm: dict[str, Any] = field(default_factory=dict)
     threads: int = 0  # torch threads per local run; 0 = the machine's cores divided by parallel
     eval_stage: "EvalStage | None" = None
+    # modules that registered the sparse methods and attacks the runs use by name, imported by every child
+    # process (robust_sparse.plugins)
+    plugins: tuple[str, ...] = ()
 
 
 EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "batch_size", "probe"}
@@ -152,8 +157,15 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
                   eval_stage=eval_stage)
     from robust_sparse.train import check_run  # the training stack, only once the sweep file itself is sound
 
+    modules = list(eval_stage.modules) if eval_stage is not None else []
     for overrides in expand(sweep):  # type errors, unknown fields and ranges surface before anything runs
-        check_run(load_config(sweep.base, sweep.overrides + overrides))
+        config = load_config(sweep.base, sweep.overrides + overrides)
+        check_run(config)
+        method = getattr(config.sparsity.method, "value", config.sparsity.method)
+        if method in REGISTERED_SPARSITY_METHODS:  # registered from Python: the runs import its module
+            module = plugins.importable(REGISTERED_SPARSITY_METHODS[method], f"sparsity method {method!r}")
+            modules += [module] if module not in modules else []
+    sweep.plugins = tuple(modules)
     return sweep
 
 
@@ -268,17 +280,18 @@ def _command(config_path: Path, run_dir: Path, device: str) -> list[str]:
             "--out", str(run_dir), "--device", device]
 
 
-def _child(device: str, threads: int) -> tuple[dict[str, str], str]:
-    """A child process's environment and --device: its thread count, and one GPU per run (it sees only its own)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _child(device: str, threads: int, modules: tuple[str, ...] = ()) -> tuple[dict[str, str], str]:
+    """A child process's environment and --device: its thread count, the modules that register what it uses by
+    name, and one GPU per run (it sees only its own)."""
+    env = plugins.environment(dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)), modules)
     if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
     return env, device
 
 
-def _run_local(config_path: Path, run_dir: Path, device: str, threads: int) -> str:
-    env, device = _child(device, threads)
+def _run_local(config_path: Path, run_dir: Path, modules: tuple[str, ...], device: str, threads: int) -> str:
+    env, device = _child(device, threads, modules)
     with open(run_dir / "train.log", "a") as logfile:
         result = subprocess.run(_command(config_path, run_dir, device), stdout=logfile, stderr=subprocess.STDOUT,
                                 env=env)
@@ -317,13 +330,9 @@ def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
     return command
 
 
-def _run_eval(run_dir: Path, stage: EvalStage, device: str, threads: int) -> str:
+def _run_eval(run_dir: Path, stage: EvalStage, modules: tuple[str, ...], device: str, threads: int) -> str:
     """The stage on one run: ``robust-sparse eval`` (resuming from its saved per-point flags), then the record."""
-    env, device = _child(device, threads)
-    if stage.modules:  # attacks registered from Python: the child registers them by importing the same modules
-        from robust_sparse.eval.specs import MODULES_VARIABLE
-
-        env[MODULES_VARIABLE] = ",".join(filter(None, [env.get(MODULES_VARIABLE, ""), *stage.modules]))
+    env, device = _child(device, threads, modules)
     with open(run_dir / "eval.log", "a") as logfile:
         result = subprocess.run(_eval_command(run_dir, stage, device), stdout=logfile, stderr=subprocess.STDOUT,
                                 env=env)
@@ -369,7 +378,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> 
         if sweep.eval_stage is not None:
             rows[-1]["eval"] = _eval_status(run_dir, status, sweep.eval_stage, config.seed)
         if status in ("pending", "partial"):
-            todo.append((len(rows) - 1, requested, run_dir))
+            todo.append((len(rows) - 1, requested, run_dir, sweep.plugins))
     index = pd.DataFrame(rows)
     log.info("sweep %s: %d runs, %d to do", out, len(rows), len(todo))
     if dry_run:
@@ -380,7 +389,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> 
         for row, (_, entry) in enumerate(index.iterrows()):  # runs that finished training just now count too
             if entry["eval"] == "waits for training" and entry["status"] == "done":
                 index.loc[row, "eval"] = "pending"
-        stage_todo = [(row, out / "runs" / entry["run_id"], sweep.eval_stage) for row, (_, entry)
+        stage_todo = [(row, out / "runs" / entry["run_id"], sweep.eval_stage, sweep.plugins) for row, (_, entry)
                       in enumerate(index.iterrows()) if evaluate and entry["eval"] == "pending"]
         log.info("sweep %s: evaluation stage (%s), %d runs to evaluate", out, sweep.eval_stage.attacks,
                  len(stage_todo))

@@ -161,6 +161,72 @@ def test_a_registered_attack_is_used_by_name(toy_attacks, trained_tiny, mnist, t
     # imports the registering module
     stage = _eval_stage({"attacks": ["toy-fill"], "n_examples": 40, "eps": 0.5, "batch_size": 16, "probe": False})
     assert stage.attacks == "toy-fill" and stage.modules == ("toy_attacks",)
-    assert _run_eval(checkpoint.parent, stage, "cpu", 1) == "done", (checkpoint.parent / "eval.log").read_text()
+    assert _run_eval(checkpoint.parent, stage, stage.modules, "cpu", 1) == "done", (checkpoint.parent / "eval.log").read_text()
     record = json.loads((checkpoint.parent / EVAL_RESULT).read_text())
     assert record["results"][0]["per_attack"] == {"Toy fill": pytest.approx(expected)}
+
+
+TOY_METHODS = '''
+"""A user's sparse method, registered on import (as a plugin module would)."""
+import torch
+
+import robust_sparse
+from robust_sparse.sparse.masker import Engine
+
+
+def every_third(setup):
+    masks = {}
+    for name, shape in setup.shapes.items():
+        flat = torch.zeros(torch.Size(shape).numel(), dtype=torch.bool)
+        flat[::3] = True
+        masks[name] = flat.view(shape).to(setup.device)
+    return masks, Engine()
+
+
+robust_sparse.register_sparsity_method("toy_every_third", every_third)
+'''
+
+
+def test_a_sweep_trains_a_method_registered_from_python_in_its_child_processes(tmp_path, monkeypatch):
+    """The sweep's runs are new processes: they import the registering module ($ROBUST_SPARSE_PLUGINS)."""
+    import importlib
+    import sys
+
+    import yaml
+
+    from robust_sparse.config import REGISTERED_SPARSITY_METHODS
+    from robust_sparse.errors import UserError
+    from robust_sparse.sparse import METHODS
+    from robust_sparse.sweep import load_sweep, run_sweep
+
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "toy_methods.py").write_text(TOY_METHODS)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("ROBUST_SPARSE_PLUGINS", raising=False)
+    importlib.import_module("toy_methods")
+    try:
+        assert REGISTERED_SPARSITY_METHODS["toy_every_third"] == "toy_methods"
+        sweep_file = tmp_path / "sweep.yaml"
+        sweep_file.write_text(yaml.safe_dump({
+            "overrides": ["sparsity.method=toy_every_third", "model.name=tiny_cnn", "data.train_limit=128",
+                          "data.val_size=64", "optim.epochs=1", "attack.steps=1", "val.pgd_steps=1",
+                          "val.max_examples=64", "eval.n_examples=0", "device=cpu"],
+            "grid": {"seed": [0]}}))
+        sweep = load_sweep(sweep_file, str(tmp_path / "out"))
+        assert sweep.plugins == ("toy_methods",)
+        index = run_sweep(sweep)
+        run_dir = tmp_path / "out" / "runs" / "seed=0"
+        assert index["status"].tolist() == ["done"], (run_dir / "train.log").read_text()
+        masks = load_checkpoint(run_dir / "last.pt")["sparsity"]["masks"]
+        for mask in masks.values():  # the child trained with the plugin's mask
+            assert torch.equal(mask.flatten().cpu(), torch.arange(mask.numel()) % 3 == 0)
+        # a method registered from a script (__main__) cannot reach the child processes: one line, up front
+        REGISTERED_SPARSITY_METHODS["toy_every_third"] = "__main__"
+        with pytest.raises(UserError, match="sparsity method 'toy_every_third' is registered from __main__"):
+            load_sweep(sweep_file, str(tmp_path / "out2"))
+    finally:
+        METHODS.remove("toy_every_third")
+        REGISTERED_SPARSITY_METHODS.pop("toy_every_third", None)
+        sys.modules.pop("toy_methods", None)

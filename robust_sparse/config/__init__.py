@@ -1,6 +1,7 @@
 """Typed run configuration: defaults in one place, YAML files, ``--set a.b=value`` overrides.
 
-- :mod:`~robust_sparse.config.schema`: the dataclasses and Enums (every field, its default and why);
+- :mod:`~robust_sparse.config.schema`: the dataclasses and Enums (every field, its default and why), with the
+  sparsity section in :mod:`~robust_sparse.config.sparsity`;
 - :mod:`~robust_sparse.config.parsing`: YAML and overrides -> typed dataclasses, and back (``to_dict``);
 - :mod:`~robust_sparse.config.validation`: the rules, each a one-line ConfigError naming its field.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DeviceChoice, Distribution, Norm, OptimizerName,
                                          Precision, REGISTERED_SPARSITY_METHODS, SparsityConfig, SparsityMethod,
                                          TrainConfig)
+from robust_sparse import plugins
 from robust_sparse.errors import ConfigError
 
 
@@ -88,7 +89,10 @@ def _validate_agent(agent: AgentConfig) -> None:
 
 def _validate_sparsity(sparsity: SparsityConfig) -> None:
     method = getattr(sparsity.method, "value", sparsity.method)
-    known = [m.value for m in SparsityMethod] + sorted(REGISTERED_SPARSITY_METHODS)
+    builtin = [m.value for m in SparsityMethod]
+    if method not in builtin and method not in REGISTERED_SPARSITY_METHODS:
+        plugins.import_from_environment()  # a sweep's run, or $ROBUST_SPARSE_PLUGINS set by hand
+    known = builtin + sorted(REGISTERED_SPARSITY_METHODS)
     _check(method in known, f"sparsity.method: {method!r} is not one of {', '.join(known)} (or a name registered "
            "with robust_sparse.register_sparsity_method)")
     if sparsity.method is SparsityMethod.NONE:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from robust_sparse import plugins
 from robust_sparse.config import REGISTERED_SPARSITY_METHODS, SparsityConfig
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.registry import Registry
@@ -103,16 +104,20 @@ METHODS = Registry[SparseMethod]("sparsity method")
 
 
 def register_sparsity_method(name: str, build: Build, *,
-                             saved_views: Callable[[dict[str, Any]], list[SavedView]] | None = None) -> None:
+                             saved_views: Callable[[dict[str, Any]], list[SavedView]] | None = None,
+                             module: str | None = None) -> None:
     """Make ``sparsity.method = name`` train with ``build(setup) -> (masks, engine)``.
 
     ``setup`` is a :class:`Setup`; ``masks`` maps each of ``setup.params`` to a bool tensor of its shape, and
     ``engine`` is an :class:`~robust_sparse.sparse.masker.Engine` (the base class keeps the masks fixed).
+    ``module`` is the importable module that makes this call, which a sweep's processes import to know the name
+    (:mod:`robust_sparse.plugins`; default: the module defining ``build``).
     """
     if not name or name != name.strip() or name == "none":
         raise ValueError(f"sparsity method name {name!r}: give a non-empty name other than 'none'")
     METHODS.register(name)(SparseMethod(build, saved_views or _single_saved_view))
-    REGISTERED_SPARSITY_METHODS.add(name)  # sparsity.method accepts it from now on
+    # sparsity.method accepts it from now on
+    REGISTERED_SPARSITY_METHODS[name] = module or getattr(build, "__module__", None) or ""
 
 
 def method_name(method: Any) -> str:
@@ -131,6 +136,8 @@ def build_sparsity(config, model: nn.Module, model_name: str, optimizer: torch.o
     name = method_name(config.method)
     if name == "none":
         return None
+    if name not in METHODS:
+        plugins.import_from_environment()
     method = METHODS.get(name)
     params = sparsifiable(model, config.include_first, config.include_last)
     if not params:
@@ -163,6 +170,8 @@ def random_masks(shapes: dict[str, torch.Size], densities: dict[str, float], gen
 def saved_views(checkpoint: dict[str, Any]) -> list[SavedView]:
     """The networks a robust-sparse checkpoint holds, as its method stores them."""
     name = method_name(((checkpoint.get("config") or {}).get("sparsity") or {}).get("method", "none"))
+    if name not in METHODS:
+        plugins.import_from_environment()  # a method registered from Python, in a sweep's evaluation process
     method = METHODS.get(name) if name in METHODS else None
     return (method.saved_views if method is not None else _single_saved_view)(checkpoint)
 
