@@ -4,8 +4,8 @@ A robust accuracy is only as honest as the attacks behind it. These checks look 
 gradient-based attacks failed rather than the model being robust:
 
 * **AutoAttack above PGD**: AutoAttack (stronger by design) leaves more points robust than PGD did;
-* **Square where white-box failed**: the black-box Square attack breaks points every gradient-based attack
-  left robust (AutoAttack's own ``check_square_sr``, with its 0.2% tolerance);
+* **black-box where white-box failed**: the black-box Square attack (or one registered as black-box) breaks
+  points every gradient-based attack left robust (AutoAttack's own ``check_square_sr``, with its 0.2% tolerance);
 * **large eps**: a margin PGD from the clean point at a large eps (L-inf 0.5, where a mid-grey image is in
   every ball) leaves points robust; robust accuracy should fall to ~0;
 * **non-monotone in eps**: robust accuracy rises with eps.
@@ -46,12 +46,13 @@ def check_evaluation(evaluation: Evaluation) -> list[str]:
             f"{eps_text}: AutoAttack accuracy {autoattack.accuracy:.4f} is above {pgd.label} {pgd.accuracy:.4f} "
             f"({extra} points survive AutoAttack but not PGD); AutoAttack should be the stronger attack: "
             "check for a randomised or non-deterministic model, or gradient masking")
-    square_only = _square_only(evaluation)
-    if square_only is not None:
-        count = int(square_only.sum())
+    black_box_only, labels = _black_box_only(evaluation)
+    if black_box_only is not None:
+        count = int(black_box_only.sum())
         if count > SQUARE_TOLERANCE * evaluation.n:
+            attacks = " and ".join(dict.fromkeys(labels))
             warnings.append(
-                f"{eps_text}: the black-box Square attack broke {count} points ({count / evaluation.n:.2%}) that "
+                f"{eps_text}: the black-box {attacks} attack broke {count} points ({count / evaluation.n:.2%}) that "
                 "every white-box attack left robust: gradients are likely masked or obfuscated; trust the "
                 "black-box number and consider adaptive attacks")
     probe = evaluation.probe
@@ -69,25 +70,30 @@ def check_evaluation(evaluation: Evaluation) -> list[str]:
     return warnings
 
 
-def _square_only(evaluation: Evaluation) -> torch.Tensor | None:
-    """Points broken by Square (inside AutoAttack or alone) and robust under every white-box attack run."""
+def _black_box_only(evaluation: Evaluation) -> tuple[torch.Tensor | None, list[str]]:
+    """Points broken by a black-box attack (Square inside AutoAttack or alone, or one registered as black-box)
+    and robust under every white-box attack run; with the black-box attacks' labels."""
     white_box_robust = evaluation.clean.clone()
-    square_broken = torch.zeros_like(evaluation.clean)
-    white_box_seen = square_seen = False
+    black_box_broken = torch.zeros_like(evaluation.clean)
+    white_box_seen, labels = False, []
     for outcome in evaluation.outcomes:
         spec = outcome.spec
-        if spec.kind == "autoattack":
-            square_broken |= outcome.broken_by_unit("square")
-            square_seen = white_box_seen = True  # Square only ran on points APGD-CE/APGD-T/FAB-T left robust
-        elif spec.kind == "square":
-            square_broken |= evaluation.clean & ~outcome.robust
-            square_seen = True
+        black = [unit for unit in spec.units if not spec.unit_is_white_box(unit)]
+        if black and len(black) < len(spec.units):
+            # AutoAttack: its black-box Square ran only on the points its white-box units left robust
+            for unit in black:
+                black_box_broken |= outcome.broken_by_unit(unit)
+            white_box_seen = True
+            labels.append("Square" if black == ["square"] else f"{outcome.label} ({', '.join(black)})")
+        elif black:
+            black_box_broken |= evaluation.clean & ~outcome.robust
+            labels.append(outcome.label)
         else:
             white_box_robust &= outcome.robust
             white_box_seen = True
-    if not (square_seen and white_box_seen):
-        return None
-    return square_broken & white_box_robust
+    if not (labels and white_box_seen):
+        return None, labels
+    return black_box_broken & white_box_robust, labels
 
 
 def check_monotone(evaluations: Iterable[Evaluation]) -> list[str]:

@@ -101,3 +101,19 @@ def test_a_real_eps_sweep_is_monotone(trained_tiny, mnist):
                                                    ("l2", (1, 28, 28), 14.0)])
 def test_default_large_eps(norm, shape, expected):
     assert default_large_eps(norm, shape) == pytest.approx(expected)
+
+
+def test_an_attack_registered_as_black_box_counts_like_square():
+    """The check reads black-box-ness from the attack registry, not from the name "square"."""
+    from robust_sparse.eval.specs import ATTACKS, register_attack
+
+    register_attack("toy-blackbox", lambda model, images, labels, *, norm, eps: images, label="Toy black box",
+                    black_box=True, module="tests.toy")
+    try:
+        n = 10
+        evaluation = _synthetic({"pgd": [True] * n, "toy-blackbox": [False, False] + [True] * (n - 2)})
+        assert any("black-box Toy black box attack broke 2 points" in w for w in check_evaluation(evaluation))
+        evaluation.outcomes[0].robust[:2] = False  # the white-box PGD breaks them too: nothing to report
+        assert check_evaluation(evaluation) == []
+    finally:
+        ATTACKS.remove("toy-blackbox")
