@@ -92,20 +92,26 @@ robust_sparse.register_attack("toy-fill-class", Fill, label="Toy fill (class)")
 '''
 
 
+def _plugin_module(name: str, source: str, tmp_path, monkeypatch):
+    """``source`` as module ``name``, imported here and importable by child processes (PYTHONPATH)."""
+    import importlib
+
+    folder = tmp_path / "plugins"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def toy_attacks(tmp_path, monkeypatch):
     """The module above, importable here and in child processes; its attacks unregistered afterwards."""
-    import importlib
     import sys
 
     from robust_sparse.eval.specs import ATTACKS
 
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "toy_attacks.py").write_text(TOY_ATTACKS)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
-    module = importlib.import_module("toy_attacks")
+    module = _plugin_module("toy_attacks", TOY_ATTACKS, tmp_path, monkeypatch)
     yield module
     ATTACKS.remove("toy-fill")
     ATTACKS.remove("toy-fill-class")
@@ -189,7 +195,6 @@ robust_sparse.register_sparsity_method("toy_every_third", every_third)
 
 def test_a_sweep_trains_a_method_registered_from_python_in_its_child_processes(tmp_path, monkeypatch):
     """The sweep's runs are new processes: they import the registering module ($ROBUST_SPARSE_PLUGINS)."""
-    import importlib
     import sys
 
     import yaml
@@ -199,13 +204,8 @@ def test_a_sweep_trains_a_method_registered_from_python_in_its_child_processes(t
     from robust_sparse.sparse import METHODS
     from robust_sparse.sweep import load_sweep, run_sweep
 
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "toy_methods.py").write_text(TOY_METHODS)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
     monkeypatch.delenv("ROBUST_SPARSE_PLUGINS", raising=False)
-    importlib.import_module("toy_methods")
+    _plugin_module("toy_methods", TOY_METHODS, tmp_path, monkeypatch)
     try:
         assert REGISTERED_SPARSITY_METHODS["toy_every_third"] == "toy_methods"
         sweep_file = tmp_path / "sweep.yaml"
