@@ -46,7 +46,15 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it; it is set straight back)."""
+    """The process's umask. Linux reports it in /proc; elsewhere reading it means setting it and setting it
+    straight back, which a thread creating a file at that instant would see (so /proc comes first)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threat-model", help="Linf or L2 (default: the checkpoint's, else Linf)")
     evaluate.add_argument("--eps", help="radius, e.g. 8/255, or several: 2/255,4/255,8/255 "
                                         "(default: the run's; else 8/255 Linf / 0.5 L2 on CIFAR and SVHN)")
-    attacks = evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack); "
-                                                      "%(registered)s")
-    attacks.registered = _RegisteredAttacks()  # argparse fills %(registered)s from the action when help is shown
+    attacks = evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack);")
+    # argparse fills %(registered)s from the action's attributes when help is shown; added after add_argument,
+    # which checks the help string's placeholders on newer Pythons
+    attacks.registered = _RegisteredAttacks()
+    attacks.help += " %(registered)s"
     evaluate.add_argument("--pgd-steps", type=int, help="steps of a bare 'pgd' (default: the run's, else 50)")
     evaluate.add_argument("--restarts", type=int, help="restarts of a bare 'pgd' (default: the run's, else 10)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of every random start, AutoAttack's too (default 0)")

@@ -399,6 +399,8 @@ def gamma_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str
     if table["agent.gamma"].nunique() < 2:
         return None
     metrics = [m for m in test_metrics(table, " mean") if table[f"{m} mean"].notna().any()]
+    if not metrics:  # no γ setting has test results yet (a report while the sweep still trains)
+        return None
     table = table[table[[f"{m} mean" for m in metrics]].notna().any(axis=1)]  # settings not yet tested: no entry
     others = [k for k in keys if k not in ("seed", "agent.gamma") and k in table]
     plotted = series(table, legend_keys(table, others))

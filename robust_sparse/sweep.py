@@ -159,7 +159,9 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
 
     modules = list(eval_stage.modules) if eval_stage is not None else []
     for overrides in expand(sweep):  # type errors, unknown fields and ranges surface before anything runs
-        config = load_config(sweep.base, sweep.overrides + overrides)
+        # each run's own directory, as run_sweep will set it (the base config's out_dir is never used)
+        run_dir = sweep.out_dir / "runs" / run_id(overrides)
+        config = load_config(sweep.base, sweep.overrides + overrides + [f"out_dir={run_dir}"])
         check_run(config)
         method = getattr(config.sparsity.method, "value", config.sparsity.method)
         if method in REGISTERED_SPARSITY_METHODS:  # registered from Python: the runs import its module

@@ -18,6 +18,7 @@ from robust_sparse.checkpoint import FORMAT, save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import TrainConfig, load_config, save_config, to_dict
 from robust_sparse.errors import ConfigError
+from robust_sparse.sweep import load_sweep
 
 
 def one_line_error(argv: list[str], capsys) -> str:
@@ -333,3 +334,16 @@ def test_sweep_out_dir_naming_an_existing_file(tmp_path, capsys):
     assert "sweep out_dir" in one_line_error(["sweep", str(path)], capsys)
     assert "sweep out_dir" in one_line_error(["sweep", str(path), "--out", str(target / "sub")], capsys)
     assert target.read_text() == "keep me\n"
+
+
+def test_a_sweep_checks_its_runs_directories_not_the_base_configs_out_dir(tmp_path):
+    """The runs train in <sweep>/runs/<id>: an unusable out_dir in the base config is never used, so it is not
+    an error; the run directories are what is checked."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me\n")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"grid": {"seed": [0]}, "overrides": [f"out_dir={blocker / 'run'}"]}))
+    sweep = load_sweep(path, str(tmp_path / "out"))
+    assert sweep.out_dir == tmp_path / "out"
+    with pytest.raises(ConfigError, match="out_dir"):  # a run directory that cannot be made is still refused
+        load_sweep(path, str(blocker))

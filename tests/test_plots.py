@@ -234,3 +234,10 @@ def test_the_report_writes_every_figure_and_links_it(study, tmp_path):
         assert f"]({name}.png)" in report
     assert not list((tmp_path / "report").glob(".*.tmp"))  # written atomically: no temporaries left
     assert math.isfinite(pd.read_csv(tmp_path / "report" / "summary.csv")["test_pgd_accuracy mean"].sum())
+
+
+def test_no_gamma_figure_while_no_setting_has_test_results():
+    """A report of a sweep still training: γ settings without test accuracies yet give no figure (not a crash)."""
+    table = pd.DataFrame({"agent.gamma": [0.0, 0.1], "sparsity.density": [0.1, 0.1],
+                          "test_clean_accuracy mean": [math.nan] * 2, "test_pgd_accuracy mean": [math.nan] * 2})
+    assert plots.gamma_figure(table, ["agent.gamma", "sparsity.density"], {}) is None
