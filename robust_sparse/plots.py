@@ -179,12 +179,15 @@ def setting_label(keys: Sequence[str], values: Sequence[Any]) -> str:
 def legend_keys(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
     """The keys that tell the settings of ``frame`` apart, fewest first: keys with one value go; then a key the
     others imply (the sweep's name, a sub-net's index, an auxiliary override) goes if the rest still separate
-    every setting; known keys (DISPLAY) go last, when the others tell the settings apart without them."""
+    every setting; known keys (DISPLAY) go last, when the others tell the settings apart without them. A key
+    that only some settings set (an override of one sweep: ``ast_subnet_bn=True``, ``optim.epochs=18``) says
+    what is special about them, so it stays even where another key would tell them apart."""
     keys = [k for k in keys if k in frame and k != "seed" and _distinct(frame, [k]) > 1]
     total = _distinct(frame, keys) if keys else 1
     known = [k for k in reversed(DISPLAY) if k in keys]  # the least telling first: γ=0.1 if all AGENT runs share it
-    droppable = [k for k in IMPLIED_FIRST if k in keys] + [k for k in reversed(keys)
-                                                         if k not in DISPLAY and k not in IMPLIED_FIRST] + known
+    partial = {k for k in keys if k not in IMPLIED_FIRST and any(_value(v) is None for v in frame[k])}
+    droppable = [k for k in IMPLIED_FIRST if k in keys] + [k for k in reversed(keys) if k not in DISPLAY
+                                                         and k not in IMPLIED_FIRST and k not in partial] + known
     for key in droppable:
         rest = [k for k in keys if k != key]
         if rest and _distinct(frame, rest) == total and all(

@@ -241,3 +241,15 @@ def test_no_gamma_figure_while_no_setting_has_test_results():
     table = pd.DataFrame({"agent.gamma": [0.0, 0.1], "sparsity.density": [0.1, 0.1],
                           "test_clean_accuracy mean": [math.nan] * 2, "test_pgd_accuracy mean": [math.nan] * 2})
     assert plots.gamma_figure(table, ["agent.gamma", "sparsity.density"], {}) is None
+
+
+def test_a_key_only_some_settings_set_stays_in_the_legend():
+    """An override of one sweep (per-sub-net BN, more epochs) names what is special about its runs, even where
+    another key (update_every) would tell the settings apart."""
+    frame = pd.DataFrame({"sparsity.method": ["ast", "ast", "ast", "rigl"],
+                          "sparsity.update_every": [3, 4, 9, 10],
+                          "sparsity.ast_subnet_bn": [math.nan, True, math.nan, math.nan],
+                          "optim.epochs": [math.nan, math.nan, 18, math.nan]})
+    keys = plots.legend_keys(frame, list(frame.columns))
+    assert "sparsity.ast_subnet_bn" in keys and "optim.epochs" in keys
+    assert "sparsity.update_every" not in keys  # the rest already tell every setting apart
