@@ -179,6 +179,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     progress = not args.no_progress  # a bar on a terminal, periodic log lines in a file (robust_sparse.progress)
     result = fit(config, resume=args.resume, progress=progress)
+    from robust_sparse.distributed import rank_and_world_size
+
+    if rank_and_world_size()[0] != 0:  # under torchrun rank 0 reports the run (and runs AutoAttack) once
+        return 0
     _emit(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if result.evaluation:
         _emit(_format_evaluation(result.evaluation))
