@@ -63,9 +63,12 @@ def _sbatch_options() -> dict[str, Any]:
 
 
 def parameters(raw: dict[str, Any], where: str = "sweep slurm") -> dict[str, Any]:
-    """The sweep file's ``slurm:`` mapping as submitit's AutoExecutor takes it, checked: one line per problem."""
-    _submitit()
-    options = _sbatch_options()
+    """The sweep file's ``slurm:`` mapping as submitit's AutoExecutor takes it, checked: one line per problem.
+    Without submitit it is kept as it is: :func:`check_submission` refuses the sweep before it runs."""
+    try:
+        options = _sbatch_options()
+    except ImportError:
+        return dict(raw)
     checked: dict[str, Any] = {}
     for key, value in raw.items():
         key = str(key)
@@ -85,9 +88,11 @@ def parameters(raw: dict[str, Any], where: str = "sweep slurm") -> dict[str, Any
             log.warning("%s.%s: submitit's name is slurm_%s; translated (write slurm_%s to silence this)", where,
                         key, key, key)
         checked[f"slurm_{name}"] = value
-    gpus = checked.get("gpus_per_node", checked.get("slurm_gpus_per_node"))
-    tasks = checked.get("tasks_per_node", checked.get("slurm_ntasks_per_node"))
-    for name, number in (("nodes", checked.get("nodes")), ("tasks_per_node", tasks), ("gpus_per_node", gpus)):
+    # as submitit reads them: the cluster-specific name wins over the shared one
+    gpus = checked.get("slurm_gpus_per_node", checked.get("gpus_per_node"))
+    tasks = checked.get("slurm_ntasks_per_node", checked.get("tasks_per_node"))
+    nodes = checked.get("slurm_nodes", checked.get("nodes"))
+    for name, number in (("nodes", nodes), ("tasks_per_node", tasks), ("gpus_per_node", gpus)):
         if number is not None and (not isinstance(number, int) or number < (0 if name == "gpus_per_node" else 1)):
             raise ConfigError(f"{where}.{name} = {number!r}: must be an integer >= "
                               f"{0 if name == 'gpus_per_node' else 1}")
@@ -127,8 +132,8 @@ def _sbatch_script(checked: dict[str, Any], folder: Path, command: str, map_coun
 
 def tasks(checked: dict[str, Any]) -> tuple[int, int]:
     """(nodes, tasks per node) of every training job."""
-    nodes = checked.get("nodes", checked.get("slurm_nodes", 1))
-    return int(nodes), int(checked.get("tasks_per_node", checked.get("slurm_ntasks_per_node", 1)) or 1)
+    nodes = checked.get("slurm_nodes", checked.get("nodes", 1))
+    return int(nodes), int(checked.get("slurm_ntasks_per_node", checked.get("tasks_per_node", 1)) or 1)
 
 
 def _single_task(checked: dict[str, Any]) -> dict[str, Any]:
@@ -141,10 +146,11 @@ def _single_task(checked: dict[str, Any]) -> dict[str, Any]:
     return single
 
 
-def check_submission(checked: dict[str, Any]) -> None:
-    """Before anything is written or submitted: the Slurm commands submitit needs are here (or debug is asked)."""
+def check_submission(checked: dict[str, Any], dry_run: bool = False) -> None:
+    """Before anything is written or submitted: submitit is installed and, unless only checking (``dry_run``) or
+    debugging in-process, the Slurm commands it needs are on PATH."""
     _submitit()
-    if checked.get("debug"):
+    if checked.get("debug") or dry_run:
         return
     for command in ("sbatch", "srun"):
         if shutil.which(command) is None:
@@ -173,9 +179,13 @@ def plan(checked: dict[str, Any], out_dir: Path, parallel: int, index: pd.DataFr
                             else None, parallel=parallel)
     lines += ["slurm: sbatch " + " ".join(line.removeprefix("#SBATCH ") for line in script.splitlines()
                                           if line.startswith("#SBATCH"))]
+    records = _Records(out_dir / "slurm")
     for _, row in todo.iterrows():
         run_dir = out_dir / "runs" / row["run_id"]
-        lines.append(f"{row['run_id']}: {' '.join(_train_command(run_dir / 'requested.yaml', run_dir))}")
+        entry = records.get("train", row["run_id"])
+        lines.append(f"{row['run_id']}: {' '.join(_train_command(run_dir / 'requested.yaml', run_dir))}"
+                     + (f"  (recorded: slurm job {entry['job_id']}, waited on if still pending or running)"
+                        if entry else ""))
     return "\n".join(lines)
 
 
@@ -294,6 +304,9 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
             write_index()
         return
     check_submission(checked)
+    from submitit.slurm.slurm import SlurmJob
+
+    SlurmJob.watcher.clear()  # submitit keeps the states of finished jobs per process: ask Slurm afresh
     records = _Records(folder)
     recorded = {row: records.get(stage, index.loc[row, "run_id"]) for row, *_ in todo}
     ids = [entry["job_id"] for entry in recorded.values() if entry]

@@ -364,10 +364,10 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> 
     """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
     has one and ``evaluate``), and return the run index."""
     out = sweep.out_dir
-    if sweep.backend == "slurm" and not dry_run:  # no sbatch: refused before anything is written
+    if sweep.backend == "slurm":  # no submitit (or no sbatch to submit with): refused before anything is written
         from robust_sparse.slurm import check_submission
 
-        check_submission(sweep.slurm)
+        check_submission(sweep.slurm, dry_run)
     recorded = out / "sweep.yaml"
     text = sweep.path.read_text()
     if recorded.exists() and _training_part(yaml.safe_load(recorded.read_text())) != _training_part(

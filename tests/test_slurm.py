@@ -219,3 +219,32 @@ def test_a_two_task_job_trains_one_run_through_ddp(tmp_path):
         pytest.approx(256)  # the 256 training images of both ranks, 128 each
     assert "epoch 1/1" in (run_dir / "train.log").read_text()
     assert (run_dir / "train.rank1.log").read_text() == ""  # rank 1 of the group (a lone process would log)
+
+
+def test_debug_runs_the_jobs_in_the_sweeps_process_without_sbatch(tmp_path, monkeypatch):
+    import robust_sparse.sweep as sweep_module
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm at all
+    trained = []  # the training command itself is the local backend's (tested there): here, who runs it
+
+    def run_local(config_path, run_dir, modules, device, threads):
+        trained.append((config_path, run_dir, os.getpid(), threads))
+        return "done"
+
+    monkeypatch.setattr(sweep_module, "_run_local", run_local)
+    index = run_sweep(load_sweep(_sweep_file(tmp_path, slurm={"debug": True, "cpus_per_task": 3})))
+    assert list(index["status"]) == ["done", "done"]
+    runs = tmp_path / "out" / "runs"
+    assert trained == [(runs / f"seed={s}" / "requested.yaml", runs / f"seed={s}", os.getpid(), 3) for s in (0, 1)]
+    assert not (tmp_path / "out" / "slurm" / "jobs.json").exists()  # nothing was submitted, nothing to wait on
+
+
+def test_without_submitit_a_slurm_sweep_loads_and_is_refused_before_it_runs(tmp_path, monkeypatch, capsys):
+    for name in [name for name in sys.modules if name == "submitit" or name.startswith("submitit.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+    path = _sweep_file(tmp_path)
+    assert load_sweep(path).slurm == CLUSTER  # the other sweep checks still run (shipped sweeps validate)
+    for arguments in ([], ["--dry-run"]):
+        assert main(["sweep", str(path), *arguments]) == 2
+        assert "needs submitit: pip install 'robust-sparse[cluster]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
