@@ -91,3 +91,17 @@ def test_two_ranks_report_the_whole_run_once(tmp_path):
     rank0, rank1 = output(0), output(1)
     assert rank0.count("run directory:") == 1 and rank0.count("epoch 2/2") == 1 and "test (first 32" in rank0
     assert rank1 == ""  # neither the metrics table nor a log line: rank 0 speaks for the run
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_in_one_line(tmp_path, monkeypatch):
+    """SyncBatchNorm runs on CUDA only: several CPU (gloo) ranks with train.sync_bn stop before any data is read."""
+    from robust_sparse import distributed
+    from robust_sparse.config import load_config
+    from robust_sparse.errors import UserError
+    from robust_sparse.train import fit
+
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.Context(rank=0, world_size=2, device=device))
+    monkeypatch.setattr("robust_sparse.train.load_splits", lambda *args: pytest.fail("data read before the check"))
+    config = load_config(None, ["model.name=tiny_cnn", "device=cpu", "train.sync_bn=true", f"out_dir={tmp_path}"])
+    with pytest.raises(UserError, match="train.sync_bn = true: SyncBatchNorm runs on CUDA devices only"):
+        fit(config)
