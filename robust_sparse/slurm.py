@@ -136,6 +136,13 @@ def tasks(checked: dict[str, Any]) -> tuple[int, int]:
     return int(nodes), int(checked.get("slurm_ntasks_per_node", checked.get("tasks_per_node", 1)) or 1)
 
 
+def _named(checked: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The jobs named after the sweep directory in squeue, unless the sweep file names them."""
+    if "name" in checked or "slurm_job_name" in checked:
+        return dict(checked)
+    return {**checked, "name": f"robust-sparse-{out_dir.name}"}
+
+
 def _single_task(checked: dict[str, Any]) -> dict[str, Any]:
     """The evaluation stage runs one process per run: one task on one node, at most one GPU."""
     single = {key: value for key, value in checked.items()
@@ -168,6 +175,7 @@ def plan(checked: dict[str, Any], out_dir: Path, parallel: int, index: pd.DataFr
     """What ``sweep --dry-run`` shows for ``backend: slurm``: the submitit parameters, the sbatch options they
     make, and per run to do the command every task of its job runs."""
     todo = index[index["status"].isin(["pending", "partial"])]
+    checked = _named(checked, out_dir)
     nodes, per_node = tasks(checked)
     submitted = {key: value for key, value in checked.items() if key not in OWN}
     lines = [f"slurm: {'debug (in this process): ' if checked.get('debug') else ''}{len(todo)} training jobs, at "
@@ -289,7 +297,7 @@ def _outcome(folder: Path, job_id: str, state: str) -> str:
 def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, write_index) -> None:
     """Run ``todo`` (rows of ``index``, as sweep._launch gives them) as Slurm jobs; outcomes into ``column``."""
     submitit = _submitit()
-    checked = dict(sweep.slurm)
+    checked = _named(sweep.slurm, sweep.out_dir)
     debug = checked.pop("debug", False)
     stage = STAGES[column]
     if stage == "eval":

@@ -119,7 +119,7 @@ def test_a_sweep_is_one_job_array_of_multi_task_jobs_with_its_ids_recorded(tmp_p
     (script,) = _submissions(fake_slurm)  # one sbatch call: the array
     text = script.read_text()
     for flag in ("--array=0-1%2", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8",
-                 "--partition=gpu", "--time=60"):
+                 "--partition=gpu", "--time=60", "--job-name=robust-sparse-out"):  # named after the sweep directory
         assert f"#SBATCH {flag}" in text
     folder = tmp_path / "out" / "slurm"
     recorded = json.loads((folder / "jobs.json").read_text())["train"]
