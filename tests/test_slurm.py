@@ -187,9 +187,11 @@ def test_a_task_of_a_multi_task_job_joins_the_run_as_its_rank(tmp_path, monkeypa
     assert log_name == str(run_dir / "train.rank5.log") and not (run_dir / "done.json").exists()
 
 
+@pytest.mark.slow  # four interpreters import torch (two tasks, their two training processes): 96 s on a loaded VM
 def test_a_two_task_job_trains_one_run_through_ddp(tmp_path):
     """Both tasks of a (simulated) Slurm job on this machine: a gloo process group from submitit's environment,
-    one run directory written by rank 0, and nothing printed by rank 1."""
+    one run directory written by rank 0, and nothing printed by rank 1 (the default run checks the glue alone:
+    test_a_task_of_a_multi_task_job_joins_the_run_as_its_rank)."""
     import socket
 
     from robust_sparse.config import load_config, save_config
