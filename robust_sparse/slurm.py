@@ -335,9 +335,9 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
             index.loc[row, column] = f"{state.lower()} (slurm job {entry['job_id']})"
             waiting[row] = entry["job_id"]
             continue
-        if entry:
-            log.warning("%s: slurm job %s ended %s (log: %s); submitting the run again", run, entry["job_id"],
-                        state, _log_path(folder, entry["job_id"]))
+        if entry:  # ended without finishing the run (failed, cancelled, timed out, or the training failed)
+            log.warning("%s: previous attempt: %s; submitting the run again", run,
+                        _outcome(folder, entry["job_id"], state))
         fresh.append((row, arguments))
     if fresh:
         executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")

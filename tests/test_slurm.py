@@ -153,7 +153,8 @@ def test_a_rerun_waits_on_recorded_jobs_that_are_queued_or_running_and_resubmits
     (script,) = _submissions(fake_slurm)  # only the failed run was submitted again, as one job (not an array)
     assert "--array" not in script.read_text() and "--ntasks-per-node=4" in script.read_text()
     assert "slurm job 101_0 is pending; waiting on it, not submitting it again" in caplog.text
-    assert f"slurm job 101_2 ended FAILED (log: {folder / '101_2_0_log.err'}); submitting the run again" in caplog.text
+    assert (f"seed=2: previous attempt: failed (slurm job 101_2 FAILED, see {folder / '101_2_0_log.err'}); "
+            "submitting the run again") in caplog.text
     assert list(index["status"]) == [f"failed (slurm job 101_0 CANCELLED, see {folder / '101_0_0_log.err'})",
                                      "done", f"failed (slurm job 102 FAILED, see {folder / '102_0_log.err'})"]
     assert json.loads((folder / "jobs.json").read_text())["train"]["seed=2"]["job_id"] == "102"
