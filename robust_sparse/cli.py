@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "devices, slurm, eval (an evaluation stage: attacks, n_examples, eps, "
                                           "seeds, batch_size, probe)")
     sweep.add_argument("--out", help="sweep directory (overrides out_dir)")
-    sweep.add_argument("--dry-run", action="store_true", help="prepare the run directories and list them only")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="prepare the run directories and list them only (backend slurm: also the submitit "
+                            "parameters and each job's command, checked)")
     sweep.add_argument("--no-eval", action="store_true", help="train only: skip the sweep file's evaluation stage")
 
     doctor = commands.add_parser("doctor", help="check the installed stack and say how to fix it")
@@ -179,6 +181,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     progress = not args.no_progress  # a bar on a terminal, periodic log lines in a file (robust_sparse.progress)
     result = fit(config, resume=args.resume, progress=progress)
+    from robust_sparse.distributed import rank_and_world_size
+
+    if rank_and_world_size()[0] != 0:  # under torchrun rank 0 reports the run (and runs AutoAttack) once
+        return 0
     _emit(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if result.evaluation:
         _emit(_format_evaluation(result.evaluation))
@@ -335,8 +341,13 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from robust_sparse.sweep import load_sweep, run_sweep
 
-    index = run_sweep(load_sweep(args.sweep_file, out_dir=args.out), dry_run=args.dry_run, evaluate=not args.no_eval)
+    sweep = load_sweep(args.sweep_file, out_dir=args.out)
+    index = run_sweep(sweep, dry_run=args.dry_run, evaluate=not args.no_eval)
     _emit(index.to_string(index=False))
+    if args.dry_run and sweep.backend == "slurm":  # what would be submitted, and what each job runs
+        from robust_sparse.slurm import plan
+
+        _emit(plan(sweep.slurm, sweep.out_dir, sweep.parallel, index))
     failed = (~index["status"].isin(["done", "diverged", "pending", "partial"])).sum()
     if "eval" in index:
         failed += index["eval"].astype(str).str.startswith("failed").sum()

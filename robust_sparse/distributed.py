@@ -10,11 +10,14 @@ gradients are kept identical by DistributedDataParallel; on top of that:
 * AGENT's snapshot gradient g_old and large-batch gradient g~ are all-reduced, and the per-batch losses of
   its c-hat estimate are gathered from every rank.
 
+The epoch's reported figures (loss, accuracy, images/s) are sums over every rank's examples; only rank 0 logs.
+A Slurm job of several tasks (robust_sparse.slurm) sets the same variables torchrun does, so it takes this path.
 Without ``torchrun`` (WORLD_SIZE unset or 1) every function here is a no-op.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -42,10 +45,15 @@ def setup(device: torch.device) -> Context:
     if world_size_from_env() <= 1:
         return Context(device=device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # torchrun (and a Slurm task that sees the node's GPUs) picks GPU LOCAL_RANK; a Slurm task bound to
+        # its own GPU (--gpu-bind, gpus_per_task) sees just that one
+        device = torch.device("cuda", local_rank if torch.cuda.device_count() > local_rank else 0)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:  # the ranks' logs would repeat rank 0's: only errors from the others
+        logging.getLogger("robust_sparse").setLevel(logging.ERROR)
     return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
@@ -65,6 +73,24 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
     for tensor in tensors:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``values`` (a new tensor; ``values`` itself without torchrun)."""
+    if not active():
+        return values
+    total = values.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest ``value`` of any rank (an epoch's wall time is the slowest rank's)."""
+    if not active():
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

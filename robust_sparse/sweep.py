@@ -16,7 +16,7 @@ may change between reruns of a sweep directory; everything else must match.
 Runs are idempotent: a run with ``eval.json`` (or a recorded divergence) is skipped, a run with ``last.pt`` but
 no result is resumed, anything else starts fresh. Execution uses existing engines: the standard library's
 process pool on one machine (``backend: local``, N runs at once, devices assigned round robin) or submitit for
-Slurm clusters (``backend: slurm``).
+Slurm clusters (``backend: slurm``: one job per run, of one or several tasks; see robust_sparse/slurm.py).
 """
 
 from __future__ import annotations
@@ -144,8 +144,12 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
         raise ConfigError(f"sweep devices: expected a list of auto, cpu, cuda or cuda:N, got {devices!r}")
     slurm = data.get("slurm") or {}
     if not isinstance(slurm, dict):
-        raise ConfigError(f"sweep slurm: expected a mapping of submitit parameters (e.g. partition: gpu), "
+        raise ConfigError(f"sweep slurm: expected a mapping of submitit parameters (e.g. slurm_partition: gpu), "
                           f"got {slurm!r}")
+    if backend == "slurm":  # submitit's names, checked and translated (robust_sparse.slurm)
+        from robust_sparse import slurm as slurm_backend
+
+        slurm = slurm_backend.parameters(slurm)
     eval_stage = _eval_stage(data.get("eval"))
     target = out_dir or data.get("out_dir")
     if not target:
@@ -360,6 +364,10 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> 
     """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
     has one and ``evaluate``), and return the run index."""
     out = sweep.out_dir
+    if sweep.backend == "slurm":  # no submitit (or no sbatch to submit with): refused before anything is written
+        from robust_sparse.slurm import check_submission
+
+        check_submission(sweep.slurm, dry_run)
     recorded = out / "sweep.yaml"
     text = sweep.path.read_text()
     if recorded.exists() and _training_part(yaml.safe_load(recorded.read_text())) != _training_part(
@@ -405,7 +413,9 @@ def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, j
     if not todo:
         return
     if sweep.backend == "slurm":
-        _submit_slurm(sweep, todo, index, column, job)
+        from robust_sparse.slurm import submit
+
+        submit(sweep, todo, index, column, job, lambda: _write_index(index, sweep.out_dir))
         return
     threads = sweep.threads or max(1, (os.cpu_count() or 1) // sweep.parallel)
     with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:  # threads only wait on child processes
@@ -425,20 +435,3 @@ def _training_part(data: Any) -> Any:
 def _write_index(index: pd.DataFrame, out: Path) -> None:
     """runs.csv, atomically: a killed sweep leaves the previous one (a rerun derives it again from the runs)."""
     write_atomic(out / "runs.csv", index.to_csv(index=False))
-
-
-def _submit_slurm(sweep: Sweep, todo: list, index: pd.DataFrame, column: str = "status", job=_run_local) -> None:
-    try:
-        import submitit
-    except ImportError:
-        raise ConfigError("sweep backend slurm needs submitit: pip install 'robust-sparse[cluster]'") from None
-    parameters = dict(sweep.slurm)  # e.g. {partition: gpu, gpus_per_node: 1, cpus_per_task: 8, timeout_min: 600}
-    executor = submitit.AutoExecutor(folder=str(sweep.out_dir / "slurm"), cluster=parameters.pop("cluster", None))
-    executor.update_parameters(slurm_array_parallelism=sweep.parallel, **parameters)
-    threads = int(parameters.get("cpus_per_task", 1))
-    jobs = []
-    with executor.batch():  # one job array; each job runs the same resumable command as the local backend
-        for row, *arguments in todo:
-            jobs.append((row, executor.submit(job, *arguments, "auto", threads)))
-    for row, submitted in jobs:
-        index.loc[row, column] = submitted.result()

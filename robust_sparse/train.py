@@ -146,7 +146,14 @@ def train_one_epoch(
             if not math.isfinite(running):
                 raise DivergenceError(f"training loss became {running} in {description}, batch {step}")
             bar.set_postfix(loss=f"{running:.3f}", acc=f"{device_correct.item() / seen:.3f}")
-    return EpochStats(device_loss.item() / seen, device_correct.item() / seen, seen, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    # Under torchrun the epoch's figures are the whole run's: sums over every rank's examples, and the images of
+    # all ranks over the slowest rank's wall time (no-ops on one process).
+    loss_sum, correct, images = distributed.sum_over_ranks(
+        torch.stack([device_loss.double(), device_correct.double(), torch.tensor(float(seen), device=loader.device,
+                                                                                dtype=torch.float64)])).tolist()
+    return EpochStats(loss_sum / images, correct / images, int(images),
+                      distributed.max_over_ranks(seconds, loader.device))
 
 
 def _scaled_loss(objective: Objective, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -337,6 +344,9 @@ def _build(config: TrainConfig) -> _Run:
     device = world.device
     # fp16 on a CPU (device auto without CUDA) is refused here, before any data is read
     amp = Amp(config.train.precision, device, channels_last=config.train.channels_last)
+    if config.train.sync_bn and world.world_size > 1 and device.type != "cuda":
+        raise UserError(f"train.sync_bn = true: SyncBatchNorm runs on CUDA devices only, this run is on {device} "
+                        f"(set train.sync_bn=false)")
     Amp(config.eval.precision, device, where="eval.precision")
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
     torch.manual_seed(config.seed)  # the same seed on every rank: same init, masks, signs, attack streams
@@ -344,6 +354,8 @@ def _build(config: TrainConfig) -> _Run:
     splits = load_splits(config.data, config.seed)
     info = splits.info
     model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std).to(device)
+    if config.train.sync_bn and world.world_size > 1:  # batch statistics over every rank's shard of the batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = BatchLoader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,

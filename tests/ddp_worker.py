@@ -3,6 +3,7 @@
 import sys
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import robust_sparse.train as train_module
 from robust_sparse.config import load_config
@@ -23,8 +24,43 @@ def counted_agent_batches(*args, **kwargs):
     return counted(original_agent_batches(*args, **kwargs))
 
 
+epoch_batches = []  # per epoch, per training batch of this rank: (loss * batch size, correct, batch size)
+original_build_objective = train_module.build_objective
+original_train_one_epoch = train_module.train_one_epoch
+
+
+def recording_build_objective(*args, **kwargs):
+    objective = original_build_objective(*args, **kwargs)
+    loss = objective.loss
+
+    def recorded(model, images, labels, *rest):
+        value, logits = loss(model, images, labels, *rest)
+        if isinstance(model, DistributedDataParallel):  # the training forward (not AGENT's snapshot)
+            epoch_batches[-1].append([float(value.detach()) * len(labels), int((logits.argmax(1) == labels).sum()),
+                                      len(labels)])
+        return value, logits
+
+    objective.loss = recorded
+    return objective
+
+
+def recording_train_one_epoch(*args, **kwargs):
+    epoch_batches.append([])
+    return original_train_one_epoch(*args, **kwargs)
+
+
 train_module._agent_batches = counted_agent_batches
+train_module.build_objective = recording_build_objective
+train_module.train_one_epoch = recording_train_one_epoch
 out, *overrides = sys.argv[1:]
+if out == "--cli":  # `robust-sparse train` itself: what each rank prints, and this rank's training batches
+    from robust_sparse.cli import main
+
+    out, *arguments = overrides
+    code = main(["train", "--no-progress", *arguments])
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({"batches": torch.tensor(epoch_batches, dtype=torch.float64)}, f"{out}/rank{rank}.pt")
+    sys.exit(code)
 result = fit(load_config(None, overrides))
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 state = {"model": result.model.state_dict(), "masks": result.masker.masks if result.masker else {},

@@ -56,3 +56,52 @@ def test_two_ranks_keep_masks_rewiring_and_agent_state_identical(tmp_path, engin
     saved = load_checkpoint(tmp_path / "run" / "last.pt")  # written once, by rank 0
     _assert_identical(saved["model"], rank0["model"])
     assert saved["epoch"] == 2
+
+
+def test_two_ranks_report_the_whole_run_once(tmp_path):
+    """metrics.csv holds the epoch's figures over both ranks' batches, and only rank 0 prints or logs."""
+    import pandas as pd
+
+    out, logs, run_dir = tmp_path / "ranks", tmp_path / "logs", tmp_path / "run"
+    out.mkdir()
+    sets = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "data.batch_size=32", "optim.epochs=2",
+            "attack.steps=1", "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=32", "eval.pgd_steps=1",
+            "eval.autoattack_examples=0", "sparsity.method=rigl", "sparsity.density=0.3", "device=cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(logs), "--redirects", "3", str(WORKER), "--cli", str(out), "--out", str(run_dir),
+               *(part for item in sets for part in ("--set", item))]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_rank = [torch.load(out / f"rank{r}.pt", weights_only=True)["batches"] for r in (0, 1)]
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics) == 2
+    for epoch, row in metrics.iterrows():
+        union = torch.cat([batches[epoch] for batches in per_rank])  # (loss * n, correct, n) per batch
+        assert union[:, 2].sum() == 256  # each rank trained its own 4 batches of 32
+        assert row["train_loss"] == pytest.approx(float(union[:, 0].sum() / union[:, 2].sum()), rel=1e-5)
+        assert row["train_accuracy"] == pytest.approx(float(union[:, 1].sum() / union[:, 2].sum()), abs=1e-12)
+        assert row["images_per_second"] * row["train_seconds"] == pytest.approx(256)
+        shard = per_rank[0][epoch]  # rank 0's own figure differs: the reduction is what made the row
+        assert row["train_loss"] != pytest.approx(float(shard[:, 0].sum() / shard[:, 2].sum()), rel=1e-5)
+
+    def output(rank):
+        return "".join(path.read_text() for path in sorted(logs.rglob(f"{rank}/std*.log")))
+
+    rank0, rank1 = output(0), output(1)
+    assert rank0.count("run directory:") == 1 and rank0.count("epoch 2/2") == 1 and "test (first 32" in rank0
+    assert rank1 == ""  # neither the metrics table nor a log line: rank 0 speaks for the run
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_in_one_line(tmp_path, monkeypatch):
+    """SyncBatchNorm runs on CUDA only: several CPU (gloo) ranks with train.sync_bn stop before any data is read."""
+    from robust_sparse import distributed
+    from robust_sparse.config import load_config
+    from robust_sparse.errors import UserError
+    from robust_sparse.train import fit
+
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.Context(rank=0, world_size=2, device=device))
+    monkeypatch.setattr("robust_sparse.train.load_splits", lambda *args: pytest.fail("data read before the check"))
+    config = load_config(None, ["model.name=tiny_cnn", "device=cpu", "train.sync_bn=true", f"out_dir={tmp_path}"])
+    with pytest.raises(UserError, match="train.sync_bn = true: SyncBatchNorm runs on CUDA devices only"):
+        fit(config)

@@ -176,6 +176,10 @@ class TrainingConfig:
     precision: Precision = Precision.FP32
     channels_last: bool = False  # the model's weights (and each batch) in channels-last memory format
     compile: bool = False  # torch.compile the training forward; falls back to eager (logged) if compilation fails
+    # under torchrun (or a multi-task Slurm job): BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
+    # instead of each rank's shard, as one process would compute them; no effect on one process, so a run
+    # resumes only with the value it started with
+    sync_bn: bool = False
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""The Slurm backend of sweeps against fake Slurm commands: refusal without sbatch, the submitted job array and
+its parameters, multi-task jobs, recorded job ids that a rerun waits on instead of resubmitting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+submitit = pytest.importorskip("submitit", reason="the Slurm backend needs submitit (the cluster extra)")
+
+from robust_sparse import slurm  # noqa: E402
+from robust_sparse.cli import main  # noqa: E402
+from robust_sparse.errors import ConfigError  # noqa: E402
+from robust_sparse.sweep import load_sweep, run_id, run_sweep  # noqa: E402
+
+TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "optim.epochs=1", "attack.steps=1",
+        "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=0", "device=cpu"]
+CLUSTER = {"slurm_partition": "gpu", "nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "timeout_min": 60}
+
+
+def _script(path, text):
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch (keeps each submission script, prints job ids from 101 on), srun, sacct (prints ``states``, then
+    swaps in ``next_states`` if there is one) and squeue (lists nothing) on PATH."""
+    fake = tmp_path / "fake"
+    bin_dir = fake / "bin"
+    bin_dir.mkdir(parents=True)
+    _script(bin_dir / "sbatch", f"""n=$(cat {fake}/counter 2>/dev/null || echo 101)
+echo $((n + 1)) > {fake}/counter
+cp "$1" {fake}/submission_$n.sh
+echo "Submitted batch job $n"
+""")
+    _script(bin_dir / "srun", "exit 0\n")
+    _script(bin_dir / "sacct", f"""echo 'JobID|State|NodeList'
+cat {fake}/states 2>/dev/null
+if [ -f {fake}/next_states ]; then mv {fake}/next_states {fake}/states; fi
+""")
+    _script(bin_dir / "squeue", "exit 0\n")
+    if any(shutil.which(name) for name in ("sbatch", "srun", "sacct", "squeue")):
+        pytest.skip("a real Slurm is on PATH; these tests use fake commands")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "POLL_SECONDS", 0.0)
+    submitit.SlurmJob.watcher.clear()
+    return fake
+
+
+def _sweep_file(tmp_path, seeds=(0, 1), **extra):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "overrides": TINY, "grid": {"seed": list(seeds)},
+                                    "backend": "slurm", "parallel": 2, "slurm": CLUSTER, **extra}))
+    return path
+
+
+def _submissions(fake):
+    return sorted(fake.glob("submission_*.sh"))
+
+
+def test_without_sbatch_the_slurm_backend_refuses_in_one_line(tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert main(["sweep", str(_sweep_file(tmp_path))]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "sbatch is not on PATH" in error and "backend: local" in error
+    assert "debug: true" in error
+    assert not (tmp_path / "out").exists()  # refused before anything was written or run
+
+
+def test_slurm_parameters_take_submitits_names_translate_short_ones_and_refuse_the_rest(caplog):
+    with caplog.at_level(logging.WARNING, logger="robust_sparse"):
+        checked = slurm.parameters({"partition": "gpu", "slurm_qos": "high", "timeout_min": 90, "gpus_per_node": 4})
+    assert checked == {"slurm_partition": "gpu", "slurm_qos": "high", "timeout_min": 90, "gpus_per_node": 4,
+                       "tasks_per_node": 4}  # one task per GPU
+    assert "slurm_partition" in caplog.text and "translated" in caplog.text
+    for bad, message in [({"partitoin": "gpu"}, "partitoin: unknown"), ({"cluster": "local"}, "cluster: not used"),
+                         ({"gpus_per_node": 4, "tasks_per_node": 2}, "same value"),
+                         ({"timeout_min": "soon"}, "timeout_min"), ({"nodes": 0}, "nodes = 0"),
+                         ({"slurm_array_parallelism": 3}, "parallel")]:
+        with pytest.raises(ConfigError, match=message):
+            slurm.parameters(bad)
+
+
+def test_dry_run_prints_and_checks_the_submitit_parameters_and_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch needed to check a sweep
+    assert main(["sweep", str(_sweep_file(tmp_path)), "--dry-run"]) == 0
+    output = capsys.readouterr().out
+    assert '"slurm_partition": "gpu"' in output and '"tasks_per_node": 4' in output
+    assert "8 task(s) (2 node(s) x 4)" in output
+    for flag in ("--array=0-1%2", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu",
+                 "--time=60"):
+        assert flag in output
+    for seed in (0, 1):
+        run_dir = tmp_path / "out" / "runs" / f"seed={seed}"
+        assert f"seed={seed}: {sys.executable} -m robust_sparse.cli train {run_dir / 'requested.yaml'} --resume " \
+               f"--out {run_dir} --device auto" in output
+    bad = _sweep_file(tmp_path, slurm={**CLUSTER, "mem_gb": "lots"})
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert "sweep slurm.mem_gb" in capsys.readouterr().err
+
+
+def test_a_sweep_is_one_job_array_of_multi_task_jobs_with_its_ids_recorded(tmp_path, fake_slurm):
+    (fake_slurm / "states").write_text("101_0|FAILED|node1\n101_1|CANCELLED by 1000|node2\n")
+    sweep = load_sweep(_sweep_file(tmp_path))
+    index = run_sweep(sweep)
+    (script,) = _submissions(fake_slurm)  # one sbatch call: the array
+    text = script.read_text()
+    for flag in ("--array=0-1%2", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8",
+                 "--partition=gpu", "--time=60", "--job-name=robust-sparse-out"):  # named after the sweep directory
+        assert f"#SBATCH {flag}" in text
+    folder = tmp_path / "out" / "slurm"
+    recorded = json.loads((folder / "jobs.json").read_text())["train"]
+    assert {run: entry["job_id"] for run, entry in recorded.items()} == {"seed=0": "101_0", "seed=1": "101_1"}
+    for seed, job_id in ((0, "101_0"), (1, "101_1")):
+        submission = submitit.SlurmJob(folder, job_id).submission()  # what each task of the job runs
+        assert submission.function is slurm.train_task
+        assert submission.args[:2] == (tmp_path / "out" / "runs" / f"seed={seed}" / "requested.yaml",
+                                       tmp_path / "out" / "runs" / f"seed={seed}")
+    assert list(index["status"]) == [f"failed (slurm job 101_0 FAILED, see {folder / '101_0_0_log.err'})",
+                                     f"failed (slurm job 101_1 CANCELLED, see {folder / '101_1_0_log.err'})"]
+    assert list(pd.read_csv(tmp_path / "out" / "runs.csv")["status"]) == list(index["status"])
+
+
+def test_a_rerun_waits_on_recorded_jobs_that_are_queued_or_running_and_resubmits_a_failed_one(tmp_path, fake_slurm,
+                                                                                            caplog):
+    path = _sweep_file(tmp_path, seeds=(0, 1, 2))
+    sweep = load_sweep(path)
+    run_sweep(sweep, dry_run=True)  # the run directories, as a killed sweep left them ...
+    folder = tmp_path / "out" / "slurm"
+    folder.mkdir()
+    (folder / "jobs.json").write_text(json.dumps({"train": {run_id([f"seed={s}"]): {"job_id": f"101_{s}"}
+                                                            for s in (0, 1, 2)}}))  # ... with its job ids
+    # 101_0 is queued, then cancelled; 101_1 runs and has just written its result; 101_2 failed
+    (fake_slurm / "states").write_text("101_0|PENDING|\n101_1|RUNNING|node1\n101_2|FAILED|node2\n")
+    (fake_slurm / "next_states").write_text("101_0|CANCELLED|\n101_1|COMPLETED|node1\n102|FAILED|node3\n")
+    submitit.core.utils.cloudpickle_dump(("success", "done"), folder / "101_1_0_result.pkl")
+    (fake_slurm / "counter").write_text("102")
+    with caplog.at_level(logging.INFO, logger="robust_sparse"):
+        index = run_sweep(load_sweep(path))
+    (script,) = _submissions(fake_slurm)  # only the failed run was submitted again, as one job (not an array)
+    assert "--array" not in script.read_text() and "--ntasks-per-node=4" in script.read_text()
+    assert "slurm job 101_0 is pending; waiting on it, not submitting it again" in caplog.text
+    assert (f"seed=2: previous attempt: failed (slurm job 101_2 FAILED, see {folder / '101_2_0_log.err'}); "
+            "submitting the run again") in caplog.text
+    assert list(index["status"]) == [f"failed (slurm job 101_0 CANCELLED, see {folder / '101_0_0_log.err'})",
+                                     "done", f"failed (slurm job 102 FAILED, see {folder / '102_0_log.err'})"]
+    assert json.loads((folder / "jobs.json").read_text())["train"]["seed=2"]["job_id"] == "102"
+
+
+def test_a_task_of_a_multi_task_job_joins_the_run_as_its_rank(tmp_path, monkeypatch):
+    """What each task of a job runs: torch.distributed's variables from submitit's Slurm environment, then the
+    sweep's training command; rank 0 alone records the run's outcome."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    environment.update({"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
+                        "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[3-4]",
+                        "SLURM_NODEID": "1"})
+    monkeypatch.setattr(os, "environ", environment)  # the task exports torch.distributed's variables into it
+    launched = []
+
+    def fake_run(command, stdout, stderr, env):
+        launched.append((command, env, stdout.name))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert slurm.train_task(run_dir / "requested.yaml", run_dir, (), "auto", 8) == "done"
+    ((command, env, log_name),) = launched
+    assert command[1:] == ["-m", "robust_sparse.cli", "train", str(run_dir / "requested.yaml"), "--resume", "--out",
+                           str(run_dir), "--device", "auto"]
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("5", "8", "1", "4")
+    assert env["MASTER_ADDR"] == "gpu3" and 20000 <= int(env["MASTER_PORT"]) <= 60000
+    assert env["OMP_NUM_THREADS"] == "8"
+    assert log_name == str(run_dir / "train.rank5.log") and not (run_dir / "done.json").exists()
+
+
+@pytest.mark.slow  # four interpreters import torch (two tasks, their two training processes): 96 s on a loaded VM
+def test_a_two_task_job_trains_one_run_through_ddp(tmp_path):
+    """Both tasks of a (simulated) Slurm job on this machine: a gloo process group from submitit's environment,
+    one run directory written by rank 0, and nothing printed by rank 1 (the default run checks the glue alone:
+    test_a_task_of_a_multi_task_job_joins_the_run_as_its_rank)."""
+    import socket
+
+    from robust_sparse.config import load_config, save_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(None, TINY + ["data.batch_size=32", f"out_dir={run_dir}"]), run_dir / "requested.yaml")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = ("import sys; from pathlib import Path; from robust_sparse.slurm import train_task; "
+            "print(train_task(Path(sys.argv[1]) / 'requested.yaml', Path(sys.argv[1]), (), 'cpu', 1))")
+    tasks = []
+    for rank in (0, 1):
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "RANK", "WORLD_"))}
+        env.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID=str(rank),
+                   SLURM_LOCALID=str(rank), SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="127.0.0.1", SLURM_NODEID="0",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        tasks.append(subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [task.communicate(timeout=600)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert [output.strip().splitlines()[-1] for output in outputs] == ["done", "done"]
+    assert (run_dir / "done.json").is_file() and (run_dir / "last.pt").is_file()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics) == 1 and metrics.loc[0, "images_per_second"] * metrics.loc[0, "train_seconds"] == \
+        pytest.approx(256)  # the 256 training images of both ranks, 128 each
+    assert "epoch 1/1" in (run_dir / "train.log").read_text()
+    assert (run_dir / "train.rank1.log").read_text() == ""  # rank 1 of the group (a lone process would log)
+
+
+def test_debug_runs_the_jobs_in_the_sweeps_process_without_sbatch(tmp_path, monkeypatch):
+    import robust_sparse.sweep as sweep_module
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm at all
+    trained = []  # the training command itself is the local backend's (tested there): here, who runs it
+
+    def run_local(config_path, run_dir, modules, device, threads):
+        trained.append((config_path, run_dir, os.getpid(), threads))
+        return "done"
+
+    monkeypatch.setattr(sweep_module, "_run_local", run_local)
+    index = run_sweep(load_sweep(_sweep_file(tmp_path, slurm={"debug": True, "cpus_per_task": 3})))
+    assert list(index["status"]) == ["done", "done"]
+    runs = tmp_path / "out" / "runs"
+    assert trained == [(runs / f"seed={s}" / "requested.yaml", runs / f"seed={s}", os.getpid(), 3) for s in (0, 1)]
+    assert not (tmp_path / "out" / "slurm" / "jobs.json").exists()  # nothing was submitted, nothing to wait on
+
+
+def test_without_submitit_a_slurm_sweep_loads_and_is_refused_before_it_runs(tmp_path, monkeypatch, capsys):
+    for name in [name for name in sys.modules if name == "submitit" or name.startswith("submitit.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+    path = _sweep_file(tmp_path)
+    assert load_sweep(path).slurm == CLUSTER  # the other sweep checks still run (shipped sweeps validate)
+    for arguments in ([], ["--dry-run"]):
+        assert main(["sweep", str(path), *arguments]) == 2
+        assert "needs submitit: pip install 'robust-sparse[cluster]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
