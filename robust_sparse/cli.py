@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-file", help="evaluate on a torch file {'images', 'labels'} instead of the test set")
     evaluate.add_argument("--n-examples", type=int,
                           help="first n test points (default: the run's eval.n_examples, else 10000 or the whole set)")
-    evaluate.add_argument("--threat-model", help="Linf or L2 (default: the checkpoint's, else Linf)")
+    evaluate.add_argument("--threat-model", help="Linf, L2 or corruptions (CIFAR-10-C/CIFAR-100-C under --data-root; "
+                                                 "default: the checkpoint's, else Linf)")
+    evaluate.add_argument("--corruptions", help="--threat-model corruptions: comma-separated (default: RobustBench's 15)")
+    evaluate.add_argument("--severities", help="--threat-model corruptions: comma-separated, 1-5 (default: all five)")
     evaluate.add_argument("--eps", help="radius, e.g. 8/255, or several: 2/255,4/255,8/255 "
                                         "(default: the run's; else 8/255 Linf / 0.5 L2 on CIFAR and SVHN)")
     attacks = evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack);")
@@ -245,8 +248,20 @@ def _eval(args: argparse.Namespace) -> int:
         dataset = loading.parse_dataset(exported["dataset"])
     if dataset is None and args.checkpoint is None:
         raise UserError("--dataset is required with --robustbench-model, --arch and --model")
-    threat = loading.parse_threat(args.threat_model) if args.threat_model else None
-    if args.robustbench_model is not None:
+    corruptions = severities = None
+    if args.threat_model is not None and args.threat_model.strip().lower() == "corruptions":
+        from robust_sparse.eval.corruptions import THREAT, parse_corruptions, parse_severities
+
+        threat, corruptions, severities = THREAT, parse_corruptions(args.corruptions), parse_severities(args.severities)
+        if args.eps is not None or args.attacks is not None or args.large_eps is not None:
+            raise UserError("--threat-model corruptions has no radius or attacks: drop --eps, --attacks and --large-eps")
+    elif args.corruptions is not None or args.severities is not None:
+        raise UserError("--corruptions and --severities go with --threat-model corruptions")
+    else:
+        threat = loading.parse_threat(args.threat_model) if args.threat_model else None
+    if args.robustbench_model is not None and corruptions is not None:
+        loading.check_robustbench_name(args.robustbench_model, dataset, "linf")
+    elif args.robustbench_model is not None:
         loading.check_robustbench_name(args.robustbench_model, dataset, threat or "linf")
     eps_values = None
     if args.eps is not None:
@@ -285,9 +300,14 @@ def _eval(args: argparse.Namespace) -> int:
         probe=not args.no_probe, large_eps=large_eps, device=args.device or "auto", seed=args.seed,
         batch_size=args.batch_size, chained=args.chained, resume=not args.fresh, progress=not args.no_progress,
         autoattack_backend=args.autoattack_backend, cross_check=args.cross_check_torchattacks,
-        results_dir=args.results_dir, output=args.output,
+        results_dir=args.results_dir, output=args.output, corruptions=corruptions, severities=severities,
     ))
     for row in outcome.rows:
+        if row["threat_model"] == "corruptions":
+            from robust_sparse.eval.corruptions import format_row
+
+            _emit(format_row(row))
+            continue
         _emit(job.format_row(row))
     for warning in outcome.warnings:
         _emit(f"warning: {warning}")

@@ -1,0 +1,161 @@
+"""The corruptions track end to end on a generated miniature corruption set.
+
+The set is NOT CIFAR-10-C: it is 200 real MNIST-5k digits padded to 3x32x32, corrupted here with two simple
+corruptions (Gaussian noise, lowered contrast) at two severities, written in the exact layout robustbench's
+loader reads (``<root>/CIFAR-10-C/<corruption>.npy`` with 10000 rows per severity, ``labels.npy``). Only the rows
+of severities 1 and 2 that are read are filled (the files are sparse on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from robust_sparse.cli import main
+from robust_sparse.config import DatasetName
+from robust_sparse.data import DATASETS
+from robust_sparse.eval import corruptions as track
+from robust_sparse.models import build_model
+
+N = 200
+SEVERITY_SCALES = {1: 0.3, 2: 0.6}
+NAMES = ("gaussian_noise", "contrast")  # both in RobustBench's list
+
+
+def _corrupt(images: np.ndarray, name: str, severity: int) -> np.ndarray:
+    scale = SEVERITY_SCALES[severity]
+    x = images.astype(np.float32) / 255
+    if name == "gaussian_noise":
+        x = x + np.random.default_rng(severity).normal(0, scale, x.shape)
+    else:  # contrast: towards the mean
+        x = (x - x.mean()) * (1 - scale) + x.mean()
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def mini(mnist, tmp_path_factory):
+    _, test = mnist
+    root = tmp_path_factory.mktemp("corruptions")
+    clean = torch.nn.functional.pad(test.images[:N], (2, 2, 2, 2)).repeat(1, 3, 1, 1)  # uint8 [N, 3, 32, 32]
+    hwc = clean.permute(0, 2, 3, 1).numpy()
+    folder = root / "CIFAR-10-C"
+    folder.mkdir()
+    labels = np.zeros(5 * track.ROWS_PER_SEVERITY, dtype=np.uint8)
+    labels[:N] = test.labels[:N].numpy()
+    np.save(folder / "labels.npy", labels)
+    for name in NAMES:
+        array = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.uint8,
+                                          shape=(2 * track.ROWS_PER_SEVERITY, 32, 32, 3))
+        for severity in SEVERITY_SCALES:
+            start = (severity - 1) * track.ROWS_PER_SEVERITY
+            array[start:start + N] = _corrupt(hwc, name, severity)
+        array.flush()
+        del array
+    # the clean test split beside it, in torchvision's layout (robust-sparse eval's clean accuracy)
+    (root / "cifar-10-batches-py").mkdir()
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as handle:
+        pickle.dump({b"data": clean.reshape(N, -1).numpy(), b"labels": test.labels[:N].tolist()}, handle)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_shaped_model(mnist, tmp_path_factory):
+    """tiny_cnn on 3x32x32 inputs, trained briefly on the padded digits: well above chance, not perfect."""
+    train, _ = mnist
+    info = DATASETS[DatasetName.CIFAR10]
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 10, 3, info.mean, info.std)
+    images = torch.nn.functional.pad(train.images[:1000], (2, 2, 2, 2)).repeat(1, 3, 1, 1).float() / 255
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for start in range(0, 1000, 50):
+            loss = torch.nn.functional.cross_entropy(model(images[start:start + 50]), train.labels[start:start + 50])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    path = tmp_path_factory.mktemp("weights") / "tiny32.pt"
+    torch.save(model.state_dict(), path)
+    return model.eval(), str(path)
+
+
+def _plain_accuracy(model, root, name, severity):
+    """A forward pass over the arrays as robustbench slices them."""
+    images = np.load(root / "CIFAR-10-C" / f"{name}.npy")[(severity - 1) * track.ROWS_PER_SEVERITY:][:N]
+    labels = np.load(root / "CIFAR-10-C" / "labels.npy")[:N]
+    x = torch.tensor(np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / 255)
+    with torch.no_grad():
+        return int((model(x).argmax(1) == torch.tensor(labels).long()).sum()) / N
+
+
+def test_reader_matches_robustbench_loader(mini):
+    from robustbench.data import load_cifar10c
+
+    for name in NAMES:
+        for severity in SEVERITY_SCALES:
+            ours = track.load_corruption(mini, DatasetName.CIFAR10, name, severity, N)
+            theirs = load_cifar10c(N, severity, str(mini), corruptions=[name])
+            assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1].long())
+
+
+def test_cli_end_to_end_equals_a_plain_forward_pass(mini, cifar_shaped_model, tmp_path, capsys):
+    model, weights = cifar_shaped_model
+    results = tmp_path / "results"
+    code = main(["eval", "--arch", "tiny_cnn", "--weights", weights, "--dataset", "cifar10", "--data-root", str(mini),
+                 "--threat-model", "corruptions", "--corruptions", ",".join(NAMES), "--severities", "1,2",
+                 "--n-examples", str(N), "--results-dir", str(results), "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    row = json.loads((results / "results.json").read_text())[0]
+    assert row["threat_model"] == "corruptions" and row["n_examples"] == N
+    expected = {f"{name}/{s}": _plain_accuracy(model, mini, name, s) for name in NAMES for s in SEVERITY_SCALES}
+    cells = {k: v for k, v in row["per_attack"].items() if "/" in k}
+    assert cells == pytest.approx(expected, abs=0)
+    label = "corruptions (2 of 15, severities 1,2)"  # a subset: never the leaderboard's "corruptions"
+    assert row["per_attack"][label] == pytest.approx(np.mean(list(expected.values())))
+    assert 0.2 < row["clean_acc"] <= 1 and row["clean_acc"] > min(expected.values())  # noise hurts
+    assert "gaussian_noise" in out and label.split(" (")[0] in out
+
+    from robust_sparse.eval.report import build_report
+
+    text = build_report([results]).read_text()
+    assert "## Common corruptions" in text and "| gaussian_noise |" in text
+    assert "no gradient-masking check applies" in text
+    assert f"{100 * expected['contrast/2']:.2f}" in text
+
+
+def test_python_api_defaults_and_aggregate(mini, cifar_shaped_model):
+    model, _ = cifar_shaped_model
+    frame = track.evaluate_corruptions(model, mini, DatasetName.CIFAR10, corruptions=NAMES, severities=(2,),
+                                       n_examples=50)
+    assert list(frame["corruption"]) == list(NAMES) and set(frame["severity"]) == {2}
+    assert track.aggregate(frame) == pytest.approx(frame["accuracy"].mean())
+    assert track.default_corruptions()[0] == "shot_noise" and len(track.default_corruptions()) == 15
+    assert track.aggregate_label(track.default_corruptions(), track.SEVERITIES) == "corruptions"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--corruptions", "fog"], "corruption data not found: {root}/CIFAR-10-C/fog.npy"),
+    (["--corruptions", "sunburn"], "unknown corruption 'sunburn'"),
+    (["--severities", "0,6"], "--severities '0,6': distinct integers from 1 to 5"),
+    (["--corruptions", "contrast", "--severities", "5"], "rows, 50000 needed"),  # severity 5 is not in the file
+    (["--eps", "8/255"], "has no radius or attacks"),
+])
+def test_bad_input_is_one_line(mini, cifar_shaped_model, extra, message, tmp_path, capsys):
+    _, weights = cifar_shaped_model
+    code = main(["eval", "--arch", "tiny_cnn", "--weights", weights, "--dataset", "cifar10", "--data-root", str(mini),
+                 "--threat-model", "corruptions", "--n-examples", "10000", "--results-dir", str(tmp_path / "r"),
+                 "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert message.format(root=mini) in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_folder_names_zenodo(tmp_path, capsys):
+    with pytest.raises(Exception, match=r"CIFAR-100-C/labels.npy .*zenodo.org/record/3555552"):
+        track.check_files(tmp_path, DatasetName.CIFAR100, ["fog"], [1], 10)
+    assert not (tmp_path / "CIFAR-100-C").exists()  # nothing downloaded, nothing created
