@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--subnet", type=int, help="AST checkpoints: which sub-net (0 = the densest)")
+    export.add_argument("--robustbench", metavar="NAME",
+                        help="instead: RobustBench's zoo layout, OUT/<dataset>/<Linf|L2>/NAME.pt and a model-info "
+                             "NAME.json (accuracies from the run's results store); load it with "
+                             "robust_sparse.eval.zoo.register and robustbench.utils.load_model")
+    export.add_argument("--results-dir", help="--robustbench: the results store to read accuracies from "
+                                              "(default: <run dir>/eval)")
 
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
     sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
@@ -344,7 +350,21 @@ def _export(args: argparse.Namespace) -> int:
     from robust_sparse.checkpoint import check_output_dir
     from robust_sparse.sparse.export import export_checkpoint
 
+    if args.results_dir is not None and args.robustbench is None:
+        raise UserError("--results-dir goes with --robustbench NAME")
     check_output_dir(args.out, "export --out")  # before the checkpoint is read
+    if args.robustbench is not None:
+        from robust_sparse.eval.zoo import export_to_zoo
+
+        written = export_to_zoo(args.checkpoint, args.out, args.robustbench, subnet=args.subnet,
+                                results_dir=args.results_dir)
+        info = written["info"]
+        _emit(f"RobustBench zoo entry {args.robustbench}: {written['weights']} and {written['model_info']} "
+              f"(clean {info['clean_acc'] or 'not evaluated'}, AutoAttack {info['autoattack_acc'] or 'not evaluated'}"
+              f", eps {info['eps']}); load with robust_sparse.eval.zoo.register({args.robustbench!r}, "
+              f"{str(args.out)!r}, {info['dataset']!r}, {info['robust_sparse']['threat_model']!r}), then "
+              "robustbench.utils.load_model")
+        return 0
     summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet)
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
