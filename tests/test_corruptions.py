@@ -159,3 +159,31 @@ def test_missing_folder_names_zenodo(tmp_path, capsys):
     with pytest.raises(Exception, match=r"CIFAR-100-C/labels.npy .*zenodo.org/record/3555552"):
         track.check_files(tmp_path, DatasetName.CIFAR100, ["fog"], [1], 10)
     assert not (tmp_path / "CIFAR-100-C").exists()  # nothing downloaded, nothing created
+
+
+def test_leaderboard_comparison_of_the_corruptions_track(tmp_path):
+    """Only the full RobustBench set (15 corruptions x 5 severities, 10000 points) compares with its rows."""
+    from robust_sparse.eval.leaderboard import load_leaderboard
+    from robust_sparse.eval.report import build_report
+    from robust_sparse.eval.store import append_result
+
+    board = load_leaderboard()
+    rows = board[board["threat_model"] == "corruptions"]
+    assert {"Diffenderfer2021Winning_LRR", "Hendrycks2020AugMixResNeXt"} <= set(rows["name"])
+    assert rows["source_url"].str.contains("RobustBench/robustbench/blob/.*/model_info/cifar10/corruptions/").all()
+    base = {"timestamp": "2026-01-01T00:00:00+00:00", "source": "weights", "path": "w.pt", "architecture": "tiny_cnn",
+            "dataset": "cifar10", "threat_model": "corruptions", "eps": 0.0, "n_examples": 10000, "seed": None,
+            "batch_size": 500, "mode": "standalone", "clean_acc": 0.9, "pgd_attack": None, "pgd_acc": None,
+            "autoattack_acc": None, "sparsity": 0.9, "params": 100, "nonzero_params": 10, "wall_seconds": 1.0,
+            "device": "cpu", "warnings": [], "data_fingerprint": "d", "large_eps": None, "large_eps_acc": None}
+    full = {"corruptions": 0.8, **{f"{c}/{s}": 0.8 for c in track.default_corruptions() for s in track.SEVERITIES}}
+    append_result(tmp_path, {**base, "model": "full", "model_fingerprint": "a", "attacks": "all", "worst_acc": 0.8,
+                             "per_attack": full})
+    subset = {"corruptions (1 of 15, severities 1)": 0.7, "fog/1": 0.7}
+    append_result(tmp_path, {**base, "model": "subset", "model_fingerprint": "b", "attacks": "fog@1", "worst_acc": 0.7,
+                             "per_attack": subset})
+    text = build_report([tmp_path]).read_text()
+    comparison = text.split("## Leaderboard comparison: cifar10 corruptions")[1]
+    lrr = next(line for line in comparison.splitlines() if line.startswith("| Diffenderfer2021Winning_LRR |"))
+    assert "yes: full (corruptions)" in lrr and "subset" not in lrr.split("yes:")[1]
+    assert "| **subset** |" in comparison and "| 95.0% |" in lrr
