@@ -187,3 +187,64 @@ def test_leaderboard_comparison_of_the_corruptions_track(tmp_path):
     lrr = next(line for line in comparison.splitlines() if line.startswith("| Diffenderfer2021Winning_LRR |"))
     assert "yes: full (corruptions)" in lrr and "subset" not in lrr.split("yes:")[1]
     assert "| **subset** |" in comparison and "| 95.0% |" in lrr
+
+
+def test_sweep_evaluation_stage_for_the_corruptions_track(tmp_path):
+    from robust_sparse.errors import ConfigError
+    from robust_sparse.sweep import EvalStage, _eval_command, _eval_stage
+
+    stage = _eval_stage({"threat_model": "corruptions", "corruptions": ["fog", "snow"], "severities": "1,5",
+                         "n_examples": 100, "seeds": [0]})
+    command = _eval_command(tmp_path / "run", stage, "cpu")
+    assert command[command.index("--threat-model") + 1] == "corruptions" and "--attacks" not in command
+    assert command[command.index("--corruptions") + 1] == "fog,snow"
+    assert command[command.index("--severities") + 1] == "1,5" and "--no-probe" not in command
+    assert stage.settings()["corruptions"] == "fog,snow"
+    # a stage with attacks keeps the settings it had before the corruptions keys existed (no re-evaluation)
+    attacks = _eval_stage({"attacks": "fgsm"})
+    assert set(attacks.settings()) == {"attacks", "n_examples", "eps", "batch_size", "probe"}
+    assert attacks.settings() == {k: v for k, v in EvalStage(attacks="fgsm").settings().items()}
+    for value, message in (({"threat_model": "Linf", "attacks": "fgsm"}, "only 'corruptions'"),
+                           ({"threat_model": "corruptions", "attacks": "fgsm"}, "eval.attacks: the corruptions"),
+                           ({"threat_model": "corruptions", "severities": [7]}, "severities '7'"),
+                           ({"corruptions": "fog"}, "only 'corruptions'")):
+        with pytest.raises(ConfigError, match=message):
+            _eval_stage(value)
+
+
+@pytest.mark.slow  # about a minute on 2 shared cores: a training run and an evaluation child process
+def test_sweep_runs_the_corruptions_stage_end_to_end(mini, mnist, tmp_path):
+    """Train one tiny CIFAR-shaped run (padded digits as CIFAR-10 training batches), then the sweep's
+    corruptions stage on its best.pt; the row reaches sweep_eval.json and the sweep report's columns."""
+    import yaml
+
+    from robust_sparse.sweep import EVAL_RESULT, load_sweep, run_sweep
+    from robust_sparse.sweep_report import collect
+
+    train, _ = mnist
+    root = tmp_path / "data"
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    (root / "CIFAR-10-C").symlink_to(mini / "CIFAR-10-C")
+    (root / "cifar-10-batches-py" / "test_batch").symlink_to(mini / "cifar-10-batches-py" / "test_batch")
+    padded = torch.nn.functional.pad(train.images[:400], (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+    for index in range(5):
+        part = slice(80 * index, 80 * (index + 1))
+        with open(root / "cifar-10-batches-py" / f"data_batch_{index + 1}", "wb") as handle:
+            pickle.dump({b"data": padded[part].reshape(80, -1).numpy(), b"labels": train.labels[part].tolist()},
+                        handle)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "out"), "threads": 1, "grid": {"seed": [0]},
+        "overrides": ["model.name=tiny_cnn", "data.dataset=cifar10", f"data.root={root}", "data.train_limit=256",
+                      "data.val_size=64", "optim.epochs=1", "attack.steps=1", "val.pgd_steps=1",
+                      "val.max_examples=64", "eval.n_examples=64", "eval.pgd_steps=1", "device=cpu"],
+        "eval": {"threat_model": "corruptions", "corruptions": list(NAMES), "severities": [1, 2], "n_examples": 50},
+    }, sort_keys=False))
+    index = run_sweep(load_sweep(path))
+    assert list(index["status"]) == ["done"] and list(index["eval"]) == ["done"], index.to_dict("records")
+    record = json.loads((tmp_path / "out" / "runs" / "seed=0" / EVAL_RESULT).read_text())
+    row = record["results"][0]
+    assert row["threat_model"] == "corruptions" and len([k for k in row["per_attack"] if "/" in k]) == 4
+    runs, _ = collect(tmp_path / "out")
+    assert runs["eval_corruptions (2 of 15, severities 1,2)_accuracy"].iloc[0] == pytest.approx(
+        np.mean([v for k, v in row["per_attack"].items() if "/" in k]))
