@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
     sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
                                           "devices, slurm, eval (an evaluation stage: attacks, n_examples, eps, "
-                                          "seeds, batch_size, probe)")
+                                          "seeds, batch_size, probe; or threat_model: corruptions, corruptions, "
+                                          "severities)")
     sweep.add_argument("--out", help="sweep directory (overrides out_dir)")
     sweep.add_argument("--dry-run", action="store_true", help="prepare the run directories and list them only")
     sweep.add_argument("--no-eval", action="store_true", help="train only: skip the sweep file's evaluation stage")
@@ -265,10 +266,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("--corruptions and --severities go with --threat-model corruptions")
     else:
         threat = loading.parse_threat(args.threat_model) if args.threat_model else None
-    if args.robustbench_model is not None and corruptions is not None:
-        loading.check_robustbench_name(args.robustbench_model, dataset, "linf")
-    elif args.robustbench_model is not None:
-        loading.check_robustbench_name(args.robustbench_model, dataset, threat or "linf")
+    if args.robustbench_model is not None:  # the corruptions track takes L-inf zoo entries
+        loading.check_robustbench_name(args.robustbench_model, dataset,
+                                       "linf" if corruptions is not None else threat or "linf")
     eps_values = None
     if args.eps is not None:
         eps_values = [_coerce(part, float, "--eps") for part in args.eps.split(",") if part.strip()]
