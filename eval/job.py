@@ -162,6 +162,9 @@ class EvalJob:
     progress: bool = True
     autoattack_backend: str = "auto"
     cross_check: bool = False
+    # the corruptions track (threat "corruptions"): None is RobustBench's 15 corruptions, severities 1-5
+    corruptions: list[str] | None = None
+    severities: list[int] | None = None
     results_dir: str | None = None  # None: <run dir>/eval for a checkpoint, else runs/eval
     output: str | None = None  # also write the rows here as JSON
 
@@ -180,6 +183,10 @@ def run_job(job: EvalJob) -> JobOutcome:
     from robust_sparse.eval.specs import parse_attacks
     from robust_sparse.train import resolve_device
 
+    if job.threat == "corruptions":
+        from robust_sparse.eval.corruptions import run_corruptions_job
+
+        return run_corruptions_job(job)
     models, dataset = _local_models(job)
     first = models[0] if models else None
     images, labels = loading.load_points(

@@ -4,7 +4,9 @@ The table holds RobustBench CIFAR-10/100 entries relevant to sparse and small mo
 entries, Sehwag2020Hydra and Kundu2020Tunable, and dense references), the adversarial-pruning benchmark's
 AutoAttack re-evaluation (Piras et al.) and published robust-sparse results (HYDRA, BSR-Net, A-BSR-Net,
 Flying Bird), each with its protocol (eps, attack, number of test points), source URL and date. Accuracies
-are in percent; ``sparsity`` is the fraction of pruned weights (empty when the source does not say).
+are in percent; ``sparsity`` is the fraction of pruned weights (empty when the source does not say). Rows of
+the common-corruptions track (``threat_model`` and ``attack`` ``corruptions``, ``eps`` 0: no radius) hold
+RobustBench's CIFAR-10-C mean accuracy over its 15 corruptions x 5 severities, from its ``model_info`` files.
 
 Each row also states what it knows of its training recipe (empty where the source does not say):
 ``epochs``, ``selection`` (which checkpoint was reported, a :class:`Selection`) and ``estimator`` (AGENT's c_t

@@ -126,3 +126,69 @@ def monotone_warnings(frame: pd.DataFrame, group: list[str], prefix: str = "") -
                     "randomised or masked attack)")
             previous = (eps, accuracy)
     return warnings
+
+
+def checks_summary(frame: pd.DataFrame, monotone_fired: int = 0) -> list[str]:
+    """The report's sentences on the checks, one per check, each stated only over the stored results that
+    support it: a check no result ran is "not run" (the probe) or absent (a comparison of two attacks that no
+    result ran both of). ``frame``: result rows (per_attack, warnings, attacks, mode, pgd_acc, autoattack_acc,
+    large_eps_acc, threat_model, eps, model, model_fingerprint, dataset, n_examples, seed);
+    ``monotone_fired``: how many non-monotone-in-eps warnings the report found across rows."""
+    sentences = []
+    attacked = frame[frame["threat_model"] != "corruptions"]
+    both = [r for _, r in attacked.iterrows()
+            if _number(r.get("pgd_acc")) is not None and _number(r.get("autoattack_acc")) is not None
+            and r.get("mode") != "chained"]
+    if both:
+        above = sum(_number(r["autoattack_acc"]) > _number(r["pgd_acc"]) for r in both)
+        sentences.append(f"AutoAttack is above PGD in {above} of the {len(both)} results that ran both (see above)."
+                         if above else f"AutoAttack is not above PGD in any of the {len(both)} results that ran both.")
+    with_square = [r for _, r in attacked.iterrows() if _runs_square(r)]
+    if with_square:
+        fired = sum(any("the black-box" in str(w) for w in r["warnings"]) for r in with_square)
+        sentences.append(f"A black-box attack broke points every white-box attack left robust in {fired} of the "
+                         f"{len(with_square)} results that ran Square (see above)." if fired else
+                         f"Square broke no more than {SQUARE_TOLERANCE:.1%} of the points the white-box attacks "
+                         f"left robust in any of the {len(with_square)} results that ran it.")
+    probed = [r for _, r in attacked.iterrows() if _number(r.get("large_eps_acc")) is not None]
+    if probed:
+        high = sum(_number(r["large_eps_acc"]) > LARGE_EPS_TOLERANCE for r in probed)
+        sentences.append(f"The large-eps probe left more than {LARGE_EPS_TOLERANCE:.0%} of the points robust in "
+                         f"{high} of the {len(probed)} results that ran it (see above)." if high else
+                         f"The large-eps probe fell to at most {LARGE_EPS_TOLERANCE:.0%} in all {len(probed)} "
+                         "results that ran it.")
+    unprobed = len(attacked) - len(probed)
+    if unprobed:
+        sentences.append(f"The large-eps probe was not run for {unprobed} of the {len(attacked)} results "
+                         "(--no-probe): gradient masking at large eps is unchecked there.")
+    keys = ["model", "model_fingerprint", "dataset", "threat_model", "n_examples", "seed"]
+    groups = attacked.assign(seed=attacked["seed"].astype(str)).groupby(keys, sort=False, dropna=False)["eps"].nunique() \
+        if len(attacked) else pd.Series(dtype=int)
+    several = int((groups >= 2).sum())
+    if several:
+        sentences.append(f"Accuracy rises with eps in {monotone_fired} places (see above) across the {several} "
+                         "models evaluated at several eps." if monotone_fired else
+                         f"Accuracy does not rise with eps for any of the {several} models evaluated at several eps.")
+    elif len(attacked):
+        sentences.append("Monotonicity in eps was not checked: no model was evaluated at more than one eps.")
+    corrupted = len(frame) - len(attacked)
+    if corrupted:
+        sentences.append(f"The {corrupted} corruptions results are plain accuracies on fixed images: no "
+                         "gradient-masking check applies to them.")
+    return sentences
+
+
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _runs_square(row) -> bool:
+    """AutoAttack standard (Square after its white-box attacks), or Square beside a white-box attack."""
+    attacks = [a.strip() for a in str(row.get("attacks") or "").split(",") if a.strip()]
+    return "autoattack" in attacks or ("square" in attacks and len(attacks) > 1)

@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-file", help="evaluate on a torch file {'images', 'labels'} instead of the test set")
     evaluate.add_argument("--n-examples", type=int,
                           help="first n test points (default: the run's eval.n_examples, else 10000 or the whole set)")
-    evaluate.add_argument("--threat-model", help="Linf or L2 (default: the checkpoint's, else Linf)")
+    evaluate.add_argument("--threat-model", help="Linf, L2 or corruptions (CIFAR-10-C/CIFAR-100-C under --data-root; "
+                                                 "default: the checkpoint's, else Linf)")
+    evaluate.add_argument("--corruptions", help="--threat-model corruptions: comma-separated (default: RobustBench's 15)")
+    evaluate.add_argument("--severities", help="--threat-model corruptions: comma-separated, 1-5 (default: all five)")
     evaluate.add_argument("--eps", help="radius, e.g. 8/255, or several: 2/255,4/255,8/255 "
                                         "(default: the run's; else 8/255 Linf / 0.5 L2 on CIFAR and SVHN)")
     attacks = evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack);")
@@ -146,11 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--subnet", type=int, help="AST checkpoints: which sub-net (0 = the densest)")
+    export.add_argument("--robustbench", metavar="NAME",
+                        help="instead: RobustBench's zoo layout, OUT/<dataset>/<Linf|L2>/NAME.pt and a model-info "
+                             "NAME.json (accuracies from the run's results store); load it with "
+                             "robust_sparse.eval.zoo.register and robustbench.utils.load_model")
+    export.add_argument("--results-dir", help="--robustbench: the results store to read accuracies from "
+                                              "(default: <run dir>/eval)")
 
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
     sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
                                           "devices, slurm, eval (an evaluation stage: attacks, n_examples, eps, "
-                                          "seeds, batch_size, probe)")
+                                          "seeds, batch_size, probe; or threat_model: corruptions, corruptions, "
+                                          "severities)")
     sweep.add_argument("--out", help="sweep directory (overrides out_dir)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="prepare the run directories and list them only (backend slurm: also the submitit "
@@ -251,9 +261,20 @@ def _eval(args: argparse.Namespace) -> int:
         dataset = loading.parse_dataset(exported["dataset"])
     if dataset is None and args.checkpoint is None:
         raise UserError("--dataset is required with --robustbench-model, --arch and --model")
-    threat = loading.parse_threat(args.threat_model) if args.threat_model else None
-    if args.robustbench_model is not None:
-        loading.check_robustbench_name(args.robustbench_model, dataset, threat or "linf")
+    corruptions = severities = None
+    if args.threat_model is not None and args.threat_model.strip().lower() == "corruptions":
+        from robust_sparse.eval.corruptions import THREAT, parse_corruptions, parse_severities
+
+        threat, corruptions, severities = THREAT, parse_corruptions(args.corruptions), parse_severities(args.severities)
+        if args.eps is not None or args.attacks is not None or args.large_eps is not None:
+            raise UserError("--threat-model corruptions has no radius or attacks: drop --eps, --attacks and --large-eps")
+    elif args.corruptions is not None or args.severities is not None:
+        raise UserError("--corruptions and --severities go with --threat-model corruptions")
+    else:
+        threat = loading.parse_threat(args.threat_model) if args.threat_model else None
+    if args.robustbench_model is not None:  # the corruptions track takes L-inf zoo entries
+        loading.check_robustbench_name(args.robustbench_model, dataset,
+                                       "linf" if corruptions is not None else threat or "linf")
     eps_values = None
     if args.eps is not None:
         eps_values = [_coerce(part, float, "--eps") for part in args.eps.split(",") if part.strip()]
@@ -291,9 +312,14 @@ def _eval(args: argparse.Namespace) -> int:
         probe=not args.no_probe, large_eps=large_eps, device=args.device or "auto", seed=args.seed,
         batch_size=args.batch_size, chained=args.chained, resume=not args.fresh, progress=not args.no_progress,
         autoattack_backend=args.autoattack_backend, cross_check=args.cross_check_torchattacks,
-        results_dir=args.results_dir, output=args.output,
+        results_dir=args.results_dir, output=args.output, corruptions=corruptions, severities=severities,
     ))
     for row in outcome.rows:
+        if row["threat_model"] == "corruptions":
+            from robust_sparse.eval.corruptions import format_row
+
+            _emit(format_row(row))
+            continue
         _emit(job.format_row(row))
     for warning in outcome.warnings:
         _emit(f"warning: {warning}")
@@ -330,7 +356,21 @@ def _export(args: argparse.Namespace) -> int:
     from robust_sparse.checkpoint import check_output_dir
     from robust_sparse.sparse.export import export_checkpoint
 
+    if args.results_dir is not None and args.robustbench is None:
+        raise UserError("--results-dir goes with --robustbench NAME")
     check_output_dir(args.out, "export --out")  # before the checkpoint is read
+    if args.robustbench is not None:
+        from robust_sparse.eval.zoo import export_to_zoo
+
+        written = export_to_zoo(args.checkpoint, args.out, args.robustbench, subnet=args.subnet,
+                                results_dir=args.results_dir)
+        info = written["info"]
+        _emit(f"RobustBench zoo entry {args.robustbench}: {written['weights']} and {written['model_info']} "
+              f"(clean {info['clean_acc'] or 'not evaluated'}, AutoAttack {info['autoattack_acc'] or 'not evaluated'}"
+              f", eps {info['eps']}); load with robust_sparse.eval.zoo.register({args.robustbench!r}, "
+              f"{str(args.out)!r}, {info['dataset']!r}, {info['robust_sparse']['threat_model']!r}), then "
+              "robustbench.utils.load_model")
+        return 0
     summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet)
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "

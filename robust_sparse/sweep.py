@@ -72,7 +72,9 @@ class Sweep:
     plugins: tuple[str, ...] = ()
 
 
-EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "batch_size", "probe"}
+EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "batch_size", "probe", "threat_model", "corruptions",
+             "severities"}
+CORRUPTION_KEYS = ("threat_model", "corruptions", "severities")  # the corruptions track (robust_sparse.eval.corruptions)
 
 
 @dataclass
@@ -86,11 +88,16 @@ class EvalStage:
     batch_size: int = 500
     probe: bool = True  # the large-eps gradient-masking probe
     modules: tuple[str, ...] = ()  # modules registering attacks from Python: the evaluation children import them
+    # threat_model "corruptions": CIFAR-10-C/CIFAR-100-C under the run's data root instead of attacks
+    threat_model: str | None = None
+    corruptions: str | None = None  # comma-separated; None: RobustBench's 15
+    severities: str | None = None  # comma-separated; None: 1-5
 
     def settings(self) -> dict[str, Any]:
         """What defines one run's evaluation (``seeds`` only selects the runs, ``modules`` where attacks come from,
-        so neither is part of it)."""
-        return {key: value for key, value in dataclasses.asdict(self).items() if key not in ("seeds", "modules")}
+        so neither is part of it; the corruptions keys only when set, so stages recorded before them still match)."""
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if key not in ("seeds", "modules") and not (key in CORRUPTION_KEYS and value is None)}
 
 
 def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
@@ -186,6 +193,9 @@ def _eval_stage(value: Any) -> EvalStage | None:
     unknown = sorted(set(map(str, value)) - EVAL_KEYS)
     if unknown:
         raise ConfigError(f"sweep eval: unknown key {unknown[0]!r}; known: {', '.join(sorted(EVAL_KEYS))}")
+    if value.get("threat_model") is not None or value.get("corruptions") is not None \
+            or value.get("severities") is not None:
+        return _corruptions_stage(value)
     if "attacks" not in value:
         raise ConfigError("sweep eval.attacks: required, e.g. pgd-50x10,autoattack")
     attacks = value["attacks"]
@@ -219,6 +229,40 @@ def _eval_stage(value: Any) -> EvalStage | None:
     probe = _coerce(value.get("probe", True), bool, "sweep eval.probe")
     return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=n_examples, eps=eps, seeds=seeds,
                      batch_size=batch_size, probe=probe, modules=modules)
+
+
+def _corruptions_stage(value: dict[str, Any]) -> EvalStage:
+    """``eval: {threat_model: corruptions, corruptions: ..., severities: ..., n_examples, seeds, batch_size}``."""
+    from robust_sparse.eval.corruptions import THREAT, parse_corruptions, parse_severities
+
+    if str(value.get("threat_model", "")).strip().lower() != THREAT:
+        raise ConfigError(f"sweep eval.threat_model: only {THREAT!r} (the corruptions track; attacks take no "
+                          f"threat_model key), got {value.get('threat_model')!r}")
+    extra = sorted(set(value) & {"attacks", "eps", "probe"})
+    if extra:
+        raise ConfigError(f"sweep eval.{extra[0]}: the corruptions track has no radius or attacks")
+
+    def text(key: str) -> str | None:
+        item = value.get(key)
+        return ",".join(map(str, item)) if isinstance(item, list) else (None if item is None else str(item))
+
+    try:
+        corruptions, severities = text("corruptions"), text("severities")
+        parse_corruptions(corruptions)
+        parse_severities(severities)
+    except UserError as error:
+        raise ConfigError(f"sweep eval: {str(error).lstrip('-')}") from None
+    n_examples = value.get("n_examples")
+    if n_examples is not None and _coerce(n_examples, int, "sweep eval.n_examples") < 1:
+        raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
+    seeds = value.get("seeds")
+    if seeds is not None:
+        seeds = _coerce(seeds, list[int], "sweep eval.seeds")
+    batch_size = _coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
+    if batch_size < 1:
+        raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
+    return EvalStage(attacks=THREAT, n_examples=n_examples, seeds=seeds, batch_size=batch_size, probe=False,
+                     threat_model=THREAT, corruptions=corruptions, severities=severities)
 
 
 def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
@@ -327,6 +371,13 @@ def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
     command = [sys.executable, "-m", "robust_sparse.cli", "eval", str(run_dir / "best.pt"), "--attacks",
                stage.attacks, "--batch-size", str(stage.batch_size), "--results-dir", str(run_dir / "eval"),
                "--output", str(run_dir / f".{EVAL_RESULT}.output"), "--device", device]
+    if stage.threat_model is not None:  # the corruptions track: no attacks, radius or probe
+        command[5:7] = ["--threat-model", stage.threat_model]
+        for flag, value in (("--corruptions", stage.corruptions), ("--severities", stage.severities),
+                            ("--n-examples", stage.n_examples)):
+            if value is not None:
+                command += [flag, str(value)]
+        return command
     if stage.n_examples is not None:
         command += ["--n-examples", str(stage.n_examples)]
     if stage.eps is not None:

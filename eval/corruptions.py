@@ -1,0 +1,311 @@
+"""The common-corruptions track: accuracy on CIFAR-10-C / CIFAR-100-C, per corruption and severity.
+
+The files are read from ``--data-root`` in the layout robustbench's own loader (``robustbench.data.
+load_corruptions_cifar``) reads: ``<root>/CIFAR-10-C/<corruption>.npy`` (uint8 ``[5 * 10000, 32, 32, 3]``,
+severity ``s`` in rows ``(s - 1) * 10000`` onwards) and ``<root>/CIFAR-10-C/labels.npy``; the first ``n`` rows of
+a severity are its first ``n`` points, with the first ``n`` labels (as robustbench takes them). We read the
+arrays memory-mapped instead of calling that loader, which loads each whole file once per severity and
+downloads the data set when the folder is absent; the layout, the slicing and the scaling (``/ 255``) are its.
+
+The defaults are RobustBench's leaderboard: its 15 corruptions (``robustbench.data.CORRUPTIONS``) at severities
+1-5, and its aggregate, the mean of the 75 accuracies. ImageNet-C is not read: this toolkit has no ImageNet
+models (robustbench's ``load_imagenetc`` reads ``<root>/ImageNet-C/<corruption>/<severity>/``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from robust_sparse.config import DatasetName
+from robust_sparse.errors import UserError
+
+log = logging.getLogger(__name__)
+
+THREAT = "corruptions"  # robustbench's ThreatModel.corruptions value, the results' threat_model
+ROWS_PER_SEVERITY = 10000  # robustbench's n_total_cifar
+SEVERITIES = (1, 2, 3, 4, 5)
+#: The folder of each data set under the data root (robustbench.data.CORRUPTIONS_DIR_NAMES) and its Zenodo record
+#: (robustbench.data.ZENODO_CORRUPTIONS_LINKS).
+FOLDERS = {DatasetName.CIFAR10: "CIFAR-10-C", DatasetName.CIFAR100: "CIFAR-100-C"}
+ZENODO = {DatasetName.CIFAR10: "https://zenodo.org/record/2535967 (CIFAR-10-C.tar)",
+          DatasetName.CIFAR100: "https://zenodo.org/record/3555552 (CIFAR-100-C.tar)"}
+AGGREGATE = "corruptions"  # the per_attack label of the mean over every corruption and severity
+
+
+def default_corruptions() -> tuple[str, ...]:
+    """RobustBench's corruption list, read from the installed robustbench."""
+    from robust_sparse.compat import import_robustbench
+
+    import_robustbench()
+    from robustbench.data import CORRUPTIONS
+
+    return tuple(CORRUPTIONS)
+
+
+def parse_corruptions(text: str | None) -> tuple[str, ...]:
+    """``"fog,snow"`` -> ``("fog", "snow")``; None: RobustBench's 15. Names must be RobustBench's."""
+    known = default_corruptions()
+    if text is None:
+        return known
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise UserError("--corruptions: give at least one corruption, e.g. gaussian_noise,fog")
+    for name in names:
+        if name not in known:
+            raise UserError(f"--corruptions: unknown corruption {name!r}; choose from: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise UserError("--corruptions: a corruption is listed twice")
+    return names
+
+
+def parse_severities(text: str | None) -> tuple[int, ...]:
+    """``"1,5"`` -> ``(1, 5)``; None: 1-5."""
+    if text is None:
+        return SEVERITIES
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--severities {text!r}: comma-separated integers from 1 to 5, e.g. 1,3,5") from None
+    if not values or any(v not in SEVERITIES for v in values) or len(set(values)) != len(values):
+        raise UserError(f"--severities {text!r}: distinct integers from 1 to 5, e.g. 1,3,5")
+    return values
+
+
+def corruption_folder(root: str | Path, dataset: DatasetName) -> Path:
+    if dataset not in FOLDERS:
+        raise UserError(f"--threat-model corruptions: supported for {', '.join(d.value for d in FOLDERS)} "
+                        f"(CIFAR-10-C, CIFAR-100-C), not {dataset.value}")
+    return Path(root) / FOLDERS[dataset]
+
+
+def check_files(root: str | Path, dataset: DatasetName, corruptions: Sequence[str], severities: Sequence[int],
+                n: int | None) -> int:
+    """Every file there and long enough for ``n`` points at every severity (one line naming the path
+    otherwise); returns ``n`` (None: ``ROWS_PER_SEVERITY``). Reads only the .npy headers."""
+    folder = corruption_folder(root, dataset)
+    n = ROWS_PER_SEVERITY if n is None else n
+    if not 1 <= n <= ROWS_PER_SEVERITY:
+        raise UserError(f"--n-examples {n}: the corruptions track has {ROWS_PER_SEVERITY} points per severity")
+    for name in ("labels", *corruptions):
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            raise UserError(f"corruption data not found: {path} (expected {FOLDERS[dataset]}/<corruption>.npy and "
+                            f"labels.npy under --data-root; the data is published at {ZENODO[dataset]})")
+        rows = _header_rows(path)
+        needed = n if name == "labels" else (max(severities) - 1) * ROWS_PER_SEVERITY + n
+        if rows < needed:
+            raise UserError(f"{path}: {rows} rows, {needed} needed for {n} points at severity {max(severities)} "
+                            f"({ROWS_PER_SEVERITY} rows per severity, as robustbench reads it)")
+    return n
+
+
+def _header_rows(path: Path) -> int:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as error:
+        raise UserError(f"{path}: not a readable .npy file ({error})") from None
+    return int(array.shape[0])
+
+
+def load_corruption(root: str | Path, dataset: DatasetName, corruption: str, severity: int,
+                    n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` points of one corruption at one severity: float [0,1] images [n, 3, H, W], int64 labels."""
+    folder = corruption_folder(root, dataset)
+    images = np.load(folder / f"{corruption}.npy", mmap_mode="r")
+    start = (severity - 1) * ROWS_PER_SEVERITY
+    chunk = np.ascontiguousarray(images[start:start + n])
+    labels = np.load(folder / "labels.npy", mmap_mode="r")[:n]
+    if chunk.ndim != 4 or chunk.shape[-1] not in (1, 3):
+        raise UserError(f"{folder / (corruption + '.npy')}: expected uint8 images [N, H, W, C], got {chunk.shape}")
+    tensor = torch.from_numpy(chunk.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    return tensor, torch.from_numpy(np.array(labels)).long()
+
+
+def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: DatasetName, *,
+                         corruptions: Sequence[str] | None = None, severities: Sequence[int] = SEVERITIES,
+                         n_examples: int | None = None, batch_size: int = 500,
+                         device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Accuracy of ``model`` (on [0,1] images) on every corruption and severity.
+
+    Returns a DataFrame with columns corruption, severity, n, accuracy (one row each, in order); RobustBench's
+    aggregate is ``frame["accuracy"].mean()`` (:func:`aggregate`).
+    """
+    corruptions = tuple(corruptions) if corruptions is not None else default_corruptions()
+    n = check_files(root, dataset, corruptions, severities, n_examples)
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for corruption in corruptions:
+            for severity in severities:
+                images, labels = load_corruption(root, dataset, corruption, severity, n)
+                correct = 0
+                with torch.no_grad():
+                    for start in range(0, n, batch_size):
+                        x = images[start:start + batch_size].to(device)
+                        y = labels[start:start + batch_size].to(device)
+                        correct += int((model(x).argmax(1) == y).sum())
+                rows.append({"corruption": corruption, "severity": int(severity), "n": n, "accuracy": correct / n})
+                log.info("%s severity %d: accuracy %.4f on %d points", corruption, severity, correct / n, n)
+    finally:
+        model.train(was_training)
+    return pd.DataFrame(rows, columns=["corruption", "severity", "n", "accuracy"])
+
+
+def aggregate(frame: pd.DataFrame) -> float:
+    """RobustBench's corruptions accuracy: the mean over every (corruption, severity) accuracy."""
+    return float(frame["accuracy"].mean())
+
+
+def aggregate_label(corruptions: Sequence[str], severities: Sequence[int]) -> str:
+    """``corruptions`` for RobustBench's full set (the leaderboard's number), else a label naming the subset, so
+    that a mean over fewer corruptions or severities is never compared with a leaderboard row."""
+    full = default_corruptions()
+    if set(corruptions) == set(full) and set(severities) == set(SEVERITIES):
+        return AGGREGATE
+    return (f"{AGGREGATE} ({len(corruptions)} of {len(full)}, severities "
+            f"{','.join(str(s) for s in sorted(severities))})")
+
+
+def per_attack(frame: pd.DataFrame) -> dict[str, float]:
+    """The results store's per_attack field: the aggregate (under :func:`aggregate_label`), then
+    ``corruption/severity`` for each cell (the ``/`` marks a part, which comparisons and monotonicity checks
+    skip)."""
+    cells = {f"{r.corruption}/{int(r.severity)}": float(r.accuracy) for r in frame.itertuples()}
+    label = aggregate_label(list(dict.fromkeys(frame["corruption"])), sorted(set(frame["severity"])))
+    return {label: aggregate(frame), **cells}
+
+
+def mean_of(row: dict[str, Any] | pd.Series) -> tuple[str, float]:
+    """The aggregate's label and value in a stored row."""
+    label = next(k for k in row["per_attack"] if "/" not in k)
+    return label, float(row["per_attack"][label])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ``robust-sparse eval --threat-model corruptions``
+
+
+def run_corruptions_job(job: Any) -> Any:
+    """An :class:`~robust_sparse.eval.job.EvalJob` with ``threat="corruptions"``: clean accuracy on the test
+    points, then every corruption and severity; one row per model into the results store."""
+    from robust_sparse.checkpoint import write_atomic
+    from robust_sparse.eval import job as jobs
+    from robust_sparse.eval import loading
+    from robust_sparse.eval.store import append_result
+    from robust_sparse.train import resolve_device
+
+    if job.eps is not None or job.large_eps is not None or job.cross_check or job.chained:
+        raise UserError("--threat-model corruptions has no radius or attacks: drop --eps, --large-eps, --chained "
+                        "and --cross-check-torchattacks")
+    models, dataset = jobs._local_models(job)
+    first = models[0] if models else None
+    root = job.data_root or (first.data_root if first else None) or "data"
+    if dataset is None:
+        raise UserError("--dataset is required with --robustbench-model, --arch and --model")
+    corruptions = tuple(job.corruptions) if job.corruptions else default_corruptions()
+    severities = tuple(job.severities) if job.severities else SEVERITIES
+    n = check_files(root, dataset, corruptions, severities, job.n_examples)  # before any model download
+    images, labels = loading.load_points(dataset, n, root=root, download=job.download, data_file=job.data_file)
+    if models is None:
+        models = [loading.from_robustbench(job.robustbench_model, dataset, "linf", job.model_dir)]
+        if job.name:
+            models[0].name = job.name
+    if job.results_dir:
+        results_dir = Path(job.results_dir)
+    elif job.checkpoint is not None:
+        results_dir = Path(job.checkpoint).parent / "eval"
+    else:
+        results_dir = Path("runs") / "eval"
+    device = resolve_device(job.device)
+    rows = []
+    for loaded in models:
+        rows.append(_evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n, job.batch_size,
+                                    device, results_dir, append_result))
+    if job.output:
+        import json
+
+        write_atomic(Path(job.output), json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, default=str))
+    return jobs.JobOutcome(rows, [], results_dir)
+
+
+def _evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n, batch_size, device,
+                    results_dir, append_result) -> dict[str, Any]:
+    from robust_sparse.eval.job import device_name
+    from robust_sparse.eval.loading import data_fingerprint, model_fingerprint, sparsity_stats
+    from robust_sparse.accuracy import predict
+
+    started = time.monotonic()
+    model = loaded.model.to(device).eval()
+    clean = float((predict(model, images.to(device), batch_size).cpu() == labels).float().mean())
+    frame = evaluate_corruptions(model, root, dataset, corruptions=corruptions, severities=severities,
+                                 n_examples=n, batch_size=batch_size, device=device)
+    stats = sparsity_stats(model)
+    mean = aggregate(frame)
+    row = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
+        "dataset": dataset.value, "threat_model": THREAT, "eps": 0.0, "n_examples": n,
+        "train_images": loaded.train_images, "epochs": loaded.epochs, "epoch": loaded.epoch,
+        "selection": loaded.selection, "estimator": loaded.estimator, "seed": None, "batch_size": batch_size,
+        "mode": "standalone", "attacks": f"{','.join(corruptions)}@{','.join(map(str, severities))}", "clean_acc": clean, "pgd_attack": None, "pgd_acc": None,
+        "autoattack_acc": None, "worst_acc": mean, "per_attack": per_attack(frame),
+        "sparsity": stats["sparsity"], "params": stats["params"], "nonzero_params": stats["nonzero_params"],
+        "wall_seconds": round(time.monotonic() - started, 3), "device": device_name(device),
+        "autoattack_backend": None, "large_eps": None, "large_eps_acc": None, "warnings": [],
+        "model_fingerprint": model_fingerprint(model), "data_fingerprint": data_fingerprint(images, labels),
+        "flags_file": None, "torch_version": torch.__version__,
+        "corruptions": list(corruptions), "severities": list(severities), "corruptions_root": str(Path(root)),
+    }
+    append_result(results_dir, row)
+    return row
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """What ``robust-sparse eval --threat-model corruptions`` prints for one row."""
+    cells = {k: v for k, v in row["per_attack"].items() if "/" in k}
+    frame = pd.DataFrame([(*k.split("/"), v) for k, v in cells.items()], columns=["corruption", "severity", "acc"])
+    table = frame.pivot(index="corruption", columns="severity", values="acc").loc[list(dict.fromkeys(frame["corruption"]))]
+    lines = [f"{row['model']} on {row['dataset']}-C ({row['n_examples']} points per corruption and severity, "
+             f"{row['wall_seconds']:.1f} s on {row['device']}): clean accuracy {row['clean_acc']:.4f}, "
+             f"corruptions accuracy (mean over {len(cells)}) {mean_of(row)[1]:.4f}"]
+    lines += ["  " + line for line in table.to_string(float_format=lambda v: f"{v:.4f}").splitlines()]
+    lines.append(f"  sparsity {row['sparsity']:.4f}, {row['nonzero_params']:,} non-zero of {row['params']:,} parameters")
+    return "\n".join(lines)
+
+
+def report_lines(frame: pd.DataFrame) -> list[str]:
+    """The report's corruptions section: per model, the mean accuracy of each corruption over its severities
+    and of each severity over the corruptions (empty when no row is of the corruptions track)."""
+    rows = frame[frame["threat_model"] == THREAT]
+    if rows.empty:
+        return []
+    lines = ["", "## Common corruptions", "",
+             "Accuracy in % on the corrupted test sets (CIFAR-10-C / CIFAR-100-C layout); *mean* is RobustBench's "
+             "corruptions accuracy, the mean over every corruption and severity evaluated.", ""]
+    for _, r in rows.iterrows():
+        cells = [(k.split("/")[0], int(k.split("/")[1]), float(v)) for k, v in r["per_attack"].items() if "/" in k]
+        table = pd.DataFrame(cells, columns=["corruption", "severity", "accuracy"])
+        by_corruption = table.groupby("corruption", sort=False)["accuracy"].mean()
+        by_severity = table.groupby("severity")["accuracy"].mean()
+        lines += [f"**{r['model']}** ({r['dataset']}, {r['n_examples']} points each): clean "
+                  f"{100 * float(r['clean_acc']):.2f}, mean {100 * mean_of(r)[1]:.2f} ({mean_of(r)[0]}); by "
+                  "severity " + ", ".join(f"{s}: {100 * v:.2f}" for s, v in by_severity.items()), ""]
+        lines += ["| corruption | " + " | ".join(f"severity {s}" for s in by_severity.index) + " | mean |",
+                  "|---|" + "---|" * (len(by_severity) + 1)]
+        for name, mean in by_corruption.items():
+            values = table[table["corruption"] == name].set_index("severity")["accuracy"]
+            lines.append(f"| {name} | " + " | ".join(f"{100 * values[s]:.2f}" if s in values.index else ""
+                                                    for s in by_severity.index) + f" | {100 * mean:.2f} |")
+        lines.append("")
+    return lines

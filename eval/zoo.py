@@ -1,0 +1,305 @@
+"""RobustBench both ways: a model trained here into RobustBench's zoo, and RobustBench's own ``benchmark()`` on
+test points already on disk.
+
+Into the zoo
+    :func:`export_to_zoo` (``robust-sparse export CHECKPOINT --out DIR --robustbench NAME``) writes
+    ``DIR/<dataset>/<Linf|L2>/NAME.pt`` (a plain state_dict, no ``module.`` prefix: what
+    ``robustbench.utils.load_model`` reads) and ``NAME.json`` beside it: a model-info entry in the format of
+    RobustBench's leaderboard files (``model_info/<dataset>/<threat_model>/<name>.json``: ``clean_acc``,
+    ``autoattack_acc``, ``eps``, ``architecture``, ...), filled from the run's results store, plus a
+    ``robust_sparse`` section (how to rebuild the architecture, sparsity, training method, the commands).
+    :func:`register` puts NAME into robustbench's model dictionary, after which
+    ``robustbench.utils.load_model(NAME, model_dir=DIR, dataset=..., threat_model=...)`` returns the model.
+
+benchmark() on local data
+    ``robustbench.eval.benchmark`` reads its clean test set through torchvision with ``download=True``, which
+    fails offline on anything but the exact download. Inside :func:`local_points` it reads the given points
+    instead (and AutoAttack gets a fixed seed; benchmark() leaves it to the clock), so RobustBench's own code
+    evaluates exactly the points ``robust-sparse eval`` did. :func:`benchmark_on_points` wraps the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import math
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from robust_sparse.checkpoint import atomic_open, write_atomic
+from robust_sparse.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ZOO_DATASETS = ("cifar10", "cifar100")  # RobustBench's BenchmarkDataset values this toolkit trains on
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# robustbench.utils.load_model cuts len(s) characters off every key that contains s anywhere
+_CUT_SUBSTRINGS = ("module.", "model.")
+LOCAL_GDRIVE_ID = "robust-sparse:local"  # load_model needs an id; the file is always there (register checks)
+
+
+def _robustbench():
+    from robust_sparse.compat import import_robustbench
+
+    import_robustbench()
+    import robustbench  # the real package: absolute import, never this module
+
+    return robustbench
+
+
+def zoo_paths(directory: str | Path, name: str, dataset: str, threat_model: str) -> tuple[Path, Path]:
+    """``(DIR/<dataset>/<threat_model>/NAME.pt, ... NAME.json)``."""
+    folder = Path(directory) / dataset / threat_model
+    return folder / f"{name}.pt", folder / f"{name}.json"
+
+
+def eps_text(eps: float | None) -> str | None:
+    """``8/255`` for a multiple of 1/255 (RobustBench's spelling), else the number."""
+    if eps is None:
+        return None
+    fraction = Fraction(eps).limit_denominator(255)
+    if math.isclose(float(fraction), eps, rel_tol=1e-6) and 255 % fraction.denominator == 0:
+        return f"{fraction.numerator * 255 // fraction.denominator}/255"
+    return f"{eps:g}"
+
+
+def _pct(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return f"{100 * float(value):.2f}"
+
+
+def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, subnet: int | None = None,
+                  results_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write a robust-sparse checkpoint into RobustBench's zoo layout under ``out_dir``; returns the model info.
+
+    Clean and robust accuracy come from the run's results store (``<run dir>/eval``, or ``results_dir``): the
+    rows of this very model (same weights fingerprint) and threat model; AutoAttack (the leaderboard's number)
+    on the most points, and a corruptions row when there is one. Without such rows the fields are null.
+    """
+    from robust_sparse.config import config_from_dict
+    from robust_sparse.checkpoint import load_checkpoint
+    from robust_sparse.eval.loading import from_checkpoint, model_fingerprint, sparsity_stats
+
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UserError(f"--robustbench {name!r}: a zoo name is letters, digits, '_', '-' and '.', e.g. "
+                        "MyLab2026Sparse_R18")
+    checkpoint = Path(checkpoint)
+    loaded = from_checkpoint(checkpoint, subnet=subnet)
+    dataset = loaded.dataset.value
+    if dataset not in ZOO_DATASETS:
+        raise UserError(f"--robustbench: RobustBench's zoo has {' and '.join(ZOO_DATASETS)} models, and this "
+                        f"checkpoint was trained on {dataset}")
+    threat = {"linf": "Linf", "l2": "L2"}[loaded.norm or "linf"]
+    state_dict = {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
+    cut = [k for k in state_dict if any(s in k for s in _CUT_SUBSTRINGS)]
+    if cut:
+        raise UserError(f"--robustbench: robustbench.utils.load_model would rename the parameters {', '.join(cut[:3])} "
+                        "(it cuts 'module.'/'model.' wherever they appear); this architecture cannot go into the zoo")
+    fingerprint = model_fingerprint(loaded.model)
+    stats = sparsity_stats(loaded.model)
+    config = config_from_dict(load_checkpoint(checkpoint)["config"])
+    store = Path(results_dir) if results_dir is not None else checkpoint.parent / "eval"
+    robust_row, corruption_row = _evaluation_rows(store, fingerprint, dataset, threat)
+    method = str(getattr(config.sparsity.method, "value", config.sparsity.method))
+    objective = str(getattr(config.objective, "value", config.objective))
+    eps = robust_row["eps"] if robust_row is not None else loaded.eps
+    training = f"{objective} with {method} sparse training" if method != "none" else f"{objective}, dense"
+    info: dict[str, Any] = {
+        "link": None, "name": name, "authors": None,
+        "additional_data": False,  # robust-sparse trains on the dataset's own training split only
+        "number_forward_passes": 1, "dataset": dataset, "venue": None, "architecture": loaded.architecture,
+        "eps": eps_text(eps),
+        "clean_acc": _pct((robust_row or corruption_row or {}).get("clean_acc")),
+        "reported": None,
+        "autoattack_acc": _pct(robust_row.get("autoattack_acc")) if robust_row is not None else None,
+        "footnote": f"{stats['sparsity']:.1%} sparse ({stats['nonzero_params']:,} non-zero parameters); {training}",
+    }
+    if corruption_row is not None:
+        from robust_sparse.eval.corruptions import mean_of
+
+        info["corruptions_acc"] = _pct(mean_of(corruption_row)[1])
+    commands = [f"robust-sparse train {checkpoint.parent / 'config.yaml'}"]
+    for row in (robust_row, corruption_row):
+        if row is not None:
+            commands.append(_eval_command(checkpoint, row))
+    commands.append(f"robust-sparse export {checkpoint} --out {out_dir} --robustbench {name}"
+                    + (f" --subnet {subnet}" if subnet is not None else ""))
+    info["robust_sparse"] = {
+        "architecture": config.model.name, "num_classes": int(_num_classes(loaded.model, state_dict)),
+        "dataset": dataset, "threat_model": threat, "eps": eps, "sparsity": stats["sparsity"],
+        "nonzero_params": stats["nonzero_params"], "params": stats["params"],
+        "training_method": method, "objective": objective, "checkpoint": str(checkpoint), "subnet": subnet,
+        "model_fingerprint": fingerprint,
+        "evaluation": {key: _summary(row) for key, row in (("robust", robust_row), ("corruptions", corruption_row))},
+        "commands": commands,
+    }
+    weights_path, info_path = zoo_paths(out_dir, name, dataset, threat)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(weights_path, "wb") as stream:
+        torch.save(state_dict, stream)
+    write_atomic(info_path, json.dumps(info, indent=2) + "\n")
+    if robust_row is None:
+        log.warning("no evaluation of this model at %s in %s: clean_acc and autoattack_acc are null (run "
+                    "robust-sparse eval %s first)", threat, store, checkpoint)
+    return {"weights": weights_path, "model_info": info_path, "info": info}
+
+
+def _num_classes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else int(list(state_dict.values())[-1].shape[0])
+
+
+def _evaluation_rows(store: Path, fingerprint: str, dataset: str, threat: str):
+    from robust_sparse.eval.store import RESULTS_JSON, load_results
+
+    if not (store / RESULTS_JSON).is_file():
+        return None, None
+    frame = load_results(store)
+    frame = frame[(frame["model_fingerprint"] == fingerprint) & (frame["dataset"] == dataset)]
+
+    def best(rows):
+        if rows.empty:
+            return None
+        return rows.sort_values(["n_examples", "timestamp"]).iloc[-1].to_dict()
+
+    attacked = frame[frame["threat_model"] == threat]
+    with_aa = attacked[attacked["autoattack_acc"].notna()]
+    robust = best(with_aa) if not with_aa.empty else best(attacked)
+    return robust, best(frame[frame["threat_model"] == "corruptions"])
+
+
+def _summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {k: row.get(k) for k in ("n_examples", "attacks", "seed", "clean_acc", "autoattack_acc", "pgd_acc",
+                                    "worst_acc", "eps", "timestamp")}
+
+
+def _eval_command(checkpoint: Path, row: dict[str, Any]) -> str:
+    if row["threat_model"] == "corruptions":
+        corruptions, _, severities = str(row["attacks"]).partition("@")
+        return (f"robust-sparse eval {checkpoint} --threat-model corruptions --corruptions {corruptions} "
+                f"--severities {severities} --n-examples {row['n_examples']}")
+    return (f"robust-sparse eval {checkpoint} --threat-model {row['threat_model']} --eps {row['eps']:.10g} "
+            f"--n-examples {row['n_examples']} --attacks {row['attacks']} --seed {row['seed']} "
+            f"--batch-size {row['batch_size']}" + (" --chained" if row.get("mode") == "chained" else ""))
+
+
+def register(name: str, model_dir: str | Path, dataset: str = "cifar10", threat_model: str = "Linf") -> Callable[[], nn.Module]:
+    """Make ``robustbench.utils.load_model(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)``
+    return a model written by :func:`export_to_zoo` (``robust-sparse export --robustbench NAME``).
+
+    Reads ``<model_dir>/<dataset>/<threat_model>/<name>.json`` for the architecture and adds ``name`` to
+    robustbench's model dictionary of that dataset and threat model, in this process. Returns the constructor
+    robustbench calls (an untrained model of the architecture). A name of RobustBench's own zoo is refused.
+    """
+    from robust_sparse.data import DATASETS
+    from robust_sparse.config import DatasetName
+    from robust_sparse.models import build_model
+
+    _robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    try:
+        zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
+    except (ValueError, KeyError):
+        raise UserError(f"register: dataset {dataset!r} / threat model {threat_model!r}; use one of "
+                        f"{', '.join(ZOO_DATASETS)} and Linf, L2 or corruptions") from None
+    weights_path, info_path = zoo_paths(model_dir, name, dataset, threat_model)
+    for path in (weights_path, info_path):
+        if not path.is_file():
+            raise UserError(f"register: {path} not found (write it with robust-sparse export CHECKPOINT --out "
+                            f"{model_dir} --robustbench {name})")
+    try:
+        spec = json.loads(info_path.read_text())["robust_sparse"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"register: {info_path} has no robust_sparse section (not written by robust-sparse export)") from None
+    existing = zoo.get(name)
+    if existing is not None and existing.get("gdrive_id") != LOCAL_GDRIVE_ID:
+        raise UserError(f"register: {name!r} is a model of RobustBench's own zoo; export under another name")
+    info = DATASETS[DatasetName(spec["dataset"])]
+    constructor = functools.partial(build_model, spec["architecture"], spec["num_classes"], info.in_channels,
+                                    info.mean, info.std)
+    zoo[name] = {"model": constructor, "gdrive_id": LOCAL_GDRIVE_ID}
+    return constructor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# robustbench.eval.benchmark on points already on disk
+
+
+@contextlib.contextmanager
+def local_points(images: torch.Tensor, labels: torch.Tensor, dataset: str = "cifar10",
+                 seed: int | None = 0) -> Iterator[None]:
+    """Inside the block, ``robustbench.eval.benchmark(..., dataset=dataset)`` evaluates ``images``/``labels``
+    (float [0,1], the first ``n_examples`` of them) instead of downloading the test set; with ``seed`` not
+    None, its AutoAttack uses that seed (robust-sparse eval's ``--seed``; benchmark() seeds from the clock)."""
+    _robustbench()
+    import robustbench.data as rb_data
+    import robustbench.eval as rb_eval
+    from robustbench.model_zoo.enums import BenchmarkDataset
+
+    key = BenchmarkDataset(dataset)
+    original_loader, original_attack = rb_data._clean_dataset_loaders[key], rb_eval.AutoAttack
+
+    def loader(n_examples, data_dir, transforms_test):  # the signature of robustbench.data.load_cifar10
+        if n_examples is not None and n_examples > len(labels):
+            raise UserError(f"benchmark: n_examples={n_examples} but only {len(labels)} local points were given")
+        return images[:n_examples].clone(), labels[:n_examples].clone()
+
+    rb_data._clean_dataset_loaders[key] = loader
+    if seed is not None:
+        rb_eval.AutoAttack = functools.partial(original_attack, seed=seed)
+    try:
+        yield
+    finally:
+        rb_data._clean_dataset_loaders[key] = original_loader
+        rb_eval.AutoAttack = original_attack
+
+
+def benchmark_on_points(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, dataset: str = "cifar10",
+                        threat_model: str = "Linf", eps: float = 8 / 255, batch_size: int = 500, seed: int = 0,
+                        device: torch.device | str = "cpu") -> tuple[float, float]:
+    """``robustbench.eval.benchmark`` itself on these points: (clean accuracy, AutoAttack accuracy).
+
+    ``batch_size`` is AutoAttack's ``bs``; robust-sparse eval's ``--batch-size`` with the same value and
+    ``--seed`` gives the same points the same random starts.
+    """
+    _robustbench()
+    from robustbench.eval import benchmark
+
+    printed = io.StringIO()
+    with local_points(images, labels, dataset, seed), contextlib.redirect_stdout(printed):
+        result = benchmark(model.eval(), n_examples=len(labels), dataset=dataset, threat_model=threat_model,
+                           eps=eps, batch_size=batch_size, device=torch.device(device))
+    for line in printed.getvalue().splitlines():
+        log.info("robustbench: %s", line)
+    return result
+
+
+def load_zoo_model(name: str, model_dir: str | Path, dataset: str = "cifar10",
+                   threat_model: str = "Linf") -> nn.Module:
+    """:func:`register`, then ``robustbench.utils.load_model`` (its printed lines go to the log)."""
+    register(name, model_dir, dataset, threat_model)
+    from robustbench.utils import load_model
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        model = load_model(name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
+    for line in printed.getvalue().splitlines():
+        log.info("robustbench: %s", line)
+    return model
+
+
+__all__: Sequence[str] = ("export_to_zoo", "register", "load_zoo_model", "local_points", "benchmark_on_points",
+                          "zoo_paths")
