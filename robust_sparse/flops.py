@@ -116,6 +116,16 @@ def dense_profile(model: nn.Module, input_shape: tuple[int, ...]) -> DenseProfil
     return DenseProfile(layers, {name: weight.numel() for name, weight in weights.items()}, other)
 
 
+def inference_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """One example's forward FLOPs of any model at its weights' zero pattern (a conv/linear weight's density is
+    its fraction of non-zero entries), and that against the same model dense."""
+    profile = dense_profile(model, input_shape)
+    weights = sparsifiable(model)
+    densities = {name: int(weights[name].count_nonzero()) / weights[name].numel() for name in profile.layers}
+    flops = profile.forward(densities)
+    return {"inference_flops": flops, "inference_flops_vs_dense": flops / profile.total if profile.total else math.nan}
+
+
 @dataclass(frozen=True)
 class Passes:
     """Passes over one batch: forwards, input-gradient backwards (attacks) and training backwards (input and

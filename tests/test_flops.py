@@ -142,3 +142,78 @@ def test_agent_passes_appear_and_vanish_with_agent_enabled(tiny_config, tmp_path
     forward = agent["dense_inference_flops"]
     expected = plain["dense_train_flops"] * (1 + 3 / 7) + 2 * 2 * 64 * 3 * forward
     assert agent["train_flops"] == pytest.approx(expected, rel=1e-9)
+
+
+def _fake_run(sweep_dir, grid: dict, accuracy: float, train_ratio: float, inference_ratio: float) -> dict:
+    """A finished run directory as train writes it (config, metrics.csv, eval.json with the FLOPs fields)."""
+    from robust_sparse.config import save_config
+
+    items = [f"{key}={value}" for key, value in grid.items()]
+    run_id = "__".join(items)
+    run_dir = sweep_dir / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    save_config(load_config(None, ["data.dataset=mnist5k", "optim.epochs=2", *items]), run_dir / "config.yaml")
+    pd.DataFrame([{"epoch": e, "lr": 0.1, "train_loss": 1.0, "train_accuracy": 0.5, "val_clean_accuracy": 0.8,
+                   "val_pgd_accuracy": accuracy, "train_seconds": 1.0, "images_per_second": 1.0, "best": True,
+                   "train_flops": e * 1e9 * train_ratio, "train_flops_vs_dense": train_ratio}
+                  for e in (1, 2)]).to_csv(run_dir / "metrics.csv", index=False)
+    (run_dir / "eval.json").write_text(json.dumps({
+        "checkpoint": str(run_dir / "best.pt"), "epoch": 2, "dataset": "mnist5k", "model": "small_cnn",
+        "n_examples": 100, "norm": "linf", "eps": 0.3, "pgd_steps": 20, "restarts": 1, "clean_accuracy": 0.9,
+        "pgd_accuracy": accuracy, "seconds": 1.0, "device": "cpu", "train_flops": 2e9 * train_ratio,
+        "train_flops_vs_dense": train_ratio, "inference_flops": 1e6 * inference_ratio,
+        "inference_flops_vs_dense": inference_ratio}))
+    return {"run_id": run_id, "overrides": " ".join(items), "status": "done"}
+
+
+def test_a_sweep_report_shows_the_cost_beside_accuracy_and_plots_accuracy_against_training_flops(tmp_path):
+    import yaml
+
+    from robust_sparse import plots
+    from robust_sparse.sweep_report import collect, grid_keys, write_report
+
+    sweep_dir = tmp_path / "sweep"
+    settings = [({"sparsity.method": method, "sparsity.density": density, "seed": seed},
+                 0.3 + density + seed / 100, density * (2 if method == "rigl" else 1) + seed / 1000, density)
+                for method in ("rigl", "set") for density in (0.1, 0.01) for seed in (0, 1)]
+    index = [_fake_run(sweep_dir, *setting) for setting in settings]
+    pd.DataFrame(index).to_csv(sweep_dir / "runs.csv", index=False)
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({"grid": {}, "overrides": [], "out_dir": str(sweep_dir)}))
+    report = write_report(sweep_dir).read_text()
+    header = next(line for line in report.splitlines() if "test_pgd_accuracy mean" in line)
+    assert "train_flops_vs_dense mean" in header and "inference_flops_vs_dense mean" in header
+    assert "robust_vs_train_flops.png" in report and (sweep_dir / "report" / "robust_vs_train_flops.png").is_file()
+    runs, curves = collect(sweep_dir)
+    assert "train_flops_vs_dense" not in grid_keys(runs)  # a cost, not a setting
+    keys = [k for k in grid_keys(runs) if k != "seed"]
+    figure = plots.flops_figure(runs, curves, keys, plots.metric_labels((sweep_dir / "runs").iterdir()))
+    axis = figure.axes[0]  # test clean accuracy, then PGD: the PGD panel plots each setting's mean cost
+    pgd = figure.axes[1]
+    assert axis.get_xscale() == "log"
+    points = {(round(x, 6), round(y, 6)) for container in pgd.containers  # each setting's line through its densities
+              for x, y in zip(*container.lines[0].get_data())}
+    expected = {(round(density * (2 if method == "rigl" else 1) + 0.0005, 6), round(0.3 + density + 0.005, 6))
+                for method in ("rigl", "set") for density in (0.1, 0.01)}
+    assert points == expected
+
+
+def test_eval_stores_the_cost_and_report_shows_it_beside_accuracy(tiny_config):
+    from robust_sparse.cli import main
+
+    run = fit(tiny_config("sparsity.method=static", "sparsity.density=0.3", "eval.n_examples=0")).run_dir
+    best = load_checkpoint(run / "best.pt")
+    trained = next(row for row in best["history"] if row["epoch"] == best["epoch"])
+    assert main(["eval", str(run / "best.pt"), "--n-examples", "20", "--attacks", "fgsm", "--no-probe",
+                 "--device", "cpu", "--no-progress"]) == 0
+    (row,) = json.loads((run / "eval" / "results.json").read_text())
+    assert row["train_flops"] == trained["train_flops"] and row["train_flops_vs_dense"] == trained["train_flops_vs_dense"]
+    # from the weights' zero pattern, which the masks set: the masked run's FLOPs-weighted density
+    assert row["inference_flops_vs_dense"] == pytest.approx(trained["inference_flops_vs_dense"], rel=1e-9)
+    assert 0 < row["inference_flops_vs_dense"] < 1
+    assert main(["report", str(run / "eval"), "--out", str(run / "report")]) == 0
+    table = (run / "report" / "report.md").read_text().split("## Results")[1].split("## ")[0]
+    header, _, first = table.strip().splitlines()[:3]
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    cells = [cell.strip() for cell in first.strip("|").split("|")]
+    assert cells[columns.index("train FLOPs")] == f"{trained['train_flops_vs_dense']:.3g}x"
+    assert cells[columns.index("inference FLOPs")] == f"{row['inference_flops_vs_dense']:.3g}x"
