@@ -217,3 +217,38 @@ def test_eval_stores_the_cost_and_report_shows_it_beside_accuracy(tiny_config):
     cells = [cell.strip() for cell in first.strip("|").split("|")]
     assert cells[columns.index("train FLOPs")] == f"{trained['train_flops_vs_dense']:.3g}x"
     assert cells[columns.index("inference FLOPs")] == f"{row['inference_flops_vs_dense']:.3g}x"
+
+
+def test_gse_pays_its_score_batch_and_candidate_gradients_on_update_steps(mnist):
+    import torch.nn.functional as F
+
+    from robust_sparse.sparse import build_sparsity
+    from robust_sparse.sparse.gse import balanced_batch
+
+    train, _ = mnist
+    config = load_config(None, ["model.name=tiny_cnn", "data.dataset=mnist5k", "objective=natural", "device=cpu",
+                                "sparsity.method=gse", "sparsity.density=0.1", "sparsity.update_every=2"])
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 10, 1, (0.5,), (0.25,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", optimizer, total_steps=100, seed=0,
+                            score_batch=lambda step: balanced_batch(train, 4, torch.device("cpu"), seed=step))
+    profile = dense_profile(model, (1, 28, 28))
+    counter = FlopsCounter(profile, config, masker)
+    densities = {name: int(mask.sum()) / mask.numel() for name, mask in masker.masks.items()}
+    forward = profile.forward(densities)  # one example at the initial masks
+    images, labels = train.images[:64].float() / 255, train.labels[:64]
+    totals = []
+    for step in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(images[32 * step: 32 * (step + 1)]), labels[32 * step: 32 * (step + 1)]).backward()
+        optimizer.step()
+        counter.training_step(32)
+        totals.append(float((counter.forward + counter.backward).sum()))
+    assert totals[0] == pytest.approx(3 * 32 * forward, rel=1e-12)  # natural training, no update at step 1
+    # step 2 updates: a forward and an input-gradient backward on the 40-image score batch, then each candidate's
+    # gradient (one weight's share of its layer's dense forward) on it
+    candidates = sum(update["candidates"].numel() * profile.layers[name] / profile.numels[name]
+                     for name, update in masker.engine.last_update.items())
+    assert candidates > 0
+    assert totals[1] - totals[0] == pytest.approx(3 * 32 * forward + 40 * (2 * forward + candidates), rel=1e-12)
