@@ -52,6 +52,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -99,13 +100,14 @@ def dense_profile(model: nn.Module, input_shape: tuple[int, ...]) -> DenseProfil
     parameter = next(model.parameters())
     weights = sparsifiable(model)  # every conv/linear weight, whether or not the run masks it
     owner = {name: name.rsplit(".", 1)[0] if "." in name else "" for name in weights}
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # each its own (a frozen BatchNorm stays so)
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros((1, *input_shape), dtype=parameter.dtype, device=parameter.device))
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     counts = counter.get_flop_counts()
     prefix = type(model).__name__
     layers = {}
@@ -223,6 +225,7 @@ class FlopsCounter:
         self._has_weight = torch.tensor([1.0] * len(profile.layers) + [0.0], dtype=torch.float64, device=device)
         self.attack = attack_passes(config.objective, config.attack.steps)
         self.loss = loss_passes(config.objective)
+        self.per_step = step_passes(config.objective, config.attack.steps)
         self.forward = torch.zeros_like(self.dense)  # training FLOPs per layer, forward passes
         self.backward = torch.zeros_like(self.dense)  # and backward passes
         self.dense_train = 0.0  # the same steps of the dense model, without method extras
@@ -269,7 +272,7 @@ class FlopsCounter:
         forward = self.in_use
         dense_grad = masker is not None and masker.engine.wants_dense_grad(masker.step)
         weight_grad = self.dense * self._has_weight if dense_grad else forward * self._has_weight
-        self.add_training(self.attack + self.loss, examples, forward, weight_grad)
+        self.add_training(self.per_step, examples, forward, weight_grad)
         if agent is not None and agent.active():  # g_old: the snapshot's loss and gradient on the same batch
             snapshot = self.forward_per_example(agent.snapshot_masks, key="snapshot")
             self.add_training(self.loss, examples, snapshot, snapshot * self._has_weight)
@@ -278,11 +281,10 @@ class FlopsCounter:
             if extra is not None:
                 extra(self, masker.engine, masker.step)
             self.in_use = self.forward_per_example(masker.masks)  # what the next step trains
-        passes = self.attack + self.loss
-        dense_forward, dense_weights = self.profile.total, sum(self.profile.layers.values())
+        step, dense_forward, dense_weights = self.per_step, self.profile.total, sum(self.profile.layers.values())
         self.dense_train += examples * self.world_size * (
-            (passes.forwards + passes.input_backwards + passes.training_backwards) * dense_forward
-            + passes.training_backwards * dense_weights)
+            (step.forwards + step.input_backwards + step.training_backwards) * dense_forward
+            + step.training_backwards * dense_weights)
 
     def agent_refresh(self, agent: "AGENT") -> None:
         """AGENT's g_tilde pass of the refresh that just ran (``agent.last_pass``), at the new snapshot's masks
@@ -321,7 +323,8 @@ class FlopsCounter:
         and one example's forward at the current masks (of the first view) against dense."""
         masks = self.masker.views()[0].masks if self.masker is not None else {}
         train = self.train_flops
-        return {"train_flops": train, "train_flops_vs_dense": train / self.dense_train if self.dense_train else math.nan,
+        ratio = train / self.dense_train if self.dense_train else math.nan
+        return {"train_flops": train, "train_flops_vs_dense": ratio,
                 "val_flops": self.validation_flops if self.complete else math.nan,
                 "inference_flops_vs_dense": self.inference(masks) / self.profile.total}
 
@@ -336,10 +339,8 @@ class FlopsCounter:
                 "inference_flops_vs_dense": inference / self.profile.total,
                 "val_flops": self.validation_flops if self.complete else None}
 
-    def layer_table(self) -> "Any":
-        """Training FLOPs per layer (forward and backward passes) and one example's dense forward, a DataFrame."""
-        import pandas as pd
-
+    def layer_table(self) -> pd.DataFrame:
+        """Training FLOPs per layer (forward and backward passes) and one example's dense forward."""
         return pd.DataFrame({"layer": self.profile.names(), "dense_forward_flops": self.dense.tolist(),
                              "train_forward_flops": self.forward.tolist(),
                              "train_backward_flops": self.backward.tolist()})

@@ -4,7 +4,8 @@
 ``tracking: {wandb: {project: NAME}}`` logs to W&B (``mode: offline`` writes under the run directory for a later
 ``wandb sync``). Both receive every numeric per-epoch metric (``metrics.csv``'s columns), the resolved config and
 the final test evaluation; TensorBoard also plots the validation accuracies against the cumulative training FLOPs
-(``vs_train_flops/*``, the FLOPs as the step). A resumed run logs to the same W&B run: its id is kept in ``<run dir>/tracking.json``.
+(``vs_train_flops/*``, the FLOPs as the step). A resumed run logs to the same W&B run: its id is kept in
+``<run dir>/tracking.json``.
 """
 
 from __future__ import annotations

@@ -113,7 +113,8 @@ def train_one_epoch(
     flops: FlopsCounter | None = None,
 ) -> EpochStats:
     """One epoch. ``amp`` (train.precision): autocast of the training forward and AGENT's snapshot forward
-    (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``."""
+    (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``;
+    ``flops`` counts every step's FLOPs (robust_sparse.flops)."""
     amp = amp if amp is not None else Amp("fp32", loader.device)
     scaler = amp.scaler
     model.train()

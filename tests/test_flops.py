@@ -206,7 +206,8 @@ def test_eval_stores_the_cost_and_report_shows_it_beside_accuracy(tiny_config):
     assert main(["eval", str(run / "best.pt"), "--n-examples", "20", "--attacks", "fgsm", "--no-probe",
                  "--device", "cpu", "--no-progress"]) == 0
     (row,) = json.loads((run / "eval" / "results.json").read_text())
-    assert row["train_flops"] == trained["train_flops"] and row["train_flops_vs_dense"] == trained["train_flops_vs_dense"]
+    assert row["train_flops"] == trained["train_flops"]
+    assert row["train_flops_vs_dense"] == trained["train_flops_vs_dense"]
     # from the weights' zero pattern, which the masks set: the masked run's FLOPs-weighted density
     assert row["inference_flops_vs_dense"] == pytest.approx(trained["inference_flops_vs_dense"], rel=1e-9)
     assert 0 < row["inference_flops_vs_dense"] < 1
