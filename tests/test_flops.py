@@ -253,3 +253,31 @@ def test_gse_pays_its_score_batch_and_candidate_gradients_on_update_steps(mnist)
                      for name, update in masker.engine.last_update.items())
     assert candidates > 0
     assert totals[1] - totals[0] == pytest.approx(3 * 32 * forward + 40 * (2 * forward + candidates), rel=1e-12)
+
+
+def test_rigl_pays_a_dense_weight_gradient_on_its_update_steps_only(mnist):
+    import torch.nn.functional as F
+
+    from robust_sparse.sparse import build_sparsity
+
+    train, _ = mnist
+    config = load_config(None, ["model.name=tiny_cnn", "data.dataset=mnist5k", "objective=natural", "device=cpu",
+                                "sparsity.method=rigl", "sparsity.density=0.1", "sparsity.update_every=2"])
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 10, 1, (0.5,), (0.25,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", optimizer, total_steps=100, seed=0)
+    profile = dense_profile(model, (1, 28, 28))
+    counter = FlopsCounter(profile, config, masker)
+    forward = profile.forward({name: int(mask.sum()) / mask.numel() for name, mask in masker.masks.items()})
+    images, labels = train.images[:64].float() / 255, train.labels[:64]
+    totals = []
+    for step in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(images[32 * step: 32 * (step + 1)]), labels[32 * step: 32 * (step + 1)]).backward()
+        optimizer.step()
+        counter.training_step(32)
+        totals.append(float((counter.forward + counter.backward).sum()))
+    assert totals[0] == pytest.approx(3 * 32 * forward, rel=1e-12)  # step 1: sparse forward, input and weight grads
+    # step 2 grows by the dense gradient: its weight gradient costs the dense forward (counts per layer unchanged)
+    assert totals[1] - totals[0] == pytest.approx(32 * (2 * forward + profile.total), rel=1e-12)
