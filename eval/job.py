@@ -28,6 +28,7 @@ from robust_sparse.eval.loading import LoadedModel, data_fingerprint, model_fing
 from robust_sparse.eval.runner import Evaluation, evaluate
 from robust_sparse.eval.specs import AttackSpec
 from robust_sparse.eval.store import append_result, flags_path
+from robust_sparse.flops import inference_flops
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def run(request: EvalRequest) -> EvalOutcome:
     fingerprints = {"model_fingerprint": model_fingerprint(model),
                     "data_fingerprint": data_fingerprint(request.images, request.labels),
                     "autoattack_backend": request.autoattack_backend}
-    stats = sparsity_stats(model)
+    stats = {**sparsity_stats(model), **_inference_flops(model, tuple(request.images.shape[1:]))}
     threat = threat_label(request.norm)
     rows, evaluations = [], []
     for eps in request.eps:
@@ -262,6 +263,16 @@ def _local_models(job: EvalJob) -> tuple[list[LoadedModel] | None, DatasetName |
     return [model], job.dataset
 
 
+def _inference_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, float | None]:
+    """One example's forward FLOPs at the model's zero pattern, and against dense (robust_sparse.flops); None for
+    a model FlopCounterMode cannot run (a foreign model may use operations it does not know): it still evaluates."""
+    try:
+        return inference_flops(model, input_shape)
+    except Exception as error:  # noqa: BLE001 - any failure of the count must not stop the evaluation
+        log.warning("inference FLOPs not counted for this model (%s: %s)", type(error).__name__, error)
+        return {"inference_flops": None, "inference_flops_vs_dense": None}
+
+
 def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fingerprints: dict[str, str],
          state: Path) -> dict[str, Any]:
     loaded = request.loaded
@@ -281,6 +292,8 @@ def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fi
         "autoattack_acc": autoattack.accuracy if autoattack else None,
         "worst_acc": evaluation.worst_accuracy, "per_attack": evaluation.accuracies(),
         "sparsity": stats["sparsity"], "params": stats["params"], "nonzero_params": stats["nonzero_params"],
+        "train_flops": loaded.train_flops, "train_flops_vs_dense": loaded.train_flops_vs_dense,
+        "inference_flops": stats["inference_flops"], "inference_flops_vs_dense": stats["inference_flops_vs_dense"],
         "wall_seconds": round(evaluation.seconds, 3), "device": device_name(request.device),
         "autoattack_backend": evaluation.autoattack_backend or None,
         "large_eps": evaluation.probe["eps"] if evaluation.probe else None,

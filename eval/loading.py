@@ -89,6 +89,9 @@ class LoadedModel:
     suffix: str = ""  # one of several networks in a checkpoint (AST's sub-nets): "/subnet{k}", part of ``name``
     selection: str | None = None
     estimator: str | None = None
+    # training FLOPs up to the checkpoint's epoch, and against dense training (robust_sparse.flops; None if unknown)
+    train_flops: float | None = None
+    train_flops_vs_dense: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,6 +124,9 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
     config = config_from_dict(raw)
     info = DATASETS[config.data.dataset]
     views = saved_views(state)
+    trained = (state.get("history") or [{}])[-1]  # metrics.csv's row of the checkpoint's epoch
+    cost = {key: float(trained[key]) if trained.get(key) is not None and trained[key] == trained[key] else None
+            for key in ("train_flops", "train_flops_vs_dense")}
     chosen = views if subnets is None else [pick_view(views, k, path) for k in subnets]
     loaded = []
     for view in chosen:
@@ -136,7 +142,7 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
             data_root=data_root if data_root is not None else config.data.root, epoch=state.get("epoch"),
             train_images=(state.get("data_sizes") or {}).get("train"), epochs=config.optim.epochs,
             selection=getattr(checkpoint_selection(state), "value", None),
-            estimator=config.agent.estimator.value if config.agent.enabled else NO_AGENT, suffix=suffix,
+            estimator=config.agent.estimator.value if config.agent.enabled else NO_AGENT, suffix=suffix, **cost,
         ))
     return loaded
 

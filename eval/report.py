@@ -82,16 +82,18 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
         "# robust-sparse evaluation report", "",
         f"Generated {now} from {', '.join(str(d) for d in results_dirs)}: {len(frame)} results; "
         f"{len(board)} leaderboard rows. Accuracies in %. Each attack's accuracy is its own (standalone mode) "
-        "unless the mode says chained; *worst case* is the pointwise minimum over the attacks run.", "",
+        "unless the mode says chained; *worst case* is the pointwise minimum over the attacks run. *train FLOPs* and "
+        "*inference FLOPs* are against dense (training: the same objective and epochs; robust_sparse.flops).", "",
         "## Results", "",
     ]
     lines += _table(
         ["model", "source", "dataset", "threat", "eps", "n", "clean", "PGD", "AutoAttack", "worst case", "sparsity",
-         "non-zero params", "time (s)", "device", "mode"],
+         "non-zero params", "train FLOPs", "inference FLOPs", "time (s)", "device", "mode"],
         [[r["model"], r["source"], r["dataset"], r["threat_model"], f"{float(r['eps']):.4g}", r["n_examples"],
           _pct(r["clean_acc"]), f"{_pct(r['pgd_acc'])} ({r['pgd_attack']})" if _present(r["pgd_acc"]) else "",
           _pct(r["autoattack_acc"]), _pct(r["worst_acc"]), f"{100 * float(r['sparsity']):.2f}%",
-          f"{int(r['nonzero_params']):,}", f"{float(r['wall_seconds']):.1f}", r["device"], r["mode"]]
+          f"{int(r['nonzero_params']):,}", _versus_dense(r.get("train_flops_vs_dense")),
+          _versus_dense(r.get("inference_flops_vs_dense")), f"{float(r['wall_seconds']):.1f}", r["device"], r["mode"]]
          for _, r in frame.iterrows()])
     lines += ["", "## Per-attack breakdown", ""]
     breakdown = [[r["model"], r["dataset"], r["threat_model"], f"{float(r['eps']):.4g}", label, _pct(value)]
@@ -147,6 +149,12 @@ def _monotone(frame: pd.DataFrame) -> list[str]:
         warnings += monotone_warnings(group, ["attack"],
                                       prefix=f"**{first['model']}** ({first['dataset']} {first['threat']}, across eps): ")
     return warnings
+
+
+def _versus_dense(ratio: Any) -> str:
+    """A cost against dense (robust_sparse.flops), e.g. ``0.123x``; blank where the store has none (an old row, a
+    model not trained here)."""
+    return f"{float(ratio):.3g}x" if _present(ratio) else ""
 
 
 def _comparison(ours: pd.DataFrame, board: pd.DataFrame) -> list[str]:

@@ -28,7 +28,8 @@ COLUMNS = [
     "timestamp", "model", "source", "path", "architecture", "dataset", "threat_model", "eps", "n_examples",
     "train_images", "epochs", "epoch", "selection", "estimator",
     "seed", "batch_size", "mode", "attacks", "clean_acc", "pgd_attack", "pgd_acc", "autoattack_acc", "worst_acc",
-    "per_attack", "sparsity", "params", "nonzero_params", "wall_seconds", "device", "autoattack_backend",
+    "per_attack", "sparsity", "params", "nonzero_params", "train_flops", "train_flops_vs_dense",
+    "inference_flops", "inference_flops_vs_dense", "wall_seconds", "device", "autoattack_backend",
     "large_eps", "large_eps_acc", "warnings", "model_fingerprint", "data_fingerprint", "flags_file",
     "torch_version",
 ]

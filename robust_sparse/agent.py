@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
@@ -95,6 +96,16 @@ def momentum_update(c_previous: float, c_hat: float, alpha: float, refresh_index
     return 0.0 if refresh_index == 0 else (1 - alpha) * c_previous + alpha * c_hat
 
 
+@dataclass(frozen=True)
+class RefreshPass:
+    """What a refresh's large-batch pass ran on this rank: its batches, whether it took their gradient
+    (g_tilde) and whether it also scored them with the previous snapshot (the paper estimator)."""
+
+    batches: int
+    gradient: bool
+    previous_forward: bool
+
+
 class AGENT(torch.optim.Optimizer):
     """Wrap ``base`` (SGD, SGDW, ...) with AGENT's gradient correction for the parameters of ``model``.
 
@@ -126,6 +137,7 @@ class AGENT(torch.optim.Optimizer):
         self.c = 0.0
         self.c_hat = float("nan")
         self.refreshes = 0
+        self.last_pass: RefreshPass | None = None  # the latest refresh's g_tilde pass
         self._cosine_sum = torch.zeros(())
         self._cosine_count = 0
 
@@ -211,6 +223,8 @@ class AGENT(torch.optim.Optimizer):
                         previous_losses.append(loss_fn(previous, *batch).detach())
                     current_losses.append(loss.detach())
                 counts[k] += 1
+        # what this rank's pass ran (FLOPs accounting): batches, whether with gradients, the previous snapshot's
+        self.last_pass = RefreshPass(sum(counts), full is not None, needs_estimate)
         if full is not None:
             # Every rank ran its own shard of the pass: sums and batch counts over all ranks.
             for grads in full:

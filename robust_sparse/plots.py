@@ -1,6 +1,6 @@
 """The figures of a sweep report, one per question: convergence (validation accuracy per epoch), AGENT's γ
-sensitivity (test accuracy per γ), robust accuracy against density, AGENT over epochs (c_t, variance ratio,
-cosine) and AGENT's cosine per density.
+sensitivity (test accuracy per γ), robust accuracy against density and against training FLOPs, AGENT over epochs
+(c_t, variance ratio, cosine) and AGENT's cosine per density.
 
 Every function returns a matplotlib ``Figure`` (None when its question does not arise in the sweep) built
 without pyplot, so reports leave no global figure state behind and tests can read the legend and the axes;
@@ -465,6 +465,37 @@ def sparsity_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str
         _density_axis(axis, frame["_density"])
         axis.set_ylabel(_axis_label(labels, metric))
     return _finish(figure, axes, "Robust accuracy against sparsity (" + _spread(plotted, band=False) + ")",
+                   plotted)
+
+
+def flops_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str],
+                 labels: dict[str, str]) -> Figure | None:
+    """Test accuracy against training FLOPs (a fraction of dense training), one line per setting of the keys
+    other than density joining its densities; None without FLOPs figures or with fewer than two points."""
+    frame = runs.assign(_density=row_densities(runs, curves)).dropna(subset=["train_flops_vs_dense"])
+    metrics = [m for m in test_metrics(frame) if frame[m].notna().any()]
+    frame = frame[frame[metrics].notna().any(axis=1)] if metrics else frame.iloc[:0]
+    others = [k for k in keys if k not in (*DENSITY_KEYS, "subnet")]
+    if _distinct(frame, [*others, "_density"]) < 2:
+        return None
+    plotted = series(frame, legend_keys(frame, others))
+    figure, axes = _new_figure(len(metrics))
+    for axis, metric in zip(axes, metrics):
+        for s in plotted:
+            stats = s.frame.groupby("_density").agg(x=("train_flops_vs_dense", "mean"),
+                                                     x_std=("train_flops_vs_dense", "std"),
+                                                     y=(metric, "mean"), y_std=(metric, "std"))
+            stats = stats.dropna(subset=["y"]).sort_values("x")
+            axis.errorbar(stats["x"], stats["y"], xerr=stats["x_std"].fillna(0), yerr=stats["y_std"].fillna(0),
+                          color=s.color, linestyle=s.linestyle, marker=s.marker, markersize=5, capsize=3)
+        axis.axvline(1, color="0.5", linewidth=0.8, linestyle=":")
+        ratios = frame["train_flops_vs_dense"]
+        if (ratios > 0).all() and ratios.max() > 5 * ratios.min():  # sparsity levels span decades
+            axis.set_xscale("log")
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set(xlabel="training FLOPs / dense training FLOPs (dotted: dense)\n(same objective, attack and epochs)",
+                 ylabel=_axis_label(labels, metric))
+    return _finish(figure, axes, "Robust accuracy against training cost (" + _spread(plotted, band=False) + ")",
                    plotted)
 
 

@@ -1,6 +1,8 @@
 """Aggregate a sweep directory: per-run table, mean ± std over seeds, epochs needed to reach given accuracies
 (the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs, and the figures of robust_sparse.plots
-(convergence, γ sensitivity, robust accuracy against sparsity, AGENT over epochs and its cosine per density).
+(convergence, γ sensitivity, robust accuracy against sparsity and against training FLOPs, AGENT over epochs and
+its cosine per density). Beside the accuracies, each setting's cost: training and inference FLOPs against dense
+(robust_sparse.flops).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 FINAL = ["test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy", "val_pgd_accuracy"]
 C_RANGE = ("agent_c_min", "agent_c_max")  # per run: the range of AGENT's c_t over its epochs
 AGENT_SUMMARY = ("agent_weight_last", "agent_variance_ratio_last")  # averaged over seeds in summary.csv
+COST = ["train_flops_vs_dense", "inference_flops_vs_dense"]  # robust_sparse.flops, from eval.json or metrics.csv
 STAGE = "eval_"  # columns of the sweep's evaluation stage: eval_n, eval_clean_accuracy, eval_<attack>_accuracy
 
 
@@ -155,6 +158,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "val_pgd_accuracy": last["val_pgd_accuracy"]})
             row["diverged"] = row["status"] == "diverged" or bool(last["train_loss"] != last["train_loss"])
             row["chance"] = _chance(run_dir)
+            row.update({column: last[column] for column in COST if column in metrics})  # before any evaluation
             if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
                 row["agent_c_min"], row["agent_c_max"] = metrics["agent_c"].min(), metrics["agent_c"].max()
                 row.update(_agent_columns(metrics))
@@ -162,7 +166,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
                         "test_pgd_accuracy": evaluation["pgd_accuracy"], "best_epoch": evaluation["epoch"],
-                        "test_seconds": evaluation.get("seconds")})
+                        "test_seconds": evaluation.get("seconds"),
+                        **{column: evaluation[column] for column in COST if evaluation.get(column) is not None}})
         stage = _stage_records(run_dir)
         if "subnets" not in evaluation:
             runs.append({**row, **(_stage_columns(stage[0]) if stage else {})})
@@ -170,7 +175,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         for subnet in evaluation["subnets"]:  # AST: one row per sub-net, its density a grid-like key
             k = subnet["subnet"]
             subnet_row = {**row, "subnet": k, "subnet_density": round(subnet["density"], 4),
-                          "test_clean_accuracy": subnet["clean_accuracy"], "test_pgd_accuracy": subnet["pgd_accuracy"]}
+                          "test_clean_accuracy": subnet["clean_accuracy"], "test_pgd_accuracy": subnet["pgd_accuracy"],
+                          **{column: subnet[column] for column in COST if subnet.get(column) is not None}}
             if metrics_path.exists():
                 subnet_row.update({"val_clean_accuracy": last[f"val_clean_accuracy_subnet{k}"],
                                    "val_pgd_accuracy": last[f"val_pgd_accuracy_subnet{k}"]})
@@ -179,7 +185,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
-    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "chance", *C_RANGE, *FINAL}
+    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "chance", *C_RANGE, *FINAL,
+                *COST}
     return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))]
 
 
@@ -191,7 +198,8 @@ def stage_metrics(runs: pd.DataFrame) -> list[str]:
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds of the final numbers, one row per setting."""
     keys = [k for k in grid_keys(runs) if k != "seed"]
-    present = [c for c in FINAL if c in runs] + stage_metrics(runs) + [c for c in AGENT_SUMMARY if c in runs]
+    present = [c for c in FINAL if c in runs] + [c for c in COST if c in runs] + stage_metrics(runs) + \
+        [c for c in AGENT_SUMMARY if c in runs]
     grouped = runs.groupby(keys, dropna=False) if keys else runs.assign(_all=0).groupby("_all")
     table = grouped[present].agg(["mean", "std"]) if present else grouped.size().to_frame("_").drop(columns="_")
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns] if present else []
@@ -311,6 +319,11 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         lines += _figure(plots.sparsity_figure(runs, curves, keys, labels), out, "robust_vs_sparsity.png",
                          "## Robust accuracy against sparsity", "Test accuracy of each setting at each density "
                          "(a dense run at 1); mean ± std over seeds.")
+    if "test_pgd_accuracy" in runs and "train_flops_vs_dense" in runs:
+        lines += _figure(plots.flops_figure(runs, curves, keys, labels), out, "robust_vs_train_flops.png",
+                         "## Robust accuracy against training FLOPs", "Test accuracy of each setting against its "
+                         "training FLOPs as a fraction of dense training with the same objective and epochs "
+                         "(robust_sparse.flops; the dotted line is dense); mean ± std over seeds.")
     write_atomic(out / "report.md", "\n".join(lines))
     return out / "report.md"
 

@@ -3,7 +3,9 @@
 ``tracking: {tensorboard: true}`` writes under ``<run dir>/tensorboard`` (offline; ``tensorboard --logdir runs``);
 ``tracking: {wandb: {project: NAME}}`` logs to W&B (``mode: offline`` writes under the run directory for a later
 ``wandb sync``). Both receive every numeric per-epoch metric (``metrics.csv``'s columns), the resolved config and
-the final test evaluation. A resumed run logs to the same W&B run: its id is kept in ``<run dir>/tracking.json``.
+the final test evaluation; TensorBoard also plots the validation accuracies against the cumulative training FLOPs
+(``vs_train_flops/*``, the FLOPs as the step). A resumed run logs to the same W&B run: its id is kept in
+``<run dir>/tracking.json``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class Tracker:
             for key, value in values.items():
                 if key != "epoch":
                     self.tensorboard.add_scalar(f"epoch/{key}", value, step)
+            if "train_flops" in values:  # accuracy against cost: robust_sparse.flops
+                for key in ("val_clean_accuracy", "val_pgd_accuracy"):
+                    self.tensorboard.add_scalar(f"vs_train_flops/{key}", values[key], int(values["train_flops"]))
             self.tensorboard.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({f"epoch/{key}": value for key, value in values.items()}, step=step)

@@ -7,6 +7,7 @@ A run directory holds everything a run produces::
     eval.json        test-set clean/PGD accuracy of best.pt after training
     layer_density.csv  sparse runs: per-layer active connections after every epoch
     subnets.csv      runs of several sub-nets (AST): the test evaluation of every sub-net
+    layer_flops.csv  training FLOPs per layer (robust_sparse.flops says how they are counted)
 
 A sparse masker trains one network or several sub-nets over one weight tensor (AST), its views: every view is
 validated each epoch (``*_subnet{k}`` columns where there are several; the plain columns and the model selection
@@ -39,6 +40,7 @@ from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, Sparsit
                                   config_from_dict, save_config, to_dict)
 from robust_sparse.data import BatchLoader, ImageSet, Splits, check_data_root, load_splits
 from robust_sparse.errors import ConfigError, DivergenceError, UserError
+from robust_sparse.flops import FlopsCounter, dense_profile
 from robust_sparse.models import MODELS, build_model
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import SGDW
@@ -108,9 +110,11 @@ def train_one_epoch(
     description: str = "train",
     check_every: int = 25,
     amp: Amp | None = None,
+    flops: FlopsCounter | None = None,
 ) -> EpochStats:
     """One epoch. ``amp`` (train.precision): autocast of the training forward and AGENT's snapshot forward
-    (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``."""
+    (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``;
+    ``flops`` counts every step's FLOPs (robust_sparse.flops)."""
     amp = amp if amp is not None else Amp("fp32", loader.device)
     scaler = amp.scaler
     model.train()
@@ -137,6 +141,8 @@ def train_one_epoch(
             scaler.step(optimizer)
             scaler.update()
         scheduler.step()
+        if flops is not None:
+            flops.training_step(len(labels))
         # Accumulate on the device; reading a value back costs a sync, so do it only every few batches.
         device_loss += loss.detach() * len(labels)
         device_correct += (logits.detach().argmax(1) == labels).sum()
@@ -279,6 +285,7 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
         _stop_if_diverged(run, record, tracker)
     evaluation = _evaluate_best(run, tracker, progress)
     tracker.close()
+    _report_flops(run)
     return FitResult(run.run_dir, pd.DataFrame(record.history), evaluation, model=run.model, masker=run.masker,
                      agent=run.agent)
 
@@ -299,6 +306,7 @@ class _Run:
     objective: Objective
     masker: SparseMasker | None
     agent: AGENT | None
+    flops: FlopsCounter
 
     @property
     def device(self) -> torch.device:
@@ -376,7 +384,10 @@ def _build(config: TrainConfig) -> _Run:
     # Gradients of the training forward are averaged over ranks by DDP; attacks and AGENT's snapshot use the
     # plain module (gradients with respect to inputs, or AGENT's own all-reduce).
     trained = maybe_compile(DistributedDataParallel(model) if world.world_size > 1 else model, config.train.compile)
-    return _Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent)
+    flops = FlopsCounter(dense_profile(model, tuple(splits.train.images.shape[1:])), config, masker, agent,
+                         world.world_size)
+    return _Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent,
+                flops)
 
 
 def _gse_score_batch(config: TrainConfig, train: ImageSet, device: torch.device, objective: Objective,
@@ -421,6 +432,7 @@ def _resume(run: _Run) -> _Record:
     run.scheduler.load_state_dict(state["scheduler"])
     if run.masker is not None:
         run.masker.load_state_dict(state["sparsity"])
+    run.flops.load_state_dict(state.get("flops"))
     _set_rng_state(state["rng"])
     record = _Record(state["history"], [], tuple(state["best_key"]), state["epoch"])
     if run.masker is not None:
@@ -457,13 +469,16 @@ def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
                                    unit="batch"),
                       _objective_loss(run.objective, run.amp),
                       scale=run.amp.scaler.get_scale() if run.amp.scaler is not None else 1.0)
+        run.flops.agent_refresh(agent)
     stats = train_one_epoch(run.trained, run.objective, run.stepper, run.scheduler, run.loader, agent=agent,
-                            progress=shown, description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=run.amp)
+                            progress=shown, description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=run.amp,
+                            flops=run.flops)
     distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
     per_view = {}
     for view in views_of(masker):
         with view.activate():
             per_view[view.index] = validate(run.model, run.splits.val, config, device, shown, run.amp)
+        run.flops.validation(view.masks, min(len(run.splits.val), config.val.max_examples), per_view[view.index][0])
     val_clean = sum(clean for clean, _ in per_view.values()) / len(per_view)
     val_robust = sum(robust for _, robust in per_view.values()) / len(per_view)
     # A gradually pruned run (AST) counts a checkpoint only once every mask has reached its target density.
@@ -473,6 +488,7 @@ def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
         "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
         "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
         "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
+        **run.flops.epoch_metrics(),
         **{f"val_{kind}_accuracy_subnet{k}": value for k, pair in per_view.items() if k is not None
            for kind, value in zip(("clean", "pgd"), pair)},
         **_agent_metrics(agent, config, run.splits.train, run.objective, device, run.amp),
@@ -487,6 +503,7 @@ def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
         "history": record.history, "best_key": list(record.best_key),
         # what the evaluation report needs to say whether a published row had the same training data
         "data_sizes": {"train": len(run.splits.train), "val": len(run.splits.val)},
+        "flops": run.flops.state_dict(),
     }
     if run.amp.scaler is not None:
         checkpoint["grad_scaler"] = run.amp.scaler.state_dict()
@@ -542,6 +559,7 @@ def _evaluate_best(run: _Run, tracker: Tracker, progress: bool) -> dict[str, Any
         with view.activate():
             rows.append({"subnet": view.index, "density": view.density() if view.index is not None else None,
                          **evaluate_test(run.model, run.splits.test, config, run.device, progress)})
+        rows[-1].update(_evaluation_flops(run, view.masks, rows[-1]))
     evaluation = {"checkpoint": str(run.best_path), "epoch": best["epoch"],
                   **{key: value for key, value in rows[0].items() if key not in ("subnet", "density")}}
     if rows[0]["subnet"] is not None:  # several sub-nets: the densest one's figures on top, every one in the table
@@ -552,6 +570,23 @@ def _evaluate_best(run: _Run, tracker: Tracker, progress: bool) -> dict[str, Any
              evaluation["epoch"], evaluation["clean_accuracy"], config.eval.pgd_steps, evaluation["pgd_accuracy"])
     tracker.final(evaluation)
     return evaluation
+
+
+def _evaluation_flops(run: _Run, masks: dict[str, torch.Tensor], row: dict[str, Any]) -> dict[str, Any]:
+    """The FLOPs fields of one evaluated network: the run's training cost, its inference cost at ``masks`` (both
+    against dense) and the cost of this evaluation."""
+    cost = run.flops.evaluation(masks, row["n_examples"], row["clean_accuracy"], row["pgd_steps"], row["restarts"],
+                                row["eps"])
+    return {**run.flops.summary(masks), "eval_flops": cost}
+
+
+def _report_flops(run: _Run) -> None:
+    """layer_flops.csv, and the run's training and inference FLOPs against dense as fit's last line (of the
+    evaluated masks: best.pt's when an evaluation ran)."""
+    if not run.world.is_main:
+        return
+    write_atomic(run.run_dir / "layer_flops.csv", run.flops.layer_table().to_csv(index=False))
+    log.info("FLOPs: %s", run.flops.describe(views_of(run.masker)[0].masks))
 
 
 def _objective_loss(objective: Objective, amp: Amp | None = None):

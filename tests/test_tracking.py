@@ -25,10 +25,13 @@ def test_tensorboard_gets_every_epoch_metric_and_the_final_evaluation(tiny_confi
     result = fit(tiny_config("tracking.tensorboard=true", "sparsity.method=rigl", "sparsity.density=0.3"))
     scalars = _scalars(result.run_dir / "tensorboard")
     metrics = pd.read_csv(result.run_dir / "metrics.csv")
-    for column in ("train_loss", "val_clean_accuracy", "val_pgd_accuracy", "lr", "density"):
+    for column in ("train_loss", "val_clean_accuracy", "val_pgd_accuracy", "lr", "density", "train_flops"):
         logged = scalars[f"epoch/{column}"]
         assert [step for step, _ in logged] == [1, 2]
         assert [value for _, value in logged] == pytest.approx(metrics[column].tolist(), rel=1e-6)
+    assert scalars["vs_train_flops/val_pgd_accuracy"] == [  # accuracy against the cumulative training FLOPs
+        (int(flops), pytest.approx(value, rel=1e-6)) for flops, value in zip(metrics["train_flops"],
+                                                                              metrics["val_pgd_accuracy"])]
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
     ((step, value),) = scalars["test/pgd_accuracy"]
     assert step == evaluation["epoch"] and value == pytest.approx(evaluation["pgd_accuracy"], rel=1e-6)

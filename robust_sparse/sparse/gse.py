@@ -150,6 +150,7 @@ class GSEEngine(Engine):
         self.sampler, self.gamma = sampler, candidates
         self.update_every, self.prune_rate, self.end_step = update_every, prune_rate, end_step
         self.last_update: dict[str, dict[str, torch.Tensor]] = {}  # name -> candidates/gradients/grown/pruned
+        self.last_score_examples = 0  # the latest score batch's size
 
     def is_update_step(self, step: int) -> bool:
         return step % self.update_every == 0 and step <= self.end_step
@@ -209,6 +210,7 @@ class GSEEngine(Engine):
         saved = [b.detach().clone() for b in self.model.buffers()]
         try:  # neither the attack on the score batch nor its forward pass may move BatchNorm statistics
             images, labels = self.score_batch(step)
+            self.last_score_examples = len(labels)  # FLOPs accounting (robust_sparse.flops)
             captured = self.capture(images, labels)
         finally:
             with torch.no_grad():
