@@ -39,6 +39,7 @@ from torch import nn
 from robust_sparse.attacks import CW
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.errors import CheckpointError, UserError
+from robust_sparse.progress import Heartbeat
 from robust_sparse.progress import progress as progress_bar
 from robust_sparse.eval import sanity
 from robust_sparse.accuracy import pgd_step_size, predict
@@ -359,7 +360,7 @@ def evaluate(
         probe = None
         if large_eps is not None and len(labels):
             probe = _probe(model, images, labels, clean, state, norm=norm, eps=large_eps, batch_size=batch_size,
-                           seed=seed)
+                           seed=seed, progress=progress)
     finally:
         model.train(was_training)
         state.data["seconds"] = state.data.get("seconds", 0.0) + (time.monotonic() - started)
@@ -400,12 +401,20 @@ def _run_attack(spec: AttackSpec, key: str, context: AttackContext, state: _Stat
         points = torch.nonzero(todo).flatten()
         description = spec.label if len(units) == 1 else f"{spec.label} {unit_name}"
         started = time.monotonic()
+        chunks = points.split(batch_size)
         with progress_bar(total=int(done[index].sum()) + len(points), initial=int(done[index].sum()),
                           desc=description, unit="pt", enabled=progress) as bar:
-            for chunk in points.split(batch_size):
+            for number, chunk in enumerate(chunks):
                 on_device = chunk.to(device)
                 x, y = images[on_device], labels[on_device]
-                with _seeded(_unit_seed(seed, spec, index), device):
+                # a batch reports nothing until it ends (AutoAttack's can take many minutes): a heartbeat
+                # says what runs meanwhile, with an ETA from the batches of this unit already finished
+                finished = sum(len(c) for c in chunks[:number])
+                heartbeat = Heartbeat(f"{description} batch {number + 1}/{len(chunks)}", len(chunk),
+                                      points_after=len(points) - finished - len(chunk),
+                                      seconds_per_point=(time.monotonic() - started) / finished if finished else None,
+                                      enabled=progress)
+                with heartbeat, _seeded(_unit_seed(seed, spec, index), device):
                     adversarial = attack(x, y)
                 with torch.no_grad():
                     fooled = (context.model(adversarial).argmax(1) != y)
@@ -429,7 +438,8 @@ def _run_attack(spec: AttackSpec, key: str, context: AttackContext, state: _Stat
     return AttackOutcome(spec, robust, broken_by)
 
 
-def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size, seed) -> dict[str, Any]:
+def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size, seed,
+           progress: bool = False) -> dict[str, Any]:
     """Margin PGD from the clean point (no random start) at a large eps: a working gradient breaks ~every point.
 
     Without a random start a zero or useless gradient leaves the points where they are, so a masked model keeps
@@ -444,14 +454,20 @@ def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size
     attack = CW(model, norm=norm, eps=eps, steps=PROBE_STEPS, step_size=pgd_step_size(eps, PROBE_STEPS),
                 random_start=False)
     candidates = torch.nonzero(robust).flatten()
-    for chunk in candidates.split(batch_size):
-        on_device = chunk.to(images.device)
-        with _seeded(seed, images.device):
-            adversarial = attack(images[on_device], labels[on_device])
-        with torch.no_grad():
-            fooled = (model(adversarial).argmax(1) != labels[on_device]) & _valid(adversarial, images[on_device],
-                                                                                   norm, eps)
-        robust[chunk[fooled.cpu()]] = False
+    log.info("large-eps probe (gradient-masking check): %d-step margin PGD from the clean point at %s eps=%.4g on "
+             "the %d correctly classified of the first %d points; its accuracy should be ~0 (--no-probe skips it)",
+             PROBE_STEPS, norm, eps, len(candidates), points)
+    with progress_bar(total=len(candidates), desc=f"large-eps probe {norm} eps={eps:.4g}", unit="pt",
+                      enabled=progress) as bar:
+        for chunk in candidates.split(batch_size):
+            on_device = chunk.to(images.device)
+            with _seeded(seed, images.device):
+                adversarial = attack(images[on_device], labels[on_device])
+            with torch.no_grad():
+                fooled = (model(adversarial).argmax(1) != labels[on_device]) & _valid(adversarial, images[on_device],
+                                                                                       norm, eps)
+            robust[chunk[fooled.cpu()]] = False
+            bar.update(len(chunk))
     result = {"eps": float(eps), "points": points, "steps": PROBE_STEPS, "accuracy": _mean(robust),
               "clean_accuracy": _mean(clean[:points])}
     state.data["probe"] = {"key": key, "result": result}

@@ -188,8 +188,31 @@ def _train(args: argparse.Namespace) -> int:
     best = result.run_dir / "best.pt"
     if config.eval.autoattack_examples and best.is_file():
         _emit(_autoattack_after_training(best, config, progress))
+    note = chance_note(config, result.metrics, result.evaluation)
+    if note:
+        _emit(f"warning: {note}")
     _emit(f"run directory: {result.run_dir}")
     return 0
+
+
+def chance_note(config, metrics, evaluation: dict | None) -> str | None:
+    """A run that ends at or below chance (the divergence rule's: accuracy below 1/classes + its margin) says so:
+    its robust accuracy means nothing."""
+    from robust_sparse.data import DATASETS
+
+    classes = DATASETS[config.data.dataset].num_classes
+    level = 1.0 / classes + config.divergence.chance_margin
+    measured = []
+    if evaluation:
+        measured.append(("test clean accuracy", evaluation["clean_accuracy"]))
+    if len(metrics) and "val_clean_accuracy" in metrics:
+        measured.append(("final validation clean accuracy", float(metrics["val_clean_accuracy"].iloc[-1])))
+    low = [f"{what} {value:.4f}" for what, value in measured if value < level]
+    if not low:
+        return None
+    return (f"{' and '.join(low)} at or below chance (1/{classes} = {1 / classes:.2f}, + margin "
+            f"{config.divergence.chance_margin}): the model has learned nothing yet and its robust accuracy means "
+            "nothing; train longer or check the learning rate and the data")
 
 
 def _autoattack_after_training(best: Path, config, progress: bool) -> str:
