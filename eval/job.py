@@ -205,6 +205,8 @@ def run_job(job: EvalJob) -> JobOutcome:
             raise UserError(f"--eps {eps:.4g}: must be <= 1 for linf (inputs are in [0, 1])")
     attacks = parse_attacks(job.attacks, default_steps=job.pgd_steps or first.pgd_steps or 50,
                             default_restarts=job.restarts or first.restarts or 10)
+    if not attacks:
+        raise UserError(f"attacks {job.attacks!r}: name at least one attack, e.g. pgd,autoattack")
     large_eps = job.large_eps
     if job.probe and large_eps is None:
         info = DATASETS[dataset]
