@@ -18,7 +18,8 @@ from robust_sparse.data import load_cifar
 from robust_sparse.errors import UserError
 from robust_sparse.plain_pickle import NotPlainPickle, load_plain
 
-REAL_PREFIX = Path("/work/shared/data/cifar10-prefix")
+# the real CIFAR-10 prefix beside the repository, as the project's CI has it (never copied into the project)
+REAL_PREFIX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-prefix"
 
 
 def _one_error_line(captured) -> str:
