@@ -103,18 +103,22 @@ def run(request: EvalRequest) -> EvalOutcome:
     threat = threat_label(request.norm)
     rows, evaluations = [], []
     for eps in request.eps:
-        settings = {**fingerprints, "large_eps": request.large_eps}
-        state = flags_path(request.results_dir, model=loaded.name, dataset=loaded.dataset.value, threat_model=threat,
-                           eps=eps, settings={**settings, "n": len(labels), "seed": request.seed,
-                                              "batch_size": request.batch_size, "chained": request.chained,
-                                              "attacks": [a.key for a in attacks]})
-        if not request.resume and state.exists():
-            state.unlink()
+        # The file is keyed by what determines its flags (model, points, eps, seed, mode); the attack list, the
+        # batch size and the probe are keys inside it (runner.attack_state_key), so changing them reuses it.
+        where = dict(model=loaded.name, dataset=loaded.dataset.value, threat_model=threat, eps=eps)
+        state = flags_path(request.results_dir, **where, settings={
+            **fingerprints, "n": len(labels), "seed": request.seed, "chained": request.chained})
+        legacy = flags_path(request.results_dir, **where, settings={  # the layout before: one file per suite
+            **fingerprints, "large_eps": request.large_eps, "n": len(labels), "seed": request.seed,
+            "batch_size": request.batch_size, "chained": request.chained, "attacks": [a.key for a in attacks]})
+        if not request.resume:
+            for path in (state, legacy):
+                path.unlink(missing_ok=True)
         evaluation = evaluate(
             model, images, labels, norm=request.norm, eps=eps, attacks=attacks, batch_size=request.batch_size,
             seed=request.seed, chained=request.chained, num_classes=request.num_classes, state_path=state,
-            settings=settings, progress=request.progress, autoattack_backend=request.autoattack_backend,
-            large_eps=request.large_eps,
+            settings=fingerprints, legacy_state_path=legacy, progress=request.progress,
+            autoattack_backend=request.autoattack_backend, large_eps=request.large_eps,
         )
         row = _row(request, evaluation, stats, fingerprints, state)
         append_result(request.results_dir, row)
@@ -209,6 +213,8 @@ def run_job(job: EvalJob) -> JobOutcome:
             raise UserError(f"--eps {eps:.4g}: must be <= 1 for linf (inputs are in [0, 1])")
     attacks = parse_attacks(job.attacks, default_steps=job.pgd_steps or first.pgd_steps or 50,
                             default_restarts=job.restarts or first.restarts or 10)
+    if not attacks:
+        raise UserError(f"attacks {job.attacks!r}: name at least one attack, e.g. pgd,autoattack")
     large_eps = job.large_eps
     if job.probe and large_eps is None:
         info = DATASETS[dataset]

@@ -230,13 +230,35 @@ def parse_factory(spec: str) -> tuple[str, str]:
     return module, attribute
 
 
+@contextlib.contextmanager
+def _factory_argv(spec: str, module: str):
+    """The user's code runs with ``sys.argv = [its file]``: an argparse of its own then speaks under its own
+    name, not ours, and never reads robust-sparse's flags."""
+    import sys
+
+    saved = sys.argv
+    sys.argv = [module]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _exited(spec: str, what: str, error: SystemExit) -> UserError:
+    """A factory that calls ``sys.exit`` (or argparse's error) must not decide robust-sparse's exit code."""
+    return UserError(f"--model {spec}: {what} exited (SystemExit({error.code!r})); a factory must return a model, "
+                     "not exit (one that parses command-line arguments gets none here)")
+
+
 def _import_factory_module(module: str, spec: str):
     import importlib
     import importlib.util
     import sys
 
-    if module.endswith(".py") or "/" in module or "\\" in module:
+    if module.endswith(".py") or "/" in module or "\\" in module or Path(module).is_file():
         path = Path(module)
+        if path.suffix != ".py":
+            raise UserError(f"--model {spec}: {path} is not a Python file: expected FILE.py:FACTORY")
         if not path.is_file():
             raise UserError(f"--model {spec}: file not found: {path}")
         # a name of its own per file, so two factory files never share a module cache entry
@@ -245,16 +267,23 @@ def _import_factory_module(module: str, spec: str):
         loaded = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = loaded  # dataclasses and pickling look modules up by name while they execute
         try:
-            module_spec.loader.exec_module(loaded)
+            with _factory_argv(spec, module):
+                module_spec.loader.exec_module(loaded)
+        except SystemExit as error:
+            sys.modules.pop(name, None)
+            raise _exited(spec, f"importing {path}", error) from None
         except Exception as error:
             sys.modules.pop(name, None)
             raise UserError(f"--model {spec}: importing {path} failed: {_reason(error)}") from None
         return loaded
     try:
-        return importlib.import_module(module)
+        with _factory_argv(spec, module):
+            return importlib.import_module(module)
     except ModuleNotFoundError as error:
         raise UserError(f"--model {spec}: no module {error.name!r} (a FILE.py path, or an importable "
                         "package.module)") from None
+    except SystemExit as error:
+        raise _exited(spec, f"importing {module}", error) from None
     except Exception as error:
         raise UserError(f"--model {spec}: importing {module} failed: {_reason(error)}") from None
 
@@ -305,7 +334,10 @@ def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = N
     if not callable(factory):
         raise UserError(f"--model {spec}: {attribute} is a {type(factory).__name__}, not a callable factory")
     try:
-        model = factory()
+        with _factory_argv(spec, module_name):
+            model = factory()
+    except SystemExit as error:
+        raise _exited(spec, f"{attribute}()", error) from None
     except Exception as error:
         raise UserError(f"--model {spec}: {attribute}() raised {_reason(error)}") from None
     if not isinstance(model, nn.Module):

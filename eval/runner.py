@@ -16,7 +16,11 @@ Resume
     With ``state_path`` the flags are saved (atomically) after batches, at most every few seconds, and at the
     end of every unit. A rerun with the same settings continues after the last saved batch and gives the
     same flags as an uninterrupted run: every batch is seeded from ``(seed, attack, unit)`` alone and the
-    batches of a unit are fixed when it starts.
+    batches of a unit are fixed when it starts. One file holds everything finished for a model, its points,
+    eps, seed and mode; inside it each attack is keyed by what its flags depend on (its parameters, the
+    batch size, which partitions its points and seeds each batch, and in chained mode the attacks before
+    it), so a rerun with another attack list, another batch size or without the probe reuses every finished
+    attack, the clean flags and the probe.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 from robust_sparse.attacks import CW
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.errors import CheckpointError, UserError
+from robust_sparse.progress import Heartbeat
 from robust_sparse.progress import progress as progress_bar
 from robust_sparse.eval import sanity
 from robust_sparse.accuracy import pgd_step_size, predict
@@ -43,7 +48,8 @@ from robust_sparse.eval.specs import AttackContext, AttackSpec
 
 log = logging.getLogger(__name__)
 
-STATE_KIND = "robust-sparse-eval-flags/1"
+STATE_KIND = "robust-sparse-eval-flags/2"
+LEGACY_STATE_KIND = "robust-sparse-eval-flags/1"  # one file per attack list, batch size and probe eps
 SAVE_EVERY_SECONDS = 5.0
 PROBE_POINTS = 1000  # the large-eps probe attacks at most this many (the first) points
 PROBE_STEPS = 20
@@ -206,23 +212,51 @@ def _valid(adversarial: torch.Tensor, images: torch.Tensor, norm: str, eps: floa
 # state (per-point flags on disk)
 
 
+def attack_state_key(attack: str, batch_size: int, before: Sequence[str] = ()) -> str:
+    """The key of one attack's flags in a state file: the attack with its parameters (``spec.key``), the batch
+    size, and in chained mode the attacks that chose its points."""
+    return f"{attack}@bs{batch_size}" + (f"<-{'+'.join(before)}" if before else "")
+
+
 class _State:
-    def __init__(self, path: Path | None, settings: dict[str, Any]) -> None:
+    def __init__(self, path: Path | None, settings: dict[str, Any], legacy_path: Path | None = None) -> None:
         self.path, self.settings = path, settings
         self.data: dict[str, Any] = {"kind": STATE_KIND, "settings": settings, "attacks": {}, "seconds": 0.0}
         self._last_save = 0.0
         if path is not None and path.is_file():
-            try:
-                saved = load_checkpoint(path)
-            except CheckpointError as error:
-                log.warning("ignoring unreadable flags file %s: %s", path, error)
-                return
-            if saved.get("kind") == STATE_KIND and saved.get("settings") == settings:
+            saved = self._read(path)
+            if saved is not None and saved.get("kind") == STATE_KIND and saved.get("settings") == settings:
                 saved.pop("format", None)
                 self.data = saved
                 log.info("resuming from %s", path)
-            else:
+            elif saved is not None:
                 log.info("flags in %s were computed with other settings; starting afresh", path)
+        elif legacy_path is not None and legacy_path.is_file():
+            saved = self._read(legacy_path)
+            if saved is not None and saved.get("kind") == LEGACY_STATE_KIND:
+                self._adopt_legacy(saved, legacy_path)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as error:
+            log.warning("ignoring unreadable flags file %s: %s", path, error)
+            return None
+
+    def _adopt_legacy(self, saved: dict[str, Any], path: Path) -> None:
+        """A flags file of the previous layout (one per attack list and batch size): its attacks re-keyed."""
+        old = saved.get("settings") or {}
+        if any(old.get(key) != value for key, value in self.settings.items()):
+            return
+        order, batch_size = list(old.get("attacks") or []), old.get("batch_size")
+        attacks = {}
+        for key, flags in (saved.get("attacks") or {}).items():
+            before = order[:order.index(key)] if old.get("chained") and key in order else []
+            attacks[attack_state_key(key, batch_size, before)] = flags
+        self.data.update({key: saved[key] for key in ("clean", "probe", "seconds") if key in saved})
+        self.data["attacks"] = attacks
+        log.info("resuming from %s (the previous flags layout)", path)
 
     def save(self, force: bool = False) -> None:
         if self.path is None:
@@ -251,6 +285,7 @@ def evaluate(
     num_classes: int | None = None,
     state_path: str | Path | None = None,
     settings: dict[str, Any] | None = None,
+    legacy_state_path: str | Path | None = None,
     progress: bool = False,
     autoattack_backend: str = "auto",
     backend: AutoAttackBackend | None = None,
@@ -266,8 +301,10 @@ def evaluate(
         seed: fixes every random start, AutoAttack's included.
         chained: attack only points every previous attack left robust (per-attack numbers become cumulative).
         num_classes: checked against the model's output; needed by ``torchattacks-aa``.
-        state_path: where per-point flags are saved, and resumed from when the settings match.
+        state_path: where per-point flags are saved, and resumed from when the settings match (n, norm, eps,
+            seed, chained and ``settings``); inside it each attack is keyed by :func:`attack_state_key`.
         settings: extra identification stored with the flags (model and data fingerprints, ...).
+        legacy_state_path: a flags file of the previous layout, read when ``state_path`` does not exist yet.
         progress: a bar with an ETA on a terminal, periodic log lines elsewhere (:mod:`robust_sparse.progress`).
         autoattack_backend: ``auto``, ``pyautoattack`` or ``github`` (see :func:`select_backend`).
         backend: an already built backend (tests inject fakes here).
@@ -293,9 +330,10 @@ def evaluate(
         raise UserError(f"large_eps = {large_eps}: must be a finite radius > 0, 'auto', or None (no probe)")
     labels = labels.long()
     device = images.device
-    settings = {"n": len(labels), "norm": norm, "eps": float(eps), "seed": seed, "batch_size": batch_size,
-                "chained": chained, "attacks": [s.key for s in attacks], **(settings or {})}
-    state = _State(Path(state_path) if state_path is not None else None, settings)
+    settings = {"n": len(labels), "norm": norm, "eps": float(eps), "seed": seed, "chained": chained,
+                **(settings or {})}
+    state = _State(Path(state_path) if state_path is not None else None, settings,
+                   Path(legacy_state_path) if legacy_state_path is not None else None)
     started = time.monotonic()
     was_training = model.training
     model.eval()
@@ -312,8 +350,9 @@ def evaluate(
         log.info("%s eps=%.4g on %d points: clean accuracy %.4f", norm, eps, len(labels), _mean(clean))
         outcomes = []
         alive = clean.clone()
-        for spec in attacks:
-            outcome = _run_attack(spec, context, state, images, labels, clean if not chained else alive,
+        for position, spec in enumerate(attacks):
+            key = attack_state_key(spec.key, batch_size, [s.key for s in attacks[:position]] if chained else ())
+            outcome = _run_attack(spec, key, context, state, images, labels, clean if not chained else alive,
                                   norm=norm, eps=eps, seed=seed, batch_size=batch_size, progress=progress,
                                   invalid=invalid)
             outcomes.append(outcome)
@@ -321,7 +360,7 @@ def evaluate(
         probe = None
         if large_eps is not None and len(labels):
             probe = _probe(model, images, labels, clean, state, norm=norm, eps=large_eps, batch_size=batch_size,
-                           seed=seed)
+                           seed=seed, progress=progress)
     finally:
         model.train(was_training)
         state.data["seconds"] = state.data.get("seconds", 0.0) + (time.monotonic() - started)
@@ -337,16 +376,20 @@ def evaluate(
     return evaluation
 
 
-def _run_attack(spec: AttackSpec, context: AttackContext, state: _State, images, labels, candidates, *, norm, eps,
-                seed, batch_size, progress, invalid) -> AttackOutcome:
+def _run_attack(spec: AttackSpec, key: str, context: AttackContext, state: _State, images, labels, candidates, *,
+                norm, eps, seed, batch_size, progress, invalid) -> AttackOutcome:
     n, units = len(labels), spec.units
-    saved = state.data["attacks"].get(spec.key)
+    saved = state.data["attacks"].get(key)
     if saved is None:
         saved = {"robust": candidates.clone(), "broken_by": torch.full((n,), -1, dtype=torch.int8),
                  "done": torch.zeros(len(units), n, dtype=torch.bool), "complete": False}
-        state.data["attacks"][spec.key] = saved
+        state.data["attacks"][key] = saved
     robust, broken_by, done = saved["robust"], saved["broken_by"], saved["done"]
-    if saved["complete"] or eps == 0:  # at eps 0 the ball is a point: robust accuracy is clean accuracy
+    if saved["complete"]:
+        log.info("%s eps=%.4g %s finished before: %d/%d robust (from the saved flags)", norm, eps, spec.label,
+                 int(robust.sum()), n)
+        return AttackOutcome(spec, robust, broken_by)
+    if eps == 0:  # at eps 0 the ball is a point: robust accuracy is clean accuracy
         saved["complete"] = True
         return AttackOutcome(spec, robust, broken_by)
     device = images.device
@@ -358,12 +401,20 @@ def _run_attack(spec: AttackSpec, context: AttackContext, state: _State, images,
         points = torch.nonzero(todo).flatten()
         description = spec.label if len(units) == 1 else f"{spec.label} {unit_name}"
         started = time.monotonic()
+        chunks = points.split(batch_size)
         with progress_bar(total=int(done[index].sum()) + len(points), initial=int(done[index].sum()),
                           desc=description, unit="pt", enabled=progress) as bar:
-            for chunk in points.split(batch_size):
+            for number, chunk in enumerate(chunks):
                 on_device = chunk.to(device)
                 x, y = images[on_device], labels[on_device]
-                with _seeded(_unit_seed(seed, spec, index), device):
+                # a batch reports nothing until it ends (AutoAttack's can take many minutes): a heartbeat
+                # says what runs meanwhile, with an ETA from the batches of this unit already finished
+                finished = sum(len(c) for c in chunks[:number])
+                heartbeat = Heartbeat(f"{description} batch {number + 1}/{len(chunks)}", len(chunk),
+                                      points_after=len(points) - finished - len(chunk),
+                                      seconds_per_point=(time.monotonic() - started) / finished if finished else None,
+                                      enabled=progress)
+                with heartbeat, _seeded(_unit_seed(seed, spec, index), device):
                     adversarial = attack(x, y)
                 with torch.no_grad():
                     fooled = (context.model(adversarial).argmax(1) != y)
@@ -387,7 +438,8 @@ def _run_attack(spec: AttackSpec, context: AttackContext, state: _State, images,
     return AttackOutcome(spec, robust, broken_by)
 
 
-def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size, seed) -> dict[str, Any]:
+def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size, seed,
+           progress: bool = False) -> dict[str, Any]:
     """Margin PGD from the clean point (no random start) at a large eps: a working gradient breaks ~every point.
 
     Without a random start a zero or useless gradient leaves the points where they are, so a masked model keeps
@@ -402,14 +454,20 @@ def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size
     attack = CW(model, norm=norm, eps=eps, steps=PROBE_STEPS, step_size=pgd_step_size(eps, PROBE_STEPS),
                 random_start=False)
     candidates = torch.nonzero(robust).flatten()
-    for chunk in candidates.split(batch_size):
-        on_device = chunk.to(images.device)
-        with _seeded(seed, images.device):
-            adversarial = attack(images[on_device], labels[on_device])
-        with torch.no_grad():
-            fooled = (model(adversarial).argmax(1) != labels[on_device]) & _valid(adversarial, images[on_device],
-                                                                                   norm, eps)
-        robust[chunk[fooled.cpu()]] = False
+    log.info("large-eps probe (gradient-masking check): %d-step margin PGD from the clean point at %s eps=%.4g on "
+             "the %d correctly classified of the first %d points; its accuracy should be ~0 (--no-probe skips it)",
+             PROBE_STEPS, norm, eps, len(candidates), points)
+    with progress_bar(total=len(candidates), desc=f"large-eps probe {norm} eps={eps:.4g}", unit="pt",
+                      enabled=progress) as bar:
+        for chunk in candidates.split(batch_size):
+            on_device = chunk.to(images.device)
+            with _seeded(seed, images.device):
+                adversarial = attack(images[on_device], labels[on_device])
+            with torch.no_grad():
+                fooled = (model(adversarial).argmax(1) != labels[on_device]) & _valid(adversarial, images[on_device],
+                                                                                       norm, eps)
+            robust[chunk[fooled.cpu()]] = False
+            bar.update(len(chunk))
     result = {"eps": float(eps), "points": points, "steps": PROBE_STEPS, "accuracy": _mean(robust),
               "clean_accuracy": _mean(clean[:points])}
     state.data["probe"] = {"key": key, "result": result}

@@ -2,8 +2,9 @@
 
 Every evaluation (one model at one eps) appends one row to both files (the JSON holds the nested fields as
 objects, the CSV as JSON strings) and keeps its per-point flags in ``flags/<key>.pt``, where the key names the
-model, dataset, threat model and eps plus a hash of everything else that defines the run (n, seed, attacks,
-batch size, model and data fingerprints): a rerun with the same settings resumes from those flags.
+model, dataset, threat model and eps plus a hash of everything else that determines its flags (n, seed, chained
+mode, model and data fingerprints); the attacks, keyed with their batch size, and the probe live inside it, so a
+rerun resumes every finished attack whatever the attack list, batch size or probe flag.
 """
 
 from __future__ import annotations

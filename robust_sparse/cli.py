@@ -7,8 +7,11 @@ for bugs only (``--debug`` shows them for user errors too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -201,8 +204,31 @@ def _train(args: argparse.Namespace) -> int:
     best = result.run_dir / "best.pt"
     if config.eval.autoattack_examples and best.is_file():
         _emit(_autoattack_after_training(best, config, progress))
+    note = chance_note(config, result.metrics, result.evaluation)
+    if note:
+        _emit(f"warning: {note}")
     _emit(f"run directory: {result.run_dir}")
     return 0
+
+
+def chance_note(config, metrics, evaluation: dict | None) -> str | None:
+    """A run that ends at or below chance (the divergence rule's: accuracy below 1/classes + its margin) says so:
+    its robust accuracy means nothing."""
+    from robust_sparse.data import DATASETS
+
+    classes = DATASETS[config.data.dataset].num_classes
+    level = 1.0 / classes + config.divergence.chance_margin
+    measured = []
+    if evaluation:
+        measured.append(("test clean accuracy", evaluation["clean_accuracy"]))
+    if len(metrics) and "val_clean_accuracy" in metrics:
+        measured.append(("final validation clean accuracy", float(metrics["val_clean_accuracy"].iloc[-1])))
+    low = [f"{what} {value:.4f}" for what, value in measured if value < level]
+    if not low:
+        return None
+    return (f"{' and '.join(low)} at or below chance (1/{classes} = {1 / classes:.2f}, + margin "
+            f"{config.divergence.chance_margin}): the model has learned nothing yet and its robust accuracy means "
+            "nothing; train longer or check the learning rate and the data")
 
 
 def _autoattack_after_training(best: Path, config, progress: bool) -> str:
@@ -294,6 +320,9 @@ def _eval(args: argparse.Namespace) -> int:
         large_eps = _coerce(args.large_eps, float, "--large-eps")
         if not 0 < large_eps < float("inf"):
             raise UserError(f"--large-eps {args.large_eps}: must be a finite radius > 0 (pixel units)")
+    if args.attacks is not None and not specs.parse_attacks(args.attacks):  # "" or ",": no names at all
+        raise UserError(f"--attacks {args.attacks!r}: names no attack; give a comma-separated list, e.g. "
+                        f"pgd,autoattack (choose from: {specs.names_help()})")
     specs.parse_attacks(args.attacks or "pgd,autoattack")  # names checked now; defaults filled in below
     if args.output is not None:
         output = Path(args.output)
@@ -404,7 +433,43 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), raised where Ctrl-C would be so that every clean-up path
+    for an interruption (checkpoints, saved per-point flags) runs for it too."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM handled like SIGINT while a command runs (the main thread only: signals go there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_hint(args: argparse.Namespace | None) -> str:
+    command = getattr(args, "command", None)
+    if command == "train":
+        return "resume with --resume"
+    if command in ("eval", "sweep"):
+        return "rerun the same command to resume"
+    return "nothing to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
@@ -421,8 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DivergenceError as error:
         sys.stderr.write(f"robust-sparse: diverged: {error}\n")
         return EXIT_DIVERGED
+    except Terminated:
+        sys.stderr.write(f"robust-sparse: terminated (SIGTERM); {_resume_hint(args)}\n")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        sys.stderr.write("robust-sparse: interrupted; resume with --resume\n")
+        sys.stderr.write(f"robust-sparse: interrupted; {_resume_hint(args)}\n")
         return 130
 
 

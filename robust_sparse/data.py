@@ -23,6 +23,7 @@ import torch
 
 from robust_sparse.config import DataConfig, DatasetName
 from robust_sparse.errors import ConfigError, UserError
+from robust_sparse.plain_pickle import NotPlainPickle, load_plain
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,24 @@ _CIFAR_FOLDERS = {
 }
 
 
-def _read_cifar_files(folder: Path, files: list[str], label_key: bytes) -> ImageSet:
+def _read_cifar_files(folder: Path, files: list[str], label_key: bytes, dataset: str) -> ImageSet:
     images, labels = [], []
     for name in files:
-        with open(folder / name, "rb") as handle:
-            # The official CIFAR format is a Python pickle; this is the file the user put there, the
-            # same trust torchvision's own loader places in it.
-            batch = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[label_key])
+        path = folder / name
+        try:
+            with open(path, "rb") as handle:
+                # The official format is a pickle; read with stand-ins for the few numpy globals it names, so
+                # a file that names anything else is refused before any of it runs (robust_sparse.plain_pickle).
+                batch = load_plain(handle)
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in batch[label_key])
+        except NotPlainPickle as error:
+            raise UserError(f"{dataset} file {path} is not a plain CIFAR batch ({error}); only dicts, lists, bytes, "
+                            "str, ints and uint8 arrays are read, and nothing in it was run") from None
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, AttributeError,
+                MemoryError) as error:
+            reason = f"no {error} entry" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+            raise UserError(f"{dataset} file {path} is corrupted: {reason}") from None
     return ImageSet(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64))
 
 
@@ -161,11 +171,8 @@ def load_cifar(name: DatasetName, root: Path, download: bool, need_train: bool =
             f"{name.value} not found: expected {', '.join(missing)} in {folder} "
             f"(the layout torchvision downloads; {download_hint})"
         )
-    try:
-        train = _read_cifar_files(folder, train_files, label_key) if need_train else None
-        test = _read_cifar_files(folder, test_files, label_key)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
-        raise UserError(f"{name.value} files in {folder} are corrupted: {error}") from None
+    train = _read_cifar_files(folder, train_files, label_key, name.value) if need_train else None
+    test = _read_cifar_files(folder, test_files, label_key, name.value)
     return train, test
 
 

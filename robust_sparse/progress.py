@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterable, Iterator
 
@@ -82,3 +83,49 @@ def progress(iterable: Iterable | None = None, *, enabled: bool, desc: str, tota
         return LogProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=False, disable=not enabled,
                 dynamic_ncols=True)
+
+
+class Heartbeat:
+    """A log line every few seconds, from a background thread, while one unit of work that cannot report its
+    own progress runs (an AutoAttack batch: its partition into batches fixes its per-point results, so it is
+    not split for the sake of a bar). The line says what runs, on how many points, for how long, and the ETA
+    of the whole task from the cost per point measured on its earlier batches.
+
+    ``seconds_per_point`` is that measurement (None before any batch has finished); ``points_after`` the points
+    still waiting after this batch.
+    """
+
+    def __init__(self, what: str, points: int, *, points_after: int = 0, seconds_per_point: float | None = None,
+                 every_seconds: float | None = None, enabled: bool = True) -> None:
+        self.what, self.points, self.points_after = what, points, points_after
+        self.seconds_per_point = seconds_per_point
+        self.every_seconds = LOG_EVERY_SECONDS if every_seconds is None else every_seconds
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started = time.monotonic()
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now if now is not None else time.monotonic()) - self.started
+        text = f"{self.what}: running on {self.points} points, {elapsed:.0f} s so far"
+        if self.seconds_per_point is None:
+            return text + "; ETA once a first batch has finished"
+        remaining = max(0.0, (self.points + self.points_after) * self.seconds_per_point - elapsed)
+        return text + (f", ETA {remaining:.0f} s ({self.seconds_per_point:.3g} s per point measured, "
+                       f"{self.points + self.points_after} points to go)")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_seconds):
+            log.info("%s", self.line())
+
+    def __enter__(self) -> "Heartbeat":
+        self.started = time.monotonic()
+        if self.enabled and self.every_seconds > 0:
+            self._thread = threading.Thread(target=self._beat, name="robust-sparse-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -186,6 +186,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # truncated copy, the wrong path) than a request for the defaults. Say so instead of guessing.
         raise ConfigError(f"config file {path} is empty; give at least one field (e.g. objective: pgd_at), or "
                           "no CONFIG for the quickstart")
+    if path is not None and isinstance(data, dict) and "out_dir" not in data:
+        # a config of its own never trains into another run's directory (the schema's default is the quickstart's)
+        data["out_dir"] = f"runs/{Path(path).stem}"
     for text in overrides:
         data = _merge(data, nest_flat_names(parse_override(text)))
     config = _from_dict(TrainConfig, data, "")
