@@ -169,7 +169,9 @@ def in_memory(data: FolderSet, workers: int = 0, batch_size: int = 64):
 
 
 def _robustbench_file(name: str) -> Path:
-    return Path(str(resources.files("robustbench") / "helper_files" / name))
+    with warnings.catch_warnings():  # importing robustbench imports the deprecated pkg_resources
+        warnings.simplefilter("ignore")
+        return Path(str(resources.files("robustbench") / "helper_files" / name))
 
 
 def imagenet_classes() -> dict[str, int]:
