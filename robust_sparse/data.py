@@ -230,6 +230,9 @@ def check_data_root(config: DataConfig) -> None:
     if config.dataset in STREAMED and config.download:
         raise ConfigError(f"data.download: {config.dataset.value} cannot be downloaded; put the "
                           "train/<class>/ and val/<class>/ folders under data.root")
+    if config.dataset in STREAMED and not Path(config.root).is_dir():
+        raise ConfigError(f"data.root: directory {config.root!r} does not exist; put {config.dataset.value}'s "
+                          "train/<class>/ and val/<class>/ folders there")
     if config.dataset is not DatasetName.MNIST5K and not config.download and not Path(config.root).is_dir():
         raise ConfigError(f"data.root: directory {config.root!r} does not exist; put a local copy of "
                           f"{config.dataset.value} there or set data.download=true")
