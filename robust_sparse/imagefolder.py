@@ -11,9 +11,9 @@ The test split follows RobustBench: for ``imagenet`` its own list of 5000 valida
 (``robustbench/helper_files/imagenet_test_image_ids.txt``), its class indices
 (``imagenet_class_to_id_map.json``) and its 'Res256Crop224' preprocessing; its first ``n`` images in the list's
 order. The validation split for model selection is a seeded subset of the *training* images, so the test list
-is never seen before the final evaluation. Validation and test images are small subsets: they are read once
-into uint8 tensors (:func:`in_memory`), exactly the values RobustBench's float preprocessing gives times 255, and
-every evaluation path then runs on them as on CIFAR.
+is never seen before the final evaluation. What is evaluated (``val.max_examples`` validation images each epoch,
+the first ``eval.n_examples`` test images) is small: it is read into uint8 tensors (:func:`in_memory`), exactly
+the values RobustBench's float preprocessing gives times 255, and every evaluation path runs on them as on CIFAR.
 """
 
 from __future__ import annotations
