@@ -129,7 +129,8 @@ def test_pgd_at_epoch_on_a_torchvision_model_then_eval_on_the_streamed_test_list
     root, test_list = tree
     config = load_config(None, [
         "data.dataset=imagefolder", f"data.root={root}", "data.num_classes=10", f"data.test_list={test_list}",
-        "data.image_size=32", "data.val_size=16", "data.batch_size=16", "data.workers=1", "model.name=torchvision:resnet18",
+        "data.image_size=32", "data.val_size=16", "data.train_limit=48", "data.batch_size=16", "data.workers=1",
+        "model.name=torchvision:resnet18",
         "objective=pgd_at", "attack.eps=4/255", "attack.step_size=2/255", "attack.steps=1", "optim.epochs=1",
         "val.pgd_steps=1", "eval.pgd_steps=1", "eval.n_examples=12", "device=cpu", f"out_dir={tmp_path / 'run'}"])
     result = fit(config)

@@ -290,3 +290,13 @@ def test_eval_model_specs_build_library_models_and_call_factories_with_kwargs() 
         loaded = from_factory("timm:create_model", DatasetName.CIFAR10,
                               kwargs={"model_name": "resnet18", "num_classes": 10})
         assert type(loaded.model).__name__ == "ResNet"
+
+
+def test_eval_model_kwargs_flag_is_checked_in_one_line(capsys) -> None:
+    from robust_sparse.cli import main
+
+    assert main(["eval", "--arch", "tiny_cnn", "--weights", "w.pt", "--model-kwargs", "a=1", "--dataset", "cifar10"]) != 0
+    assert capsys.readouterr().err.strip() == "robust-sparse: error: --model-kwargs goes with --model"
+    assert main(["eval", "--model", "torchvision:resnet18", "--model-kwargs", "=3", "--dataset", "cifar10"]) != 0
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("robust-sparse: error: --model-kwargs: '=3' is not NAME=VALUE") and "\n" not in error
