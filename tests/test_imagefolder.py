@@ -175,3 +175,34 @@ def test_folder_set_take_keeps_paths_and_labels_together():
     picked = data.take(torch.tensor([4, 0]))
     assert picked.paths == ["f4", "f0"] and picked.targets == [1, 0] and torch.equal(picked.labels, torch.tensor([1, 0]))
     assert data.take(slice(1, 3)).paths == ["f1", "f2"] and len(data) == 5
+
+
+@pytest.mark.slow  # two fresh interpreters under torchrun: 20-50 s on 2 shared cores
+def test_two_ranks_under_torchrun_shard_the_streamed_split_and_stay_identical(tree, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the DistributedSampler shards the streamed training split and AGENT's
+    g_tilde pass; masks, weights and AGENT's state stay identical on both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    root, test_list = tree
+    out = tmp_path / "ranks"
+    out.mkdir()
+    worker = Path(__file__).with_name("ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+               str(out), "data.dataset=imagefolder", f"data.root={root}", "data.num_classes=10",
+               f"data.test_list={test_list}", "data.image_size=32", "data.val_size=12", "data.train_limit=128",
+               "data.batch_size=16", "data.workers=1", "model.name=tiny_cnn", "sparsity.method=rigl",
+               "sparsity.density=0.3", "sparsity.update_every=2", "agent.enabled=true", "agent.probe_chunks=0",
+               "optim.epochs=2", "attack.steps=1", "val.pgd_steps=1", "eval.n_examples=0", "device=cpu",
+               f"out_dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from test_distributed import _assert_identical
+
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    _assert_identical(rank0, rank1)  # weights, masks, AGENT's c, c_hat, g_tilde and snapshot
+    assert rank0["masks"] and rank0["full_grads"] is not None
+    # 128 images, 16 per batch: 8 batches in the g_tilde pass, 4 on each rank (the first refresh needs none)
+    assert rank0["pass_batches"] == rank1["pass_batches"] == [0, 4]
