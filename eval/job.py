@@ -138,7 +138,8 @@ class EvalJob:
     checkpoint: str | None = None
     robustbench_model: str | None = None
     arch: str | None = None
-    factory: str | None = None  # FILE.py:FACTORY or module:FACTORY
+    factory: str | None = None  # FILE.py:FACTORY or module:FACTORY, or torchvision:NAME / timm:NAME
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)  # --model-kwargs
     weights: str | None = None
     weights_key: str | None = None
     subnet: int | None = None  # AST checkpoints: one sub-net; None: every sub-net, one row each
@@ -184,7 +185,7 @@ class JobOutcome:
 def run_job(job: EvalJob) -> JobOutcome:
     """Local models first (a checkpoint names the dataset), then the test points, then a zoo model (maybe a
     download): a missing dataset never costs a download. Each model's rows go to the results store."""
-    from robust_sparse.data import DATASETS
+    from robust_sparse.data import DATASETS, dataset_info
     from robust_sparse.eval.specs import parse_attacks
     from robust_sparse.train import resolve_device
 
@@ -197,7 +198,7 @@ def run_job(job: EvalJob) -> JobOutcome:
     images, labels = loading.load_points(
         dataset, job.n_examples or (first.n_examples if first else None),
         root=job.data_root or (first.data_root if first else None) or "data", download=job.download,
-        data_file=job.data_file)
+        data_file=job.data_file, data=first.data if first else None)
     if models is None:
         models = [loading.from_robustbench(job.robustbench_model, dataset, job.threat or "linf", job.model_dir)]
         first = models[0]
@@ -217,7 +218,7 @@ def run_job(job: EvalJob) -> JobOutcome:
         raise UserError(f"attacks {job.attacks!r}: name at least one attack, e.g. pgd,autoattack")
     large_eps = job.large_eps
     if job.probe and large_eps is None:
-        info = DATASETS[dataset]
+        info = dataset_info(first.data) if first.data is not None else DATASETS[dataset]
         large_eps = sanity.default_large_eps(norm, (info.in_channels, info.image_size, info.image_size))
     if job.results_dir:
         results_dir = Path(job.results_dir)
@@ -231,7 +232,8 @@ def run_job(job: EvalJob) -> JobOutcome:
     for loaded in models:
         outcome = run(EvalRequest(
             loaded=loaded, images=images, labels=labels, norm=norm, eps=eps_values, attacks=attacks,
-            num_classes=DATASETS[loaded.dataset].num_classes, results_dir=results_dir, device=device, seed=job.seed,
+            num_classes=(dataset_info(loaded.data) if loaded.data is not None else DATASETS[loaded.dataset]).num_classes,
+            results_dir=results_dir, device=device, seed=job.seed,
             batch_size=job.batch_size, chained=job.chained, resume=job.resume, progress=job.progress,
             autoattack_backend=job.autoattack_backend, large_eps=large_eps, cross_check=job.cross_check,
         ))
@@ -259,7 +261,7 @@ def _local_models(job: EvalJob) -> tuple[list[LoadedModel] | None, DatasetName |
                 model.name = job.name + model.suffix
         return models, models[0].dataset
     if job.factory is not None:
-        model = loading.from_factory(job.factory, job.dataset, job.weights, job.weights_key)
+        model = loading.from_factory(job.factory, job.dataset, job.weights, job.weights_key, job.factory_kwargs)
     elif job.arch is not None:
         model = loading.from_weights(job.arch, job.weights, job.dataset)
     else:
@@ -342,19 +344,19 @@ def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: to
     What ``robust-sparse train`` runs after training when ``eval.autoattack_examples`` is set. AST checkpoints
     give one row per sub-net, as ``robust-sparse eval`` does.
     """
-    from robust_sparse.data import DATASETS
+    from robust_sparse.data import dataset_info
     from robust_sparse.eval.loading import from_checkpoint_subnets, load_points
     from robust_sparse.eval.specs import parse_attacks
 
     checkpoint = Path(checkpoint)
     models = from_checkpoint_subnets(checkpoint)
     first = models[0]
-    images, labels = load_points(first.dataset, n_examples, root=first.data_root or "data")
+    images, labels = load_points(first.dataset, n_examples, root=first.data_root or "data", data=first.data)
     outcome = EvalOutcome([], [], [])
     for loaded in models:
         request = EvalRequest(loaded=loaded, images=images, labels=labels, norm=first.norm or "linf",
                               eps=[first.eps], attacks=parse_attacks("autoattack"),
-                              num_classes=DATASETS[first.dataset].num_classes, results_dir=checkpoint.parent / "eval",
+                              num_classes=dataset_info(first.data).num_classes, results_dir=checkpoint.parent / "eval",
                               device=device, seed=seed, progress=progress)
         result = run(request)
         outcome.rows += result.rows

@@ -18,7 +18,7 @@ import hashlib
 import io
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,23 @@ PROTOCOL_EPS: dict[tuple[DatasetName, str], float] = {
     (DatasetName.CIFAR100, "linf"): 8 / 255, (DatasetName.CIFAR100, "l2"): 0.5,
     (DatasetName.SVHN, "linf"): 8 / 255, (DatasetName.SVHN, "l2"): 0.5,
     (DatasetName.MNIST5K, "linf"): 0.3, (DatasetName.MNIST5K, "l2"): 2.0,
+    # RobustBench's ImageNet track is Linf 4/255; L2 3.0 is the usual ImageNet radius (Engstrom et al.)
+    (DatasetName.IMAGENET, "linf"): 4 / 255, (DatasetName.IMAGENET, "l2"): 3.0,
+    (DatasetName.IMAGEFOLDER, "linf"): 4 / 255, (DatasetName.IMAGEFOLDER, "l2"): 3.0,
 }
 _THREATS = {"linf": "linf", "l2": "l2"}
 ROBUSTBENCH_THREATS = {"linf": "Linf", "l2": "L2"}
-ROBUSTBENCH_DATASETS = (DatasetName.CIFAR10, DatasetName.CIFAR100)
+ROBUSTBENCH_DATASETS = (DatasetName.CIFAR10, DatasetName.CIFAR100, DatasetName.IMAGENET)
 
 
 def parse_dataset(text: str) -> DatasetName:
     try:
-        return DatasetName(text.strip().lower())
+        dataset = DatasetName(text.strip().lower())
     except ValueError:
         raise UserError(f"unknown dataset {text!r}; choose one of: {', '.join(d.value for d in DatasetName)}") from None
+    if dataset is DatasetName.IMAGEFOLDER:  # its class count and folders are in a checkpoint's config
+        raise UserError("--dataset imagefolder: evaluate a CHECKPOINT trained on it (its config names the classes)")
+    return dataset
 
 
 def parse_threat(text: str) -> str:
@@ -92,6 +98,7 @@ class LoadedModel:
     # training FLOPs up to the checkpoint's epoch, and against dense training (robust_sparse.flops; None if unknown)
     train_flops: float | None = None
     train_flops_vs_dense: float | None = None
+    data: DataConfig | None = None  # checkpoints: the run's data section (a streamed dataset's folders and list)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
     """One model per requested sub-net of a checkpoint, read once; ``subnets=None``: every sub-net of an AST
     checkpoint, or the one network of any other."""
     from robust_sparse.config import config_from_dict
-    from robust_sparse.data import DATASETS
+    from robust_sparse.data import dataset_info
     from robust_sparse.eval.leaderboard import NO_AGENT, checkpoint_selection
     from robust_sparse.models import build_model
     from robust_sparse.sparse.methods import pick_view, saved_views
@@ -122,7 +129,7 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
     if not isinstance(raw, dict) or "model" not in state:
         raise CheckpointError(f"{path} has no config/model: not written by robust-sparse train")
     config = config_from_dict(raw)
-    info = DATASETS[config.data.dataset]
+    info = dataset_info(config.data)
     views = saved_views(state)
     trained = (state.get("history") or [{}])[-1]  # metrics.csv's row of the checkpoint's epoch
     cost = {key: float(trained[key]) if trained.get(key) is not None and trained[key] == trained[key] else None
@@ -131,7 +138,8 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
     loaded = []
     for view in chosen:
         weights, suffix = view.weights, "" if view.index is None else f"/subnet{view.index}"
-        model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std)
+        model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std,
+                            config.model.kwargs)
         _load_into(model, weights, path, config.model.name)
         eval_config = config.eval
         loaded.append(LoadedModel(
@@ -143,6 +151,7 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
             train_images=(state.get("data_sizes") or {}).get("train"), epochs=config.optim.epochs,
             selection=getattr(checkpoint_selection(state), "value", None),
             estimator=config.agent.estimator.value if config.agent.enabled else NO_AGENT, suffix=suffix, **cost,
+            data=replace(config.data, root=data_root if data_root is not None else config.data.root),
         ))
     return loaded
 
@@ -313,17 +322,48 @@ def check_model_output(model: nn.Module, dataset: DatasetName, what: str) -> Non
                         f"{dataset.value}, got {shape} for a batch of 2")
 
 
+def parse_kwargs(text: str, flag: str) -> dict[str, Any]:
+    """``a=1,b=resnet18`` or a YAML mapping ``{a: 1, b: [2, 3]}`` -> a dict; values read as YAML scalars."""
+    import yaml
+
+    text = text.strip()
+    try:
+        if text.startswith("{"):
+            parsed = yaml.safe_load(text)
+        else:
+            parsed = {}
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                key, sep, value = part.partition("=")
+                if not sep or not key.strip().isidentifier():
+                    raise UserError(f"{flag}: {part!r} is not NAME=VALUE (e.g. num_classes=10)")
+                parsed[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as error:
+        raise UserError(f"{flag}: not YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(parsed, dict) or not all(isinstance(k, str) and k.isidentifier() for k in parsed):
+        raise UserError(f"{flag}: expected NAME=VALUE,... or a mapping of names to values")
+    return parsed
+
+
 def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = None,
-                 weights_key: str | None = None) -> LoadedModel:
-    """Any model: ``FACTORY()`` from ``FILE.py:FACTORY`` or ``package.module:FACTORY`` returns an ``nn.Module`` on
-    [0,1] inputs; ``weights`` (a state_dict, or a dict holding one under ``weights_key``) is loaded strictly.
+                 weights_key: str | None = None, kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    """Any model: ``FACTORY(**kwargs)`` from ``FILE.py:FACTORY`` or ``package.module:FACTORY`` returns an
+    ``nn.Module`` on [0,1] inputs; ``torchvision:NAME`` and ``timm:NAME`` (a model of that library) are built as
+    training builds them, the dataset's Normalize layer in front. ``weights`` (a state_dict, or a dict holding one
+    under ``weights_key``) is loaded strictly.
 
     Every failure (file, attribute, the factory raising, weights that do not fit, output shape) is a one-line
     :class:`UserError` before any data or attack work.
     """
+    from robust_sparse.models import split_spec
+    from robust_sparse.models.external import library_names
+
     module_name, attribute = parse_factory(spec)
+    kwargs = kwargs or {}
     if weights is not None and not Path(weights).is_file():  # the cheap check before running user code
         raise UserError(f"--weights: file not found: {weights}")
+    library = split_spec(spec)
+    if library is not None and library[1] in library_names(library[0]):
+        return _from_library(spec, dataset, weights, weights_key, kwargs)
     module = _import_factory_module(module_name, spec)
     factory = getattr(module, attribute, None)
     if factory is None:
@@ -335,7 +375,7 @@ def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = N
         raise UserError(f"--model {spec}: {attribute} is a {type(factory).__name__}, not a callable factory")
     try:
         with _factory_argv(spec, module_name):
-            model = factory()
+            model = factory(**kwargs)
     except SystemExit as error:
         raise _exited(spec, f"{attribute}()", error) from None
     except Exception as error:
@@ -354,6 +394,27 @@ def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = N
     check_model_output(model, dataset, f"--model {spec}")
     return LoadedModel(model=model, name=name, source="factory", path=str(weights or module_name),
                        architecture=architecture, dataset=dataset)
+
+
+def _from_library(spec: str, dataset: DatasetName, weights: str | Path | None, weights_key: str | None,
+                  kwargs: dict[str, Any]) -> LoadedModel:
+    """``torchvision:NAME``/``timm:NAME`` as ``model.name`` builds it for training (weights: its state_dict)."""
+    from robust_sparse.data import DATASETS
+    from robust_sparse.models import build_model
+
+    info = DATASETS[dataset]
+    model = build_model(spec, info.num_classes, info.in_channels, info.mean, info.std, kwargs)
+    name = spec
+    if weights is not None:
+        path = Path(weights)
+        _load_into(model, read_state_dict(path, key=weights_key), path, spec)
+        name = f"{spec}:{path.stem}"
+    elif weights_key is not None:
+        raise UserError("--weights-key needs --weights")
+    model = model.cpu().eval()
+    check_model_output(model, dataset, f"--model {spec}")
+    return LoadedModel(model=model, name=name, source="factory", path=str(weights or spec), architecture=spec,
+                       dataset=dataset)
 
 
 def check_robustbench_name(name: str, dataset: DatasetName, norm: str) -> None:
@@ -425,19 +486,26 @@ def _reason(error: BaseException) -> str:
 
 
 def load_points(dataset: DatasetName, n: int | None, *, root: str = "data", download: bool = False,
-                data_file: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                data_file: str | Path | None = None,
+                data: DataConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` test points in order, as float [0,1] images and int64 labels (RobustBench protocol).
 
     ``data_file`` replaces the dataset's test split with a torch file holding ``{"images", "labels"}``
     (uint8 0-255, or float in [0, 1]). ``n=None`` takes ``min(10000, size)``; a larger ``n`` is an error.
+    ``data`` (a checkpoint's data section) describes a streamed dataset's test split; only its first ``n`` images
+    are read (ImageNet: RobustBench's list and preprocessing).
     """
-    from robust_sparse.data import DATASETS, EVAL_DOWNLOAD_HINT, load_raw
+    from robust_sparse.data import EVAL_DOWNLOAD_HINT, dataset_info, in_memory, load_raw
 
+    config = replace(data, root=root) if data is not None and data.dataset is dataset else \
+        DataConfig(dataset=dataset, root=root, download=download)
     if data_file is not None:
         images, labels = _read_points(Path(data_file))
     else:
-        _, test = load_raw(DataConfig(dataset=dataset, root=root, download=download), need_train=False,
-                           download_hint=EVAL_DOWNLOAD_HINT)
+        _, test = load_raw(config, need_train=False, download_hint=EVAL_DOWNLOAD_HINT)
+        if n is not None and 1 <= n <= len(test):  # a streamed split: read only the points evaluated
+            test = test.take(slice(0, n))
+        test = in_memory(test, config.workers)
         images, labels = test.images, test.labels
     total = len(labels)
     if n is None:
@@ -449,7 +517,7 @@ def load_points(dataset: DatasetName, n: int | None, *, root: str = "data", down
     images, labels = images[:n], labels[:n]
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
-    check_inputs(images, labels, DATASETS[dataset].num_classes)
+    check_inputs(images, labels, dataset_info(config).num_classes)
     return images.float(), labels.long()
 
 

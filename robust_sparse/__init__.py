@@ -21,6 +21,7 @@ _EXPORTS = {
     "evaluate_pgd": "robust_sparse.accuracy",
     "register_attack": "robust_sparse.eval.specs",
     "register_sparsity_method": "robust_sparse.sparse",
+    "register_model": "robust_sparse.models",
 }
 
 __all__ = sorted(_EXPORTS)

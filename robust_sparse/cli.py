@@ -93,14 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--arch", metavar="NAME", help="architecture of the registry for --weights, e.g. resnet18")
     evaluate.add_argument("--model", metavar="FILE.py:FACTORY",
                           help="any model: FACTORY() (in FILE.py, or package.module:FACTORY) returns an nn.Module "
-                               "on [0,1] inputs that owns its normalisation; weights from --weights")
+                               "on [0,1] inputs that owns its normalisation; or torchvision:NAME / timm:NAME, built "
+                               "as training builds it (the dataset's normalisation inside); weights from --weights")
+    evaluate.add_argument("--model-kwargs", metavar="K=V,...",
+                          help="keyword arguments of --model's factory, values read as YAML, e.g. "
+                               "model_name=resnet18,num_classes=10 (or a mapping: '{num_classes: 10}')")
     evaluate.add_argument("--weights", metavar="PATH", help="a state_dict file for --arch or --model "
                                                             "(loaded with weights_only=True)")
     evaluate.add_argument("--weights-key", metavar="KEY",
                           help="the key of the state_dict inside the --weights file (default: the file is the "
                                "state_dict, or holds it under 'state_dict' or 'model')")
     evaluate.add_argument("--name", help="the model's name in the results (default: from the source)")
-    evaluate.add_argument("--dataset", help="cifar10, cifar100, svhn or mnist5k (default: the checkpoint's)")
+    evaluate.add_argument("--dataset", help="cifar10, cifar100, svhn, mnist5k or imagenet (default: the checkpoint's)")
     evaluate.add_argument("--data-root", help="local datasets in torchvision's layout (default: the run's, or data)")
     evaluate.add_argument("--download", action="store_true", help="let torchvision download the test set")
     evaluate.add_argument("--data-file", help="evaluate on a torch file {'images', 'labels'} instead of the test set")
@@ -279,6 +283,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError("--subnet is for AST checkpoints written by robust-sparse train")
     if args.model is not None:
         loading.parse_factory(args.model)
+    if args.model_kwargs is not None and args.model is None:
+        raise UserError("--model-kwargs goes with --model")
+    model_kwargs = loading.parse_kwargs(args.model_kwargs, "--model-kwargs") if args.model_kwargs else {}
     if args.chained and args.cross_check_torchattacks:
         raise UserError("--cross-check-torchattacks compares standalone attacks: drop --chained")
     dataset = loading.parse_dataset(args.dataset) if args.dataset else None
@@ -334,6 +341,7 @@ def _eval(args: argparse.Namespace) -> int:
     # 2. the models, the test points, the attacks (robust_sparse/eval/job.py)
     outcome = job.run_job(job.EvalJob(
         checkpoint=args.checkpoint, robustbench_model=args.robustbench_model, arch=args.arch, factory=args.model,
+        factory_kwargs=model_kwargs,
         weights=args.weights, weights_key=args.weights_key, subnet=args.subnet, model_dir=args.model_dir,
         name=args.name, dataset=dataset, n_examples=args.n_examples, data_root=args.data_root,
         data_file=args.data_file, download=args.download, threat=threat, eps=eps_values,

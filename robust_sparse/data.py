@@ -6,6 +6,9 @@ batches. That is faster than per-image PIL transforms on 2 CPU cores and, becaus
 crops come from a generator seeded by ``(seed, epoch)``, a resumed run sees exactly the batches an
 uninterrupted run would have seen.
 
+ImageNet and other ImageFolder trees do not fit in memory: they are streamed from their files
+(:mod:`robust_sparse.imagefolder`), and :func:`batch_loader` and :func:`in_memory` serve both kinds alike.
+
 Inputs handed to models are float in [0, 1]; models own their normalisation.
 """
 
@@ -16,7 +19,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -24,6 +27,9 @@ import torch
 from robust_sparse.config import DataConfig, DatasetName
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.plain_pickle import NotPlainPickle, load_plain
+
+if TYPE_CHECKING:
+    from robust_sparse.imagefolder import FolderSet
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,19 @@ DATASETS: dict[DatasetName, DatasetInfo] = {
         100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4, hflip=True
     ),
     DatasetName.SVHN: DatasetInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 4, False),
+    # streamed; the size is data.image_size's default, and imagefolder takes its class count from the config
+    DatasetName.IMAGENET: DatasetInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, True),
 }
+STREAMED = (DatasetName.IMAGENET, DatasetName.IMAGEFOLDER)
+
+
+def dataset_info(config: DataConfig) -> DatasetInfo:
+    """The shapes and statistics of ``config``'s dataset (a streamed one's from its class count and size)."""
+    if config.dataset in STREAMED:
+        from robust_sparse.imagefolder import folder_info
+
+        return folder_info(config, DATASETS[DatasetName.IMAGENET])
+    return DATASETS[config.dataset]
 
 
 @dataclass
@@ -67,9 +85,11 @@ class ImageSet:
 
 @dataclass
 class Splits:
-    train: ImageSet
-    val: ImageSet  # held out from the training split, for model selection
-    test: ImageSet
+    """In memory (``ImageSet``), or file names streamed from disk (``FolderSet``) for ImageNet-sized data."""
+
+    train: "ImageSet | FolderSet"
+    val: "ImageSet | FolderSet"  # held out from the training split, for model selection
+    test: "ImageSet | FolderSet"
     info: DatasetInfo
 
 
@@ -196,7 +216,12 @@ def load_svhn(root: Path, download: bool, need_train: bool = True,
 
 def load_raw(config: DataConfig, need_train: bool = True,
              download_hint: str = TRAIN_DOWNLOAD_HINT) -> tuple[ImageSet | None, ImageSet]:
-    """``download_hint`` ends the missing-dataset error: eval passes :data:`EVAL_DOWNLOAD_HINT`."""
+    """``download_hint`` ends the missing-dataset error: eval passes :data:`EVAL_DOWNLOAD_HINT`. Streamed
+    datasets come back as file lists (``FolderSet``)."""
+    if config.dataset in STREAMED:
+        from robust_sparse.imagefolder import read_tree
+
+        return read_tree(config, need_train)
     if config.dataset is DatasetName.MNIST5K:
         return load_mnist5k()
     root = Path(config.root)
@@ -209,6 +234,12 @@ def check_data_root(config: DataConfig) -> None:
     """Training's data directory exists, or may be downloaded into: checked before any work (``fit`` and
     ``sweep`` run it first), not when the config is read, so that a checkpoint's config still loads where its
     data directory does not exist (evaluation reads the test split from its own ``--data-root``)."""
+    if config.dataset in STREAMED and config.download:
+        raise ConfigError(f"data.download: {config.dataset.value} cannot be downloaded; put the "
+                          "train/<class>/ and val/<class>/ folders under data.root")
+    if config.dataset in STREAMED and not Path(config.root).is_dir():
+        raise ConfigError(f"data.root: directory {config.root!r} does not exist; put {config.dataset.value}'s "
+                          "train/<class>/ and val/<class>/ folders there")
     if config.dataset is not DatasetName.MNIST5K and not config.download and not Path(config.root).is_dir():
         raise ConfigError(f"data.root: directory {config.root!r} does not exist; put a local copy of "
                           f"{config.dataset.value} there or set data.download=true")
@@ -225,7 +256,27 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
     train = train.take(order[config.val_size:])
     if config.train_limit:
         train = train.take(slice(0, config.train_limit))
-    return Splits(train=train, val=val, test=test, info=DATASETS[config.dataset])
+    return Splits(train=train, val=val, test=test, info=dataset_info(config))
+
+
+def in_memory(data: "ImageSet | FolderSet", workers: int = 0) -> ImageSet:
+    """``data`` as an in-memory ImageSet: itself, or a streamed subset read through the test preprocessing."""
+    if isinstance(data, ImageSet):
+        return data
+    from robust_sparse.imagefolder import in_memory as read
+
+    return read(data, workers)
+
+
+def batch_loader(data: "ImageSet | FolderSet", batch_size: int, device: torch.device, *, workers: int = 0,
+                 **options):
+    """A :class:`BatchLoader` over an in-memory set, a DataLoader-backed ``FolderLoader`` with ``workers``
+    processes over a streamed one; ``options`` are BatchLoader's."""
+    if isinstance(data, ImageSet):
+        return BatchLoader(data, batch_size, device, **options)
+    from robust_sparse.imagefolder import FolderLoader
+
+    return FolderLoader(data, batch_size, device, workers=workers, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------

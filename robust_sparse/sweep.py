@@ -167,6 +167,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
                   parallel=parallel, backend=backend, devices=devices, slurm=dict(slurm), threads=threads,
                   eval_stage=eval_stage)
     from robust_sparse.train import check_run  # the training stack, only once the sweep file itself is sound
+    from robust_sparse.models import REGISTERED_MODELS
 
     modules = list(eval_stage.modules) if eval_stage is not None else []
     for overrides in expand(sweep):  # type errors, unknown fields and ranges surface before anything runs
@@ -177,6 +178,9 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
         method = getattr(config.sparsity.method, "value", config.sparsity.method)
         if method in REGISTERED_SPARSITY_METHODS:  # registered from Python: the runs import its module
             module = plugins.importable(REGISTERED_SPARSITY_METHODS[method], f"sparsity method {method!r}")
+            modules += [module] if module not in modules else []
+        if config.model.name in REGISTERED_MODELS:  # robust_sparse.register_model: the same
+            module = plugins.importable(REGISTERED_MODELS[config.model.name], f"model {config.model.name!r}")
             modules += [module] if module not in modules else []
     sweep.plugins = tuple(modules)
     return sweep

@@ -38,10 +38,10 @@ from robust_sparse.checkpoint import (check_output_dir, load_checkpoint, remove_
                                       write_atomic)
 from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, SparsityMethod, TrackingConfig, TrainConfig,
                                   config_from_dict, save_config, to_dict)
-from robust_sparse.data import BatchLoader, ImageSet, Splits, check_data_root, load_splits
-from robust_sparse.errors import ConfigError, DivergenceError, UserError
+from robust_sparse.data import BatchLoader, ImageSet, Splits, batch_loader, check_data_root, in_memory, load_splits
+from robust_sparse.errors import DivergenceError, UserError
 from robust_sparse.flops import FlopsCounter, dense_profile
-from robust_sparse.models import MODELS, build_model
+from robust_sparse.models import build_model, check_model_name
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import SGDW
 from robust_sparse.precision import Amp, maybe_compile
@@ -173,7 +173,7 @@ def validate(model: nn.Module, data: ImageSet, config: TrainConfig, device: torc
              progress: bool = False, amp: Amp | None = None) -> tuple[float, float]:
     """Clean and PGD accuracy on (at most ``val.max_examples`` of) the held-out validation split; ``amp``:
     autocast of the model's forwards (train.precision)."""
-    subset = data.take(slice(0, config.val.max_examples))
+    subset = in_memory(data.take(slice(0, config.val.max_examples)), config.data.workers)
     images = subset.images.to(device).float().div_(255)
     result = evaluate_pgd(
         model, images, subset.labels.to(device), eps=config.attack.eps, norm=config.attack.norm.value,
@@ -188,7 +188,7 @@ def evaluate_test(model: nn.Module, test: ImageSet, config: TrainConfig, device:
                   progress: bool = False) -> dict[str, Any]:
     """The short post-training evaluation: clean and PGD accuracy on the first ``eval.n_examples`` test points,
     in ``eval.precision`` (fp32 by default, whatever the training precision)."""
-    test = test.take(slice(0, config.eval.n_examples))
+    test = in_memory(test.take(slice(0, config.eval.n_examples)), config.data.workers)
     eps = config.eval.eps if config.eval.eps is not None else config.attack.eps
     amp = Amp(config.eval.precision, device, where="eval.precision")
     start = time.perf_counter()
@@ -257,8 +257,7 @@ def check_run(config: TrainConfig) -> None:
     """What a config names, checked before any data is read (validation sees only its values, so that a stored
     config loads anywhere): the model is registered, the trackers are installed, the data and output
     directories are usable. Each check lives with the code that uses the thing; every failure is one line."""
-    if config.model.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {config.model.name!r}; choose one of: {', '.join(MODELS)}")
+    check_model_name(config.model.name)
     check_trackers(config.tracking)
     check_data_root(config.data)
     check_output_dir(config.out_dir, "out_dir", "set another out_dir (train --out)")
@@ -361,14 +360,15 @@ def _build(config: TrainConfig) -> _Run:
 
     splits = load_splits(config.data, config.seed)
     info = splits.info
-    model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std).to(device)
+    model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std,
+                        config.model.kwargs).to(device)
     if config.train.sync_bn and world.world_size > 1:  # batch statistics over every rank's shard of the batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = BatchLoader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,
-                         augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size,
-                         rank=world.rank, world_size=world.world_size)
+    loader = batch_loader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,
+                          augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size,
+                          rank=world.rank, world_size=world.world_size, workers=config.data.workers)
     optimizer, scheduler = build_optimization(config, model, len(loader))
     # the attack runs the (compiled, if train.compile) plain model's forwards under train.precision's autocast
     objective = build_objective(config, maybe_compile(model, config.train.compile), autocast=amp.autocast)
@@ -614,8 +614,8 @@ def _agent_batches(config: TrainConfig, train: ImageSet, objective: Objective, d
     Under torchrun each rank takes its own shard of the split, as the training loader does, and runs
     1/world_size of the pass; AGENT all-reduces what the ranks computed.
     """
-    loader = BatchLoader(train, config.data.batch_size, device, shuffle=True, seed=config.seed + 1, drop_last=True,
-                         rank=world.rank, world_size=world.world_size)
+    loader = batch_loader(train, config.data.batch_size, device, shuffle=True, seed=config.seed + 1, drop_last=True,
+                          rank=world.rank, world_size=world.world_size, workers=config.data.workers)
     loader.set_epoch(epoch)
     limit = _agent_pass_batches(config, len(train), world.world_size)
     for index, (images, labels) in enumerate(loader):
@@ -633,8 +633,9 @@ def _agent_metrics(agent: AGENT | None, config: TrainConfig, train: ImageSet, ob
     ratio = float("nan")
     if config.agent.probe_chunks and agent.active():
         # A fixed probe batch (the first training images), attacked afresh, split into sub-batches.
-        images = train.images[: config.data.batch_size].to(device).float().div_(255)
-        labels = train.labels[: config.data.batch_size].to(device)
+        probe = in_memory(train.take(slice(0, config.data.batch_size)), config.data.workers)
+        images = probe.images.to(device).float().div_(255)
+        labels = probe.labels.to(device)
         adversarial = objective.perturb(images, labels)
         inputs = images if adversarial is None else adversarial
         chunks = [(x, y, a) for x, y, a in zip(images.chunk(config.agent.probe_chunks),

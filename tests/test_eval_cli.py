@@ -198,7 +198,7 @@ def _float_255_file(mnist, tmp_path):
     (lambda w, c, z, m, t: _tiny(w, "--autoattack-backend", "foolbox"), "invalid choice"),
     (lambda w, c, z, m, t: _tiny(w, "--chained", "--cross-check-torchattacks"), "drop --chained"),
     (lambda w, c, z, m, t: ["eval", str(c), "--dataset", "cifar10"], "the checkpoint was trained on mnist5k"),
-    (lambda w, c, z, m, t: ["eval", "--arch", "tiny_cnn", "--weights", w, "--dataset", "imagenet"], "unknown dataset"),
+    (lambda w, c, z, m, t: ["eval", "--arch", "tiny_cnn", "--weights", w, "--dataset", "tinyimagenet"], "unknown dataset"),
     (lambda w, c, z, m, t: ["report", str(t / "nothing")], "no results in"),
 ])
 def test_bad_inputs_are_one_line_errors(argv, message, weights, checkpoint, zoo, mnist, tmp_path, capsys):

@@ -156,5 +156,8 @@ def test_threat_model_names(text, expected):
 def test_bad_threat_model_and_dataset_names():
     with pytest.raises(UserError, match="choose Linf or L2"):
         loading.parse_threat("L1")
-    with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
-        loading.parse_dataset("imagenet")
+    with pytest.raises(UserError, match="unknown dataset 'tinyimagenet'"):
+        loading.parse_dataset("tinyimagenet")
+    assert loading.parse_dataset("ImageNet").value == "imagenet"
+    with pytest.raises(UserError, match="--dataset imagefolder: evaluate a CHECKPOINT"):
+        loading.parse_dataset("imagefolder")

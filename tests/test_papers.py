@@ -78,6 +78,30 @@ ROWS = {
         "optim.milestones": [0.4, 0.6], "optim.factors": [0.1, 0.01], "optim.epochs": 200, "data.batch_size": 128},
 }
 
+_ITOP_IMAGENET = {
+    "data.dataset": "imagenet", "model.name": "resnet50", "objective": "natural", "sparsity.method": "itop",
+    "sparsity.growth": "gradient", "sparsity.update_every": 4000, "sparsity.distribution": "erk",
+    "sparsity.prune_rate": 0.5, "optim.optimizer": "sgd", "optim.lr": 0.1, "optim.weight_decay": 1e-4,
+    "optim.epochs": 100, "optim.milestones": [0.3, 0.6, 0.9], "optim.factors": [0.1, 0.01, 0.001],
+    "data.batch_size": 64, "data.image_size": 224, "attack.eps": 4 / 255}
+_AGENT_PYTORCH = {"agent.enabled": True, "agent.estimator": "paper", "agent.gamma": 0.1, "agent.alpha": 0.3,
+                  "agent.clip": False, "agent.full_grad_inputs": "clean"}
+ROWS.update({
+    "rigl_itop_resnet50_imagenet_s80.yaml": {**_ITOP_IMAGENET, "sparsity.density": 0.2, "agent.enabled": False},
+    "rigl_itop_resnet50_imagenet_s90.yaml": {**_ITOP_IMAGENET, "sparsity.density": 0.1, "agent.enabled": False},
+    "arigl_itop_resnet50_imagenet_s80.yaml": {**_ITOP_IMAGENET, **_AGENT_PYTORCH, "sparsity.density": 0.2},
+    "arigl_itop_resnet50_imagenet_s90.yaml": {**_ITOP_IMAGENET, **_AGENT_PYTORCH, "sparsity.density": 0.1},
+    "pgdat_resnet50_imagenet_linf4.yaml": {
+        "data.dataset": "imagenet", "model.name": "resnet50", "objective": "pgd_at", "sparsity.method": "none",
+        "attack.norm": "linf", "attack.eps": 4 / 255, "attack.steps": 3, "attack.step_size": 2 / 3 * 4 / 255,
+        "optim.optimizer": "sgd", "optim.lr": 0.1, "optim.weight_decay": 1e-4, "optim.epochs": 90,
+        "optim.milestones": [1 / 3, 2 / 3], "optim.factors": [0.1, 0.01], "eval.autoattack_examples": 5000},
+})
+# the evaluation of every row: PGD-50 x 10 restarts on CIFAR-10's whole test set; PGD-50 on RobustBench's 5000
+# ImageNet images (AutoAttack where the row says so)
+EVALUATION = {"cifar10": (10000, 50, 10), "imagenet": (5000, 50, 1)}
+
+
 
 def _load(path: Path, tmp_path: Path, *overrides: str):
     """Load offline: CIFAR roots point at an empty directory, the dense checkpoint at an empty file."""
@@ -103,15 +127,17 @@ def test_every_paper_config_has_a_row_and_a_docs_entry():
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_paper_config_loads_and_holds_its_row(name, tmp_path):
     config = _load(PAPERS / name, tmp_path)
-    assert config.data.dataset.value == "cifar10"
+    assert config.data.dataset.value == ROWS[name].get("data.dataset", "cifar10")
     for field, expected in ROWS[name].items():
         actual = _get(config, field)
         if isinstance(expected, float):
             assert actual == pytest.approx(expected), field
+        elif isinstance(expected, list) and expected and isinstance(expected[0], float):
+            assert actual == pytest.approx(expected), field
         else:
             assert actual == expected, field
-    # the evaluation of every row: PGD-50 x 10 restarts on the whole test set
-    assert (config.eval.n_examples, config.eval.pgd_steps, config.eval.restarts) == (10000, 50, 10)
+    evaluation = (config.eval.n_examples, config.eval.pgd_steps, config.eval.restarts)
+    assert evaluation == EVALUATION[config.data.dataset.value]
     assert config.out_dir == f"runs/papers/{name.removesuffix('.yaml')}"
 
 

@@ -48,6 +48,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # keyword arguments handed to a factory: YAML values as they are
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise ConfigError(f"{where}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         try:
             return annotation(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 # the sparsity section lives in its own module; re-exported here so that the schema is one import path
 from robust_sparse.config.sparsity import (FLAT_SPARSITY_NAMES, REGISTERED_SPARSITY_METHODS,  # noqa: F401
@@ -24,6 +25,8 @@ class DatasetName(str, Enum):
     CIFAR10 = "cifar10"
     CIFAR100 = "cifar100"
     SVHN = "svhn"
+    IMAGENET = "imagenet"  # streamed from data.root/{train,val}/<wnid>/*.JPEG; test: RobustBench's 5000-image list
+    IMAGEFOLDER = "imagefolder"  # any ImageFolder tree data.root/{train,val}/<class>/*; needs data.num_classes
 
 
 class ObjectiveName(str, Enum):
@@ -92,11 +95,20 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 500
     augment: bool = True  # random crop (+ flip where the dataset allows it), applied on the device
+    # streamed datasets only (imagenet, imagefolder: images read from files by a DataLoader)
+    workers: int = 4  # DataLoader worker processes per rank (0 = read in the training process)
+    num_classes: int = 0  # imagefolder: the class count (class folders under train/); imagenet: always 1000
+    image_size: int = 224  # training crop and test centre crop (the test resize is 256/224 of it)
+    # lines "<class>/<file>" under val/, in order: the test split; None = RobustBench's 5000-image list for
+    # imagenet, every image of val/ in a fixed shuffled order for imagefolder
+    test_list: str | None = None
 
 
 @dataclass
 class ModelConfig:
+    # a registered name (robust_sparse.register_model), torchvision:NAME or timm:NAME
     name: str = "small_cnn"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model's factory
 
 
 @dataclass

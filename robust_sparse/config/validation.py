@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DeviceChoice, Distribution, Norm, OptimizerName,
-                                         Precision, REGISTERED_SPARSITY_METHODS, SparsityConfig, SparsityMethod,
-                                         TrainConfig)
+from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DatasetName, DeviceChoice, Distribution, Norm,
+                                         OptimizerName, Precision, REGISTERED_SPARSITY_METHODS, SparsityConfig,
+                                         SparsityMethod, TrainConfig)
 from robust_sparse import plugins
 from robust_sparse.errors import ConfigError
 
@@ -24,6 +24,12 @@ def validate(config: TrainConfig) -> None:
     _check(data.eval_batch_size >= 1, f"data.eval_batch_size = {data.eval_batch_size}: must be >= 1")
     _check(data.val_size >= 0, f"data.val_size = {data.val_size}: must be >= 0")
     _check(data.train_limit >= 0, f"data.train_limit = {data.train_limit}: must be >= 0 (0 = all)")
+    _check(data.workers >= 0, f"data.workers = {data.workers}: must be >= 0 (0 = read in the training process)")
+    _check(data.image_size >= 8, f"data.image_size = {data.image_size}: must be >= 8 (pixels)")
+    _check(data.dataset is not DatasetName.IMAGEFOLDER or data.num_classes >= 1,
+           "data.num_classes: data.dataset = imagefolder needs the class count (>= 1)")
+    _check(data.dataset is not DatasetName.IMAGENET or data.num_classes in (0, 1000),
+           f"data.num_classes = {data.num_classes}: imagenet has 1000 classes (leave it 0 or set 1000)")
     _check(attack.eps >= 0, f"attack.eps = {attack.eps}: must be >= 0 (pixel units, inputs in [0,1])")
     if attack.norm is Norm.LINF:
         _check(attack.eps <= 1, f"attack.eps = {attack.eps}: must be <= 1 for linf (inputs are in [0,1])")

@@ -2,22 +2,27 @@
 
 A factory is called as ``factory(num_classes=..., in_channels=..., mean=..., std=...)`` and
 returns an ``nn.Module`` that takes images in ``[0, 1]`` and applies its own
-:class:`~robust_sparse.models.normalize.Normalize` first.
+:class:`~robust_sparse.models.normalize.Normalize` first. ``torchvision:NAME`` and ``timm:NAME`` build a library's
+model behind the same layer (:mod:`robust_sparse.models.external`), and :func:`register_model` adds a user's.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
 from robust_sparse.errors import UserError
-from robust_sparse.models import preact_resnet, resnet, small_cnn, vgg, wide_resnet  # noqa: F401 (they register)
+from robust_sparse.models import (preact_resnet, resnet, resnet50, small_cnn, vgg,  # noqa: F401 (they register)
+                                   wide_resnet)
+from robust_sparse.models.external import (Normalized, build_library_model, check_model_name, register_model,
+                                           split_spec)
 from robust_sparse.models.normalize import Normalize
-from robust_sparse.models.registry import MODELS, ModelFactory
+from robust_sparse.models.registry import MODELS, REGISTERED_MODELS, ModelFactory
 from robust_sparse.models.wide_resnet import wide_resnet
 
-__all__ = ["MODELS", "ModelFactory", "Normalize", "build_model", "wide_resnet"]
+__all__ = ["MODELS", "REGISTERED_MODELS", "ModelFactory", "Normalize", "Normalized", "build_model",
+           "check_model_name", "register_model", "wide_resnet"]
 
 
 def build_model(
@@ -26,9 +31,14 @@ def build_model(
     in_channels: int,
     mean: Sequence[float],
     std: Sequence[float],
+    kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Build the registered model ``name``; raises UserError for unknown names or inconsistent shapes."""
-    factory = MODELS.get(name)
+    """Build the registered model ``name`` (or ``torchvision:NAME``, ``timm:NAME``) with the factory's extra
+    keyword arguments ``kwargs``; raises UserError for unknown names or inconsistent shapes."""
+    spec = split_spec(name)
+    if spec is None:
+        check_model_name(name)  # a name registered in a plugin module a sweep's process has not imported yet
+    factory = MODELS.get(name) if spec is None else None
     if num_classes < 1:
         raise UserError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
@@ -40,9 +50,12 @@ def build_model(
         )
     if any(s <= 0 for s in std):
         raise UserError(f"model {name!r}: std must be positive, got {tuple(std)}")
-    return factory(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
-    )
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if spec is not None:
+        return Normalized(Normalize(mean, std), build_library_model(*spec, num_classes, in_channels, kwargs or {}))
+    try:
+        return factory(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **(kwargs or {}))
+    except TypeError as error:
+        if not kwargs:
+            raise
+        raise UserError(f"model.kwargs {kwargs}: model {name!r} does not take them ({error})") from None

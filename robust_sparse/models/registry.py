@@ -13,3 +13,6 @@ from robust_sparse.registry import Registry
 ModelFactory = Callable[..., nn.Module]
 
 MODELS: Registry[ModelFactory] = Registry("model")
+
+#: names added by :func:`robust_sparse.register_model` -> the module that registers them (for a sweep's processes)
+REGISTERED_MODELS: dict[str, str] = {}

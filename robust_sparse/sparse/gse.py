@@ -323,8 +323,11 @@ def balanced_batch(train: "ImageSet", per_class: int, device: torch.device, seed
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     labels = train.labels[order]
     picked = torch.cat([order[labels == c][:per_class] for c in torch.unique(train.labels).tolist()])
-    images = train.images[picked].to(device).float().div_(255)
-    targets = train.labels[picked].to(device)
+    from robust_sparse.data import in_memory  # a streamed (ImageNet) split is read for the picked images only
+
+    chosen = in_memory(train.take(picked))
+    images = chosen.images.to(device).float().div_(255)
+    targets = chosen.labels.to(device)
     if perturb is not None:
         with torch.enable_grad():
             adversarial = perturb(images, targets)
