@@ -21,6 +21,8 @@ _EXPORTS = {
     "evaluate_pgd": "robust_sparse.accuracy",
     "register_attack": "robust_sparse.eval.specs",
     "register_sparsity_method": "robust_sparse.sparse",
+    "sparse_inference": "robust_sparse.sparse_inference",
+    "load_sparse_inference": "robust_sparse.sparse_inference",
 }
 
 __all__ = sorted(_EXPORTS)
