@@ -158,9 +158,16 @@ class SparseConv2d(_SparseLayer):
         _adopt(sparse, state, prefix)
         return sparse
 
+    # The column matrix of one chunk of the batch stays about this many floats (4 MiB): cache-sized, where one
+    # matrix for a batch of 128 would be hundreds of MiB of memory traffic per layer.
+    column_budget = 1 << 20
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_mode()
-        out = self._shifted(x) if self.shifted else self._unfolded(x)
+        kernel = self._shifted if self.shifted else self._unfolded
+        per_image = self.columns * (x.shape[2] + 2 * self.padding[0]) * (x.shape[3] + 2 * self.padding[1])
+        chunk = max(1, self.column_budget // per_image)
+        out = kernel(x) if chunk >= x.shape[0] else torch.cat([kernel(part) for part in x.split(chunk)])
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
