@@ -15,6 +15,8 @@ _EXPORTS = {
     "build_model": "robust_sparse.models",
     "build_sparsity": "robust_sparse.sparse",
     "SparseMasker": "robust_sparse.sparse",
+    "sparse_inference": "robust_sparse.sparse_inference",
+    "load_sparse_inference": "robust_sparse.sparse_inference",
     "AGENT": "robust_sparse.agent",
     "PGD": "robust_sparse.attacks",
     "TradesKL": "robust_sparse.attacks",

@@ -412,6 +412,10 @@ def _export(args: argparse.Namespace) -> int:
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
           f"bytes ({summary['compact_to_dense_size']:.1%}); written to {args.out}")
+    fast = summary["sparse_inference"]
+    _emit(f"{fast['file']}: {len(fast['sparse_layers'])} sparse layers, {fast['sparse_latency_ms']:.2f} ms vs "
+          f"{fast['dense_latency_ms']:.2f} ms dense per image on {fast['threads']} thread(s) "
+          f"({fast['speedup']:.2f}x)")
     return 0
 
 
