@@ -15,7 +15,7 @@ import robust_sparse
 from robust_sparse.cli import main
 from robust_sparse.checkpoint import load_checkpoint
 from robust_sparse.models import MODELS, build_model
-from robust_sparse.sparse_inference import (
+from robust_sparse.inference import (
     SparseConv2d, SparseInferenceModel, SparseLinear, load_sparse_inference, sparse_inference,
 )
 from robust_sparse.train import fit
@@ -172,7 +172,7 @@ def test_eval_mode_only_and_no_gradients():
 
 
 def test_save_and_load_round_trip_with_weights_only(tmp_path):
-    from robust_sparse.sparse_inference import save_sparse_inference
+    from robust_sparse.inference import save_sparse_inference
 
     model = masked_model("resnet18", 0.05)
     images = torch.rand(2, 3, 16, 16)

@@ -7,7 +7,7 @@ Three files:
 * ``model_sparse.pt``: a compact checkpoint. Each sparse tensor stores its nonzero values and its mask,
   the mask either as a packed bitmask (1 bit per position) or as int32 positions, whichever is smaller:
   positions win below 1/32 = 3.1% density (99% sparsity), the bitmask above.
-* ``model_sparse_inference.pt``: the model for fast CPU inference (:mod:`robust_sparse.sparse_inference`): CSR
+* ``model_sparse_inference.pt``: the model for fast CPU inference (:mod:`robust_sparse.inference`): CSR
   kernels in the layers where they measured faster at export, a state_dict plus the names that rebuild it, read
   back by ``load_sparse_inference`` (which loads with ``weights_only=True``).
 
@@ -118,7 +118,7 @@ def export_sparse_inference(model_state: dict[str, torch.Tensor], protocol: dict
     from robust_sparse.config import DatasetName
     from robust_sparse.data import DATASETS
     from robust_sparse.models import build_model
-    from robust_sparse.sparse_inference import save_sparse_inference, sparse_inference
+    from robust_sparse.inference import save_sparse_inference, sparse_inference
 
     info = DATASETS[DatasetName(protocol["dataset"])]
     model = build_model(protocol["architecture"], info.num_classes, info.in_channels, info.mean, info.std)

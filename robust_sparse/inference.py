@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,15 +347,3 @@ def load_sparse_inference(path: str | Path) -> SparseInferenceModel:
         _replace(model, name, build(dense, state, name + "."))
     model.load_state_dict(state)
     return SparseInferenceModel(model, (), payload["dense_latency_s"], payload["sparse_latency_s"])
-
-
-class _CallableModule(types.ModuleType):
-    """``robust_sparse.sparse_inference`` names both this module and its function: importing the module binds
-    the module to that attribute of the package, shadowing the lazily exported function. Calling the module
-    calls the function, so ``robust_sparse.sparse_inference(model, x)`` works whichever was bound first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SparseInferenceModel:
-        return sparse_inference(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
