@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "comma-separated (default 0.5,0.7,0.8,0.9)")
     report.add_argument("--robust-thresholds", help="sweep reports: the same for validation PGD accuracy "
                                                     "(default 0.3,0.5,0.7,0.8)")
+    report.add_argument("--reference", action="append", metavar="KEY=VALUE",
+                        help="sweep reports: the setting paired differences are taken against, e.g. "
+                             "sparsity.method=bsrnet (repeat for several keys; default agent.gamma=0)")
 
     export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
@@ -296,6 +299,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(items: list[str] | None) -> dict | None:
+    """``--reference KEY=VALUE`` (repeatable) as {key: value}; None when not given."""
+    if not items:
+        return None
+    from robust_sparse.sweep_report import _parse_items
+
+    for item in items:
+        if "=" not in item or not item.partition("=")[0].strip():
+            raise UserError(f"report --reference {item!r}: expected KEY=VALUE, e.g. agent.gamma=0")
+    return _parse_items(items)
+
+
 def _report(args: argparse.Namespace) -> int:
     from robust_sparse.config import _coerce
     from robust_sparse.eval.report import build_report
@@ -308,12 +323,13 @@ def _report(args: argparse.Namespace) -> int:
                               if part.strip())
                   for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
                   if text is not None}
-        _emit(f"report: {write_report(list(args.results_dirs), args.out, **levels)}")
+        reference = _reference(args.reference)
+        _emit(f"report: {write_report(list(args.results_dirs), args.out, reference=reference, **levels)}")
         return 0
     if any(sweeps):
         raise UserError("report: give either sweep directories or evaluation results stores, not both")
-    if args.thresholds is not None or args.robust_thresholds is not None:
-        raise UserError("report --thresholds/--robust-thresholds: only for sweep directories")
+    if args.thresholds is not None or args.robust_thresholds is not None or args.reference:
+        raise UserError("report --thresholds/--robust-thresholds/--reference: only for sweep directories")
 
     path = build_report(args.results_dirs, args.out, args.leaderboard)
     _emit(f"report: {path}")
