@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -108,9 +109,11 @@ def train_one_epoch(
     description: str = "train",
     check_every: int = 25,
     amp: Amp | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """One epoch. ``amp`` (train.precision): autocast of the training forward and AGENT's snapshot forward
-    (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``."""
+    (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``.
+    ``on_step(step, loss)``: called after every step with the batch's loss (tracking.step_loss)."""
     amp = amp if amp is not None else Amp("fp32", loader.device)
     scaler = amp.scaler
     model.train()
@@ -137,6 +140,8 @@ def train_one_epoch(
             scaler.step(optimizer)
             scaler.update()
         scheduler.step()
+        if on_step is not None:
+            on_step(step, loss.detach())
         # Accumulate on the device; reading a value back costs a sync, so do it only every few batches.
         device_loss += loss.detach() * len(labels)
         device_correct += (logits.detach().argmax(1) == labels).sum()
@@ -446,7 +451,8 @@ def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
                       _objective_loss(run.objective, run.amp),
                       scale=run.amp.scaler.get_scale() if run.amp.scaler is not None else 1.0)
     stats = train_one_epoch(run.trained, run.objective, run.stepper, run.scheduler, run.loader, agent=agent,
-                            progress=shown, description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=run.amp)
+                            progress=shown, description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=run.amp,
+                            on_step=tracker.step_logger(epoch, len(run.loader)))
     distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
     per_view = {}
     for view in views_of(masker):
