@@ -315,6 +315,8 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         lines += _figure(plots.convergence_figure(runs, curves, keys, labels), out, "convergence.png")
     if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].nunique() > 1:
         lines += _figure(plots.gamma_figure(table, keys, labels), out, "gamma_sensitivity.png")
+        lines += _gamma_figures(runs, curves, table, keys, labels, reference, out,
+                                steps if not curves.empty else None)
     if "test_pgd_accuracy" in runs:
         lines += _figure(plots.sparsity_figure(runs, curves, keys, labels), out, "robust_vs_sparsity.png",
                          "## Robust accuracy against sparsity", "Test accuracy of each setting at each density "
@@ -420,6 +422,27 @@ def _sampling_section(runs: pd.DataFrame) -> list[str]:
     return ["## Test accuracy of each run with its sampling error", "",
             "Accuracy [95% Wilson interval] on the n test points it was measured on (" + "; ".join(half) +
             "): the binomial error of one run, before any seed-to-seed spread.", "", _markdown(shown), ""]
+
+
+def _gamma_figures(runs: pd.DataFrame, curves: pd.DataFrame, table: pd.DataFrame, keys: list[str],
+                   labels: dict[str, str], reference: dict[str, Any] | None, out: Path,
+                   steps: pd.DataFrame | None) -> list[str]:
+    """The γ study's figures: accuracy against γ with paired intervals, epochs to accuracy against γ, and the
+    clean-robust trade-off labelled by γ."""
+    paired = paired_table(runs, keys, reference) if (reference or default_reference(runs)) else pd.DataFrame()
+    lines = _figure(plots.gamma_paired_figure(runs, curves, paired, keys, labels), out, "gamma_paired.png",
+                    "## Accuracy against γ, paired", "Per density: the mean over seeds and, as bars, the paired 95% "
+                    "interval of the difference from γ = 0 (the paired table above), drawn about the mean; a bar "
+                    "clear of the dotted γ = 0 line is an established difference.")
+    if steps is not None:
+        names = [c for c in steps.columns if " >= " in c and not c.endswith((" reached", " censored at"))]
+        lines += _figure(plots.gamma_epochs_figure(steps, names, keys), out, "gamma_epochs.png",
+                         "## Epochs to accuracy against γ", "Median over seeds of the first epoch at each validation "
+                         "level (the epochs table above); open triangles: the median seed never reached it.")
+    lines += _figure(plots.tradeoff_figure(table, keys, labels, plots.chance_level(runs)), out, "tradeoff.png",
+                     "## Clean-robust trade-off across γ", "Mean test clean against robust accuracy per setting, "
+                     "each point labelled with its γ.")
+    return lines
 
 
 def _figure(figure: Any, out: Path, name: str, heading: str = "", text: str = "") -> list[str]:
