@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reference", action="append", metavar="KEY=VALUE",
                         help="sweep reports: the setting paired differences are taken against, e.g. "
                              "sparsity.method=bsrnet (repeat for several keys; default agent.gamma=0)")
+    report.add_argument("--test-n", type=int, metavar="N",
+                        help="a stored report's runs.csv (RESULTS_DIR = .../runs.csv): the test points its test "
+                             "accuracies were measured on, where it does not say")
 
     export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
@@ -315,6 +318,16 @@ def _report(args: argparse.Namespace) -> int:
     from robust_sparse.config import _coerce
     from robust_sparse.eval.report import build_report
 
+    stored = [Path(d).name == "runs.csv" and Path(d).is_file() for d in args.results_dirs]
+    if any(stored):  # a report's stored runs.csv: its statistics again, without the run directories
+        from robust_sparse.sweep_report import write_stored_report
+
+        if len(args.results_dirs) != 1 or not args.out:
+            raise UserError("report RUNS_CSV: give one runs.csv and --out DIR")
+        _emit(f"report: {write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n)}")
+        return 0
+    if args.test_n is not None:
+        raise UserError("report --test-n: only for a stored runs.csv")
     sweeps = [(Path(d) / "sweep.yaml").is_file() for d in args.results_dirs]
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report

@@ -183,7 +183,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def grid_keys(runs: pd.DataFrame) -> list[str]:
     reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "test_n", "chance", *C_RANGE,
                 *FINAL}
-    return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))]
+    return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))
+            and not c.endswith((" wilson_low", " wilson_high"))]
 
 
 def stage_metrics(runs: pd.DataFrame) -> list[str]:
@@ -422,6 +423,33 @@ def _sampling_section(runs: pd.DataFrame) -> list[str]:
     return ["## Test accuracy of each run with its sampling error", "",
             "Accuracy [95% Wilson interval] on the n test points it was measured on (" + "; ".join(half) +
             "): the binomial error of one run, before any seed-to-seed spread.", "", _markdown(shown), ""]
+
+
+def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[str, Any] | None = None,
+                        test_n: int | None = None) -> Path:
+    """The statistics of a report from its stored ``runs.csv`` alone (a study whose run directories are gone):
+    each run's test accuracies with Wilson intervals and the paired differences, in ``paired.md`` and
+    ``paired.csv`` under ``out``. ``test_n``: the test points behind ``test_*`` accuracies where the file does
+    not record them (a ``test_n`` column, written by reports since the paired analysis)."""
+    runs_csv, out = Path(runs_csv), Path(out)
+    if not runs_csv.is_file():
+        raise UserError(f"{runs_csv}: no such file (a runs.csv written by robust-sparse report)")
+    runs = pd.read_csv(runs_csv)
+    if "run_id" not in runs or "seed" not in runs:
+        raise UserError(f"{runs_csv} is not a sweep report's runs.csv (needs run_id and seed columns)")
+    if "test_n" not in runs or runs["test_n"].isna().all():
+        if test_n is None and "test_clean_accuracy" in runs:
+            raise UserError(f"{runs_csv} does not record how many test points its accuracies used: give --test-n N")
+        runs["test_n"] = test_n
+    out.mkdir(parents=True, exist_ok=True)
+    keys = grid_keys(runs)
+    lines = [f"# Paired analysis of {runs_csv}", "", f"{len(runs)} runs, regenerated from the stored runs.csv (no "
+             "retraining); test accuracies on " + (f"{test_n} points (--test-n)" if test_n else "test_n points") +
+             ".", ""]
+    lines += _paired_section(runs, keys, reference, out) or ["No reference setting: give --reference KEY=VALUE.", ""]
+    lines += _sampling_section(runs)
+    write_atomic(out / "paired.md", "\n".join(lines))
+    return out / "paired.md"
 
 
 def _gamma_figures(runs: pd.DataFrame, curves: pd.DataFrame, table: pd.DataFrame, keys: list[str],
