@@ -324,7 +324,8 @@ def _report(args: argparse.Namespace) -> int:
 
         if len(args.results_dirs) != 1 or not args.out:
             raise UserError("report RUNS_CSV: give one runs.csv and --out DIR")
-        _emit(f"report: {write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n)}")
+        path = write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n)
+        _emit(f"report: {path}")
         return 0
     if args.test_n is not None:
         raise UserError("report --test-n: only for a stored runs.csv")

@@ -417,7 +417,8 @@ def _sampling_section(runs: pd.DataFrame) -> list[str]:
     shown = runs[[c for c in ("run_id", *keys) if c in runs and c != "run_id"]].copy()
     for metric in metrics:
         shown[metric.replace("_accuracy", "").replace("_", " ")] = [
-            stats.format_wilson(a, int(n)) if n == n else "-" for a, n in zip(runs[metric], runs[_points_column(metric)])]
+            stats.format_wilson(a, int(n)) if n == n else "-"
+            for a, n in zip(runs[metric], runs[_points_column(metric)])]
     sizes = sorted({int(n) for m in metrics for n in runs[_points_column(m)].dropna()})
     half = [f"n = {n}: up to ±{100 * (stats.wilson_interval(0.5, n)[1] - 0.5):.1f} points" for n in sizes]
     return ["## Test accuracy of each run with its sampling error", "",

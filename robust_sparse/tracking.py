@@ -4,8 +4,8 @@
 ``tracking: {wandb: {project: NAME}}`` logs to W&B (``mode: offline`` writes under the run directory for a later
 ``wandb sync``). Both receive every numeric per-epoch metric (``metrics.csv``'s columns), the resolved config (as
 YAML) and the final test accuracies; the evaluation's settings (points, eps, steps) go with the config, not into
-the scalars. ``tracking.step_loss`` adds the training loss of every step. A resumed run logs to the same W&B run:
-its id is kept in ``<run dir>/tracking.json``.
+the scalars. ``tracking.step_loss`` adds the training loss of every step to TensorBoard. A resumed run logs to
+the same W&B run: its id is kept in ``<run dir>/tracking.json``.
 
 A run of a sweep (``<sweep dir>/runs/<run id>`` beside ``sweep.yaml``) is made comparable with its siblings:
 TensorBoard gets its hyper-parameters (every swept key, the method, density and AGENT's estimator and γ) against
@@ -150,17 +150,14 @@ class Tracker:
         return [f"{key}={_hparam(_field(config, key))}"[:MAX_TAG] for key in swept]
 
     def step_logger(self, epoch: int, steps_per_epoch: int) -> Callable[[int, Any], None] | None:
-        """With ``tracking.step_loss`` and a tracker on, the ``on_step`` callback of epoch ``epoch`` (0-based)
-        that logs each step's training loss at its global step; else None (no per-step sync)."""
-        if not self.step_loss or (self.tensorboard is None and self.wandb_run is None):
+        """With ``tracking.step_loss`` and TensorBoard on, the ``on_step`` callback of epoch ``epoch`` (0-based)
+        that logs each step's training loss at its global step; else None (no per-step sync). TensorBoard only:
+        W&B's run step is the epoch (``epoch()`` logs with ``step=epoch``), and a per-step record would move it."""
+        if not self.step_loss or self.tensorboard is None:
             return None
 
         def log_step(step: int, loss: Any) -> None:
-            value, global_step = float(loss), epoch * steps_per_epoch + step
-            if self.tensorboard is not None:
-                self.tensorboard.add_scalar("step/train_loss", value, global_step)
-            if self.wandb_run is not None:
-                self.wandb_run.log({"step/train_loss": value, "step/global_step": global_step})
+            self.tensorboard.add_scalar("step/train_loss", float(loss), epoch * steps_per_epoch + step)
 
         return log_step
 

@@ -140,3 +140,19 @@ def test_a_reference_no_run_has_is_a_one_line_error(tmp_path):
         paired_table(runs, ["agent.gamma"], {"agent.gamma": 0.3})
     with pytest.raises(UserError, match="not a grid key"):
         paired_table(runs, ["agent.gamma"], {"sparsity.method": "rigl"})
+
+
+def test_a_stored_report_runs_csv_is_recomputed_and_bad_flags_are_one_line_errors(tmp_path, capsys):
+    from robust_sparse.cli import main
+
+    write_report(_sweep(tmp_path / "sweep"), tmp_path / "report")
+    stored = tmp_path / "report" / "runs.csv"
+    assert main(["report", str(stored), "--out", str(tmp_path / "again")]) == 0  # runs.csv records test_n now
+    assert (pd.read_csv(tmp_path / "again" / "paired.csv")["metric"] == "test_clean_accuracy").any()
+    for flags, words in ((["--reference", "gamma"], "--reference 'gamma': expected KEY=VALUE"),
+                         (["--test-n", "5"], None)):
+        capsys.readouterr()
+        target = str(tmp_path / "sweep") if words is None else str(stored)
+        assert main(["report", target, *flags, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and (words or "--test-n: only for a stored runs.csv") in err

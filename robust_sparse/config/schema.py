@@ -205,7 +205,7 @@ class TrackingConfig:
 
     tensorboard: bool = False  # event files under <run dir>/tensorboard; offline, `tensorboard --logdir runs`
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    step_loss: bool = False  # also the training loss of every step (one host sync per step while on)
+    step_loss: bool = False  # TensorBoard: also every step's training loss (one host sync per step while on)
 
 
 @dataclass
