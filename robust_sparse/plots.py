@@ -405,6 +405,8 @@ def gamma_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str
     if not metrics:  # no γ setting has test results yet (a report while the sweep still trains)
         return None
     table = table[table[[f"{m} mean" for m in metrics]].notna().any(axis=1)]  # settings not yet tested: no entry
+    if table["agent.gamma"].nunique() < 2:  # one γ tested so far: nothing to compare
+        return None
     others = [k for k in keys if k not in ("seed", "agent.gamma") and k in table]
     plotted = series(table, legend_keys(table, others))
     figure, axes = _new_figure(len(metrics))
@@ -611,6 +613,8 @@ def gamma_paired_figure(runs: pd.DataFrame, curves: pd.DataFrame, paired: pd.Dat
     if not metrics:
         return None
     frame = frame[frame[metrics].notna().any(axis=1)]
+    if frame[GAMMA].nunique() < 2:  # a sweep still training: fewer than two γ with test results
+        return None
     levels = sorted(frame["_density"].dropna().unique(), reverse=True) or [None]
     others = [k for k in keys if k not in ("seed", GAMMA, *DENSITY_KEYS, "subnet")]
     plotted = series(frame, legend_keys(frame, others))
@@ -717,7 +721,7 @@ def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, 
         return None
     metric = robust[-1]  # the strongest evaluation (the stage's worst case) where there is one
     frame = table[table[GAMMA].notna()].dropna(subset=["test_clean_accuracy mean", f"{metric} mean"])
-    if frame.empty:
+    if frame[GAMMA].nunique() < 2:
         return None
     others = [k for k in keys if k not in ("seed", GAMMA) and k in frame]
     plotted = series(frame, legend_keys(frame, others))
