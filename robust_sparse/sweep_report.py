@@ -1,6 +1,8 @@
 """Aggregate a sweep directory: per-run table, mean ± std over seeds, epochs needed to reach given accuracies
 (the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs, and the figures of robust_sparse.plots
-(convergence, γ sensitivity, robust accuracy against sparsity, AGENT over epochs and its cosine per density).
+(convergence, γ sensitivity, robust accuracy against sparsity, AGENT over epochs and its cosine per density);
+each run's test accuracies with their Wilson intervals and every setting's per-seed paired differences against
+a reference setting (robust_sparse.stats), which a stored report's runs.csv alone can also give.
 """
 
 from __future__ import annotations
