@@ -17,6 +17,7 @@ import pandas as pd
 
 from robust_sparse.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
+from robust_sparse.stats import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
 from robust_sparse.eval import corruptions
 from robust_sparse.eval.sanity import checks_summary, monotone_warnings
@@ -61,6 +62,21 @@ def _pct(value: Any) -> str:
     return f"{100 * float(value):.2f}" if _present(value) else ""
 
 
+def _wilson(value: Any, n: Any) -> str:
+    """The 95% Wilson interval of an accuracy on ``n`` points, in %: ``[81.2, 87.5]`` (empty without both)."""
+    if not _present(value) or not _present(n) or int(n) <= 0:
+        return ""
+    low, high = wilson_interval(float(value), int(n))
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _intervals(row: pd.Series) -> str:
+    """The sampling error of a result row's accuracies: ``clean [..]; PGD [..]; ...`` on its n points."""
+    parts = [(name, _wilson(row[column], row["n_examples"])) for name, column in
+             (("clean", "clean_acc"), ("PGD", "pgd_acc"), ("AA", "autoattack_acc"), ("worst", "worst_acc"))]
+    return "; ".join(f"{name} {interval}" for name, interval in parts if interval)
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
@@ -83,22 +99,28 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
         f"Generated {now} from {', '.join(str(d) for d in results_dirs)}: {len(frame)} results; "
         f"{len(board)} leaderboard rows. Accuracies in %. Each attack's accuracy is its own (standalone mode) "
         "unless the mode says chained; *worst case* is the pointwise minimum over the attacks run. *train FLOPs* and "
-        "*inference FLOPs* are against dense (training: the same objective and epochs; robust_sparse.flops).", "",
+        "*inference FLOPs* are against dense (training: the same objective and epochs; robust_sparse.flops). An "
+        "accuracy on n points carries binomial sampling error: its 95% Wilson interval is beside it; seed = the "
+        "attacks' seed (PGD's random starts and AutoAttack's).", "",
         "## Results", "",
     ]
     lines += _table(
         ["model", "source", "dataset", "threat", "eps", "n", "clean", "PGD", "AutoAttack", "worst case", "sparsity",
-         "non-zero params", "train FLOPs", "inference FLOPs", "time (s)", "device", "mode"],
+         "non-zero params", "train FLOPs", "inference FLOPs", "time (s)", "device", "mode", "seed",
+         "95% Wilson intervals on the n points"],
         [[r["model"], r["source"], r["dataset"], r["threat_model"], f"{float(r['eps']):.4g}", r["n_examples"],
           _pct(r["clean_acc"]), f"{_pct(r['pgd_acc'])} ({r['pgd_attack']})" if _present(r["pgd_acc"]) else "",
           _pct(r["autoattack_acc"]), _pct(r["worst_acc"]), f"{100 * float(r['sparsity']):.2f}%",
           f"{int(r['nonzero_params']):,}", _versus_dense(r.get("train_flops_vs_dense")),
-          _versus_dense(r.get("inference_flops_vs_dense")), f"{float(r['wall_seconds']):.1f}", r["device"], r["mode"]]
+          _versus_dense(r.get("inference_flops_vs_dense")), f"{float(r['wall_seconds']):.1f}", r["device"], r["mode"],
+          r["seed"] if _present(r.get("seed")) else "", _intervals(r)]
          for _, r in frame.iterrows()])
     lines += ["", "## Per-attack breakdown", ""]
-    breakdown = [[r["model"], r["dataset"], r["threat_model"], f"{float(r['eps']):.4g}", label, _pct(value)]
+    breakdown = [[r["model"], r["dataset"], r["threat_model"], f"{float(r['eps']):.4g}", label, _pct(value),
+                  _wilson(value, r["n_examples"])]
                  for _, r in frame.iterrows() for label, value in r["per_attack"].items()]
-    lines += _table(["model", "dataset", "threat", "eps", "attack", "robust accuracy"], breakdown)
+    lines += _table(["model", "dataset", "threat", "eps", "attack", "robust accuracy", "95% Wilson interval"],
+                    breakdown)
     cross = [r for _, r in frame.iterrows() if isinstance(r.get("cross_check"), dict)]
     if cross:
         lines += ["", "### torchattacks-AA (configured to match) against the original AutoAttack", ""]

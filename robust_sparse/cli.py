@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "comma-separated (default 0.5,0.7,0.8,0.9)")
     report.add_argument("--robust-thresholds", help="sweep reports: the same for validation PGD accuracy "
                                                     "(default 0.3,0.5,0.7,0.8)")
+    report.add_argument("--reference", action="append", metavar="KEY=VALUE",
+                        help="sweep reports: the setting paired differences are taken against, e.g. "
+                             "sparsity.method=bsrnet (repeat for several keys; default agent.gamma=0)")
+    report.add_argument("--test-n", type=int, metavar="N",
+                        help="a stored report's runs.csv (RESULTS_DIR = .../runs.csv): the test points its test "
+                             "accuracies were measured on, where it does not say")
 
     export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
@@ -365,10 +371,33 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(items: list[str] | None) -> dict | None:
+    """``--reference KEY=VALUE`` (repeatable) as {key: value}; None when not given."""
+    if not items:
+        return None
+    from robust_sparse.sweep_report import _parse_items
+
+    for item in items:
+        if "=" not in item or not item.partition("=")[0].strip():
+            raise UserError(f"report --reference {item!r}: expected KEY=VALUE, e.g. agent.gamma=0")
+    return _parse_items(items)
+
+
 def _report(args: argparse.Namespace) -> int:
     from robust_sparse.config import _coerce
     from robust_sparse.eval.report import build_report
 
+    stored = [Path(d).name == "runs.csv" and Path(d).is_file() for d in args.results_dirs]
+    if any(stored):  # a report's stored runs.csv: its statistics again, without the run directories
+        from robust_sparse.sweep_report import write_stored_report
+
+        if len(args.results_dirs) != 1 or not args.out:
+            raise UserError("report RUNS_CSV: give one runs.csv and --out DIR")
+        path = write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n)
+        _emit(f"report: {path}")
+        return 0
+    if args.test_n is not None:
+        raise UserError("report --test-n: only for a stored runs.csv")
     sweeps = [(Path(d) / "sweep.yaml").is_file() for d in args.results_dirs]
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
@@ -377,12 +406,13 @@ def _report(args: argparse.Namespace) -> int:
                               if part.strip())
                   for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
                   if text is not None}
-        _emit(f"report: {write_report(list(args.results_dirs), args.out, **levels)}")
+        reference = _reference(args.reference)
+        _emit(f"report: {write_report(list(args.results_dirs), args.out, reference=reference, **levels)}")
         return 0
     if any(sweeps):
         raise UserError("report: give either sweep directories or evaluation results stores, not both")
-    if args.thresholds is not None or args.robust_thresholds is not None:
-        raise UserError("report --thresholds/--robust-thresholds: only for sweep directories")
+    if args.thresholds is not None or args.robust_thresholds is not None or args.reference:
+        raise UserError("report --thresholds/--robust-thresholds/--reference: only for sweep directories")
 
     path = build_report(args.results_dirs, args.out, args.leaderboard)
     _emit(f"report: {path}")

@@ -246,12 +246,14 @@ def check_data_root(config: DataConfig) -> None:
 
 
 def load_splits(config: DataConfig, seed: int) -> Splits:
-    """Train/validation/test splits. The validation split is a seeded random subset of the training set."""
+    """Train/validation/test splits. The validation split is a seeded random subset of the training set, drawn
+    with ``config.split_seed`` when set, else with the run's ``seed``."""
     train, test = load_raw(config)
     assert train is not None
     if config.val_size >= len(train):
         raise UserError(f"data.val_size = {config.val_size}: must be smaller than the training set ({len(train)})")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    split_seed = seed if config.split_seed is None else config.split_seed
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
     val = train.take(order[: config.val_size])
     train = train.take(order[config.val_size:])
     if config.train_limit:

@@ -405,6 +405,8 @@ def gamma_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str
     if not metrics:  # no γ setting has test results yet (a report while the sweep still trains)
         return None
     table = table[table[[f"{m} mean" for m in metrics]].notna().any(axis=1)]  # settings not yet tested: no entry
+    if table["agent.gamma"].nunique() < 2:  # one γ tested so far: nothing to compare
+        return None
     others = [k for k in keys if k not in ("seed", "agent.gamma") and k in table]
     plotted = series(table, legend_keys(table, others))
     figure, axes = _new_figure(len(metrics))
@@ -421,7 +423,8 @@ def gamma_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str
         axis.set_xticks(gammas, [f"{g:g}" for g in gammas])
         axis.minorticks_off()
         axis.margins(x=0.1)
-        axis.set(xlabel="γ (weight of AGENT's correction; 0 = no correction)", ylabel=_axis_label(labels, metric))
+        axis.set(xlabel=textwrap.fill("γ (weight of AGENT's correction; 0 = no correction; symlog scale)", WRAP),
+                 ylabel=_axis_label(labels, metric))
     return _finish(figure, axes, "AGENT γ sensitivity: test accuracy per γ (" +
                    _spread(plotted, band=False, table=True) + ")", plotted)
 
@@ -553,3 +556,217 @@ def cosine_figure(table: pd.DataFrame, varying: Sequence[str]) -> Figure:
     axes[0].set_ylabel("cos(g_new, g_old) on the same batch,\nmean over the run's logged epochs")
     return _finish(figure, axes, "AGENT: cosine between the current and the snapshot gradient\n(" +
                    _spread(plotted, band=False, table=True) + ")", plotted)
+
+
+# ------------------------------------------------------------------------- γ studies with paired intervals
+
+GAMMA = "agent.gamma"
+GAMMA_LABEL = "γ (weight of AGENT's correction; symlog scale: linear below the smallest γ > 0)"
+
+
+def _gamma_axis(axis: Any, gammas: Iterable[float]) -> None:
+    """γ spans decades and includes 0: a symmetric-log axis (said in the label), ticks at the values studied."""
+    gammas = sorted({float(g) for g in gammas})
+    positive = [g for g in gammas if g > 0]
+    axis.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+    axis.set_xticks(gammas, [f"{g:g}" for g in gammas])
+    axis.minorticks_off()
+    axis.margins(x=0.08)
+    axis.set_xlabel(textwrap.fill(GAMMA_LABEL, WRAP))
+
+
+def chance_level(frame: pd.DataFrame) -> float | None:
+    """Chance accuracy (1 / classes) of the runs, from the report's ``chance`` column; None if unknown."""
+    if "chance" not in frame or not frame["chance"].notna().any():
+        return None
+    return float(frame["chance"].dropna().iloc[0])
+
+
+def _chance_line(axis: Any, level: float | None, vertical: bool = False) -> None:
+    """A grey dashed line at chance accuracy, labelled on the axis."""
+    if level is None:
+        return
+    if vertical:
+        axis.axvline(level, color="0.45", linestyle="--", linewidth=0.9)
+        low, high = axis.get_xlim()
+        axis.set_xlim(min(low, level - 0.02), max(high, level + 0.02))
+        return
+    axis.axhline(level, color="0.45", linestyle="--", linewidth=0.9)
+    axis.annotate("chance", (0.0, level), xycoords=("axes fraction", "data"), xytext=(3, 2),
+                  textcoords="offset points", fontsize=7, color="0.35")
+    low, high = axis.get_ylim()
+    axis.set_ylim(min(low, level - 0.02), max(high, level + 0.02))
+
+
+def _identical(plotted: list[Series], column: str, by: str) -> dict[int, int]:
+    """Series whose ``column`` (mean over ``by``) equals an earlier series' everywhere: index -> that index, so
+    the legend can say the line hides under another."""
+    means = [tuple(s.frame.groupby(by)[column].mean().round(12).items()) for s in plotted]
+    same = {}
+    for i, values in enumerate(means):
+        for j in range(i):
+            if values and values == means[j] and j not in same:
+                same[i] = j
+                break
+    return same
+
+
+def _mark_identical(plotted: list[Series], same: dict[int, int]) -> list[Series]:
+    """The legend of a series drawn exactly under another says so; its marker is drawn hollow and larger."""
+    return [Series(f"{s.label} (= {plotted[same[i]].label})" if i in same else s.label, s.color, s.linestyle,
+                   s.marker, s.frame) for i, s in enumerate(plotted)]
+
+
+def _paired_row(paired: pd.DataFrame, record: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """The paired-difference row of the setting of ``record`` (a run row) for ``metric``, None if there is none."""
+    if paired is None or paired.empty:
+        return None
+    rows = paired[paired["metric"] == metric]
+    settings = [c for c in paired.columns if c not in ("metric", "n", "differences", "mean", "low", "high",
+                                                       "consistent", "established")]
+    for key in settings:
+        want = _value(record.get(key))
+        rows = rows.loc[pd.Series([_value(v) == want or (want is not None and _value(v) is not None
+                                                         and str(v) == str(want)) for v in rows[key]],
+                                  index=rows.index, dtype=bool)]
+    return rows.iloc[0].to_dict() if len(rows) else None
+
+
+def gamma_paired_figure(runs: pd.DataFrame, curves: pd.DataFrame, paired: pd.DataFrame, keys: Sequence[str],
+                        labels: dict[str, str]) -> Figure | None:
+    """Per density (a column of panels) final test clean and robust accuracy (rows) against γ: the mean over
+    seeds, and as bars the paired 95% interval of each γ's difference from the γ = 0 run of the same seed, drawn
+    about the mean; a dotted line at the γ = 0 level. A bar clear of that line is an established difference."""
+    if GAMMA not in runs or runs[GAMMA].dropna().nunique() < 2:
+        return None
+    frame = runs[runs[GAMMA].notna()].assign(_density=row_densities(runs[runs[GAMMA].notna()], curves))
+    metrics = [m for m in test_metrics(frame) if frame[m].notna().any()]
+    if not metrics:
+        return None
+    frame = frame[frame[metrics].notna().any(axis=1)]
+    if frame[GAMMA].nunique() < 2:  # a sweep still training: fewer than two γ with test results
+        return None
+    levels = sorted(frame["_density"].dropna().unique(), reverse=True) or [None]
+    others = [k for k in keys if k not in ("seed", GAMMA, *DENSITY_KEYS, "subnet")]
+    plotted = series(frame, legend_keys(frame, others))
+    plotted = _mark_identical(plotted, _identical(plotted, metrics[0], GAMMA))
+    figure = Figure(figsize=(5.0 * len(levels), 3.6 * len(metrics) + 0.6))
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(len(metrics), len(levels), squeeze=False, sharex=True)
+    for row, metric in enumerate(metrics):
+        for col, level in enumerate(levels):
+            axis = grid[row][col]
+            for i, s in enumerate(plotted):
+                part = s.frame if level is None else s.frame[s.frame["_density"] == level]
+                part = part.dropna(subset=[metric])
+                if part.empty:
+                    continue
+                means = part.groupby(GAMMA)[metric].mean().sort_index()
+                lower, upper = [], []
+                for gamma in means.index:
+                    found = _paired_row(paired, part[part[GAMMA] == gamma].iloc[0].to_dict(), metric)
+                    if found is None or found["low"] != found["low"]:
+                        lower.append(0.0)
+                        upper.append(0.0)
+                    else:
+                        lower.append(max(0.0, found["mean"] - found["low"]))
+                        upper.append(max(0.0, found["high"] - found["mean"]))
+                hollow = "(= " in s.label
+                bars = axis.errorbar(means.index, means.values, yerr=[lower, upper], color=s.color,
+                                     linestyle=s.linestyle, marker=s.marker, markersize=8 if hollow else 5,
+                                     markerfacecolor="none" if hollow else s.color, capsize=3)
+                _dodge(figure, bars, i, len(plotted))
+                if 0.0 in [float(g) for g in means.index]:
+                    axis.axhline(float(means[means.index.astype(float) == 0.0].iloc[0]), color=s.color,
+                                 linestyle=":", linewidth=0.9)
+            _gamma_axis(axis, frame[GAMMA])
+            _chance_line(axis, chance_level(frame))
+            if row < len(metrics) - 1:
+                axis.set_xlabel("")
+            if col == 0:
+                axis.set_ylabel(_axis_label(labels, metric))
+            if row == 0 and level is not None:
+                key = next((k for k in DENSITY_KEYS if k in frame), "sparsity.density")
+                axis.set_title(f"{display_name(key)}={format_value(key, float(level))}")
+    counts = frame.groupby([GAMMA, "_density"], dropna=False)["seed"].nunique() if "seed" in frame else [1]
+    low, high = int(min(counts)), int(max(counts))
+    seeds = (f"{low}" if low == high else f"{low}-{high}") + (" seed" if high == 1 else " seeds")
+    return _finish(figure, [a for line in grid for a in line],
+                   f"Test accuracy against γ: mean over {seeds}; bars: paired 95% t interval of the\n"
+                   "difference from γ = 0 (same seed), about the mean; dotted: the γ = 0 level", plotted)
+
+
+def gamma_epochs_figure(steps: pd.DataFrame, thresholds: Sequence[str], keys: Sequence[str]) -> Figure | None:
+    """Epochs to reach each validation accuracy against γ, one panel per density, one line per threshold
+    (``steps``: the report's epochs_to_accuracy table). A median seed that never got there within E epochs is
+    drawn as an open triangle at E + 0.5 (censored: later than E, not missing)."""
+    if GAMMA not in steps or steps[GAMMA].dropna().nunique() < 2 or not thresholds:
+        return None
+    frame = steps[steps[GAMMA].notna()]
+    density_key = next((k for k in DENSITY_KEYS if k in frame), None)
+    levels = sorted(frame[density_key].dropna().unique(), reverse=True) if density_key else [None]
+    others = [k for k in keys if k not in ("seed", GAMMA, *DENSITY_KEYS, "subnet") and k in frame
+              and frame[k].astype(str).nunique() > 1]
+    figure, axes = _new_figure(len(levels), width=5.0, height=4.0)
+    palette = _palette(len(thresholds))
+    handles = []
+    for axis, level in zip(axes, levels):
+        part = frame if level is None else frame[frame[density_key] == level]
+        for t, name in enumerate(thresholds):
+            for o, (_, group) in enumerate(part.groupby(others, dropna=False) if others else [((), part)]):
+                group = group.sort_values(GAMMA)
+                reached = group[name]
+                censored = group[f"{name} censored at"] + 0.5
+                y = reached.where(reached.notna(), censored)
+                # equal epochs for several levels are common: each level's line a few points up or down
+                shift = ScaledTranslation(0, (t - (len(thresholds) - 1) / 2) * 2.0 / 72, figure.dpi_scale_trans)
+                drawn = [*axis.plot(group[GAMMA], y, color=palette[t], linestyle=STYLES[o % len(STYLES)],
+                                    linewidth=1),
+                         *axis.plot(group[GAMMA][reached.notna()], reached[reached.notna()], color=palette[t],
+                                    marker=MARKERS[o % len(MARKERS)], linestyle="none", markersize=5),
+                         *axis.plot(group[GAMMA][reached.isna()], censored[reached.isna()], color=palette[t],
+                                    marker="^", markerfacecolor="none", linestyle="none", markersize=7)]
+                for artist in drawn:
+                    artist.set_transform(artist.get_transform() + shift)
+        _gamma_axis(axis, frame[GAMMA])
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.margins(y=0.15)  # room for the lines set apart
+        axis.set_ylabel("epochs (median over seeds)")
+        if level is not None:
+            axis.set_title(f"{display_name(density_key)}={format_value(density_key, float(level))}")
+    for t, name in enumerate(thresholds):
+        handles.append(Series(name.replace("_accuracy", "").replace("_", " "), palette[t], "-", "o", frame))
+    return _finish(figure, axes, "Epochs to reach a validation accuracy against γ (median over seeds)\nopen "
+                   "triangle at E + 0.5: the median seed did not get there within its E epochs; lines of equal "
+                   "epochs set a few points apart", handles)
+
+
+def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str],
+                    chance: float | None = None) -> Figure | None:
+    """The clean-robust trade-off: mean test clean (x) against robust (y) accuracy per setting, one line per
+    density (and other key) through its γ values, each point labelled with its γ; chance on both axes."""
+    if GAMMA not in table or table[GAMMA].dropna().nunique() < 2:
+        return None
+    robust = [m for m in test_metrics(table, " mean") if m != "test_clean_accuracy"]
+    if "test_clean_accuracy mean" not in table or not robust:
+        return None
+    metric = robust[-1]  # the strongest evaluation (the stage's worst case) where there is one
+    frame = table[table[GAMMA].notna()].dropna(subset=["test_clean_accuracy mean", f"{metric} mean"])
+    if frame[GAMMA].nunique() < 2:
+        return None
+    others = [k for k in keys if k not in ("seed", GAMMA) and k in frame]
+    plotted = series(frame, legend_keys(frame, others))
+    figure, axes = _new_figure(1, width=7.0, height=5.0)
+    axis = axes[0]
+    for s in plotted:
+        rows = s.frame.sort_values(GAMMA)
+        axis.plot(rows["test_clean_accuracy mean"], rows[f"{metric} mean"], color=s.color, linestyle=s.linestyle,
+                  marker=s.marker, markersize=5)
+        for k, (x, y, gamma) in enumerate(zip(rows["test_clean_accuracy mean"], rows[f"{metric} mean"],
+                                              rows[GAMMA])):
+            axis.annotate(f"γ={float(gamma):g}", (x, y), xytext=(5, 4 if k % 2 else -10),
+                          textcoords="offset points", fontsize=7, color=s.color)  # alternate: near points apart
+    axis.set(xlabel=_axis_label(labels, "test_clean_accuracy"), ylabel=_axis_label(labels, metric))
+    _chance_line(axis, chance)
+    _chance_line(axis, chance, vertical=True)
+    return _finish(figure, axes, "Clean-robust trade-off across γ (means over seeds; labels: γ)", plotted)

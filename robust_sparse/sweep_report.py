@@ -2,7 +2,8 @@
 (the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs, and the figures of robust_sparse.plots
 (convergence, γ sensitivity, robust accuracy against sparsity and against training FLOPs, AGENT over epochs and
 its cosine per density). Beside the accuracies, each setting's cost: training and inference FLOPs against dense
-(robust_sparse.flops).
+(robust_sparse.flops); each run's test accuracies with their Wilson intervals and every setting's per-seed paired
+differences against a reference setting (robust_sparse.stats), which a stored report's runs.csv alone can also give.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse import plots
+from robust_sparse import plots, stats
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.sweep import EVAL_RESULT, run_status
@@ -33,7 +34,8 @@ STAGE = "eval_"  # columns of the sweep's evaluation stage: eval_n, eval_clean_a
 def _stage_columns(record: dict[str, Any]) -> dict[str, Any]:
     """One result row of ``robust-sparse eval`` as report columns: n, clean and each attack's accuracy (the
     attacks' totals, not their sub-attacks) and the worst case over them."""
-    columns = {f"{STAGE}n": record["n_examples"], f"{STAGE}clean_accuracy": record["clean_acc"]}
+    columns = {f"{STAGE}n": record["n_examples"], f"{STAGE}clean_accuracy": record["clean_acc"],
+               f"{STAGE}seed": record.get("seed")}  # the attacks' seed (PGD's random starts, AutoAttack's)
     for label, accuracy in (record.get("per_attack") or {}).items():
         if "/" not in label:
             columns[f"{STAGE}{label}_accuracy"] = accuracy
@@ -165,8 +167,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
-                        "test_pgd_accuracy": evaluation["pgd_accuracy"], "best_epoch": evaluation["epoch"],
-                        "test_seconds": evaluation.get("seconds"),
+                        "test_pgd_accuracy": evaluation["pgd_accuracy"], "test_n": evaluation.get("n_examples"),
+                        "best_epoch": evaluation["epoch"], "test_seconds": evaluation.get("seconds"),
                         **{column: evaluation[column] for column in COST if evaluation.get(column) is not None}})
         stage = _stage_records(run_dir)
         if "subnets" not in evaluation:
@@ -185,9 +187,10 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
-    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "chance", *C_RANGE, *FINAL,
-                *COST}
-    return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))]
+    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "test_n", "chance", *C_RANGE,
+                *FINAL, *COST}
+    return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))
+            and not c.endswith((" wilson_low", " wilson_high"))]
 
 
 def stage_metrics(runs: pd.DataFrame) -> list[str]:
@@ -276,8 +279,11 @@ def _fixed_overrides(sweep_dir: Path) -> dict[str, Any]:
 
 def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
                  thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9),
-                 robust_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8)) -> Path:
-    """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines)."""
+                 robust_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8),
+                 reference: dict[str, Any] | None = None) -> Path:
+    """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines).
+    ``reference``: the setting paired differences are taken against (``{"agent.gamma": 0}`` by default where the
+    sweep varies γ; see :func:`default_reference`)."""
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
     out = Path(out) if out else sweep_dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +292,7 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     table = aggregate(runs)
     keys = [k for k in grid_keys(runs) if k != "seed"]
     labels = plots.metric_labels(p for d in sweep_dirs for p in sorted((d / "runs").glob("*")) if p.is_dir())
-    write_atomic(out / "runs.csv", runs.to_csv(index=False))
+    write_atomic(out / "runs.csv", with_wilson(runs).to_csv(index=False))
     if not curves.empty:
         write_atomic(out / "curves.csv", curves.to_csv(index=False))  # every run's metrics.csv, one row per run and epoch
     write_atomic(out / "summary.csv", table.to_csv(index=False))
@@ -296,6 +302,8 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     if flags:
         lines += ["## Read this first", "", *[f"- **{flag}**" for flag in flags], ""]
     lines += ["## Final accuracy, mean ± std over seeds", "", _markdown(table), ""]
+    lines += _sampling_section(runs)
+    lines += _paired_section(runs, keys, reference, out)
     lines += _stage_section(runs)
     if not curves.empty and "agent_cosine" in curves and curves["agent_cosine"].notna().any():
         lines += _cosine_section(runs, curves, out)
@@ -315,6 +323,8 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         lines += _figure(plots.convergence_figure(runs, curves, keys, labels), out, "convergence.png")
     if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].nunique() > 1:
         lines += _figure(plots.gamma_figure(table, keys, labels), out, "gamma_sensitivity.png")
+        lines += _gamma_figures(runs, curves, table, keys, labels, reference, out,
+                                steps if not curves.empty else None)
     if "test_pgd_accuracy" in runs:
         lines += _figure(plots.sparsity_figure(runs, curves, keys, labels), out, "robust_vs_sparsity.png",
                          "## Robust accuracy against sparsity", "Test accuracy of each setting at each density "
@@ -326,6 +336,154 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
                          "(robust_sparse.flops; the dotted line is dense); mean ± std over seeds.")
     write_atomic(out / "report.md", "\n".join(lines))
     return out / "report.md"
+
+
+# ------------------------------------------------------------------ paired differences and sampling error
+
+TEST_N = {"test_clean_accuracy": "test_n", "test_pgd_accuracy": "test_n"}  # accuracy column -> its points' column
+
+
+def _points_column(metric: str) -> str | None:
+    """The column holding how many test points ``metric`` was measured on (None: not a test accuracy)."""
+    if metric in TEST_N:
+        return TEST_N[metric]
+    return f"{STAGE}n" if metric.startswith(STAGE) and metric.endswith("_accuracy") else None
+
+
+def paired_metrics(runs: pd.DataFrame) -> list[str]:
+    """Every final metric a paired comparison covers: test, validation and evaluation-stage accuracies."""
+    return [c for c in FINAL if c in runs] + stage_metrics(runs)
+
+
+def default_reference(runs: pd.DataFrame) -> dict[str, Any] | None:
+    """γ = 0 where the runs vary γ and some have γ = 0; else AGENT off where some runs have it on and some off;
+    else None (no paired section unless a reference is given)."""
+    if "agent.gamma" in runs and runs["agent.gamma"].astype(str).nunique() > 1 and \
+            stats.is_reference(runs, {"agent.gamma": 0}).any():
+        return {"agent.gamma": 0}
+    if "agent.enabled" in runs and stats.is_reference(runs, {"agent.enabled": False}).any() and \
+            runs["agent.enabled"].astype(str).nunique() > 1:
+        return {"agent.enabled": False}
+    return None
+
+
+def paired_table(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Per-seed paired differences of every final metric against ``reference`` (default: default_reference)."""
+    reference = reference if reference is not None else default_reference(runs)
+    if not reference:
+        return pd.DataFrame()
+    missing = [key for key in reference if key not in runs]
+    if missing:
+        raise UserError(f"report --reference {missing[0]}=...: not a grid key of these sweeps "
+                        f"(grid keys: {', '.join(k for k in keys) or 'none'})")
+    if not stats.is_reference(runs, reference).any():
+        text = " ".join(f"{k}={v}" for k, v in reference.items())
+        raise UserError(f"report --reference {text}: no run has this setting")
+    return stats.paired_differences(runs, reference, paired_metrics(runs), [k for k in keys if k != "seed"])
+
+
+def _paired_section(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None, out: Path) -> list[str]:
+    reference = reference if reference is not None else default_reference(runs)
+    table = paired_table(runs, keys, reference)
+    if table.empty:
+        return []
+    write_atomic(out / "paired.csv", table.to_csv(index=False))
+    ref_text = ", ".join(f"{plots.display_name(k)}={plots.format_value(k, v)}" for k, v in reference.items())
+    settings = [c for c in table.columns if c not in ("metric", "n", "differences", "mean", "low", "high",
+                                                       "consistent", "established")]
+    shown = table.assign(interval=[f"[{lo:+.4f}, {hi:+.4f}]" if lo == lo else "-"
+                                   for lo, hi in zip(table["low"], table["high"])],
+                         consistent=[f"{k} of {n}" for k, n in zip(table["consistent"], table["n"])])
+    shown = shown[[*settings, "metric", "n", "differences", "mean", "interval", "consistent", "established"]]
+    sentences = []
+    for row in table[table["metric"].str.startswith(("test_", STAGE))].to_dict("records"):
+        label = plots.setting_label(settings, [row[k] for k in settings]) or "all runs"
+        sentences.append("- " + stats.paired_sentence(row, label, ref_text, row["metric"].replace("_", " ")))
+    return ["## Paired differences against " + ref_text, "",
+            f"Each setting minus the {ref_text} run of the same seed (and the same value of every key on which the "
+            "reference runs vary); mean over seeds, paired 95% t interval (n - 1 degrees of freedom), and the seeds "
+            "whose difference has the mean's sign. 'established' only when the interval excludes 0. With 3 seeds "
+            "the t quantile is 4.30: only an effect steady across seeds gets there. paired.csv holds the table.",
+            "", _markdown(shown), "", *sentences, ""]
+
+
+def with_wilson(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``<metric> wilson_low`` and ``<metric> wilson_high`` beside every test accuracy: its 95%
+    Wilson interval on the points it was measured on."""
+    runs = runs.copy()
+    for metric in [m for m in paired_metrics(runs) if _points_column(m) in runs]:
+        bounds = [stats.wilson_interval(a, int(n)) if n == n and a == a else (math.nan, math.nan)
+                  for a, n in zip(runs[metric], runs[_points_column(metric)])]
+        runs[f"{metric} wilson_low"] = [low for low, _ in bounds]
+        runs[f"{metric} wilson_high"] = [high for _, high in bounds]
+    return runs
+
+
+def _sampling_section(runs: pd.DataFrame) -> list[str]:
+    """Each run's test accuracies with their 95% Wilson intervals on the points they were measured on: the
+    sampling error of one run, beside the seed-to-seed spread of the summary."""
+    metrics = [m for m in paired_metrics(runs) if _points_column(m) in runs]
+    if not metrics:
+        return []
+    keys = [k for k in grid_keys(runs)]
+    shown = runs[[c for c in ("run_id", *keys) if c in runs and c != "run_id"]].copy()
+    for metric in metrics:
+        shown[metric.replace("_accuracy", "").replace("_", " ")] = [
+            stats.format_wilson(a, int(n)) if n == n else "-"
+            for a, n in zip(runs[metric], runs[_points_column(metric)])]
+    sizes = sorted({int(n) for m in metrics for n in runs[_points_column(m)].dropna()})
+    half = [f"n = {n}: up to ±{100 * (stats.wilson_interval(0.5, n)[1] - 0.5):.1f} points" for n in sizes]
+    return ["## Test accuracy of each run with its sampling error", "",
+            "Accuracy [95% Wilson interval] on the n test points it was measured on (" + "; ".join(half) +
+            "): the binomial error of one run, before any seed-to-seed spread.", "", _markdown(shown), ""]
+
+
+def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[str, Any] | None = None,
+                        test_n: int | None = None) -> Path:
+    """The statistics of a report from its stored ``runs.csv`` alone (a study whose run directories are gone):
+    each run's test accuracies with Wilson intervals and the paired differences, in ``paired.md`` and
+    ``paired.csv`` under ``out``. ``test_n``: the test points behind ``test_*`` accuracies where the file does
+    not record them (a ``test_n`` column, written by reports since the paired analysis)."""
+    runs_csv, out = Path(runs_csv), Path(out)
+    if not runs_csv.is_file():
+        raise UserError(f"{runs_csv}: no such file (a runs.csv written by robust-sparse report)")
+    runs = pd.read_csv(runs_csv)
+    if "run_id" not in runs or "seed" not in runs:
+        raise UserError(f"{runs_csv} is not a sweep report's runs.csv (needs run_id and seed columns)")
+    if "test_n" not in runs or runs["test_n"].isna().all():
+        if test_n is None and "test_clean_accuracy" in runs:
+            raise UserError(f"{runs_csv} does not record how many test points its accuracies used: give --test-n N")
+        runs["test_n"] = test_n
+    out.mkdir(parents=True, exist_ok=True)
+    keys = grid_keys(runs)
+    lines = [f"# Paired analysis of {runs_csv}", "", f"{len(runs)} runs, regenerated from the stored runs.csv (no "
+             "retraining); test accuracies on " + (f"{test_n} points (--test-n)" if test_n else "test_n points") +
+             ".", ""]
+    lines += _paired_section(runs, keys, reference, out) or ["No reference setting: give --reference KEY=VALUE.", ""]
+    lines += _sampling_section(runs)
+    write_atomic(out / "paired.md", "\n".join(lines))
+    return out / "paired.md"
+
+
+def _gamma_figures(runs: pd.DataFrame, curves: pd.DataFrame, table: pd.DataFrame, keys: list[str],
+                   labels: dict[str, str], reference: dict[str, Any] | None, out: Path,
+                   steps: pd.DataFrame | None) -> list[str]:
+    """The γ study's figures: accuracy against γ with paired intervals, epochs to accuracy against γ, and the
+    clean-robust trade-off labelled by γ."""
+    paired = paired_table(runs, keys, reference) if (reference or default_reference(runs)) else pd.DataFrame()
+    lines = _figure(plots.gamma_paired_figure(runs, curves, paired, keys, labels), out, "gamma_paired.png",
+                    "## Accuracy against γ, paired", "Per density: the mean over seeds and, as bars, the paired 95% "
+                    "interval of the difference from γ = 0 (the paired table above), drawn about the mean; a bar "
+                    "clear of the dotted γ = 0 line is an established difference.")
+    if steps is not None:
+        names = [c for c in steps.columns if " >= " in c and not c.endswith((" reached", " censored at"))]
+        lines += _figure(plots.gamma_epochs_figure(steps, names, keys), out, "gamma_epochs.png",
+                         "## Epochs to accuracy against γ", "Median over seeds of the first epoch at each validation "
+                         "level (the epochs table above); open triangles: the median seed never reached it.")
+    lines += _figure(plots.tradeoff_figure(table, keys, labels, plots.chance_level(runs)), out, "tradeoff.png",
+                     "## Clean-robust trade-off across γ", "Mean test clean against robust accuracy per setting, "
+                     "each point labelled with its γ.")
+    return lines
 
 
 def _figure(figure: Any, out: Path, name: str, heading: str = "", text: str = "") -> list[str]:

@@ -2,10 +2,16 @@
 
 ``tracking: {tensorboard: true}`` writes under ``<run dir>/tensorboard`` (offline; ``tensorboard --logdir runs``);
 ``tracking: {wandb: {project: NAME}}`` logs to W&B (``mode: offline`` writes under the run directory for a later
-``wandb sync``). Both receive every numeric per-epoch metric (``metrics.csv``'s columns), the resolved config and
-the final test evaluation; TensorBoard also plots the validation accuracies against the cumulative training FLOPs
-(``vs_train_flops/*``, the FLOPs as the step). A resumed run logs to the same W&B run: its id is kept in
-``<run dir>/tracking.json``.
+``wandb sync``). Both receive every numeric per-epoch metric (``metrics.csv``'s columns), the resolved config (as
+YAML) and the final test accuracies; the evaluation's settings (points, eps, steps) go with the config, not into
+the scalars. TensorBoard also plots the validation accuracies against the cumulative training FLOPs
+(``vs_train_flops/*``, the FLOPs as the step); ``tracking.step_loss`` adds the training loss of every step to
+TensorBoard. A resumed run logs to the same W&B run: its id is kept in ``<run dir>/tracking.json``.
+
+A run of a sweep (``<sweep dir>/runs/<run id>`` beside ``sweep.yaml``) is made comparable with its siblings:
+TensorBoard gets its hyper-parameters (every swept key, the method, density and AGENT's estimator and γ) against
+its final accuracies, for the HParams dashboard; its W&B run joins the group named after the sweep, tagged with
+its swept ``key=value`` pairs.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
@@ -38,6 +47,53 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+# always in the hyper-parameters of a sweep run, swept or not: what a reader filters a gamma sweep by
+HPARAM_FIELDS = ("sparsity.method", "sparsity.density", "agent.enabled", "agent.estimator", "agent.gamma",
+                 "objective", "seed")
+SETTINGS = ("n_examples", "eps", "pgd_steps", "restarts", "epoch")  # of the final evaluation: not metrics
+MAX_TAG = 64  # W&B's limit on a tag's length
+
+
+def _final_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The final evaluation's measurements (accuracies, seconds), without the settings it ran with."""
+    return _scalars({key: value for key, value in evaluation.items() if key not in SETTINGS})
+
+
+def _field(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _hparam(value: Any) -> Any:
+    """A value TensorBoard's HParams accepts: numbers, text and booleans as they are, anything else as YAML."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return "none" if value is None else value
+    return yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def sweep_context(run_dir: Path) -> tuple[str, list[str]] | None:
+    """(sweep name, swept keys) when ``run_dir`` is a run of a sweep directory, else None. The swept keys are
+    the grid's and the random space's, read from the sweep's own ``sweep.yaml``."""
+    sweep_dir = run_dir.parent.parent
+    if run_dir.parent.name != "runs" or not (sweep_dir / "sweep.yaml").is_file():
+        return None
+    try:
+        data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    keys = [*(data.get("grid") or {}), *((data.get("random") or {}).get("space") or {})]
+    return sweep_dir.name, [str(k) for k in keys]
+
+
+def hyperparameters(config: dict[str, Any], swept: list[str]) -> dict[str, Any]:
+    """The run's swept keys and :data:`HPARAM_FIELDS`, ``dotted.key -> value``."""
+    return {key: _hparam(_field(config, key)) for key in dict.fromkeys([*swept, *HPARAM_FIELDS])}
+
+
 def check_trackers(tracking: TrackingConfig) -> None:
     """The trackers' packages are optional: a missing one is a one-line error before any data is read (``fit``
     runs this first), not when a config is read, so a checkpoint trained with tracking evaluates without them."""
@@ -55,11 +111,15 @@ class Tracker:
 
     def __init__(self, tracking: TrackingConfig, config: TrainConfig, run_dir: Path) -> None:
         self.tensorboard = self.wandb_run = None
+        self.step_loss = tracking.step_loss
+        resolved = to_dict(config)
+        context = sweep_context(run_dir)
+        self.hparams = hyperparameters(resolved, context[1]) if context else None
         if tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
-            self.tensorboard.add_text("config", "```yaml\n" + json.dumps(to_dict(config), indent=2) + "\n```")
+            self.tensorboard.add_text("config", "```yaml\n" + yaml.safe_dump(resolved, sort_keys=False) + "```")
         if tracking.wandb.project is not None:
             import wandb
 
@@ -69,7 +129,9 @@ class Tracker:
             write_atomic(state_path, json.dumps({**state, "wandb_id": run_id}))
             self.wandb_run = wandb.init(project=tracking.wandb.project, entity=tracking.wandb.entity,
                                         mode=tracking.wandb.mode.value, dir=str(run_dir), id=run_id, resume="allow",
-                                        name=run_dir.name, config=to_dict(config))
+                                        name=run_dir.name, config=resolved,
+                                        **({"group": context[0], "tags": self._tags(resolved, context[1])}
+                                           if context else {}))
         if self.tensorboard or self.wandb_run:
             log.info("tracking: %s", ", ".join(name for name, on in (("TensorBoard", self.tensorboard),
                                                                       ("W&B", self.wandb_run)) if on))
@@ -87,14 +149,42 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({f"epoch/{key}": value for key, value in values.items()}, step=step)
 
+    @staticmethod
+    def _tags(config: dict[str, Any], swept: list[str]) -> list[str]:
+        return [f"{key}={_hparam(_field(config, key))}"[:MAX_TAG] for key in swept]
+
+    def step_logger(self, epoch: int, steps_per_epoch: int) -> Callable[[int, Any], None] | None:
+        """With ``tracking.step_loss`` and TensorBoard on, the ``on_step`` callback of epoch ``epoch`` (0-based)
+        that logs each step's training loss at its global step; else None (no per-step sync). TensorBoard only:
+        W&B's run step is the epoch (``epoch()`` logs with ``step=epoch``), and a per-step record would move it."""
+        if not self.step_loss or self.tensorboard is None:
+            return None
+
+        def log_step(step: int, loss: Any) -> None:
+            self.tensorboard.add_scalar("step/train_loss", float(loss), epoch * steps_per_epoch + step)
+
+        return log_step
+
     def final(self, evaluation: dict[str, Any]) -> None:
-        values = _scalars({key: value for key, value in evaluation.items() if key != "epoch"})
+        values = _final_metrics(evaluation)
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(f"test/{key}", value, int(evaluation.get("epoch", 0)))
+            if self.hparams is not None:
+                self._write_hparams(values)
             self.tensorboard.flush()
         if self.wandb_run is not None:
             self.wandb_run.summary.update({f"test/{key}": value for key, value in values.items()})
+
+    def _write_hparams(self, values: dict[str, float]) -> None:
+        """The HParams dashboard's record of this run, in its own event file: its hyper-parameters against the
+        final metrics (the ``test/...`` scalars just logged, which the dashboard reads by tag)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        experiment, start, end = hparams(self.hparams, {f"test/{key}": value for key, value in values.items()})
+        writer = self.tensorboard._get_file_writer()
+        for summary in (experiment, start, end):
+            writer.add_summary(summary)
 
     def close(self) -> None:
         if self.tensorboard is not None:

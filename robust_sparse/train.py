@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -111,10 +112,12 @@ def train_one_epoch(
     check_every: int = 25,
     amp: Amp | None = None,
     flops: FlopsCounter | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """One epoch. ``amp`` (train.precision): autocast of the training forward and AGENT's snapshot forward
     (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``;
-    ``flops`` counts every step's FLOPs (robust_sparse.flops)."""
+    ``flops`` counts every step's FLOPs (robust_sparse.flops); ``on_step(step, loss)`` is called after every step
+    with the batch's loss (tracking.step_loss)."""
     amp = amp if amp is not None else Amp("fp32", loader.device)
     scaler = amp.scaler
     model.train()
@@ -143,6 +146,8 @@ def train_one_epoch(
         scheduler.step()
         if flops is not None:
             flops.training_step(len(labels))
+        if on_step is not None:
+            on_step(step, loss.detach())
         # Accumulate on the device; reading a value back costs a sync, so do it only every few batches.
         device_loss += loss.detach() * len(labels)
         device_correct += (logits.detach().argmax(1) == labels).sum()
@@ -472,7 +477,7 @@ def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
         run.flops.agent_refresh(agent)
     stats = train_one_epoch(run.trained, run.objective, run.stepper, run.scheduler, run.loader, agent=agent,
                             progress=shown, description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=run.amp,
-                            flops=run.flops)
+                            flops=run.flops, on_step=tracker.step_logger(epoch, len(run.loader)))
     distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
     per_view = {}
     for view in views_of(masker):

@@ -118,3 +118,13 @@ def test_corrupted_cifar_file(tmp_path):
     (folder / "test_batch").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupted"):
         load_cifar(DatasetName.CIFAR10, tmp_path, download=False, need_train=False)
+
+
+def test_split_seed_holds_the_validation_split_fixed_across_run_seeds():
+    """data.split_seed draws the split; unset, the run's seed does, as before the field (stored runs resume)."""
+    fixed = DataConfig(val_size=200, train_limit=400, split_seed=7)
+    a, b = load_splits(fixed, seed=0), load_splits(fixed, seed=1)
+    assert torch.equal(a.val.labels, b.val.labels) and torch.equal(a.train.images, b.train.images)
+    legacy = DataConfig(val_size=200, train_limit=400)
+    assert torch.equal(load_splits(legacy, seed=7).val.images, a.val.images)  # split_seed 7 = seed 7's split
+    assert not torch.equal(load_splits(legacy, seed=0).val.images, a.val.images)

@@ -97,6 +97,9 @@ def test_report_tables_plots_and_checks(tmp_path, capsys):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| vgg16-99 | checkpoint | cifar10 | Linf | 0.03137 | 10000 | 70.00 | 42.00 (PGD-50x10) | 38.00 |" in text
     assert "the black-box Square attack broke 3 points" in text
+    # beside every accuracy its 95% Wilson interval on the n points: 30 of 100 -> [21.9, 39.6]
+    assert "| tiny | mnist5k | Linf | 0.1 | PGD-20x1 | 30.00 | [21.9, 39.6] |" in text
+    assert "clean [" in text and "PGD [21.9, 39.6]" in text
     assert "accuracy rises from 0.3000 at eps=0.1 to 0.4000 at eps=0.2" in text  # non-monotone across stored rows
     comparison = text.split("## Leaderboard comparison: cifar10 Linf")[1].split("## ")[0]
     wong = next(line for line in comparison.splitlines() if line.startswith("| Wong2020Fast"))

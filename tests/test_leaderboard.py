@@ -149,3 +149,12 @@ def test_eval_records_the_recipe_and_report_names_what_differs(trained_tiny, tmp
     assert f"yes: {row['model']} (FGSM)" in same
     assert ("no: epochs: 4 here, 200 in the entry; model selection: best validation robust accuracy (epoch 3 of 4) "
             "here, best test clean accuracy in the entry; AGENT estimator: official here, paper in the entry") in other
+
+
+def test_names_are_unique_within_a_dataset_and_threat_model_and_hydra_rows_state_its_eps():
+    """A report places rows by name: two rows of one dataset and threat model must not share it. HYDRA's own
+    table is at HYDRA's eps, 0.031 (its configs/configs.yml), as its re-evaluation rows and configs/papers say."""
+    board = load_leaderboard()
+    assert not board.duplicated(["name", "dataset", "threat_model"]).any()
+    hydra_paper = board[board["attack"] == "PGD (HYDRA paper)"]
+    assert len(hydra_paper) and hydra_paper["eps"].tolist() == pytest.approx([0.031] * len(hydra_paper))

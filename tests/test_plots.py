@@ -253,3 +253,45 @@ def test_a_key_only_some_settings_set_stays_in_the_legend():
     keys = plots.legend_keys(frame, list(frame.columns))
     assert "sparsity.ast_subnet_bn" in keys and "optim.epochs" in keys
     assert "sparsity.update_every" not in keys  # the rest already tell every setting apart
+
+
+def test_gamma_figures_show_paired_intervals_censoring_and_gamma_labels(study, tmp_path):
+    """Accuracy against γ per density with its paired bars and the chance line; epochs to accuracy against γ
+    with integer ticks; the trade-off labels every point with its γ; the γ axes say symlog."""
+    from robust_sparse.sweep_report import epochs_to_accuracy, paired_table
+
+    dirs, runs, curves = study
+    gamma_runs = runs[runs["sweep"] == "gamma"].drop(columns=["sweep"])
+    keys = _keys(gamma_runs)
+    paired = paired_table(gamma_runs, keys, {"agent.gamma": 0})
+    figure = plots.gamma_paired_figure(gamma_runs, curves, paired, keys, _labels(dirs))
+    axes = figure.axes
+    assert [a.get_title() for a in axes[:2]] == ["density=0.1", "density=0.01"]
+    assert "symlog" in axes[-1].get_xlabel() and [t.get_text() for t in axes[-1].get_xticklabels()] == \
+        ["0", "0.1", "0.5"]
+    levels = [line.get_ydata()[0] for line in axes[0].get_lines() if len(set(line.get_ydata())) == 1]
+    assert 0.1 in levels  # chance: 1 / 10 classes
+    # the seeds are identical here: every paired difference is exact, so its interval has zero width
+    assert (paired["low"] == paired["high"]).all() and paired["established"].any()
+    steps = epochs_to_accuracy(gamma_runs, curves, [0.5, 0.95])
+    epochs = plots.gamma_epochs_figure(steps, ["val_clean_accuracy >= 0.5", "val_clean_accuracy >= 0.95"], keys)
+    for axis in epochs.axes:
+        low, high = axis.get_ylim()
+        ticks = [t for t in axis.get_yticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        censored = [line for line in axis.get_lines() if line.get_marker() == "^" and len(line.get_xdata())]
+        assert censored and all(y == EPOCHS + 0.5 for line in censored for y in line.get_ydata())  # 0.95: never
+    trade = plots.tradeoff_figure(aggregate(gamma_runs), keys, _labels(dirs), chance=0.1)
+    texts = sorted({t.get_text() for t in trade.axes[0].texts if t.get_text().startswith("γ=")})
+    assert texts == ["γ=0", "γ=0.1", "γ=0.5"] and sorted(_legend_entries(trade)) == ["density=0.01", "density=0.1"]
+    report = write_report(dirs[0], tmp_path / "report").read_text()
+    for name in ("gamma_paired", "gamma_epochs", "tradeoff"):
+        assert f"]({name}.png)" in report and (tmp_path / "report" / f"{name}.png").stat().st_size > 10_000
+
+
+def test_a_series_identical_to_another_says_so_in_the_legend():
+    frame = pd.DataFrame({"agent.gamma": [0.0, 0.1, 0.0, 0.1], "m": [0.5, 0.6, 0.5, 0.6], "k": ["a", "a", "b", "b"],
+                          "run_id": list("wxyz")})
+    plotted = plots.series(frame, ["k"])
+    marked = plots._mark_identical(plotted, plots._identical(plotted, "m", "agent.gamma"))
+    assert [s.label for s in marked] == ["k=a", "k=b (= k=a)"]

@@ -90,3 +90,67 @@ def test_empty_wandb_project_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "tracking.wandb.project" in err
     assert not (tmp_path / "run").exists()
+
+
+def _sweep_run_config(tiny_config, tmp_path, *overrides):
+    """A run directory inside a sweep directory (``<sweep>/runs/<id>`` beside ``sweep.yaml``), as a sweep
+    makes it; the sweep varies γ and the density."""
+    import yaml
+
+    sweep_dir = tmp_path / "gamma_sweep"
+    run_dir = sweep_dir / "runs" / "agent.gamma=0.1__sparsity.density=0.3__seed=0"
+    run_dir.mkdir(parents=True)
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(
+        {"grid": {"agent.gamma": [0, 0.1], "sparsity.density": [0.3], "seed": [0]}}))
+    return tiny_config("sparsity.method=rigl", "sparsity.density=0.3", "agent.enabled=true", "agent.gamma=0.1",
+                       f"out_dir={run_dir}", *overrides)
+
+
+def test_tensorboard_hparams_of_a_sweep_run_read_back_from_the_event_file(tiny_config, tmp_path):
+    """Every swept key, the method, density and estimator against the final accuracies (the HParams dashboard);
+    the config as YAML text; the evaluation's settings are not scalars; the per-step loss on request."""
+    pytest.importorskip("tensorboard")
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    result = fit(_sweep_run_config(tiny_config, tmp_path, "tracking.tensorboard=true", "tracking.step_loss=true"))
+    accumulator = EventAccumulator(str(result.run_dir / "tensorboard"))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+               for key, value in session.session_start_info.hparams.items()}
+    assert hparams["agent.gamma"] == pytest.approx(0.1) and hparams["sparsity.density"] == pytest.approx(0.3)
+    assert hparams["sparsity.method"] == "rigl" and hparams["agent.estimator"] == "paper"
+    assert hparams["seed"] == 0 and hparams["agent.enabled"] == 1  # TensorBoard keeps a boolean as a number
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert {"test/clean_accuracy", "test/pgd_accuracy"} <= metrics
+    scalars = _scalars(result.run_dir / "tensorboard")
+    assert not {"test/n_examples", "test/eps", "test/pgd_steps", "test/restarts"} & set(scalars)
+    steps = scalars["step/train_loss"]  # 512 training images, batch 64: 8 steps an epoch, 2 epochs
+    assert [step for step, _ in steps] == list(range(1, 17))
+    (text,) = [tag for tag in accumulator.Tags()["tensors"] if tag.startswith("config")]
+    shown = accumulator.Tensors(text)[0].tensor_proto.string_val[0].decode()
+    config = yaml.safe_load(shown.removeprefix("```yaml\n").removesuffix("```"))
+    assert not shown.lstrip("`yaml\n").startswith("{") and config["agent"]["gamma"] == pytest.approx(0.1)
+
+
+def test_wandb_run_of_a_sweep_joins_the_sweep_group_tagged_with_its_swept_keys(tiny_config, tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    runs = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **init: runs.append(_FakeWandbRun(**init)) or runs[-1]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    fit(_sweep_run_config(tiny_config, tmp_path, "tracking.wandb.project=p", "tracking.wandb.mode=offline"))
+    (run,) = runs
+    assert run.init["group"] == "gamma_sweep"
+    assert sorted(run.init["tags"]) == ["agent.gamma=0.1", "seed=0", "sparsity.density=0.3"]
+    assert "test/n_examples" not in run.summary and "test/pgd_accuracy" in run.summary
+    fit(tiny_config("tracking.wandb.project=p", "tracking.wandb.mode=offline"))  # not in a sweep: no group
+    assert "group" not in runs[1].init and "tags" not in runs[1].init

@@ -91,6 +91,9 @@ class DataConfig:
     root: str = "data"  # local copies in torchvision's standard layout (cifar-10-batches-py/, ...)
     download: bool = False  # off by default: runs must not depend on the network unless asked
     val_size: int = 500  # held out from the *training* set for model selection; never the test set
+    # seeds the validation split (and so which images train); None = the run's seed, as before this field, so
+    # stored runs resume unchanged; a fixed value holds the data fixed across seeds (seed-variance, paired studies)
+    split_seed: int | None = None
     train_limit: int = 0  # 0 = the whole training split; N > 0 = its first N images, for quick runs
     batch_size: int = 128
     eval_batch_size: int = 500
@@ -218,6 +221,7 @@ class TrackingConfig:
 
     tensorboard: bool = False  # event files under <run dir>/tensorboard; offline, `tensorboard --logdir runs`
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    step_loss: bool = False  # TensorBoard: also every step's training loss (one host sync per step while on)
 
 
 @dataclass
