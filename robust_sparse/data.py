@@ -82,6 +82,11 @@ class ImageSet:
     def take(self, index: torch.Tensor | slice) -> "ImageSet":
         return ImageSet(self.images[index], self.labels[index])
 
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """One example's (C, H, W), as the model sees it."""
+        return tuple(self.images.shape[1:])
+
 
 @dataclass
 class Splits:

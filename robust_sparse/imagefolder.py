@@ -55,6 +55,11 @@ class FolderSet:
     def labels(self) -> torch.Tensor:
         return torch.tensor(self.targets, dtype=torch.int64)
 
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        """One example's (C, H, W) as the model sees it: an RGB crop of ``image_size``."""
+        return (3, self.image_size, self.image_size)
+
     def take(self, index: torch.Tensor | slice) -> "FolderSet":
         if isinstance(index, slice):
             return FolderSet(self.paths[index], self.targets[index], self.image_size)

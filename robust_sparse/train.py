@@ -389,7 +389,7 @@ def _build(config: TrainConfig) -> _Run:
     # Gradients of the training forward are averaged over ranks by DDP; attacks and AGENT's snapshot use the
     # plain module (gradients with respect to inputs, or AGENT's own all-reduce).
     trained = maybe_compile(DistributedDataParallel(model) if world.world_size > 1 else model, config.train.compile)
-    flops = FlopsCounter(dense_profile(model, tuple(splits.train.images.shape[1:])), config, masker, agent,
+    flops = FlopsCounter(dense_profile(model, splits.train.example_shape), config, masker, agent,
                          world.world_size)
     return _Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent,
                 flops)
