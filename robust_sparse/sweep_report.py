@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse import plots
+from robust_sparse import plots, rundir
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.sweep import EVAL_RESULT, run_status
@@ -271,8 +271,8 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
                  robust_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8)) -> Path:
     """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines)."""
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
-    out = Path(out) if out else sweep_dirs[0] / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out else rundir.report_dir(sweep_dirs[0])  # beside the sweep, never inside it
+    rundir.claim(out, rundir.Kind.REPORT, "report --out")
     runs, curves = collect(sweep_dirs[0]) if len(sweep_dirs) == 1 else collect_many(sweep_dirs)
     sweep_dir = ", ".join(map(str, sweep_dirs))
     table = aggregate(runs)
