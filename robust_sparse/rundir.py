@@ -213,18 +213,20 @@ def locked(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False
 # writability
 
 
-def check_writable(path: str | Path, where: str) -> None:
+def check_writable(path: str | Path, where: str, named: str | Path | None = None) -> None:
     """Create and remove a probe file in ``path``, or in its nearest existing ancestor when it does not exist
-    yet; any failure (permission, read-only, not a directory) is one line naming the path and the errno."""
+    yet; any failure (permission, read-only, not a directory) is one line naming the path (``named``, where
+    that is what the user gave) and the errno."""
     path = Path(path)
+    named = path if named is None else named
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not existing.is_dir():
-        raise OutputError(f"{where} {path}: {existing} is not a directory: "
+        raise OutputError(f"{where} {named}: {existing} is not a directory: "
                           f"{describe(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))}")
     try:
         handle, probe = tempfile.mkstemp(dir=existing, prefix=".robust-sparse-probe.", suffix=".tmp")
     except OSError as error:
-        raise OutputError(f"{where} {path}: cannot write into {existing}: {describe(error)}") from None
+        raise OutputError(f"{where} {named}: cannot write into {existing}: {describe(error)}") from None
     os.close(handle)
     os.unlink(probe)
 
@@ -238,7 +240,7 @@ def check_output_file(path: str | Path, where: str) -> None:
         raise OutputError(f"{where} {path}: is a directory; give a file name, e.g. {path / 'result.json'}")
     if not path.parent.is_dir():
         raise OutputError(f"{where} {path}: the folder {path.parent} does not exist")
-    check_writable(path.parent, where)
+    check_writable(path.parent, where, named=path)
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{where} {path}: cannot write: {describe(OSError(errno.EACCES, os.strerror(errno.EACCES)))}")
 

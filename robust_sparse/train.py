@@ -262,19 +262,24 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     run = _build(config)
     # the run directory is this process's until fit returns (only the first rank writes into it)
     with rundir.locked(run.run_dir, rundir.Kind.TRAIN, "out_dir") if run.world.is_main else nullcontext():
-        _refuse_to_overwrite(config, resume)  # again, under the lock: another run may have finished meanwhile
-        record = _resume(run) if resume else _Record()
-        _prepare_run_dir(run, record)
-        tracker = Tracker(config.tracking if run.world.is_main else TrackingConfig(), config, run.run_dir)
-        log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
-                 config.data.dataset.value, len(run.splits.train), len(run.splits.val), config.objective.value,
-                 run.device)
-        for epoch in range(record.start_epoch, config.optim.epochs):
-            checkpoint, is_best = _train_epoch(run, record, epoch, tracker, progress)
-            _save_epoch(run, record, checkpoint, is_best)
-            _stop_if_diverged(run, record, tracker)
-        evaluation = _evaluate_best(run, tracker, progress)
-        tracker.close()
+        return _fit_locked(run, resume, progress)
+
+
+def _fit_locked(run: _Run, resume: bool, progress: bool) -> FitResult:
+    config = run.config
+    _refuse_to_overwrite(config, resume)  # again, under the lock: another run may have finished meanwhile
+    record = _resume(run) if resume else _Record()
+    _prepare_run_dir(run, record)
+    tracker = Tracker(config.tracking if run.world.is_main else TrackingConfig(), config, run.run_dir)
+    log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
+             config.data.dataset.value, len(run.splits.train), len(run.splits.val), config.objective.value,
+             run.device)
+    for epoch in range(record.start_epoch, config.optim.epochs):
+        checkpoint, is_best = _train_epoch(run, record, epoch, tracker, progress)
+        _save_epoch(run, record, checkpoint, is_best)
+        _stop_if_diverged(run, record, tracker)
+    evaluation = _evaluate_best(run, tracker, progress)
+    tracker.close()
     return FitResult(run.run_dir, pd.DataFrame(record.history), evaluation, model=run.model, masker=run.masker,
                      agent=run.agent)
 
