@@ -135,6 +135,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     for text in overrides:
         parse_override(text)  # "override 'x' must look like key.sub=value"
     base = data.get("base")
+    if isinstance(base, str) and not base.strip():
+        raise ConfigError("sweep base: must not be empty (a config file, or leave base out)")
     base_path = (path.parent / _coerce(base, str, "sweep base")).resolve() if base else None
     if base_path is not None and not base_path.is_file():
         raise ConfigError(f"sweep base: config file not found: {base_path}")

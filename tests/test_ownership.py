@@ -144,6 +144,8 @@ def test_empty_path_fields_are_refused(tmp_path, capsys, monkeypatch):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({"out_dir": "", "overrides": TINY, "grid": {"seed": [0]}}))
     assert "out_dir is required and must not be empty" in one_line_error(["sweep", str(sweep_file)], capsys)
+    sweep_file.write_text(yaml.safe_dump({"base": "", "out_dir": "out", "overrides": TINY, "grid": {"seed": [0]}}))
+    assert "sweep base: must not be empty" in one_line_error(["sweep", str(sweep_file)], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
 
 
