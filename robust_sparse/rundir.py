@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from enum import Enum
@@ -191,8 +192,13 @@ def locked(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False
         try:
             fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            stream.seek(0)
-            holder = stream.read().split()
+            holder: list[str] = []
+            for _ in range(20):  # the holder writes its name just after taking the lock: give it a moment
+                stream.seek(0)
+                holder = stream.read().split()
+                if holder:
+                    break
+                time.sleep(0.05)
             who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
             raise OutputError(f"{where} {directory}: in use by {who} (a robust-sparse "
                               f"{holder[2] if len(holder) >= 3 else kind.value}); wait for it to finish, or "
