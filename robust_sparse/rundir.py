@@ -102,7 +102,7 @@ def _legacy_kind(directory: Path) -> Kind | None:
         return Kind.SWEEP
     if (_starts_with(directory / "results.csv", "timestamp,model,")
             or _starts_with(directory / "results.json", "[\n {\n  \"timestamp\"")
-            or (_contents(directory) == ["flags"]
+            or (_contents(directory) == ["flags"] and (directory / "flags").is_dir()
                 and all(path.suffix == ".pt" for path in (directory / "flags").iterdir()))):
         return Kind.EVAL  # (a store killed before its first row holds only per-point flags)
     if _starts_with(directory / "export.json", "{\n  \"checkpoint\""):
