@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from robust_sparse import rundir
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.config import DatasetName
 from robust_sparse.errors import UserError
@@ -90,6 +91,12 @@ def cross_check_summary(evaluation: Evaluation) -> dict[str, Any] | None:
 
 
 def run(request: EvalRequest) -> EvalOutcome:
+    """The request's evaluations, its results store locked meanwhile (one writer per store)."""
+    with rundir.locked(request.results_dir, rundir.Kind.EVAL, "--results-dir"):
+        return _run(request)
+
+
+def _run(request: EvalRequest) -> EvalOutcome:
     loaded, device = request.loaded, request.device
     if request.cross_check and request.chained:
         raise UserError("--cross-check-torchattacks compares standalone attacks: drop --chained")

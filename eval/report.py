@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from robust_sparse import rundir
 from robust_sparse.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.stats import wilson_interval
@@ -88,11 +89,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
                  leaderboard: str | Path | None = None) -> Path:
-    """Write ``report.md`` and the plots into ``out_dir`` (default: the first results directory)."""
+    """Write ``report.md`` and the plots into ``out_dir`` (default: a new folder beside the first results
+    directory, :func:`robust_sparse.rundir.report_dir`)."""
     frame = collect(results_dirs)
     board = load_leaderboard(leaderboard)
-    out = Path(out_dir) if out_dir is not None else Path(results_dirs[0])
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) if out_dir is not None else rundir.report_dir(results_dirs[0])
+    rundir.claim(out, rundir.Kind.REPORT, "report --out")
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [
         "# robust-sparse evaluation report", "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pandas as pd
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.errors import UserError
 
+log = logging.getLogger(__name__)
 
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -66,15 +68,33 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     return frame
 
 
+#: What a rerun of the same finished evaluation changes in its row; a row equal to a stored one but for these is
+#: that evaluation again and is not appended a second time.
+RERUN_COLUMNS = ("timestamp", "wall_seconds")
+
+
+def _identity(row: dict[str, Any]) -> str:
+    plain = json.loads(json.dumps(_plain(row), default=str))  # as the row reads back from results.json
+    return json.dumps({k: v for k, v in plain.items() if k not in RERUN_COLUMNS}, sort_keys=True)
+
+
 def append_result(results_dir: str | Path, row: dict[str, Any]) -> int:
-    """Append ``row`` to ``results.json`` and ``results.csv``; returns its index in the store."""
+    """Append ``row`` to ``results.json`` and ``results.csv``; returns its index in the store (that of the stored
+    row when the same evaluation is already there, which is then left as it is)."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     json_path = results_dir / RESULTS_JSON
     if json_path.is_file():
         rows = load_results(results_dir).to_dict("records")
-    rows.append({column: row.get(column) for column in COLUMNS} | {k: v for k, v in row.items() if k not in COLUMNS})
+    new = {column: row.get(column) for column in COLUMNS} | {k: v for k, v in row.items() if k not in COLUMNS}
+    if json_path.is_file():
+        stored = json.loads(json_path.read_text())
+        same = [i for i, old in enumerate(stored) if isinstance(old, dict) and _identity(old) == _identity(new)]
+        if same:
+            log.info("%s already holds this evaluation (row %d); not appended again", json_path, same[-1])
+            return same[-1]
+    rows.append(new)
     rows = [_plain(r) for r in rows]
     frame = pd.DataFrame(rows)
     for column in NESTED:

@@ -15,6 +15,7 @@ from typing import IO, Any, Iterator
 import torch
 
 from robust_sparse.errors import CheckpointError, ConfigError
+from robust_sparse.rundir import os_error
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,11 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
     worst a ``.NAME.*.tmp`` leftover, which :func:`remove_temporaries` clears.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise os_error(path, error) from None
     try:
         # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask), so results a
         # group shares stay readable to it
@@ -40,8 +44,10 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # disk full, permission, read-only: one line; the previous file is intact
+            raise os_error(path, error) from None
         raise
 
 

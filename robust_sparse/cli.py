@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+from robust_sparse import rundir
 from robust_sparse.errors import DivergenceError, UserError
 
 log = logging.getLogger("robust_sparse")
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "vs sparsity, against the leaderboard) or from a sweep directory "
                                                 "(mean ± std over seeds, γ sensitivity, convergence)")
     report.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR", help="stores written by robust-sparse eval")
-    report.add_argument("--out", help="where report.md and the plots go (default: the first RESULTS_DIR)")
+    report.add_argument("--out", help="where report.md and the plots go (default: a new folder beside the first "
+                                      "RESULTS_DIR, or beside the run it belongs to: NAME-report)")
     report.add_argument("--leaderboard", help="a leaderboard CSV to use instead of the shipped one")
     report.add_argument("--thresholds", help="sweep reports: validation clean accuracies whose first epoch to report, "
                                              "comma-separated (default 0.5,0.7,0.8,0.9)")
@@ -179,10 +181,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prepare the run directories and list them only (backend slurm: also the submitit "
                             "parameters and each job's command, checked)")
     sweep.add_argument("--no-eval", action="store_true", help="train only: skip the sweep file's evaluation stage")
+    sweep.add_argument("--yes", action="store_true", help="start a sweep of more than 256 runs")
 
     doctor = commands.add_parser("doctor", help="check the installed stack and say how to fix it")
     doctor.add_argument("--fix", action="store_true", help="apply the automatic fixes (pip commands, alias)")
     return parser
+
+
+#: Path arguments of each command (argparse dest -> how the user spells it); an empty string is refused for each.
+PATH_FLAGS = {
+    "train": {"config": "CONFIG", "out": "--out"},
+    "eval": {"checkpoint": "CHECKPOINT", "model_dir": "--model-dir", "model": "--model", "weights": "--weights",
+             "data_root": "--data-root", "data_file": "--data-file", "results_dir": "--results-dir",
+             "output": "--output"},
+    "report": {"out": "--out", "leaderboard": "--leaderboard"},
+    "export": {"checkpoint": "CHECKPOINT", "out": "--out"},
+    "sweep": {"sweep_file": "SWEEP_FILE", "out": "--out"},
+}
+
+
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    """``--out ""`` would mean the current directory (or, for train, the config's out_dir): refused instead."""
+    for dest, flag in PATH_FLAGS.get(args.command, {}).items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise UserError(f"{flag}: must not be empty (give a path)")
+    if args.command == "report" and any(not d.strip() for d in args.results_dirs):
+        raise UserError("RESULTS_DIR: must not be empty (give a path)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -192,7 +217,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
-    if args.out:
+    if args.out is not None:
         overrides.append(f"out_dir={args.out}")
     config = load_config(args.config or QUICKSTART, overrides)
     if args.print_config:
@@ -326,6 +351,14 @@ def _eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    from robust_sparse.config.validation import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, MAX_STEPS
+
+    for name, high in (("batch_size", MAX_BATCH), ("pgd_steps", MAX_STEPS), ("restarts", MAX_STEPS),
+                       ("n_examples", MAX_EXAMPLES), ("seed", MAX_SEED), ("subnet", 10_000)):
+        value = getattr(args, name)
+        if value is not None and not (0 if name in ("seed", "subnet") else 1) <= value <= high:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be in "
+                            f"{0 if name in ('seed', 'subnet') else 1}..{high}")
     large_eps = None
     if args.large_eps is not None:
         if args.no_probe:
@@ -337,12 +370,10 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--attacks {args.attacks!r}: names no attack; give a comma-separated list, e.g. "
                         f"pgd,autoattack (choose from: {specs.names_help()})")
     specs.parse_attacks(args.attacks or "pgd,autoattack")  # names checked now; defaults filled in below
-    if args.output is not None:
-        output = Path(args.output)
-        if output.is_dir():
-            raise UserError(f"--output {output}: is a directory; give a file name, e.g. {output / 'result.json'}")
-        if not output.parent.is_dir():
-            raise UserError(f"--output {output}: the folder {output.parent} does not exist")
+    if args.output is not None:  # writable now, not after an hour of attacks
+        rundir.check_output_file(args.output, "--output")
+    if args.results_dir is not None:
+        rundir.check_owned(args.results_dir, rundir.Kind.EVAL, "--results-dir")
 
     # 2. the models, the test points, the attacks (robust_sparse/eval/job.py)
     outcome = job.run_job(job.EvalJob(
@@ -393,11 +424,15 @@ def _report(args: argparse.Namespace) -> int:
 
         if len(args.results_dirs) != 1 or not args.out:
             raise UserError("report RUNS_CSV: give one runs.csv and --out DIR")
+        rundir.check_owned(args.out, rundir.Kind.REPORT, "report --out")
         path = write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n)
         _emit(f"report: {path}")
         return 0
     if args.test_n is not None:
         raise UserError("report --test-n: only for a stored runs.csv")
+    out = args.out if args.out is not None else str(rundir.report_dir(args.results_dirs[0]))
+    rundir.check_owned(out, rundir.Kind.REPORT, "report --out")
+    args.out = out
     sweeps = [(Path(d) / "sweep.yaml").is_file() for d in args.results_dirs]
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
@@ -438,6 +473,7 @@ def _export(args: argparse.Namespace) -> int:
               f"{str(args.out)!r}, {info['dataset']!r}, {info['robust_sparse']['threat_model']!r}), then "
               "robustbench.utils.load_model")
         return 0
+    rundir.check_owned(args.out, rundir.Kind.EXPORT, "export --out")
     summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet)
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
@@ -452,7 +488,7 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from robust_sparse.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep_file, out_dir=args.out)
+    sweep = load_sweep(args.sweep_file, out_dir=args.out, yes=args.yes)
     index = run_sweep(sweep, dry_run=args.dry_run, evaluate=not args.no_eval)
     _emit(index.to_string(index=False))
     if args.dry_run and sweep.backend == "slurm":  # what would be submitted, and what each job runs
@@ -518,12 +554,20 @@ def _main(argv: Sequence[str] | None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("robust_sparse").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        rundir.die_with_parent()  # a sweep's child: it ends with the sweep
+        _refuse_empty_paths(args)
         return {"train": _train, "eval": _eval, "report": _report, "doctor": _doctor, "export": _export,
                 "sweep": _sweep}[args.command](args)
     except UserError as error:
         if args is not None and args.debug:
             raise
         sys.stderr.write(f"robust-sparse: error: {error}\n")
+        return EXIT_USER_ERROR
+    except OSError as error:  # disk full, permission, read-only where no path-aware handler caught it
+        if args is not None and args.debug:
+            raise
+        where = error.filename if getattr(error, "filename", None) else "an output"
+        sys.stderr.write(f"robust-sparse: error: {rundir.os_error(where, error, 'cannot use')}\n")
         return EXIT_USER_ERROR
     except DivergenceError as error:
         sys.stderr.write(f"robust-sparse: diverged: {error}\n")

@@ -15,3 +15,8 @@ class CheckpointError(UserError):
 
 class DivergenceError(Exception):
     """Training diverged (NaN loss or accuracy stuck at chance); the best checkpoint is kept."""
+
+
+class OutputError(UserError):
+    """An output location cannot be written (disk full, permission denied, read-only, not a directory) or is not
+    this command's to write (another program's folder, a directory in use); the message names the path."""

@@ -39,14 +39,18 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse import plugins
+from robust_sparse import plugins, rundir
 from robust_sparse.checkpoint import check_output_dir, write_atomic
 from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, _coerce, load_config, parse_override, read_yaml,
                                   save_config)
+from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
+#: Runs a sweep may create without ``--yes`` (a grid typo can multiply them), and the most it may create at all.
+CONFIRM_RUNS = 256
+MAX_RUNS = 100_000
 SWEEP_KEYS = {"base", "overrides", "grid", "random", "out_dir", "parallel", "threads", "backend", "devices", "slurm",
               "eval"}
 
@@ -100,8 +104,9 @@ class EvalStage:
                 if key not in ("seeds", "modules") and not (key in CORRUPTION_KEYS and value is None)}
 
 
-def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
-    """Read and validate a sweep file; every problem is a one-line ConfigError naming the key."""
+def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = False) -> Sweep:
+    """Read and validate a sweep file; every problem is a one-line ConfigError naming the key. More than
+    :data:`CONFIRM_RUNS` runs need ``yes``; duplicate grid values and runs sharing one directory are refused."""
     path = Path(path)
     data = read_yaml(path)
     unknown = sorted(set(data) - SWEEP_KEYS)
@@ -113,14 +118,18 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep grid {key!r}: needs a non-empty list of values, got {values!r}")
+        written = [_format(value) for value in values]
+        repeated = next((text for i, text in enumerate(written) if text in written[:i]), None)
+        if repeated is not None:  # the same run twice: two writers of one run directory
+            raise ConfigError(f"sweep grid {key!r}: the value {repeated} is listed twice; give each value once")
     random_part = data.get("random") or {}
     if not isinstance(random_part, dict) or set(random_part) - {"samples", "seed", "space"}:
         raise ConfigError(f"sweep random: expected a mapping with samples, seed and space, got {random_part!r}")
     samples = _coerce(random_part.get("samples", 0), int, "sweep random.samples")
     seed = _coerce(random_part.get("seed", 0), int, "sweep random.seed")
-    for name, number in (("samples", samples), ("seed", seed)):
-        if number < 0:
-            raise ConfigError(f"sweep random.{name} = {number}: must be >= 0")
+    for name, number, high in (("samples", samples, MAX_RUNS), ("seed", seed, 2**32 - 1)):
+        if not 0 <= number <= high:
+            raise ConfigError(f"sweep random.{name} = {number}: must be in 0..{high}")
     space = _random_space(random_part.get("space") or {})
     if samples > 0 and not space:
         raise ConfigError(f"sweep random.samples = {samples}: needs a random.space to draw from")
@@ -133,6 +142,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
     for text in overrides:
         parse_override(text)  # "override 'x' must look like key.sub=value"
     base = data.get("base")
+    if isinstance(base, str) and not base.strip():
+        raise ConfigError("sweep base: must not be empty (a config file, or leave base out)")
     base_path = (path.parent / _coerce(base, str, "sweep base")).resolve() if base else None
     if base_path is not None and not base_path.is_file():
         raise ConfigError(f"sweep base: config file not found: {base_path}")
@@ -153,15 +164,23 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
     if not isinstance(slurm, dict):
         raise ConfigError(f"sweep slurm: expected a mapping of submitit parameters (e.g. slurm_partition: gpu), "
                           f"got {slurm!r}")
+    runs = math.prod(len(values) for values in grid.values()) * (samples if space and samples > 0 else 1)
+    if runs > MAX_RUNS:
+        raise ConfigError(f"sweep file {path}: {runs:,} runs (the grid's sizes times random.samples); at most "
+                          f"{MAX_RUNS:,}")
+    if runs > CONFIRM_RUNS and not yes:
+        raise ConfigError(f"sweep file {path}: {runs:,} runs (more than {CONFIRM_RUNS}); check the grid, and pass "
+                          "--yes to start them all")
     if backend == "slurm":  # submitit's names, checked and translated (robust_sparse.slurm)
         from robust_sparse import slurm as slurm_backend
 
         slurm = slurm_backend.parameters(slurm)
     eval_stage = _eval_stage(data.get("eval"))
-    target = out_dir or data.get("out_dir")
-    if not target:
-        raise ConfigError(f"sweep file {path}: out_dir is required (or pass --out)")
+    target = out_dir if out_dir is not None else data.get("out_dir")
+    if target is None or (isinstance(target, str) and not target.strip()):
+        raise ConfigError(f"sweep file {path}: out_dir is required and must not be empty (or pass --out)")
     check_output_dir(_coerce(target, str, "sweep out_dir"), "sweep out_dir", "set another out_dir (sweep --out)")
+    rundir.check_owned(target, rundir.Kind.SWEEP, "sweep out_dir")
     sweep = Sweep(path=path, base=base_path, overrides=list(overrides), grid=grid,
                   random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),
                   parallel=parallel, backend=backend, devices=devices, slurm=dict(slurm), threads=threads,
@@ -170,7 +189,12 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
     from robust_sparse.models import REGISTERED_MODELS
 
     modules = list(eval_stage.modules) if eval_stage is not None else []
+    seen: dict[str, list[str]] = {}
     for overrides in expand(sweep):  # type errors, unknown fields and ranges surface before anything runs
+        other = seen.setdefault(run_id(overrides), overrides)
+        if other is not overrides:
+            raise ConfigError(f"sweep file {path}: the runs {' '.join(other)!r} and {' '.join(overrides)!r} map to "
+                              f"one run directory runs/{run_id(overrides)}; change one of the values")
         # each run's own directory, as run_sweep will set it (the base config's out_dir is never used)
         run_dir = sweep.out_dir / "runs" / run_id(overrides)
         config = load_config(sweep.base, sweep.overrides + overrides + [f"out_dir={run_dir}"])
@@ -337,7 +361,8 @@ def _command(config_path: Path, run_dir: Path, device: str) -> list[str]:
 def _child(device: str, threads: int, modules: tuple[str, ...] = ()) -> tuple[dict[str, str], str]:
     """A child process's environment and --device: its thread count, the modules that register what it uses by
     name, and one GPU per run (it sees only its own)."""
-    env = plugins.environment(dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)), modules)
+    env = plugins.environment(dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                                   **{rundir.PARENT_ENV: str(os.getpid())}), modules)  # it dies with this process
     if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         device = "cuda"
@@ -418,6 +443,11 @@ def _eval_status(run_dir: Path, status: str, stage: EvalStage, seed: int) -> str
 def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> pd.DataFrame:
     """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
     has one and ``evaluate``), and return the run index."""
+    with rundir.locked(sweep.out_dir, rundir.Kind.SWEEP, "sweep out_dir"):  # one sweep at a time in a directory
+        return _run_sweep(sweep, dry_run, evaluate)
+
+
+def _run_sweep(sweep: Sweep, dry_run: bool, evaluate: bool) -> pd.DataFrame:
     out = sweep.out_dir
     if sweep.backend == "slurm":  # no submitit (or no sbatch to submit with): refused before anything is written
         from robust_sparse.slurm import check_submission
@@ -425,8 +455,8 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> 
         check_submission(sweep.slurm, dry_run)
     recorded = out / "sweep.yaml"
     text = sweep.path.read_text()
-    if recorded.exists() and _training_part(yaml.safe_load(recorded.read_text())) != _training_part(
-            yaml.safe_load(text)):
+    if recorded.exists() and _training_part(load_yaml(recorded.read_text(), str(recorded))) != _training_part(
+            load_yaml(text, f"sweep file {sweep.path}")):
         raise ConfigError(f"{out} holds another sweep ({recorded} differs from {sweep.path}); use another out_dir")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     write_atomic(recorded, text)
@@ -435,7 +465,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> 
         identifier = run_id(overrides)
         run_dir = out / "runs" / identifier
         config = load_config(sweep.base, sweep.overrides + overrides + [f"out_dir={run_dir}"])
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.claim(run_dir, rundir.Kind.TRAIN, "sweep run", adopt=True)  # the sweep owns what is under runs/
         requested = run_dir / "requested.yaml"
         save_config(config, requested)
         status = run_status(run_dir)

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse import plots, stats
+from robust_sparse import plots, rundir, stats
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.sweep import EVAL_RESULT, run_status
@@ -285,8 +285,8 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     ``reference``: the setting paired differences are taken against (``{"agent.gamma": 0}`` by default where the
     sweep varies γ; see :func:`default_reference`)."""
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
-    out = Path(out) if out else sweep_dirs[0] / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out else rundir.report_dir(sweep_dirs[0])  # beside the sweep, never inside it
+    rundir.claim(out, rundir.Kind.REPORT, "report --out")
     runs, curves = collect(sweep_dirs[0]) if len(sweep_dirs) == 1 else collect_many(sweep_dirs)
     sweep_dir = ", ".join(map(str, sweep_dirs))
     table = aggregate(runs)

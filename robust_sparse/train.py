@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from robust_sparse import distributed
+from robust_sparse import distributed, rundir
 from robust_sparse.accuracy import evaluate_pgd
 from robust_sparse.agent import AGENT
 from robust_sparse.checkpoint import (check_output_dir, load_checkpoint, remove_temporaries, save_checkpoint,
@@ -277,6 +277,14 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     check_run(config)
     _refuse_to_overwrite(config, resume)
     run = _build(config)
+    # the run directory is this process's until fit returns (only the first rank writes into it)
+    with rundir.locked(run.run_dir, rundir.Kind.TRAIN, "out_dir") if run.world.is_main else nullcontext():
+        return _fit_locked(run, resume, progress)
+
+
+def _fit_locked(run: _Run, resume: bool, progress: bool) -> FitResult:
+    config = run.config
+    _refuse_to_overwrite(config, resume)  # again, under the lock: another run may have finished meanwhile
     record = _resume(run) if resume else _Record()
     _prepare_run_dir(run, record)
     tracker = Tracker(config.tracking if run.world.is_main else TrackingConfig(), config, run.run_dir)
@@ -345,9 +353,23 @@ class _Record:
 
 
 def _refuse_to_overwrite(config: TrainConfig, resume: bool) -> None:
+    """The run directory is absent, empty or a run's (:mod:`robust_sparse.rundir`) and writable; a fresh run
+    never replaces a checkpoint, and ``--resume`` needs the one it continues from (``last.pt``)."""
     run_dir = Path(config.out_dir)
+    rundir.check_owned(config.out_dir, rundir.Kind.TRAIN, "out_dir")
     if not resume and ((run_dir / "last.pt").exists() or (run_dir / "best.pt").exists()):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another out_dir")
+    if resume and not (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists() and not _killed_in_epoch_1(
+            run_dir):
+        held = ", ".join(sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")))
+        raise UserError(f"--resume: {run_dir} holds no last.pt to continue from (it holds {held}); a fresh run "
+                        "would replace best.pt: evaluate it, or train into another out_dir")
+
+
+def _killed_in_epoch_1(run_dir: Path) -> bool:
+    """best.pt without last.pt, as a kill between the two writes of the first epoch leaves it (no metrics yet):
+    the fresh run writes that best.pt again. Any other best.pt without last.pt is a run that cannot continue."""
+    return not (run_dir / "metrics.csv").exists() and load_checkpoint(run_dir / "best.pt").get("epoch") == 1
 
 
 def _build(config: TrainConfig) -> _Run:

@@ -97,11 +97,12 @@ def test_eval_cli_with_a_factory_writes_results_and_resumes(factory_file, tiny_w
     assert first["n_examples"] == 64 and first["eps"] == pytest.approx(0.2)
     # the masking probe ran (CLI default) and a naturally trained model falls to ~0 at L-inf 0.5
     assert first["large_eps"] == 0.5 and first["large_eps_acc"] <= 0.01
-    # the same request again resumes from the saved flags: identical numbers, a second row in the store
+    # the same request again resumes from the saved flags: identical numbers, and the store keeps its one row of
+    # that finished evaluation (issue 21: not appended twice)
     assert main(argv) == 0
     second = json.loads((tmp_path / "result.json").read_text())
     assert (second["clean_acc"], second["pgd_acc"]) == (first["clean_acc"], first["pgd_acc"])
-    assert len(json.loads((results / "results.json").read_text())) == 2
+    assert len(json.loads((results / "results.json").read_text())) == 1
     report = tmp_path / "report"
     assert main(["report", str(results), "--out", str(report)]) == 0
     assert "my_models:build:plain" in (report / "report.md").read_text()

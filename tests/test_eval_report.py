@@ -121,7 +121,8 @@ def test_rerun_rows_are_deduplicated_and_a_custom_leaderboard_can_be_used(tmp_pa
     board = tmp_path / "board.csv"
     load_leaderboard().head(2).to_csv(board, index=False, columns=[c for c in load_leaderboard().columns if c != "eps_text"])
     assert main(["report", str(store), "--leaderboard", str(board)]) == 0
-    text = (store / "report.md").read_text()
+    assert not (store / "report.md").exists()  # beside the store, not inside it
+    text = (tmp_path / "results-report" / "report.md").read_text()
     assert "2 leaderboard rows" in text and "Sehwag2020Hydra" in text
     with pytest.raises(UserError, match="missing columns"):
         pd.DataFrame({"name": ["x"]}).to_csv(board, index=False)

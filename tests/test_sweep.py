@@ -137,7 +137,8 @@ def test_report_command_on_a_sweep_directory(tmp_path, capsys):
     assert list(runs["subnet"]) == [0, 1] and list(runs["subnet_density"]) == pytest.approx([0.3, 0.1], abs=1e-3)
     assert list(aggregate(runs)["subnet"]) == [0, 1]
     assert main(["report", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "report" / "report.md").exists()
+    assert (tmp_path / "out-report" / "report.md").exists()  # beside the sweep directory, not inside it
+    assert not (tmp_path / "out" / "report").exists()
     assert "report.md" in capsys.readouterr().out
 
     # two sweeps side by side (a study and its baseline): one table with a leading sweep column

@@ -1,5 +1,5 @@
-"""Reading a configuration: YAML (``yaml.safe_load``) -> dataclass defaults -> ``--set a.b=value`` overrides ->
-:func:`~robust_sparse.config.validation.validate`, and writing it back.
+"""Reading a configuration: YAML (``load_yaml``, a checked SafeLoader) -> dataclass defaults -> ``--set a.b=value``
+overrides -> :func:`~robust_sparse.config.validation.validate`, and writing it back.
 
 Nothing is ever evaluated as code: numbers written as fractions (``8/255``) are parsed by a regular expression.
 """
@@ -20,6 +20,7 @@ import yaml
 
 from robust_sparse.config.schema import FLAT_SPARSITY_NAMES, OptimizerName, SparsityMethod, TrainConfig
 from robust_sparse.config.validation import validate
+from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,7 @@ def parse_override(text: str) -> dict[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"override {text!r} must look like key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    value = load_yaml(raw, f"--set {key.strip()}", if_invalid=raw) if raw.strip() else None
     nested: dict[str, Any] = {}
     cursor = nested
     parts = key.strip().split(".")
@@ -167,13 +165,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a text (UTF-8) YAML file") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    data = load_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -14,6 +14,41 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Sane ranges of the integer fields: a value past them is a typo (1e12 epochs, a 2**64 seed), refused before any
+# work rather than running for ever or failing deep in numpy/torch.
+MAX_SEED = 2**32 - 1  # what numpy and torch seed generators accept
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_000_000
+MAX_EXAMPLES = 100_000_000  # images in a split or an evaluation
+MAX_STEPS = 100_000  # attack iterations, restarts
+
+
+def check_range(where: str, value: int, low: int, high: int) -> None:
+    """``where = value: must be in low..high`` unless it is; also used for the eval flags."""
+    _check(low <= value <= high, f"{where} = {value}: must be in {low}..{high}")
+
+
+def _integer_ranges(config: TrainConfig) -> None:
+    for where, value, low, high in (
+            ("seed", config.seed, 0, MAX_SEED), ("optim.epochs", config.optim.epochs, 1, MAX_EPOCHS),
+            ("data.batch_size", config.data.batch_size, 1, MAX_BATCH),
+            ("data.eval_batch_size", config.data.eval_batch_size, 1, MAX_BATCH),
+            ("data.val_size", config.data.val_size, 0, MAX_EXAMPLES),
+            ("data.train_limit", config.data.train_limit, 0, MAX_EXAMPLES),
+            ("attack.steps", config.attack.steps, 1, MAX_STEPS), ("val.pgd_steps", config.val.pgd_steps, 1, MAX_STEPS),
+            ("val.max_examples", config.val.max_examples, 1, MAX_EXAMPLES),
+            ("eval.n_examples", config.eval.n_examples, 0, MAX_EXAMPLES),
+            ("eval.pgd_steps", config.eval.pgd_steps, 1, MAX_STEPS),
+            ("eval.restarts", config.eval.restarts, 1, MAX_STEPS),
+            ("eval.autoattack_examples", config.eval.autoattack_examples, 0, MAX_EXAMPLES),
+            ("divergence.patience", config.divergence.patience, 1, MAX_EPOCHS),
+            ("agent.snapshot_every", config.agent.snapshot_every, 1, MAX_EPOCHS),
+            ("agent.full_grad_batches", config.agent.full_grad_batches, 0, MAX_EXAMPLES),
+            ("agent.probe_chunks", config.agent.probe_chunks, 0, MAX_BATCH),
+            ("sparsity.gse.samples_per_class", config.sparsity.gse.samples_per_class, 1, MAX_BATCH)):
+        check_range(where, value, low, high)
+
+
 def validate(config: TrainConfig) -> None:
     """The values alone. What they name (registered models, installed trackers, data and output directories)
     is checked where it is used, before any data is read: ``robust_sparse.train.check_run``."""
@@ -76,6 +111,8 @@ def validate(config: TrainConfig) -> None:
            "train.precision = fp16: sparsity.growth = momentum would add the gradient of a step the GradScaler "
            "skips (an overflow) to its running average; use bf16 or fp32")
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
+    _check(bool(config.data.root.strip()), "data.root: must not be empty (a folder, e.g. data)")
+    _integer_ranges(config)
     _validate_sparsity(config.sparsity)
     _validate_agent(config.agent)
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robust_sparse import rundir
 from robust_sparse.checkpoint import atomic_open, load_checkpoint, save_checkpoint, write_atomic
 
 COMPACT_FORMAT = "robust-sparse-compact/1"
@@ -77,8 +78,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: 
     state = load_checkpoint(checkpoint_path)
     view = pick_view(saved_views(state), subnet, checkpoint_path)
     weights, mask_source = view.weights, view.masks
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = rundir.claim(out_dir, rundir.Kind.EXPORT, "export --out")  # absent, empty or an earlier export's
     model_state = {name: tensor.cpu() for name, tensor in weights.items()}
     masks = {name: mask.cpu() for name, mask in mask_source.items()}
 
