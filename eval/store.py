@@ -75,7 +75,9 @@ RERUN_COLUMNS = ("timestamp", "wall_seconds")
 
 def _identity(row: dict[str, Any]) -> str:
     plain = json.loads(json.dumps(_plain(row), default=str))  # as the row reads back from results.json
-    return json.dumps({k: v for k, v in plain.items() if k not in RERUN_COLUMNS}, sort_keys=True)
+    # 3 and 3.0 are one value (a store rewritten through pandas once held whole numbers as floats)
+    return json.dumps({k: int(v) if isinstance(v, float) and v.is_integer() else v
+                       for k, v in plain.items() if k not in RERUN_COLUMNS}, sort_keys=True)
 
 
 def append_result(results_dir: str | Path, row: dict[str, Any]) -> int:
@@ -85,11 +87,13 @@ def append_result(results_dir: str | Path, row: dict[str, Any]) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     json_path = results_dir / RESULTS_JSON
-    if json_path.is_file():
-        rows = load_results(results_dir).to_dict("records")
     new = {column: row.get(column) for column in COLUMNS} | {k: v for k, v in row.items() if k not in COLUMNS}
     if json_path.is_file():
+        load_results(results_dir)  # one-line errors for a broken store
         stored = json.loads(json_path.read_text())
+        # the rows as written, not through a DataFrame (which turns a column of whole numbers with a gap to floats)
+        rows = [{column: old.get(column) for column in COLUMNS} | {k: v for k, v in old.items() if k not in COLUMNS}
+                for old in stored]
         same = [i for i, old in enumerate(stored) if isinstance(old, dict) and _identity(old) == _identity(new)]
         if same:
             log.info("%s already holds this evaluation (row %d); not appended again", json_path, same[-1])

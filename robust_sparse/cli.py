@@ -249,9 +249,9 @@ def _train(args: argparse.Namespace) -> int:
 def chance_note(config, metrics, evaluation: dict | None) -> str | None:
     """A run that ends at or below chance (the divergence rule's: accuracy below 1/classes + its margin) says so:
     its robust accuracy means nothing."""
-    from robust_sparse.data import DATASETS
+    from robust_sparse.data import dataset_info
 
-    classes = DATASETS[config.data.dataset].num_classes
+    classes = dataset_info(config.data).num_classes
     level = 1.0 / classes + config.divergence.chance_margin
     measured = []
     if evaluation:
@@ -479,9 +479,12 @@ def _export(args: argparse.Namespace) -> int:
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
           f"bytes ({summary['compact_to_dense_size']:.1%}); written to {args.out}")
     fast = summary["sparse_inference"]
-    _emit(f"{fast['file']}: {len(fast['sparse_layers'])} sparse layers, {fast['sparse_latency_ms']:.2f} ms vs "
-          f"{fast['dense_latency_ms']:.2f} ms dense per image on {fast['threads']} thread(s) "
-          f"({fast['speedup']:.2f}x)")
+    if fast.get("skipped"):
+        _emit(f"no sparse-inference model: {fast['skipped']}")
+    else:
+        _emit(f"{fast['file']}: {len(fast['sparse_layers'])} sparse layers, {fast['sparse_latency_ms']:.2f} ms vs "
+              f"{fast['dense_latency_ms']:.2f} ms dense per image on {fast['threads']} thread(s) "
+              f"({fast['speedup']:.2f}x)")
     return 0
 
 

@@ -107,7 +107,8 @@ def _legacy_kind(directory: Path) -> Kind | None:
         return Kind.EVAL  # (a store killed before its first row holds only per-point flags)
     if _starts_with(directory / "export.json", "{\n  \"checkpoint\""):
         return Kind.EXPORT
-    if _starts_with(directory / "report.md", "# robust-sparse evaluation report", "# Sweep report:"):
+    if (_starts_with(directory / "report.md", "# robust-sparse evaluation report", "# Sweep report:")
+            or _starts_with(directory / "paired.md", "# Paired analysis of")):
         return Kind.REPORT
     return None
 
@@ -176,6 +177,10 @@ def claim(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False)
 # locks
 
 
+#: flock's errors on a file system that cannot lock (as opposed to a lock another process holds)
+UNLOCKABLE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 @contextmanager
 def locked(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False) -> Iterator[Path]:
     """Claim ``directory`` for ``kind`` and hold its lock for the block; a second writer is refused in one line
@@ -203,6 +208,15 @@ def locked(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False
             raise OutputError(f"{where} {directory}: in use by {who} (a robust-sparse "
                               f"{holder[2] if len(holder) >= 3 else kind.value}); wait for it to finish, or "
                               "choose another directory") from None
+        except OSError as error:
+            if error.errno not in UNLOCKABLE:
+                raise os_error(path, error) from None
+            # a file system without flock (Lustre mounted without it, NFS without lockd: common where clusters
+            # write): the work goes on, unguarded against a second writer, and says so
+            log.warning("%s: this file system does not support locks (%s); %s is not guarded against a second "
+                        "writer", path, describe(error), directory)
+            yield directory
+            return
         try:
             stream.seek(0)
             stream.truncate()

@@ -31,6 +31,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,17 +370,55 @@ def _child(device: str, threads: int, modules: tuple[str, ...] = ()) -> tuple[di
     return env, device
 
 
+class _Children:
+    """The sweep's live child processes, so that an interrupted sweep (Ctrl-C, or SIGTERM, which the CLI turns
+    into the same interrupt) stops them instead of waiting for them, and starts no new one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, command: list[str], log_path: Path, env: dict[str, str]) -> int:
+        with self._lock:
+            if self.stopping:
+                return -15
+        with open(log_path, "a") as logfile:
+            with self._lock:
+                if self.stopping:
+                    return -15
+                child = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env)
+                self._live.add(child)
+            try:
+                return child.wait()
+            finally:
+                with self._lock:
+                    self._live.discard(child)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.stopping = False
+
+    def stop(self) -> None:
+        """SIGTERM to every live child (each saves a resumable state and exits); none is started after this."""
+        with self._lock:
+            self.stopping = True
+            for child in self._live:
+                child.terminate()
+
+
+_CHILDREN = _Children()
+
+
 def _run_local(config_path: Path, run_dir: Path, modules: tuple[str, ...], device: str, threads: int) -> str:
     env, device = _child(device, threads, modules)
-    with open(run_dir / "train.log", "a") as logfile:
-        result = subprocess.run(_command(config_path, run_dir, device), stdout=logfile, stderr=subprocess.STDOUT,
-                                env=env)
-    if result.returncode == 3:
+    returncode = _CHILDREN.run(_command(config_path, run_dir, device), run_dir / "train.log", env)
+    if returncode == 3:
         write_atomic(run_dir / "diverged.json", json.dumps({"returncode": 3}))
         return "diverged"
-    if result.returncode == 0 and not (run_dir / "eval.json").exists():
+    if returncode == 0 and not (run_dir / "eval.json").exists():
         write_atomic(run_dir / "done.json", "{}")
-    return "done" if result.returncode == 0 else f"failed ({result.returncode}, see {run_dir / 'train.log'})"
+    return "done" if returncode == 0 else f"failed ({returncode}, see {run_dir / 'train.log'})"
 
 
 EVAL_RESULT = "sweep_eval.json"  # in a run directory: the evaluation stage's settings and result rows
@@ -419,12 +458,10 @@ def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
 def _run_eval(run_dir: Path, stage: EvalStage, modules: tuple[str, ...], device: str, threads: int) -> str:
     """The stage on one run: ``robust-sparse eval`` (resuming from its saved per-point flags), then the record."""
     env, device = _child(device, threads, modules)
-    with open(run_dir / "eval.log", "a") as logfile:
-        result = subprocess.run(_eval_command(run_dir, stage, device), stdout=logfile, stderr=subprocess.STDOUT,
-                                env=env)
+    returncode = _CHILDREN.run(_eval_command(run_dir, stage, device), run_dir / "eval.log", env)
     output = run_dir / f".{EVAL_RESULT}.output"
-    if result.returncode != 0 or not output.is_file():
-        return f"failed ({result.returncode}, see {run_dir / 'eval.log'})"
+    if returncode != 0 or not output.is_file():
+        return f"failed ({returncode}, see {run_dir / 'eval.log'})"
     rows = json.loads(output.read_text())
     write_atomic(run_dir / EVAL_RESULT, json.dumps({"stage": stage.settings(),
                                                     "results": rows if isinstance(rows, list) else [rows]}, indent=2))
@@ -443,16 +480,16 @@ def _eval_status(run_dir: Path, status: str, stage: EvalStage, seed: int) -> str
 def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> pd.DataFrame:
     """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
     has one and ``evaluate``), and return the run index."""
+    if sweep.backend == "slurm":  # no submitit (or no sbatch to submit with): refused before anything is written
+        from robust_sparse.slurm import check_submission
+
+        check_submission(sweep.slurm, dry_run)
     with rundir.locked(sweep.out_dir, rundir.Kind.SWEEP, "sweep out_dir"):  # one sweep at a time in a directory
         return _run_sweep(sweep, dry_run, evaluate)
 
 
 def _run_sweep(sweep: Sweep, dry_run: bool, evaluate: bool) -> pd.DataFrame:
     out = sweep.out_dir
-    if sweep.backend == "slurm":  # no submitit (or no sbatch to submit with): refused before anything is written
-        from robust_sparse.slurm import check_submission
-
-        check_submission(sweep.slurm, dry_run)
     recorded = out / "sweep.yaml"
     text = sweep.path.read_text()
     if recorded.exists() and _training_part(load_yaml(recorded.read_text(), str(recorded))) != _training_part(
@@ -503,13 +540,21 @@ def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, j
         submit(sweep, todo, index, column, job, lambda: _write_index(index, sweep.out_dir))
         return
     threads = sweep.threads or max(1, (os.cpu_count() or 1) // sweep.parallel)
-    with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:  # threads only wait on child processes
+    _CHILDREN.reset()
+    pool = ThreadPoolExecutor(max_workers=sweep.parallel)  # threads only wait on child processes
+    try:
         futures = {pool.submit(job, *arguments, sweep.devices[i % len(sweep.devices)], threads): row
                    for i, (row, *arguments) in enumerate(todo)}
         for future in as_completed(futures):
             index.loc[futures[future], column] = future.result()
             _write_index(index, sweep.out_dir)  # progress survives a killed sweep
             log.info("%s: %s %s", index.loc[futures[future], "run_id"], column, index.loc[futures[future], column])
+    except BaseException:  # interrupted: no new run, the running ones stopped (they resume on a rerun)
+        pool.shutdown(wait=False, cancel_futures=True)
+        _CHILDREN.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _training_part(data: Any) -> Any:

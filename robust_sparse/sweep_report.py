@@ -454,7 +454,7 @@ def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[s
         if test_n is None and "test_clean_accuracy" in runs:
             raise UserError(f"{runs_csv} does not record how many test points its accuracies used: give --test-n N")
         runs["test_n"] = test_n
-    out.mkdir(parents=True, exist_ok=True)
+    rundir.claim(out, rundir.Kind.REPORT, "report --out")
     keys = grid_keys(runs)
     lines = [f"# Paired analysis of {runs_csv}", "", f"{len(runs)} runs, regenerated from the stored runs.csv (no "
              "retraining); test accuracies on " + (f"{test_n} points (--test-n)" if test_n else "test_n points") +

@@ -179,10 +179,11 @@ def test_a_sweep_report_shows_the_cost_beside_accuracy_and_plots_accuracy_agains
     index = [_fake_run(sweep_dir, *setting) for setting in settings]
     pd.DataFrame(index).to_csv(sweep_dir / "runs.csv", index=False)
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({"grid": {}, "overrides": [], "out_dir": str(sweep_dir)}))
-    report = write_report(sweep_dir).read_text()
+    report_path = write_report(sweep_dir)
+    report = report_path.read_text()
     header = next(line for line in report.splitlines() if "test_pgd_accuracy mean" in line)
     assert "train_flops_vs_dense mean" in header and "inference_flops_vs_dense mean" in header
-    assert "robust_vs_train_flops.png" in report and (sweep_dir / "report" / "robust_vs_train_flops.png").is_file()
+    assert "robust_vs_train_flops.png" in report and (report_path.parent / "robust_vs_train_flops.png").is_file()
     runs, curves = collect(sweep_dir)
     assert "train_flops_vs_dense" not in grid_keys(runs)  # a cost, not a setting
     keys = [k for k in grid_keys(runs) if k != "seed"]

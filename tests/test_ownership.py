@@ -294,6 +294,27 @@ def test_a_sweep_killed_with_9_leaves_no_live_child(tmp_path):
     assert rundir.marker_kind(out / "runs" / "seed=0") == "train"
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the sweep's children")
+def test_a_sweep_stopped_with_sigterm_stops_its_children_and_starts_no_new_run(tmp_path):
+    """SIGTERM (a scheduler's stop, ``kill PID``) is turned into the same interrupt as Ctrl-C: the sweep must then
+    stop its running child rather than wait for it, and must not start the next run."""
+    out = tmp_path / "sweep"
+    sweep = subprocess.Popen([sys.executable, "-m", "robust_sparse.cli", "sweep",
+                              str(_sweep_file(tmp_path, out, epochs=50))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline, children = time.monotonic() + 120, []
+    while not children and time.monotonic() < deadline:
+        children = _children(sweep.pid)
+        time.sleep(0.1)
+    assert children, "the sweep started no training child"
+    time.sleep(1.0)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "terminated (SIGTERM)" in sweep.stderr.read()
+    assert not any(_alive(child) for child in children)
+    assert not (out / "runs" / "seed=1" / "train.log").exists()  # the queued run never started (parallel 1)
+
+
 def test_fit_holds_the_run_directory_while_it_trains(tiny_config, monkeypatch):
     """In-process view of the lock: while fit writes, another lock on the directory is refused."""
     import robust_sparse.train as train_module
@@ -314,3 +335,44 @@ def test_fit_holds_the_run_directory_while_it_trains(tiny_config, monkeypatch):
     assert seen
     with rundir.locked(config.out_dir, rundir.Kind.TRAIN, "out_dir"):  # released when fit returned
         pass
+
+
+def test_a_file_system_without_locks_warns_and_lets_the_work_go_on(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK on NFS without lockd (and Lustre without its flock option): where a cluster
+    writes, that must not stop every command; the work goes on unguarded, and the log says so."""
+    import errno
+    import fcntl
+
+    def no_locks(stream, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        with rundir.locked(tmp_path / "run", rundir.Kind.TRAIN, "out_dir") as directory:
+            assert directory == tmp_path / "run"
+    assert "does not support locks" in caplog.text
+
+
+def test_a_store_row_with_gaps_in_a_whole_number_column_is_still_recognised_as_stored(tmp_path):
+    """A column of whole numbers with a missing value once went through a DataFrame and came back as floats
+    (seed 0 -> 0.0), and the same evaluation was then appended again."""
+    store = tmp_path / "store"
+    first = {"model": "a", "seed": None, "epoch": None, "clean_acc": 0.5}
+    second = {"model": "b", "seed": 0, "epoch": 3, "clean_acc": 0.25}
+    assert append_result(store, first) == 0
+    assert append_result(store, second) == 1
+    assert append_result(store, dict(second)) == 1  # the rerun: not appended
+    rows = json.loads((store / "results.json").read_text())
+    assert len(rows) == 2 and rows[1]["seed"] == 0 and isinstance(rows[1]["seed"], int)
+
+
+def test_a_report_from_a_stored_runs_csv_can_be_regenerated_into_its_own_folder(tmp_path, capsys):
+    runs = tmp_path / "runs.csv"
+    runs.write_text("run_id,seed,agent.gamma,test_clean_accuracy,test_n\n"
+                    "agent.gamma=0__seed=0,0,0,0.50,100\nagent.gamma=0.5__seed=0,0,0.5,0.55,100\n"
+                    "agent.gamma=0__seed=1,1,0,0.52,100\nagent.gamma=0.5__seed=1,1,0.5,0.56,100\n")
+    out = tmp_path / "paired"
+    for _ in range(2):  # the second time into the folder the first one made and marked
+        assert main(["report", str(runs), "--out", str(out)]) == 0
+    assert rundir.owner(out) is rundir.Kind.REPORT and (out / "paired.md").is_file()
+    capsys.readouterr()

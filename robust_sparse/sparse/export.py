@@ -20,6 +20,7 @@ latency measured at export (batch 1, the exporting process's threads). Every fil
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ import torch
 
 from robust_sparse import rundir
 from robust_sparse.checkpoint import atomic_open, load_checkpoint, save_checkpoint, write_atomic
+
+log = logging.getLogger(__name__)
 
 COMPACT_FORMAT = "robust-sparse-compact/1"
 SPARSE_INFERENCE_FILE = "model_sparse_inference.pt"
@@ -106,27 +109,35 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: 
     }
     summary["compact_to_dense_size"] = summary["compact_file_bytes"] / summary["dense_file_bytes"]
     summary["protocol"] = export_protocol(state["config"])
-    summary["sparse_inference"] = export_sparse_inference(model_state, summary["protocol"],
-                                                          out / SPARSE_INFERENCE_FILE)
+    summary["sparse_inference"] = export_sparse_inference(model_state, state["config"], out / SPARSE_INFERENCE_FILE)
     write_atomic(out / "export.json", json.dumps(summary, indent=2))
     return summary
 
 
-def export_sparse_inference(model_state: dict[str, torch.Tensor], protocol: dict[str, Any],
+def export_sparse_inference(model_state: dict[str, torch.Tensor], config: dict[str, Any],
                             path: Path) -> dict[str, Any]:
-    """Write the CPU sparse-inference model (one image per call, this process's threads); its measured latency."""
-    from robust_sparse.config import DatasetName
-    from robust_sparse.data import DATASETS
-    from robust_sparse.models import build_model
+    """Write the CPU sparse-inference model (one image per call, this process's threads); its measured latency.
+    Skipped (and said so in the returned record) for a model its saved form cannot rebuild by name alone: an
+    outside (``torchvision:``/``timm:``), user-registered or keyword-configured architecture."""
+    from robust_sparse.config import config_from_dict
+    from robust_sparse.data import dataset_info
+    from robust_sparse.models import MODELS, build_model
     from robust_sparse.inference import save_sparse_inference, sparse_inference
 
-    info = DATASETS[DatasetName(protocol["dataset"])]
-    model = build_model(protocol["architecture"], info.num_classes, info.in_channels, info.mean, info.std)
+    run = config_from_dict({**config, "data": {**config.get("data", {}), "root": "."}})  # the root may be gone
+    architecture = run.model.name
+    if architecture not in MODELS or run.model.kwargs:
+        reason = (f"model {architecture!r}" + (" with model.kwargs" if run.model.kwargs else "") +
+                  ": the sparse-inference file rebuilds only the toolkit's own architectures by name")
+        log.warning("sparse-inference model not written: %s", reason)
+        return {"file": None, "skipped": reason}
+    info = dataset_info(run.data)
+    model = build_model(architecture, info.num_classes, info.in_channels, info.mean, info.std)
     model.load_state_dict(model_state)
     image = torch.rand(1, info.in_channels, info.image_size, info.image_size,
                        generator=torch.Generator().manual_seed(0))
     fast = sparse_inference(model.eval(), image)
-    save_sparse_inference(fast, path, protocol["architecture"], info.num_classes, info.in_channels,
+    save_sparse_inference(fast, path, architecture, info.num_classes, info.in_channels,
                           info.mean, info.std)
     choices = fast.report()
     return {"file": path.name, "batch_size": 1, "threads": torch.get_num_threads(),
