@@ -31,6 +31,6 @@ class FGSM(Attack):
         if self.eps == 0:
             return images.clone()
         delta = torch.zeros_like(images, requires_grad=True)
-        loss = F.cross_entropy(self.model(images + delta), labels, reduction="sum")
+        loss = F.cross_entropy(self.logits(images + delta), labels, reduction="sum")
         (grad,) = torch.autograd.grad(loss, delta)
         return images + project(ascent_step(grad, self.norm, self.eps), images, self.norm, self.eps)

@@ -18,14 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-# This folder holds benchmarks/autoattack.py, which would shadow the autoattack package for this script.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main() -> None:

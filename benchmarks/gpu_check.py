@@ -53,10 +53,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-# benchmarks/ must not be on sys.path (Python puts a script's directory first): its autoattack.py would shadow
-# the autoattack package that the AutoAttack section imports. throughput.py is loaded from its file instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# throughput.py is loaded from its file, whatever sys.path holds.
 _spec = importlib.util.spec_from_file_location("throughput", Path(__file__).with_name("throughput.py"))
 throughput = importlib.util.module_from_spec(_spec)
 sys.modules["throughput"] = throughput

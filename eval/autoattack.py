@@ -182,7 +182,7 @@ def select_backend(name: str = "auto") -> AutoAttackBackend:
 def torchattacks_autoattack(model: nn.Module, *, norm: str, eps: float, n_classes: int, seed: int):
     """``torchattacks.AutoAttack`` configured like the original standard version.
 
-    Its defaults differ in three ways (anchors B.2): APGD, APGD-T and FAB run 10 iterations (100 in the
+    Its defaults differ in three ways (torchattacks 3.5.1): APGD, APGD-T and FAB run 10 iterations (100 in the
     original), APGD-T and FAB-T attack ``n_classes - 1`` targets (9 in the original), and Square uses the
     rescaled p-schedule (``resc_schedule=False`` in the original). The seed is fixed here (the default is
     ``time.time()``).

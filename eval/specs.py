@@ -6,6 +6,8 @@ accept, how its spelling parses (``pgd-50x10``, without ``eval``) and how the ru
 ``pgd[-K[xR]]``      PGD on the cross-entropy, K steps of 2.5*eps/K from a random start, R restarts; a
                      point is robust only if no restart fools it (BSR-Net/AGENT: ``pgd-50x10``)
 ``cw[-K[xR]]``       the same PGD on the Carlini-Wagner margin loss (CW-inf)
+``...:step=S``       pgd and cw: step size S in pixel units (``2/255``, ``0.01``) instead of 2.5*eps/K
+``...:start=zero``   pgd and cw: from the clean point instead of a random start (deterministic: one restart)
 ``autoattack``       AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (original implementation)
 ``apgd-ce`` ...      one sub-attack of AutoAttack standard alone: ``apgd-ce``, ``apgd-t``, ``fab-t``,
                      ``square``
@@ -25,6 +27,7 @@ import inspect
 import logging
 import re
 from dataclasses import dataclass
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -93,6 +96,7 @@ class AttackKind:
     bare_restarts: bool = False  # a bare iterative name takes the default restarts (pgd), else one (cw)
     units: tuple[str, ...] = ()
     black_box: frozenset[str] = frozenset()  # units that do not follow gradients (Square)
+    takes_step_and_start: bool = False  # accepts ``:step=S`` and ``:start=zero`` (the PGD family)
     module: str | None = None  # the module that registers it, for child processes (None: built in)
 
     def unit_names(self, spec: "AttackSpec") -> tuple[str, ...]:
@@ -114,21 +118,31 @@ class AttackSpec:
     kind: str
     steps: int = 0  # iterative kinds only
     restarts: int = 1  # iterative kinds only
+    step_size: float | None = None  # the PGD family: None is 2.5 * eps / steps
+    random_start: bool = True  # the PGD family: False starts from the clean point
 
     @property
     def attack_kind(self) -> AttackKind:
         return ATTACKS.get(self.kind)
 
     @property
+    def parameters(self) -> str:
+        """The parameters that differ from the defaults, as spelled: ``:step=2/255:start=zero``, or ``""``."""
+        return ((f":step={_size_text(self.step_size)}" if self.step_size is not None else "")
+                + ("" if self.random_start else ":start=zero"))
+
+    @property
     def key(self) -> str:
-        """Canonical spelling, e.g. ``pgd-50x10``; used in file names and as the results key."""
-        return f"{self.kind}-{self.steps}x{self.restarts}" if self.attack_kind.iterative else self.kind
+        """Canonical spelling, e.g. ``pgd-50x10`` or ``pgd-20x1:step=2/255``; the results and flags key (every
+        parameter is in it, so flags computed with another step size or start are never reused)."""
+        kind = self.attack_kind
+        return f"{self.kind}-{self.steps}x{self.restarts}{self.parameters}" if kind.iterative else self.kind
 
     @property
     def label(self) -> str:
-        """Display name, e.g. ``PGD-50x10``, ``AutoAttack``."""
+        """Display name, e.g. ``PGD-50x10``, ``PGD-20x1:start=zero``, ``AutoAttack``."""
         kind = self.attack_kind
-        return f"{kind.label}-{self.steps}x{self.restarts}" if kind.iterative else kind.label
+        return f"{kind.label}-{self.steps}x{self.restarts}{self.parameters}" if kind.iterative else kind.label
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -149,16 +163,69 @@ def names_help() -> str:
 
 
 def parse_attack(text: str, *, default_steps: int = 50, default_restarts: int = 10) -> AttackSpec:
-    """``"pgd-50x10"`` -> ``AttackSpec("pgd", 50, 10)``; bare ``pgd`` takes the defaults, bare ``cw`` one restart."""
-    name = text.strip().lower()
+    """``"pgd-50x10"`` -> ``AttackSpec("pgd", 50, 10)``; bare ``pgd`` takes the defaults, bare ``cw`` one restart;
+    ``"pgd-20x1:step=2/255:start=zero"`` also sets the step size and starts from the clean point."""
+    name, *parameters = text.strip().lower().split(":")
     spec = _parse(name, default_steps, default_restarts)
     if spec is None and plugins.import_from_environment():
         spec = _parse(name, default_steps, default_restarts)
     if spec is None:
-        raise UserError(f"unknown attack {text.strip()!r}; choose from: {names_help()}")
+        raise UserError(f"unknown attack {text.strip().split(':')[0]!r}; choose from: {names_help()}")
     if spec.attack_kind.iterative and (spec.steps < 1 or spec.restarts < 1):
         raise UserError(f"attack {text!r}: steps and restarts must be >= 1")
-    return spec
+    return _with_parameters(spec, name, parameters, text.strip()) if parameters else spec
+
+
+def _with_parameters(spec: AttackSpec, name: str, parameters: list[str], text: str) -> AttackSpec:
+    """``spec`` (parsed from ``name``) with the ``step=`` and ``start=`` of ``text``'s ``:``-separated parameters.
+    A zero start is deterministic, so it runs once: a bare name gets one restart, an explicit ``xR`` > 1 is refused."""
+    if not spec.attack_kind.takes_step_and_start:
+        takers = ", ".join(name for name, kind in ATTACKS.entries() if kind.takes_step_and_start)
+        raise UserError(f"attack {text!r}: {spec.kind} takes no parameters (step= and start= are for {takers})")
+    values: dict[str, str] = {}
+    for parameter in parameters:
+        field, equals, value = parameter.partition("=")
+        if field not in ("step", "start") or not equals:
+            raise UserError(f"attack {text!r}: unknown parameter {parameter!r}; {spec.kind} takes step=SIZE "
+                            "(e.g. step=2/255) and start=random|zero")
+        if field in values:
+            raise UserError(f"attack {text!r}: {field}= is given twice")
+        values[field] = value.strip()
+    step_size, random_start = spec.step_size, spec.random_start
+    if "step" in values:
+        step_size = _size(values["step"])
+        if step_size is None:
+            raise UserError(f"attack {text!r}: step={values['step']}: must be a finite size > 0 in pixel units, "
+                            "e.g. step=2/255 or step=0.01")
+    if "start" in values:
+        if values["start"] not in ("random", "zero"):
+            raise UserError(f"attack {text!r}: start={values['start']}: choose random or zero")
+        random_start = values["start"] == "random"
+    restarts = spec.restarts
+    if not random_start and restarts > 1:
+        match = _STEPS_SUFFIX.fullmatch(name)
+        if match is not None and match.group(3) is not None:
+            raise UserError(f"attack {text!r}: start=zero is deterministic, so its {restarts} restarts would "
+                            f"repeat one run; use one restart, e.g. {spec.kind}-{spec.steps}x1:start=zero")
+        restarts = 1
+    return AttackSpec(spec.kind, spec.steps, restarts, step_size, random_start)
+
+
+def _size(text: str) -> float | None:
+    """``"2/255"`` or ``"0.01"`` as a float; None unless it is a finite number > 0."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        value = float(numerator) / float(denominator) if slash else float(numerator)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _size_text(value: float) -> str:
+    """The canonical spelling of a step size, read back by :func:`_size` to the same float: ``k/255`` when it is
+    exactly that, else the shortest decimal."""
+    k = round(value * 255)
+    return f"{k}/255" if k >= 1 and k / 255 == value else repr(value)
 
 
 def _parse(name: str, default_steps: int, default_restarts: int) -> AttackSpec | None:
@@ -262,12 +329,16 @@ def _fgsm(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
 def _pgd(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
     # one restart per unit: the runner seeds each restart and runs it on the points the previous ones left
     return PGD(context.model, norm=context.norm, eps=context.eps, steps=spec.steps, restarts=1,
-               step_size=pgd_step_size(context.eps, spec.steps), random_start=True)
+               step_size=_step_size(context, spec), random_start=spec.random_start)
 
 
 def _cw(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
     return CW(context.model, norm=context.norm, eps=context.eps, steps=spec.steps,
-              step_size=pgd_step_size(context.eps, spec.steps))
+              step_size=_step_size(context, spec), random_start=spec.random_start)
+
+
+def _step_size(context: AttackContext, spec: AttackSpec) -> float:
+    return spec.step_size if spec.step_size is not None else pgd_step_size(context.eps, spec.steps)
 
 
 def _autoattack(context: AttackContext, spec: AttackSpec, unit: str) -> AttackFn:
@@ -286,8 +357,8 @@ _BLACK_BOX = frozenset(STANDARD_ATTACKS) - WHITE_BOX_ATTACKS
 
 for _kind in (
     AttackKind("fgsm", "FGSM", _fgsm),
-    AttackKind("pgd", "PGD", _pgd, iterative=True, bare_restarts=True),
-    AttackKind("cw", "CW", _cw, iterative=True),
+    AttackKind("pgd", "PGD", _pgd, iterative=True, bare_restarts=True, takes_step_and_start=True),
+    AttackKind("cw", "CW", _cw, iterative=True, takes_step_and_start=True),
     AttackKind("autoattack", "AutoAttack", _autoattack, units=STANDARD_ATTACKS, black_box=_BLACK_BOX),
     *(AttackKind(sub, _SUB_ATTACK_LABELS[sub], _autoattack, black_box=_BLACK_BOX & {sub}) for sub in STANDARD_ATTACKS),
     AttackKind("torchattacks-aa", "torchattacks-AA", _torchattacks_autoattack),

@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--severities", help="--threat-model corruptions: comma-separated, 1-5 (default: all five)")
     evaluate.add_argument("--eps", help="radius, e.g. 8/255, or several: 2/255,4/255,8/255 "
                                         "(default: the run's; else 8/255 Linf / 0.5 L2 on CIFAR and SVHN)")
-    attacks = evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack);")
+    attacks = evaluate.add_argument("--attacks", help="comma-separated, run in order (default: pgd,autoattack); "
+                                                      "pgd and cw take :step=SIZE and :start=zero, e.g. "
+                                                      "pgd-20x1:step=2/255:start=zero;")
     # argparse fills %(registered)s from the action's attributes when help is shown; added after add_argument,
     # which checks the help string's placeholders on newer Pythons
     attacks.registered = _RegisteredAttacks()
@@ -366,10 +368,13 @@ def _eval(args: argparse.Namespace) -> int:
         large_eps = _coerce(args.large_eps, float, "--large-eps")
         if not 0 < large_eps < float("inf"):
             raise UserError(f"--large-eps {args.large_eps}: must be a finite radius > 0 (pixel units)")
-    if args.attacks is not None and not specs.parse_attacks(args.attacks):  # "" or ",": no names at all
+    try:  # names and parameters checked now; defaults filled in below
+        named = specs.parse_attacks("pgd,autoattack" if args.attacks is None else args.attacks)
+    except UserError as error:
+        raise UserError(f"--attacks: {error}") from None
+    if not named:  # "" or ",": no names at all
         raise UserError(f"--attacks {args.attacks!r}: names no attack; give a comma-separated list, e.g. "
                         f"pgd,autoattack (choose from: {specs.names_help()})")
-    specs.parse_attacks(args.attacks or "pgd,autoattack")  # names checked now; defaults filled in below
     if args.output is not None:  # writable now, not after an hour of attacks
         rundir.check_output_file(args.output, "--output")
     if args.results_dir is not None:

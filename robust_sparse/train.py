@@ -291,6 +291,8 @@ def _fit_locked(run: _Run, resume: bool, progress: bool) -> FitResult:
     log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
              config.data.dataset.value, len(run.splits.train), len(run.splits.val), config.objective.value,
              run.device)
+    if config.val.max_examples == 0:
+        log.info("val.max_examples = 0: no validation; the last epoch is selected (best.pt)")
     for epoch in range(record.start_epoch, config.optim.epochs):
         checkpoint, is_best = _train_epoch(run, record, epoch, tracker, progress)
         _save_epoch(run, record, checkpoint, is_best)
@@ -502,27 +504,31 @@ def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
                             flops=run.flops, on_step=tracker.step_logger(epoch, len(run.loader)))
     distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
     per_view = {}
-    for view in views_of(masker):
+    validated = config.val.max_examples > 0
+    for view in views_of(masker) if validated else ():
         with view.activate():
             per_view[view.index] = validate(run.model, run.splits.val, config, device, shown, run.amp)
         run.flops.validation(view.masks, min(len(run.splits.val), config.val.max_examples), per_view[view.index][0])
-    val_clean = sum(clean for clean, _ in per_view.values()) / len(per_view)
-    val_robust = sum(robust for _, robust in per_view.values()) / len(per_view)
+    val_clean = sum(clean for clean, _ in per_view.values()) / len(per_view) if validated else float("nan")
+    val_robust = sum(robust for _, robust in per_view.values()) / len(per_view) if validated else float("nan")
     # A gradually pruned run (AST) counts a checkpoint only once every mask has reached its target density.
     eligible = masker is None or masker.at_target_density()
-    is_best = eligible and (val_robust, val_clean) > record.best_key
+    # Without validation every eligible epoch replaces best.pt, so the last one is selected; its history does not
+    # mark it "best" (by validation), so the evaluation reads it as the latest epoch (eval.leaderboard).
+    is_best = eligible and (not validated or (val_robust, val_clean) > record.best_key)
     record.history.append({
         "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
         "val_clean_accuracy": val_clean, "val_pgd_accuracy": val_robust, "train_seconds": stats.seconds,
-        "images_per_second": stats.images / stats.seconds, "best": is_best, **_sparsity_metrics(masker),
+        "images_per_second": stats.images / stats.seconds, "best": is_best and validated, **_sparsity_metrics(masker),
         **run.flops.epoch_metrics(),
         **{f"val_{kind}_accuracy_subnet{k}": value for k, pair in per_view.items() if k is not None
            for kind, value in zip(("clean", "pgd"), pair)},
         **_agent_metrics(agent, config, run.splits.train, run.objective, device, run.amp),
     })
     tracker.epoch(record.history[-1])
-    log.info("epoch %d/%d  loss %.4f  train acc %.3f  val clean %.3f  val pgd %.3f  %.0f img/s",
-             epoch + 1, config.optim.epochs, stats.loss, stats.accuracy, val_clean, val_robust,
+    log.info("epoch %d/%d  loss %.4f  train acc %.3f  %s  %.0f img/s",
+             epoch + 1, config.optim.epochs, stats.loss, stats.accuracy,
+             f"val clean {val_clean:.3f}  val pgd {val_robust:.3f}" if validated else "no validation",
              stats.images / stats.seconds)
     checkpoint = {
         "config": to_dict(config), "epoch": epoch + 1, "model": run.model.state_dict(),
@@ -538,7 +544,7 @@ def _train_epoch(run: _Run, record: _Record, epoch: int, tracker: Tracker,
         record.layer_rows += _layer_densities(masker, epoch + 1)
         checkpoint["sparsity"] = masker.state_dict()
         checkpoint["layer_density"] = record.layer_rows
-    if is_best:
+    if is_best and validated:
         record.best_key = (val_robust, val_clean)
         checkpoint["best_key"] = list(record.best_key)
     return checkpoint, is_best

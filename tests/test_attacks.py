@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 import torchattacks
 
-from robust_sparse.attacks import PGD, Attack, TradesKL
+import robust_sparse.attacks as attacks
+from robust_sparse.attacks import CW, FGSM, PGD, Attack, TradesKL
 from robust_sparse.accuracy import evaluate_pgd
 
 from conftest import assert_in_ball_and_box, make_tiny_model
@@ -133,3 +135,38 @@ def test_trades_attack_matches_torchattacks_tpgd(trained_tiny, test_batch):
 def test_pgd_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         PGD(make_tiny_model(), **kwargs)
+
+
+# One constructor per attack class of robust_sparse.attacks; the test below fails when a new class is not listed.
+EVERY_ATTACK = {
+    PGD: lambda m: PGD(m, eps=0.1, step_size=0.03, steps=2),
+    CW: lambda m: CW(m, eps=0.1, step_size=0.03, steps=2),
+    FGSM: lambda m: FGSM(m, eps=0.1),
+    TradesKL: lambda m: TradesKL(m, eps=0.1, step_size=0.03, steps=2),
+}
+
+
+def test_every_attack_class_is_listed_for_the_autocast_check():
+    exported = {getattr(attacks, name) for name in attacks.__all__}
+    classes = {c for c in exported if isinstance(c, type) and issubclass(c, Attack) and c is not Attack}
+    assert classes == set(EVERY_ATTACK)
+
+
+@pytest.mark.parametrize("attack_class", list(EVERY_ATTACK), ids=lambda c: c.__name__)
+def test_every_forward_of_every_attack_runs_under_the_requested_autocast(attack_class, test_batch):
+    """With ``autocast`` set (bf16 on the CPU here), each forward the attack makes runs in bf16 and the output
+    stays fp32; without it, each forward is fp32. A forward that bypasses :meth:`Attack.logits` (FGSM once
+    called ``self.model``) shows up as an fp32 forward under a bf16 request."""
+    images, labels = test_batch[0][:8], test_batch[1][:8]
+    model = make_tiny_model()
+    forward_dtypes = []
+    model.register_forward_hook(lambda module, args, output: forward_dtypes.append(output.dtype))
+    attack = EVERY_ATTACK[attack_class](model)
+    plain = attack(images, labels)
+    assert forward_dtypes and set(forward_dtypes) == {torch.float32}
+    forward_dtypes.clear()
+    attack.autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    adversarial = attack(images, labels)
+    assert forward_dtypes and set(forward_dtypes) == {torch.bfloat16}
+    assert adversarial.dtype == plain.dtype == torch.float32
+    assert_in_ball_and_box(adversarial, images, attack)

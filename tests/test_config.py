@@ -30,6 +30,17 @@ def test_shipped_quickstart_copy_matches_the_embedded_one():
     assert config.sparsity.method.value == "bsrnet" and config.sparsity.density == 0.1
 
 
+@pytest.mark.parametrize("overrides, optimizer", [
+    ([], "sgdw"),  # the quickstart itself: BSR-Net with BSR-Net's optimizer
+    (["sparsity.method=none"], "sgd"),  # a dense baseline derived from it gets the dense default
+    (["sparsity.method=rigl"], "sgd"),
+    (["sparsity.method=none", "optim.optimizer=sgdw"], "sgdw"),  # an optimizer given by hand is kept
+    (["optim.optimizer=sgd"], "sgd"),
+])
+def test_the_quickstarts_optimizer_follows_the_method_unless_given(overrides, optimizer):
+    assert load_config(QUICKSTART, overrides).optim.optimizer.value == optimizer
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.2\n  epochs: 3\nattack:\n  eps: 8/255\n  norm: l2\n")

@@ -93,6 +93,16 @@ def test_eval_weights_writes_the_store_and_resumes(weights, tmp_path, capsys, ca
     assert "resuming from" not in caplog.text and "FGSM:" in caplog.text
 
 
+def test_eval_pgd_step_size_and_zero_start_are_stored_with_the_attack(weights, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(_tiny(weights, "--n-examples", "16", "--attacks", "pgd:step=2/255:start=zero", "--pgd-steps", "3",
+                      "--no-probe", "--results-dir", str(results))) == 0
+    assert "PGD-3x1:step=2/255:start=zero" in capsys.readouterr().out
+    (row,) = _rows(results)
+    assert row["attacks"] == "pgd-3x1:step=2/255:start=zero" and row["pgd_attack"] == "PGD-3x1:step=2/255:start=zero"
+    assert row["per_attack"].keys() == {"PGD-3x1:step=2/255:start=zero"}
+
+
 def test_eval_checkpoint_defaults_to_the_run(checkpoint, capsys):
     assert main(["eval", str(checkpoint), "--n-examples", "40", "--attacks", "pgd", "--pgd-steps", "3", "--restarts",
                  "2", "--no-probe", "--device", "cpu", "--no-progress"]) == 0
@@ -190,6 +200,10 @@ def _float_255_file(mnist, tmp_path):
     (lambda w, c, z, m, t: ["eval", str(t / "missing.pt")], "checkpoint not found"),
     (lambda w, c, z, m, t: _tiny(w, "--n-examples", "5000"), "the test set has only 1000 points"),
     (lambda w, c, z, m, t: _tiny(w, "--attacks", "pgd,deepfool"), "unknown attack 'deepfool'"),
+    (lambda w, c, z, m, t: _tiny(w, "--attacks", "fgsm,pgd-5x1:step=2/0"),
+     "--attacks: attack 'pgd-5x1:step=2/0': step=2/0: must be a finite size > 0 in pixel units"),
+    (lambda w, c, z, m, t: _tiny(w, "--attacks", "fgsm:start=zero"), "--attacks: attack 'fgsm:start=zero': fgsm takes no"),
+    (lambda w, c, z, m, t: _tiny(w, "--attacks", ","), "--attacks ',': names no attack"),
     (lambda w, c, z, m, t: _tiny(w, "--data-file", _float_255_file(m, t)), r"must lie in [0, 1]"),
     (lambda w, c, z, m, t: _tiny(w, "--eps", "eight"), "expected a number"),
     (lambda w, c, z, m, t: _tiny(w, "--eps", "2", "--n-examples", "4"), "must be <= 1 for linf"),

@@ -38,6 +38,35 @@ def test_fit_writes_metrics_checkpoints_and_evaluation(tiny_config):
     assert evaluation["n_examples"] == 128 and 0 <= evaluation["pgd_accuracy"] <= evaluation["clean_accuracy"]
 
 
+def test_no_validation_selects_the_last_epoch_and_says_so(tiny_config, monkeypatch, caplog):
+    """val.max_examples=0: nothing is validated, best.pt is the last epoch, its history marks no epoch best by
+    validation (so the evaluation reads it as the latest epoch), and the run's log says so."""
+    import logging
+
+    from robust_sparse import train as train_module
+    from robust_sparse.eval.leaderboard import Selection, checkpoint_selection
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("validate called with val.max_examples=0")
+
+    monkeypatch.setattr(train_module, "validate", no_validation)
+    with caplog.at_level(logging.INFO, logger="robust_sparse.train"):
+        result = fit(tiny_config("val.max_examples=0", "optim.epochs=2", "eval.n_examples=32"))
+    assert "val.max_examples = 0: no validation; the last epoch is selected" in caplog.text
+    epoch_lines = [m for m in caplog.messages if m.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("no validation" in m for m in epoch_lines)
+    metrics = result.metrics
+    assert metrics["val_clean_accuracy"].isna().all() and metrics["val_pgd_accuracy"].isna().all()
+    assert not metrics["best"].any()
+    best, last = load_checkpoint(result.run_dir / "best.pt"), load_checkpoint(result.run_dir / "last.pt")
+    assert best["epoch"] == last["epoch"] == 2
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    assert checkpoint_selection(best) is Selection.LAST
+    assert json.loads((result.run_dir / "eval.json").read_text())["epoch"] == 2
+    with pytest.raises(UserError, match=r"^val.max_examples = -1: must be >= 0 \(0 = no validation"):
+        load_config(None, ["val.max_examples=-1"])
+
+
 def test_resume_gives_identical_weights(tiny_config, tmp_path):
     uninterrupted = fit(tiny_config("optim.epochs=3", f"out_dir={tmp_path / 'a'}", "eval.n_examples=0"))
     # The "killed" run: the same config, stopped after its first epoch, then resumed to the end.

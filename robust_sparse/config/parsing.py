@@ -199,13 +199,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _method_defaults(config: TrainConfig, data: dict[str, Any]) -> None:
     """Defaults that depend on the sparse method. BSR-Net (and A-BSR-Net) train with tfa SGDW: decay decoupled
     from the gradient and not scaled by the learning rate. ``optim.optimizer`` given in the file or an override
-    is kept as it is (``train`` warns when bsrnet then runs with coupled ``sgd`` decay)."""
+    is kept as it is (``train`` warns when bsrnet then runs with coupled ``sgd`` decay). The quickstart leaves the
+    optimizer to this rule, so a dense baseline derived from it trains with ``sgd``; a debug line, not an info one:
+    every command on the quickstart would otherwise print it, before its one-line errors too."""
     optim = data.get("optim")
     given = isinstance(optim, dict) and "optimizer" in optim
     if config.sparsity.method is SparsityMethod.BSRNET and not given:
         config.optim.optimizer = OptimizerName.SGDW
-        log.info("sparsity.method = bsrnet: optim.optimizer = sgdw (decoupled weight decay, BSR-Net's), "
-                 "as optim.optimizer was not given")
+        log.debug("sparsity.method = bsrnet: optim.optimizer = sgdw (decoupled weight decay, BSR-Net's), "
+                  "as optim.optimizer was not given")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -36,7 +36,7 @@ def _integer_ranges(config: TrainConfig) -> None:
             ("data.val_size", config.data.val_size, 0, MAX_EXAMPLES),
             ("data.train_limit", config.data.train_limit, 0, MAX_EXAMPLES),
             ("attack.steps", config.attack.steps, 1, MAX_STEPS), ("val.pgd_steps", config.val.pgd_steps, 1, MAX_STEPS),
-            ("val.max_examples", config.val.max_examples, 1, MAX_EXAMPLES),
+            ("val.max_examples", config.val.max_examples, 0, MAX_EXAMPLES),
             ("eval.n_examples", config.eval.n_examples, 0, MAX_EXAMPLES),
             ("eval.pgd_steps", config.eval.pgd_steps, 1, MAX_STEPS),
             ("eval.restarts", config.eval.restarts, 1, MAX_STEPS),
@@ -91,7 +91,8 @@ def validate(config: TrainConfig) -> None:
     _check(optim.milestones == sorted(optim.milestones), f"optim.milestones = {optim.milestones}: must increase")
     _check(all(f > 0 for f in optim.factors), f"optim.factors = {optim.factors}: each must be > 0")
     _check(config.val.pgd_steps >= 1, f"val.pgd_steps = {config.val.pgd_steps}: must be >= 1")
-    _check(config.val.max_examples >= 1, f"val.max_examples = {config.val.max_examples}: must be >= 1")
+    _check(config.val.max_examples >= 0,
+           f"val.max_examples = {config.val.max_examples}: must be >= 0 (0 = no validation: the last epoch is selected)")
     _check(config.eval.n_examples >= 0, f"eval.n_examples = {config.eval.n_examples}: must be >= 0 (0 = skip)")
     _check(config.eval.pgd_steps >= 1, f"eval.pgd_steps = {config.eval.pgd_steps}: must be >= 1")
     _check(config.eval.autoattack_examples >= 0,

@@ -2,7 +2,7 @@
 
 :func:`build_sparsity` looks ``sparsity.method`` up in :data:`METHODS` and returns a :class:`SparseMasker`
 attached to the model and its optimizer (or None for dense training). Where each method lives, with its
-defaults (anchors.md §D, bsrnet_spec.md):
+defaults (the published ones: docs/papers.md has each paper's setting and config):
 
 ================  ===================  ==========  =========  ========  ============  ===========
 method            file                 growth      prune      schedule  update every  init

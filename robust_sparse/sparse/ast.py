@@ -31,7 +31,7 @@ delayed by ``k * offset`` so that the sub-nets rewire at different times, until 
    zero with reset optimizer state (RigL); positions no sub-net uses any more are zeroed.
 
 Gradient correction (our implementation from the paper's description: the official code's version never
-projects, see anchors.md §C.1): every sub-net keeps a running gradient ``G_k <- beta G_k + (1 - beta) g``
+projects, docs/papers.md says why): every sub-net keeps a running gradient ``G_k <- beta G_k + (1 - beta) g``
 per layer (of its raw, uncorrected masked gradients). Per layer, with ``G = G_{k-1} ⊙ M_k`` (the previous
 sub-net's running gradient on the positions sub-net ``k`` trains), the step's gradient ``g`` itself is
 projected PCGrad-style when it conflicts: if ``<g, G> < 0``, ``g <- g - <g, G> / ||G||^2 G``, so that

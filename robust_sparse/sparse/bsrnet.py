@@ -133,7 +133,8 @@ def reinitialise(params: dict[str, nn.Parameter], generator: torch.Generator) ->
 
 
 def bsrnet_initial(model_name: str, shapes: Shapes, density: float) -> dict[str, float]:
-    """BSR-Net's hand-set initial densities (bsrnet_spec.md §1.2), p being the global density.
+    """BSR-Net's hand-set initial densities (its official code, IGITUGraz/SparseAdversarialTraining), p being the
+    global density.
 
     VGG-16: conv1-2 0.6, conv3-4 0.2, the rest 0.5p, classifier 0.6. ResNet: stem 0.6, every conv of the
     first (64-channel) stage 0.2, later stages 0.5p, classifier 0.6. WRN: stem 0.6, first group 0.1, later

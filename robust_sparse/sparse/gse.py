@@ -1,7 +1,7 @@
 """GSE: always-sparse training by growing connections with guided stochastic exploration.
 
-Heddes, Srinivasa, Givargis & Nicolau, arXiv 2401.06898 (2024); anchors.md §C.2. Every ``update_every``
-steps until ``end_step``, each sparse layer
+Heddes, Srinivasa, Givargis & Nicolau, arXiv 2401.06898 (2024); code mikeheddes/guided-stochastic-exploration
+(its settings: docs/papers.md). Every ``update_every`` steps until ``end_step``, each sparse layer
 
 1. samples ``gamma * nnz`` candidate positions (with replacement, deduplicated) from a uniform distribution
    or GraBo's ``p_out(i) * p_in(j)`` (p_out ∝ Σ|∂L/∂out_i|, p_in ∝ Σ|in_j|); a layer whose density is at

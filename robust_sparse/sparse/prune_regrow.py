@@ -6,7 +6,7 @@
   over-parameterisation (the exploration rate).
 
 ``sparsity.growth = momentum`` with any of them is SNFS's growth criterion. Every field left at None in the
-config takes the method's default below (anchors.md §D).
+config takes the method's default below (the papers' and their code's; docs/papers.md).
 """
 
 from __future__ import annotations

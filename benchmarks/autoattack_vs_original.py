@@ -16,7 +16,7 @@ against the original. Prints a Markdown table and writes ``--json``.
 Usage (the quickstart checkpoint is a small CNN adversarially trained on MNIST-5k)::
 
     robust-sparse train --out runs/quickstart
-    python benchmarks/autoattack.py --checkpoint runs/quickstart/best.pt --n 100 --eps 0.1
+    python benchmarks/autoattack_vs_original.py --checkpoint runs/quickstart/best.pt --n 100 --eps 0.1
 """
 
 from __future__ import annotations
