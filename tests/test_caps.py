@@ -77,6 +77,7 @@ def test_aliases_below_the_cap_and_a_recursive_alias(tmp_path):
     ("eval.n_examples=1000000000000", "eval.n_examples = 1000000000000: must be in 0..100000000"),
     ("attack.steps=10000000", "attack.steps = 10000000: must be in 1..100000"),
     ("data.val_size=1000000000000", "data.val_size = 1000000000000: must be in 0..100000000"),
+    (f"data.split_seed={2**64}", f"data.split_seed = {2**64}: must be in 0..4294967295"),
 ])
 def test_integers_outside_their_fields_range(tmp_path, capsys, override, message):
     line = one_line_error(["train", "--set", "model.name=tiny_cnn", "--set", override, "--out",

@@ -47,6 +47,8 @@ def _integer_ranges(config: TrainConfig) -> None:
             ("agent.probe_chunks", config.agent.probe_chunks, 0, MAX_BATCH),
             ("sparsity.gse.samples_per_class", config.sparsity.gse.samples_per_class, 1, MAX_BATCH)):
         check_range(where, value, low, high)
+    if config.data.split_seed is not None:  # unset: the run's seed draws the split
+        check_range("data.split_seed", config.data.split_seed, 0, MAX_SEED)
 
 
 def validate(config: TrainConfig) -> None:
