@@ -8,14 +8,22 @@ arrays memory-mapped instead of calling that loader, which loads each whole file
 downloads the data set when the folder is absent; the layout, the slicing and the scaling (``/ 255``) are its.
 
 The defaults are RobustBench's leaderboard: its 15 corruptions (``robustbench.data.CORRUPTIONS``) at severities
-1-5, and its aggregate, the mean of the 75 accuracies. ImageNet-C is not read: this toolkit has no ImageNet
-models (robustbench's ``load_imagenetc`` reads ``<root>/ImageNet-C/<corruption>/<severity>/``).
+1-5, and its aggregate, the mean of the 75 accuracies.
+
+ImageNet-C is read as robustbench's ``load_imagenetc`` reads it: ``<root>/ImageNet-C/<corruption>/<severity>/``
+through robustbench's ``CustomImageFolder``, which takes the images of RobustBench's 5000-image test list
+(``imagenet_test_image_ids.txt``, ``<wnid>/<file>`` per line) in the list's order, its first ``n`` for ``n``
+points, preprocessed by 'Res224' (``robustbench.eval`` uses only resizing to 224x224 for the corruptions
+tracks). The labels are RobustBench's class map, which for the complete 1000-folder tree is the sorted-folder
+index ``CustomImageFolder`` assigns. We read the first ``n`` listed files in batches (robust_sparse.imagefolder)
+rather than all of a folder at once.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,9 +43,12 @@ ROWS_PER_SEVERITY = 10000  # robustbench's n_total_cifar
 SEVERITIES = (1, 2, 3, 4, 5)
 #: The folder of each data set under the data root (robustbench.data.CORRUPTIONS_DIR_NAMES) and its Zenodo record
 #: (robustbench.data.ZENODO_CORRUPTIONS_LINKS).
-FOLDERS = {DatasetName.CIFAR10: "CIFAR-10-C", DatasetName.CIFAR100: "CIFAR-100-C"}
+FOLDERS = {DatasetName.CIFAR10: "CIFAR-10-C", DatasetName.CIFAR100: "CIFAR-100-C", DatasetName.IMAGENET: "ImageNet-C"}
+#: ImageNet-C has no entry in robustbench's ZENODO_CORRUPTIONS_LINKS (it never downloads it): Hendrycks &
+#: Dietterich's record, which RobustBench's README links.
 ZENODO = {DatasetName.CIFAR10: "https://zenodo.org/record/2535967 (CIFAR-10-C.tar)",
-          DatasetName.CIFAR100: "https://zenodo.org/record/3555552 (CIFAR-100-C.tar)"}
+          DatasetName.CIFAR100: "https://zenodo.org/record/3555552 (CIFAR-100-C.tar)",
+          DatasetName.IMAGENET: "https://zenodo.org/record/2235448 (blur, digital, noise, weather .tar)"}
 AGGREGATE = "corruptions"  # the per_attack label of the mean over every corruption and severity
 
 
@@ -83,7 +94,7 @@ def parse_severities(text: str | None) -> tuple[int, ...]:
 def corruption_folder(root: str | Path, dataset: DatasetName) -> Path:
     if dataset not in FOLDERS:
         raise UserError(f"--threat-model corruptions: supported for {', '.join(d.value for d in FOLDERS)} "
-                        f"(CIFAR-10-C, CIFAR-100-C), not {dataset.value}")
+                        f"(CIFAR-10-C, CIFAR-100-C, ImageNet-C), not {dataset.value}")
     return Path(root) / FOLDERS[dataset]
 
 
@@ -91,6 +102,8 @@ def check_files(root: str | Path, dataset: DatasetName, corruptions: Sequence[st
                 n: int | None) -> int:
     """Every file there and long enough for ``n`` points at every severity (one line naming the path
     otherwise); returns ``n`` (None: ``ROWS_PER_SEVERITY``). Reads only the .npy headers."""
+    if dataset is DatasetName.IMAGENET:
+        return _check_imagenet(root, corruptions, severities, n)
     folder = corruption_folder(root, dataset)
     n = ROWS_PER_SEVERITY if n is None else n
     if not 1 <= n <= ROWS_PER_SEVERITY:
@@ -108,6 +121,44 @@ def check_files(root: str | Path, dataset: DatasetName, corruptions: Sequence[st
     return n
 
 
+def _imagenet_list() -> list[str]:
+    """RobustBench's ImageNet test list, ``<wnid>/<file>`` per line, in order."""
+    from robust_sparse import imagefolder
+
+    return [line.strip() for line in imagefolder.robustbench_test_list().read_text().splitlines() if line.strip()]
+
+
+def _check_imagenet(root: str | Path, corruptions: Sequence[str], severities: Sequence[int], n: int | None) -> int:
+    """Every corruption x severity folder there with the first ``n`` listed images (one line otherwise)."""
+    listed = _imagenet_list()
+    n = len(listed) if n is None else n
+    if not 1 <= n <= len(listed):
+        raise UserError(f"--n-examples {n}: the ImageNet-C track has {len(listed)} points per severity "
+                        "(RobustBench's test list)")
+    for corruption in corruptions:
+        for severity in severities:
+            folder = corruption_folder(root, DatasetName.IMAGENET) / corruption / str(severity)
+            if not folder.is_dir():
+                raise UserError(f"corruption data not found: {folder} (expected ImageNet-C/<corruption>/<severity>/"
+                                f"<wnid>/<file>.JPEG under --data-root; the data is published at "
+                                f"{ZENODO[DatasetName.IMAGENET]})")
+            missing = [line for line in listed[:n] if not os.path.isfile(folder / line)]
+            if missing:
+                raise UserError(f"{folder}: {len(missing)} of the first {n} images of RobustBench's test list are "
+                                f"missing, e.g. {folder / missing[0]}")
+    return n
+
+
+def _imagenet_cell(root: str | Path, corruption: str, severity: int, n: int):
+    """The first ``n`` listed images of one ImageNet-C cell, as a FolderSet (file names and labels)."""
+    from robust_sparse.imagefolder import FolderSet, imagenet_classes
+
+    classes = imagenet_classes()
+    folder = corruption_folder(root, DatasetName.IMAGENET) / corruption / str(severity)
+    lines = _imagenet_list()[:n]
+    return FolderSet([str(folder / line) for line in lines], [classes[line.split("/")[0]] for line in lines], 224)
+
+
 def _header_rows(path: Path) -> int:
     try:
         array = np.load(path, mmap_mode="r")
@@ -119,6 +170,8 @@ def _header_rows(path: Path) -> int:
 def load_corruption(root: str | Path, dataset: DatasetName, corruption: str, severity: int,
                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` points of one corruption at one severity: float [0,1] images [n, 3, H, W], int64 labels."""
+    if dataset is DatasetName.IMAGENET:
+        return _read_imagenet(_imagenet_cell(root, corruption, severity, n))
     folder = corruption_folder(root, dataset)
     images = np.load(folder / f"{corruption}.npy", mmap_mode="r")
     start = (severity - 1) * ROWS_PER_SEVERITY
@@ -128,6 +181,25 @@ def load_corruption(root: str | Path, dataset: DatasetName, corruption: str, sev
         raise UserError(f"{folder / (corruption + '.npy')}: expected uint8 images [N, H, W, C], got {chunk.shape}")
     tensor = torch.from_numpy(chunk.transpose(0, 3, 1, 2).astype(np.float32) / 255)
     return tensor, torch.from_numpy(np.array(labels)).long()
+
+
+def _read_imagenet(files) -> tuple[torch.Tensor, torch.Tensor]:
+    from robust_sparse.imagefolder import corruptions_transform, in_memory
+
+    data = in_memory(files, transform=corruptions_transform())
+    return data.images.float().div_(255), data.labels
+
+
+def _cell_batches(root: str | Path, dataset: DatasetName, corruption: str, severity: int, n: int, batch_size: int):
+    """One cell in batches of (float [0,1] images, labels); ImageNet-C's files are decoded a batch at a time."""
+    if dataset is DatasetName.IMAGENET:
+        files = _imagenet_cell(root, corruption, severity, n)
+        for start in range(0, n, batch_size):
+            yield _read_imagenet(files.take(slice(start, start + batch_size)))
+        return
+    images, labels = load_corruption(root, dataset, corruption, severity, n)
+    for start in range(0, n, batch_size):
+        yield images[start:start + batch_size], labels[start:start + batch_size]
 
 
 def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: DatasetName, *,
@@ -148,13 +220,10 @@ def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: DatasetNam
     try:
         for corruption in corruptions:
             for severity in severities:
-                images, labels = load_corruption(root, dataset, corruption, severity, n)
                 correct = 0
                 with torch.no_grad():
-                    for start in range(0, n, batch_size):
-                        x = images[start:start + batch_size].to(device)
-                        y = labels[start:start + batch_size].to(device)
-                        correct += int((model(x).argmax(1) == y).sum())
+                    for x, y in _cell_batches(root, dataset, corruption, severity, n, batch_size):
+                        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
                 rows.append({"corruption": corruption, "severity": int(severity), "n": n, "accuracy": correct / n})
                 log.info("%s severity %d: accuracy %.4f on %d points", corruption, severity, correct / n, n)
     finally:
@@ -291,8 +360,8 @@ def report_lines(frame: pd.DataFrame) -> list[str]:
     if rows.empty:
         return []
     lines = ["", "## Common corruptions", "",
-             "Accuracy in % on the corrupted test sets (CIFAR-10-C / CIFAR-100-C layout); *mean* is RobustBench's "
-             "corruptions accuracy, the mean over every corruption and severity evaluated.", ""]
+             "Accuracy in % on the corrupted test sets (CIFAR-10-C / CIFAR-100-C / ImageNet-C layout); *mean* is "
+             "RobustBench's corruptions accuracy, the mean over every corruption and severity evaluated.", ""]
     for _, r in rows.iterrows():
         cells = [(k.split("/")[0], int(k.split("/")[1]), float(v)) for k, v in r["per_attack"].items() if "/" in k]
         table = pd.DataFrame(cells, columns=["corruption", "severity", "accuracy"])

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-file", help="evaluate on a torch file {'images', 'labels'} instead of the test set")
     evaluate.add_argument("--n-examples", type=int,
                           help="first n test points (default: the run's eval.n_examples, else 10000 or the whole set)")
-    evaluate.add_argument("--threat-model", help="Linf, L2 or corruptions (CIFAR-10-C/CIFAR-100-C under --data-root; "
-                                                 "default: the checkpoint's, else Linf)")
+    evaluate.add_argument("--threat-model", help="Linf, L2 or corruptions (CIFAR-10-C/CIFAR-100-C/ImageNet-C under "
+                                                 "--data-root; default: the checkpoint's, else Linf)")
     evaluate.add_argument("--corruptions", help="--threat-model corruptions: comma-separated (default: RobustBench's 15)")
     evaluate.add_argument("--severities", help="--threat-model corruptions: comma-separated, 1-5 (default: all five)")
     evaluate.add_argument("--eps", help="radius, e.g. 8/255, or several: 2/255,4/255,8/255 "

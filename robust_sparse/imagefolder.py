@@ -97,6 +97,17 @@ def test_transform(size: int) -> Callable:
     return T.Compose([preprocessing, _to_uint8])
 
 
+def corruptions_transform() -> Callable:
+    """RobustBench's ImageNet-C preprocessing: its 'Res224' (``robustbench.eval`` uses only resizing to 224x224
+    for the corruptions tracks; ImageNet-C's images are 224 px already), stored as uint8 like the test split."""
+    import torchvision.transforms as T
+
+    with warnings.catch_warnings():  # robustbench.loaders imports the deprecated pkg_resources
+        warnings.simplefilter("ignore")
+        from robustbench.data import PREPROCESSINGS
+    return T.Compose([PREPROCESSINGS["Res224"], _to_uint8])
+
+
 def _to_uint8(image: torch.Tensor) -> torch.Tensor:
     return image.mul(255).round_().to(torch.uint8)  # ToTensor's x / 255, back to x exactly
 
@@ -156,14 +167,16 @@ class FolderLoader:
                    labels.to(self.device, non_blocking=True))
 
 
-def in_memory(data: FolderSet, workers: int = 0, batch_size: int = 64):
-    """``data`` read in order through the test preprocessing, as an in-memory uint8 ImageSet."""
+def in_memory(data: FolderSet, workers: int = 0, batch_size: int = 64, transform: Callable | None = None):
+    """``data`` read in order through the test preprocessing (or ``transform``, PIL -> uint8 [C, H, W]), as an
+    in-memory uint8 ImageSet."""
     from robust_sparse.data import ImageSet
 
     if len(data) == 0:
         return ImageSet(torch.zeros(0, 3, data.image_size, data.image_size, dtype=torch.uint8),
                         torch.zeros(0, dtype=torch.int64))
-    loader = torch.utils.data.DataLoader(_Files(data, test_transform(data.image_size)), batch_size=batch_size,
+    transform = transform or test_transform(data.image_size)
+    loader = torch.utils.data.DataLoader(_Files(data, transform), batch_size=batch_size,
                                          num_workers=min(workers, max(1, len(data) // batch_size)))
     images, labels = zip(*loader)
     return ImageSet(torch.cat(images), torch.cat(labels))
