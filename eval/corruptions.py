@@ -290,12 +290,7 @@ def run_corruptions_job(job: Any) -> Any:
         models = [loading.from_robustbench(job.robustbench_model, dataset, "linf", job.model_dir)]
         if job.name:
             models[0].name = job.name
-    if job.results_dir:
-        results_dir = Path(job.results_dir)
-    elif job.checkpoint is not None:
-        results_dir = Path(job.checkpoint).parent / "eval"
-    else:
-        results_dir = Path("runs") / "eval"
+    results_dir = jobs.default_results_dir(job)
     device = resolve_device(job.device)
     rows = []
     for loaded in models:

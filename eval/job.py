@@ -90,6 +90,15 @@ def cross_check_summary(evaluation: Evaluation) -> dict[str, Any] | None:
     }
 
 
+def default_results_dir(job: "EvalJob") -> Path:
+    """Where an evaluation's store goes: ``--results-dir``, else beside the checkpoint, else runs/eval."""
+    if job.results_dir:
+        return Path(job.results_dir)
+    if job.checkpoint is not None:
+        return Path(job.checkpoint).parent / "eval"
+    return Path("runs") / "eval"
+
+
 def run(request: EvalRequest) -> EvalOutcome:
     """The request's evaluations, its results store locked meanwhile (one writer per store)."""
     with rundir.locked(request.results_dir, rundir.Kind.EVAL, "--results-dir"):
@@ -227,12 +236,7 @@ def run_job(job: EvalJob) -> JobOutcome:
     if job.probe and large_eps is None:
         info = dataset_info(first.data) if first.data is not None else DATASETS[dataset]
         large_eps = sanity.default_large_eps(norm, (info.in_channels, info.image_size, info.image_size))
-    if job.results_dir:
-        results_dir = Path(job.results_dir)
-    elif job.checkpoint is not None:
-        results_dir = Path(job.checkpoint).parent / "eval"
-    else:
-        results_dir = Path("runs") / "eval"
+    results_dir = default_results_dir(job)
 
     device = resolve_device(job.device)
     rows, warnings = [], []

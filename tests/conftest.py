@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +75,21 @@ def assert_in_ball_and_box(adversarial: torch.Tensor, images: torch.Tensor, atta
     else:
         assert delta.norm(dim=1).max() <= attack.eps + 1e-5
     return delta
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """Run the CLI; assert it failed with exit 2 and exactly one ``robust-sparse: error:`` line, no traceback."""
+    from robust_sparse.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("robust-sparse: error: "), err
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` by content hash: a refused command must leave it byte-identical."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, one_line_error
 from robust_sparse import sweep as sweep_module
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, parse_override
@@ -21,15 +21,6 @@ TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "opti
 # nine levels of ten aliases each: 10**9 list items once expanded, a few hundred bytes on disk
 BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
-
-
-def one_line_error(argv: list[str], capsys) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("robust-sparse: error: "), err
-    return lines[0]
 
 
 def test_a_duplicate_key_names_the_key_and_both_lines(tmp_path, capsys):

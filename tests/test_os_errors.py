@@ -5,7 +5,6 @@ Both need a small tmpfs (mounted here as root, remounted read-only); they are sk
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, one_line_error, snapshot
 from robust_sparse import rundir
 from robust_sparse.checkpoint import load_checkpoint, write_atomic
 from robust_sparse.cli import main
@@ -27,20 +26,6 @@ TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "data
 def train_argv(out: Path, epochs: int, *extra: str) -> list[str]:
     return ["train", *[p for item in [*TINY, f"optim.epochs={epochs}"] for p in ("--set", item)], "--no-progress",
             "--out", str(out), *extra]
-
-
-def one_line_error(argv: list[str], capsys) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("robust-sparse: error: "), err
-    return lines[0]
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(directory.rglob("*"))}
 
 
 def interrupted_run(out: Path, monkeypatch) -> None:

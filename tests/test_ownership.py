@@ -4,7 +4,6 @@ line naming the directory, exit 2, nothing written."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, one_line_error, snapshot
 from robust_sparse import rundir
 from robust_sparse.checkpoint import load_checkpoint
 from robust_sparse.cli import main
@@ -31,20 +30,6 @@ TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "data
         "device=cpu"]
 TRAIN = ["train", *[part for item in TINY for part in ("--set", item)], "--no-progress"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-def one_line_error(argv: list[str], capsys) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("robust-sparse: error: "), err
-    return lines[0]
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(directory.rglob("*"))}
 
 
 @pytest.fixture
