@@ -382,18 +382,8 @@ def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = N
         raise UserError(f"--model {spec}: {attribute}() raised {_reason(error)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"--model {spec}: {attribute}() returned a {type(model).__name__}, not a torch.nn.Module")
-    architecture = type(model).__name__
     name = f"{Path(module_name).stem if module_name.endswith('.py') else module_name}:{attribute}"
-    if weights is not None:
-        path = Path(weights)
-        _load_into(model, read_state_dict(path, key=weights_key), path, architecture)
-        name = f"{name}:{path.stem}"
-    elif weights_key is not None:
-        raise UserError("--weights-key needs --weights")
-    model = model.cpu().eval()
-    check_model_output(model, dataset, f"--model {spec}")
-    return LoadedModel(model=model, name=name, source="factory", path=str(weights or module_name),
-                       architecture=architecture, dataset=dataset)
+    return _loaded_factory_model(model, spec, name, type(model).__name__, module_name, dataset, weights, weights_key)
 
 
 def _from_library(spec: str, dataset: DatasetName, weights: str | Path | None, weights_key: str | None,
@@ -404,17 +394,22 @@ def _from_library(spec: str, dataset: DatasetName, weights: str | Path | None, w
 
     info = DATASETS[dataset]
     model = build_model(spec, info.num_classes, info.in_channels, info.mean, info.std, kwargs)
-    name = spec
+    return _loaded_factory_model(model, spec, spec, spec, spec, dataset, weights, weights_key)
+
+
+def _loaded_factory_model(model: nn.Module, spec: str, name: str, architecture: str, source_path: str,
+                          dataset: DatasetName, weights: str | Path | None, weights_key: str | None) -> LoadedModel:
+    """A ``--model`` network with its ``--weights`` loaded, in eval mode on the CPU, its output shape checked."""
     if weights is not None:
         path = Path(weights)
-        _load_into(model, read_state_dict(path, key=weights_key), path, spec)
-        name = f"{spec}:{path.stem}"
+        _load_into(model, read_state_dict(path, key=weights_key), path, architecture)
+        name = f"{name}:{path.stem}"
     elif weights_key is not None:
         raise UserError("--weights-key needs --weights")
     model = model.cpu().eval()
     check_model_output(model, dataset, f"--model {spec}")
-    return LoadedModel(model=model, name=name, source="factory", path=str(weights or spec), architecture=spec,
-                       dataset=dataset)
+    return LoadedModel(model=model, name=name, source="factory", path=str(weights or source_path),
+                       architecture=architecture, dataset=dataset)
 
 
 def check_robustbench_name(name: str, dataset: DatasetName, norm: str) -> None:
