@@ -558,8 +558,10 @@ def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, j
 
 
 def _training_part(data: Any) -> Any:
-    """A sweep file without what may change between reruns: the evaluation stage and the thread count."""
-    return {k: v for k, v in data.items() if k not in ("eval", "threads")} if isinstance(data, dict) else data
+    """A sweep file without what may change between reruns: the evaluation stage, the thread count and how many
+    runs go at once (each run is its own process with its own seed, so neither changes a result)."""
+    return {k: v for k, v in data.items() if k not in ("eval", "threads", "parallel")} if isinstance(data, dict) \
+        else data
 
 
 def _write_index(index: pd.DataFrame, out: Path) -> None:

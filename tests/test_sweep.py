@@ -107,6 +107,10 @@ def test_another_sweep_in_the_same_directory_is_refused(tmp_path):
     other.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "overrides": TINY, "grid": {"seed": [5]}}))
     with pytest.raises(ConfigError, match="holds another sweep"):
         run_sweep(load_sweep(other))
+    wider = tmp_path / "wider.yaml"  # the same sweep, more runs at once and other threads: it resumes
+    wider.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "overrides": TINY, "grid": {"seed": [0]},
+                                     "parallel": 2, "threads": 1}))
+    assert isinstance(run_sweep(load_sweep(wider), dry_run=True), pd.DataFrame)
     shutil.rmtree(tmp_path / "out")
     assert isinstance(run_sweep(load_sweep(other), dry_run=True), pd.DataFrame)
 
