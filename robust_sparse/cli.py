@@ -295,7 +295,7 @@ def _format_evaluation(evaluation: dict) -> str:
 def _eval(args: argparse.Namespace) -> int:
     """Every flag is checked first, then the test points are read, then the model is built: a bad value or a
     missing dataset never costs a model download or an attack, and never leaves a file behind."""
-    from robust_sparse.config import _coerce
+    from robust_sparse.config import coerce
     from robust_sparse.eval import job, loading, specs
 
     # 1. flags alone
@@ -343,7 +343,7 @@ def _eval(args: argparse.Namespace) -> int:
                                        "linf" if corruptions is not None else threat or "linf")
     eps_values = None
     if args.eps is not None:
-        eps_values = [_coerce(part, float, "--eps") for part in args.eps.split(",") if part.strip()]
+        eps_values = [coerce(part, float, "--eps") for part in args.eps.split(",") if part.strip()]
         if not eps_values:
             raise UserError("--eps: give at least one radius, e.g. 8/255")
         for eps in eps_values:
@@ -365,7 +365,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.large_eps is not None:
         if args.no_probe:
             raise UserError("--large-eps and --no-probe contradict each other")
-        large_eps = _coerce(args.large_eps, float, "--large-eps")
+        large_eps = coerce(args.large_eps, float, "--large-eps")
         if not 0 < large_eps < float("inf"):
             raise UserError(f"--large-eps {args.large_eps}: must be a finite radius > 0 (pixel units)")
     try:  # names and parameters checked now; defaults filled in below
@@ -420,7 +420,7 @@ def _reference(items: list[str] | None) -> dict | None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from robust_sparse.config import _coerce
+    from robust_sparse.config import coerce
     from robust_sparse.eval.report import build_report
 
     stored = [Path(d).name == "runs.csv" and Path(d).is_file() for d in args.results_dirs]
@@ -442,7 +442,7 @@ def _report(args: argparse.Namespace) -> int:
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
 
-        levels = {name: tuple(_coerce(part, float, f"--{name.replace('_', '-')}") for part in text.split(",")
+        levels = {name: tuple(coerce(part, float, f"--{name.replace('_', '-')}") for part in text.split(",")
                               if part.strip())
                   for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
                   if text is not None}

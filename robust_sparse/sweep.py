@@ -42,7 +42,7 @@ import yaml
 
 from robust_sparse import plugins, rundir
 from robust_sparse.checkpoint import check_output_dir, write_atomic
-from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, _coerce, load_config, parse_override, read_yaml,
+from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, load_config, parse_override, read_yaml,
                                   save_config)
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
@@ -126,8 +126,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     random_part = data.get("random") or {}
     if not isinstance(random_part, dict) or set(random_part) - {"samples", "seed", "space"}:
         raise ConfigError(f"sweep random: expected a mapping with samples, seed and space, got {random_part!r}")
-    samples = _coerce(random_part.get("samples", 0), int, "sweep random.samples")
-    seed = _coerce(random_part.get("seed", 0), int, "sweep random.seed")
+    samples = coerce(random_part.get("samples", 0), int, "sweep random.samples")
+    seed = coerce(random_part.get("seed", 0), int, "sweep random.seed")
     for name, number, high in (("samples", samples, MAX_RUNS), ("seed", seed, 2**32 - 1)):
         if not 0 <= number <= high:
             raise ConfigError(f"sweep random.{name} = {number}: must be in 0..{high}")
@@ -145,16 +145,16 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     base = data.get("base")
     if isinstance(base, str) and not base.strip():
         raise ConfigError("sweep base: must not be empty (a config file, or leave base out)")
-    base_path = (path.parent / _coerce(base, str, "sweep base")).resolve() if base else None
+    base_path = (path.parent / coerce(base, str, "sweep base")).resolve() if base else None
     if base_path is not None and not base_path.is_file():
         raise ConfigError(f"sweep base: config file not found: {base_path}")
     backend = data.get("backend", "local")
     if backend not in ("local", "slurm"):
         raise ConfigError(f"sweep backend {backend!r}: must be local or slurm")
-    parallel = _coerce(data.get("parallel", 1), int, "sweep parallel")
+    parallel = coerce(data.get("parallel", 1), int, "sweep parallel")
     if parallel < 1:
         raise ConfigError(f"sweep parallel = {parallel!r}: must be an integer >= 1")
-    threads = _coerce(data.get("threads", 0), int, "sweep threads")
+    threads = coerce(data.get("threads", 0), int, "sweep threads")
     if threads < 0:
         raise ConfigError(f"sweep threads = {threads!r}: must be >= 0 (0 = cores / parallel)")
     devices = data.get("devices", ["auto"])
@@ -180,7 +180,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     target = out_dir if out_dir is not None else data.get("out_dir")
     if target is None or (isinstance(target, str) and not target.strip()):
         raise ConfigError(f"sweep file {path}: out_dir is required and must not be empty (or pass --out)")
-    check_output_dir(_coerce(target, str, "sweep out_dir"), "sweep out_dir", "set another out_dir (sweep --out)")
+    check_output_dir(coerce(target, str, "sweep out_dir"), "sweep out_dir", "set another out_dir (sweep --out)")
     rundir.check_owned(target, rundir.Kind.SWEEP, "sweep out_dir")
     sweep = Sweep(path=path, base=base_path, overrides=list(overrides), grid=grid,
                   random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),
@@ -231,7 +231,7 @@ def _eval_stage(value: Any) -> EvalStage | None:
     if isinstance(attacks, list):
         attacks = ",".join(map(str, attacks))
     try:
-        specs = parse_attacks(_coerce(attacks, str, "sweep eval.attacks"))
+        specs = parse_attacks(coerce(attacks, str, "sweep eval.attacks"))
         modules = attack_modules(specs)
     except ConfigError:
         raise
@@ -240,22 +240,22 @@ def _eval_stage(value: Any) -> EvalStage | None:
     if not specs:
         raise ConfigError("sweep eval.attacks: name at least one attack, e.g. pgd-50x10,autoattack")
     n_examples = value.get("n_examples")
-    if n_examples is not None and _coerce(n_examples, int, "sweep eval.n_examples") < 1:
+    if n_examples is not None and coerce(n_examples, int, "sweep eval.n_examples") < 1:
         raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
     eps = value.get("eps")
     if eps is not None:
-        eps = _coerce(eps, float, "sweep eval.eps")
+        eps = coerce(eps, float, "sweep eval.eps")
         if not 0 <= eps <= 1:
             raise ConfigError(f"sweep eval.eps = {eps}: must be in [0, 1] (pixel units)")
     seeds = value.get("seeds")
     if seeds is not None:
-        seeds = _coerce(seeds, list[int], "sweep eval.seeds")
+        seeds = coerce(seeds, list[int], "sweep eval.seeds")
         if not seeds:
             raise ConfigError("sweep eval.seeds: give at least one seed (or leave it out: every run)")
-    batch_size = _coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
+    batch_size = coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
     if batch_size < 1:
         raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
-    probe = _coerce(value.get("probe", True), bool, "sweep eval.probe")
+    probe = coerce(value.get("probe", True), bool, "sweep eval.probe")
     return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=n_examples, eps=eps, seeds=seeds,
                      batch_size=batch_size, probe=probe, modules=modules)
 
@@ -282,12 +282,12 @@ def _corruptions_stage(value: dict[str, Any]) -> EvalStage:
     except UserError as error:
         raise ConfigError(f"sweep eval: {str(error).lstrip('-')}") from None
     n_examples = value.get("n_examples")
-    if n_examples is not None and _coerce(n_examples, int, "sweep eval.n_examples") < 1:
+    if n_examples is not None and coerce(n_examples, int, "sweep eval.n_examples") < 1:
         raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
     seeds = value.get("seeds")
     if seeds is not None:
-        seeds = _coerce(seeds, list[int], "sweep eval.seeds")
-    batch_size = _coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
+        seeds = coerce(seeds, list[int], "sweep eval.seeds")
+    batch_size = coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
     if batch_size < 1:
         raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
     return EvalStage(attacks=THREAT, n_examples=n_examples, seeds=seeds, batch_size=batch_size, probe=False,
@@ -307,7 +307,7 @@ def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
         ((kind, bounds),) = spec.items()
         if not isinstance(bounds, list) or len(bounds) != 2:
             raise ConfigError(f"{where}.{kind}: expected two numbers [low, high], got {bounds!r}")
-        low, high = _coerce(bounds, list[float], f"{where}.{kind}")  # finite numbers, fractions allowed
+        low, high = coerce(bounds, list[float], f"{where}.{kind}")  # finite numbers, fractions allowed
         if not low < high:
             raise ConfigError(f"{where}.{kind} = [{low}, {high}]: needs low < high")
         if kind == "log_uniform" and low <= 0:
