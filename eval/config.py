@@ -111,15 +111,16 @@ class Names:
 
     prefix: str = ""
     flags: Mapping[str, str] = field(default_factory=dict)
+    keys: Mapping[str, str] = field(default_factory=dict)  # field -> the key a file spells it with, where other
 
     def __call__(self, where: str) -> str:
         """The name of a field path (list items keep their ``[i]``)."""
         base, bracket, rest = where.partition("[")
-        return (self.flags.get(base) or f"{self.prefix}{base}") + (bracket + rest if bracket else "")
+        return (self.flags.get(base) or f"{self.prefix}{self.keys.get(base, base)}") + (bracket + rest if bracket else "")
 
     def value(self, name: str, value: Any) -> str:
         """``--flag value`` or ``field = value``: the subject of a rule's message."""
-        return f"{self.flags[name]} {value}" if name in self.flags else f"{self.prefix}{name} = {value}"
+        return f"{self.flags[name]} {value}" if name in self.flags else f"{self(name)} = {value}"
 
 
 def _listed(value: Any, where: str) -> Any:

@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
     sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
                                           "devices, slurm, eval (an evaluation stage: attacks, n_examples, eps, "
-                                          "seeds, batch_size, probe; or threat_model: corruptions, corruptions, "
-                                          "severities)")
+                                          "attack_seeds, batch_size, probe, and seeds: the training seeds of the "
+                                          "runs to evaluate; or threat_model: corruptions, corruptions, severities)")
     sweep.add_argument("--out", help="sweep directory (overrides out_dir)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="prepare the run directories and list them only (backend slurm: also the submitit "

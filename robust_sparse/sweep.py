@@ -7,10 +7,13 @@ The sweep directory is the single source of truth::
     SWEEP_DIR/runs/<run id>/        an ordinary run directory (config.yaml, metrics.csv, last.pt, eval.json)
     SWEEP_DIR/runs/<run id>/sweep_eval.json   the evaluation stage's settings and result (if the sweep has one)
 
-An optional evaluation stage (``eval:`` in the sweep file: attacks, n_examples, eps, seeds, batch_size, probe)
-runs ``robust-sparse eval`` on the best checkpoint of every finished run (or of the runs whose seed is in
-``seeds``) once training is done; its per-point flags live in ``<run id>/eval/``, so a killed stage resumes,
-and a run whose ``sweep_eval.json`` holds the same settings is not evaluated again. The stage and ``threads``
+An optional evaluation stage (``eval:`` in the sweep file: attacks, n_examples, eps, attack_seeds, batch_size,
+probe, or the corruptions track's threat_model, corruptions and severities; the fields and rules of
+``robust-sparse eval``'s config, robust_sparse/eval/config.py) runs ``robust-sparse eval`` on the best checkpoint
+of every finished run once training is done. Two seeds, two meanings: ``seeds`` selects the runs to evaluate by
+their *training* seed (default: every run), ``attack_seeds`` are the *attacks'* seeds (default [0]; several give
+one row per seed and their spread, as ``eval --seeds``). Its per-point flags live in ``<run id>/eval/``, so a
+killed stage resumes, and a run whose ``sweep_eval.json`` holds the same settings is not evaluated again. The stage and ``threads``
 may change between reruns of a sweep directory; everything else must match.
 
 Runs are idempotent: a run with ``eval.json`` (or a recorded divergence) is skipped, a run with ``last.pt`` but
@@ -44,6 +47,7 @@ from robust_sparse import plugins, rundir
 from robust_sparse.checkpoint import check_output_dir, write_atomic
 from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, load_config, parse_override, read_yaml,
                                   save_config)
+from robust_sparse.config.validation import check_radius
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
 
@@ -77,8 +81,8 @@ class Sweep:
     plugins: tuple[str, ...] = ()
 
 
-EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "batch_size", "probe", "threat_model", "corruptions",
-             "severities"}
+EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "attack_seeds", "batch_size", "probe", "threat_model",
+             "corruptions", "severities"}
 CORRUPTION_KEYS = ("threat_model", "corruptions", "severities")  # the corruptions track (robust_sparse.eval.corruptions)
 
 
@@ -89,7 +93,8 @@ class EvalStage:
     attacks: str  # canonical, e.g. "pgd-50x10,autoattack"
     n_examples: int | None = None  # None: the run's eval.n_examples
     eps: float | None = None  # None: the run's eps
-    seeds: list[int] | None = None  # None: every run
+    seeds: list[int] | None = None  # the runs to evaluate, by their training seed; None: every run
+    attack_seeds: list[int] = field(default_factory=lambda: [0])  # the attacks' seeds (eval --seeds): one row each
     batch_size: int = 500
     probe: bool = True  # the large-eps gradient-masking probe
     modules: tuple[str, ...] = ()  # modules registering attacks from Python: the evaluation children import them
@@ -100,9 +105,11 @@ class EvalStage:
 
     def settings(self) -> dict[str, Any]:
         """What defines one run's evaluation (``seeds`` only selects the runs, ``modules`` where attacks come from,
-        so neither is part of it; the corruptions keys only when set, so stages recorded before them still match)."""
+        so neither is part of it; the corruptions keys and ``attack_seeds`` only when set, so stages recorded
+        before them still match)."""
         return {key: value for key, value in dataclasses.asdict(self).items()
-                if key not in ("seeds", "modules") and not (key in CORRUPTION_KEYS and value is None)}
+                if key not in ("seeds", "modules") and not (key in CORRUPTION_KEYS and value is None)
+                and not (key == "attack_seeds" and value == [0])}
 
 
 def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = False) -> Sweep:
@@ -200,6 +207,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         run_dir = sweep.out_dir / "runs" / run_id(overrides)
         config = load_config(sweep.base, sweep.overrides + overrides + [f"out_dir={run_dir}"])
         check_run(config)
+        if eval_stage is not None and eval_stage.eps is not None:  # the stage's radius under the run's norm
+            check_radius(f"sweep eval.eps = {eval_stage.eps}", eval_stage.eps, config.attack.norm)
         method = getattr(config.sparsity.method, "value", config.sparsity.method)
         if method in REGISTERED_SPARSITY_METHODS:  # registered from Python: the runs import its module
             module = plugins.importable(REGISTERED_SPARSITY_METHODS[method], f"sparsity method {method!r}")
@@ -212,7 +221,9 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
 
 
 def _eval_stage(value: Any) -> EvalStage | None:
-    """The sweep file's ``eval`` mapping, checked key by key (attack names as ``robust-sparse eval`` parses them)."""
+    """The sweep file's ``eval`` mapping: the evaluation config of ``robust-sparse eval`` (robust_sparse/eval/config.py,
+    the same fields and rules) without the model, which is each run's best.pt, plus ``seeds``, the runs to evaluate."""
+    from robust_sparse.eval.config import Names, eval_config_from_dict
     from robust_sparse.eval.specs import attack_modules, parse_attacks
 
     if value is None:
@@ -222,76 +233,36 @@ def _eval_stage(value: Any) -> EvalStage | None:
     unknown = sorted(set(map(str, value)) - EVAL_KEYS)
     if unknown:
         raise ConfigError(f"sweep eval: unknown key {unknown[0]!r}; known: {', '.join(sorted(EVAL_KEYS))}")
-    if value.get("threat_model") is not None or value.get("corruptions") is not None \
-            or value.get("severities") is not None:
-        return _corruptions_stage(value)
-    if "attacks" not in value:
+    track = any(value.get(key) is not None for key in CORRUPTION_KEYS)
+    if track and str(value.get("threat_model", "")).strip().lower() != "corruptions":
+        raise ConfigError(f"sweep eval.threat_model: only 'corruptions' (the corruptions track; attacks take no "
+                          f"threat_model key), got {value.get('threat_model')!r}")
+    if not track and "attacks" not in value:
         raise ConfigError("sweep eval.attacks: required, e.g. pgd-50x10,autoattack")
-    attacks = value["attacks"]
-    if isinstance(attacks, list):
-        attacks = ",".join(map(str, attacks))
-    try:
-        specs = parse_attacks(coerce(attacks, str, "sweep eval.attacks"))
-        modules = attack_modules(specs)
-    except ConfigError:
-        raise
-    except UserError as error:
-        raise ConfigError(f"sweep eval.attacks: {error}") from None
-    if not specs:
-        raise ConfigError("sweep eval.attacks: name at least one attack, e.g. pgd-50x10,autoattack")
-    n_examples = value.get("n_examples")
-    if n_examples is not None and coerce(n_examples, int, "sweep eval.n_examples") < 1:
-        raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
-    eps = value.get("eps")
-    if eps is not None:
-        eps = coerce(eps, float, "sweep eval.eps")
-        if not 0 <= eps <= 1:
-            raise ConfigError(f"sweep eval.eps = {eps}: must be in [0, 1] (pixel units)")
     seeds = value.get("seeds")
     if seeds is not None:
         seeds = coerce(seeds, list[int], "sweep eval.seeds")
         if not seeds:
             raise ConfigError("sweep eval.seeds: give at least one seed (or leave it out: every run)")
-    batch_size = coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
-    if batch_size < 1:
-        raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
-    probe = coerce(value.get("probe", True), bool, "sweep eval.probe")
-    return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=n_examples, eps=eps, seeds=seeds,
-                     batch_size=batch_size, probe=probe, modules=modules)
-
-
-def _corruptions_stage(value: dict[str, Any]) -> EvalStage:
-    """``eval: {threat_model: corruptions, corruptions: ..., severities: ..., n_examples, seeds, batch_size}``."""
-    from robust_sparse.eval.corruptions import THREAT, parse_corruptions, parse_severities
-
-    if str(value.get("threat_model", "")).strip().lower() != THREAT:
-        raise ConfigError(f"sweep eval.threat_model: only {THREAT!r} (the corruptions track; attacks take no "
-                          f"threat_model key), got {value.get('threat_model')!r}")
-    extra = sorted(set(value) & {"attacks", "eps", "probe"})
-    if extra:
-        raise ConfigError(f"sweep eval.{extra[0]}: the corruptions track has no radius or attacks")
-
-    def text(key: str) -> str | None:
-        item = value.get(key)
-        return ",".join(map(str, item)) if isinstance(item, list) else (None if item is None else str(item))
-
+    eps = value.get("eps")
+    if eps is not None:  # one radius; the run's norm bounds it (load_sweep)
+        eps = coerce(eps, float, "sweep eval.eps")
+    data = {key: item for key, item in value.items() if key not in ("seeds", "attack_seeds", "eps")}
+    data.update(checkpoint="best.pt", seeds=value.get("attack_seeds", [0]), eps=None if eps is None else [eps])
+    config = eval_config_from_dict(data, Names(prefix="sweep eval.", keys={"seeds": "attack_seeds"}))
+    if track:
+        return EvalStage(attacks="corruptions", n_examples=config.n_examples, seeds=seeds,
+                         attack_seeds=config.seeds, batch_size=config.batch_size, probe=False,
+                         threat_model="corruptions",
+                         corruptions=None if config.corruptions is None else ",".join(config.corruptions),
+                         severities=None if config.severities is None else ",".join(map(str, config.severities)))
+    specs = parse_attacks(config.attacks)
     try:
-        corruptions, severities = text("corruptions"), text("severities")
-        parse_corruptions(corruptions)
-        parse_severities(severities)
+        modules = attack_modules(specs)
     except UserError as error:
-        raise ConfigError(f"sweep eval: {str(error).lstrip('-')}") from None
-    n_examples = value.get("n_examples")
-    if n_examples is not None and coerce(n_examples, int, "sweep eval.n_examples") < 1:
-        raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
-    seeds = value.get("seeds")
-    if seeds is not None:
-        seeds = coerce(seeds, list[int], "sweep eval.seeds")
-    batch_size = coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
-    if batch_size < 1:
-        raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
-    return EvalStage(attacks=THREAT, n_examples=n_examples, seeds=seeds, batch_size=batch_size, probe=False,
-                     threat_model=THREAT, corruptions=corruptions, severities=severities)
+        raise ConfigError(f"sweep eval.attacks: {error}") from None
+    return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=config.n_examples, eps=eps, seeds=seeds,
+                     attack_seeds=config.seeds, batch_size=config.batch_size, probe=config.probe, modules=modules)
 
 
 def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
@@ -448,6 +419,8 @@ def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
         return command
     if stage.n_examples is not None:
         command += ["--n-examples", str(stage.n_examples)]
+    if stage.attack_seeds != [0]:
+        command += ["--seeds", ",".join(map(str, stage.attack_seeds))]
     if stage.eps is not None:
         command += ["--eps", repr(stage.eps)]
     if not stage.probe:
