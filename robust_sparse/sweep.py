@@ -37,6 +37,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,9 @@ import yaml
 
 from robust_sparse import plugins, rundir
 from robust_sparse.checkpoint import check_output_dir, write_atomic
-from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, load_config, parse_override, read_yaml,
-                                  save_config)
-from robust_sparse.config.validation import check_radius
+from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict, load_config, parse_override,
+                                  read_yaml, save_config)
+from robust_sparse.config.validation import MAX_SEED, check_radius, check_range
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
 
@@ -56,8 +57,6 @@ log = logging.getLogger(__name__)
 #: Runs a sweep may create without ``--yes`` (a grid typo can multiply them), and the most it may create at all.
 CONFIRM_RUNS = 256
 MAX_RUNS = 100_000
-SWEEP_KEYS = {"base", "overrides", "grid", "random", "out_dir", "parallel", "threads", "backend", "devices", "slurm",
-              "eval"}
 
 
 @dataclass
@@ -112,17 +111,57 @@ class EvalStage:
                 and not (key == "attack_seeds" and value == [0])}
 
 
+class SweepBackend(str, Enum):
+    LOCAL = "local"  # the standard library's process pool on this machine
+    SLURM = "slurm"  # submitit: one job per run (robust_sparse/slurm.py)
+
+
+@dataclass
+class RandomSearch:
+    """``random:``: ``samples`` draws (seeded by ``seed``) from ``space``, each combined with every grid point."""
+
+    samples: int = 0
+    seed: int = 0
+    space: dict[str, Any] = field(default_factory=dict)  # {field: {uniform|log_uniform: [low, high]}}
+
+
+@dataclass
+class SweepConfig:
+    """The sweep file: every key, its type and its default, read by the training config's parser
+    (robust_sparse.config.parsing.from_dict); the rules that span keys are in :func:`load_sweep`."""
+
+    base: str | None = None  # a config file, relative to the sweep file; None: the schema's defaults
+    overrides: list[str] = field(default_factory=list)  # key=value for every run
+    grid: dict[str, Any] = field(default_factory=dict)  # config field -> the values to run (every combination)
+    random: RandomSearch = field(default_factory=RandomSearch)
+    out_dir: str | None = None  # required here or as --out
+    parallel: int = 1  # runs at once (local) or the array's parallelism (slurm)
+    threads: int = 0  # torch threads per local run; 0 = the machine's cores divided by parallel
+    backend: SweepBackend = SweepBackend.LOCAL
+    devices: list[str] = field(default_factory=lambda: ["auto"])  # auto, cpu, cuda or cuda:N, round robin
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters (robust_sparse.slurm.parameters)
+    eval: dict[str, Any] | None = None  # the evaluation stage (:func:`_eval_stage`)
+
+
+#: Keys a sweep file may leave empty (``grid:`` with nothing after it) for their default.
+EMPTY_MEANS_DEFAULT = ("grid", "random", "overrides", "slurm")
+
+
+def read_sweep_file(path: str | Path) -> SweepConfig:
+    """The sweep file as a :class:`SweepConfig`; a wrong type or an unknown key is one line naming ``sweep KEY``."""
+    data = {key: value for key, value in read_yaml(path).items()
+            if not (key in EMPTY_MEANS_DEFAULT and value is None)}
+    if isinstance(data.get("random"), dict) and data["random"].get("space", {}) is None:
+        data["random"] = {key: value for key, value in data["random"].items() if key != "space"}
+    return from_dict(SweepConfig, data, "", names=lambda where: f"sweep {where}")
+
+
 def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = False) -> Sweep:
     """Read and validate a sweep file; every problem is a one-line ConfigError naming the key. More than
     :data:`CONFIRM_RUNS` runs need ``yes``; duplicate grid values and runs sharing one directory are refused."""
     path = Path(path)
-    data = read_yaml(path)
-    unknown = sorted(set(data) - SWEEP_KEYS)
-    if unknown:
-        raise ConfigError(f"sweep file {path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(SWEEP_KEYS))}")
-    grid = data.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise ConfigError(f"sweep file {path}: grid must map config fields to lists of values")
+    spec = read_sweep_file(path)
+    grid = spec.grid
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep grid {key!r}: needs a non-empty list of values, got {values!r}")
@@ -130,48 +169,32 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         repeated = next((text for i, text in enumerate(written) if text in written[:i]), None)
         if repeated is not None:  # the same run twice: two writers of one run directory
             raise ConfigError(f"sweep grid {key!r}: the value {repeated} is listed twice; give each value once")
-    random_part = data.get("random") or {}
-    if not isinstance(random_part, dict) or set(random_part) - {"samples", "seed", "space"}:
-        raise ConfigError(f"sweep random: expected a mapping with samples, seed and space, got {random_part!r}")
-    samples = coerce(random_part.get("samples", 0), int, "sweep random.samples")
-    seed = coerce(random_part.get("seed", 0), int, "sweep random.seed")
-    for name, number, high in (("samples", samples, MAX_RUNS), ("seed", seed, 2**32 - 1)):
-        if not 0 <= number <= high:
-            raise ConfigError(f"sweep random.{name} = {number}: must be in 0..{high}")
-    space = _random_space(random_part.get("space") or {})
+    samples, seed = spec.random.samples, spec.random.seed
+    check_range("sweep random.samples", samples, 0, MAX_RUNS)
+    check_range("sweep random.seed", seed, 0, MAX_SEED)
+    space = _random_space(spec.random.space)
     if samples > 0 and not space:
         raise ConfigError(f"sweep random.samples = {samples}: needs a random.space to draw from")
     if not grid and not (space and samples > 0):
         raise ConfigError(f"sweep file {path}: the grid is empty (give grid values or random samples)")
-    overrides = data.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(text, str) for text in overrides):
-        raise ConfigError(f"sweep overrides: expected a list of key=value strings (e.g. [optim.lr=0.1]), "
-                          f"got {overrides!r}")
+    overrides = spec.overrides
     for text in overrides:
         parse_override(text)  # "override 'x' must look like key.sub=value"
-    base = data.get("base")
-    if isinstance(base, str) and not base.strip():
+    base = spec.base
+    if base is not None and not base.strip():
         raise ConfigError("sweep base: must not be empty (a config file, or leave base out)")
-    base_path = (path.parent / coerce(base, str, "sweep base")).resolve() if base else None
+    base_path = (path.parent / base).resolve() if base else None
     if base_path is not None and not base_path.is_file():
         raise ConfigError(f"sweep base: config file not found: {base_path}")
-    backend = data.get("backend", "local")
-    if backend not in ("local", "slurm"):
-        raise ConfigError(f"sweep backend {backend!r}: must be local or slurm")
-    parallel = coerce(data.get("parallel", 1), int, "sweep parallel")
-    if parallel < 1:
-        raise ConfigError(f"sweep parallel = {parallel!r}: must be an integer >= 1")
-    threads = coerce(data.get("threads", 0), int, "sweep threads")
+    backend = spec.backend.value
+    parallel, threads = spec.parallel, spec.threads
+    check_range("sweep parallel", parallel, 1, MAX_RUNS)
     if threads < 0:
         raise ConfigError(f"sweep threads = {threads!r}: must be >= 0 (0 = cores / parallel)")
-    devices = data.get("devices", ["auto"])
-    if (not isinstance(devices, list) or not devices
-            or not all(isinstance(d, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", d) for d in devices)):
+    devices = spec.devices
+    if not devices or not all(re.fullmatch(r"auto|cpu|cuda(:\d+)?", d) for d in devices):
         raise ConfigError(f"sweep devices: expected a list of auto, cpu, cuda or cuda:N, got {devices!r}")
-    slurm = data.get("slurm") or {}
-    if not isinstance(slurm, dict):
-        raise ConfigError(f"sweep slurm: expected a mapping of submitit parameters (e.g. slurm_partition: gpu), "
-                          f"got {slurm!r}")
+    slurm = spec.slurm
     runs = math.prod(len(values) for values in grid.values()) * (samples if space and samples > 0 else 1)
     if runs > MAX_RUNS:
         raise ConfigError(f"sweep file {path}: {runs:,} runs (the grid's sizes times random.samples); at most "
@@ -183,11 +206,11 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         from robust_sparse import slurm as slurm_backend
 
         slurm = slurm_backend.parameters(slurm)
-    eval_stage = _eval_stage(data.get("eval"))
-    target = out_dir if out_dir is not None else data.get("out_dir")
-    if target is None or (isinstance(target, str) and not target.strip()):
+    eval_stage = _eval_stage(spec.eval)
+    target = out_dir if out_dir is not None else spec.out_dir
+    if target is None or not target.strip():
         raise ConfigError(f"sweep file {path}: out_dir is required and must not be empty (or pass --out)")
-    check_output_dir(coerce(target, str, "sweep out_dir"), "sweep out_dir", "set another out_dir (sweep --out)")
+    check_output_dir(target, "sweep out_dir", "set another out_dir (sweep --out)")
     rundir.check_owned(target, rundir.Kind.SWEEP, "sweep out_dir")
     sweep = Sweep(path=path, base=base_path, overrides=list(overrides), grid=grid,
                   random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),

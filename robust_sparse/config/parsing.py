@@ -97,13 +97,15 @@ def from_dict(cls: type, data: Any, prefix: str = "", names: Callable[[str], str
     and wrong types are one-line ConfigErrors naming the field: ``prefix.field``, or ``names(field path)`` where
     the values came from elsewhere (``robust-sparse eval`` names its flags, e.g. ``--batch-size``)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        where = (names(prefix) if names is not None and prefix else prefix) or "config"
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown field {where!r}; known fields here: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown field {names(where) if names is not None else where!r}; known fields here: "
+                          f"{', '.join(sorted(known))}")
     values = {}
     for name, raw in data.items():
         where = f"{prefix}.{name}" if prefix else name
