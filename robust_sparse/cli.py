@@ -342,9 +342,7 @@ def _eval_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str, 
         raise UserError("--seed and --seeds: give the attack seeds one way (--seeds 0,1,2 or --seed 0 --seed 1)")
     if args.seed is not None or args.seeds is not None:
         flags["seeds"] = list(args.seed) if args.seed is not None else args.seeds
-    if args.model_kwargs is not None:
-        if args.model is None:
-            raise UserError("--model-kwargs goes with --model")
+    if args.model_kwargs is not None:  # EvalConfig's rules check that it goes with --model
         flags["model_kwargs"] = loading.parse_kwargs(args.model_kwargs, "--model-kwargs")
     return flags, spellings
 
