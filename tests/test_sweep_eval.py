@@ -158,3 +158,21 @@ def test_attack_seeds_are_the_attacks_and_seeds_the_runs(tmp_path):
                          ({"batch_size": 0}, "sweep eval.batch_size = 0: must be in 1..1000000")):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             load_sweep(write(tmp_path, eval={**STAGE, **bad}))
+
+
+def test_a_stage_with_several_attack_seeds_reports_their_mean_per_model():
+    from robust_sparse.sweep_report import _by_model, _stage_columns
+
+    def record(model, seed, pgd, worst, warnings, seconds):
+        return {"model": model, "n_examples": 4, "clean_acc": 0.75, "seed": seed, "worst_acc": worst,
+                "per_attack": {"PGD-2x1": pgd, "FGSM": 0.5}, "warnings": warnings, "wall_seconds": seconds}
+
+    records = [record("run/best", 0, 0.25, 0.25, [], 1.0), record("run/best", 1, 0.75, 0.5, ["w"], 2.0),
+               record("run/best/subnet1", 0, 0.0, 0.0, [], 1.0)]
+    (first, subnet) = _by_model(records)
+    columns = _stage_columns(first)
+    assert columns["eval_PGD-2x1_accuracy"] == 0.5 and columns["eval_FGSM_accuracy"] == 0.5
+    assert columns["eval_worst_accuracy"] == 0.375 and columns["eval_clean_accuracy"] == 0.75
+    assert (columns["eval_warnings"], columns["eval_seconds"], columns["eval_seed"]) == (1, 3.0, "0,1")
+    assert columns["eval_warning_text"] == "w" and columns["eval_n"] == 4
+    assert _stage_columns(subnet)["eval_seed"] == 0  # one seed: the row's columns as they were
