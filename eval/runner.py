@@ -299,7 +299,8 @@ def evaluate(
         norm, eps: the threat model (``"linf"``/``"l2"``, pixel units).
         attacks: the suite, run in order (see :mod:`robust_sparse.eval.specs`).
         batch_size: points per attack batch (AutoAttack's ``bs``; its results depend on it through seeding).
-        seed: fixes every random start, AutoAttack's included.
+        seed: fixes every random start, AutoAttack's included (``robust-sparse eval --seeds 0,1,2`` calls this once
+            per seed, robust_sparse/eval/job.py).
         chained: attack only points every previous attack left robust (per-attack numbers become cumulative).
         num_classes: checked against the model's output; needed by ``torchattacks-aa``.
         state_path: where per-point flags are saved, and resumed from when the settings match (n, norm, eps,
