@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: Path arguments of each command (argparse dest -> how the user spells it); an empty string is refused for each.
 PATH_FLAGS = {
     "train": {"config": "CONFIG", "out": "--out"},
-    "eval": {"checkpoint": "CHECKPOINT", "config": "--config", "model_dir": "--model-dir", "model": "--model", "weights": "--weights",
-             "data_root": "--data-root", "data_file": "--data-file", "results_dir": "--results-dir",
+    "eval": {"checkpoint": "CHECKPOINT", "config": "--config", "model_dir": "--model-dir", "model": "--model",
+             "weights": "--weights", "data_root": "--data-root", "data_file": "--data-file", "results_dir": "--results-dir",
              "output": "--output"},
     "report": {"out": "--out", "leaderboard": "--leaderboard"},
     "export": {"checkpoint": "CHECKPOINT", "out": "--out"},
@@ -302,7 +302,7 @@ def _format_evaluation(evaluation: dict) -> str:
             f"PGD-{evaluation['pgd_steps']}x{evaluation['restarts']} accuracy {evaluation['pgd_accuracy']:.4f}")
 
 
-#: ``robust-sparse eval``'s flags: argparse dest -> (the EvalConfig field it sets, its value from the flag's).
+#: ``robust-sparse eval``'s flags: argparse dest -> (the EvalConfig field it sets, the flag as the user spells it).
 #: Each flag is a spelling of one field (robust_sparse/eval/config.py); errors about it name the flag.
 EVAL_FLAGS = {
     "checkpoint": ("checkpoint", "CHECKPOINT"), "subnet": ("subnet", "--subnet"),
