@@ -5,6 +5,8 @@
 * ``specs``: the attack names (``pgd-50x10``, ``autoattack``, ...); ``autoattack``: the original AutoAttack
   behind one interface with adapters for its GitHub and PyPI APIs;
 * ``loading``: robust-sparse checkpoints, RobustBench zoo models and plain state_dicts; the RobustBench protocol;
+* ``config``: :class:`EvalConfig`, the settings of ``robust-sparse eval`` and of a sweep's evaluation stage, with
+  its rules; ``job``: the command on that config; ``spread``: the spread over attack seeds;
 * ``sanity``: gradient-masking checks; ``store``: the results store; ``leaderboard``/``report``: comparison
   with published numbers, Markdown and plots.
 
@@ -13,10 +15,11 @@ evaluation used during training; training itself imports nothing from this packa
 """
 
 from robust_sparse.accuracy import RobustnessResult, evaluate_pgd, pgd_step_size, predict
+from robust_sparse.eval.config import EvalConfig
 from robust_sparse.eval.runner import AttackOutcome, Evaluation, check_inputs, evaluate
 from robust_sparse.eval.specs import AttackSpec, parse_attack, parse_attacks
 
 __all__ = [
-    "AttackOutcome", "AttackSpec", "Evaluation", "RobustnessResult", "check_inputs", "evaluate", "evaluate_pgd",
+    "AttackOutcome", "AttackSpec", "EvalConfig", "Evaluation", "RobustnessResult", "check_inputs", "evaluate", "evaluate_pgd",
     "parse_attack", "parse_attacks", "pgd_step_size", "predict",
 ]

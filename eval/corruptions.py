@@ -265,41 +265,38 @@ def mean_of(row: dict[str, Any] | pd.Series) -> tuple[str, float]:
 # ``robust-sparse eval --threat-model corruptions``
 
 
-def run_corruptions_job(job: Any) -> Any:
-    """An :class:`~robust_sparse.eval.job.EvalJob` with ``threat="corruptions"``: clean accuracy on the test
-    points, then every corruption and severity; one row per model into the results store."""
+def run_corruptions_job(config: Any) -> Any:
+    """An :class:`~robust_sparse.eval.config.EvalConfig` with ``threat_model: corruptions`` (validated: no radius
+    or attacks): clean accuracy on the test points, then every corruption and severity; one row per model into
+    the results store."""
     from robust_sparse.checkpoint import write_atomic
     from robust_sparse.eval import job as jobs
     from robust_sparse.eval import loading
+    from robust_sparse.eval.config import Names
     from robust_sparse.eval.store import append_result
     from robust_sparse.train import resolve_device
 
-    if job.eps is not None or job.large_eps is not None or job.cross_check or job.chained:
-        raise UserError("--threat-model corruptions has no radius or attacks: drop --eps, --large-eps, --chained "
-                        "and --cross-check-torchattacks")
-    models, dataset = jobs._local_models(job)
+    models, dataset = jobs.local_models(config, Names())
     first = models[0] if models else None
-    root = job.data_root or (first.data_root if first else None) or "data"
-    if dataset is None:
-        raise UserError("--dataset is required with --robustbench-model, --arch and --model")
-    corruptions = tuple(job.corruptions) if job.corruptions else default_corruptions()
-    severities = tuple(job.severities) if job.severities else SEVERITIES
-    n = check_files(root, dataset, corruptions, severities, job.n_examples)  # before any model download
-    images, labels = loading.load_points(dataset, n, root=root, download=job.download, data_file=job.data_file)
+    root = config.data_root or (first.data_root if first else None) or "data"
+    corruptions = tuple(config.corruptions) if config.corruptions else default_corruptions()
+    severities = tuple(config.severities) if config.severities else SEVERITIES
+    n = check_files(root, dataset, corruptions, severities, config.n_examples)  # before any model download
+    images, labels = loading.load_points(dataset, n, root=root, download=config.download, data_file=config.data_file)
     if models is None:
-        models = [loading.from_robustbench(job.robustbench_model, dataset, "linf", job.model_dir)]
-        if job.name:
-            models[0].name = job.name
-    results_dir = jobs.default_results_dir(job)
-    device = resolve_device(job.device)
+        models = [loading.from_robustbench(config.robustbench_model, dataset, "linf", config.model_dir)]
+        if config.name:
+            models[0].name = config.name
+    results_dir = jobs.default_results_dir(config)
+    device = resolve_device(config.device.value)
     rows = []
     for loaded in models:
-        rows.append(_evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n, job.batch_size,
+        rows.append(_evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n, config.batch_size,
                                     device, results_dir, append_result))
-    if job.output:
+    if config.output:
         import json
 
-        write_atomic(Path(job.output), json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, default=str))
+        write_atomic(Path(config.output), json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, default=str))
     return jobs.JobOutcome(rows, [], results_dir)
 
 

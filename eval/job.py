@@ -1,12 +1,13 @@
 """One ``robust-sparse eval`` invocation: a model, its test points, a suite of attacks at one or more eps.
 
-For every eps it runs :func:`robust_sparse.eval.runner.evaluate` (resuming from saved flags), applies the
-gradient-masking checks, appends a row to the results store and, when asked, compares the original
+For every attack seed and eps it runs :func:`robust_sparse.eval.runner.evaluate` (resuming from saved flags),
+applies the gradient-masking checks, appends a row to the results store and, when asked, compares the original
 AutoAttack with ``torchattacks.AutoAttack`` configured to match on the same points.
 
-:func:`run_job` is the whole command once its flags are checked (:class:`EvalJob`): which models to load (every
-sub-net of an AST checkpoint), the test points, the protocol a checkpoint carries unless a flag overrides it,
-the results store, and the ``--output`` file. The CLI only parses, checks flags and prints.
+:func:`run_job` is the whole command once its config is checked (:class:`~robust_sparse.eval.config.EvalConfig`):
+which models to load (every sub-net of an AST checkpoint), the test points, the :class:`Protocol` a checkpoint
+carries unless the config overrides it, the results store, and the ``--output`` file. The CLI only maps its
+flags onto the config and prints.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from robust_sparse import rundir
@@ -25,31 +27,28 @@ from robust_sparse.checkpoint import write_atomic
 from robust_sparse.config import DatasetName
 from robust_sparse.errors import UserError
 from robust_sparse.eval import loading, sanity
+from robust_sparse.eval.config import DEFAULT_ATTACKS, EvalConfig, Names
 from robust_sparse.eval.loading import LoadedModel, data_fingerprint, model_fingerprint, sparsity_stats, threat_label
 from robust_sparse.eval.runner import Evaluation, evaluate
 from robust_sparse.eval.specs import AttackSpec
+from robust_sparse.eval.spread import seed_spread
 from robust_sparse.eval.store import append_result, flags_path
 from robust_sparse.flops import inference_flops
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EvalRequest:
-    loaded: LoadedModel
-    images: torch.Tensor  # float [N, C, H, W] in [0, 1], CPU
-    labels: torch.Tensor
+@dataclass(frozen=True)
+class Protocol:
+    """How one model is attacked: an :class:`~robust_sparse.eval.config.EvalConfig` with the checkpoint's defaults
+    filled in (its norm, eps, PGD steps and restarts) and the attack names parsed."""
+
     norm: str
-    eps: list[float]
-    attacks: list[AttackSpec]
-    num_classes: int
-    results_dir: Path
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    seed: int = 0
+    eps: tuple[float, ...]
+    attacks: tuple[AttackSpec, ...]
+    seeds: tuple[int, ...] = (0,)
     batch_size: int = 500
     chained: bool = False
-    resume: bool = True
-    progress: bool = False
     autoattack_backend: str = "auto"
     large_eps: float | str | None = "auto"  # the gradient-masking probe's eps; None: no probe
     cross_check: bool = False
@@ -90,105 +89,54 @@ def cross_check_summary(evaluation: Evaluation) -> dict[str, Any] | None:
     }
 
 
-def default_results_dir(job: "EvalJob") -> Path:
-    """Where an evaluation's store goes: ``--results-dir``, else beside the checkpoint, else runs/eval."""
-    if job.results_dir:
-        return Path(job.results_dir)
-    if job.checkpoint is not None:
-        return Path(job.checkpoint).parent / "eval"
-    return Path("runs") / "eval"
+def run(loaded: LoadedModel, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, results_dir: Path, *,
+        device: torch.device, num_classes: int, resume: bool = True, progress: bool = False) -> EvalOutcome:
+    """One model under ``protocol`` on the test points (CPU tensors): one row per eps and seed into the results
+    store, which is locked meanwhile (one writer per store)."""
+    with rundir.locked(results_dir, rundir.Kind.EVAL, "--results-dir"):
+        return _run(loaded, images, labels, protocol, results_dir, device, num_classes, resume, progress)
 
 
-def run(request: EvalRequest) -> EvalOutcome:
-    """The request's evaluations, its results store locked meanwhile (one writer per store)."""
-    with rundir.locked(request.results_dir, rundir.Kind.EVAL, "--results-dir"):
-        return _run(request)
-
-
-def _run(request: EvalRequest) -> EvalOutcome:
-    loaded, device = request.loaded, request.device
-    if request.cross_check and request.chained:
-        raise UserError("--cross-check-torchattacks compares standalone attacks: drop --chained")
+def _run(loaded: LoadedModel, cpu_images: torch.Tensor, cpu_labels: torch.Tensor, protocol: Protocol,
+         results_dir: Path, device: torch.device, num_classes: int, resume: bool, progress: bool) -> EvalOutcome:
     model = loaded.model.to(device).eval()
-    attacks = cross_check_attacks(request.attacks) if request.cross_check else list(request.attacks)
-    images, labels = request.images.to(device), request.labels.to(device)
+    attacks = cross_check_attacks(list(protocol.attacks)) if protocol.cross_check else list(protocol.attacks)
+    images, labels = cpu_images.to(device), cpu_labels.to(device)
     fingerprints = {"model_fingerprint": model_fingerprint(model),
-                    "data_fingerprint": data_fingerprint(request.images, request.labels),
-                    "autoattack_backend": request.autoattack_backend}
-    stats = {**sparsity_stats(model), **_inference_flops(model, tuple(request.images.shape[1:]))}
-    threat = threat_label(request.norm)
-    rows, evaluations = [], []
-    for eps in request.eps:
-        # The file is keyed by what determines its flags (model, points, eps, seed, mode); the attack list, the
-        # batch size and the probe are keys inside it (runner.attack_state_key), so changing them reuses it.
-        where = dict(model=loaded.name, dataset=loaded.dataset.value, threat_model=threat, eps=eps)
-        state = flags_path(request.results_dir, **where, settings={
-            **fingerprints, "n": len(labels), "seed": request.seed, "chained": request.chained})
-        legacy = flags_path(request.results_dir, **where, settings={  # the layout before: one file per suite
-            **fingerprints, "large_eps": request.large_eps, "n": len(labels), "seed": request.seed,
-            "batch_size": request.batch_size, "chained": request.chained, "attacks": [a.key for a in attacks]})
-        if not request.resume:
-            for path in (state, legacy):
-                path.unlink(missing_ok=True)
-        evaluation = evaluate(
-            model, images, labels, norm=request.norm, eps=eps, attacks=attacks, batch_size=request.batch_size,
-            seed=request.seed, chained=request.chained, num_classes=request.num_classes, state_path=state,
-            settings=fingerprints, legacy_state_path=legacy, progress=request.progress,
-            autoattack_backend=request.autoattack_backend, large_eps=request.large_eps,
-        )
-        row = _row(request, evaluation, stats, fingerprints, state)
-        append_result(request.results_dir, row)
-        rows.append(row)
-        evaluations.append(evaluation)
-    across = sanity.check_monotone(evaluations) if len(evaluations) > 1 else []
+                    "data_fingerprint": data_fingerprint(cpu_images, cpu_labels),
+                    "autoattack_backend": protocol.autoattack_backend}
+    stats = {**sparsity_stats(model), **_inference_flops(model, tuple(cpu_images.shape[1:]))}
+    threat = threat_label(protocol.norm)
+    rows, evaluations, across = [], [], []
+    for seed in protocol.seeds:  # every seed's flags in files of their own: a seed added later reuses the others
+        per_seed = []
+        for eps in protocol.eps:
+            # The file is keyed by what determines its flags (model, points, eps, seed, mode); the attack list, the
+            # batch size and the probe are keys inside it (runner.attack_state_key), so changing them reuses it.
+            where = dict(model=loaded.name, dataset=loaded.dataset.value, threat_model=threat, eps=eps)
+            state = flags_path(results_dir, **where, settings={
+                **fingerprints, "n": len(labels), "seed": seed, "chained": protocol.chained})
+            legacy = flags_path(results_dir, **where, settings={  # the layout before: one file per suite
+                **fingerprints, "large_eps": protocol.large_eps, "n": len(labels), "seed": seed,
+                "batch_size": protocol.batch_size, "chained": protocol.chained, "attacks": [a.key for a in attacks]})
+            if not resume:
+                for path in (state, legacy):
+                    path.unlink(missing_ok=True)
+            evaluation = evaluate(
+                model, images, labels, norm=protocol.norm, eps=eps, attacks=attacks, batch_size=protocol.batch_size,
+                seed=seed, chained=protocol.chained, num_classes=num_classes, state_path=state,
+                settings=fingerprints, legacy_state_path=legacy, progress=progress,
+                autoattack_backend=protocol.autoattack_backend, large_eps=protocol.large_eps,
+            )
+            row = _row(loaded, protocol.norm, device, evaluation, stats, fingerprints, state)
+            append_result(results_dir, row)
+            rows.append(row)
+            per_seed.append(evaluation)
+        across += sanity.check_monotone(per_seed) if len(per_seed) > 1 else []
+        evaluations += per_seed
     for warning in across:
         log.warning("%s", warning)
     return EvalOutcome(rows, evaluations, across)
-
-
-@dataclass
-class EvalJob:
-    """One ``robust-sparse eval``, every flag already checked. None: the checkpoint's value, else the default."""
-
-    # the model: exactly one of checkpoint, robustbench_model, arch (with weights) and factory
-    checkpoint: str | None = None
-    robustbench_model: str | None = None
-    arch: str | None = None
-    factory: str | None = None  # FILE.py:FACTORY or module:FACTORY, or torchvision:NAME / timm:NAME
-    factory_kwargs: dict[str, Any] = field(default_factory=dict)  # --model-kwargs
-    weights: str | None = None
-    weights_key: str | None = None
-    subnet: int | None = None  # AST checkpoints: one sub-net; None: every sub-net, one row each
-    model_dir: str | None = None  # RobustBench weights
-    name: str | None = None  # the results key
-    # the test points
-    dataset: DatasetName | None = None
-    n_examples: int | None = None
-    data_root: str | None = None
-    data_file: str | None = None
-    download: bool = False
-    # the protocol
-    threat: str | None = None  # "linf" or "l2"
-    eps: list[float] | None = None
-    attacks: str = "pgd,autoattack"
-    pgd_steps: int | None = None  # of a bare "pgd"
-    restarts: int | None = None
-    probe: bool = True
-    large_eps: float | None = None  # None with probe: the default for the threat model and image shape
-    # the run
-    device: str = "auto"
-    seed: int = 0
-    batch_size: int = 500
-    chained: bool = False
-    resume: bool = True
-    progress: bool = True
-    autoattack_backend: str = "auto"
-    cross_check: bool = False
-    # the corruptions track (threat "corruptions"): None is RobustBench's 15 corruptions, severities 1-5
-    corruptions: list[str] | None = None
-    severities: list[int] | None = None
-    results_dir: str | None = None  # None: <run dir>/eval for a checkpoint, else runs/eval
-    output: str | None = None  # also write the rows here as JSON
 
 
 @dataclass
@@ -197,89 +145,106 @@ class JobOutcome:
     warnings: list[str]  # across eps (non-monotone accuracy)
     results_dir: Path
 
+    @property
+    def spread(self) -> pd.DataFrame:
+        """Mean, std, min and max of every accuracy over the attack seeds (robust_sparse.eval.spread)."""
+        return seed_spread(pd.DataFrame(self.rows))
 
-def run_job(job: EvalJob) -> JobOutcome:
-    """Local models first (a checkpoint names the dataset), then the test points, then a zoo model (maybe a
+
+def default_results_dir(config: EvalConfig) -> Path:
+    """Where an evaluation's store goes: ``results_dir``, else beside the checkpoint, else runs/eval."""
+    if config.results_dir:
+        return Path(config.results_dir)
+    if config.checkpoint is not None:
+        return Path(config.checkpoint).parent / "eval"
+    return Path("runs") / "eval"
+
+
+def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
+    """The whole of ``robust-sparse eval`` once ``config`` is validated (:func:`~robust_sparse.eval.config.check_eval`).
+    Local models first (a checkpoint names the dataset), then the test points, then a zoo model (maybe a
     download): a missing dataset never costs a download. Each model's rows go to the results store."""
+    from robust_sparse.config.validation import check_radius
     from robust_sparse.data import DATASETS, dataset_info
     from robust_sparse.eval.specs import parse_attacks
     from robust_sparse.train import resolve_device
 
-    if job.threat == "corruptions":
+    if config.corruptions_track:
         from robust_sparse.eval.corruptions import run_corruptions_job
 
-        return run_corruptions_job(job)
-    models, dataset = _local_models(job)
+        return run_corruptions_job(config)
+    models, dataset = local_models(config, names)
     first = models[0] if models else None
+    threat = config.threat_model.value if config.threat_model is not None else None
+    norm = threat or (first.norm if first else None) or "linf"
+    for eps in config.eps or []:  # the norm is known now (a checkpoint's): the radius rule once more
+        check_radius(names.value("eps", f"{eps:.4g}"), eps, norm)
     images, labels = loading.load_points(
-        dataset, job.n_examples or (first.n_examples if first else None),
-        root=job.data_root or (first.data_root if first else None) or "data", download=job.download,
-        data_file=job.data_file, data=first.data if first else None)
+        dataset, config.n_examples or (first.n_examples if first else None),
+        root=config.data_root or (first.data_root if first else None) or "data", download=config.download,
+        data_file=config.data_file, data=first.data if first else None)
     if models is None:
-        models = [loading.from_robustbench(job.robustbench_model, dataset, job.threat or "linf", job.model_dir)]
+        models = [loading.from_robustbench(config.robustbench_model, dataset, threat or "linf", config.model_dir)]
         first = models[0]
-        if job.name:
-            first.name = job.name
+        if config.name:
+            first.name = config.name
 
-    # the protocol: the checkpoint's threat model and settings unless a flag says otherwise
-    norm = job.threat or first.norm or "linf"
-    eps_values = job.eps if job.eps is not None else [
+    # the protocol: the checkpoint's threat model and settings unless the config says otherwise
+    eps_values = config.eps if config.eps is not None else [
         first.eps if first.eps is not None and norm == first.norm else loading.PROTOCOL_EPS[(dataset, norm)]]
-    for eps in eps_values:
-        if norm == "linf" and eps > 1:
-            raise UserError(f"--eps {eps:.4g}: must be <= 1 for linf (inputs are in [0, 1])")
-    attacks = parse_attacks(job.attacks, default_steps=job.pgd_steps or first.pgd_steps or 50,
-                            default_restarts=job.restarts or first.restarts or 10)
-    if not attacks:
-        raise UserError(f"attacks {job.attacks!r}: name at least one attack, e.g. pgd,autoattack")
-    large_eps = job.large_eps
-    if job.probe and large_eps is None:
+    attacks = parse_attacks(config.attacks or DEFAULT_ATTACKS,
+                            default_steps=config.pgd_steps or first.pgd_steps or 50,
+                            default_restarts=config.restarts or first.restarts or 10)
+    large_eps = config.large_eps
+    if config.probe and large_eps is None:
         info = dataset_info(first.data) if first.data is not None else DATASETS[dataset]
         large_eps = sanity.default_large_eps(norm, (info.in_channels, info.image_size, info.image_size))
-    results_dir = default_results_dir(job)
+    protocol = Protocol(norm=norm, eps=tuple(eps_values), attacks=tuple(attacks), seeds=tuple(config.seeds),
+                        batch_size=config.batch_size, chained=config.chained,
+                        autoattack_backend=config.autoattack_backend.value, large_eps=large_eps,
+                        cross_check=config.cross_check)
+    results_dir = default_results_dir(config)
 
-    device = resolve_device(job.device)
+    device = resolve_device(config.device.value)
     rows, warnings = [], []
     for loaded in models:
-        outcome = run(EvalRequest(
-            loaded=loaded, images=images, labels=labels, norm=norm, eps=eps_values, attacks=attacks,
-            num_classes=(dataset_info(loaded.data) if loaded.data is not None else DATASETS[loaded.dataset]).num_classes,
-            results_dir=results_dir, device=device, seed=job.seed,
-            batch_size=job.batch_size, chained=job.chained, resume=job.resume, progress=job.progress,
-            autoattack_backend=job.autoattack_backend, large_eps=large_eps, cross_check=job.cross_check,
-        ))
+        num_classes = (dataset_info(loaded.data) if loaded.data is not None else DATASETS[loaded.dataset]).num_classes
+        outcome = run(loaded, images, labels, protocol, results_dir, device=device, num_classes=num_classes,
+                      resume=config.resume, progress=config.progress)
         rows += outcome.rows
         warnings += outcome.warnings
-    if job.output:
-        records = [{**row, "checkpoint": job.checkpoint, "epoch": first.epoch, "norm": norm,
+    if config.output:
+        records = [{**row, "checkpoint": config.checkpoint, "epoch": first.epoch, "norm": norm,
                     "clean_accuracy": row["clean_acc"], "pgd_accuracy": row["pgd_acc"],
                     "autoattack_accuracy": row["autoattack_acc"], "worst_case_accuracy": row["worst_acc"]}
                    for row in rows]
-        write_atomic(Path(job.output), json.dumps(records[0] if len(records) == 1 else records, indent=2,
-                                                  default=str))
+        write_atomic(Path(config.output), json.dumps(records[0] if len(records) == 1 else records, indent=2,
+                                                     default=str))
     return JobOutcome(rows, warnings, results_dir)
 
 
-def _local_models(job: EvalJob) -> tuple[list[LoadedModel] | None, DatasetName | None]:
+def local_models(config: EvalConfig, names: Names) -> tuple[list[LoadedModel] | None, DatasetName | None]:
     """The models read from local files and the dataset (a checkpoint's own); no models for a zoo model."""
-    if job.checkpoint is not None:
-        models = loading.from_checkpoint_subnets(job.checkpoint, data_root=job.data_root,
-                                                 subnets=None if job.subnet is None else [job.subnet])
-        if job.dataset is not None and job.dataset is not models[0].dataset:
-            raise UserError(f"--dataset {job.dataset.value}: the checkpoint was trained on {models[0].dataset.value}")
-        if job.name:  # keep the sub-net suffix: one results key per sub-net
+    if config.checkpoint is not None:
+        models = loading.from_checkpoint_subnets(config.checkpoint, data_root=config.data_root,
+                                                 subnets=None if config.subnet is None else [config.subnet])
+        if config.dataset is not None and config.dataset is not models[0].dataset:
+            raise UserError(f"{names.value('dataset', config.dataset.value)}: the checkpoint was trained on "
+                            f"{models[0].dataset.value}")
+        if config.name:  # keep the sub-net suffix: one results key per sub-net
             for model in models:
-                model.name = job.name + model.suffix
+                model.name = config.name + model.suffix
         return models, models[0].dataset
-    if job.factory is not None:
-        model = loading.from_factory(job.factory, job.dataset, job.weights, job.weights_key, job.factory_kwargs)
-    elif job.arch is not None:
-        model = loading.from_weights(job.arch, job.weights, job.dataset)
+    if config.model is not None:
+        model = loading.from_factory(config.model, config.dataset, config.weights, config.weights_key,
+                                     config.model_kwargs)
+    elif config.arch is not None:
+        model = loading.from_weights(config.arch, config.weights, config.dataset)
     else:
-        return None, job.dataset
-    if job.name:
-        model.name = job.name
-    return [model], job.dataset
+        return None, config.dataset
+    if config.name:
+        model.name = config.name
+    return [model], config.dataset
 
 
 def _inference_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, float | None]:
@@ -292,15 +257,14 @@ def _inference_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> di
         return {"inference_flops": None, "inference_flops_vs_dense": None}
 
 
-def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fingerprints: dict[str, str],
-         state: Path) -> dict[str, Any]:
-    loaded = request.loaded
+def _row(loaded: LoadedModel, norm: str, device: torch.device, evaluation: Evaluation, stats: dict[str, Any],
+         fingerprints: dict[str, str], state: Path) -> dict[str, Any]:
     pgd = evaluation.outcome("pgd")
     autoattack = evaluation.outcome("autoattack")
     row: dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
-        "dataset": loaded.dataset.value, "threat_model": threat_label(request.norm), "eps": evaluation.eps,
+        "dataset": loaded.dataset.value, "threat_model": threat_label(norm), "eps": evaluation.eps,
         "train_images": loaded.train_images, "epochs": loaded.epochs, "epoch": loaded.epoch,
         "selection": loaded.selection, "estimator": loaded.estimator,
         "n_examples": evaluation.n, "seed": evaluation.seed, "batch_size": evaluation.batch_size,
@@ -313,7 +277,7 @@ def _row(request: EvalRequest, evaluation: Evaluation, stats: dict[str, Any], fi
         "sparsity": stats["sparsity"], "params": stats["params"], "nonzero_params": stats["nonzero_params"],
         "train_flops": loaded.train_flops, "train_flops_vs_dense": loaded.train_flops_vs_dense,
         "inference_flops": stats["inference_flops"], "inference_flops_vs_dense": stats["inference_flops_vs_dense"],
-        "wall_seconds": round(evaluation.seconds, 3), "device": device_name(request.device),
+        "wall_seconds": round(evaluation.seconds, 3), "device": device_name(device),
         "autoattack_backend": evaluation.autoattack_backend or None,
         "large_eps": evaluation.probe["eps"] if evaluation.probe else None,
         "large_eps_acc": evaluation.probe["accuracy"] if evaluation.probe else None,
@@ -363,15 +327,13 @@ def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: to
     models = from_checkpoint_subnets(checkpoint)
     first = models[0]
     images, labels = load_points(first.dataset, n_examples, root=first.data_root or "data", data=first.data)
+    protocol = Protocol(norm=first.norm or "linf", eps=(first.eps,), attacks=tuple(parse_attacks("autoattack")),
+                        seeds=(seed,))
     outcome = EvalOutcome([], [], [])
     for loaded in models:
-        request = EvalRequest(loaded=loaded, images=images, labels=labels, norm=first.norm or "linf",
-                              eps=[first.eps], attacks=parse_attacks("autoattack"),
-                              num_classes=dataset_info(first.data).num_classes, results_dir=checkpoint.parent / "eval",
-                              device=device, seed=seed, progress=progress)
-        result = run(request)
+        result = run(loaded, images, labels, protocol, checkpoint.parent / "eval", device=device,
+                     num_classes=dataset_info(first.data).num_classes, progress=progress)
         outcome.rows += result.rows
         outcome.evaluations += result.evaluations
         outcome.warnings += result.warnings
     return outcome
-

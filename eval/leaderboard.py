@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from robust_sparse.config import AgentEstimator, _coerce
+from robust_sparse.config import AgentEstimator, coerce
 from robust_sparse.errors import ConfigError, UserError
 
 REQUIRED = ["name", "kind", "method", "dataset", "threat_model", "eps", "attack", "n_examples", "architecture",
@@ -88,7 +88,7 @@ def load_leaderboard(path: str | Path | None = None) -> pd.DataFrame:
         raise UserError(f"{source}: missing columns {', '.join(missing)}")
     frame["eps_text"] = frame["eps"]
     try:
-        frame["eps"] = [_coerce(v, float, f"{source} eps") for v in frame["eps"]]
+        frame["eps"] = [coerce(v, float, f"{source} eps") for v in frame["eps"]]
     except ConfigError as error:
         raise UserError(str(error)) from None
     for column in RECIPE:

@@ -22,6 +22,7 @@ from robust_sparse.stats import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
 from robust_sparse.eval import corruptions
 from robust_sparse.eval.sanity import checks_summary, monotone_warnings
+from robust_sparse.eval.spread import seed_spread
 from robust_sparse.eval.store import RESULTS_JSON, load_results
 
 IDENTITY = ["model", "model_fingerprint", "dataset", "threat_model", "eps", "n_examples", "seed", "attacks", "mode"]
@@ -123,6 +124,16 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
                  for _, r in frame.iterrows() for label, value in r["per_attack"].items()]
     lines += _table(["model", "dataset", "threat", "eps", "attack", "robust accuracy", "95% Wilson interval"],
                     breakdown)
+    spread = seed_spread(frame)
+    spread = spread[spread["seeds"] > 1]
+    if len(spread):  # evaluated under several attack seeds (eval --seeds): how much the random starts alone move
+        lines += ["", "## Spread over attack seeds", "",
+                  "Rows that differ only in the attacks' seed, per metric: mean, sample standard deviation (n - 1), "
+                  "min and max over the seeds (robust_sparse.eval.spread).", ""]
+        lines += _table(["model", "dataset", "threat", "eps", "n", "metric", "seeds", "mean", "std", "min", "max"],
+                        [[r["model"], r["dataset"], r["threat_model"], f"{float(r['eps']):.4g}", r["n_examples"],
+                          r["metric"], f"{r['seeds']} ({r['seed_list']})", _pct(r["mean"]), _pct(r["std"]),
+                          _pct(r["min"]), _pct(r["max"])] for _, r in spread.iterrows()])
     cross = [r for _, r in frame.iterrows() if isinstance(r.get("cross_check"), dict)]
     if cross:
         lines += ["", "### torchattacks-AA (configured to match) against the original AutoAttack", ""]

@@ -38,6 +38,7 @@ from torch import nn
 
 from robust_sparse.attacks import CW
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.config.validation import check_radius
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.progress import Heartbeat
 from robust_sparse.progress import progress as progress_bar
@@ -298,7 +299,8 @@ def evaluate(
         norm, eps: the threat model (``"linf"``/``"l2"``, pixel units).
         attacks: the suite, run in order (see :mod:`robust_sparse.eval.specs`).
         batch_size: points per attack batch (AutoAttack's ``bs``; its results depend on it through seeding).
-        seed: fixes every random start, AutoAttack's included.
+        seed: fixes every random start, AutoAttack's included (``robust-sparse eval --seeds 0,1,2`` calls this once
+            per seed, robust_sparse/eval/job.py).
         chained: attack only points every previous attack left robust (per-attack numbers become cumulative).
         num_classes: checked against the model's output; needed by ``torchattacks-aa``.
         state_path: where per-point flags are saved, and resumed from when the settings match (n, norm, eps,
@@ -317,17 +319,14 @@ def evaluate(
     """
     if norm not in ("linf", "l2"):
         raise UserError(f"threat model must be linf or l2, got {norm!r}")
-    if not eps >= 0:
-        raise UserError(f"eps must be >= 0, got {eps}")
-    if norm == "linf" and eps > 1:
-        raise UserError(f"eps = {eps}: must be <= 1 for linf (inputs are in [0, 1])")
+    check_radius(f"eps = {eps}", eps, norm)
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     check_inputs(images, labels, num_classes)
     if large_eps == "auto":
         large_eps = sanity.default_large_eps(norm, tuple(images.shape[1:]))
-    elif large_eps is not None and not 0 < large_eps < float("inf"):
-        raise UserError(f"large_eps = {large_eps}: must be a finite radius > 0, 'auto', or None (no probe)")
+    elif large_eps is not None:  # 'auto' or None (no probe) otherwise
+        check_radius(f"large_eps = {large_eps}", large_eps, None, positive=True)
     labels = labels.long()
     device = images.device
     settings = {"n": len(labels), "norm": norm, "eps": float(eps), "seed": seed, "chained": chained,

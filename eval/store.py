@@ -2,8 +2,9 @@
 
 Every evaluation (one model at one eps) appends one row to both files (the JSON holds the nested fields as
 objects, the CSV as JSON strings) and keeps its per-point flags in ``flags/<key>.pt``, where the key names the
-model, dataset, threat model and eps plus a hash of everything else that determines its flags (n, seed, chained
-mode, model and data fingerprints); the attacks, keyed with their batch size, and the probe live inside it, so a
+model, dataset, threat model and eps plus a hash of everything else that determines its flags (n, the attack seed,
+chained mode, model and data fingerprints: ``eval --seeds 0,1,2`` writes one row and one flags file per seed); the
+attacks, keyed with their batch size, and the probe live inside it, so a
 rerun resumes every finished attack whatever the attack list, batch size or probe flag.
 """
 
@@ -61,7 +62,9 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
         raise UserError(f"{path} is not valid JSON (line {error.lineno}); fix or remove it") from None
     if not isinstance(rows, list):
         raise UserError(f"{path} must hold a list of result rows")
-    frame = pd.DataFrame(rows)
+    # a row written before the attack seed was recorded was attacked with seed 0, the only one there was
+    # (the corruptions track has no seed and writes None)
+    frame = pd.DataFrame([{"seed": 0, **row} if isinstance(row, dict) and "seed" not in row else row for row in rows])
     for column in COLUMNS:
         if column not in frame:
             frame[column] = None

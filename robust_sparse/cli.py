@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--subnet", type=int, help="AST checkpoints: only this sub-net (0 = the densest; "
                                                      "default: every sub-net, one row each)")
     evaluate.add_argument("--robustbench-model", metavar="NAME", help="a RobustBench zoo entry, e.g. Standard")
-    evaluate.add_argument("--model-dir", default="models",
+    evaluate.add_argument("--model-dir",
                           help="RobustBench weights, laid out <dir>/<dataset>/<Linf|L2>/<NAME>.pt (default: models)")
     evaluate.add_argument("--arch", metavar="NAME", help="architecture of the registry for --weights, e.g. resnet18")
     evaluate.add_argument("--model", metavar="FILE.py:FACTORY",
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--name", help="the model's name in the results (default: from the source)")
     evaluate.add_argument("--dataset", help="cifar10, cifar100, svhn, mnist5k or imagenet (default: the checkpoint's)")
     evaluate.add_argument("--data-root", help="local datasets in torchvision's layout (default: the run's, or data)")
-    evaluate.add_argument("--download", action="store_true", help="let torchvision download the test set")
+    evaluate.add_argument("--download", action="store_true", default=None,
+                          help="let torchvision download the test set")
     evaluate.add_argument("--data-file", help="evaluate on a torch file {'images', 'labels'} instead of the test set")
     evaluate.add_argument("--n-examples", type=int,
                           help="first n test points (default: the run's eval.n_examples, else 10000 or the whole set)")
@@ -126,22 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
     attacks.help += " %(registered)s"
     evaluate.add_argument("--pgd-steps", type=int, help="steps of a bare 'pgd' (default: the run's, else 50)")
     evaluate.add_argument("--restarts", type=int, help="restarts of a bare 'pgd' (default: the run's, else 10)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of every random start, AutoAttack's too (default 0)")
-    evaluate.add_argument("--batch-size", type=int, default=500, help="points per attack batch (default 500)")
-    evaluate.add_argument("--chained", action="store_true",
+    evaluate.add_argument("--seed", type=int, action="append", metavar="SEED",
+                          help="an attack seed: fixes every random start, AutoAttack's too (default 0); repeat it "
+                               "for several, each a full run of the attacks and a row of its own, and their spread")
+    evaluate.add_argument("--seeds", metavar="S,...", help="several attack seeds at once, e.g. 0,1,2 (as --seed)")
+    evaluate.add_argument("--batch-size", type=int, help="points per attack batch (default 500)")
+    evaluate.add_argument("--chained", action="store_true", default=None,
                           help="attack only points every previous attack left robust (faster; per-attack numbers "
                                "become cumulative)")
-    evaluate.add_argument("--autoattack-backend", default="auto", choices=["auto", "pyautoattack", "github"],
+    evaluate.add_argument("--autoattack-backend", choices=["auto", "pyautoattack", "github"],
                           help="the original AutoAttack's API: GitHub autoattack if installed, else pyautoattack")
-    evaluate.add_argument("--cross-check-torchattacks", action="store_true",
+    evaluate.add_argument("--cross-check-torchattacks", action="store_true", default=None,
                           help="also run torchattacks.AutoAttack configured to match and report the difference")
     evaluate.add_argument("--large-eps", help="eps of the gradient-masking probe (default: 0.5 Linf; L2: the ball "
                                               "around that Linf ball)")
-    evaluate.add_argument("--no-probe", action="store_true", help="skip the large-eps gradient-masking probe")
+    evaluate.add_argument("--no-probe", action="store_true", default=None,
+                          help="skip the large-eps gradient-masking probe")
     evaluate.add_argument("--results-dir", help="results store (default: <run dir>/eval for a checkpoint, else runs/eval)")
-    evaluate.add_argument("--fresh", action="store_true", help="discard saved per-point flags instead of resuming")
+    evaluate.add_argument("--fresh", action="store_true", default=None,
+                          help="discard saved per-point flags instead of resuming")
     evaluate.add_argument("--output", help="also write the result as JSON here")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--no-progress", action="store_true", default=None, help="no progress bars")
+    evaluate.add_argument("--config", metavar="FILE.yaml", help="the evaluation's settings as YAML: the fields of "
+                          "robust_sparse.eval.config.EvalConfig (each flag is one of them, e.g. batch_size: 100)")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a field of the evaluation's config, e.g. --set seeds=0,1,2 (repeatable)")
     _add_device(evaluate)
 
     report = commands.add_parser("report", help="Markdown tables and plots from results stores (robust accuracy "
@@ -176,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
     sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
                                           "devices, slurm, eval (an evaluation stage: attacks, n_examples, eps, "
-                                          "seeds, batch_size, probe; or threat_model: corruptions, corruptions, "
-                                          "severities)")
+                                          "attack_seeds, batch_size, probe, and seeds: the training seeds of the "
+                                          "runs to evaluate; or threat_model: corruptions, corruptions, severities)")
     sweep.add_argument("--out", help="sweep directory (overrides out_dir)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="prepare the run directories and list them only (backend slurm: also the submitit "
@@ -193,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: Path arguments of each command (argparse dest -> how the user spells it); an empty string is refused for each.
 PATH_FLAGS = {
     "train": {"config": "CONFIG", "out": "--out"},
-    "eval": {"checkpoint": "CHECKPOINT", "model_dir": "--model-dir", "model": "--model", "weights": "--weights",
-             "data_root": "--data-root", "data_file": "--data-file", "results_dir": "--results-dir",
+    "eval": {"checkpoint": "CHECKPOINT", "config": "--config", "model_dir": "--model-dir", "model": "--model",
+             "weights": "--weights", "data_root": "--data-root", "data_file": "--data-file", "results_dir": "--results-dir",
              "output": "--output"},
     "report": {"out": "--out", "leaderboard": "--leaderboard"},
     "export": {"checkpoint": "CHECKPOINT", "out": "--out"},
@@ -292,107 +302,62 @@ def _format_evaluation(evaluation: dict) -> str:
             f"PGD-{evaluation['pgd_steps']}x{evaluation['restarts']} accuracy {evaluation['pgd_accuracy']:.4f}")
 
 
+#: ``robust-sparse eval``'s flags: argparse dest -> (the EvalConfig field it sets, the flag as the user spells it).
+#: Each flag is a spelling of one field (robust_sparse/eval/config.py); errors about it name the flag.
+EVAL_FLAGS = {
+    "checkpoint": ("checkpoint", "CHECKPOINT"), "subnet": ("subnet", "--subnet"),
+    "robustbench_model": ("robustbench_model", "--robustbench-model"), "model_dir": ("model_dir", "--model-dir"),
+    "arch": ("arch", "--arch"), "model": ("model", "--model"), "weights": ("weights", "--weights"),
+    "weights_key": ("weights_key", "--weights-key"), "name": ("name", "--name"), "dataset": ("dataset", "--dataset"),
+    "data_root": ("data_root", "--data-root"), "download": ("download", "--download"),
+    "data_file": ("data_file", "--data-file"), "n_examples": ("n_examples", "--n-examples"),
+    "threat_model": ("threat_model", "--threat-model"), "corruptions": ("corruptions", "--corruptions"),
+    "severities": ("severities", "--severities"), "eps": ("eps", "--eps"), "attacks": ("attacks", "--attacks"),
+    "pgd_steps": ("pgd_steps", "--pgd-steps"), "restarts": ("restarts", "--restarts"),
+    "batch_size": ("batch_size", "--batch-size"), "chained": ("chained", "--chained"),
+    "autoattack_backend": ("autoattack_backend", "--autoattack-backend"),
+    "cross_check_torchattacks": ("cross_check", "--cross-check-torchattacks"),
+    "large_eps": ("large_eps", "--large-eps"), "no_probe": ("probe", "--no-probe"),
+    "results_dir": ("results_dir", "--results-dir"), "fresh": ("resume", "--fresh"), "output": ("output", "--output"),
+    "no_progress": ("progress", "--no-progress"), "device": ("device", "--device"),
+}
+NEGATED_FLAGS = ("no_probe", "fresh", "no_progress")  # store_true flags that set their field to False
+
+
+def _eval_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str, str]]:
+    """The flags given, as EvalConfig fields (field -> value), and every field's flag. Text is passed as typed (the
+    config's parser reads numbers and lists from it); the seed flags and --model-kwargs' NAME=VALUE are read here."""
+    from robust_sparse.eval import loading
+
+    flags: dict[str, object] = {}
+    spellings = {key: flag for key, flag in EVAL_FLAGS.values()}
+    spellings.update(seeds="--seeds" if args.seeds is not None else "--seed", model_kwargs="--model-kwargs")
+    for dest, (key, flag) in EVAL_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            flags[key] = False if dest in NEGATED_FLAGS else value
+    if "dataset" in flags:  # spelled in any case on the command line, as before
+        flags["dataset"] = str(args.dataset).strip().lower()
+    if args.seed is not None and args.seeds is not None:
+        raise UserError("--seed and --seeds: give the attack seeds one way (--seeds 0,1,2 or --seed 0 --seed 1)")
+    if args.seed is not None or args.seeds is not None:
+        flags["seeds"] = list(args.seed) if args.seed is not None else args.seeds
+    if args.model_kwargs is not None:  # EvalConfig's rules check that it goes with --model
+        flags["model_kwargs"] = loading.parse_kwargs(args.model_kwargs, "--model-kwargs")
+    return flags, spellings
+
+
 def _eval(args: argparse.Namespace) -> int:
     """Every flag is checked first, then the test points are read, then the model is built: a bad value or a
     missing dataset never costs a model download or an attack, and never leaves a file behind."""
-    from robust_sparse.config import _coerce
-    from robust_sparse.eval import job, loading, specs
+    from robust_sparse.eval import job
+    from robust_sparse.eval.config import check_eval, load_eval_config
 
-    # 1. flags alone
-    sources = {"CHECKPOINT": args.checkpoint is not None, "--robustbench-model": args.robustbench_model is not None,
-               "--arch": args.arch is not None, "--model": args.model is not None}
-    if sum(sources.values()) != 1:
-        chosen = [name for name, given in sources.items() if given]
-        raise UserError("eval needs exactly one model: a CHECKPOINT, --robustbench-model NAME, --arch NAME "
-                        f"--weights PATH, or --model FILE.py:FACTORY [--weights PATH]"
-                        + (f" (got {' and '.join(chosen)})" if chosen else ""))
-    if args.arch is not None and args.weights is None:
-        raise UserError("--arch needs --weights PATH (a state_dict for that architecture)")
-    if args.weights is not None and args.arch is None and args.model is None:
-        raise UserError("--weights goes with --arch NAME or --model FILE.py:FACTORY")
-    if args.weights_key is not None and args.weights is None:
-        raise UserError("--weights-key needs --weights")
-    if args.subnet is not None and args.checkpoint is None:
-        raise UserError("--subnet is for AST checkpoints written by robust-sparse train")
-    if args.model is not None:
-        loading.parse_factory(args.model)
-    if args.model_kwargs is not None and args.model is None:
-        raise UserError("--model-kwargs goes with --model")
-    model_kwargs = loading.parse_kwargs(args.model_kwargs, "--model-kwargs") if args.model_kwargs else {}
-    if args.chained and args.cross_check_torchattacks:
-        raise UserError("--cross-check-torchattacks compares standalone attacks: drop --chained")
-    dataset = loading.parse_dataset(args.dataset) if args.dataset else None
-    exported = loading.exported_protocol(args.weights) if args.arch is not None else None
-    if dataset is None and exported is not None:  # an exported model carries its run's protocol
-        dataset = loading.parse_dataset(exported["dataset"])
-    if dataset is None and args.checkpoint is None:
-        raise UserError("--dataset is required with --robustbench-model, --arch and --model")
-    corruptions = severities = None
-    if args.threat_model is not None and args.threat_model.strip().lower() == "corruptions":
-        from robust_sparse.eval.corruptions import THREAT, parse_corruptions, parse_severities
-
-        threat, corruptions, severities = THREAT, parse_corruptions(args.corruptions), parse_severities(args.severities)
-        if args.eps is not None or args.attacks is not None or args.large_eps is not None:
-            raise UserError("--threat-model corruptions has no radius or attacks: drop --eps, --attacks and --large-eps")
-    elif args.corruptions is not None or args.severities is not None:
-        raise UserError("--corruptions and --severities go with --threat-model corruptions")
-    else:
-        threat = loading.parse_threat(args.threat_model) if args.threat_model else None
-    if args.robustbench_model is not None:  # the corruptions track takes L-inf zoo entries
-        loading.check_robustbench_name(args.robustbench_model, dataset,
-                                       "linf" if corruptions is not None else threat or "linf")
-    eps_values = None
-    if args.eps is not None:
-        eps_values = [_coerce(part, float, "--eps") for part in args.eps.split(",") if part.strip()]
-        if not eps_values:
-            raise UserError("--eps: give at least one radius, e.g. 8/255")
-        for eps in eps_values:
-            if not 0 <= eps < float("inf"):
-                raise UserError(f"--eps {eps}: must be a finite radius >= 0 (pixel units, inputs in [0, 1])")
-    for name in ("batch_size", "pgd_steps", "restarts", "n_examples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    from robust_sparse.config.validation import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, MAX_STEPS
-
-    for name, high in (("batch_size", MAX_BATCH), ("pgd_steps", MAX_STEPS), ("restarts", MAX_STEPS),
-                       ("n_examples", MAX_EXAMPLES), ("seed", MAX_SEED), ("subnet", 10_000)):
-        value = getattr(args, name)
-        if value is not None and not (0 if name in ("seed", "subnet") else 1) <= value <= high:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be in "
-                            f"{0 if name in ('seed', 'subnet') else 1}..{high}")
-    large_eps = None
-    if args.large_eps is not None:
-        if args.no_probe:
-            raise UserError("--large-eps and --no-probe contradict each other")
-        large_eps = _coerce(args.large_eps, float, "--large-eps")
-        if not 0 < large_eps < float("inf"):
-            raise UserError(f"--large-eps {args.large_eps}: must be a finite radius > 0 (pixel units)")
-    try:  # names and parameters checked now; defaults filled in below
-        named = specs.parse_attacks("pgd,autoattack" if args.attacks is None else args.attacks)
-    except UserError as error:
-        raise UserError(f"--attacks: {error}") from None
-    if not named:  # "" or ",": no names at all
-        raise UserError(f"--attacks {args.attacks!r}: names no attack; give a comma-separated list, e.g. "
-                        f"pgd,autoattack (choose from: {specs.names_help()})")
-    if args.output is not None:  # writable now, not after an hour of attacks
-        rundir.check_output_file(args.output, "--output")
-    if args.results_dir is not None:
-        rundir.check_owned(args.results_dir, rundir.Kind.EVAL, "--results-dir")
-
+    # 1. the config: the file, the flags, the overrides; every rule (robust_sparse/eval/config.py)
+    config, names = load_eval_config(args.config, args.overrides, *_eval_flags(args))
+    config = check_eval(config, names)
     # 2. the models, the test points, the attacks (robust_sparse/eval/job.py)
-    outcome = job.run_job(job.EvalJob(
-        checkpoint=args.checkpoint, robustbench_model=args.robustbench_model, arch=args.arch, factory=args.model,
-        factory_kwargs=model_kwargs,
-        weights=args.weights, weights_key=args.weights_key, subnet=args.subnet, model_dir=args.model_dir,
-        name=args.name, dataset=dataset, n_examples=args.n_examples, data_root=args.data_root,
-        data_file=args.data_file, download=args.download, threat=threat, eps=eps_values,
-        attacks=args.attacks or "pgd,autoattack", pgd_steps=args.pgd_steps, restarts=args.restarts,
-        probe=not args.no_probe, large_eps=large_eps, device=args.device or "auto", seed=args.seed,
-        batch_size=args.batch_size, chained=args.chained, resume=not args.fresh, progress=not args.no_progress,
-        autoattack_backend=args.autoattack_backend, cross_check=args.cross_check_torchattacks,
-        results_dir=args.results_dir, output=args.output, corruptions=corruptions, severities=severities,
-    ))
+    outcome = job.run_job(config, names)
     for row in outcome.rows:
         if row["threat_model"] == "corruptions":
             from robust_sparse.eval.corruptions import format_row
@@ -402,6 +367,10 @@ def _eval(args: argparse.Namespace) -> int:
         _emit(job.format_row(row))
     for warning in outcome.warnings:
         _emit(f"warning: {warning}")
+    if len(config.seeds) > 1:
+        from robust_sparse.eval.spread import format_spread
+
+        _emit(format_spread(outcome.spread))
     results_dir = outcome.results_dir
     _emit(f"results: {results_dir / 'results.csv'} (and results.json; per-point flags in {results_dir / 'flags'})")
     return 0
@@ -420,7 +389,7 @@ def _reference(items: list[str] | None) -> dict | None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from robust_sparse.config import _coerce
+    from robust_sparse.config import coerce
     from robust_sparse.eval.report import build_report
 
     stored = [Path(d).name == "runs.csv" and Path(d).is_file() for d in args.results_dirs]
@@ -442,7 +411,7 @@ def _report(args: argparse.Namespace) -> int:
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
 
-        levels = {name: tuple(_coerce(part, float, f"--{name.replace('_', '-')}") for part in text.split(",")
+        levels = {name: tuple(coerce(part, float, f"--{name.replace('_', '-')}") for part in text.split(",")
                               if part.strip())
                   for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
                   if text is not None}

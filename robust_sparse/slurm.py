@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from robust_sparse.checkpoint import write_atomic
-from robust_sparse.config import _coerce
+from robust_sparse.config import coerce
 from robust_sparse.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def parameters(raw: dict[str, Any], where: str = "sweep slurm") -> dict[str, Any
             raise ConfigError(f"{where}.cluster: not used; backend: slurm submits to Slurm, backend: local runs on "
                               f"this machine, slurm: {{debug: true}} runs the jobs in the sweep's process")
         if key in OWN or key in SHARED:
-            checked[key] = _coerce(value, {**OWN, **SHARED}[key], f"{where}.{key}")
+            checked[key] = coerce(value, {**OWN, **SHARED}[key], f"{where}.{key}")
             continue
         name = key.removeprefix("slurm_")
         if name == "array_parallelism":

@@ -7,10 +7,13 @@ The sweep directory is the single source of truth::
     SWEEP_DIR/runs/<run id>/        an ordinary run directory (config.yaml, metrics.csv, last.pt, eval.json)
     SWEEP_DIR/runs/<run id>/sweep_eval.json   the evaluation stage's settings and result (if the sweep has one)
 
-An optional evaluation stage (``eval:`` in the sweep file: attacks, n_examples, eps, seeds, batch_size, probe)
-runs ``robust-sparse eval`` on the best checkpoint of every finished run (or of the runs whose seed is in
-``seeds``) once training is done; its per-point flags live in ``<run id>/eval/``, so a killed stage resumes,
-and a run whose ``sweep_eval.json`` holds the same settings is not evaluated again. The stage and ``threads``
+An optional evaluation stage (``eval:`` in the sweep file: attacks, n_examples, eps, attack_seeds, batch_size,
+probe, or the corruptions track's threat_model, corruptions and severities; the fields and rules of
+``robust-sparse eval``'s config, robust_sparse/eval/config.py) runs ``robust-sparse eval`` on the best checkpoint
+of every finished run once training is done. Two seeds, two meanings: ``seeds`` selects the runs to evaluate by
+their *training* seed (default: every run), ``attack_seeds`` are the *attacks'* seeds (default [0]; several give
+one row per seed and their spread, as ``eval --seeds``). Its per-point flags live in ``<run id>/eval/``, so a
+killed stage resumes, and a run whose ``sweep_eval.json`` holds the same settings is not evaluated again. The stage and ``threads``
 may change between reruns of a sweep directory; everything else must match.
 
 Runs are idempotent: a run with ``eval.json`` (or a recorded divergence) is skipped, a run with ``last.pt`` but
@@ -34,6 +37,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +46,9 @@ import yaml
 
 from robust_sparse import plugins, rundir
 from robust_sparse.checkpoint import check_output_dir, write_atomic
-from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, _coerce, load_config, parse_override, read_yaml,
-                                  save_config)
+from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict, load_config, parse_override,
+                                  read_yaml, save_config)
+from robust_sparse.config.validation import MAX_SEED, check_radius, check_range
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
 
@@ -52,8 +57,6 @@ log = logging.getLogger(__name__)
 #: Runs a sweep may create without ``--yes`` (a grid typo can multiply them), and the most it may create at all.
 CONFIRM_RUNS = 256
 MAX_RUNS = 100_000
-SWEEP_KEYS = {"base", "overrides", "grid", "random", "out_dir", "parallel", "threads", "backend", "devices", "slurm",
-              "eval"}
 
 
 @dataclass
@@ -77,8 +80,8 @@ class Sweep:
     plugins: tuple[str, ...] = ()
 
 
-EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "batch_size", "probe", "threat_model", "corruptions",
-             "severities"}
+EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "attack_seeds", "batch_size", "probe", "threat_model",
+             "corruptions", "severities"}
 CORRUPTION_KEYS = ("threat_model", "corruptions", "severities")  # the corruptions track (robust_sparse.eval.corruptions)
 
 
@@ -89,7 +92,8 @@ class EvalStage:
     attacks: str  # canonical, e.g. "pgd-50x10,autoattack"
     n_examples: int | None = None  # None: the run's eval.n_examples
     eps: float | None = None  # None: the run's eps
-    seeds: list[int] | None = None  # None: every run
+    seeds: list[int] | None = None  # the runs to evaluate, by their training seed; None: every run
+    attack_seeds: list[int] = field(default_factory=lambda: [0])  # the attacks' seeds (eval --seeds): one row each
     batch_size: int = 500
     probe: bool = True  # the large-eps gradient-masking probe
     modules: tuple[str, ...] = ()  # modules registering attacks from Python: the evaluation children import them
@@ -100,22 +104,64 @@ class EvalStage:
 
     def settings(self) -> dict[str, Any]:
         """What defines one run's evaluation (``seeds`` only selects the runs, ``modules`` where attacks come from,
-        so neither is part of it; the corruptions keys only when set, so stages recorded before them still match)."""
+        so neither is part of it; the corruptions keys and ``attack_seeds`` only when set, so stages recorded
+        before them still match)."""
         return {key: value for key, value in dataclasses.asdict(self).items()
-                if key not in ("seeds", "modules") and not (key in CORRUPTION_KEYS and value is None)}
+                if key not in ("seeds", "modules") and not (key in CORRUPTION_KEYS and value is None)
+                and not (key == "attack_seeds" and value == [0])}
+
+
+class SweepBackend(str, Enum):
+    LOCAL = "local"  # the standard library's process pool on this machine
+    SLURM = "slurm"  # submitit: one job per run (robust_sparse/slurm.py)
+
+
+@dataclass
+class RandomSearch:
+    """``random:``: ``samples`` draws (seeded by ``seed``) from ``space``, each combined with every grid point."""
+
+    samples: int = 0
+    seed: int = 0
+    space: dict[str, Any] = field(default_factory=dict)  # {field: {uniform|log_uniform: [low, high]}}
+
+
+@dataclass
+class SweepConfig:
+    """The sweep file: every key, its type and its default, read by the training config's parser
+    (robust_sparse.config.parsing.from_dict); the rules that span keys are in :func:`load_sweep`."""
+
+    base: str | None = None  # a config file, relative to the sweep file; None: the schema's defaults
+    overrides: list[str] = field(default_factory=list)  # key=value for every run
+    grid: dict[str, Any] = field(default_factory=dict)  # config field -> the values to run (every combination)
+    random: RandomSearch = field(default_factory=RandomSearch)
+    out_dir: str | None = None  # required here or as --out
+    parallel: int = 1  # runs at once (local) or the array's parallelism (slurm)
+    threads: int = 0  # torch threads per local run; 0 = the machine's cores divided by parallel
+    backend: SweepBackend = SweepBackend.LOCAL
+    devices: list[str] = field(default_factory=lambda: ["auto"])  # auto, cpu, cuda or cuda:N, round robin
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters (robust_sparse.slurm.parameters)
+    eval: dict[str, Any] | None = None  # the evaluation stage (:func:`_eval_stage`)
+
+
+#: Keys a sweep file may leave empty (``grid:`` with nothing after it) for their default.
+EMPTY_MEANS_DEFAULT = ("grid", "random", "overrides", "slurm")
+
+
+def read_sweep_file(path: str | Path) -> SweepConfig:
+    """The sweep file as a :class:`SweepConfig`; a wrong type or an unknown key is one line naming ``sweep KEY``."""
+    data = {key: value for key, value in read_yaml(path).items()
+            if not (key in EMPTY_MEANS_DEFAULT and value is None)}
+    if isinstance(data.get("random"), dict) and data["random"].get("space", {}) is None:
+        data["random"] = {key: value for key, value in data["random"].items() if key != "space"}
+    return from_dict(SweepConfig, data, "", names=lambda where: f"sweep {where}")
 
 
 def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = False) -> Sweep:
     """Read and validate a sweep file; every problem is a one-line ConfigError naming the key. More than
     :data:`CONFIRM_RUNS` runs need ``yes``; duplicate grid values and runs sharing one directory are refused."""
     path = Path(path)
-    data = read_yaml(path)
-    unknown = sorted(set(data) - SWEEP_KEYS)
-    if unknown:
-        raise ConfigError(f"sweep file {path}: unknown key {unknown[0]!r}; known: {', '.join(sorted(SWEEP_KEYS))}")
-    grid = data.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise ConfigError(f"sweep file {path}: grid must map config fields to lists of values")
+    spec = read_sweep_file(path)
+    grid = spec.grid
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep grid {key!r}: needs a non-empty list of values, got {values!r}")
@@ -123,48 +169,32 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         repeated = next((text for i, text in enumerate(written) if text in written[:i]), None)
         if repeated is not None:  # the same run twice: two writers of one run directory
             raise ConfigError(f"sweep grid {key!r}: the value {repeated} is listed twice; give each value once")
-    random_part = data.get("random") or {}
-    if not isinstance(random_part, dict) or set(random_part) - {"samples", "seed", "space"}:
-        raise ConfigError(f"sweep random: expected a mapping with samples, seed and space, got {random_part!r}")
-    samples = _coerce(random_part.get("samples", 0), int, "sweep random.samples")
-    seed = _coerce(random_part.get("seed", 0), int, "sweep random.seed")
-    for name, number, high in (("samples", samples, MAX_RUNS), ("seed", seed, 2**32 - 1)):
-        if not 0 <= number <= high:
-            raise ConfigError(f"sweep random.{name} = {number}: must be in 0..{high}")
-    space = _random_space(random_part.get("space") or {})
+    samples, seed = spec.random.samples, spec.random.seed
+    check_range("sweep random.samples", samples, 0, MAX_RUNS)
+    check_range("sweep random.seed", seed, 0, MAX_SEED)
+    space = _random_space(spec.random.space)
     if samples > 0 and not space:
         raise ConfigError(f"sweep random.samples = {samples}: needs a random.space to draw from")
     if not grid and not (space and samples > 0):
         raise ConfigError(f"sweep file {path}: the grid is empty (give grid values or random samples)")
-    overrides = data.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(text, str) for text in overrides):
-        raise ConfigError(f"sweep overrides: expected a list of key=value strings (e.g. [optim.lr=0.1]), "
-                          f"got {overrides!r}")
+    overrides = spec.overrides
     for text in overrides:
         parse_override(text)  # "override 'x' must look like key.sub=value"
-    base = data.get("base")
-    if isinstance(base, str) and not base.strip():
+    base = spec.base
+    if base is not None and not base.strip():
         raise ConfigError("sweep base: must not be empty (a config file, or leave base out)")
-    base_path = (path.parent / _coerce(base, str, "sweep base")).resolve() if base else None
+    base_path = (path.parent / base).resolve() if base else None
     if base_path is not None and not base_path.is_file():
         raise ConfigError(f"sweep base: config file not found: {base_path}")
-    backend = data.get("backend", "local")
-    if backend not in ("local", "slurm"):
-        raise ConfigError(f"sweep backend {backend!r}: must be local or slurm")
-    parallel = _coerce(data.get("parallel", 1), int, "sweep parallel")
-    if parallel < 1:
-        raise ConfigError(f"sweep parallel = {parallel!r}: must be an integer >= 1")
-    threads = _coerce(data.get("threads", 0), int, "sweep threads")
+    backend = spec.backend.value
+    parallel, threads = spec.parallel, spec.threads
+    check_range("sweep parallel", parallel, 1, MAX_RUNS)
     if threads < 0:
         raise ConfigError(f"sweep threads = {threads!r}: must be >= 0 (0 = cores / parallel)")
-    devices = data.get("devices", ["auto"])
-    if (not isinstance(devices, list) or not devices
-            or not all(isinstance(d, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", d) for d in devices)):
+    devices = spec.devices
+    if not devices or not all(re.fullmatch(r"auto|cpu|cuda(:\d+)?", d) for d in devices):
         raise ConfigError(f"sweep devices: expected a list of auto, cpu, cuda or cuda:N, got {devices!r}")
-    slurm = data.get("slurm") or {}
-    if not isinstance(slurm, dict):
-        raise ConfigError(f"sweep slurm: expected a mapping of submitit parameters (e.g. slurm_partition: gpu), "
-                          f"got {slurm!r}")
+    slurm = spec.slurm
     runs = math.prod(len(values) for values in grid.values()) * (samples if space and samples > 0 else 1)
     if runs > MAX_RUNS:
         raise ConfigError(f"sweep file {path}: {runs:,} runs (the grid's sizes times random.samples); at most "
@@ -176,11 +206,11 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         from robust_sparse import slurm as slurm_backend
 
         slurm = slurm_backend.parameters(slurm)
-    eval_stage = _eval_stage(data.get("eval"))
-    target = out_dir if out_dir is not None else data.get("out_dir")
-    if target is None or (isinstance(target, str) and not target.strip()):
+    eval_stage = _eval_stage(spec.eval)
+    target = out_dir if out_dir is not None else spec.out_dir
+    if target is None or not target.strip():
         raise ConfigError(f"sweep file {path}: out_dir is required and must not be empty (or pass --out)")
-    check_output_dir(_coerce(target, str, "sweep out_dir"), "sweep out_dir", "set another out_dir (sweep --out)")
+    check_output_dir(target, "sweep out_dir", "set another out_dir (sweep --out)")
     rundir.check_owned(target, rundir.Kind.SWEEP, "sweep out_dir")
     sweep = Sweep(path=path, base=base_path, overrides=list(overrides), grid=grid,
                   random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),
@@ -200,6 +230,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         run_dir = sweep.out_dir / "runs" / run_id(overrides)
         config = load_config(sweep.base, sweep.overrides + overrides + [f"out_dir={run_dir}"])
         check_run(config)
+        if eval_stage is not None and eval_stage.eps is not None:  # the stage's radius under the run's norm
+            check_radius(f"sweep eval.eps = {eval_stage.eps}", eval_stage.eps, config.attack.norm)
         method = getattr(config.sparsity.method, "value", config.sparsity.method)
         if method in REGISTERED_SPARSITY_METHODS:  # registered from Python: the runs import its module
             module = plugins.importable(REGISTERED_SPARSITY_METHODS[method], f"sparsity method {method!r}")
@@ -212,7 +244,9 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
 
 
 def _eval_stage(value: Any) -> EvalStage | None:
-    """The sweep file's ``eval`` mapping, checked key by key (attack names as ``robust-sparse eval`` parses them)."""
+    """The sweep file's ``eval`` mapping: the evaluation config of ``robust-sparse eval`` (robust_sparse/eval/config.py,
+    the same fields and rules) without the model, which is each run's best.pt, plus ``seeds``, the runs to evaluate."""
+    from robust_sparse.eval.config import Names, eval_config_from_dict
     from robust_sparse.eval.specs import attack_modules, parse_attacks
 
     if value is None:
@@ -222,76 +256,36 @@ def _eval_stage(value: Any) -> EvalStage | None:
     unknown = sorted(set(map(str, value)) - EVAL_KEYS)
     if unknown:
         raise ConfigError(f"sweep eval: unknown key {unknown[0]!r}; known: {', '.join(sorted(EVAL_KEYS))}")
-    if value.get("threat_model") is not None or value.get("corruptions") is not None \
-            or value.get("severities") is not None:
-        return _corruptions_stage(value)
-    if "attacks" not in value:
+    track = any(value.get(key) is not None for key in CORRUPTION_KEYS)
+    if track and str(value.get("threat_model", "")).strip().lower() != "corruptions":
+        raise ConfigError(f"sweep eval.threat_model: only 'corruptions' (the corruptions track; attacks take no "
+                          f"threat_model key), got {value.get('threat_model')!r}")
+    if not track and "attacks" not in value:
         raise ConfigError("sweep eval.attacks: required, e.g. pgd-50x10,autoattack")
-    attacks = value["attacks"]
-    if isinstance(attacks, list):
-        attacks = ",".join(map(str, attacks))
-    try:
-        specs = parse_attacks(_coerce(attacks, str, "sweep eval.attacks"))
-        modules = attack_modules(specs)
-    except ConfigError:
-        raise
-    except UserError as error:
-        raise ConfigError(f"sweep eval.attacks: {error}") from None
-    if not specs:
-        raise ConfigError("sweep eval.attacks: name at least one attack, e.g. pgd-50x10,autoattack")
-    n_examples = value.get("n_examples")
-    if n_examples is not None and _coerce(n_examples, int, "sweep eval.n_examples") < 1:
-        raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
-    eps = value.get("eps")
-    if eps is not None:
-        eps = _coerce(eps, float, "sweep eval.eps")
-        if not 0 <= eps <= 1:
-            raise ConfigError(f"sweep eval.eps = {eps}: must be in [0, 1] (pixel units)")
     seeds = value.get("seeds")
     if seeds is not None:
-        seeds = _coerce(seeds, list[int], "sweep eval.seeds")
+        seeds = coerce(seeds, list[int], "sweep eval.seeds")
         if not seeds:
             raise ConfigError("sweep eval.seeds: give at least one seed (or leave it out: every run)")
-    batch_size = _coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
-    if batch_size < 1:
-        raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
-    probe = _coerce(value.get("probe", True), bool, "sweep eval.probe")
-    return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=n_examples, eps=eps, seeds=seeds,
-                     batch_size=batch_size, probe=probe, modules=modules)
-
-
-def _corruptions_stage(value: dict[str, Any]) -> EvalStage:
-    """``eval: {threat_model: corruptions, corruptions: ..., severities: ..., n_examples, seeds, batch_size}``."""
-    from robust_sparse.eval.corruptions import THREAT, parse_corruptions, parse_severities
-
-    if str(value.get("threat_model", "")).strip().lower() != THREAT:
-        raise ConfigError(f"sweep eval.threat_model: only {THREAT!r} (the corruptions track; attacks take no "
-                          f"threat_model key), got {value.get('threat_model')!r}")
-    extra = sorted(set(value) & {"attacks", "eps", "probe"})
-    if extra:
-        raise ConfigError(f"sweep eval.{extra[0]}: the corruptions track has no radius or attacks")
-
-    def text(key: str) -> str | None:
-        item = value.get(key)
-        return ",".join(map(str, item)) if isinstance(item, list) else (None if item is None else str(item))
-
+    eps = value.get("eps")
+    if eps is not None:  # one radius; the run's norm bounds it (load_sweep)
+        eps = coerce(eps, float, "sweep eval.eps")
+    data = {key: item for key, item in value.items() if key not in ("seeds", "attack_seeds", "eps")}
+    data.update(checkpoint="best.pt", seeds=value.get("attack_seeds", [0]), eps=None if eps is None else [eps])
+    config = eval_config_from_dict(data, Names(prefix="sweep eval.", keys={"seeds": "attack_seeds"}))
+    if track:
+        return EvalStage(attacks="corruptions", n_examples=config.n_examples, seeds=seeds,
+                         attack_seeds=config.seeds, batch_size=config.batch_size, probe=False,
+                         threat_model="corruptions",
+                         corruptions=None if config.corruptions is None else ",".join(config.corruptions),
+                         severities=None if config.severities is None else ",".join(map(str, config.severities)))
+    specs = parse_attacks(config.attacks)
     try:
-        corruptions, severities = text("corruptions"), text("severities")
-        parse_corruptions(corruptions)
-        parse_severities(severities)
+        modules = attack_modules(specs)
     except UserError as error:
-        raise ConfigError(f"sweep eval: {str(error).lstrip('-')}") from None
-    n_examples = value.get("n_examples")
-    if n_examples is not None and _coerce(n_examples, int, "sweep eval.n_examples") < 1:
-        raise ConfigError(f"sweep eval.n_examples = {n_examples}: must be >= 1")
-    seeds = value.get("seeds")
-    if seeds is not None:
-        seeds = _coerce(seeds, list[int], "sweep eval.seeds")
-    batch_size = _coerce(value.get("batch_size", 500), int, "sweep eval.batch_size")
-    if batch_size < 1:
-        raise ConfigError(f"sweep eval.batch_size = {batch_size}: must be >= 1")
-    return EvalStage(attacks=THREAT, n_examples=n_examples, seeds=seeds, batch_size=batch_size, probe=False,
-                     threat_model=THREAT, corruptions=corruptions, severities=severities)
+        raise ConfigError(f"sweep eval.attacks: {error}") from None
+    return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=config.n_examples, eps=eps, seeds=seeds,
+                     attack_seeds=config.seeds, batch_size=config.batch_size, probe=config.probe, modules=modules)
 
 
 def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
@@ -307,7 +301,7 @@ def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
         ((kind, bounds),) = spec.items()
         if not isinstance(bounds, list) or len(bounds) != 2:
             raise ConfigError(f"{where}.{kind}: expected two numbers [low, high], got {bounds!r}")
-        low, high = _coerce(bounds, list[float], f"{where}.{kind}")  # finite numbers, fractions allowed
+        low, high = coerce(bounds, list[float], f"{where}.{kind}")  # finite numbers, fractions allowed
         if not low < high:
             raise ConfigError(f"{where}.{kind} = [{low}, {high}]: needs low < high")
         if kind == "log_uniform" and low <= 0:
@@ -448,6 +442,8 @@ def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
         return command
     if stage.n_examples is not None:
         command += ["--n-examples", str(stage.n_examples)]
+    if stage.attack_seeds != [0]:
+        command += ["--seeds", ",".join(map(str, stage.attack_seeds))]
     if stage.eps is not None:
         command += ["--eps", repr(stage.eps)]
     if not stage.probe:

@@ -31,7 +31,35 @@ COST = ["train_flops_vs_dense", "inference_flops_vs_dense"]  # robust_sparse.flo
 STAGE = "eval_"  # columns of the sweep's evaluation stage: eval_n, eval_clean_accuracy, eval_<attack>_accuracy
 
 
-def _stage_columns(record: dict[str, Any]) -> dict[str, Any]:
+def _stage_columns(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's result rows of ``robust-sparse eval``, one per attack seed (the stage's ``attack_seeds``), as
+    report columns: the accuracies averaged over the seeds, the warnings and seconds summed, the seeds listed
+    (their spread is in the run's own store: ``robust-sparse report RUN/eval``)."""
+    per_seed = [_record_columns(record) for record in records]
+    if len(per_seed) == 1:
+        return per_seed[0]
+    merged = dict(per_seed[0])
+    for key in merged:
+        values = [columns.get(key) for columns in per_seed]
+        if key.endswith("_accuracy") and all(isinstance(v, (int, float)) for v in values):
+            merged[key] = sum(values) / len(values)
+        elif key in (f"{STAGE}warnings", f"{STAGE}seconds") and all(isinstance(v, (int, float)) for v in values):
+            merged[key] = sum(values)
+        elif key == f"{STAGE}warning_text":
+            merged[key] = " | ".join(dict.fromkeys(text for v in values for text in str(v or "").split(" | ") if text))
+    merged[f"{STAGE}seed"] = ",".join(str(record.get("seed")) for record in records)
+    return merged
+
+
+def _by_model(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The stage's rows grouped by model (an AST checkpoint's sub-nets are models of their own), in order."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record.get("model"), []).append(record)
+    return list(groups.values())
+
+
+def _record_columns(record: dict[str, Any]) -> dict[str, Any]:
     """One result row of ``robust-sparse eval`` as report columns: n, clean and each attack's accuracy (the
     attacks' totals, not their sub-attacks) and the worst case over them."""
     columns = {f"{STAGE}n": record["n_examples"], f"{STAGE}clean_accuracy": record["clean_acc"],
@@ -170,7 +198,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "test_pgd_accuracy": evaluation["pgd_accuracy"], "test_n": evaluation.get("n_examples"),
                         "best_epoch": evaluation["epoch"], "test_seconds": evaluation.get("seconds"),
                         **{column: evaluation[column] for column in COST if evaluation.get(column) is not None}})
-        stage = _stage_records(run_dir)
+        stage = _by_model(_stage_records(run_dir))
         if "subnets" not in evaluation:
             runs.append({**row, **(_stage_columns(stage[0]) if stage else {})})
             continue

@@ -205,7 +205,7 @@ def test_sweep_evaluation_stage_for_the_corruptions_track(tmp_path):
     assert set(attacks.settings()) == {"attacks", "n_examples", "eps", "batch_size", "probe"}
     assert attacks.settings() == {k: v for k, v in EvalStage(attacks="fgsm").settings().items()}
     for value, message in (({"threat_model": "Linf", "attacks": "fgsm"}, "only 'corruptions'"),
-                           ({"threat_model": "corruptions", "attacks": "fgsm"}, "eval.attacks: the corruptions"),
+                           ({"threat_model": "corruptions", "attacks": "fgsm"}, "has no radius or attacks: drop sweep eval.attacks"),
                            ({"threat_model": "corruptions", "severities": [7]}, "severities '7'"),
                            ({"corruptions": "fog"}, "only 'corruptions'")):
         with pytest.raises(ConfigError, match=message):

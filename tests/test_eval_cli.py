@@ -207,12 +207,13 @@ def _float_255_file(mnist, tmp_path):
     (lambda w, c, z, m, t: _tiny(w, "--data-file", _float_255_file(m, t)), r"must lie in [0, 1]"),
     (lambda w, c, z, m, t: _tiny(w, "--eps", "eight"), "expected a number"),
     (lambda w, c, z, m, t: _tiny(w, "--eps", "2", "--n-examples", "4"), "must be <= 1 for linf"),
-    (lambda w, c, z, m, t: _tiny(w, "--threat-model", "L1"), "choose Linf or L2"),
+    (lambda w, c, z, m, t: _tiny(w, "--threat-model", "L1"), "--threat-model: 'L1' is not one of linf, l2, corruptions"),
     (lambda w, c, z, m, t: _tiny(w, "--batch-size", "0"), "--batch-size 0"),
     (lambda w, c, z, m, t: _tiny(w, "--autoattack-backend", "foolbox"), "invalid choice"),
     (lambda w, c, z, m, t: _tiny(w, "--chained", "--cross-check-torchattacks"), "drop --chained"),
     (lambda w, c, z, m, t: ["eval", str(c), "--dataset", "cifar10"], "the checkpoint was trained on mnist5k"),
-    (lambda w, c, z, m, t: ["eval", "--arch", "tiny_cnn", "--weights", w, "--dataset", "tinyimagenet"], "unknown dataset"),
+    (lambda w, c, z, m, t: ["eval", "--arch", "tiny_cnn", "--weights", w, "--dataset", "tinyimagenet"],
+     "--dataset: 'tinyimagenet' is not one of"),
     (lambda w, c, z, m, t: ["report", str(t / "nothing")], "no results in"),
 ])
 def test_bad_inputs_are_one_line_errors(argv, message, weights, checkpoint, zoo, mnist, tmp_path, capsys):

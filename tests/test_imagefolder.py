@@ -138,8 +138,10 @@ def test_pgd_at_epoch_on_a_torchvision_model_then_eval_on_the_streamed_test_list
     evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert evaluation["n_examples"] == 12 and evaluation["dataset"] == "imagefolder"
     # robust-sparse eval on the checkpoint reads the same list through the checkpoint's data section
-    outcome = job.run_job(job.EvalJob(checkpoint=str(tmp_path / "run" / "best.pt"), attacks="pgd-2",
-                                      probe=False, progress=False, device="cpu"))
+    from robust_sparse.eval.config import eval_config_from_dict
+
+    outcome = job.run_job(eval_config_from_dict({"checkpoint": str(tmp_path / "run" / "best.pt"), "attacks": "pgd-2",
+                                                 "probe": False, "progress": False, "device": "cpu"}))
     (row,) = outcome.rows
     assert row["n_examples"] == 12 and row["clean_acc"] == pytest.approx(evaluation["clean_accuracy"])
 

@@ -138,3 +138,41 @@ def test_report_measures_agents_cosine_per_density_and_takes_thresholds(tmp_path
     steps = pd.read_csv(out / "epochs_to_accuracy.csv")
     assert {"val_clean_accuracy >= 0.1", "val_clean_accuracy >= 0.2", "val_pgd_accuracy >= 0.05"} <= set(steps)
     assert main(["report", str(tmp_path / "out"), "--thresholds", "x"]) == 2
+
+
+def test_attack_seeds_are_the_attacks_and_seeds_the_runs(tmp_path):
+    """``seeds`` picks the runs by training seed; ``attack_seeds`` is eval --seeds, part of the stage's settings
+    only when not the default [0] (stages recorded before it still match)."""
+    from robust_sparse.sweep import _eval_command
+
+    default = load_sweep(write(tmp_path, eval=STAGE)).eval_stage
+    assert default.attack_seeds == [0] and "attack_seeds" not in default.settings()
+    assert "--seeds" not in _eval_command(tmp_path / "run", default, "cpu")
+    stage = load_sweep(write(tmp_path, eval={**STAGE, "attack_seeds": "0,1,2"})).eval_stage
+    assert stage.seeds == [0] and stage.attack_seeds == [0, 1, 2] and stage.settings()["attack_seeds"] == [0, 1, 2]
+    command = _eval_command(tmp_path / "run", stage, "cpu")
+    assert command[command.index("--seeds") + 1] == "0,1,2"
+    for bad, message in (({"attack_seeds": [1, 1]}, "sweep eval.attack_seeds = [1, 1]: a seed is listed twice"),
+                         ({"attack_seeds": [-1]}, "sweep eval.attack_seeds = -1: must be in 0..4294967295"),
+                         ({"eps": 2}, "sweep eval.eps = 2.0: must be <= 1 for linf"),
+                         ({"batch_size": 0}, "sweep eval.batch_size = 0: must be in 1..1000000")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_sweep(write(tmp_path, eval={**STAGE, **bad}))
+
+
+def test_a_stage_with_several_attack_seeds_reports_their_mean_per_model():
+    from robust_sparse.sweep_report import _by_model, _stage_columns
+
+    def record(model, seed, pgd, worst, warnings, seconds):
+        return {"model": model, "n_examples": 4, "clean_acc": 0.75, "seed": seed, "worst_acc": worst,
+                "per_attack": {"PGD-2x1": pgd, "FGSM": 0.5}, "warnings": warnings, "wall_seconds": seconds}
+
+    records = [record("run/best", 0, 0.25, 0.25, [], 1.0), record("run/best", 1, 0.75, 0.5, ["w"], 2.0),
+               record("run/best/subnet1", 0, 0.0, 0.0, [], 1.0)]
+    (first, subnet) = _by_model(records)
+    columns = _stage_columns(first)
+    assert columns["eval_PGD-2x1_accuracy"] == 0.5 and columns["eval_FGSM_accuracy"] == 0.5
+    assert columns["eval_worst_accuracy"] == 0.375 and columns["eval_clean_accuracy"] == 0.75
+    assert (columns["eval_warnings"], columns["eval_seconds"], columns["eval_seed"]) == (1, 3.0, "0,1")
+    assert columns["eval_warning_text"] == "w" and columns["eval_n"] == 4
+    assert _stage_columns(subnet)["eval_seed"] == 0  # one seed: the row's columns as they were

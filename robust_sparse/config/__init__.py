@@ -9,10 +9,11 @@ Every name other modules import is re-exported here, so ``from robust_sparse.con
 import path.
 """
 
-from robust_sparse.config.parsing import (_coerce, config_from_dict, load_config, parse_override, read_yaml,
-                                          save_config, to_dict)
+from robust_sparse.config.parsing import (coerce, config_from_dict, from_dict, load_config, merge, parse_override,
+                                          read_yaml, save_config, to_dict)
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
-                                         DatasetName, DeviceChoice, Distribution, DivergenceConfig, EvalConfig,
+                                         DatasetName, DeviceChoice, Distribution, DivergenceConfig,
+                                         FinalTestConfig,
                                          FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
                                          Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig, SparsityMethod,
                                          TrackingConfig, TrainConfig, TrainingConfig, ValidationConfig, WandbConfig,
@@ -24,10 +25,10 @@ from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, ASTConfig,
 
 __all__ = [
     "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
-    "Distribution", "DivergenceConfig", "EvalConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
+    "Distribution", "DivergenceConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
     "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
     "SparsityMethod", "TrackingConfig", "TrainConfig", "TrainingConfig", "ValidationConfig", "WandbConfig", "WandbMode",
-    "_coerce", "config_from_dict", "load_config", "parse_override", "read_yaml", "save_config",
+    "coerce", "config_from_dict", "from_dict", "merge", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "validate",
     "ASTConfig", "ASTPruneFrom", "BSRNetConfig", "GSEConfig", "GSESampler", "Growth", "MagnitudePruneConfig",
     "PruneSchedule", "REGISTERED_SPARSITY_METHODS",

@@ -14,7 +14,7 @@ import types
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import yaml
 
@@ -35,7 +35,7 @@ _FLOAT = re.compile(rf"^\s*({_NUMBER})\s*$")
 _FRACTION = re.compile(rf"^\s*({_NUMBER})\s*/\s*({_NUMBER})\s*$")
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+def coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type, or raise a ConfigError naming the field."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
@@ -43,12 +43,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         (inner,) = [t for t in options if t is not type(None)]
-        return _coerce(value, inner, where)
+        return coerce(value, inner, where)
     if origin is list:
         (inner,) = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:  # keyword arguments handed to a factory: YAML values as they are
         if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
             raise ConfigError(f"{where}: expected a mapping of names to values, got {value!r}")
@@ -92,23 +92,29 @@ def _number(value: Any, where: str) -> float:
     raise ConfigError(f"{where}: expected a number (or a fraction like 8/255), got {value!r}")
 
 
-def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+def from_dict(cls: type, data: Any, prefix: str = "", names: Callable[[str], str] | None = None) -> Any:
+    """``data`` (YAML values) as a ``cls`` dataclass, each value coerced to its field's annotation; unknown fields
+    and wrong types are one-line ConfigErrors naming the field: ``prefix.field``, or ``names(field path)`` where
+    the values came from elsewhere (``robust-sparse eval`` names its flags, e.g. ``--batch-size``)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        where = (names(prefix) if names is not None and prefix else prefix) or "config"
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown field {where!r}; known fields here: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown field {names(where) if names is not None else where!r}; known fields here: "
+                          f"{', '.join(sorted(known))}")
     values = {}
     for name, raw in data.items():
         where = f"{prefix}.{name}" if prefix else name
+        spelled = names(where) if names is not None else where
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            values[name] = _from_dict(annotation, raw, where)
+            values[name] = from_dict(annotation, raw, where, names)
         else:
-            values[name] = _coerce(raw, annotation, where)
+            values[name] = coerce(raw, annotation, spelled)
     return cls(**values)
 
 
@@ -130,12 +136,12 @@ def to_dict(config: Any) -> dict[str, Any]:
     }
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value, where)
+            merged[key] = merge(merged[key], value, where)
         elif isinstance(value, dict) and merged.get(key) is not None:
             # `attack: 0.1` then `--set attack.eps=...`: replacing the scalar would hide the first mistake
             raise ConfigError(f"{where}: expected a mapping of fields (e.g. {where}.{next(iter(value))}), "
@@ -189,8 +195,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # a config of its own never trains into another run's directory (the schema's default is the quickstart's)
         data["out_dir"] = f"runs/{Path(path).stem}"
     for text in overrides:
-        data = _merge(data, nest_flat_names(parse_override(text)))
-    config = _from_dict(TrainConfig, data, "")
+        data = merge(data, nest_flat_names(parse_override(text)))
+    config = from_dict(TrainConfig, data, "")
     _method_defaults(config, data)
     validate(config)
     return config
@@ -212,7 +218,7 @@ def _method_defaults(config: TrainConfig, data: dict[str, Any]) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a config saved in a checkpoint (it is re-validated: a hand-edited checkpoint gets no pass)."""
-    config = _from_dict(TrainConfig, nest_flat_names(data), "")
+    config = from_dict(TrainConfig, nest_flat_names(data), "")
     validate(config)
     return config
 

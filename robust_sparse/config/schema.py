@@ -168,8 +168,9 @@ class ValidationConfig:
 
 
 @dataclass
-class EvalConfig:
-    """The short evaluation on the test split after training."""
+class FinalTestConfig:
+    """The short evaluation on the test split after training (the YAML key ``eval``; ``robust-sparse eval``'s own
+    settings are :class:`robust_sparse.eval.config.EvalConfig`)."""
 
     n_examples: int = 1000  # the first n test points, in order (the RobustBench convention)
     pgd_steps: int = 20
@@ -235,7 +236,7 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: FinalTestConfig = field(default_factory=FinalTestConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

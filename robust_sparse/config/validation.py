@@ -23,6 +23,16 @@ MAX_EXAMPLES = 100_000_000  # images in a split or an evaluation
 MAX_STEPS = 100_000  # attack iterations, restarts
 
 
+def check_radius(subject: str, value: float, norm: Norm | str | None, *, positive: bool = False) -> None:
+    """The one rule for a radius or step size in pixel units (inputs are in [0, 1]): >= 0 (> 0 with ``positive``)
+    and finite, and <= 1 under linf (an L2 ball may be larger). ``norm`` None: not known yet (a checkpoint's); the
+    rule is applied again once it is. ``subject`` names it as the user gave it: ``attack.eps = 2.0``, ``--eps 2``."""
+    _check(value < float("inf") and (value > 0 if positive else value >= 0),
+           f"{subject}: must be {'> 0' if positive else '>= 0'} (pixel units, inputs in [0,1])")
+    _check(getattr(norm, "value", norm) != Norm.LINF.value or value <= 1,
+           f"{subject}: must be <= 1 for linf (inputs are in [0,1])")
+
+
 def check_range(where: str, value: int, low: int, high: int) -> None:
     """``where = value: must be in low..high`` unless it is; also used for the eval flags."""
     _check(low <= value <= high, f"{where} = {value}: must be in {low}..{high}")
@@ -67,13 +77,8 @@ def validate(config: TrainConfig) -> None:
            "data.num_classes: data.dataset = imagefolder needs the class count (>= 1)")
     _check(data.dataset is not DatasetName.IMAGENET or data.num_classes in (0, 1000),
            f"data.num_classes = {data.num_classes}: imagenet has 1000 classes (leave it 0 or set 1000)")
-    _check(attack.eps >= 0, f"attack.eps = {attack.eps}: must be >= 0 (pixel units, inputs in [0,1])")
-    if attack.norm is Norm.LINF:
-        _check(attack.eps <= 1, f"attack.eps = {attack.eps}: must be <= 1 for linf (inputs are in [0,1])")
-    _check(attack.step_size > 0, f"attack.step_size = {attack.step_size}: must be > 0")
-    if attack.norm is Norm.LINF:
-        _check(attack.step_size <= 1, f"attack.step_size = {attack.step_size}: must be <= 1 for linf "
-               "(inputs are in [0,1])")
+    check_radius(f"attack.eps = {attack.eps}", attack.eps, attack.norm)
+    check_radius(f"attack.step_size = {attack.step_size}", attack.step_size, attack.norm, positive=True)
     _check(attack.steps >= 1, f"attack.steps = {attack.steps}: must be >= 1")
     _check(config.trades_beta >= 0, f"trades_beta = {config.trades_beta}: must be >= 0")
     _check(optim.epochs >= 1, f"optim.epochs = {optim.epochs}: must be >= 1")
@@ -100,9 +105,8 @@ def validate(config: TrainConfig) -> None:
     _check(config.eval.autoattack_examples >= 0,
            f"eval.autoattack_examples = {config.eval.autoattack_examples}: must be >= 0 (0 = no AutoAttack)")
     _check(config.eval.restarts >= 1, f"eval.restarts = {config.eval.restarts}: must be >= 1")
-    _check(config.eval.eps is None or config.eval.eps >= 0, f"eval.eps = {config.eval.eps}: must be >= 0")
-    _check(config.eval.eps is None or attack.norm is not Norm.LINF or config.eval.eps <= 1,
-           f"eval.eps = {config.eval.eps}: must be <= 1 for linf (inputs are in [0,1])")
+    if config.eval.eps is not None:
+        check_radius(f"eval.eps = {config.eval.eps}", config.eval.eps, attack.norm)
     _check(config.divergence.patience >= 1, f"divergence.patience = {config.divergence.patience}: must be >= 1")
     _check(0 <= config.divergence.chance_margin < 1,
            f"divergence.chance_margin = {config.divergence.chance_margin}: must be in [0, 1)")
