@@ -272,7 +272,7 @@ def run_corruptions_job(job: Any) -> Any:
     from robust_sparse.eval import job as jobs
     from robust_sparse.eval import loading
     from robust_sparse.eval.store import append_result
-    from robust_sparse.train import resolve_device
+    from robust_sparse.distributed import resolve_device
 
     if job.eps is not None or job.large_eps is not None or job.cross_check or job.chained:
         raise UserError("--threat-model corruptions has no radius or attacks: drop --eps, --large-eps, --chained "

@@ -203,7 +203,7 @@ def run_job(job: EvalJob) -> JobOutcome:
     download): a missing dataset never costs a download. Each model's rows go to the results store."""
     from robust_sparse.data import DATASETS, dataset_info
     from robust_sparse.eval.specs import parse_attacks
-    from robust_sparse.train import resolve_device
+    from robust_sparse.distributed import resolve_device
 
     if job.threat == "corruptions":
         from robust_sparse.eval.corruptions import run_corruptions_job

@@ -22,10 +22,10 @@ from conftest import make_tiny_model
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_correction_is_g_minus_weight_times_old_minus_full(foreach):
+def test_correction_is_g_minus_gamma_c_times_old_minus_full(foreach):
     grads = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
     agent_correction(grads, [torch.tensor([0.5, 1.0]), torch.tensor([[2.0]])],
-                     [torch.tensor([0.25, 0.0]), torch.tensor([[1.0]])], weight=0.2, foreach=foreach)
+                     [torch.tensor([0.25, 0.0]), torch.tensor([[1.0]])], gamma_c=0.2, foreach=foreach)
     torch.testing.assert_close(grads[0], torch.tensor([1.0 - 0.2 * 0.25, 2.0 - 0.2 * 1.0]))
     torch.testing.assert_close(grads[1], torch.tensor([[3.0 - 0.2 * 1.0]]))
 
@@ -35,8 +35,8 @@ def test_fused_correction_matches_the_reference_loop():
     shapes = [(16, 3, 3, 3), (16,), (10, 64)]
     grads, old, full = ([torch.randn(s, generator=generator) for s in shapes] for _ in range(3))
     reference = [g.clone() for g in grads]
-    agent_correction(reference, old, full, weight=0.37, foreach=False)
-    agent_correction(grads, old, full, weight=0.37)  # the default: fused
+    agent_correction(reference, old, full, gamma_c=0.37, foreach=False)
+    agent_correction(grads, old, full, gamma_c=0.37)  # the default: fused
     for fused, looped in zip(grads, reference):
         torch.testing.assert_close(fused, looped, rtol=1e-6, atol=1e-6)
 
@@ -120,7 +120,7 @@ def test_official_estimator_is_the_ramp_gamma_times_one_minus_0_7_to_the_e():
                   AgentConfig(enabled=True, gamma=0.1, alpha=0.3, estimator=AgentEstimator.OFFICIAL, probe_chunks=0))
     for epoch in range(8):
         agent.refresh(BATCHES, quadratic)
-        assert agent.weight == pytest.approx(0.1 * (1 - 0.7 ** epoch), abs=1e-15)
+        assert agent.gamma_c == pytest.approx(0.1 * (1 - 0.7 ** epoch), abs=1e-15)
         assert (agent.full_grads is None) == (epoch == 0)  # no wasted gradient pass while c = 0
 
 
@@ -129,7 +129,7 @@ def test_fixed_estimator_and_clip():
     fixed = AGENT(torch.optim.SGD(model.parameters(), lr=0.1), model,
                   AgentConfig(enabled=True, gamma=0.5, estimator=AgentEstimator.FIXED, fixed_c=0.4, probe_chunks=0))
     fixed.refresh(BATCHES, quadratic)
-    assert fixed.weight == pytest.approx(0.2) and fixed.full_grads is not None  # corrected from the first epoch
+    assert fixed.gamma_c == pytest.approx(0.2) and fixed.full_grads is not None  # corrected from the first epoch
 
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.2, -0.4]]))  # a fixed start: the assertion below depends on it
@@ -240,7 +240,7 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     chunks = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]
     for epoch in range(2):
         agent.refresh([(x, y, x) for x, y in chunks], loss_fn)
-        assert agent.weight == 0.5
+        assert agent.gamma_c == 0.5
         for x, y in chunks:
             adversarial = objective_.perturb(x, y)
             loss, _ = objective_.loss(model, x, y, adversarial)
