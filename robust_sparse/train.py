@@ -67,6 +67,8 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     """
     check_run(config)
     refuse_to_overwrite(config, resume)
+    # on every rank, before the process group forms: a directory another run holds stops them all at once
+    rundir.check_unlocked(config.out_dir, rundir.Kind.TRAIN, "out_dir")
     run = _build(config)
     # the run directory is this process's until fit returns (only the first rank writes into it)
     with rundir.locked(run.run_dir, rundir.Kind.TRAIN, "out_dir") if run.world.is_main else nullcontext():
