@@ -157,7 +157,7 @@ class AGENT(torch.optim.Optimizer):
     on the same inputs), then :meth:`step`. Before each epoch it calls :meth:`refresh` when :meth:`due`.
 
     Under a GradScaler (fp16) ``.grad`` and ``g_old`` both carry the loss scale ``s``: the loop calls
-    :meth:`correct` with ``s`` before the scaler's step, which applies ``g - w (g_old - s g_tilde)``, exactly
+    :meth:`correct` with ``s`` before the scaler's step, which applies ``g - gamma_c (g_old - s g_tilde)``, exactly
     ``s`` times the unscaled correction, so the scaler's unscale and overflow check cover it.
     """
 
@@ -261,11 +261,9 @@ class AGENT(torch.optim.Optimizer):
                         "paper's text does")
         self.subnet_snapshot_masks = [{name: mask.clone() for name, mask in self._masks_of(k).items()}
                                       for k in range(n_views)]
-        if passed is not None and min(passed.counts):
-            # the mean of batch-mean gradients, per sub-net
-            self.subnet_full_grads = [self._mask_like_snapshot([value / passed.counts[k] for value in passed.sums[k]],
-                                                               k)
-                                      for k in range(n_views)]
+        if passed is not None and min(passed.counts):  # the mean of batch-mean gradients, per sub-net
+            self.subnet_full_grads = [self._mask_like_snapshot([total / count for total in sums], k)
+                                      for k, (sums, count) in enumerate(zip(passed.sums, passed.counts))]
         for p in new_snapshot.parameters():
             p.requires_grad_(True)
         new_snapshot.train()
@@ -274,11 +272,10 @@ class AGENT(torch.optim.Optimizer):
         return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.gamma_c}
 
     def _large_batch_pass(self, snapshot: nn.Module, previous: nn.Module | None, batches: Iterable[tuple[Any, ...]],
-                          loss_fn, scale: float) -> "_PassResult":
+                          loss_fn, scale: float) -> _PassResult:
         """The gradient of ``snapshot`` summed per view over ``batches`` (batch ``b`` of the whole pass goes to
         view ``b mod K``) and, with ``previous``, the per-batch losses of both models; the sums and batch counts
         are the mean over ranks, the losses every rank's."""
-        previous_bn = self.config.full_grad_bn == "train"
         snapshot_params = [p for p in snapshot.parameters() if p.requires_grad]
         n_views = self._count()
         sums = [[torch.zeros_like(p) for p in snapshot_params] for _ in range(n_views)]
@@ -287,7 +284,7 @@ class AGENT(torch.optim.Optimizer):
         # whole pass, which picks the sub-net.
         rank, world_size = distributed.rank_and_world_size()
         if previous is not None:
-            previous.train(previous_bn)
+            previous.train(self.config.full_grad_bn == "train")
         for index, batch in enumerate(batches):
             k = (index * world_size + rank) % n_views
             with self._view(snapshot, k):

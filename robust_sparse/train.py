@@ -148,7 +148,7 @@ def _build(config: TrainConfig) -> _Run:
         raise UserError(f"train.sync_bn = true: SyncBatchNorm runs on CUDA devices only, this run is on {device} "
                         f"(set train.sync_bn=false)")
     Amp(config.eval.precision, device, where="eval.precision")
-    distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    distributed.barrier()  # every rank has checked the run directory (and its lock) before rank 0 locks it
     torch.manual_seed(config.seed)  # the same seed on every rank: same init, masks, signs, attack streams
 
     splits = load_splits(config.data, config.seed)

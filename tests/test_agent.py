@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.agent import AGENT, agent_correction, estimate_c, momentum_update
+from robust_sparse.agent import AGENT, agent_correction, estimate_c, momentum_update, update_c
 from robust_sparse.checkpoint import load_checkpoint
 from robust_sparse.config import AgentConfig, AgentEstimator, load_config
 from robust_sparse.objectives import build_objective
@@ -49,6 +49,29 @@ def test_estimate_c_matches_numpy_cov_ddof1():
     assert estimate_c(current.tolist(), snapshot.tolist()) == pytest.approx(expected, rel=1e-12)
     assert momentum_update(0.5, 2.0, 0.3, refresh_index=0) == 0.0  # c_0 = 0
     assert momentum_update(0.5, 2.0, 0.3, refresh_index=3) == pytest.approx(0.7 * 0.5 + 0.3 * 2.0)
+
+
+def test_update_c_follows_each_estimator_by_hand():
+    """update_c over floats: c_0 = 0, official's c_hat = 1, fixed's constant, paper's Eq. (4), the clip."""
+    rule = dict(alpha=0.3, fixed_c=0.4, clip=False)
+    assert update_c(AgentEstimator.OFFICIAL, 0.9, 0, **rule) == (1.0, 0.0)  # c_0 = 0 whatever came before
+    assert update_c(AgentEstimator.OFFICIAL, 0.3, 2, **rule) == (1.0, pytest.approx(0.7 * 0.3 + 0.3 * 1.0))
+    c_hat, c = update_c(AgentEstimator.FIXED, 0.9, 0, **rule)
+    assert np.isnan(c_hat) and c == 0.4  # from the first refresh, no estimate
+    c_hat, c = update_c(AgentEstimator.PAPER, 0.9, 0, **rule)  # the first refresh: no previous snapshot
+    assert np.isnan(c_hat) and c == 0.0
+    # losses [1, 2, 3] against [1, 2, 4]: Cov = 3/2, Var = 7/3 (ddof=1), c_hat = 9/14
+    c_hat, c = update_c(AgentEstimator.PAPER, 0.5, 1, **rule, current_losses=[1.0, 2.0, 3.0],
+                        snapshot_losses=[1.0, 2.0, 4.0])
+    assert c_hat == pytest.approx(9 / 14) and c == pytest.approx(0.7 * 0.5 + 0.3 * 9 / 14)
+    # the snapshot's losses falling as the current model's rise: c_hat = -1; alpha = 1 makes c_t = c_hat
+    clipped = dict(rule, alpha=1.0, clip=True)
+    assert update_c(AgentEstimator.PAPER, 0.5, 1, **dict(rule, alpha=1.0), current_losses=[1.0, 2.0, 3.0],
+                    snapshot_losses=[3.0, 2.0, 1.0]) == (pytest.approx(-1.0), pytest.approx(-1.0))
+    assert update_c(AgentEstimator.PAPER, 0.5, 1, **clipped, current_losses=[1.0, 2.0, 3.0],
+                    snapshot_losses=[3.0, 2.0, 1.0]) == (pytest.approx(-1.0), 0.0)
+    assert update_c(AgentEstimator.PAPER, 0.5, 1, **clipped, current_losses=[1.0, 3.0, 5.0],
+                    snapshot_losses=[1.0, 2.0, 3.0]) == (pytest.approx(2.0), 1.0)
 
 
 # ---- a linear model with a quadratic loss: every gradient by hand --------------------------------------
