@@ -13,9 +13,9 @@ from robust_sparse.config.parsing import (_coerce, config_from_dict, load_config
                                           save_config, to_dict)
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
                                          DatasetName, DeviceChoice, Distribution, DivergenceConfig, EvalConfig,
-                                         ExecutionConfig, FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig,
-                                         OptimizerName, Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig,
-                                         SparsityMethod, TrackingConfig, TrainConfig, ValidationConfig, WandbConfig,
+                                         FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
+                                         Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig, SparsityMethod,
+                                         TrackingConfig, TrainConfig, ExecutionConfig, ValidationConfig, WandbConfig,
                                          WandbMode)
 from robust_sparse.config.validation import validate
 # the sparsity sections and their closed choices (sparse/ reads them)
@@ -24,9 +24,9 @@ from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, ASTConfig,
 
 __all__ = [
     "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
-    "Distribution", "DivergenceConfig", "EvalConfig", "ExecutionConfig", "FullGradInputs", "ModelConfig", "Norm",
-    "ObjectiveName", "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask",
-    "SparsityConfig", "SparsityMethod", "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",
+    "Distribution", "DivergenceConfig", "EvalConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
+    "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
+    "SparsityMethod", "TrackingConfig", "TrainConfig", "ExecutionConfig", "ValidationConfig", "WandbConfig", "WandbMode",
     "_coerce", "config_from_dict", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "validate",
     "ASTConfig", "ASTPruneFrom", "BSRNetConfig", "GSEConfig", "GSESampler", "Growth", "MagnitudePruneConfig",
