@@ -40,13 +40,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sparse_overhead import real_batches  # noqa: E402
 from throughput import proc_status_mib  # noqa: E402
 
-from robust_sparse.agent import AGENT  # noqa: E402
+from robust_sparse.agent import AGENT, full_grad_pass, objective_loss  # noqa: E402
 from robust_sparse.config import load_config  # noqa: E402
 from robust_sparse.data import BatchLoader  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse.objectives import build_objective  # noqa: E402
 from robust_sparse.sparse import build_sparsity  # noqa: E402
-from robust_sparse.train import _agent_batches, _objective_loss, build_optimization, resolve_device, train_one_epoch  # noqa: E402
+from robust_sparse.distributed import resolve_device  # noqa: E402
+from robust_sparse.optim import build_optimization  # noqa: E402
+from robust_sparse.train import train_one_epoch  # noqa: E402
 
 log = logging.getLogger("agent_overhead")
 
@@ -72,7 +74,7 @@ def measure(args, with_agent: bool, device: torch.device, state: dict | None = N
     from robust_sparse.data import ImageSet
 
     if agent is not None:  # reach the steady state: a previous snapshot exists, so the refresh does its pass
-        agent.refresh([], _objective_loss(objective))
+        agent.refresh([], objective_loss(objective))
     train_one_epoch(model, objective, stepper, scheduler,
                     BatchLoader(ImageSet(data.images[: args.batch_size], data.labels[: args.batch_size]),
                                 args.batch_size, device), agent=agent)  # warm-up
@@ -81,7 +83,7 @@ def measure(args, with_agent: bool, device: torch.device, state: dict | None = N
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     if agent is not None:
-        agent.refresh(_agent_batches(config, data, objective, device, 0), _objective_loss(objective))
+        agent.refresh(full_grad_pass(config, data, objective, device, 0), objective_loss(objective))
         assert agent.full_grads is not None
     train_one_epoch(model, objective, stepper, scheduler, loader, agent=agent)
     if device.type == "cuda":

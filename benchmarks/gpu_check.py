@@ -65,14 +65,15 @@ machine_description, make_model, sync, timed = (throughput.machine_description, 
                                                 throughput.timed)
 
 from robust_sparse import cli  # noqa: E402
-from robust_sparse.agent import AGENT  # noqa: E402
+from robust_sparse.agent import AGENT, full_grad_pass, objective_loss  # noqa: E402
 from robust_sparse.checkpoint import write_atomic  # noqa: E402
 from robust_sparse.config import load_config  # noqa: E402
 from robust_sparse.data import BatchLoader, ImageSet  # noqa: E402
 from robust_sparse.objectives import build_objective  # noqa: E402
 from robust_sparse.precision import Amp  # noqa: E402
 from robust_sparse.sparse import build_sparsity  # noqa: E402
-from robust_sparse.train import _agent_batches, _objective_loss, build_optimization, fit, train_one_epoch  # noqa: E402
+from robust_sparse.optim import build_optimization  # noqa: E402
+from robust_sparse.train import fit, train_one_epoch  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 
@@ -276,7 +277,7 @@ def epoch_runner(config, device: torch.device, data: ImageSet) -> Callable[[], N
 
     def run() -> None:
         if agent is not None:
-            agent.refresh(_agent_batches(config, data, objective, device, epoch[0]), _objective_loss(objective))
+            agent.refresh(full_grad_pass(config, data, objective, device, epoch[0]), objective_loss(objective))
         train_one_epoch(model, objective, agent if agent is not None else optimizer, scheduler, loader, agent=agent)
         epoch[0] += 1
 

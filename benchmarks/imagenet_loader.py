@@ -39,10 +39,12 @@ import torch
 
 from robust_sparse.config import load_config
 from robust_sparse.data import dataset_info, load_splits
+from robust_sparse.distributed import resolve_device
 from robust_sparse.imagefolder import FolderLoader
 from robust_sparse.models import build_model
 from robust_sparse.objectives import build_objective
-from robust_sparse.train import build_optimization, resolve_device, train_one_epoch
+from robust_sparse.optim import build_optimization
+from robust_sparse.train import train_one_epoch
 
 
 def write_tree(root: Path, classes: int, per_class: int, size: tuple[int, int]) -> None:

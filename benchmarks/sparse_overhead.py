@@ -34,11 +34,13 @@ import torch
 from robust_sparse.checkpoint import save_checkpoint
 from robust_sparse.config import load_config, to_dict
 from robust_sparse.data import BatchLoader, ImageSet, load_mnist5k
+from robust_sparse.distributed import resolve_device
 from robust_sparse.models import build_model
 from robust_sparse.objectives import build_objective
 from robust_sparse.sparse import build_sparsity
 from robust_sparse.sparse.export import export_checkpoint
-from robust_sparse.train import build_optimization, resolve_device, train_one_epoch
+from robust_sparse.optim import build_optimization
+from robust_sparse.train import train_one_epoch
 
 log = logging.getLogger("sparse_overhead")
 ENGINES = ["dense", "static", "set", "rigl", "itop", "bsrnet", "gse", "ast"]

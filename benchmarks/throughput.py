@@ -5,7 +5,7 @@ For each model the script times two implementations of the same work in one proc
 * **toolkit**: :func:`robust_sparse.train.train_one_epoch` with a :class:`~robust_sparse.data.BatchLoader`
   over an :class:`~robust_sparse.data.ImageSet` of exactly ``batches * batch_size`` images, the objective from
   :func:`~robust_sparse.objectives.build_objective` (``pgd_at``: L-inf, eps 8/255, step 2/255, 10 steps,
-  random start) and the optimizer and scheduler from :func:`~robust_sparse.train.build_optimization`;
+  random start) and the optimizer and scheduler from :func:`~robust_sparse.optim.build_optimization`;
 * **baseline**: the minimal PGD-AT loop in :func:`baseline_epoch` below (model in eval mode for the attack,
   uniform random start, 10 sign steps with ``torch.autograd.grad``, projection onto the eps-ball and [0,1],
   then train mode, cross-entropy on the adversarial batch and an SGD step with momentum 0.9, wd 5e-4).
@@ -78,7 +78,8 @@ from robust_sparse.config import DatasetName, TrainConfig, load_config
 from robust_sparse.data import DATASETS, BatchLoader, ImageSet, load_mnist5k
 from robust_sparse.models import MODELS, build_model
 from robust_sparse.objectives import Objective, build_objective
-from robust_sparse.train import build_optimization, train_one_epoch
+from robust_sparse.optim import build_optimization
+from robust_sparse.train import train_one_epoch
 
 log = logging.getLogger("throughput")
 

@@ -274,7 +274,7 @@ def run_corruptions_job(config: Any) -> Any:
     from robust_sparse.eval import loading
     from robust_sparse.eval.config import Names
     from robust_sparse.eval.store import append_result
-    from robust_sparse.train import resolve_device
+    from robust_sparse.distributed import resolve_device
 
     models, dataset = jobs.local_models(config, Names())
     first = models[0] if models else None

@@ -167,7 +167,7 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
     from robust_sparse.config.validation import check_radius
     from robust_sparse.data import DATASETS, dataset_info
     from robust_sparse.eval.specs import parse_attacks
-    from robust_sparse.train import resolve_device
+    from robust_sparse.distributed import resolve_device
 
     if config.corruptions_track:
         from robust_sparse.eval.corruptions import run_corruptions_job

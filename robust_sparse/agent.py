@@ -20,7 +20,11 @@ with ``c_0 = 0``, where ``c_hat = Cov(l(B|theta_t), l(B|theta~)) / Var(l(B|theta
 
 :class:`AGENT` is an optimizer *wrapper*: it shares ``param_groups`` with the base optimizer, corrects the
 gradients in ``.grad`` and delegates the update, so it composes with any base optimizer, sparse engine (their
-hooks sit on the base optimizer) and objective. The maths is the pure function :func:`agent_correction`.
+hooks sit on the base optimizer) and objective. The maths is in pure functions: :func:`agent_correction` (the
+step) and :func:`update_c` (c_t at a refresh, from the pass's per-batch losses). The training loop's side of AGENT
+lives here too: the batches of the large-batch pass (:func:`full_grad_pass`), the loss it differentiates
+(:func:`objective_loss`), the per-epoch columns (:func:`agent_metrics`) and the check of the settings against
+the run (:func:`check_agent`).
 
 Deliberate deviation: sparse engines hold dormant weights at exactly zero (their invariant), so the part of
 the correction that falls on dormant positions has no effect. In the official TF code a dormant BSR-Net theta
@@ -37,15 +41,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from robust_sparse import distributed
-from robust_sparse.config import AgentConfig, AgentEstimator
+from robust_sparse.config import AgentConfig, AgentEstimator, TrainConfig
+from robust_sparse.data import ImageSet, batch_loader, in_memory
+from robust_sparse.errors import UserError
+from robust_sparse.objectives import Objective
+from robust_sparse.precision import Amp
 
 if TYPE_CHECKING:
     from robust_sparse.sparse.masker import SparseMasker
@@ -54,8 +64,8 @@ log = logging.getLogger(__name__)
 
 
 def agent_correction(grads: list[torch.Tensor], snapshot_grads: list[torch.Tensor],
-                     full_grads: list[torch.Tensor], *, weight: float, foreach: bool | None = None) -> None:
-    """In place: ``g <- g - weight * (g_old - g_tilde)`` for every tensor.
+                     full_grads: list[torch.Tensor], *, gamma_c: float, foreach: bool | None = None) -> None:
+    """In place: ``g <- g - gamma_c * (g_old - g_tilde)`` for every tensor, ``gamma_c`` = gamma * c_t.
 
     ``foreach`` (default: whenever every tensor is on one device) runs it as two fused multi-tensor kernels
     without temporaries, like ``torch.optim.SGD``'s foreach path; the loop is the reference.
@@ -65,19 +75,20 @@ def agent_correction(grads: list[torch.Tensor], snapshot_grads: list[torch.Tenso
     if foreach is None:
         foreach = len({g.device for g in grads}) == 1 and not torch.jit.is_scripting()
     if foreach:
-        _multi_tensor_agent_correction(grads, snapshot_grads, full_grads, weight)
+        _multi_tensor_agent_correction(grads, snapshot_grads, full_grads, gamma_c)
     else:
-        _single_tensor_agent_correction(grads, snapshot_grads, full_grads, weight)
+        _single_tensor_agent_correction(grads, snapshot_grads, full_grads, gamma_c)
 
 
-def _single_tensor_agent_correction(grads, snapshot_grads, full_grads, weight: float) -> None:
+# (torch's ``alpha=`` below is its scalar multiplier of the added tensor, not AGENT's momentum ``alpha``)
+def _single_tensor_agent_correction(grads, snapshot_grads, full_grads, gamma_c: float) -> None:
     for grad, old, full in zip(grads, snapshot_grads, full_grads):
-        grad.sub_(old - full, alpha=weight)
+        grad.sub_(old - full, alpha=gamma_c)
 
 
-def _multi_tensor_agent_correction(grads, snapshot_grads, full_grads, weight: float) -> None:
-    torch._foreach_add_(grads, full_grads, alpha=weight)
-    torch._foreach_add_(grads, snapshot_grads, alpha=-weight)
+def _multi_tensor_agent_correction(grads, snapshot_grads, full_grads, gamma_c: float) -> None:
+    torch._foreach_add_(grads, full_grads, alpha=gamma_c)
+    torch._foreach_add_(grads, snapshot_grads, alpha=-gamma_c)
 
 
 def estimate_c(current_losses: list[float], snapshot_losses: list[float]) -> float:
@@ -94,6 +105,39 @@ def estimate_c(current_losses: list[float], snapshot_losses: list[float]) -> flo
 def momentum_update(c_previous: float, c_hat: float, alpha: float, refresh_index: int) -> float:
     """``c_0 = 0``; afterwards ``(1 - alpha) c + alpha c_hat``."""
     return 0.0 if refresh_index == 0 else (1 - alpha) * c_previous + alpha * c_hat
+
+
+def update_c(estimator: AgentEstimator, c_previous: float, refresh_index: int, *, alpha: float, fixed_c: float,
+             clip: bool, current_losses: list[float] | None = None,
+             snapshot_losses: list[float] | None = None) -> tuple[float, float]:
+    """``(c_hat, c_t)`` at refresh ``refresh_index``: ``official`` c_hat = 1 with the momentum, ``fixed`` c_t =
+    ``fixed_c`` (no estimate: c_hat is NaN), ``paper`` the momentum over :func:`estimate_c` of the per-batch losses
+    of the current model and of the previous snapshot (without them, at the first refresh: c_0 = 0, c_hat NaN).
+    ``clip`` clips c_t to [0, 1] (the paper's text; the official code does not)."""
+    if estimator is AgentEstimator.FIXED:
+        c_hat, c = float("nan"), fixed_c
+    elif estimator is AgentEstimator.OFFICIAL:
+        c_hat = 1.0
+        c = momentum_update(c_previous, c_hat, alpha, refresh_index)
+    elif current_losses is None or snapshot_losses is None:
+        c_hat, c = float("nan"), 0.0
+    else:
+        c_hat = estimate_c(current_losses, snapshot_losses)
+        c = momentum_update(c_previous, c_hat, alpha, refresh_index)
+    if clip:
+        c = min(1.0, max(0.0, c))
+    return c_hat, c
+
+
+@dataclass(frozen=True)
+class _PassResult:
+    """What :meth:`AGENT._large_batch_pass` computed."""
+
+    batches: int  # that this rank ran
+    sums: list[list[torch.Tensor]]  # per view: the gradients summed over its batches (mean over ranks)
+    counts: list[float]  # per view: its batches (mean over ranks)
+    current_losses: list[float] | None  # per batch, every rank's: the new snapshot's, when estimating c_hat
+    previous_losses: list[float] | None  # and the previous snapshot's
 
 
 @dataclass(frozen=True)
@@ -113,7 +157,7 @@ class AGENT(torch.optim.Optimizer):
     on the same inputs), then :meth:`step`. Before each epoch it calls :meth:`refresh` when :meth:`due`.
 
     Under a GradScaler (fp16) ``.grad`` and ``g_old`` both carry the loss scale ``s``: the loop calls
-    :meth:`correct` with ``s`` before the scaler's step, which applies ``g - w (g_old - s g_tilde)``, exactly
+    :meth:`correct` with ``s`` before the scaler's step, which applies ``g - gamma_c (g_old - s g_tilde)``, exactly
     ``s`` times the unscaled correction, so the scaler's unscale and overflow check cover it.
     """
 
@@ -146,7 +190,7 @@ class AGENT(torch.optim.Optimizer):
     def _count(self) -> int:
         return len(self.masker.views()) if self.masker is not None else 1
 
-    def _active(self) -> int:
+    def _active_view(self) -> int:
         return self.masker.active_view if self.masker is not None else 0
 
     def _view(self, module: nn.Module | None, k: int):
@@ -159,17 +203,17 @@ class AGENT(torch.optim.Optimizer):
     @property
     def full_grads(self) -> list[torch.Tensor] | None:
         """g_tilde of the active view."""
-        return self.subnet_full_grads[self._active()] if self.subnet_full_grads is not None else None
+        return self.subnet_full_grads[self._active_view()] if self.subnet_full_grads is not None else None
 
     @property
     def snapshot_masks(self) -> dict[str, torch.Tensor]:
-        return self.subnet_snapshot_masks[self._active()]
+        return self.subnet_snapshot_masks[self._active_view()]
 
-    # ---- the weight --------------------------------------------------------------------------------------
+    # ---- gamma * c_t ------------------------------------------------------------------------------------
 
     @property
-    def weight(self) -> float:
-        """gamma * c_t, the weight of the correction in the current epoch."""
+    def gamma_c(self) -> float:
+        """gamma * c_t, the scale of the correction in the current epoch (the metrics' ``agent_weight``)."""
         return self.config.gamma * self.c
 
     def due(self, epoch: int) -> bool:
@@ -192,56 +236,23 @@ class AGENT(torch.optim.Optimizer):
             new_snapshot = copy.deepcopy(self.model)
         new_snapshot.train(config.full_grad_bn == "train")
         previous = self.snapshot
-        estimator = config.estimator
-        needs_estimate = estimator is AgentEstimator.PAPER and previous is not None
-        if estimator is AgentEstimator.FIXED:
-            self.c = config.fixed_c
-        elif estimator is AgentEstimator.OFFICIAL:
-            self.c_hat = 1.0
-            self.c = momentum_update(self.c, 1.0, config.alpha, self.refreshes)
-        need_gradient = needs_estimate or (estimator is not AgentEstimator.PAPER and self.c != 0)
-
-        snapshot_params = [p for p in new_snapshot.parameters() if p.requires_grad]
+        # paper: c_hat compares the new snapshot (the current model) with the previous one on the pass's batches
+        estimating = config.estimator is AgentEstimator.PAPER and previous is not None
+        update = partial(update_c, config.estimator, self.c, self.refreshes, alpha=config.alpha,
+                         fixed_c=config.fixed_c, clip=config.clip)
+        if not estimating:  # official's ramp, fixed, paper's c_0 = 0: known before the pass
+            self.c_hat, self.c = update()
         n_views = self._count()
-        full = [[torch.zeros_like(p) for p in snapshot_params] for _ in range(n_views)] if need_gradient else None
-        current_losses, previous_losses, counts = [], [], [0] * n_views
-        # Under torchrun ``batches`` is this rank's share of the pass: its i-th batch is batch i * W + rank of the
-        # whole pass, which picks the sub-net.
-        rank, world_size = distributed.rank_and_world_size()
-        if need_gradient or needs_estimate:
-            if previous is not None:
-                previous.train(config.full_grad_bn == "train")
-            for index, batch in enumerate(batches):
-                k = (index * world_size + rank) % n_views
-                with self._view(new_snapshot, k):
-                    loss = loss_fn(new_snapshot, *batch)
-                    if full is not None:
-                        for accumulator, grad in zip(full[k], _scaled_grad(loss, snapshot_params, scale)):
-                            accumulator.add_(grad)
-                if needs_estimate:
-                    with torch.no_grad(), self._view(previous, k):
-                        previous_losses.append(loss_fn(previous, *batch).detach())
-                    current_losses.append(loss.detach())
-                counts[k] += 1
+        passed = None
+        if estimating or (config.estimator is not AgentEstimator.PAPER and self.c != 0):
+            passed = self._large_batch_pass(new_snapshot, previous if estimating else None, batches, loss_fn, scale)
         # what this rank's pass ran (FLOPs accounting): batches, whether with gradients, the previous snapshot's
-        self.last_pass = RefreshPass(sum(counts), full is not None, needs_estimate)
-        if full is not None:
-            # Every rank ran its own shard of the pass: sums and batch counts over all ranks.
-            for grads in full:
-                distributed.all_reduce_mean(grads)
-            totals = torch.tensor(counts, dtype=torch.float32, device=snapshot_params[0].device)
-            distributed.all_reduce_mean([totals])
-            counts = totals.tolist()
-        if needs_estimate:
-            current = distributed.all_gather_cat(torch.stack(current_losses))
-            previous_all = distributed.all_gather_cat(torch.stack(previous_losses))
-            self.c_hat = estimate_c(current.tolist(), previous_all.tolist())
-            self.c = momentum_update(self.c, self.c_hat, config.alpha, self.refreshes)
-        elif estimator is AgentEstimator.PAPER:
-            self.c_hat, self.c = float("nan"), 0.0  # the first refresh: no previous snapshot, c_0 = 0
-        if config.clip:
-            self.c = min(1.0, max(0.0, self.c))
-        elif not 0.0 <= self.c <= 1.0:  # only the paper estimator can get here (official ramps, fixed is checked)
+        self.last_pass = (RefreshPass(passed.batches, True, estimating) if passed is not None
+                          else RefreshPass(0, False, False))
+        if estimating:
+            assert passed is not None
+            self.c_hat, self.c = update(current_losses=passed.current_losses, snapshot_losses=passed.previous_losses)
+        if not config.clip and not 0.0 <= self.c <= 1.0:  # only paper gets here (official ramps, fixed is checked)
             log.warning("AGENT c_t = %.4g (c_hat %.4g) at refresh %d is outside [0, 1], the paper's range: %s",
                         self.c, self.c_hat, self.refreshes,
                         "a negative c_t reverses the correction (adds gamma*|c_t|*(g_old - g_tilde))" if self.c < 0
@@ -250,16 +261,52 @@ class AGENT(torch.optim.Optimizer):
                         "paper's text does")
         self.subnet_snapshot_masks = [{name: mask.clone() for name, mask in self._masks_of(k).items()}
                                       for k in range(n_views)]
-        if full is not None and min(counts):
-            # the mean of batch-mean gradients, per sub-net
-            self.subnet_full_grads = [self._mask_like_snapshot([value / counts[k] for value in full[k]], k)
-                                      for k in range(n_views)]
+        if passed is not None and min(passed.counts):  # the mean of batch-mean gradients, per sub-net
+            self.subnet_full_grads = [self._mask_like_snapshot([total / count for total in sums], k)
+                                      for k, (sums, count) in enumerate(zip(passed.sums, passed.counts))]
         for p in new_snapshot.parameters():
             p.requires_grad_(True)
         new_snapshot.train()
         self.snapshot = new_snapshot
         self.refreshes += 1
-        return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.weight}
+        return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.gamma_c}
+
+    def _large_batch_pass(self, snapshot: nn.Module, previous: nn.Module | None, batches: Iterable[tuple[Any, ...]],
+                          loss_fn, scale: float) -> _PassResult:
+        """The gradient of ``snapshot`` summed per view over ``batches`` (batch ``b`` of the whole pass goes to
+        view ``b mod K``) and, with ``previous``, the per-batch losses of both models; the sums and batch counts
+        are the mean over ranks, the losses every rank's."""
+        snapshot_params = [p for p in snapshot.parameters() if p.requires_grad]
+        n_views = self._count()
+        sums = [[torch.zeros_like(p) for p in snapshot_params] for _ in range(n_views)]
+        current_losses, previous_losses, counts = [], [], [0] * n_views
+        # Under torchrun ``batches`` is this rank's share of the pass: its i-th batch is batch i * W + rank of the
+        # whole pass, which picks the sub-net.
+        rank, world_size = distributed.rank_and_world_size()
+        if previous is not None:
+            previous.train(self.config.full_grad_bn == "train")
+        for index, batch in enumerate(batches):
+            k = (index * world_size + rank) % n_views
+            with self._view(snapshot, k):
+                loss = loss_fn(snapshot, *batch)
+                for accumulator, grad in zip(sums[k], _scaled_grad(loss, snapshot_params, scale)):
+                    accumulator.add_(grad)
+            if previous is not None:
+                with torch.no_grad(), self._view(previous, k):
+                    previous_losses.append(loss_fn(previous, *batch).detach())
+                current_losses.append(loss.detach())
+            counts[k] += 1
+        batches_run = sum(counts)
+        # Every rank ran its own shard of the pass: sums and batch counts over all ranks.
+        for grads in sums:
+            distributed.all_reduce_mean(grads)
+        totals = torch.tensor(counts, dtype=torch.float32, device=snapshot_params[0].device)
+        distributed.all_reduce_mean([totals])
+        if previous is None:
+            return _PassResult(batches_run, sums, totals.tolist(), None, None)
+        current = distributed.all_gather_cat(torch.stack(current_losses)).tolist()
+        return _PassResult(batches_run, sums, totals.tolist(), current,
+                           distributed.all_gather_cat(torch.stack(previous_losses)).tolist())
 
     def _mask_like_snapshot(self, grads: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         """Mask sub-net ``k``'s snapshot gradients as the config says: by the snapshot's mask (official), the
@@ -274,7 +321,7 @@ class AGENT(torch.optim.Optimizer):
     # ---- per step ----------------------------------------------------------------------------------------
 
     def active(self) -> bool:
-        return self.snapshot is not None and self.full_grads is not None and self.weight != 0
+        return self.snapshot is not None and self.full_grads is not None and self.gamma_c != 0
 
     def snapshot_backward(self, loss_fn) -> None:
         """g_old: the snapshot's gradient of ``loss_fn(snapshot)`` (the same batch as the current step)."""
@@ -283,7 +330,7 @@ class AGENT(torch.optim.Optimizer):
             return
         assert self.snapshot is not None
         snapshot_params = [p for p in self.snapshot.parameters() if p.requires_grad]
-        k = self._active()
+        k = self._active_view()
         with self._view(self.snapshot, k):
             grads = list(torch.autograd.grad(loss_fn(self.snapshot), snapshot_params))
         distributed.all_reduce_mean(grads)  # like g_new, which DistributedDataParallel averages
@@ -298,7 +345,7 @@ class AGENT(torch.optim.Optimizer):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             self._record_cosine(grads, self.snapshot_grads)
             full = self.full_grads if scale is None else torch._foreach_mul(self.full_grads, scale)
-            agent_correction(grads, self.snapshot_grads, full, weight=self.weight)
+            agent_correction(grads, self.snapshot_grads, full, gamma_c=self.gamma_c)
             for p, grad in zip(self.params, grads):
                 p.grad = grad
         self.snapshot_grads = None
@@ -326,7 +373,7 @@ class AGENT(torch.optim.Optimizer):
         """Per-epoch logging: c_hat, c_t, gamma*c_t and the mean cosine between g_new and g_old."""
         cosine = self._cosine_sum.item() / self._cosine_count if self._cosine_count else float("nan")
         self._cosine_sum, self._cosine_count = torch.zeros(()), 0
-        return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.weight, "agent_cosine": cosine}
+        return {"agent_c_hat": self.c_hat, "agent_c": self.c, "agent_weight": self.gamma_c, "agent_cosine": cosine}
 
     def variance_ratio(self, chunks: list[tuple[Any, Any]], loss_fn) -> float:
         """Var(g_hat) / Var(g_new) across the sub-batches of a probe batch (summed over coordinates).
@@ -344,11 +391,11 @@ class AGENT(torch.optim.Optimizer):
         for chunk in chunks:
             new = [g * self.masks[n] if n in self.masks else g
                    for n, g in zip(self.names, torch.autograd.grad(loss_fn(probe, *chunk), probe_params))]
-            with self._view(self.snapshot, self._active()):
+            with self._view(self.snapshot, self._active_view()):
                 old = list(torch.autograd.grad(loss_fn(self.snapshot, *chunk), snapshot_params))
-            old = self._mask_like_snapshot(old, self._active())
+            old = self._mask_like_snapshot(old, self._active_view())
             hat = [g.clone() for g in new]
-            agent_correction(hat, old, self.full_grads, weight=self.weight)
+            agent_correction(hat, old, self.full_grads, gamma_c=self.gamma_c)
             news.append(torch.cat([g.flatten() for g in new]))
             hats.append(torch.cat([g.flatten() for g in hat]))
         variance_new = torch.stack(news).var(dim=0).sum()
@@ -389,6 +436,79 @@ class AGENT(torch.optim.Optimizer):
         self.base.zero_grad(set_to_none=set_to_none)
 
 
+# ---- the training loop's side: the pass's batches and loss, the per-epoch columns, the settings' check ------
+
+
+def objective_loss(objective: Objective, amp: Amp | None = None):
+    """``loss(model, images, labels, model_inputs)``: the objective's batch-mean loss, for AGENT's passes (the
+    forward under ``amp``'s autocast; unscaled)."""
+
+    def loss(model, images, labels, inputs):
+        with amp.autocast() if amp is not None else nullcontext():
+            return objective.loss(model, images, labels, inputs)[0]
+
+    return loss
+
+
+def full_grad_pass_length(config: TrainConfig, images: int, world_size: int) -> int:
+    """Batches of AGENT's g_tilde pass each rank runs: its share of ``agent.full_grad_batches`` (rounded up, the
+    same on every rank), at most its shard of the training split in full batches."""
+    shard = (images // world_size) // config.data.batch_size
+    return min(math.ceil(config.agent.full_grad_batches / world_size) or shard, shard)
+
+
+def full_grad_pass(config: TrainConfig, train: ImageSet, objective: Objective, device: torch.device, epoch: int,
+                   world: distributed.Context = distributed.Context()) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The batches of AGENT's large-batch pass: unaugmented training batches, clean (official) or adversarial
+    inputs, as ``(images, labels, model_inputs)``.
+
+    Under torchrun each rank takes its own shard of the split, as the training loader does, and runs
+    1/world_size of the pass; AGENT all-reduces what the ranks computed.
+    """
+    loader = batch_loader(train, config.data.batch_size, device, shuffle=True, seed=config.seed + 1, drop_last=True,
+                          rank=world.rank, world_size=world.world_size, workers=config.data.workers)
+    loader.set_epoch(epoch)
+    limit = full_grad_pass_length(config, len(train), world.world_size)
+    for index, (images, labels) in enumerate(loader):
+        if index == limit:
+            return
+        inputs = images if config.agent.full_grad_inputs == "clean" else objective.perturb(images, labels)
+        yield images, labels, images if inputs is None else inputs
+
+
+def agent_metrics(agent: AGENT | None, config: TrainConfig, train: ImageSet, objective: Objective,
+                  device: torch.device, amp: Amp | None = None) -> dict[str, float]:
+    """The epoch's AGENT columns: :meth:`AGENT.epoch_metrics` and, with ``agent.probe_chunks``,
+    Var(g_hat)/Var(g_new) on a fixed probe batch (the first training images, attacked afresh)."""
+    if agent is None:
+        return {}
+    metrics = agent.epoch_metrics()
+    ratio = float("nan")
+    if config.agent.probe_chunks and agent.active():
+        probe = in_memory(train.take(slice(0, config.data.batch_size)), config.data.workers)
+        images = probe.images.to(device).float().div_(255)
+        labels = probe.labels.to(device)
+        adversarial = objective.perturb(images, labels)
+        inputs = images if adversarial is None else adversarial
+        chunks = [(x, y, a) for x, y, a in zip(images.chunk(config.agent.probe_chunks),
+                                                 labels.chunk(config.agent.probe_chunks),
+                                                 inputs.chunk(config.agent.probe_chunks))]
+        ratio = agent.variance_ratio(chunks, objective_loss(objective, amp))
+    return {**metrics, "agent_variance_ratio": ratio}
+
+
+def check_agent(config: TrainConfig, train_images: int, world_size: int, views: int) -> None:
+    """AGENT's settings against what the run has: its g_tilde pass drops the last partial batch and, under
+    torchrun, each rank runs its share of it; several sub-nets (``views``) each need batches of their own."""
+    agent = config.agent
+    if views > 1 and 0 < agent.full_grad_batches < views:
+        raise UserError(f"agent.full_grad_batches = {agent.full_grad_batches}: each of the {views} sub-nets "
+                        f"gets its own g_tilde batches; use >= {views} (or 0 = all)")
+    rank_batches = full_grad_pass_length(config, train_images, world_size)
+    if agent.gamma > 0 and (rank_batches < 1 or rank_batches * world_size < 2):
+        raise UserError(f"agent: the g_tilde pass needs at least 2 full batches of {config.data.batch_size} "
+                        f"training images (one per rank), the split has {train_images}; lower data.batch_size")
+
 
 def _scaled_grad(loss: torch.Tensor, params: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
     """d loss / d params, computed as d (scale * loss) / d params / scale; halves the scale until it is finite."""
@@ -401,4 +521,5 @@ def _scaled_grad(loss: torch.Tensor, params: list[torch.Tensor], scale: float) -
         scale /= 2
 
 
-__all__ = ["AGENT", "agent_correction", "estimate_c", "momentum_update"]
+__all__ = ["AGENT", "agent_correction", "agent_metrics", "check_agent", "estimate_c", "full_grad_pass",
+           "full_grad_pass_length", "momentum_update", "objective_loss", "update_c"]

@@ -281,7 +281,7 @@ def chance_note(config, metrics, evaluation: dict | None) -> str | None:
 def _autoattack_after_training(best: Path, config, progress: bool) -> str:
     """The original AutoAttack on best.pt: the number published tables report, kept apart from the training loop."""
     from robust_sparse.eval import job
-    from robust_sparse.train import resolve_device
+    from robust_sparse.distributed import resolve_device
 
     n = config.eval.autoattack_examples
     log.info("AutoAttack (standard, original implementation) on the first %d test points of %s", n, best)

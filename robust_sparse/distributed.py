@@ -12,7 +12,8 @@ gradients are kept identical by DistributedDataParallel; on top of that:
 
 The epoch's reported figures (loss, accuracy, images/s) are sums over every rank's examples; only rank 0 logs.
 A Slurm job of several tasks (robust_sparse.slurm) sets the same variables torchrun does, so it takes this path.
-Without ``torchrun`` (WORLD_SIZE unset or 1) every function here is a no-op.
+Without ``torchrun`` (WORLD_SIZE unset or 1) every function here is a no-op. :func:`resolve_device` turns the
+``device`` choice (auto, cpu, cuda) into the device a single process, or each rank before :func:`setup`, runs on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from robust_sparse.config import DeviceChoice
+from robust_sparse.errors import UserError
+
+
+def resolve_device(choice: DeviceChoice | str) -> torch.device:
+    """``auto``: CUDA where there is a device, else the CPU; ``cuda`` without one is refused in one line."""
+    choice = DeviceChoice(choice)
+    if choice is DeviceChoice.CUDA and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA device is available (use --device cpu or auto)")
+    if choice is DeviceChoice.CPU or (choice is DeviceChoice.AUTO and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 @dataclass(frozen=True)

@@ -312,6 +312,13 @@ class FlopsCounter:
         attacked = round(clean_accuracy * examples)
         return evaluation_passes(examples, attacked, steps, restarts, eps) * self.inference(masks)
 
+    def evaluation_fields(self, masks: dict[str, torch.Tensor], row: dict[str, Any]) -> dict[str, Any]:
+        """The FLOPs fields of one evaluated network (``row``: its eval.json fields): the run's training cost,
+        its inference cost at ``masks`` (both against dense) and the cost of this evaluation."""
+        cost = self.evaluation(masks, row["n_examples"], row["clean_accuracy"], row["pgd_steps"], row["restarts"],
+                               row["eps"])
+        return {**self.summary(masks), "eval_flops": cost}
+
     # ---- reading ----------------------------------------------------------------------------------------
 
     @property

@@ -1,4 +1,6 @@
-"""SGDW as BSR-Net and AGENT run it (TensorFlow Addons ``SGDW`` with Keras momentum).
+"""A run's optimizer and learning-rate schedule (:func:`build_optimization`), and SGDW.
+
+SGDW as BSR-Net and AGENT run it (TensorFlow Addons ``SGDW`` with Keras momentum).
 
 Two differences from ``torch.optim.SGD(weight_decay=...)``, both of which matter for BSR-Net, where decay is
 what drives connections across zero:
@@ -12,7 +14,15 @@ what drives connections across zero:
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
+from torch import nn
+
+from robust_sparse.config import OptimizerName, Schedule, SparsityMethod, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def sgdw(params: list[torch.Tensor], grads: list[torch.Tensor], velocities: list[torch.Tensor], *,
@@ -54,3 +64,32 @@ class SGDW(torch.optim.Optimizer):
             sgdw(params, [p.grad for p in params], velocities, lr=group["lr"], momentum=group["momentum"],
                  decay=decay)
         return loss
+
+
+def lr_factor(config: TrainConfig, progress: float) -> float:
+    """Multiplier of the base learning rate after ``progress`` (a fraction in [0,1]) of all iterations."""
+    optim = config.optim
+    if optim.schedule is Schedule.COSINE:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if optim.schedule is Schedule.PIECEWISE:
+        passed = [factor for milestone, factor in zip(optim.milestones, optim.factors) if progress >= milestone]
+        return passed[-1] if passed else 1.0
+    return 1.0
+
+
+def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    """``optim``'s optimizer over ``model``'s parameters and its schedule, a LambdaLR stepped every iteration."""
+    optim = config.optim
+    if optim.optimizer is OptimizerName.SGDW:
+        optimizer: torch.optim.Optimizer = SGDW(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                                weight_decay=optim.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                    weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+        if config.sparsity.method is SparsityMethod.BSRNET and optim.weight_decay > 0:
+            log.warning("sparsity.method = bsrnet runs with coupled weight decay (optim.optimizer = sgd); the paper "
+                        "uses decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw")
+    total = config.optim.epochs * steps_per_epoch
+    # Stepped once per iteration, so milestones fall where the papers put them (BSR-Net counts iterations).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step / total))
+    return optimizer, scheduler

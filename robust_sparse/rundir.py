@@ -197,17 +197,7 @@ def locked(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False
         try:
             fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder: list[str] = []
-            for _ in range(20):  # the holder writes its name just after taking the lock: give it a moment
-                stream.seek(0)
-                holder = stream.read().split()
-                if holder:
-                    break
-                time.sleep(0.05)
-            who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-            raise OutputError(f"{where} {directory}: in use by {who} (a robust-sparse "
-                              f"{holder[2] if len(holder) >= 3 else kind.value}); wait for it to finish, or "
-                              "choose another directory") from None
+            raise _in_use(stream, directory, kind, where) from None
         except OSError as error:
             if error.errno not in UNLOCKABLE:
                 raise os_error(path, error) from None
@@ -227,6 +217,42 @@ def locked(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False
         yield directory
     finally:
         stream.close()  # closing the descriptor releases the lock
+
+
+def check_unlocked(directory: str | Path, kind: Kind, where: str) -> None:
+    """Refuse, in :func:`locked`'s words, a directory whose lock another process holds; takes no lock itself.
+    Under torchrun every rank checks this before the process group forms and only the first rank then takes
+    the lock: a directory in use stops every rank at once, instead of leaving the others waiting for the first
+    until the group's timeout. (Not for a process that holds the lock: it would refuse itself.)"""
+    import fcntl
+
+    try:
+        stream = open(Path(directory) / LOCK)
+    except OSError:  # no lock file yet (or an unreadable one, which locked() reports)
+        return
+    with stream:
+        try:
+            # shared: the ranks' checks do not exclude one another, only a holder's exclusive lock fails them
+            fcntl.flock(stream, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(stream, Path(directory), kind, where) from None
+        except OSError:  # a file system without locks: locked() says so
+            return
+
+
+def _in_use(stream, directory: Path, kind: Kind, where: str) -> OutputError:
+    """The refusal of a directory whose lock another process holds, naming the holder (from the lock file)."""
+    holder: list[str] = []
+    for _ in range(20):  # the holder writes its name just after taking the lock: give it a moment
+        stream.seek(0)
+        holder = stream.read().split()
+        if holder:
+            break
+        time.sleep(0.05)
+    who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+    return OutputError(f"{where} {directory}: in use by {who} (a robust-sparse "
+                       f"{holder[2] if len(holder) >= 3 else kind.value}); wait for it to finish, or "
+                       "choose another directory")
 
 
 # ----------------------------------------------------------------------------------------------------------

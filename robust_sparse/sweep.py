@@ -216,7 +216,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
                   random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),
                   parallel=parallel, backend=backend, devices=devices, slurm=dict(slurm), threads=threads,
                   eval_stage=eval_stage)
-    from robust_sparse.train import check_run  # the training stack, only once the sweep file itself is sound
+    from robust_sparse.run_record import check_run  # the training stack, only once the sweep file itself is sound
     from robust_sparse.models import REGISTERED_MODELS
 
     modules = list(eval_stage.modules) if eval_stage is not None else []

@@ -10,10 +10,10 @@ from robust_sparse.config import load_config
 from robust_sparse.train import fit
 
 pass_batches = []  # batches of AGENT's g_tilde pass this rank ran, per refresh
-original_agent_batches = train_module._agent_batches
+original_full_grad_pass = train_module.full_grad_pass
 
 
-def counted_agent_batches(*args, **kwargs):
+def counted_full_grad_pass(*args, **kwargs):
     pass_batches.append(0)  # at every refresh; its pass (a generator) may never run
 
     def counted(batches):
@@ -21,7 +21,7 @@ def counted_agent_batches(*args, **kwargs):
             pass_batches[-1] += 1
             yield batch
 
-    return counted(original_agent_batches(*args, **kwargs))
+    return counted(original_full_grad_pass(*args, **kwargs))
 
 
 epoch_batches = []  # per epoch, per training batch of this rank: (loss * batch size, correct, batch size)
@@ -49,7 +49,7 @@ def recording_train_one_epoch(*args, **kwargs):
     return original_train_one_epoch(*args, **kwargs)
 
 
-train_module._agent_batches = counted_agent_batches
+train_module.full_grad_pass = counted_full_grad_pass
 train_module.build_objective = recording_build_objective
 train_module.train_one_epoch = recording_train_one_epoch
 out, *overrides = sys.argv[1:]

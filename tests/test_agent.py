@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.agent import AGENT, agent_correction, estimate_c, momentum_update
+from robust_sparse.agent import AGENT, agent_correction, estimate_c, momentum_update, update_c
 from robust_sparse.checkpoint import load_checkpoint
 from robust_sparse.config import AgentConfig, AgentEstimator, load_config
 from robust_sparse.objectives import build_objective
@@ -22,10 +22,10 @@ from conftest import make_tiny_model
 
 
 @pytest.mark.parametrize("foreach", [False, True])
-def test_correction_is_g_minus_weight_times_old_minus_full(foreach):
+def test_correction_is_g_minus_gamma_c_times_old_minus_full(foreach):
     grads = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
     agent_correction(grads, [torch.tensor([0.5, 1.0]), torch.tensor([[2.0]])],
-                     [torch.tensor([0.25, 0.0]), torch.tensor([[1.0]])], weight=0.2, foreach=foreach)
+                     [torch.tensor([0.25, 0.0]), torch.tensor([[1.0]])], gamma_c=0.2, foreach=foreach)
     torch.testing.assert_close(grads[0], torch.tensor([1.0 - 0.2 * 0.25, 2.0 - 0.2 * 1.0]))
     torch.testing.assert_close(grads[1], torch.tensor([[3.0 - 0.2 * 1.0]]))
 
@@ -35,8 +35,8 @@ def test_fused_correction_matches_the_reference_loop():
     shapes = [(16, 3, 3, 3), (16,), (10, 64)]
     grads, old, full = ([torch.randn(s, generator=generator) for s in shapes] for _ in range(3))
     reference = [g.clone() for g in grads]
-    agent_correction(reference, old, full, weight=0.37, foreach=False)
-    agent_correction(grads, old, full, weight=0.37)  # the default: fused
+    agent_correction(reference, old, full, gamma_c=0.37, foreach=False)
+    agent_correction(grads, old, full, gamma_c=0.37)  # the default: fused
     for fused, looped in zip(grads, reference):
         torch.testing.assert_close(fused, looped, rtol=1e-6, atol=1e-6)
 
@@ -49,6 +49,29 @@ def test_estimate_c_matches_numpy_cov_ddof1():
     assert estimate_c(current.tolist(), snapshot.tolist()) == pytest.approx(expected, rel=1e-12)
     assert momentum_update(0.5, 2.0, 0.3, refresh_index=0) == 0.0  # c_0 = 0
     assert momentum_update(0.5, 2.0, 0.3, refresh_index=3) == pytest.approx(0.7 * 0.5 + 0.3 * 2.0)
+
+
+def test_update_c_follows_each_estimator_by_hand():
+    """update_c over floats: c_0 = 0, official's c_hat = 1, fixed's constant, paper's Eq. (4), the clip."""
+    rule = dict(alpha=0.3, fixed_c=0.4, clip=False)
+    assert update_c(AgentEstimator.OFFICIAL, 0.9, 0, **rule) == (1.0, 0.0)  # c_0 = 0 whatever came before
+    assert update_c(AgentEstimator.OFFICIAL, 0.3, 2, **rule) == (1.0, pytest.approx(0.7 * 0.3 + 0.3 * 1.0))
+    c_hat, c = update_c(AgentEstimator.FIXED, 0.9, 0, **rule)
+    assert np.isnan(c_hat) and c == 0.4  # from the first refresh, no estimate
+    c_hat, c = update_c(AgentEstimator.PAPER, 0.9, 0, **rule)  # the first refresh: no previous snapshot
+    assert np.isnan(c_hat) and c == 0.0
+    # losses [1, 2, 3] against [1, 2, 4]: Cov = 3/2, Var = 7/3 (ddof=1), c_hat = 9/14
+    c_hat, c = update_c(AgentEstimator.PAPER, 0.5, 1, **rule, current_losses=[1.0, 2.0, 3.0],
+                        snapshot_losses=[1.0, 2.0, 4.0])
+    assert c_hat == pytest.approx(9 / 14) and c == pytest.approx(0.7 * 0.5 + 0.3 * 9 / 14)
+    # the snapshot's losses falling as the current model's rise: c_hat = -1; alpha = 1 makes c_t = c_hat
+    clipped = dict(rule, alpha=1.0, clip=True)
+    assert update_c(AgentEstimator.PAPER, 0.5, 1, **dict(rule, alpha=1.0), current_losses=[1.0, 2.0, 3.0],
+                    snapshot_losses=[3.0, 2.0, 1.0]) == (pytest.approx(-1.0), pytest.approx(-1.0))
+    assert update_c(AgentEstimator.PAPER, 0.5, 1, **clipped, current_losses=[1.0, 2.0, 3.0],
+                    snapshot_losses=[3.0, 2.0, 1.0]) == (pytest.approx(-1.0), 0.0)
+    assert update_c(AgentEstimator.PAPER, 0.5, 1, **clipped, current_losses=[1.0, 3.0, 5.0],
+                    snapshot_losses=[1.0, 2.0, 3.0]) == (pytest.approx(2.0), 1.0)
 
 
 # ---- a linear model with a quadratic loss: every gradient by hand --------------------------------------
@@ -120,7 +143,7 @@ def test_official_estimator_is_the_ramp_gamma_times_one_minus_0_7_to_the_e():
                   AgentConfig(enabled=True, gamma=0.1, alpha=0.3, estimator=AgentEstimator.OFFICIAL, probe_chunks=0))
     for epoch in range(8):
         agent.refresh(BATCHES, quadratic)
-        assert agent.weight == pytest.approx(0.1 * (1 - 0.7 ** epoch), abs=1e-15)
+        assert agent.gamma_c == pytest.approx(0.1 * (1 - 0.7 ** epoch), abs=1e-15)
         assert (agent.full_grads is None) == (epoch == 0)  # no wasted gradient pass while c = 0
 
 
@@ -129,7 +152,7 @@ def test_fixed_estimator_and_clip():
     fixed = AGENT(torch.optim.SGD(model.parameters(), lr=0.1), model,
                   AgentConfig(enabled=True, gamma=0.5, estimator=AgentEstimator.FIXED, fixed_c=0.4, probe_chunks=0))
     fixed.refresh(BATCHES, quadratic)
-    assert fixed.weight == pytest.approx(0.2) and fixed.full_grads is not None  # corrected from the first epoch
+    assert fixed.gamma_c == pytest.approx(0.2) and fixed.full_grads is not None  # corrected from the first epoch
 
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.2, -0.4]]))  # a fixed start: the assertion below depends on it
@@ -240,7 +263,7 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     chunks = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]
     for epoch in range(2):
         agent.refresh([(x, y, x) for x, y in chunks], loss_fn)
-        assert agent.weight == 0.5
+        assert agent.gamma_c == 0.5
         for x, y in chunks:
             adversarial = objective_.perturb(x, y)
             loss, _ = objective_.loss(model, x, y, adversarial)

@@ -105,3 +105,41 @@ def test_sync_bn_on_cpu_ranks_is_refused_in_one_line(tmp_path, monkeypatch):
     config = load_config(None, ["model.name=tiny_cnn", "device=cpu", "train.sync_bn=true", f"out_dir={tmp_path}"])
     with pytest.raises(UserError, match="train.sync_bn = true: SyncBatchNorm runs on CUDA devices only"):
         fit(config)
+
+
+def test_a_run_directory_in_use_is_refused_before_the_process_group_forms(tmp_path, monkeypatch):
+    """Only rank 0 takes the run directory's lock, once the process group has formed; a directory another run
+    holds must be refused before that, on every rank, or the others would wait for rank 0 until the timeout."""
+    from robust_sparse import distributed, rundir
+    from robust_sparse.config import load_config
+    from robust_sparse.errors import OutputError
+    from robust_sparse.train import fit
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed, "setup", lambda device: pytest.fail("the process group formed before the check"))
+    config = load_config(None, ["model.name=tiny_cnn", "device=cpu", f"out_dir={tmp_path / 'run'}"])
+    with rundir.locked(tmp_path / "run", rundir.Kind.TRAIN, "out_dir"):
+        with pytest.raises(OutputError, match=f"^out_dir {tmp_path / 'run'}: in use by pid {os.getpid()} on "):
+            fit(config)
+
+
+def test_every_rank_stops_with_the_same_line_when_the_run_directory_is_in_use(tmp_path):
+    """Under torchrun, a run directory another process holds: each rank prints the one-line refusal and nothing
+    else (before the fix, rank 1 went on into the process group and died there with a traceback)."""
+    from robust_sparse import rundir
+
+    out, logs, run_dir = tmp_path / "ranks", tmp_path / "logs", tmp_path / "run"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(logs), "--redirects", "3", str(WORKER), "--cli", str(out), "--out", str(run_dir),
+               "--set", "model.name=tiny_cnn", "--set", "device=cpu"]
+    with rundir.locked(run_dir, rundir.Kind.TRAIN, "out_dir"):  # another run holds it
+        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                timeout=300)
+    assert result.returncode != 0
+    errors = [[line for line in path.read_text().splitlines() if line.strip()]
+              for rank in (0, 1) for path in sorted(logs.rglob(f"{rank}/stderr.log"))]
+    expected = f"robust-sparse: error: out_dir {run_dir}: in use by pid {os.getpid()} on "
+    assert len(errors) == 2 and all(len(lines) == 1 and lines[0].startswith(expected) for lines in errors), errors
+    assert errors[0] == errors[1]

@@ -32,14 +32,14 @@ def interrupted_run(out: Path, monkeypatch) -> None:
     """A two-epoch run stopped after epoch 1's files are written (as Ctrl-C there would)."""
     import robust_sparse.train as train_module
 
-    original = train_module._write_metrics
+    original = train_module.write_metrics
 
     def interrupt(history, run_dir):
         original(history, run_dir)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "_write_metrics", interrupt)
+        patch.setattr(train_module, "write_metrics", interrupt)
         assert main(train_argv(out, 2)) == 130
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
 

@@ -306,7 +306,7 @@ def test_fit_holds_the_run_directory_while_it_trains(tiny_config, monkeypatch):
 
     config = tiny_config("optim.epochs=1", "eval.n_examples=0")
     seen = []
-    original = train_module._write_metrics
+    original = train_module.write_metrics
 
     def probe(history, run_dir):
         with pytest.raises(rundir.OutputError, match=f"in use by pid {os.getpid()}"):
@@ -315,7 +315,7 @@ def test_fit_holds_the_run_directory_while_it_trains(tiny_config, monkeypatch):
         seen.append(True)
         return original(history, run_dir)
 
-    monkeypatch.setattr(train_module, "_write_metrics", probe)
+    monkeypatch.setattr(train_module, "write_metrics", probe)
     fit(config)
     assert seen
     with rundir.locked(config.out_dir, rundir.Kind.TRAIN, "out_dir"):  # released when fit returned

@@ -167,17 +167,17 @@ def test_bsrnet_defaults_to_decoupled_decay_unless_the_optimizer_is_given(tmp_pa
 
 def test_bsrnet_with_coupled_sgd_decay_warns_in_one_line(caplog):
     from robust_sparse.optim import SGDW
-    from robust_sparse.train import build_optimization
+    from robust_sparse.optim import build_optimization
 
     model = make_tiny_model()
-    with caplog.at_level(logging.WARNING, logger="robust_sparse.train"):
+    with caplog.at_level(logging.WARNING, logger="robust_sparse.optim"):
         optimizer, _ = build_optimization(load_config(None, ["sparsity.method=bsrnet", "optim.optimizer=sgd"]),
                                           model, 10)
     assert isinstance(optimizer, torch.optim.SGD)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0] and "sgdw" in warnings[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="robust_sparse.train"):
+    with caplog.at_level(logging.WARNING, logger="robust_sparse.optim"):
         optimizer, _ = build_optimization(load_config(None, ["sparsity.method=bsrnet"]), model, 10)
         build_optimization(load_config(None, ["sparsity.method=rigl"]), model, 10)
     assert isinstance(optimizer, SGDW) and not caplog.records

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from robust_sparse import cli
-from robust_sparse.agent import AGENT
+from robust_sparse.agent import AGENT, full_grad_pass, objective_loss
 from robust_sparse.checkpoint import load_checkpoint
 from robust_sparse.config import load_config, save_config
 from robust_sparse.data import BatchLoader, load_splits
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.objectives import build_objective
+from robust_sparse.optim import build_optimization
 from robust_sparse.precision import Amp, maybe_compile
 from robust_sparse.sparse import build_sparsity
-from robust_sparse.train import _agent_batches, _objective_loss, build_optimization, fit, train_one_epoch
+from robust_sparse.train import fit, train_one_epoch
 from conftest import assert_in_ball_and_box, make_tiny_model
 
 CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ def test_sparse_and_agent_invariants_under_bf16_and_channels_last(tiny_config):
                          "eval.n_examples=0")
     result = fit(config)
     masker, agent = result.masker, result.agent
-    assert agent.weight == pytest.approx(0.05) and agent.full_grads is not None
+    assert agent.gamma_c == pytest.approx(0.05) and agent.full_grads is not None
     assert torch.isfinite(torch.tensor(result.metrics["train_loss"].tolist())).all()
     changed = False
     for name, param in masker.params.items():
@@ -89,7 +90,7 @@ def _train_steps(config, amp: Amp, observed: list) -> tuple[dict[str, torch.Tens
         masker.grad_scale = amp.scale
     objective = build_objective(config, model, autocast=amp.autocast)
     agent = AGENT(optimizer, model, config.agent, masks=masker.masks)
-    agent.refresh(_agent_batches(config, splits.train, objective, CPU, 0), _objective_loss(objective, amp),
+    agent.refresh(full_grad_pass(config, splits.train, objective, CPU, 0), objective_loss(objective, amp),
                   scale=amp.scaler.get_scale() if amp.scaler is not None else 1.0)
     assert agent.active()
     train_one_epoch(model, objective, agent, scheduler, loader, agent=agent, amp=amp)

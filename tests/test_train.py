@@ -14,7 +14,8 @@ from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, to_dict
 from robust_sparse.errors import CheckpointError, DivergenceError, UserError
-from robust_sparse.train import fit, lr_factor
+from robust_sparse.optim import lr_factor
+from robust_sparse.train import fit
 
 
 def test_fit_writes_metrics_checkpoints_and_evaluation(tiny_config):
@@ -47,9 +48,9 @@ def test_no_validation_selects_the_last_epoch_and_says_so(tiny_config, monkeypat
     from robust_sparse.eval.leaderboard import Selection, checkpoint_selection
 
     def no_validation(*args, **kwargs):
-        raise AssertionError("validate called with val.max_examples=0")
+        raise AssertionError("measure_validation called with val.max_examples=0")
 
-    monkeypatch.setattr(train_module, "validate", no_validation)
+    monkeypatch.setattr(train_module, "measure_validation", no_validation)
     with caplog.at_level(logging.INFO, logger="robust_sparse.train"):
         result = fit(tiny_config("val.max_examples=0", "optim.epochs=2", "eval.n_examples=32"))
     assert "val.max_examples = 0: no validation; the last epoch is selected" in caplog.text
@@ -85,17 +86,17 @@ def _train_one_epoch_then_stop(config):
     """Run ``fit`` but interrupt it right after the first epoch's checkpoint is written."""
     import robust_sparse.train as train_module
 
-    original = train_module._write_metrics
+    original = train_module.write_metrics
     def interrupt(history, run_dir):
         original(history, run_dir)
         raise KeyboardInterrupt  # simulates a kill after the epoch-1 checkpoint
 
-    train_module._write_metrics = interrupt
+    train_module.write_metrics = interrupt
     try:
         with pytest.raises(KeyboardInterrupt):
             fit(config)
     finally:
-        train_module._write_metrics = original
+        train_module.write_metrics = original
     assert load_checkpoint(config.out_dir + "/last.pt")["epoch"] == 1
 
 

@@ -12,11 +12,10 @@ import path.
 from robust_sparse.config.parsing import (coerce, config_from_dict, from_dict, load_config, merge, parse_override,
                                           read_yaml, save_config, to_dict)
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
-                                         DatasetName, DeviceChoice, Distribution, DivergenceConfig,
-                                         FinalTestConfig,
-                                         FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
-                                         Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig, SparsityMethod,
-                                         TrackingConfig, TrainConfig, TrainingConfig, ValidationConfig, WandbConfig,
+                                         DatasetName, DeviceChoice, Distribution, DivergenceConfig, ExecutionConfig,
+                                         FinalTestConfig, FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig,
+                                         OptimizerName, Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig,
+                                         SparsityMethod, TrackingConfig, TrainConfig, ValidationConfig, WandbConfig,
                                          WandbMode)
 from robust_sparse.config.validation import validate
 # the sparsity sections and their closed choices (sparse/ reads them)
@@ -25,9 +24,9 @@ from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, ASTConfig,
 
 __all__ = [
     "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
-    "Distribution", "DivergenceConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
-    "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
-    "SparsityMethod", "TrackingConfig", "TrainConfig", "TrainingConfig", "ValidationConfig", "WandbConfig", "WandbMode",
+    "Distribution", "DivergenceConfig", "ExecutionConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm",
+    "ObjectiveName", "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
+    "SparsityMethod", "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",
     "coerce", "config_from_dict", "from_dict", "merge", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "validate",
     "ASTConfig", "ASTPruneFrom", "BSRNetConfig", "GSEConfig", "GSESampler", "Growth", "MagnitudePruneConfig",

@@ -184,8 +184,10 @@ class FinalTestConfig:
 
 
 @dataclass
-class TrainingConfig:
-    """How the training step runs on the device; none of these changes the method (see robust_sparse/precision.py)."""
+class ExecutionConfig:
+    """The ``train:`` section: how the training step executes on the device (precision, memory layout,
+    compilation, BatchNorm statistics across ranks); none of these changes the method (see
+    robust_sparse/precision.py)."""
 
     # autocast of the model's forwards in training, in the training attack and in validation; perturbations,
     # projections, losses, weights, gradients and optimizer state stay fp32
@@ -237,7 +239,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)
     eval: FinalTestConfig = field(default_factory=FinalTestConfig)
-    train: TrainingConfig = field(default_factory=TrainingConfig)
+    train: ExecutionConfig = field(default_factory=ExecutionConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0

@@ -63,7 +63,7 @@ def _integer_ranges(config: TrainConfig) -> None:
 
 def validate(config: TrainConfig) -> None:
     """The values alone. What they name (registered models, installed trackers, data and output directories)
-    is checked where it is used, before any data is read: ``robust_sparse.train.check_run``."""
+    is checked where it is used, before any data is read: ``robust_sparse.run_record.check_run``."""
     data, attack, optim = config.data, config.attack, config.optim
     project = config.tracking.wandb.project
     _check(project is None or bool(project.strip()), "tracking.wandb.project: give a project name, or leave it out")
