@@ -22,7 +22,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +36,8 @@ from robust_sparse.accuracy import evaluate_pgd
 from robust_sparse.agent import AGENT
 from robust_sparse.checkpoint import (check_output_dir, load_checkpoint, remove_temporaries, save_checkpoint,
                                       write_atomic)
-from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, SparsityMethod, TrackingConfig, TrainConfig,
-                                  config_from_dict, save_config, to_dict)
+from robust_sparse.config import (DeviceChoice, OptimizerName, Schedule, TrackingConfig, TrainConfig, config_from_dict,
+                                  save_config, sparse_methods, to_dict)
 from robust_sparse.data import BatchLoader, ImageSet, Splits, batch_loader, check_data_root, in_memory, load_splits
 from robust_sparse.errors import DivergenceError, UserError
 from robust_sparse.flops import FlopsCounter, dense_profile
@@ -47,8 +46,7 @@ from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import SGDW
 from robust_sparse.precision import Amp, maybe_compile
 from robust_sparse.progress import progress as progress_bar
-from robust_sparse.sparse import SparseMasker, build_sparsity, views_of
-from robust_sparse.sparse.gse import balanced_batch
+from robust_sparse.sparse import SparseMasker, TrainingData, build_sparsity, views_of
 from robust_sparse.tracking import Tracker, check_trackers
 
 log = logging.getLogger(__name__)
@@ -82,9 +80,11 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                     weight_decay=optim.weight_decay, nesterov=optim.nesterov)
-        if config.sparsity.method is SparsityMethod.BSRNET and optim.weight_decay > 0:
-            log.warning("sparsity.method = bsrnet runs with coupled weight decay (optim.optimizer = sgd); the paper "
-                        "uses decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw")
+        methods, method = sparse_methods(), config.sparsity.method
+        paired = methods.get(method).optimizer if method in methods else None
+        if paired == OptimizerName.SGDW.value and optim.weight_decay > 0:
+            log.warning("sparsity.method = %s runs with coupled weight decay (optim.optimizer = sgd); the method "
+                        "pairs with decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw", method)
     total = config.optim.epochs * steps_per_epoch
     # Stepped once per iteration, so milestones fall where the papers put them (BSR-Net counts iterations).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step / total))
@@ -403,7 +403,7 @@ def _build(config: TrainConfig) -> _Run:
     objective = build_objective(config, maybe_compile(model, config.train.compile), autocast=amp.autocast)
     masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
                             config.optim.epochs * len(loader), config.seed,
-                            score_batch=partial(_gse_score_batch, config, splits.train, device, objective))
+                            data=TrainingData(splits.train, device, config.seed, objective.perturb))
     if masker is not None and amp.scaler is not None:
         masker.grad_scale = amp.scale
     agent = None
@@ -417,14 +417,6 @@ def _build(config: TrainConfig) -> _Run:
                          world.world_size)
     return _Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent,
                 flops)
-
-
-def _gse_score_batch(config: TrainConfig, train: ImageSet, device: torch.device, objective: Objective,
-                     step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GSE's scoring batch at optimizer step ``step``: class-balanced, drawn afresh (seeded by the step) and
-    attacked by the training objective."""
-    return balanced_batch(train, config.sparsity.gse.samples_per_class, device, config.seed + step,
-                          objective.perturb)
 
 
 def check_agent(config: TrainConfig, train_images: int, world_size: int, views: int) -> None:

@@ -233,7 +233,7 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     base = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) if engine == "bsrnet"
             else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", base, total_steps=12, seed=0,
-                            score_batch=lambda step: (images[:20], labels[:20]))
+                            batch_source=lambda step: (images[:20], labels[:20]))
     agent = AGENT(base, model, config.agent, masker=masker)
     objective_ = build_objective(config, model)
     loss_fn = lambda m, x, y, inputs: objective_.loss(m, x, y, inputs)[0]  # noqa: E731

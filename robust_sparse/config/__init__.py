@@ -12,23 +12,22 @@ import path.
 from robust_sparse.config.parsing import (_coerce, config_from_dict, load_config, parse_override, read_yaml,
                                           save_config, to_dict)
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
-                                         DatasetName, DeviceChoice, Distribution, DivergenceConfig, EvalConfig,
+                                         DatasetName, DeviceChoice, DivergenceConfig, EvalConfig,
                                          FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
-                                         Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig, SparsityMethod,
+                                         Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig,
                                          TrackingConfig, TrainConfig, TrainingConfig, ValidationConfig, WandbConfig,
                                          WandbMode)
 from robust_sparse.config.validation import validate
 # the sparsity sections and their closed choices (sparse/ reads them)
-from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, ASTConfig, ASTPruneFrom, BSRNetConfig,  # noqa: E402
-                                         GSEConfig, GSESampler, Growth, MagnitudePruneConfig, PruneSchedule)
+from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, Growth, PruneSchedule,  # noqa: E402
+                                         sparse_methods)
 
 __all__ = [
     "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
-    "Distribution", "DivergenceConfig", "EvalConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
+    "DivergenceConfig", "EvalConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
     "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
-    "SparsityMethod", "TrackingConfig", "TrainConfig", "TrainingConfig", "ValidationConfig", "WandbConfig", "WandbMode",
+    "TrackingConfig", "TrainConfig", "TrainingConfig", "ValidationConfig", "WandbConfig", "WandbMode",
     "_coerce", "config_from_dict", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "validate",
-    "ASTConfig", "ASTPruneFrom", "BSRNetConfig", "GSEConfig", "GSESampler", "Growth", "MagnitudePruneConfig",
-    "PruneSchedule", "REGISTERED_SPARSITY_METHODS",
+    "Growth", "PruneSchedule", "REGISTERED_SPARSITY_METHODS", "sparse_methods",
 ]
