@@ -84,7 +84,8 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
         paired = methods.get(method).optimizer if method in methods else None
         if paired == OptimizerName.SGDW.value and optim.weight_decay > 0:
             log.warning("sparsity.method = %s runs with coupled weight decay (optim.optimizer = sgd); the method "
-                        "pairs with decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw", method)
+                        "pairs with decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw",
+                        method)
     total = config.optim.epochs * steps_per_epoch
     # Stepped once per iteration, so milestones fall where the papers put them (BSR-Net counts iterations).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step / total))

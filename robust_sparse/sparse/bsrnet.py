@@ -215,8 +215,9 @@ def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
 
 def validate(sparsity: SparsityConfig) -> None:
     section = sparsity.section("bsrnet")
-    for name, value, rule in (("noise_scale", section.noise_scale, ">= 0"), ("temperature", section.temperature, ">= 0"),
-                              ("l1", section.l1, ">= 0"), ("regrow_value", section.regrow_value, "> 0")):
+    for name, value, rule in (("noise_scale", section.noise_scale, ">= 0"),
+                              ("temperature", section.temperature, ">= 0"), ("l1", section.l1, ">= 0"),
+                              ("regrow_value", section.regrow_value, "> 0")):
         if value is not None and not (value > 0 if rule == "> 0" else value >= 0):
             raise ConfigError(f"sparsity.bsrnet.{name} = {value}: must be {rule}")
 

@@ -3,12 +3,11 @@
 Heddes, Srinivasa, Givargis & Nicolau, arXiv 2401.06898 (2024); code mikeheddes/guided-stochastic-exploration
 (its settings: docs/papers.md). Every ``update_every`` steps until ``end_step``, each sparse layer
 
-1. samples ``candidate_multiple * nnz`` candidate positions (the paper's gamma) (with replacement, deduplicated) from a uniform distribution
-   or GraBo's ``p_out(i) * p_in(j)`` (p_out ∝ Σ|∂L/∂out_i|, p_in ∝ Σ|in_j|); a layer whose density is at
-   least 0.5 takes all of its positions as candidates;
+1. samples ``candidate_multiple * nnz`` candidate positions (the paper's gamma; with replacement,
+   deduplicated) from a uniform distribution or GraBo's ``p_out(i) * p_in(j)`` (p_out ∝ Σ|∂L/∂out_i|,
+   p_in ∝ Σ|in_j|); a layer whose density is at least 0.5 takes all of its positions as candidates;
 2. scores the candidates by |∂L/∂W| on a small class-balanced batch (``score_batch(step)``, adversarial under AT:
-   the record's ``batch_source``, :func:`score_batches`),
-   computed from the layer's input and output gradient captured by module hooks, *only at the candidates*:
+   the record's ``batch_source``, :func:`score_batches`), computed from the layer's input and output gradient captured by module hooks, *only at the candidates*:
    Linear ``g_ij = Σ_b δ[b,i] x[b,j]``, Conv2d ``g_{o,c} = Σ_{b,p} δ[b,o,p] U[b,c,p]`` with U the unfolded
    input. No dense weight gradient of a layer below the 0.5 threshold is ever formed, and no parameter's
    ``.grad`` is touched (``torch.autograd.grad`` with respect to the layer outputs);
