@@ -22,6 +22,7 @@ from robust_sparse.config.schema import (FLAT_SPARSITY_NAMES, RENAMED_SECTION_FI
                                          sparse_methods)
 from robust_sparse.config.validation import validate
 from robust_sparse.config.yaml_input import load_yaml
+from robust_sparse import plugins
 from robust_sparse.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -99,17 +100,19 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     inline = [f for f in dataclasses.fields(cls) if "inline" in f.metadata]
     known = {f.name for f in dataclasses.fields(cls)} - {f.name for f in inline}
-    # an inline field (the sparsity methods' sections) takes the keys its metadata's types() names, at this level
-    types = {name: kind for f in inline for name, kind in f.metadata["inline"]().items()}
-    unknown = sorted(set(data) - known - set(types))
+    # an inline field (the sparsity methods' sections) takes the keys its metadata's function names, at this level
+    sections = {name: kind for f in inline for name, kind in f.metadata["inline"]().items()}
+    if inline and set(data) - known - set(sections) and plugins.import_from_environment():
+        sections = {name: kind for f in inline for name, kind in f.metadata["inline"]().items()}  # a plugin's section
+    unknown = sorted(set(data) - known - set(sections))
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown field {where!r}; known fields here: {', '.join(sorted(known | set(types)))}")
-    values: dict[str, Any] = {f.name: {name: kind() for name, kind in types.items()} for f in inline}
+        raise ConfigError(f"unknown field {where!r}; known fields here: {', '.join(sorted(known | set(sections)))}")
+    values: dict[str, Any] = {f.name: {name: kind() for name, kind in sections.items()} for f in inline}
     for name, raw in data.items():
         where = f"{prefix}.{name}" if prefix else name
-        if name in types:
-            values[inline[0].name][name] = _from_dict(types[name], raw, where)
+        if name in sections:
+            values[inline[0].name][name] = _from_dict(sections[name], raw, where)
             continue
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
@@ -134,7 +137,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if "inline" in f.metadata:
-            for name, kind in f.metadata["inline"]().items():
+            for name, kind in f.metadata["inline"](config).items():
                 result[name] = to_dict(value[name] if name in value else kind())
         elif dataclasses.is_dataclass(value):
             result[f.name] = to_dict(value)

@@ -72,9 +72,14 @@ def distribution_owners() -> dict[str, Any]:
     return owners
 
 
-def section_types() -> dict[str, type]:
-    """``sparsity.<method>`` -> the dataclass of that method's section, for every registered method with one."""
-    return {name: record.section for name, record in sparse_methods().entries() if record.section is not None}
+def section_types(written_with: "SparsityConfig | None" = None) -> dict[str, type]:
+    """``sparsity.<method>`` -> the dataclass of that method's section, for every registered method with one.
+
+    Given a config, the sections written with it (parsing.py, ``to_dict``): every built-in method's, and a method
+    registered from Python (``register_sparsity_method``) only when it is the config's own, so that a saved config
+    still loads in a process that has not imported that plugin."""
+    return {name: record.section for name, record in sparse_methods().entries() if record.section is not None
+            and (written_with is None or name not in REGISTERED_SPARSITY_METHODS or name == written_with.method)}
 
 
 def default_sections() -> dict[str, Any]:
