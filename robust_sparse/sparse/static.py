@@ -27,7 +27,7 @@ def build_static(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
 
 
 def build_magnitude_prune(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
-    """Load ``sparsity.dense_checkpoint`` into the model, then keep its largest-magnitude weights."""
+    """Load ``sparsity.magnitude_prune.dense_checkpoint`` into the model, then keep its largest-magnitude weights."""
     from robust_sparse.checkpoint import load_checkpoint
 
     config = setup.config
