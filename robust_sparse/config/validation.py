@@ -148,8 +148,8 @@ def _validate_sparsity(sparsity: SparsityConfig) -> None:
         return
     record = methods.get(method)
     _check(record.ignores_density is None or sparsity.density == SparsityConfig.density,
-           f"sparsity.density = {sparsity.density}: not used by sparsity.method = {method} ({record.ignores_density}); "
-           "leave it out")
+           f"sparsity.density = {sparsity.density}: not used by sparsity.method = {method} "
+           f"({record.ignores_density}); leave it out")
     _check(0 < sparsity.density <= 1, f"sparsity.density = {sparsity.density}: must be in (0, 1]")
     _check(sparsity.update_every is None or sparsity.update_every >= 1,
            f"sparsity.update_every = {sparsity.update_every}: must be >= 1")

@@ -13,7 +13,7 @@ the masker is made here, so every method gets the same mask owner. Users add the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -177,6 +177,9 @@ def register(method: SparseMethod) -> SparseMethod:
     method brings already, raises."""
     if not method.name or method.name != method.name.strip() or method.name == "none":
         raise ValueError(f"sparsity method name {method.name!r}: give a non-empty name other than 'none'")
+    unknown = set(method.defaults) - {f.name for f in fields(SparsityConfig)}
+    if unknown:
+        raise ValueError(f"sparsity method {method.name!r}: defaults for {sorted(unknown)}, not fields of sparsity")
     taken = set(distributions()) & set(method.distributions)
     if taken:
         raise ValueError(f"sparsity method {method.name!r}: distribution {sorted(taken)[0]!r} is registered already")
