@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from robust_sparse.config import OptimizerName, Schedule, SparsityMethod, TrainConfig
+from robust_sparse.config import OptimizerName, Schedule, TrainConfig, sparse_methods
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,12 @@ def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: i
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                     weight_decay=optim.weight_decay, nesterov=optim.nesterov)
-        if config.sparsity.method is SparsityMethod.BSRNET and optim.weight_decay > 0:
-            log.warning("sparsity.method = bsrnet runs with coupled weight decay (optim.optimizer = sgd); the paper "
-                        "uses decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw")
+        methods, method = sparse_methods(), config.sparsity.method
+        paired = methods.get(method).optimizer if method in methods else None
+        if paired == OptimizerName.SGDW.value and optim.weight_decay > 0:
+            log.warning("sparsity.method = %s runs with coupled weight decay (optim.optimizer = sgd); the method "
+                        "pairs with decoupled decay not scaled by the learning rate: set optim.optimizer = sgdw",
+                        method)
     total = config.optim.epochs * steps_per_epoch
     # Stepped once per iteration, so milestones fall where the papers put them (BSR-Net counts iterations).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step / total))

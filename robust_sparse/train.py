@@ -16,7 +16,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -42,8 +41,7 @@ from robust_sparse.progress import progress as progress_bar
 from robust_sparse.run_record import (Record, check_run, layer_densities, prepare_run_dir, refuse_to_overwrite,
                                       resume_state, rng_state, set_rng_state, write_evaluation, write_layer_densities,
                                       write_metrics)
-from robust_sparse.sparse import SparseMasker, build_sparsity, views_of
-from robust_sparse.sparse.gse import balanced_batch
+from robust_sparse.sparse import SparseMasker, TrainingData, build_sparsity, views_of
 from robust_sparse.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -167,7 +165,7 @@ def _build(config: TrainConfig) -> _Run:
     objective = build_objective(config, maybe_compile(model, config.train.compile), autocast=amp.autocast)
     masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
                             config.optim.epochs * len(loader), config.seed,
-                            score_batch=partial(_gse_score_batch, config, splits.train, device, objective))
+                            data=TrainingData(splits.train, device, config.seed, objective.perturb))
     if masker is not None and amp.scaler is not None:
         masker.grad_scale = amp.scale
     agent = None
@@ -181,14 +179,6 @@ def _build(config: TrainConfig) -> _Run:
                          world.world_size)
     return _Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent,
                 flops)
-
-
-def _gse_score_batch(config: TrainConfig, train: ImageSet, device: torch.device, objective: Objective,
-                     step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GSE's scoring batch at optimizer step ``step``: class-balanced, drawn afresh (seeded by the step) and
-    attacked by the training objective."""
-    return balanced_batch(train, config.sparsity.gse.samples_per_class, device, config.seed + step,
-                          objective.perturb)
 
 
 def _resume(run: _Run) -> Record:

@@ -246,7 +246,8 @@ def test_agent_run_logs_its_state(tiny_config):
 @pytest.mark.parametrize("objective", ["natural", "pgd_at", "trades"])
 @pytest.mark.parametrize("engine", ["none", "static", "set", "rigl", "itop", "bsrnet", "gse", "ast"])
 def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist):
-    config = load_config(None, [f"sparsity.method={engine}", "sparsity.density=0.3", "sparsity.update_every=2",
+    density = [] if engine == "ast" else ["sparsity.density=0.3"]  # AST's sub-nets have densities of their own
+    config = load_config(None, [f"sparsity.method={engine}", *density, "sparsity.update_every=2",
                                 f"objective={objective}", "attack.steps=1", "agent.enabled=true",
                                 "agent.gamma=0.5", "agent.estimator=fixed", "agent.fixed_c=1.0",
                                 "optim.optimizer=" + ("sgdw" if engine == "bsrnet" else "sgd")])
@@ -256,7 +257,7 @@ def test_agent_composes_with_every_engine_and_objective(engine, objective, mnist
     base = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4) if engine == "bsrnet"
             else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", base, total_steps=12, seed=0,
-                            score_batch=lambda step: (images[:20], labels[:20]))
+                            batch_source=lambda step: (images[:20], labels[:20]))
     agent = AGENT(base, model, config.agent, masker=masker)
     objective_ = build_objective(config, model)
     loss_fn = lambda m, x, y, inputs: objective_.loss(m, x, y, inputs)[0]  # noqa: E731

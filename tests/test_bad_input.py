@@ -109,7 +109,10 @@ def test_non_finite_number_in_a_yaml_file(tmp_path, capsys):
 def _float_fields(cls: type, prefix: str = ""):
     for f in dataclasses.fields(cls):
         annotation = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(annotation):
+        if "inline" in f.metadata:  # the sparse methods' sections, sparsity.<method>.*, from the registry
+            for name, section in f.metadata["inline"]().items():
+                yield from _float_fields(section, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(annotation):
             yield from _float_fields(annotation, f"{prefix}{f.name}.")
         elif typing.get_origin(annotation) is list:
             if typing.get_args(annotation) == (float,):

@@ -27,7 +27,7 @@ def test_shipped_quickstart_copy_matches_the_embedded_one():
 
     assert (REPO / "configs" / "quickstart_mnist5k.yaml").read_text() == QUICKSTART.read_text()
     config = load_config(QUICKSTART)
-    assert config.sparsity.method.value == "bsrnet" and config.sparsity.density == 0.1
+    assert config.sparsity.method == "bsrnet" and config.sparsity.density == 0.1
 
 
 @pytest.mark.parametrize("overrides, optimizer", [
@@ -160,17 +160,19 @@ def test_version_and_top_level_help(capsys):
 
 
 def test_config_imports_nothing_above_it():
-    """Loading, validating and writing back a config needs the standard library, yaml and the errors only:
-    no torch, no model or sparse-method registry, no training code."""
+    """Importing the config package needs the standard library, yaml and the errors only (no torch). Loading,
+    validating and writing back a config reads the sparse-method registry (the records of sparse/*.py name the
+    methods, their sections and rules), and nothing else above config: no model, data or training code."""
     code = ("import sys\n"
             "before = set(sys.modules)\n"  # a .pth hook of `doctor --fix` may import robust_sparse at start-up
             "from robust_sparse.config import config_from_dict, load_config, to_dict\n"
+            "assert 'torch' not in sys.modules, 'importing robust_sparse.config imported torch'\n"
             f"config_from_dict(to_dict(load_config({str(QUICKSTART)!r}, ['agent.enabled=true'])))\n"
             "loaded = sorted(m for m in set(sys.modules) - before if m.startswith('robust_sparse'))\n"
             "allowed = ('robust_sparse.config', 'robust_sparse.errors', 'robust_sparse.registry',"
-            " 'robust_sparse.plugins')\n"
-            "assert 'torch' not in sys.modules, 'loading a config imported torch'\n"
-            "assert all(m == 'robust_sparse' or m.startswith(allowed) for m in loaded), loaded\n")
+            " 'robust_sparse.plugins', 'robust_sparse.sparse', 'robust_sparse.distributed')\n"
+            "assert all(m == 'robust_sparse' or m.startswith(allowed) for m in loaded), loaded\n"
+            "assert 'robust_sparse.sparse.export' not in loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -234,7 +234,7 @@ def test_gse_pays_its_score_batch_and_candidate_gradients_on_update_steps(mnist)
     model = build_model("tiny_cnn", 10, 1, (0.5,), (0.25,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", optimizer, total_steps=100, seed=0,
-                            score_batch=lambda step: balanced_batch(train, 4, torch.device("cpu"), seed=step))
+                            batch_source=lambda step: balanced_batch(train, 4, torch.device("cpu"), seed=step))
     profile = dense_profile(model, (1, 28, 28))
     counter = FlopsCounter(profile, config, masker)
     densities = {name: int(mask.sum()) / mask.numel() for name, mask in masker.masks.items()}

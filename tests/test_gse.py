@@ -82,7 +82,7 @@ def _gse_run(mnist, density=0.25, sampler="grabo", steps=8, update_every=2, extr
         return images, labels
 
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", optimizer, total_steps=100, seed=0,
-                            score_batch=score_batch)
+                            batch_source=score_batch)
     return model, optimizer, masker, seen, train
 
 
@@ -242,7 +242,7 @@ def test_gse_needs_a_score_batch():
 
 @pytest.mark.parametrize("override,field", [
     ("sparsity.gse_sampler=magic", "sparsity.gse.sampler"),  # the first versions' flat names still parse
-    ("sparsity.gse.candidates=0", "sparsity.gse.candidates"),
+    ("sparsity.gse.candidates=0", "sparsity.gse.candidate_multiple"),  # the old name, translated
     ("sparsity.gse_samples_per_class=0", "sparsity.gse.samples_per_class"),
     ("sparsity.gse.scope=local", "sparsity.gse.scope"),
     ("sparsity.prune_rate=1.5", "sparsity.prune_rate"),

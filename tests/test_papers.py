@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robust_sparse.cli import QUICKSTART
-from robust_sparse.config import OptimizerName, load_config
+from robust_sparse.config import OptimizerName, load_config, to_dict
 from robust_sparse.sweep import expand, load_sweep
 
 from conftest import make_tiny_model
@@ -72,7 +72,7 @@ ROWS = {
         "optim.schedule": "cosine", "optim.epochs": 160, "data.batch_size": 128},
     "gse_vgg16_cifar10_pgdat.yaml": {
         "model.name": "vgg16", "sparsity.method": "gse", "sparsity.gse.sampler": "grabo",
-        "sparsity.gse.candidates": 1.0, "sparsity.gse.samples_per_class": 10, "sparsity.gse.scope": "global",
+        "sparsity.gse.candidate_multiple": 1.0, "sparsity.gse.samples_per_class": 10, "sparsity.gse.scope": "global",
         "sparsity.prune_rate": 0.2, "sparsity.update_every": 1000, "sparsity.end_fraction": 0.6,
         "optim.optimizer": "sgd", "optim.lr": 0.1, "optim.weight_decay": 1e-4, "optim.schedule": "piecewise",
         "optim.milestones": [0.4, 0.6], "optim.factors": [0.1, 0.01], "optim.epochs": 200, "data.batch_size": 128},
@@ -111,10 +111,10 @@ def _load(path: Path, tmp_path: Path, *overrides: str):
 
 
 def _get(config, dotted: str):
-    value = config
+    value = to_dict(config)  # plain values; a sparse method's section is sparsity.<method>.* there too
     for part in dotted.split("."):
-        value = getattr(value, part)
-    return getattr(value, "value", value)
+        value = value[part]
+    return value
 
 
 def test_every_paper_config_has_a_row_and_a_docs_entry():
@@ -204,7 +204,7 @@ def _shipped_run_configs(tmp_path, monkeypatch):
 def test_every_shipped_config_using_bsrnet_uses_decoupled_decay(tmp_path, monkeypatch):
     seen = 0
     for name, config in _shipped_run_configs(tmp_path, monkeypatch):
-        if config.sparsity.method.value == "bsrnet":
+        if config.sparsity.method == "bsrnet":
             seen += 1
             assert config.optim.optimizer is OptimizerName.SGDW, name
     assert seen >= 10  # the quickstart, six paper configs and the study grids

@@ -10,20 +10,20 @@ import torch
 import robust_sparse
 from robust_sparse.checkpoint import load_checkpoint
 from robust_sparse.config import load_config
-from robust_sparse.sparse.masker import Engine
+from robust_sparse.sparse.masker import StaticEngine
 from robust_sparse.train import fit
 
 TOY_SPARSE = "toy_fixed_mask"
 
 
 def _every_other_position(setup):
-    """A fixed mask: every other position of every sparse layer, by flat index; the base Engine never rewires."""
+    """A fixed mask: every other position of every sparse layer, by flat index; StaticEngine never rewires."""
     masks = {}
     for name, shape in setup.shapes.items():
         flat = torch.zeros(torch.Size(shape).numel(), dtype=torch.bool)
         flat[::2] = True
         masks[name] = flat.view(shape).to(setup.device)
-    return masks, Engine()
+    return masks, StaticEngine()
 
 
 def test_a_sparse_method_registered_from_python_trains_by_name(tiny_config, tmp_path):
@@ -177,7 +177,7 @@ TOY_METHODS = '''
 import torch
 
 import robust_sparse
-from robust_sparse.sparse.masker import Engine
+from robust_sparse.sparse.masker import StaticEngine
 
 
 def every_third(setup):
@@ -186,7 +186,7 @@ def every_third(setup):
         flat = torch.zeros(torch.Size(shape).numel(), dtype=torch.bool)
         flat[::3] = True
         masks[name] = flat.view(shape).to(setup.device)
-    return masks, Engine()
+    return masks, StaticEngine()
 
 
 robust_sparse.register_sparsity_method("toy_every_third", every_third)

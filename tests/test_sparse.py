@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config
 from robust_sparse.errors import ConfigError
 from robust_sparse.optim import SGDW, sgdw
-from robust_sparse.sparse import build_sparsity, density as allocation
+from robust_sparse.sparse import METHODS, StaticEngine, build_sparsity, density as allocation
 from robust_sparse.sparse.bsrnet import BSRNetEngine, bsrnet_initial
 from robust_sparse.sparse.prune_regrow import PruneGrowEngine
 from robust_sparse.sparse.export import load_compact
@@ -24,25 +24,47 @@ from robust_sparse.train import fit
 
 from conftest import make_tiny_model
 
-ENGINES = {
-    "static": [],
-    "set": ["sparsity.update_every=3"],
-    "rigl": ["sparsity.update_every=3"],
-    "itop": ["sparsity.update_every=3"],
-    "snfs-momentum": ["sparsity.update_every=3", "sparsity.growth=momentum"],
-    "bsrnet": [],
-}
+# Every registered method runs through the invariants below by being registered (METHODS); "snfs-momentum" is
+# SET with SNFS's growth. A method that needs an input to build at all gets it here (magnitude_prune: a dense
+# checkpoint); every other one runs with the shared settings alone.
+VARIANTS = {"snfs-momentum": ("set", ["sparsity.growth=momentum"])}
+SHARED = ["sparsity.update_every=3"]  # every method that rewires does so within the 10-40 steps of a test
 
 
-def _setup(name, mnist, density=0.2, optimizer="sgd"):
-    method = "set" if name == "snfs-momentum" else name
-    config = load_config(None, [f"sparsity.method={method}", f"sparsity.density={density}", *ENGINES[name]])
+def _engines() -> list[str]:
+    return [*METHODS.names(), *VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense") / "dense.pt"
+    save_checkpoint({"model": make_tiny_model(seed=3).state_dict()}, path)
+    return path
+
+
+def _needs(method: str, dense: str | None) -> list[str]:
+    return [f"sparsity.magnitude_prune.dense_checkpoint={dense}"] if method == "magnitude_prune" and dense else []
+
+
+def _setup(name, mnist, density=0.2, optimizer="sgd", dense=None, seed=0):
+    method, extra = VARIANTS.get(name, (name, []))
+    budget = [f"sparsity.density={density}"] if METHODS.get(method).ignores_density is None else []  # AST: its own
+    config = load_config(None, [f"sparsity.method={method}", *budget, *SHARED, *extra, *_needs(method, dense)])
     model = make_tiny_model()
     opt = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgdw"
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
-    masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=40, seed=0)
     train, _ = mnist
-    return model, opt, masker, train.images[:640].float() / 255, train.labels[:640]
+    images, labels = train.images[:640].float() / 255, train.labels[:640]
+    masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=40, seed=seed,
+                            batch_source=lambda step: (images[:40], labels[:40]))  # GSE's scoring batch
+    return model, opt, masker, images, labels
+
+
+def _step(model, opt, images, labels, step):
+    batch = slice(step % 10 * 64, (step % 10 + 1) * 64)
+    loss = F.cross_entropy(model(images[batch]), labels[batch])
+    opt.zero_grad()
+    loss.backward()
 
 
 def _assert_sparse_state(model, opt, masker, check_grad=True):
@@ -56,28 +78,78 @@ def _assert_sparse_state(model, opt, masker, check_grad=True):
             assert torch.all(buffer[dormant] == 0), f"{name}: pruned momentum not zero"
 
 
-@pytest.mark.parametrize("name", sorted(ENGINES))
+def _assert_masks_keyed_by_parameter_name(model, masker):
+    named = dict(model.named_parameters())
+    for view in masker.views():
+        assert set(view.masks) == set(masker.params) and set(masker.params) <= set(named)
+        for name, mask in view.masks.items():
+            assert mask.dtype == torch.bool and mask.shape == named[name].shape, name  # binary, the layer's shape
+            assert masker.params[name] is named[name]
+
+
+@pytest.mark.parametrize("name", _engines())
 @pytest.mark.parametrize("optimizer", ["sgd", "sgdw"])
-def test_pruned_weights_gradients_and_momentum_stay_zero(name, optimizer, mnist):
-    model, opt, masker, images, labels = _setup(name, mnist, optimizer=optimizer)
-    counts = sum(masker.active_counts().values())
-    target = masker.engine.budget if isinstance(masker.engine, BSRNetEngine) else counts
+def test_every_method_keeps_pruned_weights_gradients_and_momentum_zero(name, optimizer, mnist, dense_checkpoint):
+    model, opt, masker, images, labels = _setup(name, mnist, optimizer=optimizer, dense=dense_checkpoint)
+    total = sum(mask.numel() for mask in masker.masks.values())
+    # the budget: a method may start above it (BSR-Net's hand-set first/last layers, gradual pruning from dense)
+    # and prune down, but no step adds connections beyond the larger of the start and the budget
+    ceiling = max(sum(masker.active_counts().values()), math.ceil(0.2 * total))
+    _assert_masks_keyed_by_parameter_name(model, masker)
+    _assert_sparse_state(model, opt, masker)
     for step in range(10):
-        before = {n: m.clone() for n, m in masker.masks.items()}
-        batch = slice(step * 64, (step + 1) * 64)
-        loss = F.cross_entropy(model(images[batch]), labels[batch])
-        opt.zero_grad()
-        loss.backward()
+        _step(model, opt, images, labels, step)
         _assert_sparse_state(model, opt, masker)  # gradients masked by the hooks
         opt.step()
         # weights and momentum re-masked by the step hook (.grad still holds the previous topology's gradient)
         _assert_sparse_state(model, opt, masker, check_grad=False)
+        _assert_masks_keyed_by_parameter_name(model, masker)
+        assert sum(masker.active_counts().values()) <= ceiling
+        assert all(view.density() <= ceiling / total for view in masker.views())
+
+
+@pytest.mark.parametrize("name", _engines())
+def test_every_method_resumes_exactly_from_a_saved_state(name, mnist, dense_checkpoint, tmp_path):
+    """The masker's state (masks, explored set, the engine's generators and state) through a checkpoint file
+    (``weights_only``): a fresh masker loaded from it continues exactly as the one that kept training."""
+    model, opt, masker, images, labels = _setup(name, mnist, dense=dense_checkpoint)
+    for step in range(4):
+        _step(model, opt, images, labels, step)
+        opt.step()
+    save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "sparsity": masker.state_dict()},
+                    tmp_path / "state.pt")
+    saved = load_checkpoint(tmp_path / "state.pt")
+    model_b, opt_b, masker_b, _, _ = _setup(name, mnist, dense=dense_checkpoint, seed=1)  # other draws
+    model_b.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["optimizer"])  # first: AST's state holds the full optimizer buffers
+    masker_b.load_state_dict(saved["sparsity"])
+    for step in range(4, 10):
+        for m, o in ((model, opt), (model_b, opt_b)):
+            _step(m, o, images, labels, step)
+            o.step()
+    assert masker_b.step == masker.step == 10
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key]), key
+    for view, view_b in zip(masker.views(), masker_b.views(), strict=True):
+        assert all(torch.equal(view.masks[n], view_b.masks[n]) for n in view.masks)
+    assert all(torch.equal(masker.ever_active[n], masker_b.ever_active[n]) for n in masker.masks)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS) + ["static", "set", "rigl", "itop", "bsrnet", "gse"])
+def test_fixed_count_methods_hold_their_exact_count(name, mnist):
+    """The methods whose count is fixed keep it exactly after every step; PruneGrow rewires on its update steps
+    only; BSR-Net tops up to its budget once it has pruned down to it."""
+    model, opt, masker, images, labels = _setup(name, mnist)
+    counts = sum(masker.active_counts().values())
+    target = masker.engine.budget if isinstance(masker.engine, BSRNetEngine) else counts
+    for step in range(10):
+        before = {n: m.clone() for n, m in masker.masks.items()}
+        _step(model, opt, images, labels, step)
+        opt.step()
         changed = any(not torch.equal(before[n], masker.masks[n]) for n in before)
-        if isinstance(masker.engine, PruneGrowEngine):
-            assert changed == masker.engine.is_update_step(masker.step) or not changed
-            if not masker.engine.is_update_step(masker.step):
-                assert not changed  # topology frozen between updates
-        if name == "static":
+        if isinstance(masker.engine, PruneGrowEngine) and not masker.engine.is_update_step(masker.step):
+            assert not changed  # topology frozen between updates
+        if isinstance(masker.engine, StaticEngine):
             assert not changed
         count = sum(masker.active_counts().values())
         if counts <= target:
@@ -85,6 +157,11 @@ def test_pruned_weights_gradients_and_momentum_stay_zero(name, optimizer, mnist)
         else:  # BSR-Net may start over budget (first/last layers at 0.6): no regrowth until pruned down to K
             assert count <= counts
         counts = count
+
+
+def test_the_invariant_tests_run_every_registered_method():
+    assert set(METHODS.names()) <= set(_engines())
+    assert {"static", "set", "rigl", "itop", "bsrnet", "gse", "ast", "magnitude_prune"} <= set(METHODS.names())
 
 
 def test_rigl_grows_by_dense_gradient_and_grown_weights_start_at_zero(mnist):

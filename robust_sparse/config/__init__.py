@@ -12,23 +12,22 @@ import path.
 from robust_sparse.config.parsing import (coerce, config_from_dict, from_dict, load_config, merge, parse_override,
                                           read_yaml, save_config, to_dict)
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
-                                         DatasetName, DeviceChoice, Distribution, DivergenceConfig, ExecutionConfig,
-                                         FinalTestConfig, FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig,
-                                         OptimizerName, Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig,
-                                         SparsityMethod, TrackingConfig, TrainConfig, ValidationConfig, WandbConfig,
+                                         DatasetName, DeviceChoice, DivergenceConfig, ExecutionConfig, FinalTestConfig,
+                                         FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
+                                         Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig, TrackingConfig,
+                                         TrainConfig, ValidationConfig, WandbConfig,
                                          WandbMode)
 from robust_sparse.config.validation import validate
 # the sparsity sections and their closed choices (sparse/ reads them)
-from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, ASTConfig, ASTPruneFrom, BSRNetConfig,  # noqa: E402
-                                         GSEConfig, GSESampler, Growth, MagnitudePruneConfig, PruneSchedule)
+from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, Growth, PruneSchedule,  # noqa: E402
+                                         sparse_methods)
 
 __all__ = [
     "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
-    "Distribution", "DivergenceConfig", "ExecutionConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm",
-    "ObjectiveName", "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask",
-    "SparsityConfig", "SparsityMethod", "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",
+    "DivergenceConfig", "ExecutionConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
+    "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
+    "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",
     "coerce", "config_from_dict", "from_dict", "merge", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "validate",
-    "ASTConfig", "ASTPruneFrom", "BSRNetConfig", "GSEConfig", "GSESampler", "Growth", "MagnitudePruneConfig",
-    "PruneSchedule", "REGISTERED_SPARSITY_METHODS",
+    "Growth", "PruneSchedule", "REGISTERED_SPARSITY_METHODS", "sparse_methods",
 ]

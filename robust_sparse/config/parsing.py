@@ -18,9 +18,11 @@ from typing import Any, Callable, Union
 
 import yaml
 
-from robust_sparse.config.schema import FLAT_SPARSITY_NAMES, OptimizerName, SparsityMethod, TrainConfig
+from robust_sparse.config.schema import (FLAT_SPARSITY_NAMES, RENAMED_SECTION_FIELDS, OptimizerName, TrainConfig,
+                                         sparse_methods)
 from robust_sparse.config.validation import validate
 from robust_sparse.config.yaml_input import load_yaml
+from robust_sparse import plugins
 from robust_sparse.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -100,15 +102,23 @@ def from_dict(cls: type, data: Any, prefix: str = "", names: Callable[[str], str
         where = (names(prefix) if names is not None and prefix else prefix) or "config"
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known, key=str)
+    inline = [f for f in dataclasses.fields(cls) if "inline" in f.metadata]
+    known = {f.name for f in dataclasses.fields(cls)} - {f.name for f in inline}
+    # an inline field (the sparsity methods' sections) takes the keys its metadata's function names, at this level
+    sections = {name: kind for f in inline for name, kind in f.metadata["inline"]().items()}
+    if inline and set(data) - known - set(sections) and plugins.import_from_environment():
+        sections = {name: kind for f in inline for name, kind in f.metadata["inline"]().items()}  # a plugin's section
+    unknown = sorted(set(data) - known - set(sections), key=str)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
         raise ConfigError(f"unknown field {names(where) if names is not None else where!r}; known fields here: "
-                          f"{', '.join(sorted(known))}")
-    values = {}
+                          f"{', '.join(sorted(known | set(sections)))}")
+    values: dict[str, Any] = {f.name: {name: kind() for name, kind in sections.items()} for f in inline}
     for name, raw in data.items():
         where = f"{prefix}.{name}" if prefix else name
+        if name in sections:
+            values[inline[0].name][name] = from_dict(sections[name], raw, where, names)
+            continue
         spelled = names(where) if names is not None else where
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
@@ -119,7 +129,8 @@ def from_dict(cls: type, data: Any, prefix: str = "", names: Callable[[str], str
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain-Python view (Enums as values): what goes into YAML files and checkpoints."""
+    """Plain-Python view (Enums as values): what goes into YAML files and checkpoints. An inline field's entries
+    (the sparsity methods' sections) are written at its dataclass's level, every one its metadata names."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, Enum):
@@ -128,12 +139,17 @@ def to_dict(config: Any) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
 
-    return {
-        f.name: to_dict(getattr(config, f.name))
-        if dataclasses.is_dataclass(getattr(config, f.name))
-        else plain(getattr(config, f.name))
-        for f in dataclasses.fields(config)
-    }
+    result: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "inline" in f.metadata:
+            for name, kind in f.metadata["inline"](config).items():
+                result[name] = to_dict(value[name] if name in value else kind())
+        elif dataclasses.is_dataclass(value):
+            result[f.name] = to_dict(value)
+        else:
+            result[f.name] = plain(value)
+    return result
 
 
 def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -203,17 +219,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def _method_defaults(config: TrainConfig, data: dict[str, Any]) -> None:
-    """Defaults that depend on the sparse method. BSR-Net (and A-BSR-Net) train with tfa SGDW: decay decoupled
-    from the gradient and not scaled by the learning rate. ``optim.optimizer`` given in the file or an override
-    is kept as it is (``train`` warns when bsrnet then runs with coupled ``sgd`` decay). The quickstart leaves the
-    optimizer to this rule, so a dense baseline derived from it trains with ``sgd``; a debug line, not an info one:
-    every command on the quickstart would otherwise print it, before its one-line errors too."""
+    """The optimizer the sparse method pairs with (its record's ``optimizer``: BSR-Net trains with tfa SGDW, decay
+    decoupled from the gradient and not scaled by the learning rate), unless ``optim.optimizer`` is given in the
+    file or an override (``train`` then warns). The quickstart leaves the optimizer to this rule, so a dense
+    baseline derived from it trains with ``sgd``; a debug line, not an info one: every command on the quickstart
+    would otherwise print it, before its one-line errors too."""
     optim = data.get("optim")
     given = isinstance(optim, dict) and "optimizer" in optim
-    if config.sparsity.method is SparsityMethod.BSRNET and not given:
-        config.optim.optimizer = OptimizerName.SGDW
-        log.debug("sparsity.method = bsrnet: optim.optimizer = sgdw (decoupled weight decay, BSR-Net's), "
-                  "as optim.optimizer was not given")
+    methods = sparse_methods()
+    record = methods.get(config.sparsity.method) if config.sparsity.method in methods else None
+    if record is not None and record.optimizer is not None and not given:
+        config.optim.optimizer = OptimizerName(record.optimizer)
+        log.debug("sparsity.method = %s: optim.optimizer = %s (the method's pairing), as optim.optimizer was not "
+                  "given", record.name, record.optimizer)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -224,13 +242,26 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def nest_flat_names(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``data`` with the first versions' flat sparsity names (``sparsity.ast_densities``) moved into
-    their method's section (``sparsity.ast.densities``): old configs, sweep files and checkpoints still load.
-    Applied to each source (file, override, saved config) before merging, so later sources still win."""
+    """A copy of ``data`` with the earlier versions' sparsity names translated: the first versions' flat names
+    (``sparsity.ast_densities``) moved into their method's section (``sparsity.ast.densities``), and renamed
+    section fields given their new name (``sparsity.gse.candidates`` -> ``sparsity.gse.candidate_multiple``), so
+    that old configs, sweep files and checkpoints still load. Applied to each source (file, override, saved
+    config) before merging, so later sources still win; nothing reads the old names after this."""
     sparsity = data.get("sparsity") if isinstance(data, dict) else None
-    if not isinstance(sparsity, dict) or not any(key in FLAT_SPARSITY_NAMES for key in sparsity):
+    if not isinstance(sparsity, dict):
+        return data
+    renamed = any(isinstance(sparsity.get(section), dict) and old in sparsity[section]
+                  for section, old in RENAMED_SECTION_FIELDS)
+    if not renamed and not any(key in FLAT_SPARSITY_NAMES for key in sparsity):
         return data
     nested = {key: value for key, value in sparsity.items() if key not in FLAT_SPARSITY_NAMES}
+    for (section, old), new in RENAMED_SECTION_FIELDS.items():
+        current = nested.get(section)
+        if isinstance(current, dict) and old in current:
+            if new in current:
+                raise ConfigError(f"sparsity.{section}.{old} and sparsity.{section}.{new} are the same field: "
+                                  "give one")
+            nested[section] = {(new if key == old else key): value for key, value in current.items()}
     for key, value in sparsity.items():
         if key not in FLAT_SPARSITY_NAMES:
             continue

@@ -15,9 +15,9 @@ from typing import Any
 
 # the sparsity section lives in its own module; re-exported here so that the schema is one import path
 from robust_sparse.config.sparsity import (FLAT_SPARSITY_NAMES, REGISTERED_SPARSITY_METHODS,  # noqa: F401
-                                           ASTConfig, ASTPruneFrom, BSRNetConfig, Distribution, GSEConfig,
-                                           GSESampler, Growth, MagnitudePruneConfig, PruneSchedule, PruneScope,
-                                           SparsityConfig, SparsityMethod)
+                                           RENAMED_SECTION_FIELDS, Growth, PruneSchedule, PruneScope,
+                                           SparsityConfig, distribution_owners, section_types,
+                                           sparse_methods)
 
 
 class DatasetName(str, Enum):
@@ -127,7 +127,7 @@ class AttackConfig:
 
 @dataclass
 class OptimConfig:
-    # sgd; with sparsity.method = bsrnet, load_config makes it sgdw (the paper's decoupled decay) unless given
+    # sgd; unless given, load_config takes the sparse method's pairing (bsrnet: sgdw, its decoupled decay)
     optimizer: OptimizerName = OptimizerName.SGD
     epochs: int = 6
     lr: float = 0.05

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DatasetName, DeviceChoice, Distribution, Norm,
-                                         OptimizerName, Precision, REGISTERED_SPARSITY_METHODS, SparsityConfig,
-                                         SparsityMethod, TrainConfig)
+from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DatasetName, DeviceChoice, Norm, OptimizerName,
+                                         Precision, SparsityConfig, TrainConfig, distribution_owners,
+                                         sparse_methods)
 from robust_sparse import plugins
 from robust_sparse.errors import ConfigError
 
@@ -54,8 +54,7 @@ def _integer_ranges(config: TrainConfig) -> None:
             ("divergence.patience", config.divergence.patience, 1, MAX_EPOCHS),
             ("agent.snapshot_every", config.agent.snapshot_every, 1, MAX_EPOCHS),
             ("agent.full_grad_batches", config.agent.full_grad_batches, 0, MAX_EXAMPLES),
-            ("agent.probe_chunks", config.agent.probe_chunks, 0, MAX_BATCH),
-            ("sparsity.gse.samples_per_class", config.sparsity.gse.samples_per_class, 1, MAX_BATCH)):
+            ("agent.probe_chunks", config.agent.probe_chunks, 0, MAX_BATCH)):
         check_range(where, value, low, high)
     if config.data.split_seed is not None:  # unset: the run's seed draws the split
         check_range("data.split_seed", config.data.split_seed, 0, MAX_SEED)
@@ -138,42 +137,34 @@ def _validate_agent(agent: AgentConfig) -> None:
 
 
 def _validate_sparsity(sparsity: SparsityConfig) -> None:
-    method = getattr(sparsity.method, "value", sparsity.method)
-    builtin = [m.value for m in SparsityMethod]
-    if method not in builtin and method not in REGISTERED_SPARSITY_METHODS:
+    """The rules every method shares; then the method's own, from its record (sparse/methods.py)."""
+    methods = sparse_methods()
+    method = sparsity.method
+    if method != "none" and method not in methods:
         plugins.import_from_environment()  # a sweep's run, or $ROBUST_SPARSE_PLUGINS set by hand
-    known = builtin + sorted(REGISTERED_SPARSITY_METHODS)
+    known = ["none", *methods.names()]
     _check(method in known, f"sparsity.method: {method!r} is not one of {', '.join(known)} (or a name registered "
            "with robust_sparse.register_sparsity_method)")
-    if sparsity.method is SparsityMethod.NONE:
+    owners = distribution_owners()
+    _check(sparsity.distribution is None or sparsity.distribution in owners,
+           f"sparsity.distribution: {sparsity.distribution!r} is not one of {', '.join(owners)}")
+    if method == "none":
         return
+    record = methods.get(method)
+    _check(record.ignores_density is None or sparsity.density == SparsityConfig.density,
+           f"sparsity.density = {sparsity.density}: not used by sparsity.method = {method} "
+           f"({record.ignores_density}); leave it out")
     _check(0 < sparsity.density <= 1, f"sparsity.density = {sparsity.density}: must be in (0, 1]")
     _check(sparsity.update_every is None or sparsity.update_every >= 1,
            f"sparsity.update_every = {sparsity.update_every}: must be >= 1")
     _check(sparsity.prune_rate is None or 0 < sparsity.prune_rate < 1,
            f"sparsity.prune_rate = {sparsity.prune_rate}: must be in (0, 1)")
     _check(0 < sparsity.end_fraction <= 1, f"sparsity.end_fraction = {sparsity.end_fraction}: must be in (0, 1]")
-    bsrnet, gse, ast = sparsity.bsrnet, sparsity.gse, sparsity.ast
-    _check(bsrnet.noise_scale >= 0, f"sparsity.bsrnet.noise_scale = {bsrnet.noise_scale}: must be >= 0")
-    _check(bsrnet.temperature is None or bsrnet.temperature >= 0,
-           f"sparsity.bsrnet.temperature = {bsrnet.temperature}: must be >= 0")
-    _check(bsrnet.l1 >= 0, f"sparsity.bsrnet.l1 = {bsrnet.l1}: must be >= 0")
-    _check(bsrnet.regrow_value > 0, f"sparsity.bsrnet.regrow_value = {bsrnet.regrow_value}: must be > 0")
-    _check(gse.candidates > 0, f"sparsity.gse.candidates = {gse.candidates}: must be > 0")
-    _check(gse.samples_per_class >= 1, f"sparsity.gse.samples_per_class = {gse.samples_per_class}: must be >= 1")
-    _check(sparsity.distribution is not Distribution.BSRNET or sparsity.method is SparsityMethod.BSRNET,
-           "sparsity.distribution = bsrnet: only for sparsity.method = bsrnet (it sets initial densities)")
-    if sparsity.method is SparsityMethod.AST:
-        densities = ast.densities
-        _check(len(densities) >= 1, "sparsity.ast.densities: give at least one sub-net density")
-        _check(all(0 < d <= 1 for d in densities), f"sparsity.ast.densities = {densities}: each must be in (0, 1]")
-        _check(densities == sorted(densities, reverse=True),
-               f"sparsity.ast.densities = {densities}: list the sub-nets densest first")
-        _check(densities[0] <= ast.init_density <= 1, f"sparsity.ast.init_density = {ast.init_density}: must be "
-               f"in [{densities[0]}, 1] (pruning only removes connections)")
-        _check(ast.offset is None or ast.offset >= 0, f"sparsity.ast.offset = {ast.offset}: must be >= 0")
-        _check(0 <= ast.gc_beta < 1, f"sparsity.ast.gc_beta = {ast.gc_beta}: must be in [0, 1)")
-    if sparsity.method is SparsityMethod.MAGNITUDE_PRUNE:
-        checkpoint = sparsity.magnitude_prune.dense_checkpoint
-        _check(bool(checkpoint), "sparsity.magnitude_prune.dense_checkpoint: magnitude_prune needs the trained "
-               "dense model's checkpoint")
+    owner = owners.get(sparsity.distribution)
+    if owner is not None:
+        allocation = owner.distributions[sparsity.distribution]
+        _check(not allocation.owner_only or owner is record,
+               f"sparsity.distribution = {sparsity.distribution}: only for sparsity.method = {owner.name} "
+               f"({allocation.why})")
+    if record.validate is not None:
+        record.validate(sparsity)

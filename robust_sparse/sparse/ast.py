@@ -11,7 +11,7 @@ How this module realises it without touching the model's forward:
   changes a weight, or the optimizer state, outside its mask (the official code lets shared momentum and
   weight decay move other sub-nets' weights; we do not);
 * biases, BatchNorm's affine parameters and every dense parameter are shared, as in the official code;
-  BatchNorm's running statistics too, unless ``ast_subnet_bn`` keeps one set per sub-net (the statistics of a
+  BatchNorm's running statistics too, unless ``ast.subnet_bn`` keeps one set per sub-net (the statistics of a
   1% sub-net are not those of a 10% one: shared statistics cost accuracy at evaluation).
 
 Topology, per sub-net and on its own iteration count ``i`` (events every ``update_every`` of its steps,
@@ -21,8 +21,8 @@ delayed by ``k * offset`` so that the sub-nets rewire at different times, until 
    one global ``|W|`` threshold across layers (official; ``prune_scope: layerwise`` prunes each layer to its
    ERK/uniform share of ``d(i)`` instead, which keeps a small network's widest layer from being pruned away
    at 99%); it reaches ``d_k`` exactly at the last event. Where the threshold is taken:
-   ``ast_prune_from: subnet`` (default) among sub-net ``k``'s own active weights, so pruning only removes;
-   ``ast_prune_from: shared`` (the official code, ``Mask.pruning``) over every position of the shared
+   ``ast.prune_from: subnet`` (default) among sub-net ``k``'s own active weights, so pruning only removes;
+   ``ast.prune_from: shared`` (the official code, ``Mask.pruning``) over every position of the shared
    tensor, so ``M_k`` becomes the top ``|W|`` of the shared weights and may take in positions that another
    sub-net trained;
 2. RigL-style prune and regrow: each layer drops its ``p_i`` fraction of smallest ``|W|`` and grows as many
@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -55,10 +57,32 @@ from torch import nn
 
 from robust_sparse import distributed
 from robust_sparse.errors import CheckpointError, ConfigError, UserError
-from robust_sparse.config import PruneScope
+from robust_sparse.config import PruneScope, SparsityConfig
 from robust_sparse.sparse.masker import Engine, SparseMasker, View
-from robust_sparse.sparse.methods import METHODS, SavedView, Setup, SparseMethod
-from robust_sparse.sparse.strategies import _set_top
+from robust_sparse.sparse.methods import SavedView, Setup, SparseMethod, register
+from robust_sparse.sparse.strategies import set_top
+
+
+class ASTPruneFrom(str, Enum):
+    SUBNET = "subnet"  # the cubic pruning's |W| threshold among the sub-net's own active weights
+    SHARED = "shared"  # the official code: over every position of the shared tensor
+
+
+@dataclass
+class ASTConfig:
+    """``sparsity.ast.*``; AST also uses update_every = delta T in each sub-net's own steps, prune_rate = the
+    initial regrowth fraction, end_fraction and prune_scope. Its sub-nets' densities are ``densities``:
+    ``sparsity.density`` is not used."""
+
+    densities: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.02])  # sub-net targets, densest first
+    init_density: float = 1.0  # every sub-net starts from this (ERK) density: 1.0 = dense, as the official recipe
+    offset: int | None = None  # sub-net k's rewiring is delayed by k * offset of its own steps; None = delta T / K
+    gc: bool = True  # gradient correction (projection on conflict with the previous sub-net's running gradient)
+    gc_beta: float = 0.9  # momentum of each sub-net's running gradient
+    nested: bool = False  # enforce mask_k within mask_{k-1} (not in the official code)
+    subnet_bn: bool = False  # BatchNorm running statistics per sub-net (the official code shares them)
+    # where the cubic pruning's |W| threshold is taken (shared: so other sub-nets' weights can enter M_k)
+    prune_from: ASTPruneFrom = ASTPruneFrom.SUBNET
 
 
 def gradient_correction(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -96,7 +120,7 @@ class ASTSchedule:
                 raise ConfigError(
                     f"sparsity.update_every = {update_every}: sub-net {k} (density {densities[k]}) would never "
                     f"prune: its first rewiring step {first} comes after its last {end} of {steps}; lower "
-                    "update_every or ast_offset, or train longer")
+                    "update_every or sparsity.ast.offset, or train longer")
             self.last_event.append(first + (end - first) // update_every * update_every)
 
     def is_event(self, k: int, i: int) -> bool:
@@ -313,10 +337,10 @@ class ASTEngine(Engine):
             count = min(int(fraction * int(mask.sum())), int(candidates.sum()))
             if count == 0:
                 continue
-            kept = _set_top(mask, torch.where(mask, -param.abs(), torch.full_like(param, -torch.inf)), count, False)
+            kept = set_top(mask, torch.where(mask, -param.abs(), torch.full_like(param, -torch.inf)), count, False)
             score = self._dense_grads.get(name)
             score = torch.zeros_like(param) if score is None else score.abs()
-            masks[name] = _set_top(kept, torch.where(candidates, score, torch.full_like(param, -torch.inf)),
+            masks[name] = set_top(kept, torch.where(candidates, score, torch.full_like(param, -torch.inf)),
                                    count, True)
         if self.nested:  # a position a parent dropped leaves its children, who refill from the parent by |W|
             weights = {name: p.detach() for name, p in self.params.items()}
@@ -349,12 +373,12 @@ class ASTEngine(Engine):
         values = torch.cat([scores[n].abs().flatten() if n in scores else torch.zeros(masks[n].numel(), device=flat.device)
                             for n in names])
         if allowed is None and int(flat.sum()) > target:
-            chosen = _set_top(torch.zeros_like(flat), torch.where(flat, values, torch.full_like(values, -torch.inf)),
+            chosen = set_top(torch.zeros_like(flat), torch.where(flat, values, torch.full_like(values, -torch.inf)),
                               target, True)
         else:
             room = torch.cat([allowed[n].flatten() for n in names]) & ~flat if allowed is not None else ~flat
             grow = min(target - int(flat.sum()), int(room.sum()))
-            chosen = _set_top(flat, torch.where(room, values, torch.full_like(values, -torch.inf)), grow, True)
+            chosen = set_top(flat, torch.where(room, values, torch.full_like(values, -torch.inf)), grow, True)
         offset = 0
         for name in names:
             masks[name] = chosen[offset:offset + masks[name].numel()].view_as(masks[name]).clone()
@@ -437,7 +461,7 @@ class ASTEngine(Engine):
         self._running = [{name: g.to(device) for name, g in running.items()} for running in state["running_gradients"]]
         if self._bn is not None:
             if "batchnorm" not in state:
-                raise ValueError("the saved AST state has no per-sub-net BatchNorm statistics (ast_subnet_bn)")
+                raise ValueError("the saved AST state has no per-sub-net BatchNorm statistics (sparsity.ast.subnet_bn)")
             self._bn = [{n: b.to(device) for n, b in saved.items()} for saved in state["batchnorm"]]
             for name, buffer in self.bn_buffers.items():
                 buffer.copy_(self._bn[self.active][name])
@@ -479,14 +503,14 @@ def _bn_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
-    """Every sub-net starts from one random mask at ``ast_init_density`` (ERK or uniform)."""
-    config, ast = setup.config, setup.config.ast
+    """Every sub-net starts from one random mask at ``ast.init_density`` (ERK or uniform)."""
+    config, ast = setup.config, setup.section
     count = len(ast.densities)
     update_every = config.update_every or max(1, 999 // count)  # the official 999 iterations, in a sub-net's
     schedule = ASTSchedule(
         ast.densities, ast.init_density, setup.total_steps, update_every,
         offset=ast.offset if ast.offset is not None else update_every // count,
-        end_fraction=config.end_fraction, prune_rate=config.prune_rate or 0.5)
+        end_fraction=config.end_fraction, prune_rate=setup.setting("prune_rate"))
     layerwise = config.prune_scope is PruneScope.LAYERWISE
     engine = ASTEngine(schedule, gc=ast.gc, gc_beta=ast.gc_beta, nested=ast.nested,
                        bn_buffers=_bn_statistics(setup.model) if ast.subnet_bn else None,
@@ -494,4 +518,25 @@ def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     return setup.random_masks(setup.densities(ast.init_density)), engine
 
 
-METHODS.register("ast")(SparseMethod(build, saved_views=saved_views))
+def validate(sparsity: SparsityConfig) -> None:
+    ast = sparsity.section("ast")
+    densities = ast.densities
+    rules = (
+        (len(densities) >= 1, "sparsity.ast.densities: give at least one sub-net density"),
+        (all(0 < d <= 1 for d in densities), f"sparsity.ast.densities = {densities}: each must be in (0, 1]"),
+        (densities == sorted(densities, reverse=True),
+         f"sparsity.ast.densities = {densities}: list the sub-nets densest first"),
+        (not densities or densities[0] <= ast.init_density <= 1,
+         f"sparsity.ast.init_density = {ast.init_density}: must be in [{densities[0] if densities else 0}, 1] "
+         "(pruning only removes connections)"),
+        (ast.offset is None or ast.offset >= 0, f"sparsity.ast.offset = {ast.offset}: must be >= 0"),
+        (0 <= ast.gc_beta < 1, f"sparsity.ast.gc_beta = {ast.gc_beta}: must be in [0, 1)"),
+    )
+    for holds, message in rules:
+        if not holds:
+            raise ConfigError(message)
+
+
+register(SparseMethod(
+    "ast", build, section=ASTConfig, validate=validate, defaults={"prune_rate": 0.5}, saved_views=saved_views,
+    ignores_density="its sub-nets' densities are sparsity.ast.densities"))

@@ -9,18 +9,31 @@ what drives connections across zero; AGENT uses that optimizer too, so it lives 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
+from robust_sparse.config import SparsityConfig
+from robust_sparse.errors import ConfigError
 from robust_sparse.sparse.density import Shapes
 from robust_sparse.sparse.masker import Engine
-from robust_sparse.sparse.methods import DISTRIBUTIONS, METHODS, Setup, SparseMethod
+from robust_sparse.sparse.methods import Allocation, Setup, SparseMethod, register
 from robust_sparse.sparse.strategies import random_grow
 
 if TYPE_CHECKING:
     from robust_sparse.sparse.masker import SparseMasker
+
+
+@dataclass
+class BSRNetConfig:
+    """``sparsity.bsrnet.*``: BSR-Net's rewiring."""
+
+    noise_scale: float = 1e-6  # Langevin noise std = lr * noise_scale (the official --noise_scaling)
+    temperature: float | None = None  # if set, noise std = sqrt(2 * lr * T) instead (DEEP R's form)
+    l1: float = 0.0  # DEEP R's prior alpha: theta -= lr * l1 on active connections; 0 as in the official code
+    regrow_value: float = 1e-12  # theta of a regrown connection
 
 
 class BSRNetEngine(Engine):
@@ -188,17 +201,31 @@ _BSRNET_RULES = {
 def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     """Signs and weights drawn first, then the initial masks (``int(p * n)`` per layer, as the official code
     rounds), under a global budget of ``int(density * total)`` connections."""
-    config = setup.config
-    densities = setup.densities(default="bsrnet")
+    config, section = setup.config, setup.section
+    densities = setup.densities()
     signs = reinitialise(setup.params, setup.generator)
     masks = setup.random_masks(densities, rounding=int)
     budget = int(config.density * sum(math.prod(s) for s in setup.shapes.values()))
     engine = BSRNetEngine(
-        signs=signs, budget=budget, noise_scale=config.bsrnet.noise_scale, temperature=config.bsrnet.temperature,
-        l1=config.bsrnet.l1, regrow_value=config.bsrnet.regrow_value, generator=setup.engine_generator,
+        signs=signs, budget=budget, noise_scale=section.noise_scale, temperature=section.temperature,
+        l1=section.l1, regrow_value=section.regrow_value, generator=setup.engine_generator,
         count_generator=torch.Generator().manual_seed(setup.seed + 1299709))
     return masks, engine
 
 
-DISTRIBUTIONS["bsrnet"] = lambda setup, density: bsrnet_initial(setup.model_name, setup.shapes, density)
-METHODS.register("bsrnet")(SparseMethod(build))
+def validate(sparsity: SparsityConfig) -> None:
+    section = sparsity.section("bsrnet")
+    for name, value, rule in (("noise_scale", section.noise_scale, ">= 0"),
+                              ("temperature", section.temperature, ">= 0"), ("l1", section.l1, ">= 0"),
+                              ("regrow_value", section.regrow_value, "> 0")):
+        if value is not None and not (value > 0 if rule == "> 0" else value >= 0):
+            raise ConfigError(f"sparsity.bsrnet.{name} = {value}: must be {rule}")
+
+
+register(SparseMethod(
+    "bsrnet", build, section=BSRNetConfig, validate=validate, defaults={"distribution": "bsrnet"},
+    # tfa SGDW, as the official code: decay decoupled from the gradient and not scaled by lr (robust_sparse/optim.py)
+    optimizer="sgdw",
+    distributions={"bsrnet": Allocation(
+        lambda setup, density: bsrnet_initial(setup.model_name, setup.shapes, density), owner_only=True,
+        why="it sets initial densities")}))

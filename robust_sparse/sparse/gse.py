@@ -3,11 +3,11 @@
 Heddes, Srinivasa, Givargis & Nicolau, arXiv 2401.06898 (2024); code mikeheddes/guided-stochastic-exploration
 (its settings: docs/papers.md). Every ``update_every`` steps until ``end_step``, each sparse layer
 
-1. samples ``gamma * nnz`` candidate positions (with replacement, deduplicated) from a uniform distribution
-   or GraBo's ``p_out(i) * p_in(j)`` (p_out ∝ Σ|∂L/∂out_i|, p_in ∝ Σ|in_j|); a layer whose density is at
-   least 0.5 takes all of its positions as candidates;
-2. scores the candidates by |∂L/∂W| on a small class-balanced batch (``score_batch(step)``, adversarial under AT),
-   computed from the layer's input and output gradient captured by module hooks, *only at the candidates*:
+1. samples ``candidate_multiple * nnz`` candidate positions (the paper's gamma; with replacement,
+   deduplicated) from a uniform distribution or GraBo's ``p_out(i) * p_in(j)`` (p_out ∝ Σ|∂L/∂out_i|,
+   p_in ∝ Σ|in_j|); a layer whose density is at least 0.5 takes all of its positions as candidates;
+2. scores the candidates by |∂L/∂W| on a small class-balanced batch (``score_batch(step)``, adversarial under AT:
+   the record's ``batch_source``, :func:`score_batches`), computed from the layer's input and output gradient captured by module hooks, *only at the candidates*:
    Linear ``g_ij = Σ_b δ[b,i] x[b,j]``, Conv2d ``g_{o,c} = Σ_{b,p} δ[b,o,p] U[b,c,p]`` with U the unfolded
    input. No dense weight gradient of a layer below the 0.5 threshold is ever formed, and no parameter's
    ``.grad`` is touched (``torch.autograd.grad`` with respect to the layer outputs);
@@ -30,6 +30,8 @@ with the same seeded generator, so every rank makes the same topology change.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -37,21 +39,40 @@ from torch import nn
 from torch.nn import functional as F
 
 from robust_sparse import distributed
-from robust_sparse.config import GSESampler
+from robust_sparse.config import PruneScope, SparsityConfig
+from robust_sparse.config.validation import MAX_BATCH, check_range
 from robust_sparse.errors import ConfigError
 from robust_sparse.sparse.density import Shapes, proportional
 from robust_sparse.sparse.masker import Engine
-from robust_sparse.sparse.methods import DISTRIBUTIONS, METHODS, Setup, SparseMethod
+from robust_sparse.sparse.methods import Allocation, BatchSource, Setup, SparseMethod, TrainingData, register
 
 if TYPE_CHECKING:
     from robust_sparse.data import ImageSet
     from robust_sparse.sparse.masker import SparseMasker
 
+
+class GSESampler(str, Enum):
+    UNIFORM = "uniform"
+    GRABO = "grabo"  # output-gradient x input marginals
+
+
+@dataclass
+class GSEConfig:
+    """``sparsity.gse.*``; GSE also uses update_every, prune_rate = alpha0 and end_fraction, with a cosine
+    schedule and GSE's Erdős–Rényi allocation."""
+
+    sampler: GSESampler = GSESampler.GRABO  # the candidates' distribution
+    candidate_multiple: float = 1.0  # the paper's gamma: candidates sampled per layer, times its active count
+    samples_per_class: int = 10  # size of the class-balanced batch that scores the candidates
+    # "layerwise": each layer grows and prunes its own alpha_t share (its count is fixed); "global" (the official
+    # code's default scope): one |g| ranking for growth and one |W| ranking for pruning across all layers
+    scope: PruneScope = PruneScope.LAYERWISE
+
 DENSE_THRESHOLD = 0.5  # a layer at least this dense takes every position as a candidate
 SAMPLERS = tuple(sampler.value for sampler in GSESampler)  # "uniform", "grabo"
 _CHUNK = 1 << 14  # candidates per gather chunk (bounds the B x chunk x L temporary of a conv layer)
 
-ScoreBatch = Callable[[int], "tuple[torch.Tensor, torch.Tensor]"]  # optimizer step -> (images, labels)
+ScoreBatch = BatchSource  # optimizer step -> (images, labels)
 
 
 def supported(module: nn.Module) -> bool:
@@ -131,13 +152,13 @@ class GSEEngine(Engine):
         score_batch: ``score_batch(step)`` returns the (images, labels) to score on at optimizer step ``step``,
             on the model's device, already adversarial under AT.
         sampler: "uniform" or "grabo".
-        candidates: gamma, candidates per layer as a multiple of its active count.
+        candidate_multiple: candidates per layer as a multiple of its active count (the paper's gamma).
         scope: "layerwise" (each layer keeps its count) or "global" (one growth and one prune ranking over all
             layers: the official code's default; the global count stays exact).
     """
 
     def __init__(self, *, model: nn.Module, modules: dict[str, nn.Module], score_batch: ScoreBatch,
-                 sampler: str, candidates: float, update_every: int, prune_rate: float, end_step: int,
+                 sampler: str, candidate_multiple: float, update_every: int, prune_rate: float, end_step: int,
                  generator: torch.Generator, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
                  scope: str = "layerwise") -> None:
         super().__init__(generator)
@@ -147,7 +168,7 @@ class GSEEngine(Engine):
             raise ValueError(f"unknown GSE scope {scope!r}")
         self.scope = scope
         self.model, self.modules, self.score_batch, self.loss = model, modules, score_batch, loss
-        self.sampler, self.gamma = sampler, candidates
+        self.sampler, self.candidate_multiple = sampler, candidate_multiple
         self.update_every, self.prune_rate, self.end_step = update_every, prune_rate, end_step
         self.last_update: dict[str, dict[str, torch.Tensor]] = {}  # name -> candidates/gradients/grown/pruned
         self.last_score_examples = 0  # the latest score batch's size
@@ -244,7 +265,7 @@ class GSEEngine(Engine):
                 candidates = torch.arange(mask.numel(), device=param.device)
                 gradient = dense_gradient(module, *captured[name]).flatten()
             else:
-                count = max(1, round(self.gamma * nnz))
+                count = max(1, round(self.candidate_multiple * nnz))
                 candidates = self.sample(count, rows, cols, *grabo.get(name, (None, None))).to(param.device)
                 gradient = candidate_gradients(module, *captured[name], candidates)
             plan.append((name, candidates))
@@ -361,21 +382,43 @@ def gse_er(shapes: Shapes, density: float) -> dict[str, float]:
 
 
 def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
-    config = setup.config
-    if setup.score_batch is None:
-        raise ConfigError("sparsity.method = gse: needs a score batch (build_sparsity(..., score_batch=...))")
+    section = setup.section
+    if setup.batch_source is None:
+        raise ConfigError("sparsity.method = gse: needs a score batch (build_sparsity(..., data=...) or "
+                          "batch_source=...)")
     modules = modules_of(setup.model, list(setup.params))
     unsupported = [name for name, module in modules.items() if not supported(module)]
     if unsupported:
         raise ConfigError(f"sparsity.method = gse: layer {unsupported[0]} is not a Linear or zero-padded "
                           "Conv2d layer")
     engine = GSEEngine(
-        model=setup.model, modules=modules, score_batch=setup.score_batch, sampler=config.gse.sampler.value,
-        candidates=config.gse.candidates, update_every=config.update_every or 1000,
-        prune_rate=config.prune_rate or 0.2, end_step=setup.end_step, generator=setup.engine_generator,
-        scope=config.gse.scope.value)
-    return setup.random_masks(setup.densities(default="gse_er")), engine
+        model=setup.model, modules=modules, score_batch=setup.batch_source, sampler=section.sampler.value,
+        candidate_multiple=section.candidate_multiple, update_every=setup.setting("update_every"),
+        prune_rate=setup.setting("prune_rate"), end_step=setup.end_step, generator=setup.engine_generator,
+        scope=section.scope.value)
+    return setup.random_masks(setup.densities()), engine
 
 
-DISTRIBUTIONS["gse_er"] = lambda setup, density: gse_er(setup.shapes, density)
-METHODS.register("gse")(SparseMethod(build))
+def score_batches(setup: Setup, data: TrainingData) -> ScoreBatch:
+    """GSE's scoring batch at optimizer step ``step``: class-balanced, drawn afresh (seeded by the step) and
+    attacked by the training objective."""
+    per_class = setup.section.samples_per_class
+
+    def score_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return balanced_batch(data.train, per_class, data.device, data.seed + step, data.perturb)
+
+    return score_batch
+
+
+def validate(sparsity: SparsityConfig) -> None:
+    section = sparsity.section("gse")
+    if not section.candidate_multiple > 0:
+        raise ConfigError(f"sparsity.gse.candidate_multiple = {section.candidate_multiple}: must be > 0")
+    check_range("sparsity.gse.samples_per_class", section.samples_per_class, 1, MAX_BATCH)
+
+
+register(SparseMethod(
+    "gse", build, section=GSEConfig, validate=validate,
+    defaults={"update_every": 1000, "prune_rate": 0.2, "distribution": "gse_er"},
+    distributions={"gse_er": Allocation(lambda setup, density: gse_er(setup.shapes, density))},
+    batch_source=score_batches))

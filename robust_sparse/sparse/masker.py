@@ -18,6 +18,7 @@ trains several sub-nets over one weight tensor, and training, AGENT, export and 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -63,12 +64,12 @@ class View:
 DENSE_VIEW = View(None, {})  # dense training: the model, no masks
 
 
-class Engine:
-    """Static sparsity, and the protocol every topology engine follows: the masks never change.
+class Engine(ABC):
+    """The protocol every engine follows, with the defaults of a single network (every hook but ``after_step``).
 
     An engine sees the masker after every step and returns whether it changed any mask. Engines keep their
     own state (random generator, BSR-Net's signs, SNFS's gradient momentum) and round-trip it through
-    ``state_dict`` so that a resumed run continues exactly.
+    ``state_dict`` so that a resumed run continues exactly. :class:`StaticEngine` never changes the masks.
     """
 
     def __init__(self, generator: torch.Generator | None = None) -> None:
@@ -87,8 +88,9 @@ class Engine:
     def before_step(self, masker: "SparseMasker") -> None:
         """Right before the optimizer step (after DDP's averaging and AGENT's correction of ``.grad``)."""
 
+    @abstractmethod
     def after_step(self, masker: "SparseMasker", step: int) -> bool:
-        return False
+        """After optimizer step ``step`` (1-based): change the topology through the masker; whether it did."""
 
     def apply(self, masker: "SparseMasker") -> None:
         """Make the model hold the current topology (after every step, after loading, at construction)."""
@@ -126,6 +128,13 @@ class Engine:
 
     def load_masker_state(self, masker: "SparseMasker", state: dict[str, Any]) -> bool:
         """Restore from the masker's state dict; False: the masker restores its masks itself."""
+        return False
+
+
+class StaticEngine(Engine):
+    """Static sparsity: the masks never change (a random ERK mask, magnitude pruning, a plugin's fixed mask)."""
+
+    def after_step(self, masker: "SparseMasker", step: int) -> bool:
         return False
 
 

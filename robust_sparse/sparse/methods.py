@@ -1,17 +1,21 @@
-"""The sparse methods by name: a registry of small records that :func:`build_sparsity` looks up.
+"""The sparse methods by name: a registry of records, one per method, that config and :func:`build_sparsity` read.
 
-Each method's file registers itself (``bsrnet.py``, ``prune_regrow.py`` for SET/RigL/ITOP, ``gse.py``, ``ast.py``,
-``static.py`` for static masks and magnitude pruning). A method is a ``build(setup) -> (masks, engine)``
-function: ``setup`` (:class:`Setup`) carries the config, the model's sparse parameters and the seeded
-generators; the masker is made here, so every method gets the same mask owner. Users add their own with
+Each method's file registers its own :class:`SparseMethod` (``bsrnet.py``, ``prune_regrow.py`` for SET/RigL/ITOP,
+``gse.py``, ``ast.py``, ``static.py`` for static masks and magnitude pruning, ...): its ``build(setup) -> (masks,
+engine)``, its section's dataclass (``sparsity.<name>.*``), its rules, the defaults of the shared fields it leaves
+at None, the optimizer it pairs with, the layer-wise allocations it brings and, if it draws batches of its own,
+their source. Importing :mod:`robust_sparse.sparse` imports every module of the package, so a new method is one
+new file. ``setup`` (:class:`Setup`) carries the config, the model's sparse parameters and the seeded generators;
+the masker is made here, so every method gets the same mask owner. Users add their own with
 :func:`register_sparsity_method` and select it by name in a config (``sparsity.method``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -23,10 +27,26 @@ from robust_sparse.registry import Registry
 from robust_sparse.sparse import density as allocation
 from robust_sparse.sparse.masker import Engine, SparseMasker, sparsifiable
 
+if TYPE_CHECKING:
+    from robust_sparse.data import ImageSet
+
+BatchSource = Callable[[int], "tuple[torch.Tensor, torch.Tensor]"]  # optimizer step -> (images, labels)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What the training loop lends a method that draws batches of its own (its record's ``batch_source``): the
+    training split, the device, the run's seed and the objective's attack (None: natural training)."""
+
+    train: "ImageSet"
+    device: torch.device
+    seed: int
+    perturb: Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"] | None = None
+
 
 @dataclass
 class Setup:
-    """What a method's ``build`` gets: the config, the sparse parameters and the seeded generators."""
+    """What a method's ``build`` gets: the config, its section, the sparse parameters and the seeded generators."""
 
     config: SparsityConfig
     model: nn.Module
@@ -35,7 +55,8 @@ class Setup:
     params: dict[str, nn.Parameter]
     total_steps: int
     seed: int
-    score_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # GSE: step -> batch
+    method: "SparseMethod"
+    batch_source: BatchSource | None = None  # the method's own batches (its record's batch_source), if it has any
     generator: torch.Generator = field(init=False)  # the initial topology
     engine_generator: torch.Generator = field(init=False)  # the engine's draws, on the parameters' device
 
@@ -52,16 +73,26 @@ class Setup:
         return {name: p.shape for name, p in self.params.items()}
 
     @property
+    def section(self) -> Any:
+        """The method's own settings, ``sparsity.<method>.*`` (None if its record declares no section)."""
+        return self.config.section(self.method.name) if self.method.section is not None else None
+
+    def setting(self, name: str) -> Any:
+        """A shared field of ``sparsity`` (``update_every``, ``prune_rate``, ...): the config's value, or the
+        method's default (its record's ``defaults``) where the config left it at None."""
+        value = getattr(self.config, name)
+        return self.method.defaults.get(name) if value is None else value
+
+    @property
     def end_step(self) -> int:
         """The last step that may change the topology (``sparsity.end_fraction`` of training)."""
         return max(1, int(self.config.end_fraction * self.total_steps))
 
-    def densities(self, density: float | None = None, default: str = "erk") -> dict[str, float]:
-        """Layer densities for a global ``density`` (the config's by default): ``sparsity.distribution``
-        when given, else the method's ``default`` (a name in :data:`DISTRIBUTIONS`)."""
-        chosen = self.config.distribution
-        allocate = DISTRIBUTIONS[default if chosen is None else chosen.value]
-        return allocate(self, self.config.density if density is None else density)
+    def densities(self, density: float | None = None) -> dict[str, float]:
+        """Layer densities for a global ``density`` (the config's by default): ``sparsity.distribution``, or the
+        method's default (``defaults["distribution"]``, erk if it names none)."""
+        chosen = self.setting("distribution") or "erk"
+        return distributions()[chosen].allocate(self, self.config.density if density is None else density)
 
     def random_masks(self, densities: dict[str, float], rounding: Callable[[float], int] = round
                      ) -> dict[str, torch.Tensor]:
@@ -70,12 +101,15 @@ class Setup:
 
 Build = Callable[[Setup], "tuple[dict[str, torch.Tensor], Engine]"]
 
-# layer-wise allocations by name, (setup, global density) -> {layer: density}; methods add their own
-# (bsrnet.py: BSR-Net's hand-set initial densities, gse.py: GSE's Erdős–Rényi)
-DISTRIBUTIONS: dict[str, Callable[[Setup, float], dict[str, float]]] = {
-    "uniform": lambda setup, density: allocation.uniform(setup.shapes, density),
-    "erk": lambda setup, density: allocation.erk(setup.shapes, density),
-}
+
+@dataclass(frozen=True)
+class Allocation:
+    """A layer-wise allocation, ``(setup, global density) -> {layer: density}``. ``why`` (when set) says why only
+    the method that brings it may use it (``owner_only``: BSR-Net's hand-set initial densities)."""
+
+    allocate: Callable[[Setup, float], dict[str, float]]
+    owner_only: bool = False
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,47 +125,109 @@ def _single_saved_view(checkpoint: dict[str, Any]) -> list[SavedView]:
     return [SavedView(None, checkpoint["model"], (checkpoint.get("sparsity") or {}).get("masks", {}))]
 
 
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
 @dataclass(frozen=True)
 class SparseMethod:
-    """A registered method: ``build(setup) -> (initial masks, engine)``; ``saved_views(checkpoint)`` lists the
-    networks a checkpoint of it holds (one, unless the method trains several)."""
+    """One sparse method, everything the config, the training loop and the checkpoints need of it.
 
+    * ``build(setup) -> (initial masks, engine)``;
+    * ``section``: the dataclass of ``sparsity.<name>.*`` (None: no settings of its own), parsed with the
+      config's typed parser (one-line errors naming the field) and read back as ``setup.section``;
+    * ``validate(sparsity)``: its rules, raising a one-line :class:`ConfigError` (run when it is selected);
+    * ``defaults``: what the shared fields it leaves at None resolve to (``update_every``, ``prune_rate``,
+      ``prune_schedule``, ``growth``, ``distribution``), read through ``setup.setting(name)``;
+    * ``optimizer``: the ``optim.optimizer`` it trains with when the config gives none (None: the dense default);
+    * ``distributions``: the layer-wise allocations it brings, selectable as ``sparsity.distribution``;
+    * ``batch_source(setup, data)``: for a method that draws batches of its own, ``step -> (images, labels)``
+      from the :class:`TrainingData` the training loop lends it;
+    * ``ignores_density``: why ``sparsity.density`` means nothing to it (None: it is the method's budget);
+    * ``saved_views(checkpoint)``: the networks a checkpoint of it holds (one, unless it trains several).
+    """
+
+    name: str
     build: Build
+    section: type | None = None
+    validate: Callable[[SparsityConfig], None] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: str | None = None
+    distributions: Mapping[str, Allocation] = field(default_factory=dict)
+    batch_source: "Callable[[Setup, TrainingData], BatchSource] | None" = None
+    ignores_density: str | None = None
     saved_views: Callable[[dict[str, Any]], list[SavedView]] = _single_saved_view
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defaults", _frozen(self.defaults))
+        object.__setattr__(self, "distributions", _frozen(self.distributions))
 
 
 METHODS = Registry[SparseMethod]("sparsity method")
 
+# the allocations every method may use; methods bring their own through their records
+SHARED_DISTRIBUTIONS = {
+    "uniform": Allocation(lambda setup, density: allocation.uniform(setup.shapes, density)),
+    "erk": Allocation(lambda setup, density: allocation.erk(setup.shapes, density)),
+}
 
-def register_sparsity_method(name: str, build: Build, *,
+
+def register(method: SparseMethod) -> SparseMethod:
+    """Add ``method`` to :data:`METHODS` under its name; a name registered twice, or an allocation name another
+    method brings already, raises."""
+    if not method.name or method.name != method.name.strip() or method.name == "none":
+        raise ValueError(f"sparsity method name {method.name!r}: give a non-empty name other than 'none'")
+    unknown = set(method.defaults) - {f.name for f in fields(SparsityConfig)}
+    if unknown:
+        raise ValueError(f"sparsity method {method.name!r}: defaults for {sorted(unknown)}, not fields of sparsity")
+    taken = set(distributions()) & set(method.distributions)
+    if taken:
+        raise ValueError(f"sparsity method {method.name!r}: distribution {sorted(taken)[0]!r} is registered already")
+    return METHODS.register(method.name)(method)
+
+
+def distributions() -> dict[str, Allocation]:
+    """Every layer-wise allocation by name (``sparsity.distribution``): the shared ones and the methods'."""
+    found = dict(SHARED_DISTRIBUTIONS)
+    for _, method in METHODS.entries():
+        found.update(method.distributions)
+    return found
+
+
+def register_sparsity_method(name: str, build: Build, *, section: type | None = None,
+                             validate: Callable[[SparsityConfig], None] | None = None,
+                             defaults: Mapping[str, Any] | None = None, optimizer: str | None = None,
                              saved_views: Callable[[dict[str, Any]], list[SavedView]] | None = None,
                              module: str | None = None) -> None:
     """Make ``sparsity.method = name`` train with ``build(setup) -> (masks, engine)``.
 
     ``setup`` is a :class:`Setup`; ``masks`` maps each of ``setup.params`` to a bool tensor of its shape, and
-    ``engine`` is an :class:`~robust_sparse.sparse.masker.Engine` (the base class keeps the masks fixed).
-    ``module`` is the importable module that makes this call, which a sweep's processes import to know the name
-    (:mod:`robust_sparse.plugins`; default: the module defining ``build``).
+    ``engine`` is an :class:`~robust_sparse.sparse.masker.Engine` (:class:`~robust_sparse.sparse.masker.StaticEngine`
+    keeps the masks fixed). ``section`` (a dataclass) gives the method settings of its own, ``sparsity.<name>.*``,
+    parsed and checked as the built-in methods' are and read back as ``setup.section``; ``validate``, ``defaults``
+    and ``optimizer`` are as in :class:`SparseMethod`. ``module`` is the importable module that makes this call,
+    which a sweep's processes import to know the name (:mod:`robust_sparse.plugins`; default: the module defining
+    ``build``).
     """
-    if not name or name != name.strip() or name == "none":
-        raise ValueError(f"sparsity method name {name!r}: give a non-empty name other than 'none'")
-    METHODS.register(name)(SparseMethod(build, saved_views or _single_saved_view))
-    # sparsity.method accepts it from now on
+    register(SparseMethod(name, build, section=section, validate=validate, defaults=defaults or {},
+                          optimizer=optimizer, saved_views=saved_views or _single_saved_view))
+    # a sweep's processes import this module to know the name (sweep.py)
     REGISTERED_SPARSITY_METHODS[name] = module or getattr(build, "__module__", None) or ""
 
 
 def method_name(method: Any) -> str:
-    """``sparsity.method`` as a plain string (built-in names are Enum members, registered ones strings)."""
+    """``sparsity.method`` as a plain string (a saved config may hold an Enum member's value or the name)."""
     return getattr(method, "value", method)
 
 
 def build_sparsity(config, model: nn.Module, model_name: str, optimizer: torch.optim.Optimizer,
-                   total_steps: int, seed: int, *, score_batch=None) -> SparseMasker | None:
+                   total_steps: int, seed: int, *, data: TrainingData | None = None,
+                   batch_source: BatchSource | None = None) -> SparseMasker | None:
     """Attach the configured sparse training to ``model``/``optimizer``; None for dense training.
 
-    ``score_batch`` (GSE only, required there): ``score_batch(step)`` returns the (images, labels) batch on which
-    GSE scores its candidate connections at optimizer step ``step``, on the model's device and already
-    adversarial under AT.
+    A method that draws batches of its own (GSE's scoring batch) gets them from ``batch_source(step)`` when it is
+    given, else from its record's ``batch_source`` over ``data`` (what ``train`` passes): the (images, labels)
+    for optimizer step ``step``, on the model's device.
     """
     name = method_name(config.method)
     if name == "none":
@@ -143,7 +239,10 @@ def build_sparsity(config, model: nn.Module, model_name: str, optimizer: torch.o
     if not params:
         raise ConfigError(f"sparsity.method = {name}: model {model_name!r} has no sparsifiable "
                           "(conv or linear) layer")
-    setup = Setup(config, model, model_name, optimizer, params, total_steps, seed, score_batch)
+    setup = Setup(config, model, model_name, optimizer, params, total_steps, seed, method)
+    if batch_source is None and method.batch_source is not None and data is not None:
+        batch_source = method.batch_source(setup, data)
+    setup.batch_source = batch_source
     masks, engine = method.build(setup)
     return SparseMasker(params, optimizer, masks, engine)
 

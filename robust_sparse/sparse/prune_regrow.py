@@ -12,8 +12,6 @@ config takes the method's default below (the papers' and their code's; docs/pape
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +19,7 @@ import torch
 from robust_sparse import distributed
 from robust_sparse.config import Growth, PruneSchedule
 from robust_sparse.sparse.masker import Engine
-from robust_sparse.sparse.methods import METHODS, Setup, SparseMethod
+from robust_sparse.sparse.methods import Setup, SparseMethod, register
 from robust_sparse.sparse.strategies import GROW, PRUNE, GrowFn, PruneFn
 
 if TYPE_CHECKING:
@@ -94,33 +92,23 @@ class PruneGrowEngine(Engine):
         self.scores = {name: score.clone() for name, score in state.get("scores", {}).items()}
 
 
-@dataclass(frozen=True)
-class PruneRegrowDefaults:
-    """A method's published settings, taken for every config field left at None."""
-
-    growth: Growth  # the grow strategy (strategies.GROW)
-    prune_rate: float  # fraction of each layer's active weights replaced per update
-    schedule: PruneSchedule  # of that fraction
-    update_every: int  # steps between updates
-
-
+# Each method's published settings, taken for every config field left at None (its record's defaults).
 DEFAULTS = {
-    "set": PruneRegrowDefaults(Growth.RANDOM, prune_rate=0.3, schedule=PruneSchedule.CONSTANT, update_every=100),
-    "rigl": PruneRegrowDefaults(Growth.GRADIENT, prune_rate=0.3, schedule=PruneSchedule.COSINE, update_every=100),
-    "itop": PruneRegrowDefaults(Growth.RANDOM, prune_rate=0.5, schedule=PruneSchedule.COSINE, update_every=1500),
+    "set": {"growth": Growth.RANDOM, "prune_rate": 0.3, "prune_schedule": PruneSchedule.CONSTANT, "update_every": 100},
+    "rigl": {"growth": Growth.GRADIENT, "prune_rate": 0.3, "prune_schedule": PruneSchedule.COSINE, "update_every": 100},
+    "itop": {"growth": Growth.RANDOM, "prune_rate": 0.5, "prune_schedule": PruneSchedule.COSINE, "update_every": 1500},
 }
 
 
-def build(setup: Setup, defaults: PruneRegrowDefaults) -> tuple[dict[str, torch.Tensor], Engine]:
-    config = setup.config
-    growth = (config.growth or defaults.growth).value
+def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
+    growth = setup.setting("growth").value
     engine = PruneGrowEngine(
         prune=PRUNE.get("magnitude"), grow=GROW.get(growth), grow_score=None if growth == "random" else growth,
-        update_every=config.update_every or defaults.update_every, prune_rate=config.prune_rate or defaults.prune_rate,
-        cosine=(config.prune_schedule or defaults.schedule) is PruneSchedule.COSINE, end_step=setup.end_step,
+        update_every=setup.setting("update_every"), prune_rate=setup.setting("prune_rate"),
+        cosine=setup.setting("prune_schedule") is PruneSchedule.COSINE, end_step=setup.end_step,
         generator=setup.engine_generator)
     return setup.random_masks(setup.densities()), engine
 
 
 for _name, _defaults in DEFAULTS.items():
-    METHODS.register(_name)(SparseMethod(partial(build, defaults=_defaults)))
+    register(SparseMethod(_name, build, defaults=_defaults))

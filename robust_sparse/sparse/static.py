@@ -1,29 +1,37 @@
 """Fixed topologies: a static random mask (ERK or uniform), and magnitude pruning of a trained dense model
-(keep the largest weights, then fine-tune with the mask fixed). The base :class:`Engine` never rewires."""
+(keep the largest weights, then fine-tune with the mask fixed). :class:`StaticEngine` never rewires."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from robust_sparse.config import PruneScope
+from robust_sparse.config import PruneScope, SparsityConfig
 from robust_sparse.errors import ConfigError
-from robust_sparse.sparse.masker import Engine
-from robust_sparse.sparse.methods import METHODS, Setup, SparseMethod
+from robust_sparse.sparse.masker import Engine, StaticEngine
+from robust_sparse.sparse.methods import Setup, SparseMethod, register
+
+
+@dataclass
+class MagnitudePruneConfig:
+    """``sparsity.magnitude_prune.*``."""
+
+    dense_checkpoint: str = ""  # a robust-sparse checkpoint of the trained dense model
 
 
 def build_static(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
-    return setup.random_masks(setup.densities()), Engine()
+    return setup.random_masks(setup.densities()), StaticEngine()
 
 
 def build_magnitude_prune(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
-    """Load ``sparsity.dense_checkpoint`` into the model, then keep its largest-magnitude weights."""
+    """Load ``sparsity.magnitude_prune.dense_checkpoint`` into the model, then keep its largest-magnitude weights."""
     from robust_sparse.checkpoint import load_checkpoint
 
     config = setup.config
-    path = config.magnitude_prune.dense_checkpoint
+    path = setup.section.dense_checkpoint
     if not Path(path).is_file():  # checked where it is read: a saved config stays loadable when the file moves
         raise ConfigError(f"sparsity.magnitude_prune.dense_checkpoint: file {path!r} does not exist")
     dense = load_checkpoint(path, map_location=setup.device)
@@ -32,7 +40,7 @@ def build_magnitude_prune(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine
     except RuntimeError as error:
         raise ConfigError(f"sparsity.magnitude_prune.dense_checkpoint: weights do not fit {setup.model_name}: "
                           f"{str(error).splitlines()[0]}") from None
-    return magnitude_masks(setup.params, config.density, config.prune_scope), Engine()
+    return magnitude_masks(setup.params, config.density, config.prune_scope), StaticEngine()
 
 
 def magnitude_masks(params: dict[str, nn.Parameter], density: float, scope: PruneScope) -> dict[str, torch.Tensor]:
@@ -57,5 +65,12 @@ def _top_fraction(scores: torch.Tensor, density: float) -> torch.Tensor:
     return flat.view_as(scores)
 
 
-METHODS.register("static")(SparseMethod(build_static))
-METHODS.register("magnitude_prune")(SparseMethod(build_magnitude_prune))
+def validate_magnitude_prune(sparsity: SparsityConfig) -> None:
+    if not sparsity.section("magnitude_prune").dense_checkpoint:
+        raise ConfigError("sparsity.magnitude_prune.dense_checkpoint: magnitude_prune needs the trained dense "
+                          "model's checkpoint")
+
+
+register(SparseMethod("static", build_static))
+register(SparseMethod("magnitude_prune", build_magnitude_prune, section=MagnitudePruneConfig,
+                      validate=validate_magnitude_prune))

@@ -24,7 +24,7 @@ PRUNE = Registry[PruneFn]("prune strategy")
 GROW = Registry[GrowFn]("grow strategy")
 
 
-def _set_top(mask: torch.Tensor, scores: torch.Tensor, count: int, value: bool) -> torch.Tensor:
+def set_top(mask: torch.Tensor, scores: torch.Tensor, count: int, value: bool) -> torch.Tensor:
     """Set ``mask`` to ``value`` at the ``count`` highest ``scores`` (scores of ineligible places are -inf)."""
     if count <= 0:
         return mask
@@ -34,23 +34,23 @@ def _set_top(mask: torch.Tensor, scores: torch.Tensor, count: int, value: bool) 
 
 
 @PRUNE.register("magnitude")
-def magnitude_prune(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+def smallest_magnitude(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
     """Drop the ``count`` active weights of smallest magnitude (SET, RigL, ITOP)."""
     scores = torch.where(mask, -weight.abs(), torch.full_like(weight, -torch.inf))
-    return _set_top(mask, scores, count, False)
+    return set_top(mask, scores, count, False)
 
 
 @GROW.register("random")
 def random_grow(mask: torch.Tensor, count: int, score: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Activate ``count`` dormant connections uniformly at random (SET, SET-ITOP, BSR-Net)."""
     noise = torch.rand(mask.shape, generator=generator, device=generator.device).to(mask.device)
-    return _set_top(mask, torch.where(mask, torch.full_like(noise, -torch.inf), noise), count, True)
+    return set_top(mask, torch.where(mask, torch.full_like(noise, -torch.inf), noise), count, True)
 
 
 def _grow_by_magnitude(mask: torch.Tensor, count: int, score: torch.Tensor | None) -> torch.Tensor:
     if score is None:
         raise ValueError("this grow strategy needs a score tensor (dense gradient or momentum)")
-    return _set_top(mask, torch.where(mask, torch.full_like(score, -torch.inf), score.abs()), count, True)
+    return set_top(mask, torch.where(mask, torch.full_like(score, -torch.inf), score.abs()), count, True)
 
 
 @GROW.register("gradient")
