@@ -1,7 +1,8 @@
 """The training loop: :func:`fit` reads top to bottom and returns the per-epoch metrics and the final evaluation.
 
-What a run directory holds, the checks before a run writes into it and what a resume reads back are in
-:mod:`robust_sparse.run_record`; AGENT's side of the loop (its large-batch pass, its metrics columns) in
+What a run trains with (device, data, model, optimizer, objective, masker, AGENT) is built by
+:mod:`robust_sparse.run_setup`; what a run directory holds, the checks before a run writes into it and what a
+resume reads back are in :mod:`robust_sparse.run_record`; AGENT's side of the loop (its large-batch pass, its metrics columns) in
 :mod:`robust_sparse.agent`; validation and the test evaluation in :mod:`robust_sparse.measure`.
 
 A sparse masker trains one network or several sub-nets over one weight tensor (AST), its views: every view is
@@ -23,25 +24,23 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from robust_sparse import distributed, rundir
-from robust_sparse.agent import AGENT, agent_metrics, check_agent, full_grad_pass, full_grad_pass_length, objective_loss
+from robust_sparse.agent import AGENT, agent_metrics, full_grad_pass, full_grad_pass_length, objective_loss
 from robust_sparse.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
-from robust_sparse.data import BatchLoader, ImageSet, Splits, batch_loader, load_splits
-from robust_sparse.errors import DivergenceError, UserError
-from robust_sparse.flops import FlopsCounter, dense_profile
+from robust_sparse.data import BatchLoader
+from robust_sparse.errors import DivergenceError
+from robust_sparse.flops import FlopsCounter
 from robust_sparse.measure import evaluate_views, measure_validation, sparsity_metrics
-from robust_sparse.models import build_model
-from robust_sparse.objectives import Objective, build_objective
-from robust_sparse.optim import build_optimization
-from robust_sparse.precision import Amp, maybe_compile
+from robust_sparse.objectives import Objective
+from robust_sparse.precision import Amp
 from robust_sparse.progress import progress as progress_bar
 from robust_sparse.run_record import (Record, check_run, layer_densities, prepare_run_dir, refuse_to_overwrite,
                                       resume_state, rng_state, set_rng_state, write_evaluation, write_layer_densities,
                                       write_metrics)
-from robust_sparse.sparse import SparseMasker, TrainingData, build_sparsity, views_of
+from robust_sparse.run_setup import Run, build_run
+from robust_sparse.sparse import SparseMasker, views_of
 from robust_sparse.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -67,13 +66,13 @@ def fit(config: TrainConfig, *, resume: bool = False, progress: bool = False) ->
     refuse_to_overwrite(config, resume)
     # on every rank, before the process group forms: a directory another run holds stops them all at once
     rundir.check_unlocked(config.out_dir, rundir.Kind.TRAIN, "out_dir")
-    run = _build(config)
+    run = build_run(config)
     # the run directory is this process's until fit returns (only the first rank writes into it)
     with rundir.locked(run.run_dir, rundir.Kind.TRAIN, "out_dir") if run.world.is_main else nullcontext():
         return _fit_locked(run, resume, progress)
 
 
-def _fit_locked(run: _Run, resume: bool, progress: bool) -> FitResult:
+def _fit_locked(run: Run, resume: bool, progress: bool) -> FitResult:
     config = run.config
     refuse_to_overwrite(config, resume)  # again, under the lock: another run may have finished meanwhile
     record = _resume(run) if resume else Record()
@@ -96,92 +95,7 @@ def _fit_locked(run: _Run, resume: bool, progress: bool) -> FitResult:
                      agent=run.agent)
 
 
-@dataclass
-class _Run:
-    """What a run trains with, built by :func:`_build` in the same order for a fresh and a resumed run."""
-
-    config: TrainConfig
-    world: distributed.Context
-    amp: Amp  # train.precision
-    splits: Splits
-    model: nn.Module  # the plain module: state dicts, attacks, AGENT's snapshot, validation
-    trained: nn.Module  # what the training forward runs: DDP-wrapped under torchrun, compiled if train.compile
-    loader: BatchLoader
-    optimizer: torch.optim.Optimizer  # the base optimizer: the scheduler and the sparse hooks sit on it
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    objective: Objective
-    masker: SparseMasker | None
-    agent: AGENT | None
-    flops: FlopsCounter
-
-    @property
-    def device(self) -> torch.device:
-        return self.world.device
-
-    @property
-    def stepper(self) -> torch.optim.Optimizer:
-        """What steps: AGENT wrapping the base optimizer, or the base optimizer."""
-        return self.agent if self.agent is not None else self.optimizer
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.out_dir)
-
-    @property
-    def last_path(self) -> Path:
-        return self.run_dir / "last.pt"
-
-    @property
-    def best_path(self) -> Path:
-        return self.run_dir / "best.pt"
-
-
-def _build(config: TrainConfig) -> _Run:
-    """Device, data, model, optimizer, objective, sparse masker and AGENT, seeded as the config says."""
-    world = distributed.setup(distributed.resolve_device(config.device))  # a no-op without torchrun
-    device = world.device
-    # fp16 on a CPU (device auto without CUDA) is refused here, before any data is read
-    amp = Amp(config.train.precision, device, channels_last=config.train.channels_last)
-    if config.train.sync_bn and world.world_size > 1 and device.type != "cuda":
-        raise UserError(f"train.sync_bn = true: SyncBatchNorm runs on CUDA devices only, this run is on {device} "
-                        f"(set train.sync_bn=false)")
-    Amp(config.eval.precision, device, where="eval.precision")
-    distributed.barrier()  # every rank has checked the run directory (and its lock) before rank 0 locks it
-    torch.manual_seed(config.seed)  # the same seed on every rank: same init, masks, signs, attack streams
-
-    splits = load_splits(config.data, config.seed)
-    info = splits.info
-    model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std,
-                        config.model.kwargs).to(device)
-    if config.train.sync_bn and world.world_size > 1:  # batch statistics over every rank's shard of the batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = batch_loader(splits.train, config.data.batch_size, device, shuffle=True, seed=config.seed, info=info,
-                          augment_batches=config.data.augment, drop_last=len(splits.train) > config.data.batch_size,
-                          rank=world.rank, world_size=world.world_size, workers=config.data.workers)
-    optimizer, scheduler = build_optimization(config, model, len(loader))
-    # the attack runs the (compiled, if train.compile) plain model's forwards under train.precision's autocast
-    objective = build_objective(config, maybe_compile(model, config.train.compile), autocast=amp.autocast)
-    masker = build_sparsity(config.sparsity, model, config.model.name, optimizer,
-                            config.optim.epochs * len(loader), config.seed,
-                            data=TrainingData(splits.train, device, config.seed, objective.perturb))
-    if masker is not None and amp.scaler is not None:
-        masker.grad_scale = amp.scale
-    agent = None
-    if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base
-        check_agent(config, len(splits.train), world.world_size, len(views_of(masker)))
-        agent = AGENT(optimizer, model, config.agent, masker=masker)
-    # Gradients of the training forward are averaged over ranks by DDP; attacks and AGENT's snapshot use the
-    # plain module (gradients with respect to inputs, or AGENT's own all-reduce).
-    trained = maybe_compile(DistributedDataParallel(model) if world.world_size > 1 else model, config.train.compile)
-    flops = FlopsCounter(dense_profile(model, splits.train.example_shape), config, masker, agent,
-                         world.world_size)
-    return _Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent,
-                flops)
-
-
-def _resume(run: _Run) -> Record:
+def _resume(run: Run) -> Record:
     """Continue from ``last.pt`` (its config must match this one), or start afresh when there is none."""
     state = resume_state(run.config, run.device)
     if state is None:
@@ -200,7 +114,7 @@ def _resume(run: _Run) -> Record:
     return record
 
 
-def _train_epoch(run: _Run, record: Record, epoch: int, tracker: Tracker,
+def _train_epoch(run: Run, record: Record, epoch: int, tracker: Tracker,
                  progress: bool) -> tuple[dict[str, Any], bool]:
     """AGENT's refresh when due, one epoch of training, validation of every view and the metrics row (into
     ``record``); returns the epoch's checkpoint and whether it is the new best."""
@@ -350,7 +264,7 @@ def _scaled_loss(objective: Objective, model: nn.Module, images: torch.Tensor, l
     return loss if amp.scaler is None else amp.scaler.scale(loss)
 
 
-def _save_epoch(run: _Run, record: Record, checkpoint: dict[str, Any], is_best: bool) -> None:
+def _save_epoch(run: Run, record: Record, checkpoint: dict[str, Any], is_best: bool) -> None:
     """layer_density.csv, best.pt (when it is the best), last.pt and the metrics; the ranks hold identical
     state, so one of them writes it."""
     if not run.world.is_main:
@@ -363,7 +277,7 @@ def _save_epoch(run: _Run, record: Record, checkpoint: dict[str, Any], is_best: 
     write_metrics(record.history, run.run_dir)
 
 
-def _stop_if_diverged(run: _Run, record: Record, tracker: Tracker) -> None:
+def _stop_if_diverged(run: Run, record: Record, tracker: Tracker) -> None:
     """Validation accuracy at chance for ``divergence.patience`` epochs in a row: stop, keeping best.pt."""
     config = run.config
     chance = 1.0 / run.splits.info.num_classes + config.divergence.chance_margin
@@ -376,7 +290,7 @@ def _stop_if_diverged(run: _Run, record: Record, tracker: Tracker) -> None:
         )
 
 
-def _evaluate_best(run: _Run, tracker: Tracker, progress: bool) -> dict[str, Any] | None:
+def _evaluate_best(run: Run, tracker: Tracker, progress: bool) -> dict[str, Any] | None:
     """Test clean and PGD accuracy of best.pt, of every view (eval.json, subnets.csv with several); None when
     ``eval.n_examples`` is 0 (and on ranks other than the first)."""
     config, masker = run.config, run.masker
@@ -399,7 +313,7 @@ def _evaluate_best(run: _Run, tracker: Tracker, progress: bool) -> dict[str, Any
     return evaluation
 
 
-def _report_flops(run: _Run) -> None:
+def _report_flops(run: Run) -> None:
     """layer_flops.csv, and the run's training and inference FLOPs against dense as fit's last line (of the
     evaluated masks: best.pt's when an evaluation ran)."""
     if not run.world.is_main:

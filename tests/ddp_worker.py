@@ -5,6 +5,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import robust_sparse.run_setup as run_setup
 import robust_sparse.train as train_module
 from robust_sparse.config import load_config
 from robust_sparse.train import fit
@@ -25,7 +26,7 @@ def counted_full_grad_pass(*args, **kwargs):
 
 
 epoch_batches = []  # per epoch, per training batch of this rank: (loss * batch size, correct, batch size)
-original_build_objective = train_module.build_objective
+original_build_objective = run_setup.build_objective
 original_train_one_epoch = train_module.train_one_epoch
 
 
@@ -50,7 +51,7 @@ def recording_train_one_epoch(*args, **kwargs):
 
 
 train_module.full_grad_pass = counted_full_grad_pass
-train_module.build_objective = recording_build_objective
+run_setup.build_objective = recording_build_objective
 train_module.train_one_epoch = recording_train_one_epoch
 out, *overrides = sys.argv[1:]
 if out == "--cli":  # `robust-sparse train` itself: what each rank prints, and this rank's training batches

@@ -203,7 +203,7 @@ def test_what_a_config_names_is_checked_before_training_not_when_it_loads(field,
     overrides = ["device=cpu", f"out_dir={tmp_path / 'run'}", *elsewhere[field]]
     config = load_config(None, overrides)  # a stored config must load on any machine (eval, resume, report)
     assert config_from_dict(to_dict(config)) == config
-    monkeypatch.setattr(train_module, "load_splits", lambda *a, **k: pytest.fail("data was loaded"))
+    monkeypatch.setattr("robust_sparse.run_setup.load_splits", lambda *a, **k: pytest.fail("data was loaded"))
     with pytest.raises(ConfigError, match=rf"^{field}[: ]") as error:
         train_module.fit(config)
     assert "\n" not in str(error.value)

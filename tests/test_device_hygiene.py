@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import robust_sparse.run_setup as run_setup
 import robust_sparse.train as train_module
 from robust_sparse.sparse.bsrnet import BSRNetEngine
 from robust_sparse.train import fit
@@ -121,7 +122,7 @@ def _fit_watched(monkeypatch, config, guard, *, skip_first: bool, pause=None):
     """``fit(config)`` with every eligible training step inside ``guard``; ``pause`` (a context manager
     factory) wraps BSR-Net's allowed sync."""
     watch = StepWatch(guard, skip_first)
-    real_bar, real_build = train_module.progress_bar, train_module.build_sparsity
+    real_bar, real_build = train_module.progress_bar, run_setup.build_sparsity
 
     def progress_bar(iterable, **kwargs):
         bar = real_bar(iterable, **kwargs)
@@ -138,7 +139,7 @@ def _fit_watched(monkeypatch, config, guard, *, skip_first: bool, pause=None):
             return real_counts(self, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "progress_bar", progress_bar)
-    monkeypatch.setattr(train_module, "build_sparsity", build_sparsity)
+    monkeypatch.setattr(run_setup, "build_sparsity", build_sparsity)
     if pause is not None:
         monkeypatch.setattr(BSRNetEngine, "regrowth_counts", regrowth_counts)
     try:

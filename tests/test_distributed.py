@@ -103,7 +103,7 @@ def test_sync_bn_on_cpu_ranks_is_refused_in_one_line(tmp_path, monkeypatch):
     from robust_sparse.train import fit
 
     monkeypatch.setattr(distributed, "setup", lambda device: distributed.Context(rank=0, world_size=2, device=device))
-    monkeypatch.setattr("robust_sparse.train.load_splits", lambda *args: pytest.fail("data read before the check"))
+    monkeypatch.setattr("robust_sparse.run_setup.load_splits", lambda *args: pytest.fail("data read before the check"))
     config = load_config(None, ["model.name=tiny_cnn", "device=cpu", "train.sync_bn=true", f"out_dir={tmp_path}"])
     with pytest.raises(UserError, match="train.sync_bn = true: SyncBatchNorm runs on CUDA devices only"):
         fit(config)

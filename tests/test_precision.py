@@ -193,9 +193,9 @@ def test_bad_values_are_one_line_errors(tiny_config, override, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_fp16_without_cuda_is_refused_before_any_work(tiny_config, monkeypatch):
-    import robust_sparse.train as train_module
+    import robust_sparse.run_setup as run_setup
 
-    monkeypatch.setattr(train_module, "load_splits", lambda *a, **k: pytest.fail("data was loaded"))
+    monkeypatch.setattr(run_setup, "load_splits", lambda *a, **k: pytest.fail("data was loaded"))
     with pytest.raises(UserError, match="train.precision = fp16: needs a CUDA device.*use bf16 on cpu"):
         fit(tiny_config("device=auto", "train.precision=fp16"))
 
