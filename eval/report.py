@@ -102,7 +102,8 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
         f"Generated {now} from {', '.join(str(d) for d in results_dirs)}: {len(frame)} results; "
         f"{len(board)} leaderboard rows. Accuracies in %. Each attack's accuracy is its own (standalone mode) "
         "unless the mode says chained; *worst case* is the pointwise minimum over the attacks run. *train FLOPs* and "
-        "*inference FLOPs* are against dense (training: the same objective and epochs; robust_sparse.flops). An "
+        "*inference FLOPs* are against dense (training: the same objective and epochs, counted up to the evaluated "
+        "checkpoint's epoch, so a best.pt's can be below its run's eval.json; robust_sparse.flops). An "
         "accuracy on n points carries binomial sampling error: its 95% Wilson interval is beside it; seed = the "
         "attacks' seed (PGD's random starts and AutoAttack's).", "",
         "## Results", "",
