@@ -236,7 +236,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns] if present else []
     table["runs"] = grouped.size()
     table["diverged"] = grouped["diverged"].sum() if "diverged" in runs else 0
-    table["failed"] = grouped["status"].apply(lambda s: int((~s.isin(["done", "diverged"])).sum()))
+    # neither done nor diverged: not started, still running, or stopped before its end (a report cannot tell which)
+    table["unfinished"] = grouped["status"].apply(lambda s: int((~s.isin(["done", "diverged"])).sum()))
     if C_RANGE[0] in runs:  # AGENT's c_t over all seeds' epochs: its sign and range, beside the accuracies
         table[C_RANGE[0]], table[C_RANGE[1]] = grouped[C_RANGE[0]].min(), grouped[C_RANGE[1]].max()
     if f"{STAGE}n" in runs:  # how many runs the evaluation stage covered, on how many points

@@ -90,7 +90,8 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
     runs_table, curves = collect(tmp_path / "out")
     assert set(runs_table["status"]) == {"done"} and len(curves) == 4
     summary = aggregate(runs_table)
-    assert list(summary["runs"]) == [1, 1] and "test_pgd_accuracy mean" in summary
+    assert list(summary["runs"]) == [1, 1] and list(summary["unfinished"]) == [0, 0]
+    assert "test_pgd_accuracy mean" in summary
     steps = epochs_to_accuracy(runs_table, curves, [0.0, 1.01])
     assert (steps["val_clean_accuracy >= 0"] == 1).all() and steps["val_clean_accuracy >= 1.01"].isna().all()
     assert list(steps["val_clean_accuracy >= 0 reached"]) == ["1/1", "1/1"]
