@@ -164,12 +164,19 @@ def claim(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False)
         check_owned(directory, kind, where)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        if marker_kind(directory) != kind.value:
-            from robust_sparse.checkpoint import write_atomic  # lazily: checkpoint imports torch
-
-            write_atomic(directory / MARKER, json.dumps({"kind": kind.value}) + "\n")
     except OSError as error:
         raise os_error(getattr(error, "filename", None) or directory, error) from None
+    if marker_kind(directory) != kind.value:
+        from robust_sparse.checkpoint import write_atomic  # lazily: checkpoint imports torch
+
+        try:
+            write_atomic(directory / MARKER, json.dumps({"kind": kind.value}) + "\n")
+        except OutputError:
+            # Two processes claiming one new directory both write the marker; the one that wins the lock clears
+            # the other's temporary file (run_record.prepare_run_dir), so the loser's write fails. The marker it
+            # wanted is there: go on, and let the lock refuse it in its own words.
+            if marker_kind(directory) != kind.value:
+                raise
     return directory
 
 

@@ -240,13 +240,22 @@ def test_two_concurrent_sweeps_on_one_directory_one_runs_the_other_is_refused(tm
 
 
 def _children(pid: int) -> list[int]:
+    """The training processes ``pid`` started (not any short-lived helper an import may spawn, ldconfig say)."""
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             found += [int(child) for child in (task / "children").read_text().split()]
         except OSError:
             pass
-    return found
+    return [child for child in found if _is_training(child)]
+
+
+def _is_training(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"robust_sparse.cli" in argv and b"train" in argv
 
 
 def _alive(pid: int) -> bool:
