@@ -22,7 +22,7 @@ from robust_sparse.stats import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
 from robust_sparse.eval import corruptions
 from robust_sparse.eval.sanity import checks_summary, monotone_warnings
-from robust_sparse.eval.spread import seed_spread
+from robust_sparse.eval.spread import GROUP as SPREAD_GROUP, seed_spread
 from robust_sparse.eval.store import RESULTS_JSON, load_results
 
 IDENTITY = ["model", "model_fingerprint", "dataset", "threat_model", "eps", "n_examples", "seed", "attacks", "mode"]
@@ -265,12 +265,28 @@ def _plot_sparsity(ours: pd.DataFrame, board: pd.DataFrame, dataset: str, threat
     for index, (_, entry) in enumerate(board[board["sparsity"].isna()].iterrows()):
         axes.axhline(entry["robust_acc"], linestyle=":", color=("tab:green", "tab:purple", "tab:olive", "tab:cyan")[index % 4],
                      label=f"{entry['name']} ({entry['attack']}, sparsity not given)")
-    for index, (_, r) in enumerate(ours.iterrows()):
-        attack, value = headline(r)
-        axes.scatter([100 * float(r["sparsity"])], [100 * value], marker="*", s=180, color="tab:red", zorder=5,
-                     label="this project" if index == 0 else None)
-        axes.annotate(f"{r['model']} ({attack}, eps {float(r['eps']):.3g})", (100 * float(r["sparsity"]), 100 * value),
-                      textcoords="offset points", xytext=(6, 4), fontsize=7)
+    # one star per evaluation: the rows of its attack seeds (eval --seeds) give its mean, with a bar from the
+    # lowest to the highest seed, not a star each
+    keys = [key for key in SPREAD_GROUP if key in ours]
+    evaluations = []
+    for _, rows in ours.groupby(keys, sort=False, dropna=False):
+        rows = rows.drop_duplicates("seed", keep="last") if "seed" in rows else rows
+        headlines = [headline(r) for _, r in rows.iterrows()]
+        evaluations.append((rows.iloc[0], headlines[0][0], [100 * value for _, value in headlines]))
+    several = any(len(accuracies) > 1 for _, _, accuracies in evaluations)
+    for index, (r, attack, accuracies) in enumerate(evaluations):
+        x, mean = 100 * float(r["sparsity"]), sum(accuracies) / len(accuracies)
+        if len(accuracies) > 1:
+            axes.errorbar([x], [mean], yerr=[[mean - min(accuracies)], [max(accuracies) - mean]], color="tab:red",
+                          capsize=4, zorder=4)
+        axes.scatter([x], [mean], marker="*", s=180, color="tab:red", zorder=5,
+                     label=("this project" + (" (bar: min to max over attack seeds)" if several else ""))
+                     if index == 0 else None)
+        seeds = f", mean of {len(accuracies)} attack seeds" if len(accuracies) > 1 else ""
+        right = x > 50  # labels of sparse models go to the left of their star, inside the axes
+        axes.annotate(f"{r['model']} ({attack}, eps {float(r['eps']):.3g}{seeds})", (x, mean),
+                      textcoords="offset points", xytext=(-8 if right else 6, 4), ha="right" if right else "left",
+                      fontsize=7)
     axes.set_xlabel("sparsity (% of conv/linear weights that are zero)")
     axes.set_ylabel("robust accuracy (%)")
     axes.set_title(f"{dataset} {threat}: robust accuracy against sparsity")

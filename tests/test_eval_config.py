@@ -192,3 +192,22 @@ def test_rows_stored_before_seeds_were_recorded_read_as_seed_0(tmp_path):
     assert frame["seed"].iloc[0] == 0 and pd.isna(frame["seed"].iloc[1])  # the corruptions track has no seed
     (row,) = seed_spread(frame).query("metric == 'PGD-5x1'").to_dict("records")
     assert row["seed_list"] == "0" and row["mean"] == 0.25
+
+
+def test_the_sparsity_plot_draws_one_star_per_evaluation_at_its_seeds_mean(tmp_path, monkeypatch):
+    """Three attack seeds of one evaluation are one star at their mean with a min-max bar, not three stars."""
+    import robust_sparse.eval.report as report
+
+    for row in (_row(0, 0.1, 0.75, 0.25), _row(1, 0.1, 0.75, 0.5), _row(2, 0.1, 0.75, 0.75), _row(0, 0.2, 0.75, 0.0)):
+        append_result(tmp_path / "store", row)
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda figure, path, **options: figures.append(figure))
+    report.build_report([tmp_path / "store"], tmp_path / "report")
+    (axes,) = next(f for f in figures if "against sparsity" in f.axes[0].get_title()).axes
+    from matplotlib.collections import LineCollection, PathCollection  # a scatter's; an error bar's
+
+    stars = [tuple(c.get_offsets()[0]) for c in axes.collections if isinstance(c, PathCollection)]
+    assert sorted(stars) == [(50.0, 0.0), (50.0, 50.0)]  # sparsity 50%: eps 0.2 (one seed) and eps 0.1's mean
+    bars = [segment.tolist() for c in axes.collections if isinstance(c, LineCollection) for segment in c.get_segments()]
+    assert bars == [[[50.0, 25.0], [50.0, 75.0]]]  # the bar: from the lowest seed's accuracy to the highest's
+    assert "mean of 3 attack seeds" in " ".join(text.get_text() for text in axes.texts)
