@@ -744,7 +744,9 @@ def gamma_epochs_figure(steps: pd.DataFrame, thresholds: Sequence[str], keys: Se
 def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str],
                     chance: float | None = None) -> Figure | None:
     """The clean-robust trade-off: mean test clean (x) against robust (y) accuracy per setting, one line per
-    density (and other key) through its γ values, each point labelled with its γ; chance on both axes."""
+    setting of the other keys through its γ values, each point labelled with its γ. One panel per density, each
+    scaled to its own points: sparsity levels sit tens of points apart, and on one shared scale the γ values of a
+    density crowd into one corner. The chance lines are drawn where they fall inside a panel's scale."""
     if GAMMA not in table or table[GAMMA].dropna().nunique() < 2:
         return None
     robust = [m for m in test_metrics(table, " mean") if m != "test_clean_accuracy"]
@@ -754,19 +756,32 @@ def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, 
     frame = table[table[GAMMA].notna()].dropna(subset=["test_clean_accuracy mean", f"{metric} mean"])
     if frame[GAMMA].nunique() < 2:
         return None
-    others = [k for k in keys if k not in ("seed", GAMMA) and k in frame]
-    plotted = series(frame, legend_keys(frame, others))
-    figure, axes = _new_figure(1, width=7.0, height=5.0)
-    axis = axes[0]
-    for s in plotted:
-        rows = s.frame.sort_values(GAMMA)
-        axis.plot(rows["test_clean_accuracy mean"], rows[f"{metric} mean"], color=s.color, linestyle=s.linestyle,
-                  marker=s.marker, markersize=5)
-        for k, (x, y, gamma) in enumerate(zip(rows["test_clean_accuracy mean"], rows[f"{metric} mean"],
-                                              rows[GAMMA])):
-            axis.annotate(f"γ={float(gamma):g}", (x, y), xytext=(5, 4 if k % 2 else -10),
-                          textcoords="offset points", fontsize=7, color=s.color)  # alternate: near points apart
-    axis.set(xlabel=_axis_label(labels, "test_clean_accuracy"), ylabel=_axis_label(labels, metric))
-    _chance_line(axis, chance)
-    _chance_line(axis, chance, vertical=True)
-    return _finish(figure, axes, "Clean-robust trade-off across γ (means over seeds; labels: γ)", plotted)
+    density = next((k for k in DENSITY_KEYS if k in frame and frame[k].nunique() > 1), None)
+    others = [k for k in keys if k not in ("seed", GAMMA, density) and k in frame]
+    panels = [(None, frame)] if density is None else \
+        [(value, frame[frame[density] == value]) for value in sorted(frame[density].unique(), reverse=True)]
+    legend = legend_keys(frame, others)
+    figure, axes = _new_figure(len(panels), width=6.0, height=5.0)
+    plotted: list[Series] = []
+    for axis, (value, rows_of_panel) in zip(axes, panels):
+        plotted = series(rows_of_panel, legend)
+        for s in plotted:
+            rows = s.frame.sort_values(GAMMA)
+            axis.plot(rows["test_clean_accuracy mean"], rows[f"{metric} mean"], color=s.color,
+                      linestyle=s.linestyle, marker=s.marker, markersize=5)
+            for k, (x, y, gamma) in enumerate(zip(rows["test_clean_accuracy mean"], rows[f"{metric} mean"],
+                                                  rows[GAMMA])):
+                axis.annotate(f"γ={float(gamma):g}", (x, y), xytext=(5, 4 if k % 2 else -10),
+                              textcoords="offset points", fontsize=7, color=s.color)  # alternate: near points apart
+        axis.margins(0.15)  # room for the labels
+        axis.set(xlabel=_axis_label(labels, "test_clean_accuracy"), ylabel=_axis_label(labels, metric))
+        if value is not None:
+            axis.set_title(f"{display_name(density)}={format_value(density, value)}")
+        (x_low, x_high), (y_low, y_high) = axis.get_xlim(), axis.get_ylim()
+        if chance is not None and y_low <= chance <= y_high:
+            _chance_line(axis, chance)
+        if chance is not None and x_low <= chance <= x_high:
+            _chance_line(axis, chance, vertical=True)
+    title = "Clean-robust trade-off across γ (means over seeds; labels: γ"
+    title += "; each panel on its own scale)" if len(panels) > 1 else ")"
+    return _finish(figure, axes, title, plotted if legend else [])
