@@ -13,8 +13,8 @@ probe, or the corruptions track's threat_model, corruptions and severities; the 
 of every finished run once training is done. Two seeds, two meanings: ``seeds`` selects the runs to evaluate by
 their *training* seed (default: every run), ``attack_seeds`` are the *attacks'* seeds (default [0]; several give
 one row per seed and their spread, as ``eval --seeds``). Its per-point flags live in ``<run id>/eval/``, so a
-killed stage resumes, and a run whose ``sweep_eval.json`` holds the same settings is not evaluated again. The stage and ``threads``
-may change between reruns of a sweep directory; everything else must match.
+killed stage resumes, and a run whose ``sweep_eval.json`` holds the same settings is not evaluated again. The
+stage, ``threads`` and ``parallel`` may change between reruns of a sweep directory; everything else must match.
 
 Runs are idempotent: a run with ``eval.json`` (or a recorded divergence) is skipped, a run with ``last.pt`` but
 no result is resumed, anything else starts fresh. Execution uses existing engines: the standard library's
