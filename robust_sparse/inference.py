@@ -1,32 +1,27 @@
-"""Sparse inference on the CPU: a pruned model whose Linear and Conv2d layers run as sparse matrix products.
+"""Sparse inference on the CPU: a pruned model whose Linear and Conv2d layers run as direct sparse convolutions.
 
 A masked model trained by this toolkit still multiplies by dense tensors full of zeros, so a 99%-sparse network
 runs at dense speed. :func:`sparse_inference` copies an eval-mode model and gives every Linear and (ungrouped)
-Conv2d layer a CSR-sparse twin:
-
-* Linear: ``y = W_csr @ x^T`` (one sparse-dense product);
-* Conv2d with stride 1: the "shifted rows" im2col. The zero-padded input is laid out as one row per channel
-  over the whole batch, ``(C, N * Hp * Wp)``; the column matrix is the ``kh * kw`` contiguous slices of it at
-  offsets ``a * Wp + b``, so it is built by plain copies, about 3x faster than ``F.unfold`` at batch 1 on
-  CIFAR shapes, and the output is read off the padded grid. Any other convolution (stride, dilation) uses
-  ``F.unfold``. A large batch goes through in chunks of images whose column matrix is cache-sized (4 MiB):
-  one matrix for 128 CIFAR images is hundreds of MiB per layer, and chunking made such layers 2-3x faster.
+Conv2d layer a sparse twin that runs the kernels of :mod:`robust_sparse.kernels`: for each non-zero weight, one
+AXPY of a shifted row of the zero-padded input into the output row, over the whole batch at once, cache-blocked
+and threaded over tiles of pixels (no im2col matrix; strides and dilations through the polyphase identity; a
+Linear layer is a 1x1 convolution over the batch). Its work is proportional to the non-zeros.
 
 Which twin a layer keeps is measured, not guessed: when the module is built each layer is timed dense and
 sparse on the input it sees for ``example_input`` (alternating the two, fastest of a few runs), and keeps the
 sparse kernel only where it was faster; then the whole model is timed both ways and, should the sparse one lose (layers
 interact through memory layout and caches), every layer goes back to dense. The choice holds for the batch
-size of ``example_input`` and the thread count at build time; build again for another setting.
+size of ``example_input`` and the thread count at build time; build again for another setting. The kernels run
+on as many threads as torch (``torch.set_num_threads``).
 
 The result is for inference only: it refuses train mode and inputs that require a gradient (attacks need the
-dense model). Batch-norm is left as it is: at 99% sparsity the convolutions dominate, and folding it into the
-weights would change the logits by float rounding for no measured gain on these models.
+dense model; training runs its own sparse kernels, ``train.sparse_kernels``). Batch-norm is left as it is.
 
-Saved form (:func:`save_sparse_inference`, :func:`load_sparse_inference`): a ``state_dict`` plus the names that
-rebuild it, not TorchScript. The file is plain tensors, strings and numbers, so ``torch.load(...,
-weights_only=True)`` reads it (a TorchScript archive is code, loaded by ``torch.jit.load`` and outside that
-guarantee, and scripting CSR tensors is not supported on every torch); the builder is the registered
-architecture plus the per-layer choice, so the file is as portable as the dense export.
+Saved form (:func:`save_sparse_inference`, :func:`load_sparse_inference`): a ``state_dict`` (each sparse layer's
+non-zero positions and values) plus the names that rebuild it, not TorchScript. The file is plain tensors,
+strings and numbers, so ``torch.load(..., weights_only=True)`` reads it; the builder is the registered
+architecture plus the per-layer choice, so the file is as portable as the dense export. Files of the first
+format (CSR matrices of the im2col kernels) still load: their layers are converted on loading.
 """
 
 from __future__ import annotations
@@ -34,22 +29,23 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from robust_sparse.kernels import SparsePattern
 
 __all__ = [
     "SPARSE_INFERENCE_FORMAT", "LayerChoice", "SparseConv2d", "SparseInferenceModel", "SparseLinear",
     "load_sparse_inference", "save_sparse_inference", "sparse_inference", "time_alternating",
 ]
 
-SPARSE_INFERENCE_FORMAT = "robust-sparse-sparse-inference/1"
+SPARSE_INFERENCE_FORMAT = "robust-sparse-sparse-inference/2"
+_FORMAT_V1 = "robust-sparse-sparse-inference/1"  # CSR matrices of the im2col kernels; converted on loading
 
 # measure(name, dense, sparse) -> (dense seconds, sparse seconds); injectable so tests need no wall clock.
 Measure = Callable[[str, Callable[[], Any], Callable[[], Any]], "tuple[float, float]"]
@@ -71,43 +67,50 @@ def time_alternating(dense: Callable[[], Any], sparse: Callable[[], Any], repeat
     return min(dense_times), min(sparse_times)
 
 
-def _csr(matrix: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": we test what we use
-        warnings.simplefilter("ignore", UserWarning)
-        return matrix.to_sparse_csr()
-
-
 class _SparseLayer(nn.Module):
-    """The CSR parts of a 2-D weight as buffers (plain tensors, so a state_dict loads with weights_only)."""
+    """The non-zeros of a weight as buffers: their flat positions (``indices``, ascending) and ``values``, plain
+    tensors, so a state_dict loads with ``weights_only``; the kernel's CSR structure is rebuilt from them."""
 
-    def __init__(self, matrix: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride=(1, 1), padding=(0, 0),
+                 dilation=(1, 1)) -> None:
         super().__init__()
-        csr = _csr(matrix.detach().float())
-        self.rows, self.columns = matrix.shape
-        self.register_buffer("crow_indices", csr.crow_indices().clone())
-        self.register_buffer("col_indices", csr.col_indices().clone())
-        self.register_buffer("values", csr.values().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        weight = weight.detach().float()
+        self.weight_shape = tuple(weight.shape)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        indices = weight.reshape(-1).nonzero().squeeze(1)
+        self.register_buffer("indices", indices.to(torch.int64))
+        self.register_buffer("values", weight.reshape(-1)[indices].clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._pattern: Optional[SparsePattern] = None
         self.eval()  # born for inference: train mode is refused in forward
 
-    def matrix(self) -> torch.Tensor:
-        # Rebuilt per call (microseconds, no copy): it then follows load_state_dict and .to() without hooks.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
-                                           (self.rows, self.columns), check_invariants=False)
+    def pattern(self) -> SparsePattern:
+        if self._pattern is None or self._pattern.nnz != self.indices.numel():
+            mask = torch.zeros(math.prod(self.weight_shape), dtype=torch.bool)
+            mask[self.indices] = True
+            self._pattern = SparsePattern(mask.view(self.weight_shape), self.stride, self.padding, self.dilation)
+        return self._pattern
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pattern = None  # new positions: rebuild the structure on the next call
 
     @property
     def density(self) -> float:
-        return self.values.numel() / (self.rows * self.columns)
+        return self.values.numel() / math.prod(self.weight_shape)
 
     def _check_mode(self) -> None:
         if self.training:
             raise RuntimeError(f"{type(self).__name__} is for inference only: call .eval()")
 
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_mode()
+        out, _ = self.pattern().forward(x.detach().float(), self.values, self.bias, keep=False)
+        return out
+
 
 class SparseLinear(_SparseLayer):
-    """``nn.Linear`` as a CSR product; built from a Linear with :meth:`from_dense`."""
+    """``nn.Linear`` through the CSR kernel (a 1x1 convolution over the batch); built with :meth:`from_dense`."""
 
     @classmethod
     def from_dense(cls, layer: nn.Linear) -> "SparseLinear":
@@ -120,28 +123,22 @@ class SparseLinear(_SparseLayer):
         return sparse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_mode()
-        flat = x.reshape(-1, self.columns)
-        out = (self.matrix() @ flat.t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.rows)
+        flat = x.reshape(-1, self.weight_shape[1])
+        out = self._run(flat[:, :, None, None]).reshape(flat.shape[0], -1)
+        return out.reshape(*x.shape[:-1], self.weight_shape[0])
 
 
 class SparseConv2d(_SparseLayer):
-    """``nn.Conv2d`` (groups 1, zero padding) as one CSR product over an im2col matrix.
+    """``nn.Conv2d`` (groups 1, zero padding) as the direct sparse convolution of :mod:`robust_sparse.kernels`.
 
-    Stride-1 layers use the shifted-rows layout (module docstring) and store the weight with columns in
-    (kernel row, kernel column, channel) order; others use ``F.unfold`` and the (channel, kernel) order.
+    The output has channel-first strides (an ``(N, C, H, W)`` view of a ``(C, N, H, W)`` tensor): elementwise
+    layers after it keep them, and the next sparse layer then reads its input with plain copies.
     """
 
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        self.shifted = conv.stride == (1, 1) and conv.dilation == (1, 1)
-        order = weight.permute(0, 2, 3, 1) if self.shifted else weight
-        super().__init__(order.reshape(weight.shape[0], -1), bias)
+        super().__init__(weight, bias, conv.stride, conv.padding, conv.dilation)
         self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
-        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
-        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        self.kernel_size = tuple(conv.kernel_size)
 
     @staticmethod
     def supports(conv: nn.Conv2d) -> bool:
@@ -157,48 +154,15 @@ class SparseConv2d(_SparseLayer):
         _adopt(sparse, state, prefix)
         return sparse
 
-    # The column matrix of one chunk of the batch stays about this many floats (4 MiB): cache-sized, where one
-    # matrix for a batch of 128 would be hundreds of MiB of memory traffic per layer.
-    column_budget = 1 << 20
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_mode()
-        kernel = self._shifted if self.shifted else self._unfolded
-        per_image = self.columns * (x.shape[2] + 2 * self.padding[0]) * (x.shape[3] + 2 * self.padding[1])
-        chunk = max(1, self.column_budget // per_image)
-        out = kernel(x) if chunk >= x.shape[0] else torch.cat([kernel(part) for part in x.split(chunk)])
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
-
-    def _shifted(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        (kh, kw), (ph, pw) = self.kernel_size, self.padding
-        hp, wp = height + 2 * ph, width + 2 * pw
-        grid = batch * hp * wp
-        offsets = [a * wp + b for a in range(kh) for b in range(kw)]
-        # One zeroed buffer: the padded input as (C, N, Hp, Wp) rows, plus a tail the last offset reads into.
-        rows = x.new_zeros(channels, grid + offsets[-1])
-        rows[:, :grid].view(channels, batch, hp, wp)[:, :, ph:ph + height, pw:pw + width] = x.transpose(0, 1)
-        columns = torch.cat([rows[:, offset:offset + grid] for offset in offsets])
-        out = (self.matrix() @ columns).view(self.out_channels, batch, hp, wp)
-        return out[:, :, :hp - kh + 1, :wp - kw + 1].transpose(0, 1).contiguous()
-
-    def _unfolded(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        columns = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        columns = columns.transpose(0, 1).reshape(self.columns, -1)  # (C kh kw, N L)
-        out = (self.matrix() @ columns).view(self.out_channels, batch, out_h, out_w)
-        return out.transpose(0, 1).contiguous()
+        return self._run(x)
 
 
 def _adopt(sparse: _SparseLayer, state: Mapping[str, torch.Tensor], prefix: str) -> None:
-    """Replace a freshly built sparse layer's CSR buffers by the stored ones (their lengths differ)."""
-    for name in ("crow_indices", "col_indices", "values"):
+    """Replace a freshly built sparse layer's buffers by the stored ones (their lengths differ)."""
+    for name in ("indices", "values"):
         setattr(sparse, name, state[prefix + name].clone())
+    sparse._pattern = None
 
 
 @dataclass(frozen=True)
@@ -336,14 +300,41 @@ def load_sparse_inference(path: str | Path) -> SparseInferenceModel:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"sparse-inference file not found: {path}") from None
-    if not isinstance(payload, dict) or payload.get("kind") != SPARSE_INFERENCE_FORMAT:
+    if not isinstance(payload, dict) or payload.get("kind") not in (SPARSE_INFERENCE_FORMAT, _FORMAT_V1):
         raise CheckpointError(f"{path} is not a sparse-inference export ({SPARSE_INFERENCE_FORMAT})")
     model = build_model(payload["architecture"], payload["num_classes"], payload["in_channels"],
                         payload["mean"], payload["std"]).eval()
     state = payload["state"]
+    if payload["kind"] == _FORMAT_V1:
+        state = _from_v1(model, state, payload["sparse_layers"])
     for name in payload["sparse_layers"]:
         dense = model.get_submodule(name)
         build = SparseLinear.from_state if isinstance(dense, nn.Linear) else SparseConv2d.from_state
         _replace(model, name, build(dense, state, name + "."))
     model.load_state_dict(state)
     return SparseInferenceModel(model, (), payload["dense_latency_s"], payload["sparse_latency_s"])
+
+
+def _from_v1(model: nn.Module, state: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A first-format state with each sparse layer's CSR matrix turned into this format's positions and values.
+
+    The first format stored a Conv2d weight as an ``(O, C * kh * kw)`` CSR matrix, its columns in (kernel row,
+    kernel column, channel) order for stride-1, dilation-1 layers (the "shifted rows" kernel) and in
+    (channel, kernel row, kernel column) order otherwise; a Linear weight as itself.
+    """
+    state = dict(state)
+    for name in names:
+        layer = model.get_submodule(name)
+        crow, col, values = (state.pop(f"{name}.{key}") for key in ("crow_indices", "col_indices", "values"))
+        rows = crow.numel() - 1
+        matrix = torch.sparse_csr_tensor(crow, col, values, (rows, layer.weight[0].numel())).to_dense()
+        weight = matrix.view_as(layer.weight)
+        if isinstance(layer, nn.Conv2d):
+            out_channels, channels, kh, kw = layer.weight.shape
+            shifted = tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1)
+            weight = (matrix.view(out_channels, kh, kw, channels).permute(0, 3, 1, 2) if shifted
+                      else matrix.view(out_channels, channels, kh, kw))
+        indices = weight.reshape(-1).nonzero().squeeze(1)
+        state[f"{name}.indices"] = indices
+        state[f"{name}.values"] = weight.reshape(-1)[indices].contiguous()
+    return state

@@ -13,10 +13,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from robust_sparse import distributed
 from robust_sparse.agent import AGENT, check_agent
-from robust_sparse.config import TrainConfig
+from robust_sparse.config import Precision, SparseKernelsMode, TrainConfig
 from robust_sparse.data import BatchLoader, Splits, batch_loader, load_splits
 from robust_sparse.errors import UserError
 from robust_sparse.flops import FlopsCounter, dense_profile
+from robust_sparse.kernels import SparseKernels
 from robust_sparse.models import build_model
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import build_optimization
@@ -41,6 +42,7 @@ class Run:
     masker: SparseMasker | None
     agent: AGENT | None
     flops: FlopsCounter
+    kernels: SparseKernels | None = None  # train.sparse_kernels: the masked layers on the CSR kernels
 
     @property
     def device(self) -> torch.device:
@@ -105,5 +107,27 @@ def build_run(config: TrainConfig) -> Run:
     trained = maybe_compile(DistributedDataParallel(model) if world.world_size > 1 else model, config.train.compile)
     flops = FlopsCounter(dense_profile(model, splits.train.example_shape), config, masker, agent,
                          world.world_size)
+    kernels = build_kernels(config, model, masker, device)
     return Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent,
-                flops)
+               flops, kernels)
+
+
+def build_kernels(config: TrainConfig, model: nn.Module, masker: SparseMasker | None,
+                  device: torch.device) -> SparseKernels | None:
+    """The masked layers on the CSR kernels (``train.sparse_kernels``), or None where they cannot run.
+
+    ``auto`` turns them on for a sparse fp32 run on the CPU without torch.compile, each layer where it measures
+    faster; ``on`` for every sparse layer, and refuses the settings the kernels cannot serve.
+    """
+    mode = config.train.sparse_kernels
+    if masker is None or mode is SparseKernelsMode.OFF:
+        return None
+    unsupported = ("the run is on " + device.type if device.type != "cpu" else
+                   f"train.precision = {config.train.precision.value}" if config.train.precision is not Precision.FP32
+                   else "train.compile = true" if config.train.compile else None)
+    if unsupported is not None:
+        if mode is SparseKernelsMode.ON:
+            raise UserError(f"train.sparse_kernels = on: the CSR kernels need fp32 on the CPU without torch.compile, "
+                            f"but {unsupported} (set train.sparse_kernels=auto or off)")
+        return None
+    return SparseKernels(model, masker, auto=mode is SparseKernelsMode.AUTO)

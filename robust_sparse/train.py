@@ -32,6 +32,7 @@ from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
 from robust_sparse.data import BatchLoader
 from robust_sparse.errors import DivergenceError
 from robust_sparse.flops import FlopsCounter
+from robust_sparse.kernels import SparseKernels
 from robust_sparse.measure import evaluate_views, measure_validation, sparsity_metrics
 from robust_sparse.objectives import Objective
 from robust_sparse.precision import Amp
@@ -132,7 +133,8 @@ def _train_epoch(run: Run, record: Record, epoch: int, tracker: Tracker,
         run.flops.agent_refresh(agent)
     stats = train_one_epoch(run.trained, run.objective, run.stepper, run.scheduler, run.loader, agent=agent,
                             progress=shown, description=f"epoch {epoch + 1}/{config.optim.epochs}", amp=run.amp,
-                            flops=run.flops, on_step=tracker.step_logger(epoch, len(run.loader)))
+                            flops=run.flops, on_step=tracker.step_logger(epoch, len(run.loader)),
+                            kernels=run.kernels)
     distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
     per_view = {}
     validated = config.val.max_examples > 0
@@ -203,11 +205,13 @@ def train_one_epoch(
     amp: Amp | None = None,
     flops: FlopsCounter | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    kernels: SparseKernels | None = None,
 ) -> EpochStats:
     """One epoch. ``amp`` (train.precision): autocast of the training forward and AGENT's snapshot forward
     (the objective's attack autocasts its own forwards), and for fp16 the GradScaler that steps ``optimizer``;
     ``flops`` counts every step's FLOPs (robust_sparse.flops); ``on_step(step, loss)`` is called after every step
-    with the batch's loss (tracking.step_loss)."""
+    with the batch's loss (tracking.step_loss); ``kernels`` (train.sparse_kernels) runs the attack and, where the
+    engine allows, the training pass on the sparse CSR kernels."""
     amp = amp if amp is not None else Amp("fp32", loader.device)
     scaler = amp.scaler
     model.train()
@@ -218,8 +222,9 @@ def train_one_epoch(
     bar = progress_bar(loader, enabled=progress, desc=description, unit="batch")
     for step, (images, labels) in enumerate(bar, start=1):
         images = amp.format(images)
-        adversarial = objective.perturb(images, labels)  # the inner maximisation, model in eval mode
-        with amp.autocast():
+        with kernels.inputs_only() if kernels is not None else nullcontext():
+            adversarial = objective.perturb(images, labels)  # the inner maximisation, model in eval mode
+        with amp.autocast(), kernels.training_pass() if kernels is not None else nullcontext():
             loss, logits = objective.loss(model, images, labels, adversarial)
         optimizer.zero_grad(set_to_none=True)
         (loss if scaler is None else scaler.scale(loss)).backward()

@@ -14,8 +14,8 @@ from robust_sparse.config.parsing import (coerce, config_from_dict, from_dict, l
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
                                          DatasetName, DeviceChoice, DivergenceConfig, ExecutionConfig, FinalTestConfig,
                                          FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
-                                         Precision, PruneScope, Schedule, SnapshotMask, SparsityConfig, TrackingConfig,
-                                         TrainConfig, ValidationConfig, WandbConfig,
+                                         Precision, PruneScope, Schedule, SnapshotMask, SparseKernelsMode, SparsityConfig,
+                                         TrackingConfig, TrainConfig, ValidationConfig, WandbConfig,
                                          WandbMode)
 from robust_sparse.config.validation import validate
 # the sparsity sections and their closed choices (sparse/ reads them)
@@ -25,7 +25,7 @@ from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, Growth, Pr
 __all__ = [
     "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
     "DivergenceConfig", "ExecutionConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
-    "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparsityConfig",
+    "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparseKernelsMode", "SparsityConfig",
     "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",
     "coerce", "config_from_dict", "from_dict", "merge", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "validate",

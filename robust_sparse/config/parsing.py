@@ -56,6 +56,8 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping of names to values, got {value!r}")
         return dict(value)
     if isinstance(annotation, type) and issubclass(annotation, Enum):
+        if isinstance(value, bool) and {"on", "off"} <= {m.value for m in annotation}:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         try:
             return annotation(value)
         except ValueError:

@@ -79,6 +79,12 @@ class DeviceChoice(str, Enum):
     CUDA = "cuda"
 
 
+class SparseKernelsMode(str, Enum):
+    AUTO = "auto"  # on a CPU, for each sparse layer where the CSR kernel measured faster than dense at its shapes
+    ON = "on"  # every sparse layer on the CSR kernels (CPU, fp32)
+    OFF = "off"  # dense kernels over masked weights
+
+
 class Precision(str, Enum):
     FP32 = "fp32"
     BF16 = "bf16"  # torch.autocast(bfloat16) of the model's forwards: CPU and CUDA (Ampere or newer)
@@ -198,6 +204,11 @@ class ExecutionConfig:
     # instead of each rank's shard, as one process would compute them; no effect on one process, so a run
     # resumes only with the value it started with
     sync_bn: bool = False
+    # sparse runs on a CPU: the masked Conv2d/Linear layers run on the CSR kernels of robust_sparse.kernels (the
+    # attack's forwards and input gradients, and the training step's weight gradients at the non-zeros only);
+    # results equal the dense kernels' within float rounding. Steps on which the sparse engine needs the dense
+    # gradient (RigL's growth) take the dense kernels for the training pass
+    sparse_kernels: SparseKernelsMode = SparseKernelsMode.AUTO
 
 
 @dataclass

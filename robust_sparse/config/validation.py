@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DatasetName, DeviceChoice, Norm, OptimizerName,
-                                         Precision, SparsityConfig, TrainConfig, distribution_owners,
+                                         Precision, SparseKernelsMode, SparsityConfig, TrainConfig, distribution_owners,
                                          sparse_methods)
 from robust_sparse import plugins
 from robust_sparse.errors import ConfigError
@@ -116,6 +116,15 @@ def validate(config: TrainConfig) -> None:
     _check(config.train.precision is not Precision.FP16 or config.sparsity.growth != "momentum",
            "train.precision = fp16: sparsity.growth = momentum would add the gradient of a step the GradScaler "
            "skips (an overflow) to its running average; use bf16 or fp32")
+    on = config.train.sparse_kernels is SparseKernelsMode.ON
+    _check(not on or config.device is not DeviceChoice.CUDA,
+           "train.sparse_kernels = on: the CSR kernels run on the CPU; this run is on cuda (use auto or off)")
+    _check(not on or config.train.precision is Precision.FP32,
+           f"train.sparse_kernels = on: the CSR kernels compute in fp32; train.precision = "
+           f"{config.train.precision.value} (use fp32, or sparse_kernels auto/off)")
+    _check(not on or not config.train.compile,
+           "train.sparse_kernels = on: torch.compile cannot trace the CSR kernels; set train.compile=false "
+           "or sparse_kernels auto/off")
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
     _check(bool(config.data.root.strip()), "data.root: must not be empty (a folder, e.g. data)")
     _integer_ranges(config)

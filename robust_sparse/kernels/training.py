@@ -1,0 +1,212 @@
+"""Sparse kernels inside training: the masked Conv2d and Linear layers of a model run on the CSR kernels.
+
+:class:`SparseKernels` takes the layers whose weights the mask owner (:class:`~robust_sparse.sparse.SparseMasker`)
+keeps sparse and, where it is exact and pays, computes them from the non-zeros only:
+
+* **the attack** (:meth:`SparseKernels.inputs_only`): every PGD step's forward and input gradient, with the
+  weights as constants (attacks differentiate with respect to the input only);
+* **the training pass** (:meth:`SparseKernels.training_pass`): the forward, the input gradient and the weight
+  gradient at the non-zero positions only, on every step on which the engine does not need the dense
+  gradient. RigL's growth steps, SNFS's momentum and AST's regrowth ask for it (``Engine.wants_dense_grad``):
+  those training passes take the dense kernels, the attack of the same step still runs sparse;
+* every other forward without weight gradients (validation, ``torch.no_grad``).
+
+A forward that needs weight gradients outside :meth:`training_pass` (AGENT's snapshot and full-gradient
+passes, GSE's scoring, a user's own loop) takes the dense kernels: a sparse weight gradient is exact only where
+the caller wants the masked gradient, and only the training loop knows that. A copy of the model (AGENT's
+snapshot, ``copy.deepcopy``) always runs dense.
+
+The structure (which positions are non-zero) follows the mask owner: it is rebuilt when a mask tensor is replaced
+(``set_mask``, loading a checkpoint, AST switching sub-nets) or changed in place. Values are read from the dense
+parameter on every call, so the optimizer, its state, the checkpoints and resume are untouched: a run with the
+kernels on and one with them off differ by float rounding only.
+
+The layers are switched by changing their class to a subclass with the same parameters and buffers (as
+``torch.nn.utils.parametrize`` does), so ``state_dict`` keys, DDP and the optimizer see the same module.
+
+``auto`` (the default, ``train.sparse_kernels``) runs a layer sparse where the kernels' cost model says it
+pays: ``density * grid / outputs < AUTO_BUDGET``, the non-zeros' share of the dense work times the padded grid's
+waste (the kernel computes every pixel of the padded, phased grid; a 2x2 map padded to 4x4 wastes 4x), against
+the sparse kernel's measured efficiency relative to dense (``benchmarks/sparse_training.py`` measures the layers
+and shows where the rule falls). A rule, not a stopwatch: a measured choice would flip with the machine's load,
+and a run would then not repeat itself bit for bit, nor resume exactly. ``on`` runs every layer sparse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from robust_sparse.kernels.csr_conv import SparsePattern, sparse_conv
+
+__all__ = ["AUTO_BUDGET", "SparseKernels", "KernelConv2d", "KernelLinear", "worth_it"]
+
+log = logging.getLogger(__name__)
+
+# density x grid waste below which ``auto`` runs a layer sparse: the CSR kernels reach about a fifth of the dense
+# kernels' FMA rate on AVX-512 (benchmarks/sparse_training.py, BENCHMARKS.md); the rows copy and the scattered
+# output are paid once per call, so a layer must save more than that
+AUTO_BUDGET = 0.2
+
+
+@dataclass
+class _Layer:
+    name: str  # the parameter's name in the mask owner
+    pattern: SparsePattern | None = None
+    mask: torch.Tensor | None = None  # the mask the pattern was built from, and its version counter then
+    version: int = -1
+    worth_it: dict[tuple, bool] = field(default_factory=dict)  # auto: input shape -> the cost model's choice
+
+
+class _Shared:
+    """A reference every copy of a module shares (``deepcopy`` returns it as is): copies are unknown to the owner."""
+
+    def __init__(self, owner: "SparseKernels") -> None:
+        self.owner = owner
+
+    def __deepcopy__(self, memo: dict) -> "_Shared":
+        return self
+
+
+class _KernelLayer:
+    _sparse_kernels: _Shared
+
+    def _sparse_pattern(self, x: torch.Tensor) -> tuple[SparsePattern | None, bool]:
+        return self._sparse_kernels.owner.pattern_for(self, x)
+
+
+class KernelConv2d(_KernelLayer, nn.Conv2d):
+    """An ``nn.Conv2d`` whose forward goes through the CSR kernels when its owner says so."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pattern, weight_grads = self._sparse_pattern(x)
+        if pattern is None:
+            return nn.Conv2d.forward(self, x)
+        return sparse_conv(x, self.weight if weight_grads else self.weight.detach(), self.bias, pattern)
+
+
+class KernelLinear(_KernelLayer, nn.Linear):
+    """An ``nn.Linear`` whose forward goes through the CSR kernels when its owner says so."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pattern, weight_grads = self._sparse_pattern(x) if x.dim() == 2 else (None, False)
+        if pattern is None:
+            return nn.Linear.forward(self, x)
+        return sparse_conv(x, self.weight if weight_grads else self.weight.detach(), self.bias, pattern)
+
+
+_SWAPS = {nn.Conv2d: KernelConv2d, nn.Linear: KernelLinear}
+_ORIGINAL = {swapped: original for original, swapped in _SWAPS.items()}
+
+
+class SparseKernels:
+    """Runs ``model``'s masked layers on the CSR kernels (see the module docstring); :meth:`remove` undoes it.
+
+    Args:
+        model: the module whose layers are switched (the plain module, not a DDP wrapper).
+        masker: the mask owner: its ``params`` name the layers, its ``masks`` give the structure.
+        auto: run a layer sparse only where :func:`worth_it` says so (``auto``); False: always (``on``).
+    """
+
+    def __init__(self, model: nn.Module, masker: Any, *, auto: bool = True) -> None:
+        self.masker = masker
+        self.auto = auto
+        self._layers: dict[int, _Layer] = {}
+        self._modules: list[nn.Module] = []
+        self._state = threading.local()
+        by_param = {id(param): name for name, param in masker.params.items()}
+        for module in model.modules():
+            swap = _SWAPS.get(type(module))
+            weight = getattr(module, "weight", None)
+            if swap is None or weight is None or id(weight) not in by_param:
+                continue
+            if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                                  or isinstance(module.padding, str)):
+                continue
+            module.__class__ = swap
+            module._sparse_kernels = _Shared(self)
+            self._layers[id(module)] = _Layer(by_param[id(weight)])
+            self._modules.append(module)
+        log.info("sparse kernels: %d of %d sparse layers on the CSR kernels (%s)", len(self._modules),
+                 len(masker.params), "where the cost model says it pays" if auto else "all")
+
+    def remove(self) -> None:
+        """Give every layer its own class back."""
+        for module in self._modules:
+            module.__class__ = _ORIGINAL[type(module)]
+            del module._sparse_kernels
+        self._modules, self._layers = [], {}
+
+    @property
+    def layers(self) -> int:
+        return len(self._modules)
+
+    # ---- where sparse weight gradients are wanted --------------------------------------------------------
+
+    @contextmanager
+    def inputs_only(self) -> Iterator[None]:
+        """Inside, the switched layers treat their weights as constants (an attack: gradients w.r.t. inputs)."""
+        previous = getattr(self._state, "mode", None)
+        self._state.mode = "inputs"
+        try:
+            yield
+        finally:
+            self._state.mode = previous
+
+    @contextmanager
+    def training_pass(self) -> Iterator[None]:
+        """Inside, weight gradients come from the sparse kernels (the masked gradient), unless the engine wants
+        the dense gradient of the coming optimizer step."""
+        dense = self.masker.engine.wants_dense_grad(self.masker.step + 1)
+        previous = getattr(self._state, "mode", None)
+        self._state.mode = "dense" if dense else "train"
+        try:
+            yield
+        finally:
+            self._state.mode = previous
+
+    # ---- the per-call decision ----------------------------------------------------------------------------
+
+    def pattern_for(self, module: nn.Module, x: torch.Tensor) -> tuple[SparsePattern | None, bool]:
+        """The pattern to run ``module`` on ``x`` with (None: dense), and whether weight gradients flow."""
+        layer = self._layers.get(id(module))
+        if layer is None or x.device.type != "cpu" or x.dtype != torch.float32 or module.weight.dtype != torch.float32:
+            return None, False
+        mode = getattr(self._state, "mode", None)
+        weight_grads = torch.is_grad_enabled() and module.weight.requires_grad and mode != "inputs"
+        if mode == "dense" or (weight_grads and mode != "train"):
+            return None, False
+        pattern = self._pattern(module, layer)
+        if self.auto:
+            key = (tuple(x.shape), pattern.nnz)
+            if key not in layer.worth_it:
+                layer.worth_it[key] = worth_it(pattern, x)
+            if not layer.worth_it[key]:
+                return None, False
+        return pattern, weight_grads
+
+    def _pattern(self, module: nn.Module, layer: _Layer) -> SparsePattern:
+        mask = self.masker.masks[layer.name]
+        if layer.pattern is None or layer.mask is not mask or layer.version != mask._version:
+            if isinstance(module, nn.Conv2d):
+                layer.pattern = SparsePattern(mask, module.stride, module.padding, module.dilation)
+            else:
+                layer.pattern = SparsePattern(mask)
+            layer.mask, layer.version = mask, mask._version
+        return layer.pattern
+
+
+def worth_it(pattern: SparsePattern, x: torch.Tensor) -> bool:
+    """The cost model of ``auto``: ``density * grid pixels / output pixels < AUTO_BUDGET``."""
+    if x.dim() == 2:  # a Linear layer: no grid
+        return pattern.density < AUTO_BUDGET
+    geometry = pattern.geometry(x)
+    (gh, gw), (out_h, out_w) = geometry.grid, geometry.out
+    waste = gh * gw / max(1, out_h * out_w)  # the kernel computes every pixel of the (phase) grid
+    return pattern.density * waste < AUTO_BUDGET
