@@ -105,7 +105,7 @@ class _SparseLayer(nn.Module):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         self._check_mode()
-        out, _ = self.pattern().forward(x.detach().float(), self.values, self.bias, keep=False)
+        out, _, _ = self.pattern().forward(x.detach().float(), self.values, self.bias, keep=False)
         return out
 
 

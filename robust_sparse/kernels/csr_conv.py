@@ -34,8 +34,10 @@ from robust_sparse.kernels import numba_csr
 
 __all__ = ["SparsePattern", "sparse_conv", "set_threads"]
 
-# floats of input rows a tile may touch (all channels' slices): half of this CPU family's 1-2 MiB L2 per core
-_L2_FLOATS = (512 * 1024) // 4
+# floats of input rows a tile may touch (all channels' slices): about the 1 MiB L2 per core of this CPU family
+_L2_FLOATS = (1024 * 1024) // 4
+# maps narrower than this run with the batch innermost (rows of width * batch floats instead of width)
+_WIDE = 16
 
 
 def set_threads(count: int) -> int:
@@ -54,19 +56,20 @@ def _follow_torch_threads() -> None:
 _workspaces = threading.local()
 
 
-def _zeroed(tag: str, shape: tuple[int, ...], keep: bool) -> tuple[torch.Tensor, bool]:
+def _zeroed(tag: str, shape: tuple[int, ...], keep: bool, region: tuple = ()) -> tuple[torch.Tensor, bool]:
     """A zeroed float32 buffer of ``shape``; whether it is a reused one (whose margins are still zero).
 
-    Temporaries (``keep`` False) come from a per-thread pool keyed by tag and shape: a fresh buffer of tens
-    of MiB costs more in page faults than a 99%-sparse layer costs in arithmetic. Callers overwrite only the
-    interior, so a reused buffer's zero margins hold. A buffer autograd keeps for the backward is fresh.
+    Temporaries (``keep`` False) come from a per-thread pool keyed by tag, shape and ``region`` (what
+    determines the part callers overwrite): a fresh buffer of tens of MiB costs more in page faults than a
+    99%-sparse layer costs in arithmetic. Callers overwrite only that part, so a reused buffer's zero margins
+    hold. A buffer autograd keeps for the backward is fresh.
     """
     if keep:
         return torch.zeros(shape), False
     pool = getattr(_workspaces, "pool", None)
     if pool is None:
         pool = _workspaces.pool = {}
-    key = (tag, shape)
+    key = (tag, shape, region)
     if key in pool:
         return pool[key], True
     if len(pool) > 64:  # many shapes (a sweep over batch sizes): start over rather than grow without bound
@@ -76,7 +79,7 @@ def _zeroed(tag: str, shape: tuple[int, ...], keep: bool) -> tuple[torch.Tensor,
 
 
 def _tile(channels: int, tail: int, grid: int) -> int:
-    tile = max(64, min(4096, _L2_FLOATS // max(1, channels) - tail))
+    tile = max(256, min(4096, _L2_FLOATS // max(1, channels) - tail))
     return min(grid, tile // 16 * 16) or grid
 
 
@@ -157,16 +160,16 @@ class SparsePattern:
     def outputs(self) -> int:
         return self.shape[0]
 
-    def shifts(self, geometry: _Geometry) -> tuple[np.ndarray, np.ndarray]:
+    def shifts(self, geometry: _Geometry, inner: int) -> tuple[np.ndarray, np.ndarray]:
         """Forward shifts on the input's phase grid, and flipped shifts on the output gradient's grid."""
-        key = (geometry.grid[1], geometry.phase_kernel)
+        key = (geometry.grid[1], geometry.phase_kernel, inner)
         if key not in self._shifts:
             grid_w = geometry.grid[1]
             pkh, pkw = geometry.phase_kernel
-            forward = (self.qa * grid_w + self.qb).numpy().astype(np.int64)
+            forward = ((self.qa * grid_w + self.qb) * inner).numpy().astype(np.int64)
             t_width = grid_w + pkw - 1
-            transposed = ((pkh - 1 - self.qa) * t_width + (pkw - 1 - self.qb))[self.t_order].numpy().astype(np.int64)
-            self._shifts[key] = (forward, transposed)
+            transposed = ((pkh - 1 - self.qa) * t_width + (pkw - 1 - self.qb)) * inner
+            self._shifts[key] = (forward, transposed[self.t_order].numpy().astype(np.int64))
         return self._shifts[key]
 
     def values(self, weight: torch.Tensor) -> torch.Tensor:
@@ -178,43 +181,50 @@ class SparsePattern:
         return _Geometry(x.shape[0], x.shape[2], x.shape[3], self.shape[2:], self.stride, self.padding,
                          self.dilation)
 
-    def rows(self, x: torch.Tensor, geometry: _Geometry, keep: bool = True) -> torch.Tensor:
-        """``x`` (N, C, H, W) as the zero-padded phase rows ``(C * s * s, N * gh * gw + tail)``; ``keep``: a
-        fresh buffer (autograd saves it), else a pooled one, valid until the next call on this thread."""
+    def rows(self, x: torch.Tensor, geometry: _Geometry, inner: int, keep: bool = True) -> torch.Tensor:
+        """``x`` (N, C, H, W) as the zero-padded phase rows ``(C * s * s, grid + tail)`` of layout ``inner``;
+        ``keep``: a fresh buffer (autograd saves it), else a pooled one, valid until the next call on this
+        thread."""
         (gh, gw), (sh, sw), (ph, pw) = geometry.grid, self.stride, self.padding
         channels, batch = x.shape[1], x.shape[0]
         pkh, pkw = geometry.phase_kernel
-        tail = (pkh - 1) * gw + pkw - 1
-        rows, _ = _zeroed("rows", (channels * sh * sw, batch * gh * gw + tail), keep)
-        grid = rows[:, :batch * gh * gw].view(channels, sh, sw, batch, gh, gw)
+        tail = ((pkh - 1) * gw + pkw - 1) * inner
+        rows, _ = _zeroed("rows", (channels * sh * sw, batch * gh * gw + tail), keep, (geometry, inner))
+        grid = rows[:, :batch * gh * gw].view(channels, sh, sw, batch // inner, gh, gw, inner)
+        source = _view5(x, inner)
         if (sh, sw) == (1, 1):
-            grid[:, 0, 0, :, ph:ph + geometry.height, pw:pw + geometry.width].copy_(x.transpose(0, 1))
+            grid[:, 0, 0, :, ph:ph + geometry.height, pw:pw + geometry.width].copy_(source)
             return rows
-        padded = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1)
+        hp, wp = geometry.padded
         for ra in range(sh):
             for rb in range(sw):
-                phase = padded[:, :, ra::sh, rb::sw]
-                grid[:, ra, rb, :, :phase.shape[2], :phase.shape[3]].copy_(phase)
+                # input rows/columns of phase (ra, rb): padded index ra + s * i, i.e. input index ra - ph + s * i
+                top, left = -(-(ph - ra) // sh), -(-(pw - rb) // sw)  # first i with ra + s * i >= ph
+                first_h, first_w = ra + sh * top - ph, rb + sw * left - pw
+                phase = source[:, :, first_h::sh, first_w::sw]
+                if first_h < 0 or first_w < 0 or phase.numel() == 0:
+                    continue
+                grid[:, ra, rb, :, top:top + phase.shape[2], left:left + phase.shape[3]].copy_(phase)
         return rows
 
     def forward(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None, *, relu: bool = False,
-                keep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                keep: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``conv2d(x, W)`` (+ bias, ReLU) from the non-zeros; also the rows (``keep``: fresh, for the weight
-        gradient; else pooled, see :meth:`rows`)."""
+        gradient; else pooled, see :meth:`rows`) and the layout they are in."""
         _follow_torch_threads()
         geometry = self.geometry(x)
-        rows = self.rows(x, geometry, keep)
+        inner = _inner(x.shape[0], geometry.out[1])
+        rows = self.rows(x, geometry, inner, keep)
         out_h, out_w = geometry.out
-        out = torch.empty(self.outputs, x.shape[0], out_h, out_w, dtype=torch.float32)
+        batch = x.shape[0]
+        out = _empty_nchw(batch, self.outputs, out_h, out_w, inner)
         bias_np = (bias.detach().float() if bias is not None else torch.zeros(self.outputs)).contiguous().numpy()
-        forward, _ = self.shifts(geometry)
-        gh, gw = geometry.grid
+        forward, _ = self.shifts(geometry, inner)
+        (gh, gw), grid = geometry.grid, batch * geometry.grid[0] * geometry.grid[1]
         numba_csr.csr_shift_matmul(rows.numpy(), self.indptr, self._channel, forward, values.numpy(), bias_np,
-                                   out.numpy(), gh, gw, _tile(rows.shape[0], rows.shape[1] - x.shape[0] * gh * gw,
-                                                               x.shape[0] * gh * gw), relu)
-        # (N, O, Ho, Wo) with channel-first strides: elementwise ops downstream keep them, and the next
-        # sparse layer's rows are then a plain copy
-        return out.permute(1, 0, 2, 3), rows
+                                   _flat(out, inner), gh, gw, inner, out_h, out_w,
+                                   _tile(rows.shape[0], rows.shape[1] - grid, grid), relu)
+        return out, rows, inner
 
     def input_grad(self, grad_out: torch.Tensor, values: torch.Tensor, geometry: _Geometry,
                    channels: int) -> torch.Tensor:
@@ -223,37 +233,38 @@ class SparsePattern:
         (gh, gw), (sh, sw), (ph, pw) = geometry.grid, self.stride, self.padding
         pkh, pkw = geometry.phase_kernel
         batch, outputs, out_h, out_w = grad_out.shape
+        inner = _inner(batch, gw)
         t_h, t_w = gh + pkh - 1, gw + pkw - 1
-        tail = (pkh - 1) * t_w + pkw - 1
-        rows, _ = _zeroed("grad_rows", (outputs, batch * t_h * t_w + tail), keep=False)
-        rows[:, :batch * t_h * t_w].view(outputs, batch, t_h, t_w)[
-            :, :, pkh - 1:pkh - 1 + out_h, pkw - 1:pkw - 1 + out_w].copy_(grad_out.transpose(0, 1))
-        phases = torch.empty(channels * sh * sw, batch, gh, gw, dtype=torch.float32)
-        _, transposed = self.shifts(geometry)
+        tail = ((pkh - 1) * t_w + pkw - 1) * inner
+        rows, _ = _zeroed("grad_rows", (outputs, batch * t_h * t_w + tail), False, (geometry, inner, out_h, out_w))
+        rows[:, :batch * t_h * t_w].view(outputs, batch // inner, t_h, t_w, inner)[
+            :, :, pkh - 1:pkh - 1 + out_h, pkw - 1:pkw - 1 + out_w].copy_(_view5(grad_out, inner))
+        phases = torch.empty(channels * sh * sw, batch // inner, gh, gw, inner, dtype=torch.float32)
+        _, transposed = self.shifts(geometry, inner)
         numba_csr.csr_shift_matmul(rows.numpy(), self.t_indptr, self._t_channel, transposed,
                                    values[self.t_order].contiguous().numpy(), np.zeros(phases.shape[0], np.float32),
-                                   phases.numpy(), t_h, t_w, _tile(outputs, tail, batch * t_h * t_w), False)
+                                   phases.view(phases.shape[0], -1).numpy(), t_h, t_w, inner, gh, gw,
+                                   _tile(outputs, tail, batch * t_h * t_w), False)
         hp, wp = geometry.padded
         if (sh, sw) == (1, 1):
             grad_padded = phases
         else:
-            grad_padded = phases.new_empty(channels, batch, hp, wp)
-            split = phases.view(channels, sh, sw, batch, gh, gw)
+            grad_padded = phases.new_empty(channels, batch // inner, hp, wp, inner)
+            split = phases.view(channels, sh, sw, batch // inner, gh, gw, inner)
             for ra in range(sh):
                 for rb in range(sw):
                     target = grad_padded[:, :, ra::sh, rb::sw]
                     target.copy_(split[:, ra, rb, :, :target.shape[2], :target.shape[3]])
-        # channel-first strides, as the forward's output
-        return grad_padded[:, :, ph:ph + geometry.height, pw:pw + geometry.width].permute(1, 0, 2, 3)
+        return _nchw(grad_padded[:, :, ph:ph + geometry.height, pw:pw + geometry.width], inner)
 
-    def weight_grad(self, grad_out: torch.Tensor, rows: torch.Tensor, geometry: _Geometry) -> torch.Tensor:
-        """The weight gradient at the non-zeros (``nnz`` values, CSR order)."""
+    def weight_grad(self, grad_out: torch.Tensor, rows: torch.Tensor, geometry: _Geometry, inner: int) -> torch.Tensor:
+        """The weight gradient at the non-zeros (``nnz`` values, CSR order); ``rows`` as the forward made them."""
         _follow_torch_threads()
         gh, gw = geometry.grid
         batch, outputs, out_h, out_w = grad_out.shape
-        on_grid = _zeroed("grad_grid", (outputs, batch, gh, gw), keep=False)[0]
-        on_grid[:, :, :out_h, :out_w].copy_(grad_out.transpose(0, 1))
-        forward, _ = self.shifts(geometry)
+        on_grid = _zeroed("grad_grid", (outputs, batch // inner, gh, gw, inner), False, (out_h, out_w))[0]
+        on_grid[:, :, :out_h, :out_w].copy_(_view5(grad_out, inner))
+        forward, _ = self.shifts(geometry, inner)
         grid = batch * gh * gw
         tile = _tile(rows.shape[0], rows.shape[1] - grid, grid)
         chunks = max(1, min(numba_csr.numba.get_num_threads(), math.ceil(grid / tile)))
@@ -261,17 +272,47 @@ class SparsePattern:
                                                        self.indptr, self._channel, forward, tile, chunks))
 
 
+def _inner(batch: int, width: int) -> int:
+    """The layout of a call: images side by side (1), or the batch innermost (``batch``) so that rows of the
+    grid stay long where the maps are narrow."""
+    return batch if batch > 1 and width < _WIDE else 1
+
+
+def _view5(t: torch.Tensor, inner: int) -> torch.Tensor:
+    """An (N, C, H, W) tensor as (C, outer, H, W, inner): the order the kernels' grids use."""
+    return t.permute(1, 0, 2, 3).unsqueeze(-1) if inner == 1 else t.permute(1, 2, 3, 0).unsqueeze(1)
+
+
+def _nchw(t5: torch.Tensor, inner: int) -> torch.Tensor:
+    """The inverse of :func:`_view5`."""
+    return t5.squeeze(-1).permute(1, 0, 2, 3) if inner == 1 else t5.squeeze(1).permute(3, 0, 1, 2)
+
+
+def _empty_nchw(batch: int, channels: int, height: int, width: int, inner: int) -> torch.Tensor:
+    """An (N, C, H, W) tensor laid out as (C, outer, H, W, inner) in memory; not a view, so that autograd lets
+    in-place layers (ReLU(inplace=True)) modify a function's output. Elementwise layers keep the strides."""
+    if inner == 1:
+        strides = (height * width, batch * height * width, width, 1)
+    else:
+        strides = (1, height * width * batch, width * batch, batch)
+    return torch.empty_strided((batch, channels, height, width), strides, dtype=torch.float32)
+
+
+def _flat(t: torch.Tensor, inner: int) -> np.ndarray:
+    """:func:`_empty_nchw`'s memory as (C, rest), for the kernel."""
+    return _view5(t, inner).reshape(t.shape[1], -1).numpy()
+
+
 class _SparseConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pattern: SparsePattern, relu: bool):
         values = pattern.values(weight)
         source = x.detach().float()
-        out, rows = pattern.forward(source, values, bias, relu=relu, keep=ctx.needs_input_grad[1])
+        out, rows, inner = pattern.forward(source, values, bias, relu=relu, keep=ctx.needs_input_grad[1])
         ctx.pattern, ctx.geometry, ctx.channels, ctx.relu = pattern, pattern.geometry(source), x.shape[1], relu
-        ctx.weight_shape, ctx.in_dtype = weight.shape, x.dtype
-        saved_rows = rows if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(values, saved_rows, out if relu else None)
-        return out.to(x.dtype)
+        ctx.weight_shape, ctx.in_dtype, ctx.inner = weight.shape, x.dtype, inner
+        ctx.save_for_backward(values, rows if ctx.needs_input_grad[1] else None, out if relu else None)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -285,7 +326,7 @@ class _SparseConvFunction(torch.autograd.Function):
             grad_x = pattern.input_grad(grad_out, values, geometry, ctx.channels).to(ctx.in_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = torch.zeros(ctx.weight_shape, dtype=torch.float32)
-            grad_w.view(-1)[pattern.flat_index] = pattern.weight_grad(grad_out, rows, geometry)
+            grad_w.view(-1)[pattern.flat_index] = pattern.weight_grad(grad_out, rows, geometry, ctx.inner)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
@@ -293,7 +334,8 @@ class _SparseConvFunction(torch.autograd.Function):
 
 def sparse_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pattern: SparsePattern,
                 relu: bool = False) -> torch.Tensor:
-    """``conv2d(x, weight, bias, stride, padding)`` (ReLU after if ``relu``) through the CSR kernels, with autograd.
+    """``conv2d(x, weight, bias, stride, padding, dilation)`` (ReLU after if ``relu``) through the CSR kernels,
+    with autograd.
 
     ``weight`` must be zero outside ``pattern`` (the mask it was built from); the gradient it receives is zero
     there too. A 4-D ``x`` is an image batch; a 2-D ``x`` with a 2-D weight is a Linear layer's input.

@@ -33,40 +33,42 @@ _OPTIONS = dict(cache=True, fastmath=True, nogil=True, error_model="numpy", boun
 
 
 @njit(parallel=True, **_OPTIONS)
-def csr_shift_matmul(rows, indptr, channel, shift, values, bias, out, grid_h, grid_w, tile,
+def csr_shift_matmul(rows, indptr, channel, shift, values, bias, out, grid_h, grid_w, inner, out_h, out_w, tile,
                      relu):  # pragma: no cover - jitted
-    """``out[o, n, h, w] = bias[o] + sum_k values[k] * rows[channel[k], j + shift[k]]``, ``j`` = grid pixel (n, h, w).
+    """``out[o, p] = bias[o] + sum_k values[k] * rows[channel[k], j + shift[k]]`` for every valid grid pixel.
 
-    rows: (C, L) float32 with ``L >= N * grid_h * grid_w + max(shift)``; out: (O, N, Ho, Wo) float32 (channel
-    first, so that a tile's rows land contiguously), written, not accumulated: only grid pixels with
-    ``h < Ho`` and ``w < Wo`` land in it.
-    indptr: (O + 1,) int64 CSR row pointers; channel, shift: (nnz,) int64; values: (nnz,) float32;
-    bias: (O,) float32; relu: clamp at 0 on the way out (a fused ReLU).
+    The grid is ``(outer, grid_h, grid_w, inner)`` flattened (the batch is split between ``outer`` and
+    ``inner``: images side by side, or the batch innermost so that rows stay long on small maps); pixel ``j``
+    of it lands in ``out[o]``, flattened ``(outer, out_h, out_w, inner)``, when its row ``h < out_h`` and
+    column ``w < out_w`` (the rest is the padding's margin, computed and dropped).
+    rows: (C, L) float32 with ``L >= grid + max(shift)``; out: (O, outer * out_h * out_w * inner) float32,
+    written, not accumulated; indptr: (O + 1,) int64 CSR row pointers; channel, shift: (nnz,) int64;
+    values: (nnz,) float32; bias: (O,) float32; relu: clamp at 0 on the way out (a fused ReLU).
     """
-    outputs, batch, out_h, out_w = out.shape
-    plane = grid_h * grid_w
-    grid = batch * plane
+    outputs = out.shape[0]
+    plane = grid_h * grid_w * inner
+    outer = out.shape[1] // (out_h * out_w * inner)
+    grid = outer * plane
+    row = grid_w * inner
     tiles = (grid + tile - 1) // tile
     for t in prange(tiles):
         start = t * tile
         stop = min(start + tile, grid)
         width = stop - start
-        # the tile's valid pixels as image-row segments (offset in the tile, n, h, w, length), found once
-        segments = np.empty((width // grid_w + 2, 5), dtype=np.int64)
+        # the tile's valid pixels as runs (offset in the tile, offset in the output row, length), found once
+        segments = np.empty((width // row + 2, 3), dtype=np.int64)
         count = 0
         j = start
         while j < stop:
             n = j // plane
             r = j - n * plane
-            h = r // grid_w
-            w = r - h * grid_w
-            length = min(stop - j, grid_w - w)
-            if h < out_h and w < out_w:
+            h = r // row
+            c = r - h * row  # w * inner + the batch index inside
+            length = min(stop - j, row - c)
+            if h < out_h and c < out_w * inner:
                 segments[count, 0] = j - start
-                segments[count, 1] = n
-                segments[count, 2] = h
-                segments[count, 3] = w
-                segments[count, 4] = min(length, out_w - w)
+                segments[count, 1] = (n * out_h + h) * out_w * inner + c
+                segments[count, 2] = min(length, out_w * inner - c)
                 count += 1
             j += length
         acc = np.empty(width, dtype=np.float32)
@@ -105,16 +107,15 @@ def csr_shift_matmul(rows, indptr, channel, shift, values, bias, out, grid_h, gr
                 for j in range(width):
                     acc[j] += v0 * s0[j]
                 k += 1
+            target = out[o]
             for segment in range(count):
-                offset, n, h, w, length = segments[segment, 0], segments[segment, 1], segments[segment, 2], \
-                    segments[segment, 3], segments[segment, 4]
-                target = out[o, n, h]
+                offset, destination, length = segments[segment, 0], segments[segment, 1], segments[segment, 2]
                 if relu:
                     for i in range(length):
-                        target[w + i] = max(acc[offset + i], np.float32(0.0))
+                        target[destination + i] = max(acc[offset + i], np.float32(0.0))
                 else:
                     for i in range(length):
-                        target[w + i] = acc[offset + i]
+                        target[destination + i] = acc[offset + i]
 
 
 @njit(parallel=True, **_OPTIONS)
