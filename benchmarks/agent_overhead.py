@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/agent_overhead.py                     # small_cnn, BSR-Net 90%, CPU defaults
     python benchmarks/agent_overhead.py --model vgg16 --batches 20 --device cuda
+    python benchmarks/agent_overhead.py --smoke             # a seconds-long run at tiny sizes (a test runs it)
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ log = logging.getLogger("agent_overhead")
 def measure(args, with_agent: bool, device: torch.device, state: dict | None = None) -> float:
     small = args.model in ("small_cnn", "tiny_cnn")
     data = real_batches(args.batches * args.batch_size, 1 if small else 3, 28 if small else 32)
-    overrides = [f"model.name={args.model}", "attack.eps=8/255", "attack.step_size=2/255", "attack.steps=10",
-                 f"data.batch_size={args.batch_size}", "optim.epochs=1", "optim.optimizer=sgdw",
-                 f"sparsity.method={args.engine}", f"sparsity.density={args.density}",
+    overrides = [f"model.name={args.model}", "attack.eps=8/255", "attack.step_size=2/255",
+                 f"attack.steps={args.attack_steps}", f"data.batch_size={args.batch_size}", "optim.epochs=1",
+                 "optim.optimizer=sgdw", f"sparsity.method={args.engine}", f"sparsity.density={args.density}",
                  f"agent.enabled={str(with_agent).lower()}", "agent.estimator=paper",
                  f"agent.full_grad_batches={args.full_grad_batches}"]
     config = load_config(None, overrides)
@@ -114,7 +115,7 @@ def child(args) -> None:
     sys.stdout.write(json.dumps({"peak_mib": peak, "state_mib": state["bytes"] / 2**20}) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--engine", default="bsrnet")
@@ -124,8 +125,14 @@ def main() -> None:
     parser.add_argument("--full-grad-batches", type=int, default=0, help="0 = as many as the epoch has")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the training attack")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run at tiny sizes (a test runs it)")
     parser.add_argument("--child", choices=["base", "agent"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:  # both sides and both memory children, on tiny_cnn with two batches of four digits
+        args.model, args.batch_size, args.batches, args.repeats = "tiny_cnn", 4, 2, 1
+        args.attack_steps, args.device = 1, "cpu"
     if args.child:
         child(args)
         return
@@ -138,7 +145,7 @@ def main() -> None:
             log.info("round %d %s: %.2f s", round_number + 1, side, seconds[side][-1])
     peaks, states = {}, {}
     for side in seconds:
-        command = [sys.executable, __file__, *sys.argv[1:], "--child", side]
+        command = [sys.executable, __file__, *argv, "--child", side]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         peaks[side], states[side] = json.loads(output)["peak_mib"], json.loads(output)["state_mib"]
     base, agent = statistics.median(seconds["base"]), statistics.median(seconds["agent"])

@@ -17,6 +17,12 @@ Usage (the quickstart checkpoint is a small CNN adversarially trained on MNIST-5
 
     robust-sparse train --out runs/quickstart
     python benchmarks/autoattack_vs_original.py --checkpoint runs/quickstart/best.pt --n 100 --eps 0.1
+    python benchmarks/autoattack_vs_original.py --smoke   # a seconds-long run at tiny sizes (a test runs it)
+
+``--smoke`` without ``--checkpoint`` writes a tiny_cnn checkpoint to a temporary directory first (as
+``benchmarks/attack_cost.py --smoke`` does), and runs every side once on 4 points at eps 0.3 (unless ``--eps``),
+where APGD-CE fools the non-robust model on every point and the later sub-attacks have nothing left; the JSON goes
+to the temporary directory unless ``--json`` is given.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attack_cost import smoke_checkpoint  # noqa: E402
 
 
 def _original(model, images, labels, *, norm, eps, seed, batch_size):
@@ -53,9 +62,9 @@ def _torchattacks(attack, model, images, labels, batch_size):
     return torch.cat(robust)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a robust-sparse checkpoint")
+    parser.add_argument("--checkpoint", help="a robust-sparse checkpoint (required without --smoke)")
     parser.add_argument("--n", type=int, default=100, help="first n test points")
     parser.add_argument("--eps", type=float, default=None, help="default: the run's eps")
     parser.add_argument("--batch-size", type=int, default=500)
@@ -63,8 +72,23 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-torchattacks", action="store_true")
-    parser.add_argument("--json", default="autoattack_benchmark.json")
+    parser.add_argument("--json", help="default autoattack_benchmark.json (with --smoke: a temporary file)")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run at tiny sizes (a test runs it)")
     args = parser.parse_args(argv)
+    if args.checkpoint is None and not args.smoke:
+        parser.error("--checkpoint is required (or --smoke)")
+    if args.smoke:
+        args.n, args.repeats, args.device = 4, 1, "cpu"
+        args.eps = 0.3 if args.eps is None else args.eps
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.checkpoint is None:
+            args.checkpoint = str(smoke_checkpoint(Path(scratch)))
+        if args.json is None:
+            args.json = str(Path(scratch) / "autoattack_benchmark.json") if args.smoke else "autoattack_benchmark.json"
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import torchattacks

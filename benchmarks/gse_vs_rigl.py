@@ -20,6 +20,7 @@ every-step re-mask (``SparseMasker.apply``, common to every method) runs after e
 the measurement.
 
     python benchmarks/gse_vs_rigl.py --widths 1024 2048 4096 8192
+    python benchmarks/gse_vs_rigl.py --smoke          # a seconds-long run at tiny sizes (a test runs it)
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def child(method: str, width: int, density: float, batch: int, repeats: int) -> 
     config = load_config(None, [f"sparsity.method={method}", f"sparsity.density={density}",
                                 "sparsity.distribution=uniform", "sparsity.update_every=1"])
     masker = build_sparsity(config.sparsity, model, "wide_linear", optimizer, total_steps=10**6, seed=0,
-                            score_batch=lambda step: (inputs, labels))
+                            batch_source=lambda step: (inputs, labels))
     engine = masker.engine
 
     def update(step: int) -> None:
@@ -114,14 +115,17 @@ def child(method: str, width: int, density: float, batch: int, repeats: int) -> 
             "nnz": int(masker.masks["0.weight"].sum())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run at tiny sizes (a test runs it)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "WIDTH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:  # both methods, each in its subprocess, on one 128-wide layer
+        args.widths, args.density, args.batch, args.repeats = [128], 0.05, 8, 1
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.density, args.batch, args.repeats)))
         return

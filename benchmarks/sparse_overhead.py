@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/sparse_overhead.py                       # small_cnn, all engines, CPU defaults
     python benchmarks/sparse_overhead.py --models vgg16 --batches 3 --device cuda
+    python benchmarks/sparse_overhead.py --smoke               # a seconds-long run at tiny sizes (a test runs it)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from robust_sparse.checkpoint import save_checkpoint
 from robust_sparse.config import load_config, to_dict
-from robust_sparse.data import BatchLoader, ImageSet, load_mnist5k
+from robust_sparse.data import BatchLoader, ImageSet, dataset_info, load_mnist5k
 from robust_sparse.distributed import resolve_device
 from robust_sparse.models import build_model
 from robust_sparse.objectives import build_objective
@@ -56,8 +57,9 @@ def real_batches(count: int, in_channels: int, size: int) -> ImageSet:
 
 
 def time_epoch(model_name: str, engine: str, data: ImageSet, args, device: torch.device) -> float:
-    overrides = [f"model.name={model_name}", "attack.eps=8/255", "attack.step_size=2/255", "attack.steps=10",
-                 f"data.batch_size={args.batch_size}", "optim.epochs=1", "device=cpu"]
+    overrides = [f"model.name={model_name}", "attack.eps=8/255", "attack.step_size=2/255",
+                 f"attack.steps={args.attack_steps}", f"data.batch_size={args.batch_size}", "optim.epochs=1",
+                 "device=cpu"]
     if engine != "dense":
         # AST's sub-nets rewire on their own step counts (a third of the batches each with 3 sub-nets)
         every = max(1, args.batches // (6 if engine == "ast" else 2))
@@ -70,7 +72,8 @@ def time_epoch(model_name: str, engine: str, data: ImageSet, args, device: torch
     loader = BatchLoader(data, args.batch_size, device, shuffle=True, seed=0)
     optimizer, scheduler = build_optimization(config, model, len(loader))
     score = (data.images[:100].to(device).float() / 255, data.labels[:100].to(device))  # GSE's scoring batch
-    build_sparsity(config.sparsity, model, model_name, optimizer, len(loader), seed=0, score_batch=lambda step: score)
+    build_sparsity(config.sparsity, model, model_name, optimizer, len(loader), seed=0,
+                   batch_source=lambda step: score)
     objective = build_objective(config, model)
     warm = BatchLoader(ImageSet(data.images[: args.batch_size], data.labels[: args.batch_size]), args.batch_size,
                        device)
@@ -85,9 +88,11 @@ def time_epoch(model_name: str, engine: str, data: ImageSet, args, device: torch
 
 
 def checkpoint_sizes(model_name: str, density: float) -> dict:
-    config = load_config(None, [f"model.name={model_name}", "sparsity.method=static", f"sparsity.density={density}",
-                                "sparsity.distribution=uniform"])
-    model = build_model(model_name, 10, 3, (0.5,) * 3, (0.25,) * 3)
+    # CIFAR-10-shaped: the export rebuilds the model from the checkpoint's config (its dataset's channels)
+    config = load_config(None, [f"model.name={model_name}", "data.dataset=cifar10", "sparsity.method=static",
+                                f"sparsity.density={density}", "sparsity.distribution=uniform"])
+    info = dataset_info(config.data)
+    model = build_model(model_name, info.num_classes, info.in_channels, info.mean, info.std)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     masker = build_sparsity(config.sparsity, model, model_name, optimizer, 1, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +105,7 @@ def checkpoint_sizes(model_name: str, density: float) -> dict:
             "compact/dense": summary["compact_to_dense_size"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="small_cnn")
     parser.add_argument("--engines", default=",".join(ENGINES))
@@ -110,7 +115,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--sizes", default="vgg16,resnet18,wrn28_4", help="models for the checkpoint-size table")
-    args = parser.parse_args()
+    parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the training attack")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run at tiny sizes (a test runs it)")
+    args = parser.parse_args(argv)
+    if args.smoke:  # every engine and both tables, on tiny_cnn; AST's three sub-nets need >= 3 batches
+        args.models, args.batch_size, args.batches, args.repeats = "tiny_cnn", 4, 3, 1
+        args.attack_steps, args.sizes, args.device = 1, "tiny_cnn", "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device = resolve_device(args.device)
 

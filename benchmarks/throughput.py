@@ -48,6 +48,10 @@ Usage::
 
     python benchmarks/throughput.py [--models small_cnn,resnet18,vgg16] [--batch-size 128] [--batches N]
         [--warmup 1] [--repeats 3] [--device auto|cpu|cuda] [--threads N] [--retries 6] [--output BENCH.json]
+    python benchmarks/throughput.py --smoke      # a seconds-long run at tiny sizes (a test runs it)
+
+``--smoke``: tiny_cnn, one warm-up and one timed batch of 4 images per side, one repeat, no retries, on the CPU;
+both memory children still run.
 """
 
 from __future__ import annotations
@@ -380,8 +384,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "another process took cores during it (default 6; 0 = keep every pair)")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     parser.add_argument("--child", choices=["toolkit", "baseline"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long run at tiny sizes (a test runs it)")
     parser.add_argument("--data-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.batch_size, args.batches, args.warmup = "tiny_cnn", 4, 1, 1
+        args.repeats, args.retries, args.device = 1, 0, "cpu"
     if args.batch_size < 1 or args.repeats < 1 or (args.batches is not None and args.batches < 1):
         parser.error("--batch-size, --batches and --repeats must be >= 1")
     if args.warmup is not None and args.warmup < 0:

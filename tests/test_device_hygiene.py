@@ -29,11 +29,14 @@ import robust_sparse.train as train_module
 from robust_sparse.sparse.bsrnet import BSRNetEngine
 from robust_sparse.train import fit
 
+# Sparse runs keep the dense kernels here: the CSR kernels (train.sparse_kernels) are CPU-only and read their
+# structure and data on the host by design (numpy views, nonzero on a topology change); a CUDA run never
+# takes them (auto is off there, on is refused), and tests/test_sparse_kernels.py covers them.
 RUNS = {
     "dense": (),
-    "rigl": ("sparsity.method=rigl", "sparsity.density=0.3", "sparsity.update_every=3"),
+    "rigl": ("sparsity.method=rigl", "sparsity.density=0.3", "sparsity.update_every=3", "train.sparse_kernels=off"),
     "bsrnet": ("sparsity.method=bsrnet", "sparsity.density=0.3", "sparsity.distribution=erk",
-               "optim.optimizer=sgdw"),
+               "optim.optimizer=sgdw", "train.sparse_kernels=off"),
     # fixed c_t: the correction is on from the first epoch (g_tilde from 2 batches)
     "agent": ("agent.enabled=true", "agent.estimator=fixed", "agent.fixed_c=0.5", "agent.full_grad_batches=2",
               "agent.probe_chunks=0"),
