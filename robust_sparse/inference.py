@@ -15,7 +15,10 @@ size of ``example_input`` and the thread count at build time; build again for an
 on as many threads as torch (``torch.set_num_threads``).
 
 The result is for inference only: it refuses train mode and inputs that require a gradient (attacks need the
-dense model; training runs its own sparse kernels, ``train.sparse_kernels``). Batch-norm is left as it is.
+dense model; training runs its own sparse kernels, ``train.sparse_kernels``). Inside an ``nn.Sequential`` (VGG's
+features, a ResNet's shortcut), a BatchNorm after a sparse conv is folded into its values and bias and a ReLU
+after that into its output, so two passes over the activations are saved per layer; elsewhere (a module's own
+forward code) the order of calls is not known without tracing, and BatchNorm is left as it is.
 
 Saved form (:func:`save_sparse_inference`, :func:`load_sparse_inference`): a ``state_dict`` (each sparse layer's
 non-zero positions and values) plus the names that rebuild it, not TorchScript. The file is plain tensors,
@@ -82,6 +85,7 @@ class _SparseLayer(nn.Module):
         self.register_buffer("values", weight.reshape(-1)[indices].clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._pattern: Optional[SparsePattern] = None
+        self.relu = False  # a ReLU fused into the output (see _fuse)
         self.eval()  # born for inference: train mode is refused in forward
 
     def pattern(self) -> SparsePattern:
@@ -105,8 +109,18 @@ class _SparseLayer(nn.Module):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         self._check_mode()
-        out, _, _ = self.pattern().forward(x.detach().float(), self.values, self.bias, keep=False)
+        out, _, _ = self.pattern().forward(x.detach().float(), self.values, self.bias, relu=self.relu, keep=False)
         return out
+
+    @torch.no_grad()
+    def fold(self, norm: nn.BatchNorm2d) -> None:
+        """Take an eval-mode BatchNorm that follows this layer into its values and bias."""
+        scale = (norm.weight if norm.affine else torch.ones_like(norm.running_var)) / torch.sqrt(
+            norm.running_var + norm.eps)
+        shift = (norm.bias if norm.affine else torch.zeros_like(norm.running_mean)) - norm.running_mean * scale
+        rows = self.indices // math.prod(self.weight_shape[1:])
+        self.values = (self.values * scale[rows]).float()
+        self.bias = ((self.bias if self.bias is not None else torch.zeros_like(scale)) * scale + shift).float()
 
 
 class SparseLinear(_SparseLayer):
@@ -160,8 +174,9 @@ class SparseConv2d(_SparseLayer):
 
 def _adopt(sparse: _SparseLayer, state: Mapping[str, torch.Tensor], prefix: str) -> None:
     """Replace a freshly built sparse layer's buffers by the stored ones (their lengths differ)."""
-    for name in ("indices", "values"):
-        setattr(sparse, name, state[prefix + name].clone())
+    for name in ("indices", "values", "bias"):  # a folded batch-norm gives a bias-free conv its bias
+        if prefix + name in state:
+            setattr(sparse, name, state[prefix + name].clone())
     sparse._pattern = None
 
 
@@ -181,10 +196,12 @@ class SparseInferenceModel(nn.Module):
     """An eval-only copy of a model with CSR layers where they measured faster (see :func:`sparse_inference`)."""
 
     def __init__(self, model: nn.Module, choices: Sequence[LayerChoice] = (),
-                 dense_latency_s: float = math.nan, sparse_latency_s: float = math.nan) -> None:
+                 dense_latency_s: float = math.nan, sparse_latency_s: float = math.nan,
+                 fused: Sequence[Sequence[Optional[str]]] = ()) -> None:
         super().__init__()
         self.model = model
         self.choices = list(choices)
+        self.fused = [list(entry) for entry in fused]  # [conv, batch-norm, relu or None] folded together
         self.dense_latency_s, self.sparse_latency_s = dense_latency_s, sparse_latency_s
         self.eval()
 
@@ -221,15 +238,47 @@ def _sparse_twin(module: nn.Module) -> _SparseLayer:
     return SparseLinear.from_dense(module) if isinstance(module, nn.Linear) else SparseConv2d.from_dense(module)
 
 
+def _fuse(model: nn.Module) -> list[list[Optional[str]]]:
+    """Fold each BatchNorm2d that follows a sparse conv in an ``nn.Sequential`` into it, and a ReLU after that into
+    its output; the BatchNorm and the ReLU become ``nn.Identity``. Two passes over the activations fewer per layer.
+
+    Only where the order is certain (consecutive children of a Sequential, modules used once: a shared ReLU or
+    BatchNorm instance is left alone). Returns ``[conv, norm, relu or None]`` names, which a saved model records.
+    """
+    uses: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    names = {id(module): name for name, module in model.named_modules()}
+    fused: list[list[Optional[str]]] = []
+    for container in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        children = list(container)
+        for i, conv in enumerate(children[:-1]):
+            norm = children[i + 1]
+            if not (isinstance(conv, SparseConv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats
+                    and uses[id(norm)] == 1 and not norm.training):
+                continue
+            relu = children[i + 2] if i + 2 < len(children) else None
+            relu = relu if isinstance(relu, nn.ReLU) and uses[id(relu)] == 1 else None
+            fused.append([names[id(conv)], names[id(norm)], None if relu is None else names[id(relu)]])
+    for conv_name, norm_name, relu_name in fused:
+        model.get_submodule(conv_name).fold(model.get_submodule(norm_name))
+        _replace(model, norm_name, nn.Identity())
+        if relu_name is not None:
+            model.get_submodule(conv_name).relu = True
+            _replace(model, relu_name, nn.Identity())
+    return fused
+
+
 def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, measure: Optional[Measure] = None,
-                     repeats: int = 7) -> SparseInferenceModel:
+                     repeats: int = 7, fuse: bool = True) -> SparseInferenceModel:
     """An eval-only copy of ``model`` (left untouched) whose Linear/Conv2d layers run sparse where measured faster.
 
     ``example_input``: a CPU batch of the size the model will serve (it fixes the shapes timed per layer).
     ``measure(name, dense, sparse) -> (dense_s, sparse_s)`` times the two zero-argument calls; the default
     alternates them ``repeats`` times and takes the fastest of each. A layer keeps its sparse kernel only when
-    ``sparse_s < dense_s``; the whole model is then timed under the name ``""`` and falls back to all-dense
-    when the sparse one is not faster.
+    ``sparse_s < dense_s``; with ``fuse``, each BatchNorm (and ReLU) that follows a sparse conv inside an
+    ``nn.Sequential`` is folded into it (:func:`_fuse`); the whole model is then timed under the name ``""`` and
+    falls back to all-dense when the sparse one is not faster.
     """
     if model.training:
         raise ValueError("sparse_inference needs a model in eval mode: call model.eval() first "
@@ -267,11 +316,12 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, measure: 
             if sparse_s < dense_s:
                 _replace(sparse_model, name, twin)
         sparse_model.eval()
+        fused = _fuse(sparse_model) if fuse else []
         dense_total, sparse_total = measure("", lambda: model(example_input), lambda: sparse_model(example_input))
     if not sparse_total < dense_total:
         choices = [LayerChoice(c.name, c.kind, c.density, c.dense_s, c.sparse_s, False) for c in choices]
-        sparse_model, sparse_total = copy.deepcopy(model), dense_total
-    return SparseInferenceModel(sparse_model, choices, dense_total, sparse_total)
+        sparse_model, sparse_total, fused = copy.deepcopy(model), dense_total, []
+    return SparseInferenceModel(sparse_model, choices, dense_total, sparse_total, fused)
 
 
 def save_sparse_inference(module: SparseInferenceModel, path: str | Path, architecture: str,
@@ -283,7 +333,7 @@ def save_sparse_inference(module: SparseInferenceModel, path: str | Path, archit
         "kind": SPARSE_INFERENCE_FORMAT,
         "architecture": architecture, "num_classes": num_classes, "in_channels": in_channels,
         "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-        "sparse_layers": module.sparse_layers,
+        "sparse_layers": module.sparse_layers, "fused": module.fused,
         "dense_latency_s": module.dense_latency_s, "sparse_latency_s": module.sparse_latency_s,
         "state": {name: tensor.detach().cpu() for name, tensor in module.model.state_dict().items()},
     }
@@ -311,8 +361,14 @@ def load_sparse_inference(path: str | Path) -> SparseInferenceModel:
         dense = model.get_submodule(name)
         build = SparseLinear.from_state if isinstance(dense, nn.Linear) else SparseConv2d.from_state
         _replace(model, name, build(dense, state, name + "."))
+    fused = payload.get("fused", [])
+    for conv_name, norm_name, relu_name in fused:  # the stored values and bias already hold the batch-norm
+        _replace(model, norm_name, nn.Identity())
+        if relu_name is not None:
+            model.get_submodule(conv_name).relu = True
+            _replace(model, relu_name, nn.Identity())
     model.load_state_dict(state)
-    return SparseInferenceModel(model, (), payload["dense_latency_s"], payload["sparse_latency_s"])
+    return SparseInferenceModel(model, (), payload["dense_latency_s"], payload["sparse_latency_s"], fused)
 
 
 def _from_v1(model: nn.Module, state: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:

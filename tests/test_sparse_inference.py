@@ -183,6 +183,69 @@ def test_save_and_load_round_trip_with_weights_only(tmp_path):
     torch.testing.assert_close(loaded(images), fast(images), rtol=0, atol=0)
 
 
+def test_batch_norm_and_relu_after_a_sparse_conv_are_folded_in_and_saved(tmp_path):
+    """VGG-16's features: each conv-BN-ReLU becomes one sparse layer with a fused ReLU; logits unchanged, and the
+    saved file rebuilds the folded model."""
+    from robust_sparse.inference import save_sparse_inference
+
+    model = masked_model("vgg16", 0.05)
+    images = torch.rand(2, 3, 32, 32)
+    fast = sparse_inference(model, images, measure=sparse_always)
+    conv_names = [n for n, m in model.features.named_children() if isinstance(m, nn.Conv2d)]
+    assert len(fast.fused) == len(conv_names) == 13
+    for conv, norm, relu in fast.fused:
+        assert isinstance(fast.model.get_submodule(norm), nn.Identity) and fast.model.get_submodule(conv).relu
+        assert isinstance(fast.model.get_submodule(relu), nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), model(images), rtol=0, atol=1e-4)
+    assert isinstance(model.features[1], nn.BatchNorm2d)  # the input model untouched
+    save_sparse_inference(fast, tmp_path / "vgg.pt", "vgg16", 10, 3, *CIFAR)
+    loaded = load_sparse_inference(tmp_path / "vgg.pt")
+    assert loaded.fused == fast.fused
+    torch.testing.assert_close(loaded(images), fast(images), rtol=0, atol=0)
+
+
+def test_a_file_of_the_first_format_still_loads(tmp_path):
+    """Format 1 stored each sparse layer as a CSR matrix of its im2col kernel: (kernel row, kernel column, channel)
+    columns for stride-1 convs, (channel, kernel row, kernel column) for the others, a Linear as itself."""
+    model = masked_model("resnet18", 0.05)
+    names = ["layer1.0.conv1", "layer2.0.conv1", "linear" if hasattr(model, "linear") else "fc"]
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    for name in names:
+        weight = state.pop(f"{name}.weight")
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Conv2d):
+            shifted = layer.stride == (1, 1)
+            weight = weight.permute(0, 2, 3, 1) if shifted else weight
+        csr = weight.reshape(weight.shape[0], -1).to_sparse_csr()
+        state.update({f"{name}.crow_indices": csr.crow_indices(), f"{name}.col_indices": csr.col_indices(),
+                      f"{name}.values": csr.values()})
+    torch.save({"kind": "robust-sparse-sparse-inference/1", "architecture": "resnet18", "num_classes": 10,
+                "in_channels": 3, "mean": list(CIFAR[0]), "std": list(CIFAR[1]), "sparse_layers": names,
+                "dense_latency_s": 1.0, "sparse_latency_s": 0.5, "state": state}, tmp_path / "v1.pt")
+    loaded = load_sparse_inference(tmp_path / "v1.pt")
+    assert loaded.sparse_layers == names
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=1e-4)
+
+
+def test_a_shared_relu_is_not_fused():
+    torch.manual_seed(0)
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), relu, nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), relu, nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+    images = torch.rand(2, 3, 4, 4)
+    fast = sparse_inference(model, images, measure=sparse_always)
+    assert [entry[2] for entry in fast.fused] == [None, None]  # the BatchNorms fold, the shared ReLU stays
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), model(images), rtol=0, atol=1e-5)
+
+
 def test_export_writes_the_sparse_inference_model_and_its_latencies(tiny_config, tmp_path, capsys):
     result = fit(tiny_config("sparsity.method=rigl", "sparsity.density=0.1", "sparsity.update_every=3"))
     out = tmp_path / "export"

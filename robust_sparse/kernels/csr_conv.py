@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -142,7 +141,7 @@ class SparsePattern:
         a, b = dh * (rest // kw), dw * (rest % kw)  # offsets in input pixels
         self.nnz = int(index.numel())
         self.density = self.nnz / max(1, mask.numel())
-        self.row = o
+        self.outputs = outputs
         self.virtual = (c * sh * sw + (a % sh) * sw + (b % sw))
         self.qa, self.qb = a // sh, b // sw
         self.indptr = np.zeros(outputs + 1, dtype=np.int64)
@@ -155,10 +154,6 @@ class SparsePattern:
         self._channel = self.virtual.numpy().astype(np.int64)
         self._t_channel = o[order].numpy().astype(np.int64)
         self._shifts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-
-    @cached_property
-    def outputs(self) -> int:
-        return self.shape[0]
 
     def shifts(self, geometry: _Geometry, inner: int) -> tuple[np.ndarray, np.ndarray]:
         """Forward shifts on the input's phase grid, and flipped shifts on the output gradient's grid."""
@@ -195,14 +190,14 @@ class SparsePattern:
         if (sh, sw) == (1, 1):
             grid[:, 0, 0, :, ph:ph + geometry.height, pw:pw + geometry.width].copy_(source)
             return rows
-        hp, wp = geometry.padded
         for ra in range(sh):
             for rb in range(sw):
-                # input rows/columns of phase (ra, rb): padded index ra + s * i, i.e. input index ra - ph + s * i
-                top, left = -(-(ph - ra) // sh), -(-(pw - rb) // sw)  # first i with ra + s * i >= ph
+                # phase (ra, rb) holds padded pixels ra + s * i, i.e. input pixels ra - ph + s * i: the first
+                # i inside the image is ceil((ph - ra) / s)
+                top, left = -(-(ph - ra) // sh), -(-(pw - rb) // sw)
                 first_h, first_w = ra + sh * top - ph, rb + sw * left - pw
                 phase = source[:, :, first_h::sh, first_w::sw]
-                if first_h < 0 or first_w < 0 or phase.numel() == 0:
+                if phase.numel() == 0:  # a phase that lies wholly in the padding
                     continue
                 grid[:, ra, rb, :, top:top + phase.shape[2], left:left + phase.shape[3]].copy_(phase)
         return rows
@@ -213,7 +208,7 @@ class SparsePattern:
         gradient; else pooled, see :meth:`rows`) and the layout they are in."""
         _follow_torch_threads()
         geometry = self.geometry(x)
-        inner = _inner(x.shape[0], geometry.out[1])
+        inner = _inner(x.shape[0], geometry.width)
         rows = self.rows(x, geometry, inner, keep)
         out_h, out_w = geometry.out
         batch = x.shape[0]
@@ -233,7 +228,7 @@ class SparsePattern:
         (gh, gw), (sh, sw), (ph, pw) = geometry.grid, self.stride, self.padding
         pkh, pkw = geometry.phase_kernel
         batch, outputs, out_h, out_w = grad_out.shape
-        inner = _inner(batch, gw)
+        inner = _inner(batch, geometry.width)  # the gradient in the layout the forward read its input in
         t_h, t_w = gh + pkh - 1, gw + pkw - 1
         tail = ((pkh - 1) * t_w + pkw - 1) * inner
         rows, _ = _zeroed("grad_rows", (outputs, batch * t_h * t_w + tail), False, (geometry, inner, out_h, out_w))
@@ -273,8 +268,10 @@ class SparsePattern:
 
 
 def _inner(batch: int, width: int) -> int:
-    """The layout of a call: images side by side (1), or the batch innermost (``batch``) so that rows of the
-    grid stay long where the maps are narrow."""
+    """The layout of a call on input maps ``width`` wide: images side by side (1), or the batch innermost
+    (``batch``) so that rows of the grid stay long where the maps are narrow. A layer's output comes in the
+    layout its input went in, and the next layer, whose input width is that output's, mostly reads it in the
+    same one: its rows are then a plain copy."""
     return batch if batch > 1 and width < _WIDE else 1
 
 
