@@ -15,10 +15,11 @@ size of ``example_input`` and the thread count at build time; build again for an
 on as many threads as torch (``torch.set_num_threads``).
 
 The result is for inference only: it refuses train mode and inputs that require a gradient (attacks need the
-dense model; training runs its own sparse kernels, ``train.sparse_kernels``). Inside an ``nn.Sequential`` (VGG's
-features, a ResNet's shortcut), a BatchNorm after a sparse conv is folded into its values and bias and a ReLU
-after that into its output, so two passes over the activations are saved per layer; elsewhere (a module's own
-forward code) the order of calls is not known without tracing, and BatchNorm is left as it is.
+dense model; training runs its own sparse kernels, ``train.sparse_kernels``). A BatchNorm fed only by a sparse
+conv is folded into its values and bias, and a ReLU module fed only by that BatchNorm into its output, so two
+passes over the activations are saved per layer; the model's calls are read with ``torch.fx`` (or, for a model
+that does not trace, from consecutive children of ``nn.Sequential`` containers), and a functional ``F.relu``
+stays where it is.
 
 Saved form (:func:`save_sparse_inference`, :func:`load_sparse_inference`): a ``state_dict`` (each sparse layer's
 non-zero positions and values) plus the names that rebuild it, not TorchScript. The file is plain tensors,
@@ -38,6 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 import torch
+import torch.fx
 from torch import nn
 
 from robust_sparse.kernels import SparsePattern
@@ -238,35 +240,67 @@ def _sparse_twin(module: nn.Module) -> _SparseLayer:
     return SparseLinear.from_dense(module) if isinstance(module, nn.Linear) else SparseConv2d.from_dense(module)
 
 
-def _fuse(model: nn.Module) -> list[list[Optional[str]]]:
-    """Fold each BatchNorm2d that follows a sparse conv in an ``nn.Sequential`` into it, and a ReLU after that into
-    its output; the BatchNorm and the ReLU become ``nn.Identity``. Two passes over the activations fewer per layer.
+class _LeafTracer(torch.fx.Tracer):
+    """Traces a model's calls without entering the sparse layers (their kernels are not traceable)."""
 
-    Only where the order is certain (consecutive children of a Sequential, modules used once: a shared ReLU or
-    BatchNorm instance is left alone). Returns ``[conv, norm, relu or None]`` names, which a saved model records.
-    """
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, _SparseLayer) or super().is_leaf_module(module, qualified_name)
+
+
+def _chains(model: nn.Module) -> list[list[Optional[str]]]:
+    """``[conv, norm, relu or None]``: a sparse conv whose only consumer is a BatchNorm2d, and the ReLU module
+    that is the BatchNorm's only consumer, each module called once. From the traced graph (torch.fx) where the
+    model traces; otherwise from consecutive children of ``nn.Sequential`` containers, where order is certain."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # untraceable forward code (data-dependent control flow): the containers only
+        graph = None
+    if graph is not None:
+        calls = [node for node in graph.nodes if node.op == "call_module"]
+        sites = {target: sum(node.target == target for node in calls) for target in {n.target for n in calls}}
+
+        def only_user(node, kind):
+            users = list(node.users)
+            if len(users) == 1 and users[0].op == "call_module" and sites[users[0].target] == 1:
+                return users[0] if isinstance(model.get_submodule(users[0].target), kind) else None
+            return None
+
+        chains = []
+        for node in calls:
+            if isinstance(model.get_submodule(node.target), SparseConv2d) and sites[node.target] == 1:
+                norm = only_user(node, nn.BatchNorm2d)
+                if norm is not None:
+                    relu = only_user(norm, nn.ReLU)
+                    chains.append([node.target, norm.target, None if relu is None else relu.target])
+        return chains
     uses: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         uses[id(module)] = uses.get(id(module), 0) + 1
     names = {id(module): name for name, module in model.named_modules()}
-    fused: list[list[Optional[str]]] = []
+    chains = []
     for container in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         children = list(container)
         for i, conv in enumerate(children[:-1]):
             norm = children[i + 1]
-            if not (isinstance(conv, SparseConv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats
-                    and uses[id(norm)] == 1 and not norm.training):
-                continue
-            relu = children[i + 2] if i + 2 < len(children) else None
-            relu = relu if isinstance(relu, nn.ReLU) and uses[id(relu)] == 1 else None
-            fused.append([names[id(conv)], names[id(norm)], None if relu is None else names[id(relu)]])
-    for conv_name, norm_name, relu_name in fused:
+            if isinstance(conv, SparseConv2d) and isinstance(norm, nn.BatchNorm2d) and uses[id(norm)] == 1:
+                relu = children[i + 2] if i + 2 < len(children) else None
+                relu = relu if isinstance(relu, nn.ReLU) and uses[id(relu)] == 1 else None
+                chains.append([names[id(conv)], names[id(norm)], None if relu is None else names[id(relu)]])
+    return chains
+
+
+def _fuse(model: nn.Module) -> list[list[Optional[str]]]:
+    """Fold each BatchNorm2d that only a sparse conv feeds into that conv's values and bias, and the ReLU module
+    after it into the conv's output; they become ``nn.Identity``: two passes over the activations fewer per
+    layer. Returns the ``[conv, norm, relu or None]`` names, which a saved model records."""
+    chains = [chain for chain in _chains(model) if model.get_submodule(chain[1]).track_running_stats]
+    for conv_name, norm_name, relu_name in chains:
         model.get_submodule(conv_name).fold(model.get_submodule(norm_name))
         _replace(model, norm_name, nn.Identity())
         if relu_name is not None:
             model.get_submodule(conv_name).relu = True
             _replace(model, relu_name, nn.Identity())
-    return fused
+    return chains
 
 
 def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, measure: Optional[Measure] = None,
