@@ -39,10 +39,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 import torch
-import torch.fx
 from torch import nn
 
 from robust_sparse.kernels import SparsePattern
+from robust_sparse.kernels.chains import chains
 
 __all__ = [
     "SPARSE_INFERENCE_FORMAT", "LayerChoice", "SparseConv2d", "SparseInferenceModel", "SparseLinear",
@@ -240,67 +240,21 @@ def _sparse_twin(module: nn.Module) -> _SparseLayer:
     return SparseLinear.from_dense(module) if isinstance(module, nn.Linear) else SparseConv2d.from_dense(module)
 
 
-class _LeafTracer(torch.fx.Tracer):
-    """Traces a model's calls without entering the sparse layers (their kernels are not traceable)."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, _SparseLayer) or super().is_leaf_module(module, qualified_name)
-
-
-def _chains(model: nn.Module) -> list[list[Optional[str]]]:
-    """``[conv, norm, relu or None]``: a sparse conv whose only consumer is a BatchNorm2d, and the ReLU module
-    that is the BatchNorm's only consumer, each module called once. From the traced graph (torch.fx) where the
-    model traces; otherwise from consecutive children of ``nn.Sequential`` containers, where order is certain."""
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception:  # untraceable forward code (data-dependent control flow): the containers only
-        graph = None
-    if graph is not None:
-        calls = [node for node in graph.nodes if node.op == "call_module"]
-        sites = {target: sum(node.target == target for node in calls) for target in {n.target for n in calls}}
-
-        def only_user(node, kind):
-            users = list(node.users)
-            if len(users) == 1 and users[0].op == "call_module" and sites[users[0].target] == 1:
-                return users[0] if isinstance(model.get_submodule(users[0].target), kind) else None
-            return None
-
-        chains = []
-        for node in calls:
-            if isinstance(model.get_submodule(node.target), SparseConv2d) and sites[node.target] == 1:
-                norm = only_user(node, nn.BatchNorm2d)
-                if norm is not None:
-                    relu = only_user(norm, nn.ReLU)
-                    chains.append([node.target, norm.target, None if relu is None else relu.target])
-        return chains
-    uses: dict[int, int] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        uses[id(module)] = uses.get(id(module), 0) + 1
-    names = {id(module): name for name, module in model.named_modules()}
-    chains = []
-    for container in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        children = list(container)
-        for i, conv in enumerate(children[:-1]):
-            norm = children[i + 1]
-            if isinstance(conv, SparseConv2d) and isinstance(norm, nn.BatchNorm2d) and uses[id(norm)] == 1:
-                relu = children[i + 2] if i + 2 < len(children) else None
-                relu = relu if isinstance(relu, nn.ReLU) and uses[id(relu)] == 1 else None
-                chains.append([names[id(conv)], names[id(norm)], None if relu is None else names[id(relu)]])
-    return chains
-
-
 def _fuse(model: nn.Module) -> list[list[Optional[str]]]:
     """Fold each BatchNorm2d that only a sparse conv feeds into that conv's values and bias, and the ReLU module
-    after it into the conv's output; they become ``nn.Identity``: two passes over the activations fewer per
-    layer. Returns the ``[conv, norm, relu or None]`` names, which a saved model records."""
-    chains = [chain for chain in _chains(model) if model.get_submodule(chain[1]).track_running_stats]
-    for conv_name, norm_name, relu_name in chains:
+    after it into the conv's output (:func:`robust_sparse.kernels.chains.chains`); they become ``nn.Identity``:
+    two passes over the activations fewer per layer. Returns the ``[conv, norm, relu or None]`` names, which a
+    saved model records."""
+    found = chains(model, lambda module: isinstance(module, SparseConv2d),
+                   leaf=lambda module: isinstance(module, _SparseLayer))  # the kernels are not traceable
+    found = [chain for chain in found if model.get_submodule(chain[1]).track_running_stats]
+    for conv_name, norm_name, relu_name in found:
         model.get_submodule(conv_name).fold(model.get_submodule(norm_name))
         _replace(model, norm_name, nn.Identity())
         if relu_name is not None:
             model.get_submodule(conv_name).relu = True
             _replace(model, relu_name, nn.Identity())
-    return chains
+    return found
 
 
 def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, measure: Optional[Measure] = None,

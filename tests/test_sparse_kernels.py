@@ -16,7 +16,7 @@ from robust_sparse.config import load_config
 from robust_sparse.errors import ConfigError
 from robust_sparse.kernels import SparseKernels, SparsePattern, sparse_conv
 from robust_sparse.kernels import csr_conv
-from robust_sparse.kernels.training import AUTO_BUDGET, KernelConv2d, worth_it
+from robust_sparse.kernels.training import AUTO_BUDGET, KernelBatchNorm2d, KernelConv2d, KernelReLU, worth_it
 from robust_sparse.sparse import METHODS, StaticEngine, build_sparsity
 from robust_sparse.train import fit
 
@@ -183,6 +183,41 @@ def test_where_the_layers_run_sparse_and_where_dense():
     state = model.state_dict()
     kernels.remove()
     assert type(model.features[0]) is nn.Conv2d and model.state_dict().keys() == state.keys()
+
+
+def test_the_attack_folds_batch_norm_and_relu_into_the_conv():
+    """In eval mode (the attack) conv -> BatchNorm -> ReLU runs as one sparse call; logits and input gradients
+    equal the dense model's; in train mode (batch statistics) the BatchNorm runs itself."""
+    model, _, masker = _static_model(density=0.3)
+    with torch.no_grad():
+        for norm in (model.features[1], model.features[5]):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.2, 0.2)
+    reference = copy.deepcopy(model).eval()  # a copy: always dense
+    kernels = SparseKernels(model, masker, auto=False)
+    assert isinstance(model.features[1], KernelBatchNorm2d) and isinstance(model.features[2], KernelReLU)
+    outputs = []
+    model.features[0].register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = torch.rand(3, 1, 28, 28)
+    model.eval()
+    for run in (model, reference):
+        image = x.clone().requires_grad_()
+        with kernels.inputs_only():
+            logits = run(image)
+        outputs.append((logits.detach(), torch.autograd.grad(logits.square().sum(), image)[0]))
+    folded, (sparse_logits, sparse_grad), (dense_logits, dense_grad) = outputs
+    assert folded._normalised_by is model.features[1] and folded._rectified_by is model.features[2]
+    assert folded.min() >= 0  # the ReLU is in the kernel's output
+    torch.testing.assert_close(sparse_logits, dense_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-5)
+    model.train()
+    with kernels.inputs_only():
+        model(x)
+    assert not hasattr(outputs[-1], "_normalised_by")  # batch statistics: nothing folded
+    kernels.remove()
+    assert type(model.features[1]) is nn.BatchNorm2d and type(model.features[2]) is nn.ReLU
 
 
 class _DenseGradient(StaticEngine):

@@ -142,6 +142,7 @@ class SparsePattern:
         self.nnz = int(index.numel())
         self.density = self.nnz / max(1, mask.numel())
         self.outputs = outputs
+        self.rows_of = o  # each non-zero's output channel
         self.virtual = (c * sh * sw + (a % sh) * sw + (b % sw))
         self.qa, self.qb = a // sh, b // sw
         self.indptr = np.zeros(outputs + 1, dtype=np.int64)
@@ -302,8 +303,8 @@ def _flat(t: torch.Tensor, inner: int) -> np.ndarray:
 
 class _SparseConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pattern: SparsePattern, relu: bool):
-        values = pattern.values(weight)
+    def forward(ctx, x, weight, bias, pattern: SparsePattern, relu: bool, values: torch.Tensor | None):
+        values = pattern.values(weight) if values is None else values.detach().float().contiguous()
         source = x.detach().float()
         out, rows, inner = pattern.forward(source, values, bias, relu=relu, keep=ctx.needs_input_grad[1])
         ctx.pattern, ctx.geometry, ctx.channels, ctx.relu = pattern, pattern.geometry(source), x.shape[1], relu
@@ -326,18 +327,22 @@ class _SparseConvFunction(torch.autograd.Function):
             grad_w.view(-1)[pattern.flat_index] = pattern.weight_grad(grad_out, rows, geometry, ctx.inner)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def sparse_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pattern: SparsePattern,
-                relu: bool = False) -> torch.Tensor:
+                relu: bool = False, values: torch.Tensor | None = None) -> torch.Tensor:
     """``conv2d(x, weight, bias, stride, padding, dilation)`` (ReLU after if ``relu``) through the CSR kernels,
     with autograd.
 
     ``weight`` must be zero outside ``pattern`` (the mask it was built from); the gradient it receives is zero
     there too. A 4-D ``x`` is an image batch; a 2-D ``x`` with a 2-D weight is a Linear layer's input.
+    ``values`` (the non-zeros in the pattern's order, e.g. with a BatchNorm folded in) replaces the weight's own
+    values; the weight then gets no gradient.
     """
+    if values is not None and weight.requires_grad:
+        raise ValueError("sparse_conv: values given for a weight that requires a gradient")
     if x.dim() == 2:
-        out = _SparseConvFunction.apply(x[:, :, None, None], weight, bias, pattern, relu)
+        out = _SparseConvFunction.apply(x[:, :, None, None], weight, bias, pattern, relu, values)
         return out.view(x.shape[0], -1)
-    return _SparseConvFunction.apply(x, weight, bias, pattern, relu)
+    return _SparseConvFunction.apply(x, weight, bias, pattern, relu, values)

@@ -11,6 +11,10 @@ keeps sparse and, where it is exact and pays, computes them from the non-zeros o
   those training passes take the dense kernels, the attack of the same step still runs sparse;
 * every other forward without weight gradients (validation, ``torch.no_grad``).
 
+In the attack the model is in eval mode, so a BatchNorm that only a switched conv feeds is an affine map: it is
+folded into the conv's values and bias, and the ReLU module that only it feeds into the kernel's output
+(:meth:`SparseKernels.folded`), which saves two passes over the activations per layer and attack step.
+
 A forward that needs weight gradients outside :meth:`training_pass` (AGENT's snapshot and full-gradient
 passes, GSE's scoring, a user's own loop) takes the dense kernels: a sparse weight gradient is exact only where
 the caller wants the masked gradient, and only the training loop knows that. A copy of the model (AGENT's
@@ -38,11 +42,12 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from robust_sparse.kernels.chains import chains
 from robust_sparse.kernels.csr_conv import SparsePattern, sparse_conv
 
 __all__ = ["AUTO_BUDGET", "SparseKernels", "KernelConv2d", "KernelLinear", "worth_it"]
@@ -62,6 +67,8 @@ class _Layer:
     mask: torch.Tensor | None = None  # the mask the pattern was built from, and its version counter then
     version: int = -1
     worth_it: dict[tuple, bool] = field(default_factory=dict)  # auto: input shape -> the cost model's choice
+    norm: nn.BatchNorm2d | None = None  # the BatchNorm only this conv feeds, and the ReLU only it feeds
+    relu: nn.ReLU | None = None
 
 
 class _Shared:
@@ -88,7 +95,25 @@ class KernelConv2d(_KernelLayer, nn.Conv2d):
         pattern, weight_grads = self._sparse_pattern(x)
         if pattern is None:
             return nn.Conv2d.forward(self, x)
+        if not weight_grads:
+            folded = self._sparse_kernels.owner.folded(self, pattern)
+            if folded is not None:
+                return folded(x)
         return sparse_conv(x, self.weight if weight_grads else self.weight.detach(), self.bias, pattern)
+
+
+class KernelBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that passes on an input its conv has already normalised (:meth:`SparseKernels.folded`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if getattr(x, "_normalised_by", None) is self else nn.BatchNorm2d.forward(self, x)
+
+
+class KernelReLU(nn.ReLU):
+    """A ReLU that passes on an input its conv has already rectified (:meth:`SparseKernels.folded`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if getattr(x, "_rectified_by", None) is self else nn.ReLU.forward(self, x)
 
 
 class KernelLinear(_KernelLayer, nn.Linear):
@@ -101,7 +126,7 @@ class KernelLinear(_KernelLayer, nn.Linear):
         return sparse_conv(x, self.weight if weight_grads else self.weight.detach(), self.bias, pattern)
 
 
-_SWAPS = {nn.Conv2d: KernelConv2d, nn.Linear: KernelLinear}
+_SWAPS = {nn.Conv2d: KernelConv2d, nn.Linear: KernelLinear, nn.BatchNorm2d: KernelBatchNorm2d, nn.ReLU: KernelReLU}
 _ORIGINAL = {swapped: original for original, swapped in _SWAPS.items()}
 
 
@@ -133,19 +158,66 @@ class SparseKernels:
             module._sparse_kernels = _Shared(self)
             self._layers[id(module)] = _Layer(by_param[id(weight)])
             self._modules.append(module)
-        log.info("sparse kernels: %d of %d sparse layers on the CSR kernels (%s)", len(self._modules),
+        self._chain(model)
+        log.info("sparse kernels: %d of %d sparse layers on the CSR kernels (%s)", len(self._layers),
                  len(masker.params), "where the cost model says it pays" if auto else "all")
+
+    def _chain(self, model: nn.Module) -> None:
+        """Pair each switched conv with the BatchNorm (and ReLU) only it feeds: the attack folds them in."""
+        for conv_name, norm_name, relu_name in chains(
+                model, lambda module: id(module) in self._layers and isinstance(module, KernelConv2d),
+                leaf=lambda module: isinstance(module, _KernelLayer)):
+            layer = self._layers[id(model.get_submodule(conv_name))]
+            for name in (norm_name, relu_name):
+                if name is not None:
+                    module = model.get_submodule(name)
+                    module.__class__ = _SWAPS[type(module)]
+                    self._modules.append(module)
+            layer.norm = model.get_submodule(norm_name)
+            layer.relu = None if relu_name is None else model.get_submodule(relu_name)
 
     def remove(self) -> None:
         """Give every layer its own class back."""
         for module in self._modules:
             module.__class__ = _ORIGINAL[type(module)]
-            del module._sparse_kernels
+            if hasattr(module, "_sparse_kernels"):
+                del module._sparse_kernels
         self._modules, self._layers = [], {}
+
+    def folded(self, module: nn.Module, pattern: SparsePattern) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """In the attack, a conv, its eval-mode BatchNorm and its ReLU as one sparse call (None: not here).
+
+        The BatchNorm's scale goes into the values and its shift into the bias, and the ReLU into the kernel's
+        output (its gradient mask into the backward): two passes over the activations fewer, forward and
+        backward, on every attack step. The output carries marks that make that BatchNorm and ReLU pass it on.
+        """
+        layer = self._layers.get(id(module))
+        norm = None if layer is None else layer.norm
+        if getattr(self._state, "mode", None) != "inputs" or norm is None or norm.training \
+                or not norm.track_running_stats:
+            return None
+        with torch.no_grad():
+            scale = norm.running_var.add(norm.eps).rsqrt()
+            if norm.affine:
+                scale = scale * norm.weight
+            shift = -norm.running_mean * scale
+            if norm.affine:
+                shift = shift + norm.bias
+            bias = shift if module.bias is None else module.bias.detach() * scale + shift
+            values = pattern.values(module.weight) * scale[pattern.rows_of]
+        relu = layer.relu
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = sparse_conv(x, module.weight.detach(), bias, pattern, relu=relu is not None, values=values)
+            out._normalised_by = norm
+            if relu is not None:
+                out._rectified_by = relu
+            return out
+        return call
 
     @property
     def layers(self) -> int:
-        return len(self._modules)
+        return len(self._layers)
 
     # ---- where sparse weight gradients are wanted --------------------------------------------------------
 
