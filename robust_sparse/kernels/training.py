@@ -54,10 +54,12 @@ __all__ = ["AUTO_BUDGET", "SparseKernels", "KernelConv2d", "KernelLinear", "wort
 
 log = logging.getLogger(__name__)
 
-# density x grid waste below which ``auto`` runs a layer sparse: the CSR kernels reach about a fifth of the dense
-# kernels' FMA rate on AVX-512 (benchmarks/sparse_training.py, BENCHMARKS.md); the rows copy and the scattered
-# output are paid once per call, so a layer must save more than that
-AUTO_BUDGET = 0.2
+# density x grid waste below which ``auto`` runs a layer sparse. The CSR kernels reach about a fifth of the dense
+# kernels' multiply-add rate (benchmarks/sparse_kernels.py), and the rows' copies, the fresh buffers and the
+# gradient's scatter are paid per call whatever the density: end to end, layers at 90% sparsity (work 0.1-0.16)
+# gained nothing in a PGD-AT step (VGG-16 ERK 90%: 0.98x; the quickstart's BSR-Net small CNN: 0.94x) while 95%
+# and 99% did (BENCHMARKS.md, "Sparse kernels"); so auto waits for about 92% sparsity on a 32x32 map
+AUTO_BUDGET = 0.08
 
 
 @dataclass
