@@ -139,15 +139,15 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_the_auto_rule_weighs_density_against_the_padded_grid():
-    assert AUTO_BUDGET == 0.08
+    assert AUTO_BUDGET == 0.2
     mask = torch.zeros(8, 8, 3, 3, dtype=torch.bool)
-    mask.view(-1)[:29] = True  # density 0.05
+    mask.view(-1)[:58] = True  # density 0.1
     pattern = SparsePattern(mask, (1, 1), (1, 1))
-    assert worth_it(pattern, torch.zeros(2, 8, 32, 32))  # 0.05 x (34 * 34) / (32 * 32) = 0.056 < 0.08
-    assert not worth_it(pattern, torch.zeros(2, 8, 4, 4))  # 0.05 x 36 / 16 = 0.11: the padding costs more
+    assert worth_it(pattern, torch.zeros(2, 8, 32, 32))  # 0.1 x (34 * 34) / (32 * 32) = 0.11 < 0.2
+    assert not worth_it(pattern, torch.zeros(2, 8, 2, 2))  # 0.1 x 16 / 4 = 0.4: the padding costs more
     linear = torch.zeros(10, 10, dtype=torch.bool)
-    linear.view(-1)[:7] = True
-    assert worth_it(SparsePattern(linear), torch.zeros(2, 10))  # 0.07: no grid, no waste
+    linear.view(-1)[:19] = True
+    assert worth_it(SparsePattern(linear), torch.zeros(2, 10))  # 0.19: no grid, no waste
     assert not worth_it(SparsePattern(torch.ones(8, 8, dtype=torch.bool)), torch.zeros(2, 8))
 
 
