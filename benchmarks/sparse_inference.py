@@ -63,6 +63,21 @@ CIFAR = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 DISTRIBUTIONS = {"uniform": allocation.uniform, "erk": allocation.erk}
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """``table`` as a markdown table: milliseconds and seconds to 0.1, speed-ups to 0.01, the rest to 3 digits."""
+    shown = table.copy()
+    for column in [c for c in shown.columns if pd.api.types.is_numeric_dtype(shown[c])]:
+        if column.endswith("_ms") or (column.endswith("_s") and not column.endswith("_per_s")):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
+        elif column.endswith("speedup"):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+        elif shown[column].dtype == float:
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---:|" * len(shown.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def masked_model(arch: str, distribution: str, sparsity: float, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(arch, 10, 3, *CIFAR).eval()
@@ -275,15 +290,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    shown = table.copy()
-    for column in [c for c in shown.columns if pd.api.types.is_numeric_dtype(shown[c])]:
-        if column.endswith("_ms") or column == "build_s":
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
-        elif column.endswith("speedup") or column == "flops_speedup":
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---:|" * len(shown.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    print("\n".join(lines))  # noqa: T201  (a markdown table, as BENCHMARKS.md shows it)
+    print(markdown(table))  # noqa: T201  (a markdown table, as BENCHMARKS.md shows it)
     return table
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from robust_sparse.kernels import SparsePattern
 from robust_sparse.kernels import csr_conv
+from sparse_inference import markdown  # the benchmarks' one table format
 
 log = logging.getLogger("sparse_kernels")
 # (in channels, out channels, map size) of CIFAR VGG-16's 3x3 convolutions after the first
@@ -114,12 +115,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    shown = table.copy()
-    for column in [c for c in shown.columns if shown[c].dtype == float]:
-        shown[column] = shown[column].map(lambda v: f"{v:.3g}")
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---:|" * len(shown.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    print("\n".join(lines))  # noqa: T201  (a markdown table, as BENCHMARKS.md shows it)
+    print(markdown(table))  # noqa: T201  (a markdown table, as BENCHMARKS.md shows it)
     return table
 
 

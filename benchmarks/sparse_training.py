@@ -16,7 +16,8 @@ backward, the optimizer step and the mask owner's hooks), exactly as ``robust-sp
 The table gives the median seconds per step, the min-max spread, the speed-up over dense (dense median /
 variant median) and beside it the FLOPs ratio: the FLOPs-weighted density of the Conv2d/Linear layers (dense
 FLOPs per layer counted by ``torch.utils.flop_counter`` on the input each layer sees), whose inverse is what a
-kernel that only paid for its non-zeros would reach.
+kernel that only paid for its non-zeros would reach (``sparse_inference.flops_ratio``: the masked weights' own
+zeros).
 
 The batches are real MNIST-5k digits (the embedded dataset), padded to 32x32 and repeated over three channels:
 speed does not depend on the pixel values, but we do not time random noise.
@@ -41,7 +42,6 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from robust_sparse.config import load_config
 from robust_sparse.data import BatchLoader, ImageSet, load_mnist5k
@@ -51,6 +51,7 @@ from robust_sparse.objectives import build_objective
 from robust_sparse.optim import build_optimization
 from robust_sparse.sparse import StaticEngine, build_sparsity
 from robust_sparse.train import train_one_epoch
+from sparse_inference import flops_ratio, markdown  # the same FLOPs ratio and table as the inference benchmark
 
 log = logging.getLogger("sparse_training")
 VARIANTS = ("dense", "masked", "auto", "on", "growth")
@@ -69,32 +70,6 @@ def real_batch(batch: int, channels: int, size: int) -> ImageSet:
     pad = (size - 28) // 2
     images = nn.functional.pad(images, (pad, size - 28 - pad, pad, size - 28 - pad))
     return ImageSet(images.repeat(1, channels, 1, 1), train.labels[:batch])
-
-
-def flops_ratio(model: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor) -> float:
-    """FLOPs-weighted density of the Conv2d/Linear layers (dense FLOPs per layer from FlopCounterMode)."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    inputs: dict[str, torch.Tensor] = {}
-
-    def keep_input(name: str):
-        def hook(_module, args, _output) -> None:
-            inputs.setdefault(name, args[0])
-        return hook
-
-    hooks = [m.register_forward_hook(keep_input(name)) for name, m in layers.items()]
-    with torch.no_grad():
-        model.eval()(images)
-    for hook in hooks:
-        hook.remove()
-    dense = sparse = 0.0
-    for name, layer in layers.items():
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            layer(inputs[name])
-        flops = counter.get_total_flops()
-        mask = masks.get(f"{name}.weight")
-        dense += flops
-        sparse += flops * (1.0 if mask is None else float(mask.float().mean()))
-    return sparse / dense
 
 
 class Step:
@@ -151,7 +126,7 @@ def run_case(arch: str, batch: int, threads: int, sparsities: list[float], args:
     for (variant, sparsity), values in seconds.items():
         step = steps[(variant, sparsity)]
         median = statistics.median(values)
-        ratio = flops_ratio(copy.deepcopy(step.model), step.masks, images) if variant != "dense" else 1.0
+        ratio = flops_ratio(copy.deepcopy(step.model).eval(), images) if variant != "dense" else 1.0
         kernels = getattr(step, "kernels", None)
         rows.append({
             "model": arch, "batch": batch, "threads": threads, "sparsity": sparsity, "variant": variant,
@@ -188,11 +163,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if args.csv:
         table.to_csv(args.csv, index=False)
-    formats = {"s_per_step": "{:.3f}", "speedup": "{:.2f}", "flops_speedup": "{:.1f}"}
-    shown = table.assign(**{c: table[c].map(f.format) for c, f in formats.items()})
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---:|" * len(shown.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    print("\n".join(lines))  # noqa: T201  (a benchmark prints its table, as BENCHMARKS.md shows it)
+    print(markdown(table))  # noqa: T201  (a benchmark prints its table, as BENCHMARKS.md shows it)
     return table
 
 
