@@ -117,9 +117,10 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The fields that must match to resume: everything but where the run executes, where it is stored (a run
     directory can be moved or copied) and where its metrics are mirrored (tracking may be turned on later)."""
     comparable = {key: value for key, value in config.items() if key not in ("device", "out_dir", "tracking")}
-    if isinstance(comparable.get("train"), dict):  # the same arithmetic laid out or compiled otherwise may resume
+    if isinstance(comparable.get("train"), dict):  # the same arithmetic laid out, compiled or computed from the
+        # non-zeros otherwise (train.sparse_kernels: equal within float rounding) may resume
         comparable["train"] = {key: value for key, value in comparable["train"].items()
-                               if key not in ("channels_last", "compile")}
+                               if key not in ("channels_last", "compile", "sparse_kernels")}
     return comparable
 
 

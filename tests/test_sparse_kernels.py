@@ -287,6 +287,11 @@ def test_a_resumed_run_with_the_kernels_matches_the_uninterrupted_one(tiny_confi
     uninterrupted = fit(tiny_config(*common, f"out_dir={tmp_path / 'a'}"))
     killed = tiny_config(*common, f"out_dir={tmp_path / 'b'}")
     _train_one_epoch_then_stop(killed)
+    # the kernels may be switched on resume, as channels_last may: the same arithmetic within float rounding
+    from robust_sparse.run_record import resume_state
+
+    assert resume_state(tiny_config(*common, "train.sparse_kernels=off", f"out_dir={tmp_path / 'b'}"),
+                        torch.device("cpu")) is not None
     resumed = fit(killed, resume=True)
     a, b = load_checkpoint(uninterrupted.run_dir / "last.pt"), load_checkpoint(resumed.run_dir / "last.pt")
     for key in a["model"]:

@@ -31,9 +31,10 @@ The layers are switched by changing their class to a subclass with the same para
 ``auto`` (the default, ``train.sparse_kernels``) runs a layer sparse where the kernels' cost model says it
 pays: ``density * grid / outputs < AUTO_BUDGET``, the non-zeros' share of the dense work times the padded grid's
 waste (the kernel computes every pixel of the padded, phased grid; a 2x2 map padded to 4x4 wastes 4x), against
-the sparse kernel's measured efficiency relative to dense (``benchmarks/sparse_training.py`` measures the layers
-and shows where the rule falls). A rule, not a stopwatch: a measured choice would flip with the machine's load,
-and a run would then not repeat itself bit for bit, nor resume exactly. ``on`` runs every layer sparse.
+the sparse kernel's measured efficiency relative to dense (``benchmarks/sparse_kernels.py`` measures it per layer,
+``benchmarks/sparse_training.py`` end to end). A rule, not a stopwatch: a measured choice would flip with the
+machine's load, and a run would then not repeat itself bit for bit, nor resume exactly. ``on`` runs every layer
+sparse.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from torch import nn
 from robust_sparse.kernels.chains import chains
 from robust_sparse.kernels.csr_conv import SparsePattern, sparse_conv
 
-__all__ = ["AUTO_BUDGET", "SparseKernels", "KernelConv2d", "KernelLinear", "worth_it"]
+__all__ = ["AUTO_BUDGET", "KernelBatchNorm2d", "KernelConv2d", "KernelLinear", "KernelReLU", "SparseKernels",
+           "worth_it"]
 
 log = logging.getLogger(__name__)
 
