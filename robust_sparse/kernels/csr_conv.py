@@ -21,6 +21,7 @@ topology.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from robust_sparse.kernels import numba_csr
 
 __all__ = ["SparsePattern", "sparse_conv", "set_threads"]
+
+log = logging.getLogger(__name__)
 
 # floats of input rows a tile may touch (all channels' slices): about the 1 MiB L2 per core of this CPU family
 _L2_FLOATS = (1024 * 1024) // 4
@@ -45,7 +48,14 @@ def set_threads(count: int) -> int:
     return numba_csr.set_threads(count)
 
 
+_first_use = [True]
+
+
 def _follow_torch_threads() -> None:
+    if _first_use[0]:  # numba compiles the kernels at their first call: seconds once, then cached on disk
+        _first_use[0] = False
+        log.info("sparse kernels: first use in this process; numba loads them, or compiles them if no cached copy "
+                 "exists (about 10 s, once)")
     # numba keeps its own count per thread; one call per product keeps it equal to torch's (``set_num_threads``)
     wanted = min(torch.get_num_threads(), numba_csr.numba.config.NUMBA_NUM_THREADS)
     if numba_csr.numba.get_num_threads() != wanted:
