@@ -1,26 +1,26 @@
-"""The compiled kernels: a CSR weight times shifted rows of a padded activation, and its two adjoints.
+"""The compiled kernels: a CSR weight times shifted rows of a padded activation, and its weight gradient.
 
 Every convolution here runs on the *padded grid* of its input: the activation is stored as one row per
-channel, ``(C, N * Hp * Wp + tail)``, the zero-padded images of the whole batch side by side. For a stride-1
-convolution the input pixel that kernel offset ``(a, b)`` pairs with output pixel ``j`` of the same grid is
-``j + a * Wp + b``, so one non-zero weight ``W[o, c, a, b]`` contributes ``v * row_c[j + d]`` to every pixel
-``j`` of output row ``o``, ``d = a * Wp + b``: an AXPY of a contiguous, shifted input row into the output
-row (the direct sparse convolution of Park et al. 2017 and of XNNPACK's sparse inference, Elsen et al.
-2020, with the batch folded into the spatial dimension). No im2col matrix is ever built. Output pixels whose
-window leaves the image (the grid's right and bottom margins) are computed and cropped by the caller: that
-waste is ``(Hp * Wp) / (Ho * Wo)``, 1.13x at 32x32 and more on tiny maps, which the per-layer choice sees.
+channel, ``(C, N * Hp * Wp + tail)``, the zero-padded images of the whole batch flattened together. For a
+stride-1 convolution the input pixel that kernel offset ``(a, b)`` pairs with output pixel ``j`` of the same
+grid is ``j + a * Wp + b``, so one non-zero weight ``W[o, c, a, b]`` contributes ``v * row_c[j + d]`` to every
+pixel ``j`` of output row ``o``, ``d = a * Wp + b``: an AXPY of a contiguous, shifted input row into the output
+row (the direct sparse convolution of Park et al. 2017 and of XNNPACK's sparse inference, Elsen et al. 2020,
+with the batch folded into the rows). No im2col matrix is ever built. The batch is laid out either image after
+image (``inner`` 1) or innermost (``inner`` N: pixel-major, so that rows stay ``width * N`` floats long on small
+maps; every shift is then multiplied by N). Grid pixels whose window leaves the image (the right and bottom
+margins) are computed and dropped when the tile is written out: that waste is ``(Hp * Wp) / (Ho * Wo)``, 1.13x
+at 32x32 and more on tiny maps, which ``train.sparse_kernels=auto``'s cost model counts.
 
-Cache blocking: the grid is cut into tiles of ``tile`` pixels; for each tile every output row is finished
-(bias, then all its non-zeros) before the next, so the tile of the output row (a scratch accumulator) stays in L1 while the input
-tiles of every channel, ``C * (tile + max shift)`` floats, stay in L2. Threads take whole tiles (``prange``),
-so no two threads write one output element and the result does not depend on the thread count.
+Cache blocking: the grid is cut into tiles of ``tile`` pixels; for each tile every output row is finished (bias,
+then all its non-zeros, eight per sweep) in a scratch accumulator that stays in L1 while the input tiles of every
+channel, ``C * (tile + max shift)`` floats, stay in L2. Threads take whole tiles (``prange``), so no two threads
+write one output element and the result does not depend on the thread count.
 
-A Linear layer is the same product with no shift: its input is ``x^T`` (features, batch) and the "grid" is
-the batch.
-
-The same kernel computes the input gradient of a stride-1 convolution (a convolution of the padded output
-gradient with the flipped, channel-transposed kernel: the transposed CSR), and :func:`sampled_grad` the
-weight gradient at the non-zero positions only (a sampled dense-dense product).
+The same kernel computes the input gradient (a convolution of the padded output gradient with the flipped,
+channel-transposed kernel: the transposed CSR), and :func:`sampled_grad` the weight gradient at the non-zero
+positions only (a sampled dense-dense product). :mod:`robust_sparse.kernels.csr_conv` builds the rows, the
+shifts and the strided (polyphase) cases around them.
 """
 
 from __future__ import annotations
