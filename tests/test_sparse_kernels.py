@@ -59,15 +59,19 @@ def test_forward_input_and_weight_gradients_equal_conv2d(geometry, batch, layout
     x = torch.randn(batch, 5, 11, 9, requires_grad=True)
     weight = conv.weight.detach().clone().requires_grad_()
     bias = conv.bias.detach().clone().requires_grad_()
-    out = sparse_conv(x, weight, bias, pattern)
-    expected = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+    _assert_same_layer(sparse_conv(x, weight, bias, pattern),
+                       F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation), (x, weight, bias), mask)
+
+
+def _assert_same_layer(out, expected, inputs, mask):
+    """Equal outputs and input and bias gradients; the weight gradient at the non-zeros only, exactly zero
+    elsewhere (the masked gradient)."""
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, (x, weight, bias), upstream)
-    reference = torch.autograd.grad(expected, (x, weight, bias), upstream)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    reference = torch.autograd.grad(expected, inputs, upstream)
     torch.testing.assert_close(grads[0], reference[0], rtol=1e-5, atol=1e-5)
-    # the weight gradient at the non-zeros only, exactly zero elsewhere (the masked gradient)
     torch.testing.assert_close(grads[1], reference[1] * mask, rtol=1e-5, atol=1e-5)
     assert torch.all(grads[1][~mask] == 0)
     torch.testing.assert_close(grads[2], reference[2], rtol=1e-5, atol=1e-5)
@@ -101,15 +105,8 @@ def test_linear_layer_and_its_gradients():
     weight = (torch.randn(7, 12) * mask).requires_grad_()
     bias = torch.randn(7, requires_grad=True)
     x = torch.randn(5, 12, requires_grad=True)
-    out = sparse_conv(x, weight, bias, SparsePattern(mask))
-    expected = F.linear(x, weight, bias)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    upstream = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, (x, weight, bias), upstream)
-    reference = torch.autograd.grad(expected, (x, weight, bias), upstream)
-    torch.testing.assert_close(grads[0], reference[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[1], reference[1] * mask, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[2], reference[2], rtol=1e-5, atol=1e-5)
+    _assert_same_layer(sparse_conv(x, weight, bias, SparsePattern(mask)), F.linear(x, weight, bias),
+                       (x, weight, bias), mask)
 
 
 def test_the_output_takes_in_place_layers():
