@@ -16,7 +16,12 @@ with ``c_0 = 0``, where ``c_hat = Cov(l(B|theta_t), l(B|theta~)) / Var(l(B|theta
     the official A-BSR-Net code copies the model right before measuring, so its estimate is identically 1 and
     ``gamma * c_t`` is the ramp ``gamma * (1 - (1 - alpha)^e)``, i.e. ``gamma * (1 - 0.7^e)``.
 ``fixed``
-    ``c_t`` held at ``fixed_c`` from the first step (the paper's "fixed c_t" ablation).
+    ``c_t`` held at ``fixed_c`` from the first step (the paper's "fixed c_t" ablation, gamma multiplying it).
+
+The paper's ablations (its Table 6) and SVRG are named variants (``agent.variant``, :func:`resolve_variant`):
+``fixed_c`` (weight ``fixed_c``, gamma ignored: "Fixed c_t = 0.1" read literally), ``fixed_c_gamma`` (weight
+``gamma * fixed_c``: the same name read with gamma kept; the paper does not say which it ran), ``no_gamma`` (the
+adaptive ``c_t``, gamma = 1) and ``svrg`` (weight 1 from the first step).
 
 :class:`AGENT` is an optimizer *wrapper*: it shares ``param_groups`` with the base optimizer, corrects the
 gradients in ``.grad`` and delegates the update, so it composes with any base optimizer, sparse engine (their
@@ -51,7 +56,7 @@ import torch
 from torch import nn
 
 from robust_sparse import distributed
-from robust_sparse.config import AgentConfig, AgentEstimator, TrainConfig
+from robust_sparse.config import AgentConfig, AgentEstimator, AgentVariant, TrainConfig
 from robust_sparse.data import ImageSet, batch_loader, in_memory
 from robust_sparse.errors import UserError
 from robust_sparse.objectives import Objective
@@ -130,6 +135,29 @@ def update_c(estimator: AgentEstimator, c_previous: float, refresh_index: int, *
 
 
 @dataclass(frozen=True)
+class Weighting:
+    """What a variant fixes: the estimator of c_t, gamma and the constant c_t of the fixed estimators."""
+
+    estimator: AgentEstimator
+    gamma: float
+    fixed_c: float
+
+
+def resolve_variant(config: AgentConfig) -> Weighting:
+    """``agent.variant`` as the estimator, gamma and constant c it stands for (``agent`` keeps the config's)."""
+    variant = config.variant
+    if variant is AgentVariant.FIXED_C:
+        return Weighting(AgentEstimator.FIXED, 1.0, config.fixed_c)
+    if variant is AgentVariant.FIXED_C_GAMMA:
+        return Weighting(AgentEstimator.FIXED, config.gamma, config.fixed_c)
+    if variant is AgentVariant.NO_GAMMA:
+        return Weighting(config.estimator, 1.0, config.fixed_c)
+    if variant is AgentVariant.SVRG:
+        return Weighting(AgentEstimator.FIXED, 1.0, 1.0)
+    return Weighting(config.estimator, config.gamma, config.fixed_c)
+
+
+@dataclass(frozen=True)
 class _PassResult:
     """What :meth:`AGENT._large_batch_pass` computed."""
 
@@ -169,6 +197,7 @@ class AGENT(torch.optim.Optimizer):
         self.base = base
         self.model = model
         self.config = config
+        self.weighting = resolve_variant(config)  # agent.variant: the estimator, gamma and constant c it uses
         self.masker = masker  # the sparse masker: its views, the networks it trains (one active per step)
         # the live masks of the network being trained, keyed by parameter name
         self.masks = masks if masks is not None else masker.masks if masker is not None else {}
@@ -214,10 +243,10 @@ class AGENT(torch.optim.Optimizer):
     @property
     def gamma_c(self) -> float:
         """gamma * c_t, the scale of the correction in the current epoch (the metrics' ``agent_weight``)."""
-        return self.config.gamma * self.c
+        return self.weighting.gamma * self.c
 
     def due(self, epoch: int) -> bool:
-        return self.config.gamma > 0 and epoch % self.config.snapshot_every == 0
+        return self.weighting.gamma > 0 and epoch % self.config.snapshot_every == 0
 
     # ---- per epoch ---------------------------------------------------------------------------------------
 
@@ -237,14 +266,15 @@ class AGENT(torch.optim.Optimizer):
         new_snapshot.train(config.full_grad_bn == "train")
         previous = self.snapshot
         # paper: c_hat compares the new snapshot (the current model) with the previous one on the pass's batches
-        estimating = config.estimator is AgentEstimator.PAPER and previous is not None
-        update = partial(update_c, config.estimator, self.c, self.refreshes, alpha=config.alpha,
-                         fixed_c=config.fixed_c, clip=config.clip)
+        estimator = self.weighting.estimator
+        estimating = estimator is AgentEstimator.PAPER and previous is not None
+        update = partial(update_c, estimator, self.c, self.refreshes, alpha=config.alpha,
+                         fixed_c=self.weighting.fixed_c, clip=config.clip)
         if not estimating:  # official's ramp, fixed, paper's c_0 = 0: known before the pass
             self.c_hat, self.c = update()
         n_views = self._count()
         passed = None
-        if estimating or (config.estimator is not AgentEstimator.PAPER and self.c != 0):
+        if estimating or (estimator is not AgentEstimator.PAPER and self.c != 0):
             passed = self._large_batch_pass(new_snapshot, previous if estimating else None, batches, loss_fn, scale)
         # what this rank's pass ran (FLOPs accounting): batches, whether with gradients, the previous snapshot's
         self.last_pass = (RefreshPass(passed.batches, True, estimating) if passed is not None
@@ -505,7 +535,7 @@ def check_agent(config: TrainConfig, train_images: int, world_size: int, views: 
         raise UserError(f"agent.full_grad_batches = {agent.full_grad_batches}: each of the {views} sub-nets "
                         f"gets its own g_tilde batches; use >= {views} (or 0 = all)")
     rank_batches = full_grad_pass_length(config, train_images, world_size)
-    if agent.gamma > 0 and (rank_batches < 1 or rank_batches * world_size < 2):
+    if resolve_variant(agent).gamma > 0 and (rank_batches < 1 or rank_batches * world_size < 2):
         raise UserError(f"agent: the g_tilde pass needs at least 2 full batches of {config.data.batch_size} "
                         f"training images (one per rank), the split has {train_images}; lower data.batch_size")
 
@@ -521,5 +551,5 @@ def _scaled_grad(loss: torch.Tensor, params: list[torch.Tensor], scale: float) -
         scale /= 2
 
 
-__all__ = ["AGENT", "agent_correction", "agent_metrics", "check_agent", "estimate_c", "full_grad_pass",
+__all__ = ["AGENT", "Weighting", "agent_correction", "resolve_variant", "agent_metrics", "check_agent", "estimate_c", "full_grad_pass",
            "full_grad_pass_length", "momentum_update", "objective_loss", "update_c"]

@@ -266,8 +266,9 @@ class FlopsCounter:
         self.forward += forwards
         self.backward += backwards
 
-    def training_step(self, examples: int) -> None:
-        """One optimizer step over a batch of ``examples`` (this rank's), with the masks the step used."""
+    def training_step(self, examples: int, previous_gradient: bool = False) -> None:
+        """One optimizer step over a batch of ``examples`` (this rank's), with the masks the step used;
+        ``previous_gradient``: the optimizer (MVR) also took the loss's gradient at the previous weights."""
         masker, agent = self.masker, self.agent
         forward = self.in_use
         dense_grad = masker is not None and masker.engine.wants_dense_grad(masker.step)
@@ -276,6 +277,8 @@ class FlopsCounter:
         if agent is not None and agent.active():  # g_old: the snapshot's loss and gradient on the same batch
             snapshot = self.forward_per_example(agent.snapshot_masks, key="snapshot")
             self.add_training(self.loss, examples, snapshot, snapshot * self._has_weight)
+        if previous_gradient:  # MVR: the loss and its gradient at the previous weights (the same masks)
+            self.add_training(self.loss, examples, forward, forward * self._has_weight)
         if masker is not None:
             extra = ENGINE_EXTRAS.get(type(masker.engine))
             if extra is not None:

@@ -1,4 +1,4 @@
-"""A run's optimizer and learning-rate schedule (:func:`build_optimization`), and SGDW.
+"""A run's optimizer and learning-rate schedule (:func:`build_optimization`), and SGDW (MVR: robust_sparse.mvr).
 
 SGDW as BSR-Net and AGENT run it (TensorFlow Addons ``SGDW`` with Keras momentum).
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from robust_sparse.config import OptimizerName, Schedule, TrainConfig, sparse_methods
+from robust_sparse.mvr import MVR
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,11 @@ def lr_factor(config: TrainConfig, progress: float) -> float:
 def build_optimization(config: TrainConfig, model: nn.Module, steps_per_epoch: int):
     """``optim``'s optimizer over ``model``'s parameters and its schedule, a LambdaLR stepped every iteration."""
     optim = config.optim
-    if optim.optimizer is OptimizerName.SGDW:
-        optimizer: torch.optim.Optimizer = SGDW(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+    if optim.optimizer is OptimizerName.MVR:
+        optimizer: torch.optim.Optimizer = MVR(model, lr=optim.lr, momentum=optim.momentum,
+                                               weight_decay=optim.weight_decay)
+    elif optim.optimizer is OptimizerName.SGDW:
+        optimizer = SGDW(model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                                 weight_decay=optim.weight_decay)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,

@@ -19,6 +19,7 @@ from robust_sparse.errors import UserError
 from robust_sparse.flops import FlopsCounter, dense_profile
 from robust_sparse.kernels import SparseKernels
 from robust_sparse.models import build_model
+from robust_sparse.mvr import MVR
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import build_optimization
 from robust_sparse.precision import Amp, maybe_compile
@@ -98,6 +99,8 @@ def build_run(config: TrainConfig) -> Run:
                             data=TrainingData(splits.train, device, config.seed, objective.perturb))
     if masker is not None and amp.scaler is not None:
         masker.grad_scale = amp.scale
+    if masker is not None and isinstance(optimizer, MVR):  # its gradient at the previous weights, masked alike
+        optimizer.attach(masker)
     agent = None
     if config.agent.enabled:  # wraps the base optimizer; the scheduler and sparse hooks stay on the base
         check_agent(config, len(splits.train), world.world_size, len(views_of(masker)))

@@ -34,6 +34,7 @@ from robust_sparse.errors import DivergenceError
 from robust_sparse.flops import FlopsCounter
 from robust_sparse.kernels import SparseKernels
 from robust_sparse.measure import evaluate_views, measure_validation, sparsity_metrics
+from robust_sparse.mvr import MVR
 from robust_sparse.objectives import Objective
 from robust_sparse.precision import Amp
 from robust_sparse.progress import progress as progress_bar
@@ -214,6 +215,8 @@ def train_one_epoch(
     engine allows, the training pass on the sparse CSR kernels."""
     amp = amp if amp is not None else Amp("fp32", loader.device)
     scaler = amp.scaler
+    base = optimizer.base if isinstance(optimizer, AGENT) else optimizer
+    mvr = base if isinstance(base, MVR) else None
     model.train()
     device_loss = torch.zeros((), device=loader.device)
     device_correct = torch.zeros((), device=loader.device, dtype=torch.long)
@@ -231,6 +234,9 @@ def train_one_epoch(
         if agent is not None:  # g_old: the snapshot's gradient on the same (adversarial) batch, scaled as g_new
             agent.snapshot_backward(lambda snapshot: _scaled_loss(objective, snapshot, images, labels, adversarial,
                                                                   amp))
+        if mvr is not None:  # MVR: the gradient at the previous weights on this batch
+            mvr.previous_backward(lambda previous: _scaled_loss(objective, previous, images, labels, adversarial,
+                                                                amp))
         if scaler is None:
             optimizer.step()
         else:  # the correction in the scaled space, then unscale, overflow check, step (or skip), new scale
@@ -240,7 +246,7 @@ def train_one_epoch(
             scaler.update()
         scheduler.step()
         if flops is not None:
-            flops.training_step(len(labels))
+            flops.training_step(len(labels), previous_gradient=mvr is not None and mvr.took_previous_gradient)
         if on_step is not None:
             on_step(step, loss.detach())
         # Accumulate on the device; reading a value back costs a sync, so do it only every few batches.

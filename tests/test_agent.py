@@ -12,7 +12,7 @@ from torch import nn
 
 from robust_sparse.agent import AGENT, agent_correction, estimate_c, momentum_update, update_c
 from robust_sparse.checkpoint import load_checkpoint
-from robust_sparse.config import AgentConfig, AgentEstimator, load_config
+from robust_sparse.config import AgentConfig, AgentEstimator, AgentVariant, load_config
 from robust_sparse.objectives import build_objective
 from robust_sparse.optim import SGDW
 from robust_sparse.sparse import build_sparsity
@@ -135,6 +135,64 @@ def test_two_agent_steps_match_hand_computation():
         g_hat = hand_grad(w, x, y) - gamma * c1 * (hand_grad(w1, x, y) - full)
         w = w - lr * g_hat
     torch.testing.assert_close(model.weight.detach()[0], w, rtol=1e-6, atol=1e-7)
+
+
+def _hand_epochs(weights, w0, lr=0.1):
+    """Two epochs of two SVRG-style steps by hand: ``weights(e, w_start, w_previous)`` is epoch e's gamma * c_t;
+    the snapshot (and g_tilde over all BATCHES) is the weights at the start of the epoch."""
+    w, previous = w0.clone(), None
+    for epoch in range(2):
+        snapshot = w.clone()
+        full = torch.stack([hand_grad(snapshot, x, y) for x, y in BATCHES]).mean(0)
+        weight = weights(epoch, snapshot, previous)
+        for x, y in BATCHES[:2]:
+            w = w - lr * (hand_grad(w, x, y) - weight * (hand_grad(snapshot, x, y) - full))
+        previous = snapshot
+    return w
+
+
+def _paper_c_hat(current, previous):
+    losses = [hand_loss(current, x, y) for x, y in BATCHES], [hand_loss(previous, x, y) for x, y in BATCHES]
+    return np.cov(*losses, ddof=1)[0][1] / np.var(losses[1], ddof=1)
+
+
+@pytest.mark.parametrize("variant, weights", [
+    # "Fixed c_t" read literally: the weight is fixed_c = 0.4 from the first step, gamma = 0.5 plays no part
+    (AgentVariant.FIXED_C, lambda e, w, prev: 0.4),
+    # the same with gamma multiplying it: 0.5 * 0.4
+    (AgentVariant.FIXED_C_GAMMA, lambda e, w, prev: 0.2),
+    # "No gamma": the paper estimator's c_t (c_0 = 0, then 0.3 * c_hat), gamma = 1
+    (AgentVariant.NO_GAMMA, lambda e, w, prev: 0.0 if e == 0 else 0.3 * _paper_c_hat(w, prev)),
+    # SVRG: weight 1 from the first step
+    (AgentVariant.SVRG, lambda e, w, prev: 1.0),
+    # AGENT itself for contrast: gamma * c_t
+    (AgentVariant.AGENT, lambda e, w, prev: 0.0 if e == 0 else 0.5 * 0.3 * _paper_c_hat(w, prev)),
+])
+def test_ablation_variants_first_steps_match_hand_computation(variant, weights):
+    w0 = torch.tensor([0.2, -0.4])
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w0[None])
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = AGENT(base, model, AgentConfig(enabled=True, gamma=0.5, alpha=0.3, fixed_c=0.4, variant=variant,
+                                           probe_chunks=0))
+    for _ in range(2):
+        agent.refresh(BATCHES, quadratic)
+        for x, y in BATCHES[:2]:
+            base.zero_grad()
+            quadratic(model, x, y).backward()
+            agent.snapshot_backward(lambda snap: quadratic(snap, x, y))
+            agent.step()
+    torch.testing.assert_close(model.weight.detach()[0], _hand_epochs(weights, w0), rtol=1e-6, atol=1e-7)
+
+
+def test_no_gamma_with_a_fixed_estimator_is_refused(capsys, tmp_path):
+    from robust_sparse.cli import main
+
+    assert main(["train", "--set", "agent.enabled=true", "--set", "agent.variant=no_gamma", "--set",
+                 "agent.estimator=fixed", "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "agent.variant = no_gamma" in error[0]
 
 
 def test_official_estimator_is_the_ramp_gamma_times_one_minus_0_7_to_the_e():

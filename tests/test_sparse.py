@@ -14,6 +14,7 @@ from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config
 from robust_sparse.errors import ConfigError
+from robust_sparse.mvr import MVR
 from robust_sparse.optim import SGDW, sgdw
 from robust_sparse.sparse import METHODS, StaticEngine, build_sparsity, density as allocation
 from robust_sparse.sparse.bsrnet import BSRNetEngine, bsrnet_initial
@@ -52,11 +53,14 @@ def _setup(name, mnist, density=0.2, optimizer="sgd", dense=None, seed=0):
     config = load_config(None, [f"sparsity.method={method}", *budget, *SHARED, *extra, *_needs(method, dense)])
     model = make_tiny_model()
     opt = (SGDW(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "sgdw"
+           else MVR(model, lr=0.05, momentum=0.9, weight_decay=5e-4) if optimizer == "mvr"
            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
     train, _ = mnist
     images, labels = train.images[:640].float() / 255, train.labels[:640]
     masker = build_sparsity(config.sparsity, model, "tiny_cnn", opt, total_steps=40, seed=seed,
                             batch_source=lambda step: (images[:40], labels[:40]))  # GSE's scoring batch
+    if isinstance(opt, MVR):
+        opt.attach(masker)
     return model, opt, masker, images, labels
 
 
@@ -65,6 +69,8 @@ def _step(model, opt, images, labels, step):
     loss = F.cross_entropy(model(images[batch]), labels[batch])
     opt.zero_grad()
     loss.backward()
+    if isinstance(opt, MVR):  # its extra gradient: the previous weights on the same batch
+        opt.previous_backward(lambda previous: F.cross_entropy(previous(images[batch]), labels[batch]))
 
 
 def _assert_sparse_state(model, opt, masker, check_grad=True):
@@ -73,9 +79,9 @@ def _assert_sparse_state(model, opt, masker, check_grad=True):
         assert torch.all(param[dormant] == 0), f"{name}: pruned weight not zero"
         if check_grad and param.grad is not None:
             assert torch.all(param.grad[dormant] == 0), f"{name}: pruned gradient not zero"
-        buffer = opt.state.get(param, {}).get("momentum_buffer")
-        if buffer is not None:
-            assert torch.all(buffer[dormant] == 0), f"{name}: pruned momentum not zero"
+        for key, buffer in opt.state.get(param, {}).items():  # momentum, MVR's direction and previous weights
+            if isinstance(buffer, torch.Tensor) and buffer.shape == param.shape:
+                assert torch.all(buffer[dormant] == 0), f"{name}: pruned optimizer state {key} not zero"
 
 
 def _assert_masks_keyed_by_parameter_name(model, masker):
@@ -88,7 +94,7 @@ def _assert_masks_keyed_by_parameter_name(model, masker):
 
 
 @pytest.mark.parametrize("name", _engines())
-@pytest.mark.parametrize("optimizer", ["sgd", "sgdw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "sgdw", "mvr"])
 def test_every_method_keeps_pruned_weights_gradients_and_momentum_zero(name, optimizer, mnist, dense_checkpoint):
     model, opt, masker, images, labels = _setup(name, mnist, optimizer=optimizer, dense=dense_checkpoint)
     total = sum(mask.numel() for mask in masker.masks.values())

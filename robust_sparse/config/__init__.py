@@ -11,10 +11,10 @@ import path.
 
 from robust_sparse.config.parsing import (coerce, config_from_dict, from_dict, load_config, merge, parse_override,
                                           read_yaml, save_config, to_dict)
-from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AttackConfig, BatchNormMode, DataConfig,
+from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AgentVariant, AttackConfig, BatchNormMode, DataConfig,
                                          DatasetName, DeviceChoice, DivergenceConfig, ExecutionConfig, FinalTestConfig,
                                          FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
-                                         Precision, PruneScope, Schedule, SnapshotMask, SparseKernelsMode, SparsityConfig,
+                                         Precision, ProbeConfig, PruneScope, Schedule, SnapshotMask, SparseKernelsMode, SparsityConfig,
                                          TrackingConfig, TrainConfig, ValidationConfig, WandbConfig,
                                          WandbMode)
 from robust_sparse.config.validation import validate
@@ -23,9 +23,9 @@ from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, Growth, Pr
                                          sparse_methods)
 
 __all__ = [
-    "AgentConfig", "AgentEstimator", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
+    "AgentConfig", "AgentEstimator", "AgentVariant", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
     "DivergenceConfig", "ExecutionConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
-    "OptimConfig", "OptimizerName", "Precision", "PruneScope", "Schedule", "SnapshotMask", "SparseKernelsMode", "SparsityConfig",
+    "OptimConfig", "OptimizerName", "Precision", "ProbeConfig", "PruneScope", "Schedule", "SnapshotMask", "SparseKernelsMode", "SparsityConfig",
     "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",
     "coerce", "config_from_dict", "from_dict", "merge", "load_config", "parse_override", "read_yaml", "save_config",
     "to_dict", "validate",

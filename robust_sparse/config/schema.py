@@ -49,12 +49,25 @@ class Schedule(str, Enum):
 class OptimizerName(str, Enum):
     SGD = "sgd"  # torch SGD: coupled weight decay (added to the gradient), scaled by the learning rate
     SGDW = "sgdw"  # BSR-Net/AGENT (tfa SGDW): decoupled decay, not scaled by lr, Keras-style momentum
+    # STORM (Cutkosky & Orabona 2019): d_t = g(theta_t) + (1 - a)(d_{t-1} - g(theta_{t-1})) on the same batch,
+    # with optim.momentum = 1 - a; one more forward and backward per step (robust_sparse/mvr.py)
+    MVR = "mvr"
 
 
 class AgentEstimator(str, Enum):
     PAPER = "paper"  # c_hat compares the current model with the previous snapshot: c_t adapts
     OFFICIAL = "official"  # the official A-BSR-Net code: c_hat == 1, gamma*c_t = gamma*(1 - 0.7^e)
-    FIXED = "fixed"  # c_t held at agent.fixed_c (the paper's ablation)
+    FIXED = "fixed"  # c_t held at agent.fixed_c; the weight is gamma * fixed_c (= variant fixed_c_gamma)
+
+
+class AgentVariant(str, Enum):
+    """The paper's Table 6 ablation and SVRG as named settings; each fixes what it names and ignores the rest."""
+
+    AGENT = "agent"  # gamma * c_t with agent.estimator (paper or official): AGENT itself
+    FIXED_C = "fixed_c"  # "Fixed c_t" read literally: the weight is agent.fixed_c from the first step; gamma ignored
+    FIXED_C_GAMMA = "fixed_c_gamma"  # "Fixed c_t" with gamma still multiplying it: gamma * agent.fixed_c
+    NO_GAMMA = "no_gamma"  # "No gamma": the adaptive c_t of agent.estimator, gamma = 1
+    SVRG = "svrg"  # plain SVRG: c = 1 and gamma = 1 from the first step
 
 
 class FullGradInputs(str, Enum):
@@ -163,6 +176,25 @@ class AgentConfig:
     full_grad_bn: BatchNormMode = BatchNormMode.TRAIN  # BatchNorm mode of the g_tilde pass
     snapshot_mask: SnapshotMask = SnapshotMask.SNAPSHOT  # the mask on g_old and g_tilde
     probe_chunks: int = 8  # sub-batches of one probe batch for Var(g_hat)/Var(g_new) each epoch; 0 = off
+    # the paper's ablations (Table 6) and SVRG; agent (the default) is AGENT with the estimator above
+    variant: AgentVariant = AgentVariant.AGENT
+
+
+@dataclass
+class ProbeConfig:
+    """The gradient-correlation probe (robust_sparse/probe.py): observes any run without changing it.
+
+    At the end of every ``every``-th epoch it measures, on ``batches`` fixed unaugmented training batches: the
+    correlation of the gradient with the gradient after a small random perturbation of the active weights (the
+    paper's Table 9 quantity, as read here), the cosine and Pearson correlation between the current model's
+    gradient and the gradient of the model at the start of the epoch on the same batch (what AGENT's c_t stands
+    for), and the loss-based c_hat AGENT would compute between the two; over active weights, globally and per layer.
+    """
+
+    every: int = 0  # epochs between probes; 0 = off
+    batches: int = 4  # probe batches of data.batch_size; c_hat needs >= 2
+    perturbation: float = 0.01  # std of the weight noise, as a fraction of each layer's active-weight RMS
+    seed: int = 0  # the probe's own random streams (attack starts, weight noise), apart from training's
 
 
 @dataclass
@@ -247,6 +279,7 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)
     eval: FinalTestConfig = field(default_factory=FinalTestConfig)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from robust_sparse.config.schema import (AgentConfig, AgentEstimator, DatasetName, DeviceChoice, Norm, OptimizerName,
+from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AgentVariant, DatasetName, DeviceChoice, Norm, OptimizerName,
                                          Precision, SparseKernelsMode, SparsityConfig, TrainConfig, distribution_owners,
                                          sparse_methods)
 from robust_sparse import plugins
@@ -54,7 +54,9 @@ def _integer_ranges(config: TrainConfig) -> None:
             ("divergence.patience", config.divergence.patience, 1, MAX_EPOCHS),
             ("agent.snapshot_every", config.agent.snapshot_every, 1, MAX_EPOCHS),
             ("agent.full_grad_batches", config.agent.full_grad_batches, 0, MAX_EXAMPLES),
-            ("agent.probe_chunks", config.agent.probe_chunks, 0, MAX_BATCH)):
+            ("agent.probe_chunks", config.agent.probe_chunks, 0, MAX_BATCH),
+            ("probe.every", config.probe.every, 0, MAX_EPOCHS), ("probe.batches", config.probe.batches, 2, MAX_BATCH),
+            ("probe.seed", config.probe.seed, 0, MAX_SEED)):
         check_range(where, value, low, high)
     if config.data.split_seed is not None:  # unset: the run's seed draws the split
         check_range("data.split_seed", config.data.split_seed, 0, MAX_SEED)
@@ -128,6 +130,14 @@ def validate(config: TrainConfig) -> None:
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
     _check(bool(config.data.root.strip()), "data.root: must not be empty (a folder, e.g. data)")
     _integer_ranges(config)
+    _check(0 < config.probe.perturbation < float("inf"),
+           f"probe.perturbation = {config.probe.perturbation}: must be a finite number > 0 (a fraction of each "
+           "layer's active-weight RMS, e.g. 0.01)")
+    mvr = optim.optimizer is OptimizerName.MVR
+    _check(not mvr or config.train.precision is not Precision.FP16,
+           "optim.optimizer = mvr: its gradient at the previous weights would carry fp16's loss scale past the "
+           "GradScaler; use train.precision = bf16 or fp32")
+    _check(not mvr or not optim.nesterov, "optim.nesterov: not used by optim.optimizer = mvr (leave it false)")
     _validate_sparsity(config.sparsity)
     _validate_agent(config.agent)
 
@@ -143,6 +153,9 @@ def _validate_agent(agent: AgentConfig) -> None:
            "agent.full_grad_batches = 1: the paper estimator's covariance needs at least 2 batches (or 0 = all)")
     _check(agent.probe_chunks == 0 or agent.probe_chunks >= 2,
            f"agent.probe_chunks = {agent.probe_chunks}: must be 0 (off) or >= 2")
+    _check(agent.variant is not AgentVariant.NO_GAMMA or agent.estimator is not AgentEstimator.FIXED,
+           "agent.variant = no_gamma: keeps the adaptive c_t, but agent.estimator = fixed; use estimator paper or "
+           "official (or variant fixed_c for a constant weight)")
 
 
 def _validate_sparsity(sparsity: SparsityConfig) -> None:
