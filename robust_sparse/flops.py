@@ -266,6 +266,12 @@ class FlopsCounter:
         self.forward += forwards
         self.backward += backwards
 
+    def cost(self, passes: Passes, examples: float) -> float:
+        """FLOPs of ``passes`` over ``examples`` examples at the current masks, not added to any total (work
+        that observes the run, such as the gradient probe)."""
+        forwards, backwards = passes_flops(passes, examples, self.in_use, self.in_use * self._has_weight)
+        return float((forwards + backwards).sum())
+
     def training_step(self, examples: int, previous_gradient: bool = False) -> None:
         """One optimizer step over a batch of ``examples`` (this rank's), with the masks the step used;
         ``previous_gradient``: the optimizer (MVR) also took the loss's gradient at the previous weights."""

@@ -115,8 +115,10 @@ def resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any] | 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The fields that must match to resume: everything but where the run executes, where it is stored (a run
-    directory can be moved or copied) and where its metrics are mirrored (tracking may be turned on later)."""
-    comparable = {key: value for key, value in config.items() if key not in ("device", "out_dir", "tracking")}
+    directory can be moved or copied), where its metrics are mirrored (tracking may be turned on later) and the
+    gradient probe (it observes without changing the trajectory)."""
+    comparable = {key: value for key, value in config.items()
+                  if key not in ("device", "out_dir", "tracking", "probe")}
     if isinstance(comparable.get("train"), dict):  # the same arithmetic laid out, compiled or computed from the
         # non-zeros otherwise (train.sparse_kernels: equal within float rounding) may resume
         comparable["train"] = {key: value for key, value in comparable["train"].items()

@@ -23,6 +23,7 @@ from robust_sparse.mvr import MVR
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import build_optimization
 from robust_sparse.precision import Amp, maybe_compile
+from robust_sparse.probe import GradientProbe
 from robust_sparse.sparse import SparseMasker, TrainingData, build_sparsity, views_of
 
 
@@ -44,6 +45,7 @@ class Run:
     agent: AGENT | None
     flops: FlopsCounter
     kernels: SparseKernels | None = None  # train.sparse_kernels: the masked layers on the CSR kernels
+    probe: GradientProbe | None = None  # probe.every > 0: the gradient-correlation probe (observes only)
 
     @property
     def device(self) -> torch.device:
@@ -111,8 +113,9 @@ def build_run(config: TrainConfig) -> Run:
     flops = FlopsCounter(dense_profile(model, splits.train.example_shape), config, masker, agent,
                          world.world_size)
     kernels = build_kernels(config, model, masker, device)
+    probe = GradientProbe(config, model, masker.masks if masker is not None else None) if config.probe.every else None
     return Run(config, world, amp, splits, model, trained, loader, optimizer, scheduler, objective, masker, agent,
-               flops, kernels)
+               flops, kernels, probe)
 
 
 def build_kernels(config: TrainConfig, model: nn.Module, masker: SparseMasker | None,

@@ -112,6 +112,8 @@ def _resume(run: Run) -> Record:
     run.flops.load_state_dict(state.get("flops"))
     set_rng_state(state["rng"])
     record = Record.resumed(state, run.run_dir, sparse=run.masker is not None)
+    if run.probe is not None:  # its FLOPs and per-layer rows so far, from the files the run wrote
+        run.probe.resumed(record.history, run.run_dir, record.start_epoch)
     log.info("resuming %s after epoch %d", run.run_dir, record.start_epoch)
     return record
 
@@ -124,6 +126,9 @@ def _train_epoch(run: Run, record: Record, epoch: int, tracker: Tracker,
     shown = progress and run.world.is_main
     run.loader.set_epoch(epoch)
     lr = run.optimizer.param_groups[0]["lr"]
+    probing = run.probe is not None and run.world.is_main and run.probe.due(epoch)
+    if probing:
+        run.probe.start_epoch(epoch)
     if agent is not None and agent.due(epoch):
         batches = full_grad_pass(config, run.splits.train, run.objective, device, epoch, run.world)
         agent.refresh(progress_bar(batches, enabled=shown, desc="AGENT g_tilde pass",
@@ -137,6 +142,8 @@ def _train_epoch(run: Run, record: Record, epoch: int, tracker: Tracker,
                             flops=run.flops, on_step=tracker.step_logger(epoch, len(run.loader)),
                             kernels=run.kernels)
     distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
+    probed = (run.probe.measure(run.objective, run.splits.train, epoch, device, run.flops, run.run_dir) if probing
+              else run.probe.skipped() if run.probe is not None else {})
     per_view = {}
     validated = config.val.max_examples > 0
     for view in views_of(masker) if validated else ():
@@ -157,7 +164,7 @@ def _train_epoch(run: Run, record: Record, epoch: int, tracker: Tracker,
         **run.flops.epoch_metrics(),
         **{f"val_{kind}_accuracy_subnet{k}": value for k, pair in per_view.items() if k is not None
            for kind, value in zip(("clean", "pgd"), pair)},
-        **agent_metrics(agent, config, run.splits.train, run.objective, device, run.amp),
+        **agent_metrics(agent, config, run.splits.train, run.objective, device, run.amp), **probed,
     })
     tracker.epoch(record.history[-1])
     log.info("epoch %d/%d  loss %.4f  train acc %.3f  %s  %.0f img/s",
@@ -330,4 +337,7 @@ def _report_flops(run: Run) -> None:
     if not run.world.is_main:
         return
     write_atomic(run.run_dir / "layer_flops.csv", run.flops.layer_table().to_csv(index=False))
-    log.info("FLOPs: %s", run.flops.describe(views_of(run.masker)[0].masks))
+    probe = ("" if run.probe is None else
+             f"; gradient probe {run.probe.flops:.3e} FLOPs ({run.probe.flops / run.flops.train_flops:.3f}x training, "
+             f"not counted in it)")
+    log.info("FLOPs: %s%s", run.flops.describe(views_of(run.masker)[0].masks), probe)
