@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reference", action="append", metavar="KEY=VALUE",
                         help="sweep reports: the setting paired differences are taken against, e.g. "
                              "sparsity.method=bsrnet (repeat for several keys; default agent.gamma=0)")
+    report.add_argument("--correction", choices=["holm", "bh", "none"], default="holm",
+                        help="sweep reports: how the p-values of the paired intervals are adjusted for many "
+                             "comparisons: holm (family-wise error, the default), bh (false discovery rate), none")
+    report.add_argument("--family", choices=["split", "metric", "report"], default="split",
+                        help="sweep reports: which intervals are corrected together: split (the test-set intervals, "
+                             "and the validation ones apart; the default), metric (one metric across settings), "
+                             "report (all of them)")
     report.add_argument("--test-n", type=int, metavar="N",
                         help="a stored report's runs.csv (RESULTS_DIR = .../runs.csv): the test points its test "
                              "accuracies were measured on, where it does not say")
@@ -399,7 +406,8 @@ def _report(args: argparse.Namespace) -> int:
         if len(args.results_dirs) != 1 or not args.out:
             raise UserError("report RUNS_CSV: give one runs.csv and --out DIR")
         rundir.check_owned(args.out, rundir.Kind.REPORT, "report --out")
-        path = write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n)
+        path = write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n,
+                                   args.correction, args.family)
         _emit(f"report: {path}")
         return 0
     if args.test_n is not None:
@@ -416,7 +424,9 @@ def _report(args: argparse.Namespace) -> int:
                   for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
                   if text is not None}
         reference = _reference(args.reference)
-        _emit(f"report: {write_report(list(args.results_dirs), args.out, reference=reference, **levels)}")
+        path = write_report(list(args.results_dirs), args.out, reference=reference, **levels,
+                            correction=args.correction, family=args.family)
+        _emit(f"report: {path}")
         return 0
     if any(sweeps):
         raise UserError("report: give either sweep directories or evaluation results stores, not both")

@@ -37,6 +37,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from robust_sparse.checkpoint import save_figure
+from robust_sparse import stats
 
 # Legend names of the grid keys a reader knows by another name; any other key shows its last dotted part. The
 # order is also the order of the pairs in a legend entry.
@@ -622,8 +623,7 @@ def _paired_row(paired: pd.DataFrame, record: dict[str, Any], metric: str) -> di
     if paired is None or paired.empty:
         return None
     rows = paired[paired["metric"] == metric]
-    settings = [c for c in paired.columns if c not in ("metric", "n", "differences", "mean", "low", "high",
-                                                       "consistent", "established")]
+    settings = [c for c in paired.columns if c not in stats.PAIRED_COLUMNS]
     for key in settings:
         want = _value(record.get(key))
         rows = rows.loc[pd.Series([_value(v) == want or (want is not None and _value(v) is not None
@@ -665,12 +665,16 @@ def gamma_paired_figure(runs: pd.DataFrame, curves: pd.DataFrame, paired: pd.Dat
                 lower, upper = [], []
                 for gamma in means.index:
                     found = _paired_row(paired, part[part[GAMMA] == gamma].iloc[0].to_dict(), metric)
-                    if found is None or found["low"] != found["low"]:
+                    # the family's simultaneous (Bonferroni) interval where the table was adjusted, else the raw one
+                    low_key, high_key = (("low_adjusted", "high_adjusted") if found is not None
+                                         and found.get("low_adjusted") == found.get("low_adjusted")
+                                         and "low_adjusted" in found else ("low", "high"))
+                    if found is None or found[low_key] != found[low_key]:
                         lower.append(0.0)
                         upper.append(0.0)
                     else:
-                        lower.append(max(0.0, found["mean"] - found["low"]))
-                        upper.append(max(0.0, found["high"] - found["mean"]))
+                        lower.append(max(0.0, found["mean"] - found[low_key]))
+                        upper.append(max(0.0, found[high_key] - found["mean"]))
                 hollow = "(= " in s.label
                 bars = axis.errorbar(means.index, means.values, yerr=[lower, upper], color=s.color,
                                      linestyle=s.linestyle, marker=s.marker, markersize=8 if hollow else 5,
@@ -692,8 +696,9 @@ def gamma_paired_figure(runs: pd.DataFrame, curves: pd.DataFrame, paired: pd.Dat
     low, high = int(min(counts)), int(max(counts))
     seeds = (f"{low}" if low == high else f"{low}-{high}") + (" seed" if high == 1 else " seeds")
     return _finish(figure, [a for line in grid for a in line],
-                   f"Test accuracy against γ: mean over {seeds}; bars: paired 95% t interval of the\n"
-                   "difference from γ = 0 (same seed), about the mean; dotted: the γ = 0 level", plotted)
+                   f"Test accuracy against γ: mean over {seeds}; bars: paired t interval of the difference\n"
+                   "from γ = 0 (same seed), simultaneous for the report's test intervals (95% / family size, "
+                   "Bonferroni), about the mean;\ndotted: the γ = 0 level", plotted)
 
 
 def gamma_epochs_figure(steps: pd.DataFrame, thresholds: Sequence[str], keys: Sequence[str]) -> Figure | None:

@@ -6,37 +6,88 @@ that variation, and a paired t interval on it sees effects that comparing two me
 deviations (Welch) misses. A test accuracy measured on n points carries a binomial sampling error of its own;
 the Wilson interval states it (honest near 0 and 1, where the normal approximation is not).
 
-Pure functions on pandas frames; no scipy needed (a t-quantile table, exact to the 3 decimals of printed tables,
-below), scipy used when installed.
+Many intervals in one report: each one excludes 0 by chance with probability 0.05 when nothing differs, so a
+report with 48 of them shows about 2.4 "effects" from noise alone. :func:`adjust` corrects the p-values of a
+family of comparisons (Holm's step-down, which controls the family-wise error under any dependence, such as
+comparisons that share a reference run; Benjamini-Hochberg's false discovery rate; or none), and a difference is
+"established" only when its adjusted p-value is below 0.05.
+
+Pure functions on pandas frames; quantiles and tests from scipy.stats.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 import pandas as pd
+from scipy import stats as scipy_stats
 
-#: The 0.975 quantile of Student's t with df = 1..30 degrees of freedom (two-sided 95%).
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-         29: 2.045, 30: 2.042}
-Z_975 = 1.959964  # the normal 0.975 quantile, for df beyond the table (t_975(30) is 2.042, the limit 1.960)
+Z_975 = 1.959964  # the normal 0.975 quantile (the Wilson interval's z)
+LEVEL = 0.05  # the error rate of every interval and test: 95% intervals, p < 0.05 after adjustment
+
+
+class Correction(str, Enum):
+    """How the p-values of a family of comparisons are adjusted (``report --correction``)."""
+
+    HOLM = "holm"  # family-wise error rate, any dependence (Holm 1979)
+    BH = "bh"  # false discovery rate (Benjamini-Hochberg 1995; positive dependence)
+    NONE = "none"  # every interval on its own
+
+
+def t_quantile(probability: float, df: float) -> float:
+    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return float(scipy_stats.t.ppf(probability, df))
 
 
 def t_quantile_975(df: float) -> float:
-    """The 0.975 quantile of t with ``df`` degrees of freedom: scipy's when installed, else the table (a
-    fractional df, as Welch's, rounds down: the wider, safer interval), else the normal one beyond df 30."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    try:
-        from scipy.stats import t
-    except ImportError:
-        whole = int(math.floor(df))
-        return T_975[whole] if whole in T_975 else Z_975
-    return float(t.ppf(0.975, df))
+    """The 0.975 quantile of t with ``df`` degrees of freedom (two-sided 95%)."""
+    return t_quantile(0.975, df)
+
+
+def paired_p_value(differences: Sequence[float]) -> float:
+    """Two-sided p-value of the one-sample t test that the mean difference is 0 (n - 1 degrees of freedom); NaN
+    for fewer than two; 0 or 1 when every difference is the same (no spread: exactly the mean, or 0)."""
+    values = [float(v) for v in differences]
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    if all(v == values[0] for v in values):
+        return 0.0 if mean != 0 else 1.0
+    return float(scipy_stats.ttest_1samp(values, 0.0).pvalue)
+
+
+def adjust(p_values: Sequence[float], correction: Correction | str = Correction.HOLM) -> list[float]:
+    """Adjusted p-values of one family (NaN entries are not comparisons: they stay NaN and do not count).
+
+    Holm: sort ascending, ``p_(i) * (m - i + 1)``, made non-decreasing by a running maximum, capped at 1.
+    BH: ``p_(i) * m / i``, made non-increasing from the largest down by a running minimum, capped at 1.
+    """
+    correction = Correction(correction)
+    present = [(p, i) for i, p in enumerate(p_values) if p == p]
+    adjusted = [math.nan] * len(p_values)
+    m = len(present)
+    if correction is Correction.NONE:
+        for p, i in present:
+            adjusted[i] = p
+        return adjusted
+    ordered = sorted(present)
+    if correction is Correction.HOLM:
+        running = 0.0
+        for rank, (p, i) in enumerate(ordered):
+            running = max(running, min(1.0, (m - rank) * p))
+            adjusted[i] = running
+    else:
+        running = 1.0
+        for rank in range(m - 1, -1, -1):
+            p, i = ordered[rank]
+            running = min(running, min(1.0, p * m / (rank + 1)))
+            adjusted[i] = running
+    return adjusted
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
@@ -120,7 +171,7 @@ def paired_differences(runs: pd.DataFrame, reference: dict[str, Any], metrics: S
     t interval (n - 1 degrees of freedom), the seeds whose difference has the mean's sign, and whether the interval
     excludes 0 (``established``).
     """
-    columns = ["metric", "n", "differences", "mean", "low", "high", "consistent", "established"]
+    columns = list(PAIRED_COLUMNS[:10])
     if pair not in runs or not set(reference) <= set(runs.columns):
         return pd.DataFrame(columns=columns)
     base = runs[is_reference(runs, reference)]
@@ -149,16 +200,77 @@ def paired_differences(runs: pd.DataFrame, reference: dict[str, Any], metrics: S
             mean, low, high = mean_interval(differences)
             sign = (mean > 0) - (mean < 0)
             consistent = sum(1 for d in differences if sign and (d > 0) - (d < 0) == sign)
+            sd = (math.sqrt(sum((d - mean) ** 2 for d in differences) / (len(differences) - 1))
+                  if len(differences) > 1 else math.nan)
             rows.append({**values, "metric": metric, "n": len(shared),
                          "differences": ", ".join(f"{d:+.3f}" for d in differences), "mean": mean, "low": low,
                          "high": high, "consistent": consistent,
-                         "established": bool(len(shared) > 1 and (low > 0 or high < 0))})
+                         "established": bool(len(shared) > 1 and (low > 0 or high < 0)), "sd": sd,
+                         "p": paired_p_value(differences)})
     return pd.DataFrame(rows, columns=[*settings, *columns]) if rows else pd.DataFrame(columns=[*settings, *columns])
 
 
+class Family(str, Enum):
+    """Which intervals are corrected together (``report --family``)."""
+
+    SPLIT = "split"  # every test-set interval of the report (test and evaluation-stage metrics), and apart from
+    #                  them every validation interval (validation accuracy selected the checkpoints)
+    METRIC = "metric"  # the intervals of one metric across every setting (γ, density, ...)
+    REPORT = "report"  # every interval of the report
+
+
+def family_of(metric: str, family: Family | str) -> str:
+    """The family ``metric``'s intervals belong to."""
+    family = Family(family)
+    if family is Family.REPORT:
+        return "all intervals"
+    if family is Family.METRIC:
+        return metric
+    return "validation" if metric.startswith("val_") else "test"
+
+
+def adjust_table(table: pd.DataFrame, correction: Correction | str = Correction.HOLM,
+                 family: Family | str = Family.SPLIT) -> pd.DataFrame:
+    """``table`` (from :func:`paired_differences`) with each row's family, its size, the count of intervals that
+    would exclude 0 by chance in it (0.05 x size), the adjusted p-value, the Bonferroni interval (each at
+    1 - 0.05/size: simultaneous for the family) and ``established`` = adjusted p < 0.05 (two or more seeds)."""
+    table = table.copy()
+    correction = Correction(correction)
+    if table.empty:
+        return table.assign(family=[], family_size=[], expected_by_chance=[], p_adjusted=[], correction=[],
+                            low_adjusted=[], high_adjusted=[])
+    table["family"] = [family_of(m, family) for m in table["metric"]]
+    table["correction"] = correction.value
+    table["p_adjusted"] = math.nan
+    for name, rows in table.groupby("family", sort=False):
+        table.loc[rows.index, "p_adjusted"] = adjust(rows["p"].tolist(), correction)
+    sizes = table.groupby("family")["p"].transform(lambda p: int(p.notna().sum()))
+    table["family_size"] = sizes.astype(int)
+    table["expected_by_chance"] = LEVEL * table["family_size"]
+    lows, highs = [], []
+    for row in table.itertuples(index=False):
+        if row.n < 2 or row.sd != row.sd or correction is Correction.NONE:
+            lows.append(row.low)
+            highs.append(row.high)
+            continue
+        half = t_quantile(1 - LEVEL / (2 * max(row.family_size, 1)), row.n - 1) * row.sd / math.sqrt(row.n)
+        lows.append(row.mean - half)
+        highs.append(row.mean + half)
+    table["low_adjusted"], table["high_adjusted"] = lows, highs
+    table["established"] = [bool(n > 1 and p == p and p < LEVEL) for n, p in zip(table["n"], table["p_adjusted"])]
+    return table
+
+
+#: the columns of a paired table that are not setting keys
+PAIRED_COLUMNS = ("metric", "n", "differences", "mean", "low", "high", "consistent", "established", "sd", "p",
+                  "family", "family_size", "expected_by_chance", "p_adjusted", "correction", "low_adjusted",
+                  "high_adjusted")
+
+
 def paired_sentence(row: dict[str, Any], setting: str, reference: str, metric: str) -> str:
-    """One line a reader can quote: the mean paired difference, its interval, the seeds that agree, and
-    "established" only when the interval excludes 0."""
+    """One line a reader can quote: the mean paired difference, its interval, the seeds that agree, the p-value
+    (raw and, where the row carries one, adjusted for its family) and "established" only when the (adjusted)
+    p-value is below 0.05."""
     n, mean = int(row["n"]), float(row["mean"])
     points = f"{100 * mean:+.1f} points"
     if n < 2:
@@ -166,6 +278,14 @@ def paired_sentence(row: dict[str, Any], setting: str, reference: str, metric: s
     direction = "higher" if mean > 0 else "lower" if mean < 0 else "equal"
     interval = f"paired 95% CI [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}]"
     agreement = f"{direction} in {int(row['consistent'])} of {n} seeds"
-    verdict = ("established: the interval excludes 0" if row["established"]
-               else "not established: the interval includes 0")
-    return f"{setting} vs {reference}, {metric}: {points} ({interval}; {agreement}); {verdict}."
+    adjusted = row.get("p_adjusted")
+    correction = row.get("correction", Correction.NONE.value)
+    if adjusted is None or adjusted != adjusted or correction == Correction.NONE.value:
+        verdict = ("established: the interval excludes 0" if row["established"]
+                   else "not established: the interval includes 0")
+        return f"{setting} vs {reference}, {metric}: {points} ({interval}; {agreement}); {verdict}."
+    p = f"p = {row['p']:.3g}, {correction}-adjusted {adjusted:.3g} over {int(row['family_size'])} comparisons"
+    verdict = ("established after adjustment" if row["established"] else
+               "not established: the raw interval excludes 0, the adjusted p-value does not hold"
+               if row["low"] > 0 or row["high"] < 0 else "not established: the interval includes 0")
+    return f"{setting} vs {reference}, {metric}: {points} ({interval}; {agreement}; {p}); {verdict}."

@@ -309,10 +309,13 @@ def _fixed_overrides(sweep_dir: Path) -> dict[str, Any]:
 def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
                  thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9),
                  robust_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8),
-                 reference: dict[str, Any] | None = None) -> Path:
+                 reference: dict[str, Any] | None = None,
+                 correction: stats.Correction | str = stats.Correction.HOLM,
+                 family: stats.Family | str = stats.Family.SPLIT) -> Path:
     """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines).
     ``reference``: the setting paired differences are taken against (``{"agent.gamma": 0}`` by default where the
-    sweep varies γ; see :func:`default_reference`)."""
+    sweep varies γ; see :func:`default_reference`); ``correction`` and ``family``: how the p-values of its
+    intervals are adjusted, over which intervals together (robust_sparse.stats)."""
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
     out = Path(out) if out else rundir.report_dir(sweep_dirs[0])  # beside the sweep, never inside it
     rundir.claim(out, rundir.Kind.REPORT, "report --out")
@@ -332,7 +335,7 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
         lines += ["## Read this first", "", *[f"- **{flag}**" for flag in flags], ""]
     lines += ["## Final accuracy, mean ± std over seeds", "", _markdown(table), ""]
     lines += _sampling_section(runs)
-    lines += _paired_section(runs, keys, reference, out)
+    lines += _paired_section(runs, keys, reference, out, correction, family)
     lines += _stage_section(runs)
     if not curves.empty and "agent_cosine" in curves and curves["agent_cosine"].notna().any():
         lines += _cosine_section(runs, curves, out)
@@ -353,7 +356,7 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].nunique() > 1:
         lines += _figure(plots.gamma_figure(table, keys, labels), out, "gamma_sensitivity.png")
         lines += _gamma_figures(runs, curves, table, keys, labels, reference, out,
-                                steps if not curves.empty else None)
+                                steps if not curves.empty else None, correction, family)
     if "test_pgd_accuracy" in runs:
         lines += _figure(plots.sparsity_figure(runs, curves, keys, labels), out, "robust_vs_sparsity.png",
                          "## Robust accuracy against sparsity", "Test accuracy of each setting at each density "
@@ -396,8 +399,11 @@ def default_reference(runs: pd.DataFrame) -> dict[str, Any] | None:
     return None
 
 
-def paired_table(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Per-seed paired differences of every final metric against ``reference`` (default: default_reference)."""
+def paired_table(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None = None,
+                 correction: stats.Correction | str = stats.Correction.HOLM,
+                 family: stats.Family | str = stats.Family.SPLIT) -> pd.DataFrame:
+    """Per-seed paired differences of every final metric against ``reference`` (default: default_reference),
+    their p-values adjusted per ``family`` (stats.adjust_table)."""
     reference = reference if reference is not None else default_reference(runs)
     if not reference:
         return pd.DataFrame()
@@ -408,32 +414,75 @@ def paired_table(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] 
     if not stats.is_reference(runs, reference).any():
         text = " ".join(f"{k}={v}" for k, v in reference.items())
         raise UserError(f"report --reference {text}: no run has this setting")
-    return stats.paired_differences(runs, reference, paired_metrics(runs), [k for k in keys if k != "seed"])
+    table = stats.paired_differences(runs, reference, paired_metrics(runs), [k for k in keys if k != "seed"])
+    return stats.adjust_table(table, correction, family)
 
 
-def _paired_section(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None, out: Path) -> list[str]:
+def _families_text(table: pd.DataFrame, correction: stats.Correction) -> str:
+    """One sentence per family: its size, the intervals that would exclude 0 by chance, what is established."""
+    parts = []
+    for name, rows in table.groupby("family", sort=False):
+        size = int(rows["family_size"].iloc[0])
+        raw = int(((rows["low"].fillna(0) > 0) | (rows["high"].fillna(0) < 0)).sum())
+        parts.append(f"**{name}**: {size} intervals, of which {LEVEL_TEXT} ({stats.LEVEL * size:.1f}) would exclude 0 "
+                     f"by chance if nothing differed; {raw} exclude 0 before adjustment, "
+                     f"{int(rows['established'].sum())} established after the {correction.value} adjustment")
+    return "; ".join(parts) + "."
+
+
+LEVEL_TEXT = "5%"
+
+
+def _paired_section(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None, out: Path,
+                    correction: stats.Correction | str = stats.Correction.HOLM,
+                    family: stats.Family | str = stats.Family.SPLIT) -> list[str]:
     reference = reference if reference is not None else default_reference(runs)
-    table = paired_table(runs, keys, reference)
+    correction, family = stats.Correction(correction), stats.Family(family)
+    table = paired_table(runs, keys, reference, correction, family)
     if table.empty:
         return []
     write_atomic(out / "paired.csv", table.to_csv(index=False))
     ref_text = ", ".join(f"{plots.display_name(k)}={plots.format_value(k, v)}" for k, v in reference.items())
-    settings = [c for c in table.columns if c not in ("metric", "n", "differences", "mean", "low", "high",
-                                                       "consistent", "established")]
-    shown = table.assign(interval=[f"[{lo:+.4f}, {hi:+.4f}]" if lo == lo else "-"
-                                   for lo, hi in zip(table["low"], table["high"])],
-                         consistent=[f"{k} of {n}" for k, n in zip(table["consistent"], table["n"])])
-    shown = shown[[*settings, "metric", "n", "differences", "mean", "interval", "consistent", "established"]]
+    settings = [c for c in table.columns if c not in stats.PAIRED_COLUMNS]
+    adjusted = correction is not stats.Correction.NONE
+    shown = table.assign(
+        interval=[f"[{lo:+.4f}, {hi:+.4f}]" if lo == lo else "-" for lo, hi in zip(table["low"], table["high"])],
+        p=[f"{p:.3g}" if p == p else "-" for p in table["p"]],
+        consistent=[f"{k} of {n}" for k, n in zip(table["consistent"], table["n"])])
+    columns = [*settings, "metric", "n", "differences", "mean", "interval", "p"]
+    if adjusted:
+        shown[f"p {correction.value}"] = [f"{p:.3g}" if p == p else "-" for p in table["p_adjusted"]]
+        shown["simultaneous interval"] = [f"[{lo:+.4f}, {hi:+.4f}]" if lo == lo else "-"
+                                          for lo, hi in zip(table["low_adjusted"], table["high_adjusted"])]
+        columns += [f"p {correction.value}", "simultaneous interval"]
+    shown = shown[[*columns, "consistent", "established"]]
     sentences = []
     for row in table[table["metric"].str.startswith(("test_", STAGE))].to_dict("records"):
         label = plots.setting_label(settings, [row[k] for k in settings]) or "all runs"
         sentences.append("- " + stats.paired_sentence(row, label, ref_text, row["metric"].replace("_", " ")))
+    treated = table.drop_duplicates(settings).shape[0] if settings else 1
+    family_text = {stats.Family.SPLIT: "every test-set interval of this report together (test and evaluation-stage "
+                                       "metrics), and every validation interval together apart from them",
+                   stats.Family.METRIC: "the intervals of one metric across every setting",
+                   stats.Family.REPORT: "every interval of this report"}[family]
+    method = {stats.Correction.HOLM: "Holm's step-down adjustment (family-wise error 5%, valid under any "
+                                     "dependence between the comparisons)",
+              stats.Correction.BH: "the Benjamini-Hochberg adjustment (false discovery rate 5%)",
+              stats.Correction.NONE: "no adjustment (each interval on its own: expect false positives)"}[correction]
     return ["## Paired differences against " + ref_text, "",
             f"Each setting minus the {ref_text} run of the same seed (and the same value of every key on which the "
-            "reference runs vary); mean over seeds, paired 95% t interval (n - 1 degrees of freedom), and the seeds "
-            "whose difference has the mean's sign. 'established' only when the interval excludes 0. With 3 seeds "
-            "the t quantile is 4.30: only an effect steady across seeds gets there. paired.csv holds the table.",
-            "", _markdown(shown), "", *sentences, ""]
+            "reference runs vary); mean over seeds, paired 95% t interval (n - 1 degrees of freedom), the two-sided "
+            "paired t test's p-value, and the seeds whose difference has the mean's sign. With 3 seeds the t "
+            "quantile is 4.30: only an effect steady across seeds gets there. paired.csv holds the table.", "",
+            f"**Many comparisons.** Families (corrected together): {family_text}. P-values are adjusted with "
+            f"{method}; 'established' means the adjusted p-value is below 0.05"
+            + ("; the simultaneous interval is Bonferroni's (each at 1 - 0.05/family size): one clear of 0 is "
+               "established, and Holm may establish a little more." if adjusted else ".") + " "
+            + _families_text(table, correction), "",
+            f"**Shared reference.** All {treated} settings are compared with the same {ref_text} run of each seed: "
+            "their differences share that run's value, so they are correlated, not independent tests (Holm's "
+            "adjustment does not assume independence).", "",
+            _markdown(shown), "", *sentences, ""]
 
 
 def with_wilson(runs: pd.DataFrame) -> pd.DataFrame:
@@ -468,7 +517,8 @@ def _sampling_section(runs: pd.DataFrame) -> list[str]:
 
 
 def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[str, Any] | None = None,
-                        test_n: int | None = None) -> Path:
+                        test_n: int | None = None, correction: stats.Correction | str = stats.Correction.HOLM,
+                        family: stats.Family | str = stats.Family.SPLIT) -> Path:
     """The statistics of a report from its stored ``runs.csv`` alone (a study whose run directories are gone):
     each run's test accuracies with Wilson intervals and the paired differences, in ``paired.md`` and
     ``paired.csv`` under ``out``. ``test_n``: the test points behind ``test_*`` accuracies where the file does
@@ -488,7 +538,8 @@ def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[s
     lines = [f"# Paired analysis of {runs_csv}", "", f"{len(runs)} runs, regenerated from the stored runs.csv (no "
              "retraining); test accuracies on " + (f"{test_n} points (--test-n)" if test_n else "test_n points") +
              ".", ""]
-    lines += _paired_section(runs, keys, reference, out) or ["No reference setting: give --reference KEY=VALUE.", ""]
+    lines += (_paired_section(runs, keys, reference, out, correction, family)
+              or ["No reference setting: give --reference KEY=VALUE.", ""])
     lines += _sampling_section(runs)
     write_atomic(out / "paired.md", "\n".join(lines))
     return out / "paired.md"
@@ -496,14 +547,17 @@ def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[s
 
 def _gamma_figures(runs: pd.DataFrame, curves: pd.DataFrame, table: pd.DataFrame, keys: list[str],
                    labels: dict[str, str], reference: dict[str, Any] | None, out: Path,
-                   steps: pd.DataFrame | None) -> list[str]:
+                   steps: pd.DataFrame | None, correction: stats.Correction | str = stats.Correction.HOLM,
+                   family: stats.Family | str = stats.Family.SPLIT) -> list[str]:
     """The γ study's figures: accuracy against γ with paired intervals, epochs to accuracy against γ, and the
     clean-robust trade-off labelled by γ."""
-    paired = paired_table(runs, keys, reference) if (reference or default_reference(runs)) else pd.DataFrame()
+    paired = (paired_table(runs, keys, reference, correction, family) if (reference or default_reference(runs))
+              else pd.DataFrame())
     lines = _figure(plots.gamma_paired_figure(runs, curves, paired, keys, labels), out, "gamma_paired.png",
-                    "## Accuracy against γ, paired", "Per density: the mean over seeds and, as bars, the paired 95% "
-                    "interval of the difference from γ = 0 (the paired table above), drawn about the mean; a bar "
-                    "clear of the dotted γ = 0 line is an established difference.")
+                    "## Accuracy against γ, paired", "Per density: the mean over seeds and, as bars, the paired "
+                    "interval of the difference from γ = 0 (the paired table above), simultaneous for its family "
+                    "(Bonferroni; the raw 95% interval with --correction none), drawn about the mean; a bar clear "
+                    "of the dotted γ = 0 line is an established difference.")
     if steps is not None:
         names = [c for c in steps.columns if " >= " in c and not c.endswith((" reached", " censored at"))]
         lines += _figure(plots.gamma_epochs_figure(steps, names, keys), out, "gamma_epochs.png",

@@ -30,16 +30,54 @@ def _runs() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_t_quantiles_match_the_printed_table_and_scipy(monkeypatch):
-    assert stats.T_975[1] == 12.706 and stats.T_975[2] == 4.303 and stats.T_975[30] == 2.042
-    scipy_stats = pytest.importorskip("scipy.stats")
-    for df in (1, 2, 5, 30, 200):
-        assert stats.t_quantile_975(df) == pytest.approx(float(scipy_stats.t.ppf(0.975, df)), abs=6e-4)
-    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # scipy absent: the table, then the normal quantile
-    assert stats.t_quantile_975(2) == 4.303 and stats.t_quantile_975(2.7) == 4.303  # fractional df rounds down
-    assert stats.t_quantile_975(31) == pytest.approx(1.96, abs=1e-3)
+def test_t_quantiles_are_scipys_and_match_the_printed_table():
+    for df, printed in ((1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)):
+        assert stats.t_quantile_975(df) == pytest.approx(printed, abs=5e-4)
     with pytest.raises(ValueError):
         stats.t_quantile_975(0)
+
+
+def test_paired_p_value_matches_a_hand_t_test():
+    # differences +0.02, +0.03, +0.01: mean 0.02, sd 0.01, t = 0.02 / (0.01 / sqrt 3) = 3.4641, df 2
+    # two-sided p = 2 * (1 - F_t2(3.4641)); F_t2(x) = 1/2 + x / (2 sqrt(x^2 + 2)) for 2 degrees of freedom
+    t = 0.02 / (0.01 / math.sqrt(3))
+    expected = 2 * (0.5 - t / (2 * math.sqrt(t * t + 2)))
+    assert stats.paired_p_value([0.02, 0.03, 0.01]) == pytest.approx(expected, rel=1e-9)
+    assert math.isnan(stats.paired_p_value([0.02]))
+    assert stats.paired_p_value([0.01, 0.01]) == 0.0 and stats.paired_p_value([0.0, 0.0]) == 1.0
+
+
+def test_holm_and_bh_adjustments_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005, float("nan")]
+    # Holm over the 4 present, sorted 0.005, 0.01, 0.03, 0.04: x4 = 0.02, x3 = 0.03, x2 = 0.06, x1 = 0.04 -> 0.06
+    holm = stats.adjust(p, "holm")
+    assert holm[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(holm[4])
+    # BH: p * 4 / rank = 0.02, 0.02, 0.04, 0.04, then running minimum from the largest down
+    assert stats.adjust(p, "bh")[:4] == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert stats.adjust(p, "none")[:4] == p[:4]
+    assert stats.adjust([0.5, 0.9], "holm") == [1.0, 1.0]  # capped at 1
+
+
+def test_an_interval_that_excludes_0_alone_may_not_survive_the_family():
+    """Four test-set comparisons; one has a raw p of 0.02 (its interval excludes 0), Holm multiplies it by 4."""
+    rows = []
+    for seed, (ref, a, b, c, d) in enumerate([(0.5, 0.52, 0.5, 0.5, 0.49), (0.6, 0.625, 0.62, 0.59, 0.6),
+                                              (0.7, 0.715, 0.69, 0.71, 0.7)]):
+        for gamma, value in ((0.0, ref), (0.1, a), (0.2, b), (0.3, c), (0.4, d)):
+            rows.append({"agent.gamma": gamma, "seed": seed, "test_clean_accuracy": value})
+    table = stats.paired_differences(pd.DataFrame(rows), {"agent.gamma": 0}, ["test_clean_accuracy"], ["agent.gamma"])
+    raw = table[table["agent.gamma"] == 0.1].iloc[0]
+    assert raw["established"] and raw["low"] > 0  # +0.020, +0.025, +0.015: p = 0.02 on its own
+    adjusted = stats.adjust_table(table, "holm")
+    row = adjusted[adjusted["agent.gamma"] == 0.1].iloc[0]
+    assert row["family"] == "test" and row["family_size"] == 4 and row["expected_by_chance"] == pytest.approx(0.2)
+    assert row["p_adjusted"] == pytest.approx(min(1.0, 4 * row["p"])) and not row["established"]
+    assert row["low_adjusted"] < 0 < row["high_adjusted"]  # the simultaneous interval includes 0
+    sentence = stats.paired_sentence(row.to_dict(), "γ=0.1", "γ=0", "test clean accuracy")
+    assert "holm-adjusted" in sentence and sentence.endswith("the adjusted p-value does not hold.")
+    none = stats.adjust_table(table, "none")
+    assert none[none["agent.gamma"] == 0.1].iloc[0]["established"]
+    assert set(stats.adjust_table(table, "holm", "metric")["family"]) == {"test_clean_accuracy"}
 
 
 def test_wilson_intervals_match_hand_values():
@@ -121,8 +159,10 @@ def test_the_report_sentence_follows_the_interval(tmp_path):
     consistent = next(line for line in clean if line.startswith("- γ=0.1 "))
     inconsistent = next(line for line in clean if line.startswith("- γ=0.5 "))
     assert lines and "+2.0 points" in consistent and "higher in 3 of 3 seeds" in consistent
-    assert consistent.endswith("established: the interval excludes 0.")
+    assert consistent.endswith("established after adjustment.") and "holm-adjusted" in consistent
     assert "+1.0 points" in inconsistent and inconsistent.endswith("not established: the interval includes 0.")
+    assert "**test**: 4 intervals" in text and "(0.2) would exclude 0 by chance" in text
+    assert "compared with the same γ=0 run of each seed" in text
     paired = pd.read_csv(tmp_path / "report" / "paired.csv")
     assert set(paired["metric"]) >= {"test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy"}
     runs = pd.read_csv(tmp_path / "report" / "runs.csv")  # a Wilson interval beside every test accuracy

@@ -193,7 +193,7 @@ class ProbeConfig:
 
     every: int = 0  # epochs between probes; 0 = off
     batches: int = 4  # probe batches of data.batch_size; c_hat needs >= 2
-    perturbation: float = 0.01  # std of the weight noise, as a fraction of each layer's active-weight RMS
+    perturbation: float = 0.1  # std of the weight noise, as a fraction of each layer's active-weight RMS
     seed: int = 0  # the probe's own random streams (attack starts, weight noise), apart from training's
 
 
