@@ -790,3 +790,53 @@ def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, 
     title = "Clean-robust trade-off across γ (means over seeds; labels: γ"
     title += "; each panel on its own scale)" if len(panels) > 1 else ")"
     return _finish(figure, axes, title, plotted if legend else [])
+
+
+# ------------------------------------------------------------------- the gradient-correlation probe
+
+#: the paper's Table 9 (Lei et al., CPAL 2024): gradient correlation after perturbing the weights, ResNet-50 on
+#: CIFAR-100, by sparsity
+PAPER_TABLE9 = {"rigl": {0.0: 0.6005, 0.5: 0.4564, 0.8: 0.3217, 0.9: 0.1886, 0.95: 0.1590},
+                "set": {0.0: 0.6005, 0.5: 0.4535, 0.8: 0.2528, 0.9: 0.1763, 0.95: 0.1195}}
+PROBE_PANELS = {"probe_perturbed_correlation": "correlation of g(θ) and g(θ + δ)\n(Table 9's quantity, as read here)",
+                "probe_snapshot_cosine": "cosine of g(θ_t) and g(θ at the epoch's start)\non the same batch"}
+
+
+def correlation_figure(table: pd.DataFrame, varying: Sequence[str]) -> Figure | None:
+    """Gradient correlation against sparsity (``table``: the report's correlation table, one row per method,
+    sparsity and other varying key, with ``<metric> mean/low/high``): one line per method and setting with the
+    95% t interval over seeds; the paper's Table 9 beside it, dashed and grey, labelled with its setting. The
+    sparsity axis is categorical (the levels studied, evenly spaced): the interesting range is 80-99%."""
+    if table.empty:
+        return None
+    levels = sorted(set(table["sparsity"].round(4)) | {s for values in PAPER_TABLE9.values() for s in values})
+    position = {level: i for i, level in enumerate(levels)}
+    panels = [m for m in PROBE_PANELS if f"{m} mean" in table]
+    figure, axes = _new_figure(len(panels), width=6.2, height=4.6)
+    plotted = series(table, legend_keys(table, ["sparsity.method", *varying]))
+    for axis, metric in zip(axes, panels):
+        for i, s in enumerate(plotted):
+            rows = s.frame.sort_values("sparsity")
+            x = [position[round(v, 4)] for v in rows["sparsity"]]
+            mean = rows[f"{metric} mean"]
+            error = [(mean - rows[f"{metric} low"]).fillna(0).clip(lower=0),
+                     (rows[f"{metric} high"] - mean).fillna(0).clip(lower=0)]
+            bars = axis.errorbar(x, mean, yerr=error, color=s.color, linestyle=s.linestyle, marker=s.marker,
+                                 markersize=5, capsize=3)
+            _dodge(figure, bars, i, len(plotted))
+        if metric == "probe_perturbed_correlation":
+            for method, marker in (("rigl", "x"), ("set", "+")):
+                points = sorted(PAPER_TABLE9[method].items())
+                axis.plot([position[s] for s, _ in points], [v for _, v in points], color="0.45", linestyle="--",
+                          marker=marker, markersize=7, linewidth=1.0,
+                          label=f"paper Table 9, {method.upper() if method == 'set' else 'RigL'} "
+                                "(ResNet-50, CIFAR-100)")
+            axis.legend(loc="lower left", fontsize=7, frameon=False)
+        axis.set_xticks(range(len(levels)), [f"{100 * s:g}%" for s in levels])
+        axis.set_xlabel("sparsity (categorical axis: the levels studied)")
+        axis.set_ylabel(PROBE_PANELS[metric])
+        axis.set_ylim(min(0.0, axis.get_ylim()[0]), 1.02)
+    low, high = int(table["runs"].min()), int(table["runs"].max())
+    seeds = (f"{low}" if low == high else f"{low}-{high}") + (" seed" if high == 1 else " seeds")
+    return _finish(figure, axes, f"Gradient correlation against sparsity at the last probed epoch\n(mean and 95% t "
+                   f"interval over {seeds}; the dense run at 0%)", plotted)

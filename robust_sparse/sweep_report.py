@@ -339,6 +339,9 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     lines += _stage_section(runs)
     if not curves.empty and "agent_cosine" in curves and curves["agent_cosine"].notna().any():
         lines += _cosine_section(runs, curves, out)
+    if not curves.empty and "probe_perturbed_correlation" in curves and \
+            curves["probe_perturbed_correlation"].notna().any():
+        lines += _correlation_section(runs, curves, out)
     lines += _figure(plots.agent_figure(runs, curves, keys), out, "agent.png", "## AGENT over epochs",
                      "AGENT's c_t, the variance ratio Var(ĝ)/Var(g) of its probe batch and the cosine between g_new "
                      "and g_old, per epoch of every run that used AGENT.")
@@ -651,6 +654,61 @@ def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list
             "logged); per run, the mean over the logged epochs and the last logged epoch; mean ± std over seeds "
             "(per epoch: cosine_per_epoch.csv).",
             "", _markdown(table), "", "![cosine](cosine.png)", ""]
+
+
+PROBE = ("probe_perturbed_correlation", "probe_snapshot_cosine", "probe_snapshot_correlation", "probe_c_hat")
+
+
+def correlation_table(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The gradient-correlation probe per setting: each run's values at its last probed epoch, then per sparse
+    method, sparsity (1 - the measured density; a dense run at 0, shown on every method's line) and any other key
+    that varies (the objective, say), the mean, std and 95% t interval over seeds; and the keys that varied."""
+    logged = curves.dropna(subset=["probe_perturbed_correlation"])
+    last = logged.sort_values("epoch").groupby("run_id").tail(1)
+    keys = [k for k in grid_keys(runs) if k not in ("seed", "sparsity.density", "sparsity.method", "sweep")]
+    frame = last.merge(runs.drop_duplicates("run_id")[["run_id", *[k for k in ("sparsity.method", *keys)
+                                                                   if k in runs]]], on="run_id")
+    density = frame["density"] if "density" in frame else pd.Series(1.0, index=frame.index)
+    frame["sparsity"] = (1 - density.fillna(1.0)).round(2)
+    if "sparsity.method" not in frame:
+        frame["sparsity.method"] = "none"
+    varying = [k for k in keys if k in frame and frame[k].astype(str).nunique() > 1]
+    methods = [m for m in frame["sparsity.method"].astype(str).unique() if m != "none"] or ["none"]
+    dense = frame[frame["sparsity.method"].astype(str) == "none"]
+    # the dense runs are every method's 0% point
+    frame = pd.concat([frame[frame["sparsity.method"].astype(str) != "none"],
+                       *[dense.assign(**{"sparsity.method": m}) for m in methods]], ignore_index=True)
+    rows = []
+    for setting, group in frame.groupby(["sparsity.method", *varying, "sparsity"], dropna=False, sort=True):
+        row = dict(zip(["sparsity.method", *varying, "sparsity"], setting))
+        row["runs"] = len(group)
+        for metric in PROBE:
+            mean, low, high = stats.mean_interval(group[metric].dropna().tolist())
+            row.update({f"{metric} mean": mean, f"{metric} std": group[metric].std(), f"{metric} low": low,
+                        f"{metric} high": high})
+        row["epoch"] = int(group["epoch"].max())
+        rows.append(row)
+    return pd.DataFrame(rows), varying
+
+
+def _correlation_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
+    table, varying = correlation_table(runs, curves)
+    write_atomic(out / "correlation.csv", table.to_csv(index=False))
+    shown = table[["sparsity.method", *varying, "sparsity", "runs"]].copy()
+    for metric in PROBE:
+        shown[metric.replace("probe_", "").replace("_", " ")] = [
+            f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else (f"{m:.3f}" if m == m else "-")
+            for m, lo, hi in zip(table[f"{metric} mean"], table[f"{metric} low"], table[f"{metric} high"])]
+    lines = ["## Gradient correlation against sparsity (the probe)", "",
+             "robust_sparse/probe.py at each run's last probed epoch: the Pearson correlation of the gradient with "
+             "the gradient after a Gaussian perturbation of the active weights (probe.perturbation x each layer's "
+             "active RMS; the paper's Table 9 quantity as this toolkit reads it), the cosine and correlation of the "
+             "gradient with that of the weights at the start of the epoch (what AGENT's c_t stands for), and the "
+             "loss-based c_hat AGENT would compute from the probe batches; mean [95% t interval] over seeds. "
+             "correlation.csv holds the table.", "", _markdown(shown), ""]
+    return lines + _figure(plots.correlation_figure(table, varying), out, "correlation.png",
+                           "", "The dashed grey lines are the paper's Table 9 (ResNet-50 on CIFAR-100, its own "
+                           "perturbation), for the direction of the trend, not its level.")
 
 
 def _with_reached(steps: pd.DataFrame) -> pd.DataFrame:
