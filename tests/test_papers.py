@@ -83,10 +83,15 @@ _ITOP_IMAGENET = {
     "sparsity.growth": "gradient", "sparsity.update_every": 4000, "sparsity.distribution": "erk",
     "sparsity.prune_rate": 0.5, "optim.optimizer": "sgd", "optim.lr": 0.1, "optim.weight_decay": 1e-4,
     "optim.epochs": 100, "optim.milestones": [0.3, 0.6, 0.9], "optim.factors": [0.1, 0.01, 0.001],
-    "data.batch_size": 64, "data.image_size": 224, "attack.eps": 4 / 255}
+    "data.batch_size": 64, "data.image_size": 224, "attack.eps": 0.0, "eval.eps": 4 / 255,
+    "data.val_size": 1000, "val.max_examples": 1000}  # natural: selected by clean accuracy on every held-out image
 _AGENT_PYTORCH = {"agent.enabled": True, "agent.estimator": "paper", "agent.gamma": 0.1, "agent.alpha": 0.3,
                   "agent.clip": False, "agent.full_grad_inputs": "clean"}
 ROWS.update({
+    "itop_reduce_lr_vgg16_cifar10.yaml": {  # Table 10's Reduce LR: lr x (1 - gamma), natural SET-ITOP at 99%
+        "objective": "natural", "sparsity.method": "itop", "sparsity.growth": "random", "sparsity.density": 0.01,
+        "optim.lr": 0.09, "optim.nesterov": True, "optim.epochs": 250, "agent.enabled": False, "agent.gamma": 0.1,
+        "attack.eps": 0.0},
     "rigl_itop_resnet50_imagenet_s80.yaml": {**_ITOP_IMAGENET, "sparsity.density": 0.2, "agent.enabled": False},
     "rigl_itop_resnet50_imagenet_s90.yaml": {**_ITOP_IMAGENET, "sparsity.density": 0.1, "agent.enabled": False},
     "arigl_itop_resnet50_imagenet_s80.yaml": {**_ITOP_IMAGENET, **_AGENT_PYTORCH, "sparsity.density": 0.2},
@@ -95,7 +100,8 @@ ROWS.update({
         "data.dataset": "imagenet", "model.name": "resnet50", "objective": "pgd_at", "sparsity.method": "none",
         "attack.norm": "linf", "attack.eps": 4 / 255, "attack.steps": 3, "attack.step_size": 2 / 3 * 4 / 255,
         "optim.optimizer": "sgd", "optim.lr": 0.1, "optim.weight_decay": 1e-4, "optim.epochs": 90,
-        "optim.milestones": [1 / 3, 2 / 3], "optim.factors": [0.1, 0.01], "eval.autoattack_examples": 5000},
+        "optim.milestones": [1 / 3, 2 / 3], "optim.factors": [0.1, 0.01], "eval.autoattack_examples": 5000,
+        "data.val_size": 1000, "val.max_examples": 1000},
 })
 # the evaluation of every row: PGD-50 x 10 restarts on CIFAR-10's whole test set; PGD-50 on RobustBench's 5000
 # ImageNet images (AutoAttack where the row says so)
