@@ -395,8 +395,16 @@ def _reference(items: list[str] | None) -> dict | None:
     return _parse_items(items)
 
 
-def _report(args: argparse.Namespace) -> int:
+def _levels(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
+    """``--thresholds`` and ``--robust-thresholds`` as tuples of floats (only those given)."""
     from robust_sparse.config import coerce
+
+    return {name: tuple(coerce(part, float, f"--{name.replace('_', '-')}") for part in text.split(",") if part.strip())
+            for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
+            if text is not None}
+
+
+def _report(args: argparse.Namespace) -> int:
     from robust_sparse.eval.report import build_report
 
     stored = [Path(d).name == "runs.csv" and Path(d).is_file() for d in args.results_dirs]
@@ -406,8 +414,9 @@ def _report(args: argparse.Namespace) -> int:
         if len(args.results_dirs) != 1 or not args.out:
             raise UserError("report RUNS_CSV: give one runs.csv and --out DIR")
         rundir.check_owned(args.out, rundir.Kind.REPORT, "report --out")
+        levels = _levels(args)
         path = write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n,
-                                   args.correction, args.family)
+                                   args.correction, args.family, **levels)
         _emit(f"report: {path}")
         return 0
     if args.test_n is not None:
@@ -419,10 +428,7 @@ def _report(args: argparse.Namespace) -> int:
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
 
-        levels = {name: tuple(coerce(part, float, f"--{name.replace('_', '-')}") for part in text.split(",")
-                              if part.strip())
-                  for name, text in (("thresholds", args.thresholds), ("robust_thresholds", args.robust_thresholds))
-                  if text is not None}
+        levels = _levels(args)
         reference = _reference(args.reference)
         path = write_report(list(args.results_dirs), args.out, reference=reference, **levels,
                             correction=args.correction, family=args.family)

@@ -521,7 +521,9 @@ def _sampling_section(runs: pd.DataFrame) -> list[str]:
 
 def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[str, Any] | None = None,
                         test_n: int | None = None, correction: stats.Correction | str = stats.Correction.HOLM,
-                        family: stats.Family | str = stats.Family.SPLIT) -> Path:
+                        family: stats.Family | str = stats.Family.SPLIT,
+                        thresholds: tuple[float, ...] | None = None,
+                        robust_thresholds: tuple[float, ...] | None = None) -> Path:
     """The statistics of a report from its stored ``runs.csv`` alone (a study whose run directories are gone):
     each run's test accuracies with Wilson intervals and the paired differences, in ``paired.md`` and
     ``paired.csv`` under ``out``. ``test_n``: the test points behind ``test_*`` accuracies where the file does
@@ -544,6 +546,19 @@ def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[s
     lines += (_paired_section(runs, keys, reference, out, correction, family)
               or ["No reference setting: give --reference KEY=VALUE.", ""])
     lines += _sampling_section(runs)
+    curves_csv = runs_csv.parent / "curves.csv"
+    if (thresholds or robust_thresholds) and curves_csv.is_file():  # the epochs table again, at other levels
+        curves = pd.read_csv(curves_csv)
+        tables = [epochs_to_accuracy(runs, curves, list(levels), column=column)
+                  for levels, column in ((thresholds, "val_clean_accuracy"), (robust_thresholds, "val_pgd_accuracy"))
+                  if levels]
+        write_atomic(out / "epochs_to_accuracy.csv", pd.concat(tables, axis=1).loc[
+            :, lambda frame: ~frame.columns.duplicated()].to_csv(index=False))
+        lines += ["## Epochs to reach a validation accuracy", "",
+                  f"From the stored curves.csv at the levels given (--thresholds, --robust-thresholds). Median first "
+                  "epoch over all seeds; a seed that never reached the level counts as later than its last epoch "
+                  "(censored), so '>E' means the median seed did not get there within E epochs; (reached/seeds) in "
+                  "brackets.", "", *[line for table in tables for line in (_markdown(_with_reached(table)), "")]]
     write_atomic(out / "paired.md", "\n".join(lines))
     return out / "paired.md"
 
