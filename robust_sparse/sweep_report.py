@@ -148,8 +148,8 @@ def run_flags(runs: pd.DataFrame) -> list[str]:
         flags.append(f"{len(names)} run(s) diverged (NaN loss or validation accuracy stuck at chance), their "
                      f"numbers are from the best checkpoint before that: {', '.join(names)}")
     if "chance" in runs and "val_clean_accuracy" in runs:
-        level = runs["chance"] + CHANCE_MARGIN
-        at_chance = runs[(runs["val_clean_accuracy"] < level) & runs["chance"].notna()]
+        level = (runs["chance"] + CHANCE_MARGIN).fillna(-math.inf)  # unknown chance: never "at chance"
+        at_chance = runs[runs["val_clean_accuracy"].fillna(math.inf) < level]
         if not at_chance.empty:
             names = sorted(at_chance["run_id"].unique())
             flags.append(f"{len(names)} run(s) ended with validation clean accuracy at chance (below 1/classes + "

@@ -103,3 +103,33 @@ def test_the_probe_every_second_epoch_and_its_resume(tiny_config, tmp_path):
                                              ("probe.perturbation=0", "probe.perturbation = 0")])
 def test_bad_probe_settings(override, words, capsys, tmp_path):
     assert words in one_line_error(["train", "--set", override, "--out", str(tmp_path / "r")], capsys)
+
+
+def test_the_report_tables_correlation_by_method_and_sparsity_with_the_dense_runs_on_every_line():
+    from robust_sparse import plots
+    from robust_sparse.sweep_report import correlation_table
+
+    runs, curves = [], []
+    values = {("none", 1.0): [0.9, 0.8], ("rigl", 0.1): [0.7, 0.5], ("set", 0.1): [0.6, 0.6]}
+    for (method, density), per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            run_id = f"{method}-{density}-{seed}"
+            runs.append({"run_id": run_id, "sparsity.method": method, "sparsity.density": density, "seed": seed,
+                         "objective": "pgd_at"})
+            for epoch, v in ((1, 0.0), (2, value)):  # the last probed epoch is the one tabled
+                curves.append({"run_id": run_id, "epoch": epoch, "density": None if method == "none" else density,
+                               "probe_perturbed_correlation": v, "probe_snapshot_cosine": v / 2,
+                               "probe_snapshot_correlation": v / 2, "probe_c_hat": 1.0})
+    table, varying = correlation_table(pd.DataFrame(runs), pd.DataFrame(curves))
+    assert varying == []
+    rows = {(r["sparsity.method"], r["sparsity"]): r for r in table.to_dict("records")}
+    assert set(rows) == {("rigl", 0.0), ("rigl", 0.9), ("set", 0.0), ("set", 0.9)}  # dense on both lines
+    assert rows[("rigl", 0.9)]["probe_perturbed_correlation mean"] == pytest.approx(0.6)
+    # t interval with 1 degree of freedom: 0.6 +- 12.706 * sd / sqrt(2), sd = 0.1414
+    assert rows[("rigl", 0.9)]["probe_perturbed_correlation high"] == pytest.approx(0.6 + 12.706 * 0.1, abs=1e-3)
+    assert rows[("set", 0.0)]["probe_perturbed_correlation mean"] == pytest.approx(0.85)
+    figure = plots.correlation_figure(table, varying)
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert any("paper Table 9, RigL (ResNet-50, CIFAR-100)" == label for label in labels)
+    ticks = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert ticks == ["0%", "50%", "80%", "90%", "95%"]

@@ -190,6 +190,15 @@ def test_a_stored_report_runs_csv_is_recomputed_and_bad_flags_are_one_line_error
     stored = tmp_path / "report" / "runs.csv"
     assert main(["report", str(stored), "--out", str(tmp_path / "again")]) == 0  # runs.csv records test_n now
     assert (pd.read_csv(tmp_path / "again" / "paired.csv")["metric"] == "test_clean_accuracy").any()
+    for correction, words in (("bh", "Benjamini-Hochberg"), ("none", "no adjustment")):
+        assert main(["report", str(stored), "--correction", correction, "--family", "metric",
+                     "--out", str(tmp_path / correction)]) == 0
+        assert words in (tmp_path / correction / "paired.md").read_text()
+        assert set(pd.read_csv(tmp_path / correction / "paired.csv")["correction"]) == {correction}
+    capsys.readouterr()
+    assert main(["report", str(stored), "--correction", "bonferroni", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--correction" in err
     for flags, words in ((["--reference", "gamma"], "--reference 'gamma': expected KEY=VALUE"),
                          (["--test-n", "5"], None)):
         capsys.readouterr()
