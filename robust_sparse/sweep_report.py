@@ -699,6 +699,8 @@ def correlation_table(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.Data
         row["runs"] = len(group)
         for metric in PROBE:
             mean, low, high = stats.mean_interval(group[metric].dropna().tolist())
+            if metric != "probe_c_hat":  # a correlation or cosine: its interval clipped to where it can lie
+                low, high = max(low, -1.0), min(high, 1.0)
             row.update({f"{metric} mean": mean, f"{metric} std": group[metric].std(), f"{metric} low": low,
                         f"{metric} high": high})
         row["epoch"] = int(group["epoch"].max())
@@ -719,7 +721,8 @@ def _correlation_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) ->
              "the gradient after a Gaussian perturbation of the active weights (probe.perturbation x each layer's "
              "active RMS; the paper's Table 9 quantity as this toolkit reads it), the cosine and correlation of the "
              "gradient with that of the weights at the start of the epoch (what AGENT's c_t stands for), and the "
-             "loss-based c_hat AGENT would compute from the probe batches; mean [95% t interval] over seeds. "
+             "loss-based c_hat AGENT would compute from the probe batches; mean [95% t interval] over seeds (clipped to "
+             "[-1, 1] for the correlations and cosines). "
              "correlation.csv holds the table.", "", _markdown(shown), ""]
     return lines + _figure(plots.correlation_figure(table, varying), out, "correlation.png",
                            "", "The dashed grey lines are the paper's Table 9 (ResNet-50 on CIFAR-100, its own "

@@ -125,8 +125,9 @@ def test_the_report_tables_correlation_by_method_and_sparsity_with_the_dense_run
     rows = {(r["sparsity.method"], r["sparsity"]): r for r in table.to_dict("records")}
     assert set(rows) == {("rigl", 0.0), ("rigl", 0.9), ("set", 0.0), ("set", 0.9)}  # dense on both lines
     assert rows[("rigl", 0.9)]["probe_perturbed_correlation mean"] == pytest.approx(0.6)
-    # t interval with 1 degree of freedom: 0.6 +- 12.706 * sd / sqrt(2), sd = 0.1414
-    assert rows[("rigl", 0.9)]["probe_perturbed_correlation high"] == pytest.approx(0.6 + 12.706 * 0.1, abs=1e-3)
+    # t interval with 1 degree of freedom: 0.6 +- 12.706 * sd / sqrt(2), sd = 0.1414; a correlation's is clipped to 1
+    assert rows[("rigl", 0.9)]["probe_perturbed_correlation low"] == pytest.approx(0.6 - 12.706 * 0.1, abs=1e-3)
+    assert rows[("rigl", 0.9)]["probe_perturbed_correlation high"] == 1.0
     assert rows[("set", 0.0)]["probe_perturbed_correlation mean"] == pytest.approx(0.85)
     figure = plots.correlation_figure(table, varying)
     labels = [line.get_label() for line in figure.axes[0].get_lines()]
