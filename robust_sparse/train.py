@@ -337,7 +337,7 @@ def _report_flops(run: Run) -> None:
     if not run.world.is_main:
         return
     write_atomic(run.run_dir / "layer_flops.csv", run.flops.layer_table().to_csv(index=False))
-    probe = ("" if run.probe is None else
-             f"; gradient probe {run.probe.flops:.3e} FLOPs ({run.probe.flops / run.flops.train_flops:.3f}x training, "
-             f"not counted in it)")
+    train = run.flops.train_flops
+    share = f"{run.probe.flops / train:.3f}x training, " if run.probe is not None and train > 0 else ""
+    probe = "" if run.probe is None else f"; gradient probe {run.probe.flops:.3e} FLOPs ({share}not counted in it)"
     log.info("FLOPs: %s%s", run.flops.describe(views_of(run.masker)[0].masks), probe)
