@@ -359,8 +359,8 @@ def convergence_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[
     legend = legend_keys(long, keys)
     levels = sorted(long["_density"].dropna().unique(), reverse=True)
     facets = any(k in DENSITY_KEYS for k in legend) and 1 < len(levels) <= 4 and long["_density"].notna().all()
-    if facets:
-        legend = [k for k in legend if k not in DENSITY_KEYS]
+    if facets:  # chosen again without the density, so that no setting is left with an empty legend entry
+        legend = legend_keys(long, [k for k in keys if k not in DENSITY_KEYS])
     plotted = series(long, legend)
     columns = levels if facets else [None]
     figure = Figure(figsize=(5.0 * len(columns), 7.2) if facets else (11.2, 4.2))
