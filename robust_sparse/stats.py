@@ -280,6 +280,10 @@ def paired_sentence(row: dict[str, Any], setting: str, reference: str, metric: s
     agreement = f"{direction} in {int(row['consistent'])} of {n} seeds"
     adjusted = row.get("p_adjusted")
     correction = row.get("correction", Correction.NONE.value)
+    raw_p = row.get("p")
+    if raw_p is not None and raw_p != raw_p:  # an interval of zero width: every seed moved by the same amount
+        return (f"{setting} vs {reference}, {metric}: {points} in every one of {n} seeds (no spread between seeds, "
+                "so no t test); not established.")
     if adjusted is None or adjusted != adjusted or correction == Correction.NONE.value:
         verdict = ("established: the interval excludes 0" if row["established"]
                    else "not established: the interval includes 0")

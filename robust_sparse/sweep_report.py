@@ -482,9 +482,10 @@ def _paired_section(runs: pd.DataFrame, keys: list[str], reference: dict[str, An
             + ("; the simultaneous interval is Bonferroni's (each at 1 - 0.05/family size): one clear of 0 is "
                "established, and Holm may establish a little more." if adjusted else ".") + " "
             + _families_text(table, correction), "",
-            f"**Shared reference.** All {treated} settings are compared with the same {ref_text} run of each seed: "
-            "their differences share that run's value, so they are correlated, not independent tests (Holm's "
-            "adjustment does not assume independence).", "",
+            f"**Shared reference.** All {treated} settings are compared with the {ref_text} run of their seed (of "
+            "their value of every key the reference runs vary on): the comparisons that share a reference run "
+            "share its value, so they are correlated, not independent tests (Holm's adjustment does not assume "
+            "independence).", "",
             _markdown(shown), "", *sentences, ""]
 
 

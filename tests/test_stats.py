@@ -129,6 +129,11 @@ def test_one_seed_is_never_established():
     table = stats.paired_differences(runs[runs["seed"] == 0], {"agent.gamma": 0}, ["test_clean_accuracy"],
                                      ["agent.gamma"])
     assert (table["n"] == 1).all() and not table["established"].any()
+    same = stats.adjust_table(stats.paired_differences(
+        pd.DataFrame([{"g": g, "seed": k, "acc": 0.5 + k / 10 + (0.02 if g else 0)} for g in (0, 1) for k in range(3)]),
+        {"g": 0}, ["acc"], ["g"]), "none").iloc[0].to_dict()
+    assert not same["established"] and stats.paired_sentence(same, "g=1", "g=0", "acc").endswith(
+        "+2.0 points in every one of 3 seeds (no spread between seeds, so no t test); not established.")
     sentence = stats.paired_sentence(table.iloc[0].to_dict(), "γ=0.1", "γ=0", "test clean accuracy")
     assert sentence.endswith("+2.0 points on one seed; not established (one seed, no interval).")
 
@@ -163,7 +168,7 @@ def test_the_report_sentence_follows_the_interval(tmp_path):
     assert consistent.endswith("established after adjustment.") and "holm-adjusted" in consistent
     assert "+1.0 points" in inconsistent and inconsistent.endswith("not established: the interval includes 0.")
     assert "**test**: 4 intervals" in text and "(0.2) would exclude 0 by chance" in text
-    assert "compared with the same γ=0 run of each seed" in text
+    assert "compared with the γ=0 run of their seed" in text
     paired = pd.read_csv(tmp_path / "report" / "paired.csv")
     assert set(paired["metric"]) >= {"test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy"}
     runs = pd.read_csv(tmp_path / "report" / "runs.csv")  # a Wilson interval beside every test accuracy
