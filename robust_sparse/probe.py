@@ -50,6 +50,7 @@ from robust_sparse.config import FullGradInputs, TrainConfig
 from robust_sparse.data import ImageSet, in_memory
 from robust_sparse.flops import FlopsCounter, Passes
 from robust_sparse.objectives import Objective
+from robust_sparse.progress import progress as progress_bar
 from robust_sparse.sparse.masker import sparsifiable
 
 log = logging.getLogger(__name__)
@@ -150,17 +151,19 @@ class GradientProbe:
         return copy_
 
     def measure(self, objective: Objective, train: ImageSet, epoch: int, device: torch.device,
-                counter: FlopsCounter | None = None, run_dir: Path | None = None) -> dict[str, float]:
+                counter: FlopsCounter | None = None, run_dir: Path | None = None,
+                progress: bool = False) -> dict[str, float]:
         """The probe at the end of 0-based ``epoch`` (after :meth:`start_epoch` of the same epoch): metrics.csv's
-        columns; the per-layer rows go to ``run_dir/probe_layers.csv`` (and :attr:`layer_rows`)."""
-        result = self.probe(objective, train, epoch, device, counter)
+        columns; the per-layer rows go to ``run_dir/probe_layers.csv`` (and :attr:`layer_rows`). ``progress``: a
+        bar over the probe batches (an attacked batch and three gradients each: long on a CPU)."""
+        result = self.probe(objective, train, epoch, device, counter, progress)
         self.layer_rows += result.layers
         if run_dir is not None:
             write_atomic(run_dir / LAYERS_FILE, pd.DataFrame(self.layer_rows).to_csv(index=False))
         return result.values
 
     def probe(self, objective: Objective, train: ImageSet, epoch: int, device: torch.device,
-              counter: FlopsCounter | None = None) -> ProbeResult:
+              counter: FlopsCounter | None = None, progress: bool = False) -> ProbeResult:
         """The measurements (see the module's text) without writing anything."""
         if self.snapshot is None:
             raise RuntimeError("GradientProbe.measure needs start_epoch() of the same epoch first")
@@ -176,7 +179,9 @@ class GradientProbe:
             perturbed = self._perturbed(current, generator)
             sums = {key: {name: 0.0 for name in (*self.layers, "all")} for key in ("perturbed", "cosine", "pearson")}
             current_losses, snapshot_losses, batches = [], [], 0
-            for start in range(0, len(data), size):
+            starts = range(0, len(data), size)
+            for start in progress_bar(starts, enabled=progress, desc="gradient probe", total=len(starts),
+                                      unit="batch"):
                 images = data.images[start:start + size].to(device).float().div_(255)
                 labels = data.labels[start:start + size].to(device)
                 if len(labels) < 2:

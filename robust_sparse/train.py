@@ -142,8 +142,8 @@ def _train_epoch(run: Run, record: Record, epoch: int, tracker: Tracker,
                             flops=run.flops, on_step=tracker.step_logger(epoch, len(run.loader)),
                             kernels=run.kernels)
     distributed.broadcast_buffers(run.model)  # as DDP does before each forward: validate and save one state
-    probed = (run.probe.measure(run.objective, run.splits.train, epoch, device, run.flops, run.run_dir) if probing
-              else run.probe.skipped() if run.probe is not None else {})
+    probed = (run.probe.measure(run.objective, run.splits.train, epoch, device, run.flops, run.run_dir, shown)
+              if probing else run.probe.skipped() if run.probe is not None else {})
     per_view = {}
     validated = config.val.max_examples > 0
     for view in views_of(masker) if validated else ():
