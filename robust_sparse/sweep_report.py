@@ -427,13 +427,10 @@ def _families_text(table: pd.DataFrame, correction: stats.Correction) -> str:
     for name, rows in table.groupby("family", sort=False):
         size = int(rows["family_size"].iloc[0])
         raw = int(((rows["low"].fillna(0) > 0) | (rows["high"].fillna(0) < 0)).sum())
-        parts.append(f"**{name}**: {size} intervals, of which {LEVEL_TEXT} ({stats.LEVEL * size:.1f}) would exclude 0 "
-                     f"by chance if nothing differed; {raw} exclude 0 before adjustment, "
+        parts.append(f"**{name}**: {size} intervals, of which {stats.LEVEL:.0%} ({stats.LEVEL * size:.1f}) would "
+                     f"exclude 0 by chance if nothing differed; {raw} exclude 0 before adjustment, "
                      f"{int(rows['established'].sum())} established after the {correction.value} adjustment")
     return "; ".join(parts) + "."
-
-
-LEVEL_TEXT = "5%"
 
 
 def _paired_section(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None, out: Path,
