@@ -165,7 +165,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep grid {key!r}: needs a non-empty list of values, got {values!r}")
-        written = [_format(value) for value in values]
+        written = [spell(value) for value in values]
         repeated = next((text for i, text in enumerate(written) if text in written[:i]), None)
         if repeated is not None:  # the same run twice: two writers of one run directory
             raise ConfigError(f"sweep grid {key!r}: the value {repeated} is listed twice; give each value once")
@@ -310,12 +310,35 @@ def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
     return checked
 
 
-def _format(value: Any) -> str:
+def spell(value: Any) -> str:
+    """A config value as run names, overrides and W&B tags write it: YAML's flow form, a whole float as an
+    integer (``0.0`` -> ``0``), so that a run named ``agent.gamma=0`` (the grid's ``0``) is tagged with the same
+    ``0`` its resolved config (``0.0``) gives (robust_sparse.tracking)."""
+    return yaml.safe_dump(_whole(value), default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:  # 1e20 stays 1.0e+20
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
+
+
+def _previous_spelling(value: Any) -> str:
+    """How run names spelled a value before :func:`spell` (``0.0`` as written): to find those run directories."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def expand(sweep: Sweep) -> list[list[str]]:
     """Every run's overrides: the grid's cartesian product, times ``random.samples`` draws if any."""
+    return [[f"{key}={spell(value)}" for key, value in point.items()] for point in _points(sweep)]
+
+
+def _points(sweep: Sweep) -> list[dict[str, Any]]:
+    """Every run's values, ``key -> value``, in :func:`expand`'s order."""
     keys = list(sweep.grid)
     points = [dict(zip(keys, combination)) for combination in itertools.product(*(sweep.grid[k] for k in keys))]
     if sweep.random_samples:
@@ -329,7 +352,7 @@ def expand(sweep: Sweep) -> list[list[str]]:
                              else rng.uniform(low, high))
             draws.append(draw)
         points = [{**point, **draw} for point in points for draw in draws]
-    return [[f"{key}={_format(value)}" for key, value in point.items()] for point in points]
+    return points
 
 
 def run_id(overrides: list[str]) -> str:
@@ -494,8 +517,11 @@ def _run_sweep(sweep: Sweep, dry_run: bool, evaluate: bool) -> pd.DataFrame:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     write_atomic(recorded, text)
     rows, todo = [], []
-    for overrides in expand(sweep):
+    for point, overrides in zip(_points(sweep), expand(sweep)):
         identifier = run_id(overrides)
+        previous = run_id([f"{key}={_previous_spelling(value)}" for key, value in point.items()])
+        if previous != identifier and (out / "runs" / previous).is_dir() and not (out / "runs" / identifier).exists():
+            identifier = previous  # started when a grid's 0.0 was spelled 0.0 in run names: resumed where it is
         run_dir = out / "runs" / identifier
         config = load_config(sweep.base, sweep.overrides + overrides + [f"out_dir={run_dir}"])
         rundir.claim(run_dir, rundir.Kind.TRAIN, "sweep run", adopt=True)  # the sweep owns what is under runs/

@@ -8,14 +8,17 @@ the scalars. TensorBoard also plots the validation accuracies against the cumula
 (``vs_train_flops/*``, the FLOPs as the step); ``tracking.step_loss`` adds the training loss of every step to
 TensorBoard. A resumed run logs to the same W&B run: its id is kept in ``<run dir>/tracking.json``.
 
-A run of a sweep (``<sweep dir>/runs/<run id>`` beside ``sweep.yaml``) is made comparable with its siblings:
-TensorBoard gets its hyper-parameters (every swept key, the method, density and AGENT's estimator and γ) against
-its final accuracies, for the HParams dashboard; its W&B run joins the group named after the sweep, tagged with
-its swept ``key=value`` pairs.
+Every tracked run gives TensorBoard its hyper-parameters (the method, density, AGENT's estimator and γ, the
+objective and seed, and in a sweep every swept key) against its final accuracies, for the HParams dashboard. A
+run of a sweep (``<sweep dir>/runs/<run id>`` beside ``sweep.yaml``) joins the W&B group of its sweep, the sweep
+folder's name and a hash of its absolute path (:func:`sweep_group`: two sweeps in folders of one name stay apart),
+tagged with its swept ``key=value`` pairs spelled as its run name spells them (robust_sparse.sweep.spell);
+``tracking.wandb.group`` sets the group of any run instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +32,7 @@ import yaml
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
 from robust_sparse.errors import ConfigError
+from robust_sparse.sweep import spell
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,15 @@ def _hparam(value: Any) -> Any:
     return yaml.safe_dump(value, default_flow_style=True).strip()
 
 
+def sweep_group(sweep_dir: Path) -> str:
+    """The W&B group of a sweep's runs: the folder's name (what a reader recognises) and a short hash of its
+    absolute path (what tells ``a/gamma`` from ``b/gamma``), ``gamma-1a2b3c4d``."""
+    digest = hashlib.sha256(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:8]
+    return f"{Path(sweep_dir).resolve().name[:100]}-{digest}"
+
+
 def sweep_context(run_dir: Path) -> tuple[str, list[str]] | None:
-    """(sweep name, swept keys) when ``run_dir`` is a run of a sweep directory, else None. The swept keys are
+    """(W&B group, swept keys) when ``run_dir`` is a run of a sweep directory, else None. The swept keys are
     the grid's and the random space's, read from the sweep's own ``sweep.yaml``."""
     sweep_dir = run_dir.parent.parent
     if run_dir.parent.name != "runs" or not (sweep_dir / "sweep.yaml").is_file():
@@ -86,7 +97,7 @@ def sweep_context(run_dir: Path) -> tuple[str, list[str]] | None:
     except (OSError, yaml.YAMLError):
         return None
     keys = [*(data.get("grid") or {}), *((data.get("random") or {}).get("space") or {})]
-    return sweep_dir.name, [str(k) for k in keys]
+    return sweep_group(sweep_dir), [str(k) for k in keys]
 
 
 def hyperparameters(config: dict[str, Any], swept: list[str]) -> dict[str, Any]:
@@ -114,7 +125,8 @@ class Tracker:
         self.step_loss = tracking.step_loss
         resolved = to_dict(config)
         context = sweep_context(run_dir)
-        self.hparams = hyperparameters(resolved, context[1]) if context else None
+        swept = context[1] if context else []
+        self.hparams = hyperparameters(resolved, swept)  # a single run's too: HParams compares runs of any origin
         if tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -127,11 +139,12 @@ class Tracker:
             state = json.loads(state_path.read_text()) if state_path.is_file() else {}
             run_id = state.get("wandb_id") or uuid.uuid4().hex[:12]
             write_atomic(state_path, json.dumps({**state, "wandb_id": run_id}))
+            group = tracking.wandb.group or (context[0] if context else None)
             self.wandb_run = wandb.init(project=tracking.wandb.project, entity=tracking.wandb.entity,
                                         mode=tracking.wandb.mode.value, dir=str(run_dir), id=run_id, resume="allow",
                                         name=run_dir.name, config=resolved,
-                                        **({"group": context[0], "tags": self._tags(resolved, context[1])}
-                                           if context else {}))
+                                        **({"group": group} if group else {}),
+                                        **({"tags": self._tags(resolved, swept)} if context else {}))
         if self.tensorboard or self.wandb_run:
             log.info("tracking: %s", ", ".join(name for name, on in (("TensorBoard", self.tensorboard),
                                                                       ("W&B", self.wandb_run)) if on))
@@ -151,7 +164,8 @@ class Tracker:
 
     @staticmethod
     def _tags(config: dict[str, Any], swept: list[str]) -> list[str]:
-        return [f"{key}={_hparam(_field(config, key))}"[:MAX_TAG] for key in swept]
+        """``key=value`` per swept key, the value spelled as the run's name spells it (``agent.gamma=0``)."""
+        return [f"{key}={spell(_field(config, key))}"[:MAX_TAG] for key in swept]
 
     def step_logger(self, epoch: int, steps_per_epoch: int) -> Callable[[int, Any], None] | None:
         """With ``tracking.step_loss`` and TensorBoard on, the ``on_step`` callback of epoch ``epoch`` (0-based)
@@ -170,8 +184,7 @@ class Tracker:
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(f"test/{key}", value, int(evaluation.get("epoch", 0)))
-            if self.hparams is not None:
-                self._write_hparams(values)
+            self._write_hparams(values)
             self.tensorboard.flush()
         if self.wandb_run is not None:
             self.wandb_run.summary.update({f"test/{key}": value for key, value in values.items()})

@@ -258,7 +258,7 @@ def test_only_open_ended_fields_are_plain_strings():
     plain = {name for name in _str_fields(TrainConfig) if not name.startswith("sparsity.")}
     # data.test_list is a path; model.kwargs maps a factory's keyword names to values
     assert plain == {"data.root", "data.test_list", "model.name", "model.kwargs", "tracking.wandb.project",
-                     "tracking.wandb.entity", "out_dir"}
+                     "tracking.wandb.entity", "tracking.wandb.group", "out_dir"}
 
 
 @pytest.mark.parametrize("field,value,allowed", [

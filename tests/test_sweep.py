@@ -31,6 +31,21 @@ def test_grid_expands_to_the_cartesian_product(tmp_path):
     assert run_id(["agent.gamma=0.1", "seed=2"]) == "agent.gamma=0.1__seed=2"
 
 
+def test_a_whole_float_is_spelled_as_an_integer_and_old_run_directories_are_kept(tmp_path):
+    """Run names spell γ = 0.0 as ``0``, as W&B tags do (robust_sparse.tracking); a run directory named under the
+    previous spelling (``agent.gamma=0.0``) is still the run's, so a rerun resumes it rather than starting over."""
+    path = write(tmp_path, overrides=TINY + ["agent.enabled=true"], grid={"agent.gamma": [0.0, 0.5], "seed": [0]})
+    assert expand(load_sweep(path)) == [["agent.gamma=0", "seed=0"], ["agent.gamma=0.5", "seed=0"]]
+    runs = tmp_path / "out" / "runs"
+    run_sweep(load_sweep(path), dry_run=True)
+    (runs / "agent.gamma=0__seed=0").rename(runs / "agent.gamma=0.0__seed=0")  # as the sweep named it before
+    index = run_sweep(load_sweep(path), dry_run=True)
+    assert not (runs / "agent.gamma=0__seed=0").exists()
+    assert list(index["run_id"]) == ["agent.gamma=0.0__seed=0", "agent.gamma=0.5__seed=0"]
+    with pytest.raises(ConfigError, match="listed twice"):  # 0 and 0.0 are one run
+        load_sweep(write(tmp_path, grid={"agent.gamma": [0, 0.0]}))
+
+
 def test_random_search_samples_inside_the_space(tmp_path):
     sweep = load_sweep(write(tmp_path, grid={"seed": [0, 1]},
                              random={"samples": 5, "seed": 3, "space": {"optim.lr": {"log_uniform": [0.001, 0.1]}}}))

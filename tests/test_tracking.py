@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -35,6 +36,23 @@ def test_tensorboard_gets_every_epoch_metric_and_the_final_evaluation(tiny_confi
     evaluation = json.loads((result.run_dir / "eval.json").read_text())
     ((step, value),) = scalars["test/pgd_accuracy"]
     assert step == evaluation["epoch"] and value == pytest.approx(evaluation["pgd_accuracy"], rel=1e-6)
+    # a single run (no sweep around it) has its hyper-parameters in the HParams dashboard too
+    hparams = _hparams(result.run_dir / "tensorboard")
+    assert hparams["sparsity.method"] == "rigl" and hparams["sparsity.density"] == pytest.approx(0.3)
+    assert hparams["seed"] == 0 and hparams["objective"] == "pgd_at"
+
+
+def _hparams(event_dir) -> dict:
+    """The hyper-parameters of the HParams dashboard's session record, ``key -> value``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    accumulator = EventAccumulator(str(event_dir))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for key, value in session.session_start_info.hparams.items()}
 
 
 class _FakeWandbRun:
@@ -92,6 +110,54 @@ def test_empty_wandb_project_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("group", ['""', "x" * 129])
+def test_bad_wandb_group_is_a_one_line_error(tmp_path, capsys, group):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model:\n  name: tiny_cnn\ntracking:\n  wandb:\n    project: p\n    group: {group}\n")
+    code = main(["train", str(config), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "tracking.wandb.group" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweeps_in_folders_of_one_name_get_different_groups(tmp_path):
+    """Two sweeps at a/gamma and b/gamma are two W&B groups; every run of one sweep is in the same group."""
+    import yaml
+
+    from robust_sparse.tracking import sweep_context
+
+    groups = []
+    for parent in ("a", "b"):
+        sweep_dir = tmp_path / parent / "gamma"
+        for run in ("seed=0", "seed=1"):
+            (sweep_dir / "runs" / run).mkdir(parents=True)
+        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({"grid": {"seed": [0, 1]}}))
+        first, second = (sweep_context(sweep_dir / "runs" / run)[0] for run in ("seed=0", "seed=1"))
+        assert first == second and first.startswith("gamma-")
+        groups.append(first)
+    assert groups[0] != groups[1]
+
+
+def test_tags_spell_values_as_the_run_names_do(tmp_path):
+    """γ = 0 in the grid (written 0 or 0.0) is ``agent.gamma=0`` in the run's name and in its W&B tag, though the
+    resolved config holds the float 0.0."""
+    import yaml
+
+    from robust_sparse.config import load_config, to_dict
+    from robust_sparse.sweep import expand, load_sweep, run_id
+    from robust_sparse.tracking import Tracker
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "overrides": ["agent.enabled=true"],
+                                    "grid": {"agent.gamma": [0, 0.5], "optim.lr": [1.0], "seed": [0]}}))
+    for overrides in expand(load_sweep(path)):
+        name = run_id(overrides)
+        config = to_dict(load_config(None, ["agent.enabled=true", *overrides]))
+        tags = Tracker._tags(config, ["agent.gamma", "optim.lr", "seed"])
+        assert name == "__".join(tags)
+    assert run_id(expand(load_sweep(path))[0]) == "agent.gamma=0__optim.lr=1__seed=0"
+
+
 def _sweep_run_config(tiny_config, tmp_path, *overrides):
     """A run directory inside a sweep directory (``<sweep>/runs/<id>`` beside ``sweep.yaml``), as a sweep
     makes it; the sweep varies γ and the density."""
@@ -118,9 +184,7 @@ def test_tensorboard_hparams_of_a_sweep_run_read_back_from_the_event_file(tiny_c
     accumulator = EventAccumulator(str(result.run_dir / "tensorboard"))
     accumulator.Reload()
     content = accumulator.PluginTagToContent("hparams")
-    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    hparams = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
-               for key, value in session.session_start_info.hparams.items()}
+    hparams = _hparams(result.run_dir / "tensorboard")
     assert hparams["agent.gamma"] == pytest.approx(0.1) and hparams["sparsity.density"] == pytest.approx(0.3)
     assert hparams["sparsity.method"] == "rigl" and hparams["agent.estimator"] == "paper"
     assert hparams["seed"] == 0 and hparams["agent.enabled"] == 1  # TensorBoard keeps a boolean as a number
@@ -147,10 +211,21 @@ def test_wandb_run_of_a_sweep_joins_the_sweep_group_tagged_with_its_swept_keys(t
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init = lambda **init: runs.append(_FakeWandbRun(**init)) or runs[-1]
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    from robust_sparse.tracking import sweep_group
+
     fit(_sweep_run_config(tiny_config, tmp_path, "tracking.wandb.project=p", "tracking.wandb.mode=offline"))
     (run,) = runs
-    assert run.init["group"] == "gamma_sweep"
+    assert run.init["group"] == sweep_group(tmp_path / "gamma_sweep") and run.init["group"].startswith("gamma_sweep-")
     assert sorted(run.init["tags"]) == ["agent.gamma=0.1", "seed=0", "sparsity.density=0.3"]
     assert "test/n_examples" not in run.summary and "test/pgd_accuracy" in run.summary
     fit(tiny_config("tracking.wandb.project=p", "tracking.wandb.mode=offline"))  # not in a sweep: no group
     assert "group" not in runs[1].init and "tags" not in runs[1].init
+    # a group set in the config wins, for a single run as for a sweep's
+    from robust_sparse.config import to_dict
+    from robust_sparse.tracking import Tracker
+
+    for config in (tiny_config("tracking.wandb.project=p", "tracking.wandb.mode=offline", "tracking.wandb.group=ab"),
+                   _sweep_run_config(tiny_config, tmp_path / "again", "tracking.wandb.project=p",
+                                     "tracking.wandb.mode=offline", "tracking.wandb.group=ab")):
+        Tracker(config.tracking, config, Path(config.out_dir)).close()
+        assert runs[-1].init["group"] == "ab"

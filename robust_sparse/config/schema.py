@@ -259,6 +259,9 @@ class WandbConfig:
     project: str | None = None  # a Weights & Biases project: W&B tracking on (pip install 'robust-sparse[tracking]')
     entity: str | None = None
     mode: WandbMode = WandbMode.ONLINE
+    # the W&B group of the run; unset, a sweep's runs join one named after the sweep folder plus a hash of its
+    # absolute path (two sweeps in folders of one name stay apart) and a single run joins none
+    group: str | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ def _check(condition: bool, message: str) -> None:
 # work rather than running for ever or failing deep in numpy/torch.
 MAX_SEED = 2**32 - 1  # what numpy and torch seed generators accept
 MAX_EPOCHS = 100_000
+MAX_WANDB_GROUP = 128  # a W&B group name shows in its sidebar: one this long is a pasted path, not a name
 MAX_BATCH = 1_000_000
 MAX_EXAMPLES = 100_000_000  # images in a split or an evaluation
 MAX_STEPS = 100_000  # attack iterations, restarts
@@ -68,6 +69,9 @@ def validate(config: TrainConfig) -> None:
     data, attack, optim = config.data, config.attack, config.optim
     project = config.tracking.wandb.project
     _check(project is None or bool(project.strip()), "tracking.wandb.project: give a project name, or leave it out")
+    group = config.tracking.wandb.group
+    _check(group is None or 0 < len(group.strip()) <= MAX_WANDB_GROUP,
+           f"tracking.wandb.group: give a group name of 1 to {MAX_WANDB_GROUP} characters, or leave it out")
     _check(data.batch_size >= 1, f"data.batch_size = {data.batch_size}: must be >= 1")
     _check(data.eval_batch_size >= 1, f"data.eval_batch_size = {data.eval_batch_size}: must be >= 1")
     _check(data.val_size >= 0, f"data.val_size = {data.val_size}: must be >= 0")
