@@ -14,7 +14,11 @@ without pyplot, so reports leave no global figure state behind and tests can rea
   own column of panels instead;
 - lines are the mean over seeds, bands or error bars ± 1 standard deviation over seeds (the title says so);
   error bars at the same x are set a few points apart;
-- axis labels name the attack, its steps, norm and ε as the runs' configs and evaluations record them.
+- axis labels name the attack, its steps, norm and ε as the runs' configs and evaluations record them;
+- accuracies are drawn in % (0-100), as the evaluation report's leaderboard plots draw them (the runs record
+  fractions: :func:`in_percent` converts a figure's columns as it draws them), the chance line included;
+- a series drawn exactly under another (the same values everywhere) says so in its legend entry, ``(= ...)``, and
+  its markers are hollow and larger, so both stay visible.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 NORMS = {"linf": "L∞", "l2": "L2"}
 WRAP = 42  # characters of an axis label per line
+PERCENT = 100.0  # the accuracy axes' unit: the runs' fractions times this
 
 
 def save(figure: Figure, path: str | Path) -> None:
@@ -135,7 +140,15 @@ def metric_labels(run_dirs: Iterable[Path]) -> dict[str, str]:
 
 
 def _axis_label(labels: dict[str, str], metric: str) -> str:
-    return textwrap.fill(labels.get(metric, metric.replace("_", " ")), WRAP)
+    """An accuracy axis's label with its unit: ``test PGD-20 accuracy (%; L∞, ε=8/255)``."""
+    text = labels.get(metric, metric.replace("_", " "))
+    name, bracket, rest = text.partition(" (")
+    return textwrap.fill(f"{name} (%; {rest}" if bracket else f"{text} (%)", WRAP)
+
+
+def in_percent(frame: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """``frame`` with its accuracy ``columns`` (fractions, as the runs record them) in %."""
+    return frame.assign(**{c: frame[c] * PERCENT for c in columns if c in frame})
 
 
 # ------------------------------------------------------------------------------------------ settings, legend
@@ -205,6 +218,12 @@ class Series:
     linestyle: str
     marker: str
     frame: pd.DataFrame
+    hollow: bool = False  # drawn exactly under another series: hollow, larger markers keep both visible
+
+    @property
+    def marker_style(self) -> dict[str, Any]:
+        return {"marker": self.marker, "markersize": 8 if self.hollow else 5,
+                "markerfacecolor": "none" if self.hollow else self.color}
 
 
 def series(frame: pd.DataFrame, keys: Sequence[str]) -> list[Series]:
@@ -249,8 +268,8 @@ def _legend_below(figure: Figure, plotted: list[Series]) -> None:
     entries = [s for s in plotted if s.label]
     if len(entries) < 2:
         return
-    handles = [Line2D([], [], color=s.color, linestyle=s.linestyle, marker=s.marker, markersize=5)
-               for s in entries]
+    handles = [Line2D([], [], color=s.color, linestyle=s.linestyle, marker=s.marker, markersize=5,
+                      markerfacecolor="none" if s.hollow else s.color) for s in entries]
     widest = max(len(s.label) for s in entries)
     characters = figure.get_figwidth() * 72 / (8 * 0.6)  # 8 pt text, about 0.6 em per character
     fits = max(1, min(len(entries), int(characters // (widest + 6))))
@@ -283,7 +302,8 @@ def _finish(figure: Figure, axes: list[Any], title: str, plotted: list[Series]) 
 
 def _band(axis: Any, stats: pd.DataFrame, s: Series) -> None:
     """Mean line and ± 1 std band of one series (no band where one seed)."""
-    axis.plot(stats.index, stats["mean"], color=s.color, linestyle=s.linestyle, marker=s.marker, markersize=4)
+    axis.plot(stats.index, stats["mean"], color=s.color, linestyle=s.linestyle,
+              **{**s.marker_style, "markersize": 7 if s.hollow else 4})
     spread = stats[stats["count"] > 1]
     if not spread.empty:
         axis.fill_between(spread.index, spread["mean"] - spread["std"], spread["mean"] + spread["std"],
@@ -356,12 +376,16 @@ def convergence_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[
     long = per_epoch(rows, curves, [*keys, "_density"])
     if long.empty:
         return None
+    long = in_percent(long, VALIDATION)
     legend = legend_keys(long, keys)
     levels = sorted(long["_density"].dropna().unique(), reverse=True)
     facets = any(k in DENSITY_KEYS for k in legend) and 1 < len(levels) <= 4 and long["_density"].notna().all()
     if facets:  # chosen again without the density, so that no setting is left with an empty legend entry
         legend = legend_keys(long, [k for k in keys if k not in DENSITY_KEYS])
     plotted = series(long, legend)
+    # a γ that changed nothing (γ = 0 and 0.1 before AGENT's correction starts) draws exactly over another line
+    same = [_identical(plotted, metric, ["_density", "epoch"]) for metric in VALIDATION]
+    plotted = _mark_identical(plotted, {i: j for i, j in same[0].items() if same[1].get(i) == j})
     columns = levels if facets else [None]
     figure = Figure(figsize=(5.0 * len(columns), 7.2) if facets else (11.2, 4.2))
     FigureCanvasAgg(figure)
@@ -408,6 +432,7 @@ def gamma_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str
     table = table[table[[f"{m} mean" for m in metrics]].notna().any(axis=1)]  # settings not yet tested: no entry
     if table["agent.gamma"].nunique() < 2:  # one γ tested so far: nothing to compare
         return None
+    table = in_percent(table, [f"{m} {part}" for m in metrics for part in ("mean", "std")])
     others = [k for k in keys if k not in ("seed", "agent.gamma") and k in table]
     plotted = series(table, legend_keys(table, others))
     figure, axes = _new_figure(len(metrics))
@@ -456,6 +481,7 @@ def sparsity_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str
     frame = frame[frame[metrics].notna().any(axis=1)] if metrics else frame.iloc[:0]  # runs not yet tested
     if frame["_density"].nunique() < 2:
         return None
+    frame = in_percent(frame, metrics)
     others = [k for k in keys if k not in (*DENSITY_KEYS, "subnet")]
     plotted = series(frame, legend_keys(frame, others))
     figure, axes = _new_figure(len(metrics))
@@ -482,6 +508,7 @@ def flops_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str],
     others = [k for k in keys if k not in (*DENSITY_KEYS, "subnet")]
     if _distinct(frame, [*others, "_density"]) < 2:
         return None
+    frame = in_percent(frame, metrics)
     plotted = series(frame, legend_keys(frame, others))
     figure, axes = _new_figure(len(metrics))
     for axis, metric in zip(axes, metrics):
@@ -577,29 +604,31 @@ def _gamma_axis(axis: Any, gammas: Iterable[float]) -> None:
 
 
 def chance_level(frame: pd.DataFrame) -> float | None:
-    """Chance accuracy (1 / classes) of the runs, from the report's ``chance`` column; None if unknown."""
+    """Chance accuracy (1 / classes, a fraction) of the runs, from the report's ``chance`` column; None if
+    unknown."""
     if "chance" not in frame or not frame["chance"].notna().any():
         return None
     return float(frame["chance"].dropna().iloc[0])
 
 
 def _chance_line(axis: Any, level: float | None, vertical: bool = False) -> None:
-    """A grey dashed line at chance accuracy, labelled on the axis."""
+    """A grey dashed line at chance accuracy (``level``: a fraction), labelled on the axis, which is in %."""
     if level is None:
         return
+    level *= PERCENT
     if vertical:
         axis.axvline(level, color="0.45", linestyle="--", linewidth=0.9)
         low, high = axis.get_xlim()
-        axis.set_xlim(min(low, level - 0.02), max(high, level + 0.02))
+        axis.set_xlim(min(low, level - 2), max(high, level + 2))
         return
     axis.axhline(level, color="0.45", linestyle="--", linewidth=0.9)
     axis.annotate("chance", (0.0, level), xycoords=("axes fraction", "data"), xytext=(3, 2),
                   textcoords="offset points", fontsize=7, color="0.35")
     low, high = axis.get_ylim()
-    axis.set_ylim(min(low, level - 0.02), max(high, level + 0.02))
+    axis.set_ylim(min(low, level - 2), max(high, level + 2))
 
 
-def _identical(plotted: list[Series], column: str, by: str) -> dict[int, int]:
+def _identical(plotted: list[Series], column: str, by: str | list[str]) -> dict[int, int]:
     """Series whose ``column`` (mean over ``by``) equals an earlier series' everywhere: index -> that index, so
     the legend can say the line hides under another."""
     means = [tuple(s.frame.groupby(by)[column].mean().round(12).items()) for s in plotted]
@@ -615,7 +644,7 @@ def _identical(plotted: list[Series], column: str, by: str) -> dict[int, int]:
 def _mark_identical(plotted: list[Series], same: dict[int, int]) -> list[Series]:
     """The legend of a series drawn exactly under another says so; its marker is drawn hollow and larger."""
     return [Series(f"{s.label} (= {plotted[same[i]].label})" if i in same else s.label, s.color, s.linestyle,
-                   s.marker, s.frame) for i, s in enumerate(plotted)]
+                   s.marker, s.frame, hollow=i in same or s.hollow) for i, s in enumerate(plotted)]
 
 
 def _paired_row(paired: pd.DataFrame, record: dict[str, Any], metric: str) -> dict[str, Any] | None:
@@ -646,6 +675,7 @@ def gamma_paired_figure(runs: pd.DataFrame, curves: pd.DataFrame, paired: pd.Dat
     frame = frame[frame[metrics].notna().any(axis=1)]
     if frame[GAMMA].nunique() < 2:  # a sweep still training: fewer than two γ with test results
         return None
+    frame = in_percent(frame, metrics)
     levels = sorted(frame["_density"].dropna().unique(), reverse=True) or [None]
     others = [k for k in keys if k not in ("seed", GAMMA, *DENSITY_KEYS, "subnet")]
     plotted = series(frame, legend_keys(frame, others))
@@ -672,13 +702,11 @@ def gamma_paired_figure(runs: pd.DataFrame, curves: pd.DataFrame, paired: pd.Dat
                     if found is None or found[low_key] != found[low_key]:
                         lower.append(0.0)
                         upper.append(0.0)
-                    else:
-                        lower.append(max(0.0, found["mean"] - found[low_key]))
-                        upper.append(max(0.0, found[high_key] - found["mean"]))
-                hollow = "(= " in s.label
+                    else:  # the paired table holds fractions
+                        lower.append(PERCENT * max(0.0, found["mean"] - found[low_key]))
+                        upper.append(PERCENT * max(0.0, found[high_key] - found["mean"]))
                 bars = axis.errorbar(means.index, means.values, yerr=[lower, upper], color=s.color,
-                                     linestyle=s.linestyle, marker=s.marker, markersize=8 if hollow else 5,
-                                     markerfacecolor="none" if hollow else s.color, capsize=3)
+                                     linestyle=s.linestyle, capsize=3, **s.marker_style)
                 _dodge(figure, bars, i, len(plotted))
                 if 0.0 in [float(g) for g in means.index]:
                     axis.axhline(float(means[means.index.astype(float) == 0.0].iloc[0]), color=s.color,
@@ -740,10 +768,20 @@ def gamma_epochs_figure(steps: pd.DataFrame, thresholds: Sequence[str], keys: Se
         if level is not None:
             axis.set_title(f"{display_name(density_key)}={format_value(density_key, float(level))}")
     for t, name in enumerate(thresholds):
-        handles.append(Series(name.replace("_accuracy", "").replace("_", " "), palette[t], "-", "o", frame))
+        handles.append(Series(_threshold_label(name), palette[t], "-", "o", frame))
     return _finish(figure, axes, "Epochs to reach a validation accuracy against γ (median over seeds)\nopen "
                    "triangle at E + 0.5: the median seed did not get there within its E epochs; lines of equal "
                    "epochs set a few points apart", handles)
+
+
+def _threshold_label(name: str) -> str:
+    """``val_clean_accuracy >= 0.5`` (the epochs table's column) as the legend says it: ``val clean >= 50%``."""
+    metric, _, level = name.partition(" >= ")
+    text = metric.replace("_accuracy", "").replace("_", " ")
+    try:
+        return f"{text} >= {PERCENT * float(level):g}%"
+    except ValueError:
+        return name.replace("_accuracy", "").replace("_", " ")
 
 
 def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str],
@@ -761,6 +799,7 @@ def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, 
     frame = table[table[GAMMA].notna()].dropna(subset=["test_clean_accuracy mean", f"{metric} mean"])
     if frame[GAMMA].nunique() < 2:
         return None
+    frame = in_percent(frame, ["test_clean_accuracy mean", f"{metric} mean"])
     density = next((k for k in DENSITY_KEYS if k in frame and frame[k].nunique() > 1), None)
     others = [k for k in keys if k not in ("seed", GAMMA, density) and k in frame]
     panels = [(None, frame)] if density is None else \
@@ -783,9 +822,9 @@ def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, 
         if value is not None:
             axis.set_title(f"{display_name(density)}={format_value(density, value)}")
         (x_low, x_high), (y_low, y_high) = axis.get_xlim(), axis.get_ylim()
-        if chance is not None and y_low <= chance <= y_high:
+        if chance is not None and y_low <= PERCENT * chance <= y_high:
             _chance_line(axis, chance)
-        if chance is not None and x_low <= chance <= x_high:
+        if chance is not None and x_low <= PERCENT * chance <= x_high:
             _chance_line(axis, chance, vertical=True)
     title = "Clean-robust trade-off across γ (means over seeds; labels: γ"
     title += "; each panel on its own scale)" if len(panels) > 1 else ")"

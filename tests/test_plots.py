@@ -156,8 +156,10 @@ def test_convergence_has_a_panel_column_per_density_and_integer_epochs(study):
     axes = figure.axes
     assert len(axes) == 2 * 3  # validation clean and PGD x densities 1 (dense), 0.1, 0.01
     assert [a.get_title() for a in axes[:3]] == ["density=1 (dense)", "density=0.1", "density=0.01"]
-    assert axes[3].get_ylabel().replace("\n", " ") == "validation PGD-5 accuracy (L∞, ε=8/255)"
-    assert axes[0].get_ylabel() == "validation clean accuracy"
+    assert axes[3].get_ylabel().replace("\n", " ") == "validation PGD-5 accuracy (%; L∞, ε=8/255)"
+    assert axes[0].get_ylabel() == "validation clean accuracy (%)"
+    values = [y for axis in axes for line in axis.get_lines() for y in line.get_ydata()]
+    assert 1 < max(values) <= 100  # in %, as the evaluation report's plots: the runs' 0.8 is drawn at 80
     for axis in axes:
         assert _integer_ticks(axis) == [1, 2, 3]
     assert "± 1 std over 2 seeds" in figure._suptitle.get_text()
@@ -172,7 +174,7 @@ def test_gamma_sensitivity_has_one_line_per_density(study):
     figure = plots.gamma_figure(table, _keys(runs), _labels(dirs))
     assert sorted(_legend_entries(figure)) == ["density=0.01", "density=0.1"]
     ylabels = [a.get_ylabel().replace("\n", " ") for a in figure.axes]
-    assert ylabels[:2] == ["test clean accuracy", "test PGD-20 accuracy (L∞, ε=8/255)"]
+    assert ylabels[:2] == ["test clean accuracy (%)", "test PGD-20 accuracy (%; L∞, ε=8/255)"]
     assert "PGD-50x10" in ylabels[2] and "AutoAttack" in ylabels[2] and "ε=8/255" in ylabels[2]
     for axis in figure.axes:
         assert [t.get_text() for t in axis.get_xticklabels()] == ["0", "0.1", "0.5"]
@@ -186,12 +188,12 @@ def test_robust_accuracy_against_sparsity_places_the_dense_baseline_at_1(study):
     assert sorted(_legend_entries(figure)) == sorted(["method=dense", "method=bsrnet, γ=0", "method=bsrnet, γ=0.1",
                                                       "method=bsrnet, γ=0.5"])
     pgd = figure.axes[1]
-    assert pgd.get_ylabel() == "test PGD-20 accuracy (L∞, ε=8/255)"
+    assert pgd.get_ylabel() == "test PGD-20 accuracy (%; L∞, ε=8/255)"
     assert [t.get_text() for t in pgd.get_xticklabels()] == ["1 (dense)", "0.1", "0.01"]
     assert pgd.xaxis_inverted()  # sparser to the right
-    # the means plotted are the runs' own: γ = 0.5 at density 0.1 has test PGD accuracy (0.8 + 0.1 + 0.05) / 2
+    # the means plotted are the runs' own, in %: γ = 0.5 at density 0.1 has test PGD accuracy (0.8 + 0.1 + 0.05) / 2
     points = {tuple(line.get_xydata()[0]) for line in pgd.get_lines() if len(line.get_xydata())}
-    assert any(x == 0.1 and y == pytest.approx(0.475) for x, y in points)
+    assert any(x == 0.1 and y == pytest.approx(47.5) for x, y in points)
     single = runs[runs["sweep"] == "gamma"]
     assert plots.sparsity_figure(single[single["sparsity.density"] == 0.1], curves, _keys(runs), {}) is None
 
@@ -270,7 +272,7 @@ def test_gamma_figures_show_paired_intervals_censoring_and_gamma_labels(study, t
     assert "symlog" in axes[-1].get_xlabel() and [t.get_text() for t in axes[-1].get_xticklabels()] == \
         ["0", "0.1", "0.5"]
     levels = [line.get_ydata()[0] for line in axes[0].get_lines() if len(set(line.get_ydata())) == 1]
-    assert 0.1 in levels  # chance: 1 / 10 classes
+    assert 10.0 in levels  # chance: 1 / 10 classes, in %
     # the seeds are identical here: every paired difference is exact, so its interval has zero width; with no
     # spread the t test is undefined, so nothing is called established however the means differ
     assert (paired["low"] == paired["high"]).all() and paired["p"].isna().all()
@@ -299,3 +301,21 @@ def test_a_series_identical_to_another_says_so_in_the_legend():
     plotted = plots.series(frame, ["k"])
     marked = plots._mark_identical(plotted, plots._identical(plotted, "m", "agent.gamma"))
     assert [s.label for s in marked] == ["k=a", "k=b (= k=a)"]
+
+
+def test_convergence_keeps_a_series_identical_to_another_visible():
+    """γ = 0 and γ = 0.1 with the same validation curves (AGENT's correction not yet started): the second line
+    would hide the first exactly; its legend entry says which it equals, and its markers are hollow and larger."""
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "agent.gamma": [0.0, 0.1, 0.5], "seed": [0, 0, 0]})
+    curves = pd.DataFrame({"run_id": list("aaabbbccc"), "epoch": [1, 2, 3] * 3,
+                           "val_clean_accuracy": [0.5, 0.6, 0.7] * 2 + [0.55, 0.65, 0.75],
+                           "val_pgd_accuracy": [0.2, 0.3, 0.4] * 2 + [0.25, 0.35, 0.45]})
+    figure = plots.convergence_figure(runs, curves, ["agent.gamma"], {})
+    legend = figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["γ=0", "γ=0.1 (= γ=0)", "γ=0.5"]
+    for axis in figure.axes:
+        lines = axis.get_lines()
+        assert [line.get_markerfacecolor() for line in lines][1] == "none"
+        assert lines[1].get_markersize() > lines[0].get_markersize()
+        assert list(lines[0].get_ydata()) == list(lines[1].get_ydata())
+    assert [h.get_markerfacecolor() for h in legend.legend_handles][1] == "none"
