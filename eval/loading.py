@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import hashlib
 import io
+import json
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -139,7 +140,7 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
     for view in chosen:
         weights, suffix = view.weights, "" if view.index is None else f"/subnet{view.index}"
         model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std,
-                            config.model.kwargs)
+                            config.model.kwargs, cifar_stem=config.model.cifar_stem)
         _load_into(model, weights, path, config.model.name)
         eval_config = config.eval
         loaded.append(LoadedModel(
@@ -563,3 +564,50 @@ def sparsity_stats(model: nn.Module) -> dict[str, float | int]:
     nonzero = sum(int((p != 0).sum()) for p in parameters)
     return {"sparsity": zeros / prunable if prunable else 0.0, "params": total, "nonzero_params": nonzero,
             "prunable_params": prunable}
+
+
+def evaluation_rows(checkpoint: str | Path, subnet: int | None = None,
+                    results_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """What a model card shows of a checkpoint's evaluations: the results store's rows of this checkpoint
+    (``results_dir``, default ``<run dir>/eval``; sub-net ``subnet`` of an AST checkpoint), each attack one row,
+    or, without any, the test PGD run that training wrote (``eval.json``). Rows: attack, threat_model, eps, n,
+    accuracy."""
+    from robust_sparse.eval.store import load_results
+
+    checkpoint = Path(checkpoint)
+    store = Path(results_dir) if results_dir is not None else checkpoint.parent / "eval"
+    frame = load_results(store)
+    rows: list[dict[str, Any]] = []
+    if len(frame):
+        same = frame["path"].map(lambda p: isinstance(p, str) and Path(p).resolve() == checkpoint.resolve())
+        suffix = f"/subnet{subnet}"
+        mine = frame[same & frame["model"].map(lambda m: str(m).endswith(suffix) if subnet is not None
+                                               else "/subnet" not in str(m))]
+        for _, row in mine.iterrows():
+            for attack, column in (("clean", "clean_acc"), (row.get("pgd_attack") or "PGD", "pgd_acc"),
+                                   ("AutoAttack (standard)", "autoattack_acc")):
+                value = row.get(column)
+                if value is not None and value == value:
+                    rows.append({"attack": str(attack), "threat_model": row["threat_model"],
+                                 "eps": 0.0 if column == "clean_acc" else float(row["eps"]),
+                                 "n": int(row["n_examples"]), "accuracy": float(value)})
+    if rows:
+        return rows
+    trained = checkpoint.parent / "eval.json"
+    try:
+        record = json.loads(trained.read_text()) if trained.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    if subnet is not None:
+        record = next((s for s in record.get("subnets") or [] if s.get("subnet") == subnet), {}) | {
+            key: record.get(key) for key in ("norm", "eps", "n_examples", "pgd_steps", "restarts")}
+    if record.get("clean_accuracy") is None:
+        return []
+    threat = {"linf": "Linf", "l2": "L2"}.get(record.get("norm"), record.get("norm"))
+    n = int(record.get("n_examples") or 0)
+    rows.append({"attack": "clean", "threat_model": threat, "eps": 0.0, "n": n,
+                 "accuracy": float(record["clean_accuracy"])})
+    if record.get("pgd_accuracy") is not None:
+        rows.append({"attack": f"PGD-{record.get('pgd_steps')}x{record.get('restarts')}", "threat_model": threat,
+                     "eps": float(record["eps"]), "n": n, "accuracy": float(record["pgd_accuracy"])})
+    return rows

@@ -179,10 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a stored report's runs.csv (RESULTS_DIR = .../runs.csv): the test points its test "
                              "accuracies were measured on, where it does not say")
 
-    export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict and a compact file")
+    export = commands.add_parser("export", help="write a sparse checkpoint as a plain state_dict, a compact file, "
+                                                "safetensors and a sparse-inference model (an AST checkpoint: one "
+                                                "dynamic model of every sub-net)")
     export.add_argument("checkpoint", help="a best.pt/last.pt written by robust-sparse train")
     export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--subnet", type=int, help="AST checkpoints: which sub-net (0 = the densest)")
+    export.add_argument("--subnet", type=int, help="AST checkpoints: only this sub-net (0 = the densest); without "
+                                                   "it, one dynamic model that switches between all of them")
+    export.add_argument("--hub", action="store_true",
+                        help="also a Hugging Face Hub-style folder OUT/hub (config.json, model.safetensors, a model "
+                             "card with the evaluation table); nothing is uploaded")
+    export.add_argument("--onnx", action="store_true", help="also OUT/model.onnx, checked against PyTorch with "
+                                                            "onnxruntime when installed")
+    export.add_argument("--serving-batch", type=int, default=32, metavar="N",
+                        help="AST dynamic export: the batch size of the serving latency measured per sub-net "
+                             "(besides batch 1; default 32)")
     export.add_argument("--robustbench", metavar="NAME",
                         help="instead: RobustBench's zoo layout, OUT/<dataset>/<Linf|L2>/NAME.pt and a model-info "
                              "NAME.json (accuracies from the run's results store); load it with "
@@ -448,8 +459,12 @@ def _export(args: argparse.Namespace) -> int:
     from robust_sparse.checkpoint import check_output_dir
     from robust_sparse.sparse.export import export_checkpoint
 
-    if args.results_dir is not None and args.robustbench is None:
-        raise UserError("--results-dir goes with --robustbench NAME")
+    if args.results_dir is not None and args.robustbench is None and not args.hub:
+        raise UserError("--results-dir goes with --robustbench NAME or --hub")
+    if args.robustbench is not None and (args.hub or args.onnx):
+        raise UserError("export --robustbench writes RobustBench's zoo layout only: leave out --hub/--onnx")
+    if not 1 <= args.serving_batch <= 65536:
+        raise UserError(f"--serving-batch {args.serving_batch}: must be in 1..65536")
     check_output_dir(args.out, "export --out")  # before the checkpoint is read
     if args.robustbench is not None:
         from robust_sparse.eval.zoo import export_to_zoo
@@ -464,7 +479,23 @@ def _export(args: argparse.Namespace) -> int:
               "robustbench.utils.load_model")
         return 0
     rundir.check_owned(args.out, rundir.Kind.EXPORT, "export --out")
-    summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet)
+    evaluation = []
+    if args.hub:
+        from robust_sparse.eval.loading import evaluation_rows
+
+        evaluation = evaluation_rows(args.checkpoint, args.subnet, args.results_dir)
+    summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet, hub=args.hub, onnx=args.onnx,
+                                serving_batch=args.serving_batch, evaluation=evaluation)
+    if summary.get("kind") == "ast-dynamic":
+        dynamic = summary["dynamic"]
+        _emit(f"{dynamic['file']}: {dynamic['subnets']} sub-nets (densities "
+              f"{', '.join(f'{d:.4f}' for d in dynamic['densities'])}), {dynamic['file_bytes']} bytes; load with "
+              f"robust_sparse.load_dynamic({str(args.out)!r}), then .use(k) or .at_density(d)")
+        for row in summary["subnets"]:
+            _emit(f"sub-net {row['subnet']}: {row['batch1_sparse_ms']:.2f} ms sparse vs {row['batch1_dense_ms']:.2f} "
+                  f"ms dense per image; batch {row['serving_batch']}: {row['serving_sparse_ms']:.2f} vs "
+                  f"{row['serving_dense_ms']:.2f} ms")
+        return 0
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
           f"bytes ({summary['compact_to_dense_size']:.1%}); written to {args.out}")
@@ -475,6 +506,15 @@ def _export(args: argparse.Namespace) -> int:
         _emit(f"{fast['file']}: {len(fast['sparse_layers'])} sparse layers, {fast['sparse_latency_ms']:.2f} ms vs "
               f"{fast['dense_latency_ms']:.2f} ms dense per image on {fast['threads']} thread(s) "
               f"({fast['speedup']:.2f}x)")
+    if "network" in summary:
+        _emit(f"{summary['network']['file']}: the {summary['network']['library']} network's own state_dict "
+              "(export.json 'network' says how to load it)")
+    if "onnx" in summary:
+        onnx = summary["onnx"]
+        _emit(f"{onnx['file']}: " + (f"max |ONNX - PyTorch| {onnx['max_abs_difference']:.2e} ({onnx['checked_with']})"
+                                     if onnx["checked_with"] else "not checked (onnxruntime is not installed)"))
+    if "hub" in summary:
+        _emit(f"Hub-style folder: {summary['hub']} (robust_sparse.load_pretrained or RobustSparseModel.from_pretrained)")
     return 0
 
 

@@ -23,8 +23,9 @@ stays where it is.
 
 Saved form (:func:`save_sparse_inference`, :func:`load_sparse_inference`): a ``state_dict`` (each sparse layer's
 non-zero positions and values) plus the names that rebuild it, not TorchScript. The file is plain tensors,
-strings and numbers, so ``torch.load(..., weights_only=True)`` reads it; the builder is the registered
-architecture plus the per-layer choice, so the file is as portable as the dense export. Files of the first
+strings and numbers, so ``torch.load(..., weights_only=True)`` reads it; the builder is the architecture
+(registered, ``torchvision:`` or ``timm:``, with its keyword arguments and CIFAR-stem switch) plus the per-layer
+choice, so the file is as portable as the dense export. Files of the first
 format (CSR matrices of the im2col kernels) still load: their layers are converted on loading.
 """
 
@@ -313,14 +314,18 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, measure: 
 
 
 def save_sparse_inference(module: SparseInferenceModel, path: str | Path, architecture: str,
-                          num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
-    """Write ``module`` as a state_dict plus what rebuilds it; atomic, loadable with ``weights_only=True``."""
+                          num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float],
+                          model_kwargs: Optional[Mapping[str, Any]] = None, cifar_stem: bool = False) -> None:
+    """Write ``module`` as a state_dict plus what rebuilds it (``build_model``'s arguments: an outside
+    ``torchvision:``/``timm:`` model with its keyword arguments and stem too); atomic, loadable with
+    ``weights_only=True``."""
     from robust_sparse.checkpoint import atomic_open
 
     payload = {
         "kind": SPARSE_INFERENCE_FORMAT,
         "architecture": architecture, "num_classes": num_classes, "in_channels": in_channels,
         "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+        "model_kwargs": dict(model_kwargs or {}), "cifar_stem": bool(cifar_stem),
         "sparse_layers": module.sparse_layers, "fused": module.fused,
         "dense_latency_s": module.dense_latency_s, "sparse_latency_s": module.sparse_latency_s,
         "state": {name: tensor.detach().cpu() for name, tensor in module.model.state_dict().items()},
@@ -341,7 +346,8 @@ def load_sparse_inference(path: str | Path) -> SparseInferenceModel:
     if not isinstance(payload, dict) or payload.get("kind") not in (SPARSE_INFERENCE_FORMAT, _FORMAT_V1):
         raise CheckpointError(f"{path} is not a sparse-inference export ({SPARSE_INFERENCE_FORMAT})")
     model = build_model(payload["architecture"], payload["num_classes"], payload["in_channels"],
-                        payload["mean"], payload["std"]).eval()
+                        payload["mean"], payload["std"], payload.get("model_kwargs") or {},  # absent before v2.1
+                        cifar_stem=bool(payload.get("cifar_stem", False))).eval()
     state = payload["state"]
     if payload["kind"] == _FORMAT_V1:
         state = _from_v1(model, state, payload["sparse_layers"])

@@ -30,8 +30,8 @@ from robust_sparse import rundir
 from robust_sparse.checkpoint import check_output_dir, load_checkpoint, remove_temporaries, write_atomic
 from robust_sparse.config import TrainConfig, config_from_dict, save_config, to_dict
 from robust_sparse.data import check_data_root
-from robust_sparse.errors import UserError
-from robust_sparse.models import check_model_name
+from robust_sparse.errors import ConfigError, UserError
+from robust_sparse.models import check_model_name, split_spec
 from robust_sparse.tracking import check_trackers
 
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ def check_run(config: TrainConfig) -> None:
     config loads anywhere): the model is registered, the trackers are installed, the data and output
     directories are usable. Each check lives with the code that uses the thing; every failure is one line."""
     check_model_name(config.model.name)
+    if config.model.cifar_stem and split_spec(config.model.name) is None:
+        raise ConfigError(f"model.cifar_stem: {config.model.name!r} is this toolkit's own model; the CIFAR stem is "
+                          "for torchvision:/timm: ResNet-family models (or set model.cifar_stem: false)")
     check_trackers(config.tracking)
     check_data_root(config.data)
     check_output_dir(config.out_dir, "out_dir", "set another out_dir (train --out)")

@@ -85,7 +85,7 @@ def build_run(config: TrainConfig) -> Run:
     splits = load_splits(config.data, config.seed)
     info = splits.info
     model = build_model(config.model.name, info.num_classes, info.in_channels, info.mean, info.std,
-                        config.model.kwargs).to(device)
+                        config.model.kwargs, cifar_stem=config.model.cifar_stem).to(device)
     if config.train.sync_bn and world.world_size > 1:  # batch statistics over every rank's shard of the batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.train.channels_last:

@@ -55,8 +55,8 @@ def test_an_old_ast_checkpoint_loads_every_subnet_and_exports_one(tmp_path):
     assert densities == pytest.approx([0.5, 0.2], abs=0.02)  # sub-net 0 the densest, as the sweep asked
     summary = export_checkpoint(path, tmp_path / "export", subnet=1)
     assert summary["subnet"] == 1
-    with pytest.raises(Exception, match="--subnet"):
-        export_checkpoint(path, tmp_path / "export-none")
+    dynamic = export_checkpoint(path, tmp_path / "export-all")  # no --subnet: every sub-net in one model
+    assert dynamic["dynamic"]["densities"] == pytest.approx(densities)
 
 
 def test_an_old_sweep_directory_reruns_as_done_and_reports(tmp_path):

@@ -131,6 +131,8 @@ class ModelConfig:
     # a registered name (robust_sparse.register_model), torchvision:NAME or timm:NAME
     name: str = "small_cnn"
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model's factory
+    # torchvision:/timm: ResNets: the CIFAR stem (3x3 stride-1 conv, no max-pool) for the ImageNet one
+    cifar_stem: bool = False
 
 
 @dataclass

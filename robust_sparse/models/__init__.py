@@ -15,14 +15,14 @@ from torch import nn
 from robust_sparse.errors import UserError
 from robust_sparse.models import (preact_resnet, resnet, resnet50, small_cnn, vgg,  # noqa: F401 (they register)
                                    wide_resnet)
-from robust_sparse.models.external import (Normalized, build_library_model, check_model_name, register_model,
-                                           split_spec)
+from robust_sparse.models.external import (Normalized, apply_cifar_stem, build_library_model, check_model_name,
+                                           register_model, split_spec)
 from robust_sparse.models.normalize import Normalize
 from robust_sparse.models.registry import MODELS, REGISTERED_MODELS, ModelFactory
 from robust_sparse.models.wide_resnet import wide_resnet
 
-__all__ = ["MODELS", "REGISTERED_MODELS", "ModelFactory", "Normalize", "Normalized", "build_model",
-           "check_model_name", "register_model", "wide_resnet"]
+__all__ = ["MODELS", "REGISTERED_MODELS", "ModelFactory", "Normalize", "Normalized", "apply_cifar_stem", "build_model",
+           "check_model_name", "register_model", "split_spec", "wide_resnet"]
 
 
 def build_model(
@@ -32,9 +32,11 @@ def build_model(
     mean: Sequence[float],
     std: Sequence[float],
     kwargs: dict[str, Any] | None = None,
+    cifar_stem: bool = False,
 ) -> nn.Module:
     """Build the registered model ``name`` (or ``torchvision:NAME``, ``timm:NAME``) with the factory's extra
-    keyword arguments ``kwargs``; raises UserError for unknown names or inconsistent shapes."""
+    keyword arguments ``kwargs``; ``cifar_stem``: a library ResNet with the CIFAR stem (:func:`apply_cifar_stem`).
+    Raises UserError for unknown names or inconsistent shapes."""
     spec = split_spec(name)
     if spec is None:
         check_model_name(name)  # a name registered in a plugin module a sweep's process has not imported yet
@@ -51,8 +53,14 @@ def build_model(
     if any(s <= 0 for s in std):
         raise UserError(f"model {name!r}: std must be positive, got {tuple(std)}")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if cifar_stem and spec is None:
+        raise UserError(f"model.cifar_stem: {name!r} is this toolkit's own model, already built for its dataset's "
+                        "image size; the CIFAR stem is for torchvision:/timm: ResNet-family models")
     if spec is not None:
-        return Normalized(Normalize(mean, std), build_library_model(*spec, num_classes, in_channels, kwargs or {}))
+        network = build_library_model(*spec, num_classes, in_channels, kwargs or {})
+        if cifar_stem:
+            apply_cifar_stem(network, name)
+        return Normalized(Normalize(mean, std), network)
     try:
         return factory(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **(kwargs or {}))
     except TypeError as error:

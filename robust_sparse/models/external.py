@@ -5,7 +5,10 @@ spec ``timm:resnet18`` builds ``timm.create_model("resnet18", num_classes=C, in_
 wrapped behind the dataset's Normalize layer (:class:`Normalized`), so that they take [0, 1] inputs as every
 model here, and train, sparsify and evaluate like the built-in ones. ``model.kwargs`` are passed through
 (``pretrained``/``weights`` included: then the model's own statistics must be the dataset's, as they are for
-ImageNet).
+ImageNet). ``model.cifar_stem: true`` swaps a ResNet-family model's ImageNet stem (7x7 stride-2 convolution, then
+a stride-2 max-pool: a 32-pixel image leaves it at 8x8) for the CIFAR one (3x3 stride-1 convolution, no pool), as
+CIFAR ResNets have (:func:`apply_cifar_stem`). The parameter names stay the library's, so the exported network
+loads into ``apply_cifar_stem(timm.create_model(...))`` with ``strict=True``.
 
 :func:`register_model` adds a factory of a user's module under a plain name, in the calling process; a sweep's
 processes learn it from ``$ROBUST_SPARSE_PLUGINS`` (:mod:`robust_sparse.plugins`), as they do for sparse methods.
@@ -97,6 +100,29 @@ def build_library_model(library: str, model: str, num_classes: int, in_channels:
     except Exception as error:  # unknown keyword, bad value: the library's own message, in one line
         first = (str(error).strip().splitlines() or [""])[0]
         raise UserError(f"model {library}:{model} with model.kwargs {kwargs}: {type(error).__name__}: {first}") from None
+
+
+def apply_cifar_stem(network: nn.Module, spec: str = "the model") -> nn.Module:
+    """The CIFAR stem in place of an ImageNet ResNet's: ``conv1`` becomes a 3x3 stride-1 convolution (same
+    channels, He-initialised as both libraries initialise it) and ``maxpool`` an ``nn.Identity``. Works for
+    torchvision's and timm's ResNet family (resnet*, resnext*, wide_resnet*, ...); returns ``network``.
+
+    To load an exported ``model.cifar_stem`` network outside this toolkit::
+
+        network = apply_cifar_stem(timm.create_model("resnet18", num_classes=10))
+        network.load_state_dict(torch.load("model_network.pt", weights_only=True), strict=True)
+    """
+    conv, pool = getattr(network, "conv1", None), getattr(network, "maxpool", None)
+    if not (isinstance(conv, nn.Conv2d) and isinstance(pool, (nn.MaxPool2d, nn.Identity))):
+        raise UserError(f"model.cifar_stem: {spec} has no ResNet stem (a conv1 convolution and a maxpool); "
+                        "the CIFAR stem is for ResNet-family models (torchvision:resnet18, timm:resnet50, ...)")
+    stem = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1,
+                     bias=conv.bias is not None)
+    nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+    if stem.bias is not None:
+        nn.init.zeros_(stem.bias)
+    network.conv1, network.maxpool = stem, nn.Identity()
+    return network
 
 
 def register_model(name: str, factory: Callable[..., nn.Module], *, module: str | None = None) -> None:

@@ -1,6 +1,6 @@
 """Export a trained sparse model for people who do not use this toolkit.
 
-Three files:
+A checkpoint of one network gets these files:
 
 * ``model_dense.pt``: a plain ``state_dict`` of the masked model, loadable with
   ``torch.load(path, weights_only=True)`` into the ordinary model class (``build_model(...)``);
@@ -14,7 +14,18 @@ Three files:
 ``export.json`` records the densities, the file sizes and the protocol the model was trained for (dataset,
 number of classes, threat model and eps): ``robust-sparse eval --arch NAME --weights DIR/model_dense.pt`` reads it,
 so an exported model is evaluated at its own eps. Under ``sparse_inference`` it records the dense and sparse
-latency measured at export (batch 1, the exporting process's threads). Every file is written atomically.
+latency measured at export (batch 1, the exporting process's threads). Beside them (:mod:`robust_sparse.deploy`):
+
+* ``model.safetensors``: the masked weights with the record that rebuilds the model in its metadata
+  (``robust_sparse.load_pretrained``);
+* ``model_network.pt`` for a ``torchvision:``/``timm:`` model: its library's own state_dict (export.json's
+  ``network`` says how to load it with ``strict=True``);
+* with ``--hub``, a Hugging Face Hub-style folder ``hub/`` (config.json, model.safetensors, a model card); with
+  ``--onnx``, ``model.onnx`` checked against PyTorch.
+
+An AST checkpoint exported without ``--subnet`` becomes one dynamic model holding every sub-net
+(:mod:`robust_sparse.dynamic`: ``model_dynamic.safetensors``, each sub-net's sparse-inference model, and a
+latency table per sub-net in export.json). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -23,13 +34,17 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from robust_sparse import rundir
 from robust_sparse.checkpoint import atomic_open, load_checkpoint, save_checkpoint, write_atomic
+from robust_sparse.deploy import (NETWORK_FILE, ONNX_FILE, SAFETENSORS_FILE, ModelRecord, network_manifest,
+                                  network_state, write_hub_folder, write_onnx, write_safetensors)
+from robust_sparse.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +89,26 @@ def load_compact(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: state[name] for name in payload["order"]}
 
 
-def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: int | None = None) -> dict[str, Any]:
-    """Export a checkpoint; for one that holds several sub-nets (AST), sub-net ``subnet`` (required there)."""
+def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: int | None = None, *,
+                      hub: bool = False, onnx: bool = False, serving_batch: int = 32,
+                      evaluation: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Export a checkpoint; for one that holds several sub-nets (AST): sub-net ``subnet``, or with ``subnet``
+    None all of them as one dynamic model (:mod:`robust_sparse.dynamic`).
+
+    ``hub``: also a Hugging Face Hub-style folder ``out/hub`` whose model card shows ``evaluation`` (rows of
+    attack, threat_model, eps, n, accuracy); ``onnx``: also ``model.onnx``, checked against PyTorch."""
     from robust_sparse.sparse.methods import pick_view, saved_views
 
     state = load_checkpoint(checkpoint_path)
-    view = pick_view(saved_views(state), subnet, checkpoint_path)
+    views = saved_views(state)
+    record = ModelRecord.from_config(state["config"])
+    if views[0].index is not None and subnet is None:
+        if hub or onnx:
+            raise UserError("export --hub/--onnx: those formats hold one network; pass --subnet K for one of this "
+                            f"AST checkpoint's sub-nets (0..{len(views) - 1}), or leave them out for the dynamic model")
+        out = rundir.claim(out_dir, rundir.Kind.EXPORT, "export --out")
+        return export_dynamic(state, views, record, out, checkpoint_path, serving_batch)
+    view = pick_view(views, subnet, checkpoint_path)
     weights, mask_source = view.weights, view.masks
     out = rundir.claim(out_dir, rundir.Kind.EXPORT, "export --out")  # absent, empty or an earlier export's
     model_state = {name: tensor.cpu() for name, tensor in weights.items()}
@@ -99,7 +128,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: 
     total = {name: mask.numel() for name, mask in masks.items()}
     summary = {
         "checkpoint": str(checkpoint_path), "model": state["config"]["model"]["name"], "epoch": state["epoch"],
-        "subnet": subnet,
+        "subnet": subnet, "record": record.to_json(),
         "sparse_layers": len(masks),
         "density": sum(active.values()) / sum(total.values()) if masks else 1.0,
         "layer_density": {name: active[name] / total[name] for name in masks},
@@ -109,36 +138,91 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: 
     }
     summary["compact_to_dense_size"] = summary["compact_file_bytes"] / summary["dense_file_bytes"]
     summary["protocol"] = export_protocol(state["config"])
-    summary["sparse_inference"] = export_sparse_inference(model_state, state["config"], out / SPARSE_INFERENCE_FILE)
+    history = (state.get("history") or [{}])[-1]
+    summary.update({key: history[key] for key in ("inference_flops", "inference_flops_vs_dense")
+                    if history.get(key) is not None})
+    write_safetensors(out / SAFETENSORS_FILE, model_state, record, {"protocol": summary["protocol"]})
+    summary["safetensors"] = {"file": SAFETENSORS_FILE, "file_bytes": (out / SAFETENSORS_FILE).stat().st_size}
+    if record.library is not None:  # the library's own state_dict, for people who do not use this toolkit
+        with atomic_open(out / NETWORK_FILE, "wb") as stream:
+            torch.save(network_state(record, model_state), stream)
+        summary["network"] = network_manifest(record)
+    summary["sparse_inference"] = export_sparse_inference(model_state, record, out / SPARSE_INFERENCE_FILE,
+                                                          summary["protocol"]["image_size"])
+    if onnx:
+        model = _built(record, model_state)
+        summary["onnx"] = write_onnx(model, _example(record, summary["protocol"]["image_size"], 2), out / ONNX_FILE)
+    if hub:
+        summary["hub"] = str(write_hub_folder(out / "hub", model_state, record, summary, evaluation))
     write_atomic(out / "export.json", json.dumps(summary, indent=2))
     return summary
 
 
-def export_sparse_inference(model_state: dict[str, torch.Tensor], config: dict[str, Any],
-                            path: Path) -> dict[str, Any]:
-    """Write the CPU sparse-inference model (one image per call, this process's threads); its measured latency.
-    Skipped (and said so in the returned record) for a model its saved form cannot rebuild by name alone: an
-    outside (``torchvision:``/``timm:``), user-registered or keyword-configured architecture."""
+def _built(record: ModelRecord, model_state: Mapping[str, torch.Tensor]) -> nn.Module:
+    model = record.build()
+    model.load_state_dict(model_state, strict=True)
+    return model.eval()
+
+
+def _example(record: ModelRecord, image_size: int, batch: int) -> torch.Tensor:
+    return torch.rand(batch, record.in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+
+def export_dynamic(state: dict[str, Any], views: Sequence[Any], record: ModelRecord, out: Path,
+                   checkpoint_path: str | Path, serving_batch: int) -> dict[str, Any]:
+    """An AST checkpoint as one switchable artifact plus each sub-net's sparse-inference model, with every
+    sub-net's latency measured here (batch 1 and ``serving_batch``, this process's threads)."""
     from robust_sparse.config import config_from_dict
-    from robust_sparse.data import dataset_info
-    from robust_sparse.models import MODELS, build_model
+    from robust_sparse.dynamic import DYNAMIC_FILE, save_dynamic, subnet_inference_file
     from robust_sparse.inference import save_sparse_inference, sparse_inference
 
-    run = config_from_dict({**config, "data": {**config.get("data", {}), "root": "."}})  # the root may be gone
-    architecture = run.model.name
-    if architecture not in MODELS or run.model.kwargs:
-        reason = (f"model {architecture!r}" + (" with model.kwargs" if run.model.kwargs else "") +
-                  ": the sparse-inference file rebuilds only the toolkit's own architectures by name")
-        log.warning("sparse-inference model not written: %s", reason)
-        return {"file": None, "skipped": reason}
-    info = dataset_info(run.data)
-    model = build_model(architecture, info.num_classes, info.in_channels, info.mean, info.std)
-    model.load_state_dict(model_state)
-    image = torch.rand(1, info.in_channels, info.image_size, info.image_size,
-                       generator=torch.Generator().manual_seed(0))
-    fast = sparse_inference(model.eval(), image)
-    save_sparse_inference(fast, path, architecture, info.num_classes, info.in_channels,
-                          info.mean, info.std)
+    protocol = export_protocol(state["config"])
+    sparsity = state.get("sparsity") or {}
+    shared = dict(state["model"])
+    shared.update(sparsity.get("full_weights") or {})  # the values outside the active sub-net's mask
+    targets = config_from_dict({**state["config"], "data": {**state["config"].get("data", {}), "root": "."}}
+                               ).sparsity.section("ast").densities
+    latency = []
+    for view in views:
+        model = _built(record, view.weights)
+        fast = sparse_inference(model, _example(record, protocol["image_size"], 1))
+        path = out / subnet_inference_file(view.index)
+        save_sparse_inference(fast, path, record.architecture, record.num_classes, record.in_channels, record.mean,
+                              record.std, record.kwargs, record.cifar_stem)
+        serving = sparse_inference(model, _example(record, protocol["image_size"], serving_batch))
+        counts = [(int(m.sum()), m.numel()) for m in view.masks.values()]
+        latency.append({
+            "subnet": view.index, "density": sum(a for a, _ in counts) / sum(t for _, t in counts),
+            "batch1_dense_ms": fast.dense_latency_s * 1e3, "batch1_sparse_ms": fast.sparse_latency_s * 1e3,
+            "serving_batch": serving_batch, "serving_dense_ms": serving.dense_latency_s * 1e3,
+            "serving_sparse_ms": serving.sparse_latency_s * 1e3, "sparse_layers": len(fast.sparse_layers),
+            "sparse_inference_file": path.name})
+        log.info("sub-net %d: density %.4f, %.2f ms sparse vs %.2f ms dense per image", view.index,
+                 latency[-1]["density"], latency[-1]["batch1_sparse_ms"], latency[-1]["batch1_dense_ms"])
+    dynamic = save_dynamic(out / DYNAMIC_FILE, record, shared, [view.masks for view in views], targets,
+                           sparsity.get("batchnorm"), latency)
+    summary = {"checkpoint": str(checkpoint_path), "model": record.architecture, "epoch": state["epoch"],
+               "kind": "ast-dynamic", "record": record.to_json(), "protocol": protocol, "dynamic": dynamic,
+               "threads": torch.get_num_threads(), "subnets": latency}
+    write_atomic(out / "export.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def export_sparse_inference(model_state: dict[str, torch.Tensor], record: ModelRecord, path: Path,
+                            image_size: int) -> dict[str, Any]:
+    """Write the CPU sparse-inference model (one image per call, this process's threads); its measured latency.
+    Skipped (and said so in the returned record) for a model that cannot be rebuilt here (a user-registered
+    architecture whose module this process cannot import)."""
+    from robust_sparse.inference import save_sparse_inference, sparse_inference
+
+    try:
+        model = _built(record, model_state)
+    except UserError as error:
+        log.warning("sparse-inference model not written: %s", error)
+        return {"file": None, "skipped": str(error)}
+    fast = sparse_inference(model, _example(record, image_size, 1))
+    save_sparse_inference(fast, path, record.architecture, record.num_classes, record.in_channels,
+                          record.mean, record.std, record.kwargs, record.cifar_stem)
     choices = fast.report()
     return {"file": path.name, "batch_size": 1, "threads": torch.get_num_threads(),
             "dense_latency_ms": fast.dense_latency_s * 1e3, "sparse_latency_ms": fast.sparse_latency_s * 1e3,
