@@ -4,12 +4,14 @@ test points already on disk.
 Into the zoo
     :func:`export_to_zoo` (``robust-sparse export CHECKPOINT --out DIR --robustbench NAME``) writes
     ``DIR/<dataset>/<Linf|L2>/NAME.pt`` (a plain state_dict, no ``module.`` prefix: what
-    ``robustbench.utils.load_model`` reads) and ``NAME.json`` beside it: a model-info entry in the format of
-    RobustBench's leaderboard files (``model_info/<dataset>/<threat_model>/<name>.json``: ``clean_acc``,
-    ``autoattack_acc``, ``eps``, ``architecture``, ...), filled from the run's results store, plus a
-    ``robust_sparse`` section (how to rebuild the architecture, sparsity, training method, the commands).
-    :func:`register` puts NAME into robustbench's model dictionary, after which
-    ``robustbench.utils.load_model(NAME, model_dir=DIR, dataset=..., threat_model=...)`` returns the model.
+    ``robustbench.utils.load_model`` reads), ``NAME.json`` beside it and ``NAME.md``. The JSON is robustbench's
+    own ``robustbench.utils.ModelInfo`` written as robustbench writes its ``model_info`` files
+    (``dataclasses.asdict``), filled from the run's results store, plus a ``robust_sparse`` key (how to rebuild
+    the architecture, sparsity, training method, the commands). ``NAME.md`` is the loading recipe.
+
+    robustbench has no plugin hook (no entry point; ``load_model`` looks names up in its own model dictionary),
+    so ``load_model(NAME)`` raises ``KeyError: 'NAME'`` until :func:`register` has added NAME to that dictionary
+    in the same process: ``register(NAME, DIR, dataset, threat_model)``, then ``load_model`` returns the model.
 
 benchmark() on local data
     ``robustbench.eval.benchmark`` reads its clean test set through torchvision with ``download=True``, which
@@ -21,7 +23,9 @@ benchmark() on local data
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import importlib.metadata
 import io
 import json
 import logging
@@ -29,6 +33,7 @@ import math
 import re
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -53,6 +58,19 @@ def _robustbench():
     import robustbench  # the real package: absolute import, never this module
 
     return robustbench
+
+
+def robustbench_version() -> str:
+    try:
+        return importlib.metadata.version("robustbench")
+    except importlib.metadata.PackageNotFoundError:  # importable but not installed as a distribution
+        return "(version unknown)"
+
+
+def _changed(what: str) -> UserError:
+    """The one line for a robustbench whose internals moved: which version, what is gone, the version that works."""
+    return UserError(f"robustbench {robustbench_version()}: {what}; robust_sparse.eval.zoo is written against "
+                     "robustbench 1.1.1 (robust-sparse doctor checks the installed copy)")
 
 
 def zoo_paths(directory: str | Path, name: str, dataset: str, threat_model: str) -> tuple[Path, Path]:
@@ -113,26 +131,30 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
     objective = str(getattr(config.objective, "value", config.objective))
     eps = robust_row["eps"] if robust_row is not None else loaded.eps
     training = f"{objective} with {method} sparse training" if method != "none" else f"{objective}, dense"
-    info: dict[str, Any] = {
-        "link": None, "name": name, "authors": None,
-        "additional_data": False,  # robust-sparse trains on the dataset's own training split only
-        "number_forward_passes": 1, "dataset": dataset, "venue": None, "architecture": loaded.architecture,
-        "eps": eps_text(eps),
-        "clean_acc": _pct((robust_row or corruption_row or {}).get("clean_acc")),
-        "reported": None,
-        "autoattack_acc": _pct(robust_row.get("autoattack_acc")) if robust_row is not None else None,
-        "footnote": f"{stats['sparsity']:.1%} sparse ({stats['nonzero_params']:,} non-zero parameters); {training}",
-    }
+    corruptions_acc = None
     if corruption_row is not None:
         from robust_sparse.eval.corruptions import mean_of
 
-        info["corruptions_acc"] = _pct(mean_of(corruption_row)[1])
+        corruptions_acc = _pct(mean_of(corruption_row)[1])
+    # Strings where RobustBench's own files have them ("8/255", "91.08"), whatever ModelInfo's annotations say.
+    # venue "N/A" is how its files mark a model without a paper (Standard.json); its bibtex export skips those.
+    info = _model_info(
+        link=None, name=name, authors=None,
+        additional_data=False,  # robust-sparse trains on the dataset's own training split only
+        number_forward_passes=1, dataset=dataset, venue="N/A", architecture=loaded.architecture,
+        eps=eps_text(eps), clean_acc=_pct((robust_row or corruption_row or {}).get("clean_acc")), reported=None,
+        autoattack_acc=_pct(robust_row.get("autoattack_acc")) if robust_row is not None else None,
+        corruptions_acc=corruptions_acc,
+        footnote=f"{stats['sparsity']:.1%} sparse ({stats['nonzero_params']:,} non-zero parameters); {training}")
     commands = [f"robust-sparse train {checkpoint.parent / 'config.yaml'}"]
     for row in (robust_row, corruption_row):
         if row is not None:
             commands.append(_eval_command(checkpoint, row))
     commands.append(f"robust-sparse export {checkpoint} --out {out_dir} --robustbench {name}"
                     + (f" --subnet {subnet}" if subnet is not None else ""))
+    # Our fields go under one extra key of the same file, not a file beside it: RobustBench's leaderboard
+    # generator reads every *.json of the folder as a model, and its update_json (benchmark(to_disk=True))
+    # updates ModelInfo's fields in place and keeps any other key.
     info["robust_sparse"] = {
         "architecture": config.model.name, "num_classes": int(_num_classes(loaded.model, state_dict)),
         "dataset": dataset, "threat_model": threat, "eps": eps, "sparsity": stats["sparsity"],
@@ -147,10 +169,46 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
     with atomic_open(weights_path, "wb") as stream:
         torch.save(state_dict, stream)
     write_atomic(info_path, json.dumps(info, indent=2) + "\n")
+    recipe_path = info_path.with_suffix(".md")
+    write_atomic(recipe_path, loading_recipe(name, out_dir, dataset, threat, info["footnote"]))
     if robust_row is None:
         log.warning("no evaluation of this model at %s in %s: clean_acc and autoattack_acc are null (run "
                     "robust-sparse eval %s first)", threat, store, checkpoint)
-    return {"weights": weights_path, "model_info": info_path, "info": info}
+    return {"weights": weights_path, "model_info": info_path, "recipe": recipe_path, "info": info}
+
+
+def _model_info(**fields: Any) -> dict[str, Any]:
+    """``robustbench.utils.ModelInfo(**fields)`` as a dict, the way robustbench writes its model-info files."""
+    _robustbench()
+    try:
+        from robustbench.utils import ModelInfo
+
+        return dataclasses.asdict(ModelInfo(**fields))
+    except (ImportError, TypeError) as error:
+        raise _changed(f"robustbench.utils.ModelInfo, its model-info dataclass, changed ({error})") from None
+
+
+def loading_recipe(name: str, model_dir: str | Path, dataset: str, threat_model: str, description: str) -> str:
+    """``NAME.md``: why ``robustbench.utils.load_model(NAME)`` raises KeyError on its own, and the lines that load
+    NAME (the test runs them in a fresh interpreter)."""
+    return f"""# {name}
+
+A robust-sparse model: {description}.
+
+- `{name}.pt`: a plain state_dict
+- `{name}.json`: RobustBench's `ModelInfo`, plus a `robust_sparse` section (architecture, sparsity, the commands)
+
+`robustbench.utils.load_model` knows only the names in robustbench's own model dictionary: on its own it raises
+`KeyError: '{name}'`. robust-sparse (`pip install robust-sparse`) builds the architecture and adds the name, in
+the Python process that loads the model (`model_dir` is the folder `robust-sparse export --out` was given):
+
+```python
+from robust_sparse.eval.zoo import register
+register({name!r}, {str(model_dir)!r}, {dataset!r}, {threat_model!r})
+from robustbench.utils import load_model
+model = load_model({name!r}, model_dir={str(model_dir)!r}, dataset={dataset!r}, threat_model={threat_model!r})
+```
+"""
 
 
 def _num_classes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int:
@@ -206,15 +264,7 @@ def register(name: str, model_dir: str | Path, dataset: str = "cifar10", threat_
     from robust_sparse.config import DatasetName
     from robust_sparse.models import build_model
 
-    _robustbench()
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-
-    try:
-        zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
-    except (ValueError, KeyError):
-        raise UserError(f"register: dataset {dataset!r} / threat model {threat_model!r}; use one of "
-                        f"{', '.join(ZOO_DATASETS)} and Linf, L2 or corruptions") from None
+    zoo = _zoo_dictionary(dataset, threat_model)
     weights_path, info_path = zoo_paths(model_dir, name, dataset, threat_model)
     for path in (weights_path, info_path):
         if not path.is_file():
@@ -234,37 +284,91 @@ def register(name: str, model_dir: str | Path, dataset: str = "cifar10", threat_
     return constructor
 
 
+def _zoo_dictionary(dataset: str, threat_model: str) -> dict[str, dict[str, Any]]:
+    """robustbench's model dictionary of one dataset and threat model, the one that ``load_model`` looks names up
+    in. robustbench has no registration function, so :func:`register` adds its entry to this dictionary; it is
+    reached through the public ``robustbench.model_zoo.model_dicts``, not through any private name."""
+    _robustbench()
+    import robustbench.model_zoo as rb_zoo
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    dictionaries = getattr(rb_zoo, "model_dicts", None)
+    if not isinstance(dictionaries, dict):
+        raise _changed("robustbench.model_zoo.model_dicts, the model dictionary load_model reads, is gone")
+    try:
+        return dictionaries[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
+    except (ValueError, KeyError):
+        raise UserError(f"register: dataset {dataset!r} / threat model {threat_model!r}; use one of "
+                        f"{', '.join(ZOO_DATASETS)} and Linf, L2 or corruptions") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # robustbench.eval.benchmark on points already on disk
 
 
+# The names of robustbench.eval that benchmark() calls and local_points replaces. benchmark() takes neither test
+# points nor an AutoAttack seed and robustbench has no hook for either, so the only way in is to rebind these two
+# module globals (both public names, no private one) for the duration; _rebind_benchmark_globals is the one place.
+BENCHMARK_GLOBALS = ("load_clean_dataset", "AutoAttack")
+
+
 @contextlib.contextmanager
-def local_points(images: torch.Tensor, labels: torch.Tensor, dataset: str = "cifar10",
-                 seed: int | None = 0) -> Iterator[None]:
-    """Inside the block, ``robustbench.eval.benchmark(..., dataset=dataset)`` evaluates ``images``/``labels``
-    (float [0,1], the first ``n_examples`` of them) instead of downloading the test set; with ``seed`` not
-    None, its AutoAttack uses that seed (robust-sparse eval's ``--seed``; benchmark() seeds from the clock)."""
+def _rebind_benchmark_globals(**wrappers: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """Inside the block, ``robustbench.eval.<name>`` is ``wrappers[name](original)``, for names of
+    :data:`BENCHMARK_GLOBALS`; one :class:`UserError` line, naming robustbench's version, when one is gone."""
     _robustbench()
-    import robustbench.data as rb_data
     import robustbench.eval as rb_eval
-    from robustbench.model_zoo.enums import BenchmarkDataset
 
-    key = BenchmarkDataset(dataset)
-    original_loader, original_attack = rb_data._clean_dataset_loaders[key], rb_eval.AutoAttack
-
-    def loader(n_examples, data_dir, transforms_test):  # the signature of robustbench.data.load_cifar10
-        if n_examples is not None and n_examples > len(labels):
-            raise UserError(f"benchmark: n_examples={n_examples} but only {len(labels)} local points were given")
-        return images[:n_examples].clone(), labels[:n_examples].clone()
-
-    rb_data._clean_dataset_loaders[key] = loader
-    if seed is not None:
-        rb_eval.AutoAttack = functools.partial(original_attack, seed=seed)
+    gone = [name for name in wrappers if not callable(getattr(rb_eval, name, None))]
+    if gone:
+        raise _changed(f"robustbench.eval has no {' or '.join(gone)} any more, the name benchmark() called that "
+                       "local_points replaces")
+    originals = {name: getattr(rb_eval, name) for name in wrappers}
+    for name, wrap in wrappers.items():
+        setattr(rb_eval, name, wrap(originals[name]))
     try:
         yield
     finally:
-        rb_data._clean_dataset_loaders[key] = original_loader
-        rb_eval.AutoAttack = original_attack
+        for name, original in originals.items():
+            setattr(rb_eval, name, original)
+
+
+@contextlib.contextmanager
+def local_points(images: torch.Tensor, labels: torch.Tensor, dataset: str = "cifar10",
+                 seed: int | None = 0) -> Iterator[SimpleNamespace]:
+    """Inside the block, ``robustbench.eval.benchmark(..., dataset=dataset)`` evaluates ``images``/``labels``
+    (float [0,1], the first ``n_examples`` of them) instead of downloading the test set; with ``seed`` not
+    None, its AutoAttack uses that seed (robust-sparse eval's ``--seed``; benchmark() seeds from the clock).
+
+    Yields a record, ``points_read`` and ``attacks_built``: how often benchmark() went through the replacements
+    (:func:`benchmark_on_points` checks both, so a robustbench that stopped calling them fails instead of
+    silently evaluating its own test set or an unseeded attack)."""
+    _robustbench()
+    from robustbench.model_zoo.enums import BenchmarkDataset
+
+    wanted = BenchmarkDataset(dataset)
+    record = SimpleNamespace(points_read=0, attacks_built=0)
+
+    def points(original):
+        def load_clean_dataset(dataset_, n_examples, data_dir, prepr):  # the signature of the original
+            if dataset_ != wanted:
+                return original(dataset_, n_examples, data_dir, prepr)
+            if n_examples is not None and n_examples > len(labels):
+                raise UserError(f"benchmark: n_examples={n_examples} but only {len(labels)} local points were given")
+            record.points_read += 1
+            return images[:n_examples].clone(), labels[:n_examples].clone()
+
+        return load_clean_dataset
+
+    def seeded(original):
+        def auto_attack(*args, **options):
+            record.attacks_built += 1
+            return original(*args, **({**options, "seed": seed} if seed is not None else options))
+
+        return auto_attack
+
+    with _rebind_benchmark_globals(load_clean_dataset=points, AutoAttack=seeded):
+        yield record
 
 
 def benchmark_on_points(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, dataset: str = "cifar10",
@@ -279,11 +383,15 @@ def benchmark_on_points(model: nn.Module, images: torch.Tensor, labels: torch.Te
     from robustbench.eval import benchmark
 
     printed = io.StringIO()
-    with local_points(images, labels, dataset, seed), contextlib.redirect_stdout(printed):
+    with local_points(images, labels, dataset, seed) as record, contextlib.redirect_stdout(printed):
         result = benchmark(model.eval(), n_examples=len(labels), dataset=dataset, threat_model=threat_model,
                            eps=eps, batch_size=batch_size, device=torch.device(device))
     for line in printed.getvalue().splitlines():
         log.info("robustbench: %s", line)
+    if not record.points_read or (threat_model in ("Linf", "L2") and not record.attacks_built):
+        missed = "robustbench.eval.load_clean_dataset" if not record.points_read else "robustbench.eval.AutoAttack"
+        raise _changed(f"benchmark() ran without calling {missed}, so it did not evaluate the given points "
+                       "with the given seed")
     return result
 
 
@@ -302,4 +410,4 @@ def load_zoo_model(name: str, model_dir: str | Path, dataset: str = "cifar10",
 
 
 __all__: Sequence[str] = ("export_to_zoo", "register", "load_zoo_model", "local_points", "benchmark_on_points",
-                          "zoo_paths")
+                          "zoo_paths", "loading_recipe", "robustbench_version")

@@ -1,11 +1,17 @@
-"""RobustBench both ways: ``robust-sparse export --robustbench`` into the zoo layout, ``register`` +
-``robustbench.utils.load_model`` giving identical logits, and ``robustbench.eval.benchmark`` itself on the real
-CIFAR-10 prefix agreeing with ``robust-sparse eval`` (skipped without the prefix)."""
+"""RobustBench both ways: ``robust-sparse export --robustbench`` into the zoo layout (robustbench's own ModelInfo,
+read back by robustbench's own code), ``register`` + ``robustbench.utils.load_model`` giving identical logits, in
+this process and in a fresh one following the exported recipe, and ``robustbench.eval.benchmark`` itself on local
+points (on the real CIFAR-10 prefix agreeing with ``robust-sparse eval``; skipped without the prefix)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import pickle
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +21,7 @@ from robust_sparse.checkpoint import save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import DatasetName, load_config, to_dict
 from robust_sparse.data import DATASETS
+from robust_sparse.errors import UserError
 from robust_sparse.eval import zoo
 from robust_sparse.eval.store import append_result, load_results
 from robust_sparse.models import build_model
@@ -57,46 +64,131 @@ def run(mnist, tmp_path_factory):
     return checkpoint, model
 
 
-def test_export_register_load_model_identical_logits(run, tmp_path, capsys):
+NAME = "Mine2026Sparse"
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    """run's checkpoint evaluated (FGSM on 40 points), with an AutoAttack row of the same weights on more points and
+    one of other weights, then exported as NAME; yields (the export's --out, the model)."""
     checkpoint, model = run
     assert main(["eval", str(checkpoint), "--attacks", "fgsm", "--no-probe", "--n-examples", "40", "--device", "cpu",
                  "--no-progress"]) == 0
     stored = load_results(checkpoint.parent / "eval").iloc[-1].to_dict()
-    # an AutoAttack row of the same weights, on more points (AutoAttack itself is run by the benchmark test)
+    # an AutoAttack row of the same weights, on more points (AutoAttack itself is run by the benchmark tests)
     append_result(checkpoint.parent / "eval", {**stored, "n_examples": 1000, "attacks": "autoattack",
                                                "autoattack_acc": 0.125, "clean_acc": 0.5})
     append_result(checkpoint.parent / "eval", {**stored, "n_examples": 5000, "autoattack_acc": 0.9,
                                                "model_fingerprint": "other weights"})
-    out = tmp_path / "models"
-    code = main(["export", str(checkpoint), "--out", str(out), "--robustbench", "Mine2026Sparse"])
-    assert code == 0, capsys.readouterr().err
-    weights, info_path = out / "cifar10" / "Linf" / "Mine2026Sparse.pt", out / "cifar10" / "Linf" / "Mine2026Sparse.json"
-    state = torch.load(weights, weights_only=True)
+    out = tmp_path_factory.mktemp("zoo_export") / "models"
+    assert main(["export", str(checkpoint), "--out", str(out), "--robustbench", NAME]) == 0
+    yield out, model
+    # register() is process-wide by design; the tests leave robustbench's model dictionary as they found it
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    model_dicts[BenchmarkDataset.cifar_10][ThreatModel.Linf].pop(NAME, None)
+
+
+def test_export_writes_robustbench_model_info(exported):
+    from robustbench.utils import ModelInfo
+
+    out, model = exported
+    folder = out / "cifar10" / "Linf"
+    state = torch.load(folder / f"{NAME}.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state) and set(state) == set(model.state_dict())
 
-    info = json.loads(info_path.read_text())
-    for field in ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                  "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"):
-        assert field in info  # RobustBench's leaderboard entry fields
-    assert (info["dataset"], info["eps"], info["architecture"]) == ("cifar10", "8/255", "tiny_cnn")
-    assert (info["clean_acc"], info["autoattack_acc"]) == ("50.00", "12.50")  # the AutoAttack row of these weights
+    info = json.loads((folder / f"{NAME}.json").read_text())
+    entry = {k: v for k, v in info.items() if k != "robust_sparse"}
+    # exactly robustbench's dataclass, in its field order, as its update_json writes it, plus our one key
+    assert list(entry) == [field.name for field in dataclasses.fields(ModelInfo)]
+    assert list(info) == list(entry) + ["robust_sparse"]
+    assert dataclasses.asdict(ModelInfo(**entry)) == entry
+    assert (entry["dataset"], entry["eps"], entry["architecture"]) == ("cifar10", "8/255", "tiny_cnn")
+    assert entry["venue"] == "N/A"  # RobustBench's mark for a model without a paper
+    assert (entry["clean_acc"], entry["autoattack_acc"]) == ("50.00", "12.50")  # the AutoAttack row of these weights
+    assert entry["corruptions_acc"] is None and entry["additional_data"] is False
     extra = info["robust_sparse"]
     assert extra["training_method"] == "rigl" and extra["objective"] == "pgd_at"
     zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     total = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     assert extra["sparsity"] == pytest.approx(zeros / total)
-    assert extra["commands"][0].startswith("robust-sparse train") and "--robustbench Mine2026Sparse" in extra["commands"][-1]
+    assert extra["commands"][0].startswith("robust-sparse train") and f"--robustbench {NAME}" in extra["commands"][-1]
     assert "--attacks autoattack" in extra["commands"][1] and "--n-examples 1000" in extra["commands"][1]
 
+
+def test_robustbench_reads_the_model_info_back(exported, tmp_path, monkeypatch, capsys):
+    """robustbench's own readers of model_info/<dataset>/<threat>/NAME.json (paths relative to the working
+    directory, as in its repository): the leaderboard table, the bibtex list, and update_json, its writer."""
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    from robustbench.utils import get_leaderboard_bibtex, list_available_models, update_json
+
+    out, _ = exported
+    zoo.register(NAME, out, "cifar10", "Linf")  # list_available_models lists registered names only
+    info_path = tmp_path / "model_info" / "cifar10" / "Linf" / f"{NAME}.json"
+    info_path.parent.mkdir(parents=True)
+    info_path.write_text((out / "cifar10" / "Linf" / f"{NAME}.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    list_available_models("cifar10", "Linf")
+    rows = [line for line in capsys.readouterr().out.splitlines() if NAME in line]
+    assert len(rows) == 1
+    assert all(cell in rows[0] for cell in ("50.00%", "12.50%", "tiny_cnn", "N/A"))
+    assert get_leaderboard_bibtex("cifar10", "Linf")[0] == set()  # venue N/A: no paper to cite, and no crash
+    capsys.readouterr()
+
+    before = json.loads(info_path.read_text())
+    update_json(BenchmarkDataset.cifar_10, ThreatModel.Linf, NAME, 0.75, 0.25, eps=None)  # benchmark(to_disk=True)
+    after = json.loads(info_path.read_text())
+    assert (after["clean_acc"], after["autoattack_acc"]) == ("75.0", "25.0")
+    assert after["robust_sparse"] == before["robust_sparse"] and after["footnote"] == before["footnote"]
+
+
+def test_register_load_model_identical_logits(exported):
     from robustbench.utils import load_model
 
-    with pytest.raises(KeyError):  # what a user hit before: robustbench knows only its own names
-        load_model("Mine2026Sparse", model_dir=str(out), dataset="cifar10", threat_model="Linf")
-    zoo.register("Mine2026Sparse", out, "cifar10", "Linf")
-    loaded = load_model("Mine2026Sparse", model_dir=str(out), dataset="cifar10", threat_model="Linf")
+    out, model = exported
+    zoo.register(NAME, out, "cifar10", "Linf")
+    loaded = load_model(NAME, model_dir=str(out), dataset="cifar10", threat_model="Linf")
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_exported_recipe_loads_in_a_fresh_process(exported, tmp_path):
+    """What the user hit: in a process that never imported robust_sparse.eval.zoo, robustbench's load_model raises
+    KeyError; NAME.md's code block, run as written, then loads the model with the toolkit's logits."""
+    out, model = exported
+    recipe = (out / "cifar10" / "Linf" / f"{NAME}.md").read_text()
+    assert f"KeyError: '{NAME}'" in recipe
+    code = re.search(r"```python\n(.*?)```", recipe, re.DOTALL).group(1)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.save(images, tmp_path / "images.pt")
+    script = f"""
+import sys
+import torch
+from robust_sparse.compat import import_robustbench
+import_robustbench()  # what makes robustbench importable with only PyPI's pyautoattack; it registers nothing
+from robustbench.utils import load_model
+assert "robust_sparse.eval.zoo" not in sys.modules
+try:
+    load_model({NAME!r}, model_dir={str(out)!r}, dataset="cifar10", threat_model="Linf")
+except KeyError as error:
+    missing = error.args[0]
+else:
+    raise SystemExit("robustbench knew the name before register")
+{code}
+with torch.no_grad():
+    logits = model(torch.load("images.pt", weights_only=True))
+torch.save({{"missing": missing, "logits": logits}}, "result.pt")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert result["missing"] == NAME
+    with torch.no_grad():
+        assert torch.equal(result["logits"], model(images))
 
 
 def test_register_errors(tmp_path):
@@ -127,6 +219,74 @@ def test_export_refuses_bad_names_and_datasets(run, mnist, tmp_path, capsys):
     assert "trained on mnist5k" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert zoo.eps_text(8 / 255) == "8/255" and zoo.eps_text(0.5) == "0.5"
+
+
+def _digit_points(test_batch, n=8):
+    """n real digits as CIFAR-shaped float [0,1] points (3x32x32)."""
+    images, labels = test_batch
+    return torch.nn.functional.pad(images[:n], (2, 2, 2, 2)).repeat(1, 3, 1, 1), labels[:n]
+
+
+def test_benchmark_goes_through_the_rebound_globals(run, test_batch):
+    """The two robustbench.eval names local_points rebinds exist in the installed robustbench (this fails when one
+    disappears), and benchmark() itself, AutoAttack included, goes through them: the given points, the given seed."""
+    import autoattack
+    import robustbench.data as rb_data
+    import robustbench.eval as rb_eval
+    from robustbench.model_zoo.enums import BenchmarkDataset
+
+    assert zoo.BENCHMARK_GLOBALS == ("load_clean_dataset", "AutoAttack")
+    assert rb_eval.load_clean_dataset is rb_data.load_clean_dataset and rb_eval.AutoAttack is autoattack.AutoAttack
+    _, model = run
+    images, _ = _digit_points(test_batch)
+    with torch.no_grad():  # labelled as the model predicts: every point is attacked, and eps 0.5 breaks them all
+        labels = model(images).argmax(1)
+    assert zoo.benchmark_on_points(model, images, labels, eps=0.5, batch_size=8, seed=3) == (1.0, 0.0)
+    with zoo.local_points(images, labels, seed=3) as record:
+        attack = rb_eval.AutoAttack(model, norm="Linf", eps=0.5, version="standard", device="cpu")
+        assert torch.equal(rb_eval.load_clean_dataset(BenchmarkDataset.cifar_10, 5, "./data", None)[0], images[:5])
+    assert attack.seed == 3 and (record.points_read, record.attacks_built) == (1, 1)
+    assert rb_eval.load_clean_dataset is rb_data.load_clean_dataset and rb_eval.AutoAttack is autoattack.AutoAttack
+
+
+@pytest.mark.parametrize("gone", zoo.BENCHMARK_GLOBALS)
+def test_a_robustbench_without_a_rebound_global_is_one_line(gone, test_batch, monkeypatch):
+    import robustbench.eval as rb_eval
+
+    kept = [name for name in zoo.BENCHMARK_GLOBALS if name != gone][0]
+    original = getattr(rb_eval, kept)
+    monkeypatch.delattr(rb_eval, gone)
+    with pytest.raises(UserError) as caught:
+        with zoo.local_points(*_digit_points(test_batch)):
+            pass
+    message = str(caught.value)
+    assert message.startswith(f"robustbench {zoo.robustbench_version()}: robustbench.eval has no {gone} any more")
+    assert "\n" not in message and "robustbench 1.1.1" in message
+    assert getattr(rb_eval, kept) is original  # nothing was rebound
+
+
+def test_a_benchmark_that_bypasses_the_globals_is_one_line(run, test_batch, monkeypatch):
+    """A robustbench whose benchmark() stopped calling the rebound names would evaluate its own test set: refused."""
+    import robustbench.eval as rb_eval
+
+    monkeypatch.setattr(rb_eval, "benchmark", lambda model, **options: (1.0, 1.0))
+    with pytest.raises(UserError, match=r"^robustbench \S+: benchmark\(\) ran without calling "
+                                        r"robustbench\.eval\.load_clean_dataset"):
+        zoo.benchmark_on_points(run[1], *_digit_points(test_batch))
+
+
+def test_a_robustbench_without_model_dicts_or_model_info_is_one_line(run, tmp_path, monkeypatch, capsys):
+    import robustbench.model_zoo as rb_zoo
+    import robustbench.utils as rb_utils
+
+    version = re.escape(zoo.robustbench_version())
+    monkeypatch.delattr(rb_zoo, "model_dicts")
+    with pytest.raises(UserError, match=rf"^robustbench {version}: robustbench\.model_zoo\.model_dicts, the model "
+                                        "dictionary load_model reads, is gone"):
+        zoo.register(NAME, tmp_path, "cifar10", "Linf")
+    monkeypatch.delattr(rb_utils, "ModelInfo")
+    assert main(["export", str(run[0]), "--out", str(tmp_path / "o"), "--robustbench", "X"]) == 2
+    assert f"robustbench {zoo.robustbench_version()}: robustbench.utils.ModelInfo" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +374,6 @@ def test_benchmark_autoattack_equals_robust_sparse_eval(prefix_model, tmp_path, 
     assert (0 < robust < clean) if survivors else robust < clean
     # the loader is restored: outside the block benchmark() would read torchvision's test set again
     import robustbench.data as rb_data
-    from robustbench.model_zoo.enums import BenchmarkDataset
+    import robustbench.eval as rb_eval
 
-    assert rb_data._clean_dataset_loaders[BenchmarkDataset.cifar_10] is rb_data.load_cifar10
+    assert rb_eval.load_clean_dataset is rb_data.load_clean_dataset
