@@ -10,6 +10,13 @@ downloads the data set when the folder is absent; the layout, the slicing and th
 The defaults are RobustBench's leaderboard: its 15 corruptions (``robustbench.data.CORRUPTIONS``) at severities
 1-5, and its aggregate, the mean of the 75 accuracies.
 
+The aggregate's interval. Every cell holds the same ``n`` images (row ``i`` of every corruption and severity is
+test image ``i``), so the aggregate is the mean over those images of each image's score, the fraction of cells
+it is classified correctly in. The images are the sample; the cells are the benchmark's fixed definition. Its 95%
+interval is therefore the t interval over the ``n`` per-image scores (:func:`aggregate_interval`), kept in the
+results row as ``corruptions_interval``. A Wilson interval on ``n`` would treat the mean of 75 cells as one
+binomial accuracy on ``n`` points, which it is not (only a cell is).
+
 ImageNet-C is read as robustbench's ``load_imagenetc`` reads it: ``<root>/ImageNet-C/<corruption>/<severity>/``
 through robustbench's ``CustomImageFolder``, which takes the images of RobustBench's 5000-image test list
 (``imagenet_test_image_ids.txt``, ``<wnid>/<file>`` per line) in the list's order, its first ``n`` for ``n``
@@ -209,31 +216,53 @@ def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: DatasetNam
     """Accuracy of ``model`` (on [0,1] images) on every corruption and severity.
 
     Returns a DataFrame with columns corruption, severity, n, accuracy (one row each, in order); RobustBench's
-    aggregate is ``frame["accuracy"].mean()`` (:func:`aggregate`).
+    aggregate is ``frame["accuracy"].mean()`` (:func:`aggregate`). ``frame.attrs["correct"]`` holds the per-point
+    flags, bool ``[cells, n]`` in the rows' order, for the aggregate's interval (:func:`aggregate_interval`).
     """
     corruptions = tuple(corruptions) if corruptions is not None else default_corruptions()
     n = check_files(root, dataset, corruptions, severities, n_examples)
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    rows = []
+    rows, flags = [], []
     try:
         for corruption in corruptions:
             for severity in severities:
-                correct = 0
                 with torch.no_grad():
-                    for x, y in _cell_batches(root, dataset, corruption, severity, n, batch_size):
-                        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+                    hits = torch.cat([(model(x.to(device)).argmax(1) == y.to(device)).cpu()
+                                      for x, y in _cell_batches(root, dataset, corruption, severity, n, batch_size)])
+                correct = int(hits.sum())
+                flags.append(hits.numpy())
                 rows.append({"corruption": corruption, "severity": int(severity), "n": n, "accuracy": correct / n})
                 log.info("%s severity %d: accuracy %.4f on %d points", corruption, severity, correct / n, n)
     finally:
         model.train(was_training)
-    return pd.DataFrame(rows, columns=["corruption", "severity", "n", "accuracy"])
+    frame = pd.DataFrame(rows, columns=["corruption", "severity", "n", "accuracy"])
+    frame.attrs["correct"] = np.stack(flags) if flags else np.zeros((0, n), dtype=bool)
+    return frame
 
 
 def aggregate(frame: pd.DataFrame) -> float:
     """RobustBench's corruptions accuracy: the mean over every (corruption, severity) accuracy."""
     return float(frame["accuracy"].mean())
+
+
+def aggregate_interval(correct: np.ndarray) -> tuple[float, float]:
+    """The 95% interval of the aggregate from the per-point flags ``correct`` (bool ``[cells, n]``, one column per
+    image): the t interval over the images of each image's fraction of cells classified correctly, whose mean is
+    the aggregate (see the module docstring); clipped to [0, 1]; NaN for fewer than two images."""
+    from robust_sparse.stats import mean_interval
+
+    _, low, high = mean_interval(np.asarray(correct, dtype=float).mean(axis=0).tolist())
+    return (max(0.0, low), min(1.0, high)) if low == low else (low, high)
+
+
+def interval_of(row: dict[str, Any] | pd.Series) -> tuple[float, float] | None:
+    """The aggregate's stored interval in a results row; None in a row written before it was recorded."""
+    stored = row.get("corruptions_interval")
+    if isinstance(stored, (list, tuple)) and len(stored) == 2 and all(v is not None for v in stored):
+        return float(stored[0]), float(stored[1])
+    return None
 
 
 def aggregate_label(corruptions: Sequence[str], severities: Sequence[int]) -> str:
@@ -313,6 +342,7 @@ def _evaluate_model(loaded, images, labels, root, dataset, corruptions, severiti
                                  n_examples=n, batch_size=batch_size, device=device)
     stats = sparsity_stats(model)
     mean = aggregate(frame)
+    low, high = aggregate_interval(frame.attrs["correct"])
     row = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
@@ -327,6 +357,8 @@ def _evaluate_model(loaded, images, labels, root, dataset, corruptions, severiti
         "model_fingerprint": model_fingerprint(model), "data_fingerprint": data_fingerprint(images, labels),
         "flags_file": None, "torch_version": torch.__version__,
         "corruptions": list(corruptions), "severities": list(severities), "corruptions_root": str(Path(root)),
+        # the aggregate's 95% t interval over the images (none for one image: no spread to measure)
+        "corruptions_interval": [low, high] if low == low else None,
     }
     append_result(results_dir, row)
     return row
@@ -339,7 +371,9 @@ def format_row(row: dict[str, Any]) -> str:
     table = frame.pivot(index="corruption", columns="severity", values="acc").loc[list(dict.fromkeys(frame["corruption"]))]
     lines = [f"{row['model']} on {row['dataset']}-C ({row['n_examples']} points per corruption and severity, "
              f"{row['wall_seconds']:.1f} s on {row['device']}): clean accuracy {row['clean_acc']:.4f}, "
-             f"corruptions accuracy (mean over {len(cells)}) {mean_of(row)[1]:.4f}"]
+             f"corruptions accuracy (mean over {len(cells)}) {mean_of(row)[1]:.4f}"
+             + (" [{:.4f}, {:.4f}] (95% t interval over the images)".format(*interval_of(row)) if interval_of(row)
+                else "")]
     lines += ["  " + line for line in table.to_string(float_format=lambda v: f"{v:.4f}").splitlines()]
     lines.append(f"  sparsity {row['sparsity']:.4f}, {row['nonzero_params']:,} non-zero of {row['params']:,} parameters")
     return "\n".join(lines)
@@ -353,14 +387,20 @@ def report_lines(frame: pd.DataFrame) -> list[str]:
         return []
     lines = ["", "## Common corruptions", "",
              "Accuracy in % on the corrupted test sets (CIFAR-10-C / CIFAR-100-C / ImageNet-C layout); *mean* is "
-             "RobustBench's corruptions accuracy, the mean over every corruption and severity evaluated.", ""]
+             "RobustBench's corruptions accuracy, the mean over every corruption and severity evaluated. Its 95% "
+             "interval is a t interval over the images of each image's fraction of cells classified correctly "
+             "(every cell holds the same images; the cells are fixed, the images are the sample); a cell's "
+             "accuracy on n images has a Wilson interval. A row written before the interval was recorded shows "
+             "none: its per-image results were not kept.", ""]
     for _, r in rows.iterrows():
         cells = [(k.split("/")[0], int(k.split("/")[1]), float(v)) for k, v in r["per_attack"].items() if "/" in k]
         table = pd.DataFrame(cells, columns=["corruption", "severity", "accuracy"])
         by_corruption = table.groupby("corruption", sort=False)["accuracy"].mean()
         by_severity = table.groupby("severity")["accuracy"].mean()
+        interval = interval_of(r)
+        shown = f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else ""
         lines += [f"**{r['model']}** ({r['dataset']}, {r['n_examples']} points each): clean "
-                  f"{100 * float(r['clean_acc']):.2f}, mean {100 * mean_of(r)[1]:.2f} ({mean_of(r)[0]}); by "
+                  f"{100 * float(r['clean_acc']):.2f}, mean {100 * mean_of(r)[1]:.2f}{shown} ({mean_of(r)[0]}); by "
                   "severity " + ", ".join(f"{s}: {100 * v:.2f}" for s, v in by_severity.items()), ""]
         lines += ["| corruption | " + " | ".join(f"severity {s}" for s in by_severity.index) + " | mean |",
                   "|---|" + "---|" * (len(by_severity) + 1)]

@@ -48,7 +48,10 @@ def collect(results_dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 
 def headline(row: pd.Series) -> tuple[str, float]:
-    """The number a result is compared by: AutoAttack if run, else its PGD, else the worst case."""
+    """The number a result is compared by: AutoAttack if run, else its PGD, else the worst case; for the
+    corruptions track its aggregate."""
+    if row.get("threat_model") == corruptions.THREAT:
+        return corruptions.mean_of(row)
     if _present(row.get("autoattack_acc")):
         return "AutoAttack", float(row["autoattack_acc"])
     if _present(row.get("pgd_acc")):
@@ -73,10 +76,25 @@ def _wilson(value: Any, n: Any) -> str:
 
 
 def _intervals(row: pd.Series) -> str:
-    """The sampling error of a result row's accuracies: ``clean [..]; PGD [..]; ...`` on its n points."""
-    parts = [(name, _wilson(row[column], row["n_examples"])) for name, column in
-             (("clean", "clean_acc"), ("PGD", "pgd_acc"), ("AA", "autoattack_acc"), ("worst", "worst_acc"))]
+    """The sampling error of a result row's accuracies: ``clean [..]; PGD [..]; ...`` on its n points; a
+    corruptions row's mean has its own (:func:`_attack_interval`)."""
+    if row["threat_model"] == corruptions.THREAT:
+        label, value = corruptions.mean_of(row)
+        parts = [("clean", _wilson(row["clean_acc"], row["n_examples"])), ("mean", _attack_interval(row, label, value))]
+    else:
+        parts = [(name, _wilson(row[column], row["n_examples"])) for name, column in
+                 (("clean", "clean_acc"), ("PGD", "pgd_acc"), ("AA", "autoattack_acc"), ("worst", "worst_acc"))]
     return "; ".join(f"{name} {interval}" for name, interval in parts if interval)
+
+
+def _attack_interval(row: pd.Series, label: str, value: Any) -> str:
+    """The 95% interval of a per-attack accuracy: Wilson on the n points, except for the corruptions aggregate, a
+    mean over cells of the same images, whose t interval over the images is stored with it
+    (robust_sparse.eval.corruptions); none for a row written before that was."""
+    if row["threat_model"] == corruptions.THREAT and "/" not in label:
+        interval = corruptions.interval_of(row)
+        return f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}] (t over images)" if interval else "not recorded"
+    return _wilson(value, row["n_examples"])
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -104,7 +122,8 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
         "unless the mode says chained; *worst case* is the pointwise minimum over the attacks run. *train FLOPs* and "
         "*inference FLOPs* are against dense (training: the same objective and epochs, counted up to the evaluated "
         "checkpoint's epoch, so a best.pt's can be below its run's eval.json; robust_sparse.flops). An "
-        "accuracy on n points carries binomial sampling error: its 95% Wilson interval is beside it; seed = the "
+        "accuracy on n points carries binomial sampling error: its 95% Wilson interval is beside it (the corruptions "
+        "mean, over cells of the same images, has a t interval over the images instead); seed = the "
         "attacks' seed (PGD's random starts and AutoAttack's).", "",
         "## Results", "",
     ]
@@ -121,10 +140,9 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
          for _, r in frame.iterrows()])
     lines += ["", "## Per-attack breakdown", ""]
     breakdown = [[r["model"], r["dataset"], r["threat_model"], f"{float(r['eps']):.4g}", label, _pct(value),
-                  _wilson(value, r["n_examples"])]
+                  _attack_interval(r, label, value)]
                  for _, r in frame.iterrows() for label, value in r["per_attack"].items()]
-    lines += _table(["model", "dataset", "threat", "eps", "attack", "robust accuracy", "95% Wilson interval"],
-                    breakdown)
+    lines += _table(["model", "dataset", "threat", "eps", "attack", "accuracy", "95% interval"], breakdown)
     spread = seed_spread(frame)
     spread = spread[spread["seeds"] > 1]
     if len(spread):  # evaluated under several attack seeds (eval --seeds): how much the random starts alone move
@@ -157,7 +175,8 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
         lines += _comparison(group, board[(board["dataset"] == dataset) & (board["threat_model"] == threat)])
         image = _plot_sparsity(group, board, dataset, threat, out)
         plots.append(image)
-        lines += ["", f"![robust accuracy against sparsity]({image.name})"]
+        lines += ["", f"![{'corruption' if threat == corruptions.THREAT else 'robust'} accuracy against sparsity]"
+                      f"({image.name})"]
         eps_image = _plot_eps(group, dataset, threat, out)
         if eps_image is not None:
             plots.append(eps_image)
@@ -252,7 +271,20 @@ def _pyplot():
 
 
 def _plot_sparsity(ours: pd.DataFrame, board: pd.DataFrame, dataset: str, threat: str, out: Path) -> Path:
+    figure = sparsity_figure(ours, board, dataset, threat)
+    path = out / f"robust_vs_sparsity_{dataset}_{threat}.png"
+    save_figure(figure, path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
+def sparsity_figure(ours: pd.DataFrame, board: pd.DataFrame, dataset: str, threat: str) -> Any:
+    """Our results (stars) among the leaderboard's rows of ``dataset`` and ``threat``: the headline accuracy
+    (:func:`headline`) in % against sparsity; for the corruptions track the corruption accuracy (the mean over its
+    corruptions and severities), which no attack or eps belongs to."""
     plt = _pyplot()
+    corrupted = threat == corruptions.THREAT
+    measure = "corruption accuracy" if corrupted else "robust accuracy"
     board = board[(board["dataset"] == dataset) & (board["threat_model"] == threat)]
     figure, axes = plt.subplots(figsize=(8, 5.5))
     markers = {"robustbench": "o", "reevaluation": "s", "paper": "^"}
@@ -284,20 +316,18 @@ def _plot_sparsity(ours: pd.DataFrame, board: pd.DataFrame, dataset: str, threat
                      if index == 0 else None)
         seeds = f", mean of {len(accuracies)} attack seeds" if len(accuracies) > 1 else ""
         right = x > 50  # labels of sparse models go to the left of their star, inside the axes
-        axes.annotate(f"{r['model']} ({attack}, eps {float(r['eps']):.3g}{seeds})", (x, mean),
+        what = f"mean over {attack}" if corrupted else f"{attack}, eps {float(r['eps']):.3g}{seeds}"
+        axes.annotate(f"{r['model']} ({what})", (x, mean),
                       textcoords="offset points", xytext=(-8 if right else 6, 4), ha="right" if right else "left",
                       fontsize=7)
     axes.set_xlabel("sparsity (% of conv/linear weights that are zero)")
-    axes.set_ylabel("robust accuracy (%)")
-    axes.set_title(f"{dataset} {threat}: robust accuracy against sparsity")
+    axes.set_ylabel(f"{measure} (%)" + (": mean over corruptions and severities" if corrupted else ""))
+    axes.set_title(f"{dataset} {threat}: {measure} against sparsity")
     axes.set_xlim(-3, 103)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
-    path = out / f"robust_vs_sparsity_{dataset}_{threat}.png"
-    save_figure(figure, path, dpi=120)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def _comparable_with_any(entry: dict[str, Any], ours: pd.DataFrame) -> bool:

@@ -82,13 +82,17 @@ def cifar_shaped_model(mnist, tmp_path_factory):
     return model.eval(), str(path)
 
 
-def _plain_accuracy(model, root, name, severity):
-    """A forward pass over the arrays as robustbench slices them."""
+def _plain_flags(model, root, name, severity):
+    """A forward pass over the arrays as robustbench slices them: which points are classified correctly."""
     images = np.load(root / "CIFAR-10-C" / f"{name}.npy")[(severity - 1) * track.ROWS_PER_SEVERITY:][:N]
     labels = np.load(root / "CIFAR-10-C" / "labels.npy")[:N]
     x = torch.tensor(np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / 255)
     with torch.no_grad():
-        return int((model(x).argmax(1) == torch.tensor(labels).long()).sum()) / N
+        return (model(x).argmax(1) == torch.tensor(labels).long()).numpy()
+
+
+def _plain_accuracy(model, root, name, severity):
+    return int(_plain_flags(model, root, name, severity).sum()) / N
 
 
 def test_reader_matches_robustbench_loader(mini):
@@ -118,13 +122,36 @@ def test_cli_end_to_end_equals_a_plain_forward_pass(mini, cifar_shaped_model, tm
     assert row["per_attack"][label] == pytest.approx(np.mean(list(expected.values())))
     assert 0.2 < row["clean_acc"] <= 1 and row["clean_acc"] > min(expected.values())  # noise hurts
     assert "gaussian_noise" in out and label.split(" (")[0] in out
+    # the mean's interval: a t interval over the images of each image's fraction of the 4 cells it gets right
+    scores = np.mean([_plain_flags(model, mini, name, s) for name in NAMES for s in SEVERITY_SCALES], axis=0)
+    half = 1.971957 * scores.std(ddof=1) / np.sqrt(N)  # t quantile 0.975 with 199 degrees of freedom
+    assert row["corruptions_interval"] == pytest.approx([scores.mean() - half, scores.mean() + half], abs=1e-6)
 
     from robust_sparse.eval.report import build_report
 
     text = build_report([results]).read_text()
     assert "## Common corruptions" in text and "| gaussian_noise |" in text
+    low, high = (100 * v for v in row["corruptions_interval"])
+    mean_line = next(line for line in text.splitlines() if line.startswith(f"| {row['model']} |") and label in line)
+    assert f"[{low:.1f}, {high:.1f}] (t over images)" in mean_line  # not a Wilson interval on the 200 points
     assert "no gradient-masking check applies" in text
     assert f"{100 * expected['contrast/2']:.2f}" in text
+
+
+def test_the_aggregate_interval_is_a_t_interval_over_the_images():
+    """3 cells x 6 images: the images' scores are 2/3, 1/3, 1/3, 1, 0, 2/3 (the fraction of cells each is right
+    in), mean 0.5, sample sd 0.3496; t(0.975, 5 df) = 2.570582, half width 0.3669: [0.1331, 0.8669]."""
+    correct = np.array([[1, 0, 0, 1, 0, 1],
+                        [1, 1, 0, 1, 0, 0],
+                        [0, 0, 1, 1, 0, 1]], dtype=bool)
+    scores = [2 / 3, 1 / 3, 1 / 3, 1, 0, 2 / 3]
+    mean = sum(scores) / 6
+    sd = (sum((v - mean) ** 2 for v in scores) / 5) ** 0.5
+    half = 2.570582 * sd / 6 ** 0.5
+    assert track.aggregate_interval(correct) == pytest.approx((mean - half, mean + half), abs=1e-6)
+    assert track.aggregate_interval(correct) == pytest.approx((0.1331, 0.8669), abs=1e-4)
+    assert correct.mean() == pytest.approx(mean)  # the interval is about the aggregate itself
+    assert track.aggregate_interval(np.ones((75, 10), dtype=bool)) == (1.0, 1.0)
 
 
 def test_python_api_defaults_and_aggregate(mini, cifar_shaped_model):
@@ -187,6 +214,18 @@ def test_leaderboard_comparison_of_the_corruptions_track(tmp_path):
     lrr = next(line for line in comparison.splitlines() if line.startswith("| Diffenderfer2021Winning_LRR |"))
     assert "yes: full (corruptions)" in lrr and "subset" not in lrr.split("yes:")[1]
     assert "| **subset** |" in comparison and "| 95.0% |" in lrr
+    # rows written without the aggregate's interval show none, never a Wilson interval on n
+    assert "| full | cifar10 | corruptions | 0 | corruptions | 80.00 | not recorded |" in text
+
+    import matplotlib.pyplot as plt
+    from robust_sparse.eval.report import collect, sparsity_figure
+
+    figure = sparsity_figure(collect([tmp_path]), board, "cifar10", "corruptions")
+    (axes,) = figure.axes
+    assert axes.get_ylabel().startswith("corruption accuracy (%)") and "robust" not in axes.get_title()
+    stars = [text.get_text() for text in axes.texts]
+    assert sorted(stars) == ["full (mean over corruptions)", "subset (mean over corruptions (1 of 15, severities 1))"]
+    plt.close(figure)
 
 
 def test_sweep_evaluation_stage_for_the_corruptions_track(tmp_path):
