@@ -44,6 +44,7 @@ SAFETENSORS_FILE = "model.safetensors"
 NETWORK_FILE = "model_network.pt"
 HUB_CONFIG = "config.json"
 ONNX_FILE = "model.onnx"
+ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference an export accepts
 
 
@@ -278,19 +279,24 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str,
     """``model`` (eval mode) as ONNX with a dynamic batch axis, written atomically; when onnxruntime is installed,
     its logits on ``example`` are compared with PyTorch's and an export further than :data:`ONNX_TOLERANCE`
     is refused. Returns the record for export.json."""
-    import io
+    import tempfile
 
     model = model.eval()
-    stream = io.BytesIO()
-    try:
-        torch.onnx.export(model, (example,), stream, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    except Exception as error:
-        raise UserError(f"export --onnx: torch.onnx could not export this model ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    data = stream.getvalue()
-    record: dict[str, Any] = {"file": path.name, "opset": 17, "file_bytes": len(data), "inputs": "images [N, C, H, W]"
+    # torch.export's exporter (it handles what the TorchScript one refuses, e.g. an adaptive pooling to a size
+    # that does not divide the input); its file is written to a scratch folder, then moved in atomically
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_file = Path(scratch) / path.name
+        try:
+            program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],
+                                        output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        opset_version=ONNX_OPSET)
+            program.save(str(scratch_file))
+        except Exception as error:
+            reason = (str(error).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"export --onnx: torch.onnx could not export this model ({type(error).__name__}: "
+                            f"{reason})") from None
+        data = scratch_file.read_bytes()
+    record: dict[str, Any] = {"file": path.name, "opset": ONNX_OPSET, "file_bytes": len(data), "inputs": "images [N, C, H, W]"
                               " in [0, 1]", "checked_with": None, "max_abs_difference": None}
     try:
         import onnxruntime
