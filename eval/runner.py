@@ -21,6 +21,13 @@ Resume
     batch size, which partitions its points and seeds each batch, and in chained mode the attacks before
     it), so a rerun with another attack list, another batch size or without the probe reuses every finished
     attack, the clean flags and the probe.
+
+Results as a table
+    :meth:`Evaluation.to_frame` gives one tidy DataFrame, one row per attack (``clean`` and ``worst case``
+    included, and AutoAttack's parts), with the columns model, subnet, dataset, threat_model, eps, seed, mode,
+    attack, kind, accuracy (a fraction), n, correct, ci_low and ci_high (95% Wilson): the schema of
+    :data:`robust_sparse.eval.store.TIDY_COLUMNS`, described there, which the results store's rows give through
+    :func:`robust_sparse.eval.store.tidy`; frames of several evaluations concatenate.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -46,6 +54,7 @@ from robust_sparse.eval import sanity
 from robust_sparse.accuracy import pgd_step_size, predict
 from robust_sparse.eval.autoattack import AutoAttackBackend
 from robust_sparse.eval.specs import AttackContext, AttackSpec
+from robust_sparse.eval.store import WORST, tidy_frame, tidy_rows
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +133,25 @@ class Evaluation:
     def outcome(self, kind: str) -> AttackOutcome | None:
         """The first outcome of that attack kind (``"pgd"``, ``"autoattack"``, ...)."""
         return next((o for o in self.outcomes if o.spec.kind == kind), None)
+
+    def to_frame(self, model: str = "", dataset: str | None = None, subnet: int | None = None) -> pd.DataFrame:
+        """The tidy frame of this evaluation (robust_sparse.eval.store: one row per attack, with clean accuracy,
+        each multi-unit attack's parts and the worst case as rows of their own; counts exact, 95% Wilson
+        intervals). ``model``, ``dataset`` and ``subnet`` name what was evaluated (an ``Evaluation`` holds only
+        its results); a ``model`` ending in ``/subnet{k}`` gives ``subnet`` k, as the results store's names do."""
+        from robust_sparse.eval.loading import threat_label  # loading imports this module
+
+        entries = [("clean", "clean", self.clean_accuracy, int(self.clean.sum()), None)]
+        for outcome in self.outcomes:
+            entries.append((outcome.label, "attack", outcome.accuracy, int(outcome.robust.sum()), None))
+            if not outcome.spec.attack_kind.iterative and len(outcome.spec.units) > 1:  # as accuracies() lists them
+                for index, unit in enumerate(outcome.spec.units):
+                    robust = outcome.robust | (outcome.broken_by > index)
+                    entries.append((f"{outcome.label}/{unit}", "unit", _mean(robust), int(robust.sum()), None))
+        entries.append((WORST, "worst", self.worst_accuracy, int(self.worst.sum()), None))
+        identity = {"model": model, "subnet": subnet, "dataset": dataset, "threat_model": threat_label(self.norm),
+                    "eps": self.eps, "seed": self.seed, "mode": "chained" if self.chained else "standalone"}
+        return tidy_frame(tidy_rows(identity, self.n, entries))
 
     def accuracies(self) -> dict[str, float]:
         """Label -> robust accuracy, plus ``AutoAttack/apgd-ce``-style cumulative entries for multi-unit attacks."""

@@ -6,6 +6,26 @@ model, dataset, threat model and eps plus a hash of everything else that determi
 chained mode, model and data fingerprints: ``eval --seeds 0,1,2`` writes one row and one flags file per seed); the
 attacks, keyed with their batch size, and the probe live inside it, so a
 rerun resumes every finished attack whatever the attack list, batch size or probe flag.
+
+The tidy results. A stored row is one evaluation, its accuracies side by side; :func:`tidy` (and
+:func:`load_tidy`) turns rows into one DataFrame with one row per model x attack x eps x seed x sub-net, the
+shape :meth:`robust_sparse.eval.Evaluation.to_frame` gives for an evaluation in memory. Its columns
+(:data:`TIDY_COLUMNS`):
+
+* ``model``: the model's name without its sub-net; ``subnet``: the sub-net's index in an AST checkpoint
+  (``/subnet{k}`` in a stored name, robust_sparse.eval.loading), <NA> for a model of one network;
+* ``dataset``, ``threat_model`` (``Linf``, ``L2``, ``corruptions``), ``eps`` (0 for corruptions);
+* ``seed``: the attacks' seed (<NA> for corruptions, which draw nothing); ``mode``: ``standalone`` or
+  ``chained`` (then an attack's accuracy is cumulative over the attacks before it);
+* ``attack``: ``clean``, an attack's label (``PGD-50x10``, ``AutoAttack``), a part of a multi-unit attack
+  (``AutoAttack/apgd-ce``, cumulative), ``worst case`` (every evaluation has it, one attack's too), the
+  corruptions mean (``corruptions``) or a corruption
+  cell (``fog/3``); ``kind`` says which: ``clean``, ``attack``, ``unit``, ``worst``, ``corruptions mean``,
+  ``corruption``;
+* ``accuracy``: a fraction in [0, 1]; ``n``: the points it is measured on; ``correct``: how many of them
+  (the rounded product for a mean over corruption cells);
+* ``ci_low``, ``ci_high``: its 95% interval: Wilson on ``n`` points, but the corruptions mean's t interval over
+  the images (robust_sparse.eval.corruptions), NaN where a row does not hold it.
 """
 
 from __future__ import annotations
@@ -13,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +42,7 @@ import pandas as pd
 
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.errors import UserError
+from robust_sparse.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +60,12 @@ COLUMNS = [
     "torch_version",
 ]
 NESTED = ("per_attack", "warnings")
+#: The tidy frame's columns, in this order (see the module docstring).
+TIDY_COLUMNS = ["model", "subnet", "dataset", "threat_model", "eps", "seed", "mode", "attack", "kind", "accuracy",
+                "n", "correct", "ci_low", "ci_high"]
+WORST = "worst case"  # the attack column's name of the pointwise worst case over an evaluation's attacks
+CORRUPTIONS = "corruptions"  # the corruptions track's threat_model (robust_sparse.eval.corruptions.THREAT)
+_SUBNET = re.compile(r"^(?P<model>.*)/subnet(?P<k>\d+)$")
 
 
 def _slug(text: str) -> str:
@@ -122,3 +150,76 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
             value = None
         clean[key] = value
     return clean
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tidy results: one row per model x attack x eps x seed x sub-net
+
+
+def split_subnet(name: str) -> tuple[str, int | None]:
+    """``runs/a/best/subnet1`` -> (``runs/a/best``, 1); a name without the sub-net suffix -> (name, None)."""
+    match = _SUBNET.match(str(name))
+    return (match["model"], int(match["k"])) if match else (str(name), None)
+
+
+def tidy_rows(identity: dict[str, Any], n: int,
+              entries: list[tuple[str, str, float, int | None, tuple[float, float] | None]]) -> list[dict[str, Any]]:
+    """The tidy rows of one evaluation. ``identity``: model (its sub-net suffix split off into ``subnet``),
+    dataset, threat_model, eps, seed, mode; ``entries``: (attack, kind, accuracy, correct or None for
+    round(accuracy * n), interval or None for Wilson's on ``n``)."""
+    model, subnet = split_subnet(identity.get("model") or "")
+    if identity.get("subnet") is not None:
+        subnet = identity["subnet"]
+    rows = []
+    for attack, kind, accuracy, correct, interval in entries:
+        accuracy = float("nan") if accuracy is None else float(accuracy)
+        if correct is None and accuracy == accuracy:
+            correct = round(accuracy * n)
+        low, high = interval if interval is not None else wilson_interval(accuracy, n)
+        rows.append({"model": model, "subnet": subnet, "dataset": identity.get("dataset"),
+                     "threat_model": identity.get("threat_model"), "eps": float(identity.get("eps") or 0.0),
+                     "seed": identity.get("seed"), "mode": identity.get("mode"), "attack": attack, "kind": kind,
+                     "accuracy": accuracy, "n": n, "correct": correct, "ci_low": low, "ci_high": high})
+    return rows
+
+
+def tidy_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """:data:`TIDY_COLUMNS`, with integer columns that may be missing as pandas' nullable integers."""
+    frame = pd.DataFrame(rows, columns=TIDY_COLUMNS)
+    for column in ("subnet", "seed", "n", "correct"):
+        frame[column] = pd.array([None if v is None or v != v else int(v) for v in frame[column]], dtype="Int64")
+    return frame
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value)
+
+
+def tidy(results: pd.DataFrame) -> pd.DataFrame:
+    """Stored rows (:func:`load_results`, or several stores' concatenated) as the tidy frame of the module
+    docstring: per row its clean accuracy, every per-attack entry and the worst case (a corruptions row's
+    mean, its cells and clean accuracy)."""
+    rows: list[dict[str, Any]] = []
+    for record in results.to_dict("records"):
+        n = int(record["n_examples"])
+        per_attack = record.get("per_attack") if isinstance(record.get("per_attack"), dict) else {}
+        entries = [("clean", "clean", record.get("clean_acc"), None, None)]
+        seed = record.get("seed")
+        identity = {**record, "seed": int(seed) if _present(seed) else None}
+        if record.get("threat_model") == CORRUPTIONS:
+            stored = record.get("corruptions_interval")
+            interval = tuple(stored) if isinstance(stored, (list, tuple)) and len(stored) == 2 else (math.nan,) * 2
+            for label, value in per_attack.items():  # the mean first, then the cells (corruptions.per_attack)
+                entries.append((label, "corruption", value, None, None) if "/" in label else
+                               (label, "corruptions mean", value, None, interval))
+        else:
+            for label, value in per_attack.items():
+                entries.append((label, "unit" if "/" in label else "attack", value, None, None))
+            entries.append((WORST, "worst", record.get("worst_acc"), None, None))
+        rows += tidy_rows(identity, n, entries)
+    return tidy_frame(rows)
+
+
+def load_tidy(results_dir: str | Path) -> pd.DataFrame:
+    """The tidy frame (:func:`tidy`) of a store's rows."""
+    return tidy(load_results(results_dir))

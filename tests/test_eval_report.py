@@ -47,6 +47,33 @@ def test_store_appends_csv_and_json(tmp_path):
     assert first != second and first.parent == tmp_path / "flags" and "/" not in first.name
 
 
+def test_the_store_reads_back_as_one_tidy_frame(tmp_path):
+    """One row per model x attack x eps x seed x sub-net, attack and corruptions rows alike; the corruptions mean
+    carries its stored t interval, a corruption cell its Wilson interval on n."""
+    from robust_sparse.eval.store import TIDY_COLUMNS, load_tidy
+    from robust_sparse.stats import wilson_interval
+
+    append_result(tmp_path, _row(model="runs/ast/best/subnet0"))
+    append_result(tmp_path, _row(model="runs/ast/best/subnet1", seed=1, clean_acc=0.6))
+    append_result(tmp_path, _row(model="c", threat_model="corruptions", eps=0.0, seed=None, n_examples=100,
+                                 pgd_attack=None, pgd_acc=None, autoattack_acc=None, worst_acc=0.5,
+                                 per_attack={"corruptions (1 of 15, severities 1,2)": 0.5, "fog/1": 0.6, "fog/2": 0.4},
+                                 corruptions_interval=[0.45, 0.55]))
+    frame = load_tidy(tmp_path)
+    assert list(frame.columns) == TIDY_COLUMNS and len(frame) == 2 * 5 + 4
+    ast = frame[frame["model"] == "runs/ast/best"]
+    assert sorted(set(zip(ast["subnet"], ast["seed"]))) == [(0, 0), (1, 1)]
+    assert ast.groupby(["subnet", "seed", "attack"]).size().eq(1).all()
+    assert list(ast.loc[ast["subnet"] == 1, "attack"]) == ["clean", "PGD-50x10", "AutoAttack", "AutoAttack/apgd-ce",
+                                                          "worst case"]
+    assert ast.loc[(ast["subnet"] == 1) & (ast["attack"] == "clean"), "correct"].item() == 6000
+    corrupted = frame[frame["model"] == "c"].set_index("attack")
+    assert list(corrupted["kind"]) == ["clean", "corruptions mean", "corruption", "corruption"]
+    assert corrupted["subnet"].isna().all() and corrupted["seed"].isna().all()
+    assert tuple(corrupted.loc["corruptions (1 of 15, severities 1,2)", ["ci_low", "ci_high"]]) == (0.45, 0.55)
+    assert tuple(corrupted.loc["fog/1", ["ci_low", "ci_high"]]) == pytest.approx(wilson_interval(0.6, 100))
+
+
 def test_shipped_leaderboard_has_the_required_rows():
     board = load_leaderboard()
     names = set(board["name"])

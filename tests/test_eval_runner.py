@@ -192,3 +192,55 @@ def test_model_mode_is_restored(mnist):
     model = make_tiny_model().train()
     evaluate(model, images, labels, norm="linf", eps=0.1, attacks=parse_attacks("fgsm"))
     assert model.training
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results as a table
+
+
+def _hand_built() -> runner_module.Evaluation:
+    """5 points: 4 clean; PGD breaks point 2; AutoAttack's APGD-CE breaks point 2 and APGD-T point 1."""
+    from robust_sparse.eval import AttackOutcome
+
+    pgd = AttackOutcome(AttackSpec("pgd", 20, 1), torch.tensor([1, 1, 0, 1, 0], dtype=torch.bool),
+                        torch.tensor([-1, -1, 0, -1, -1], dtype=torch.int8))
+    autoattack = AttackOutcome(AttackSpec("autoattack"), torch.tensor([1, 0, 0, 1, 0], dtype=torch.bool),
+                               torch.tensor([-1, 1, 0, -1, -1], dtype=torch.int8))
+    return runner_module.Evaluation(norm="linf", eps=8 / 255, seed=2, batch_size=5, chained=False,
+                                    clean=torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool),
+                                    outcomes=[pgd, autoattack], seconds=1.0)
+
+
+def test_an_evaluation_is_one_tidy_frame():
+    from robust_sparse.eval.store import TIDY_COLUMNS
+    from robust_sparse.stats import wilson_interval
+
+    frame = _hand_built().to_frame("runs/ast/best/subnet1", dataset="cifar10")
+    assert list(frame.columns) == TIDY_COLUMNS
+    assert list(frame["attack"]) == ["clean", "PGD-20x1", "AutoAttack", "AutoAttack/apgd-ce", "AutoAttack/apgd-t",
+                                     "AutoAttack/fab-t", "AutoAttack/square", "worst case"]
+    assert list(frame["kind"]) == ["clean", "attack", "attack"] + ["unit"] * 4 + ["worst"]
+    assert list(frame["correct"]) == [4, 3, 2, 3, 2, 2, 2, 2]  # APGD-CE alone leaves points 0, 1 and 3
+    assert frame["accuracy"].tolist() == pytest.approx([0.8, 0.6, 0.4, 0.6, 0.4, 0.4, 0.4, 0.4])
+    assert (frame["model"] == "runs/ast/best").all() and (frame["subnet"] == 1).all()
+    assert (frame["threat_model"] == "Linf").all() and (frame["dataset"] == "cifar10").all()
+    assert (frame["eps"] == 8 / 255).all() and (frame["seed"] == 2).all() and (frame["n"] == 5).all()
+    assert (frame["mode"] == "standalone").all()
+    assert tuple(frame.loc[0, ["ci_low", "ci_high"]]) == pytest.approx(wilson_interval(0.8, 5))
+
+
+def test_the_results_store_gives_the_same_frame():
+    """A store row of the evaluation (as robust-sparse eval writes it) reads back as the same tidy rows; the rows
+    of two sub-nets and two seeds concatenate into one frame."""
+    import pandas as pd
+
+    from robust_sparse.eval.store import tidy
+
+    evaluation = _hand_built()
+    row = {"model": "runs/ast/best/subnet1", "dataset": "cifar10", "threat_model": "Linf", "eps": evaluation.eps,
+           "seed": evaluation.seed, "mode": "standalone", "n_examples": evaluation.n,
+           "clean_acc": evaluation.clean_accuracy, "per_attack": evaluation.accuracies(),
+           "worst_acc": evaluation.worst_accuracy}
+    pd.testing.assert_frame_equal(tidy(pd.DataFrame([row])), evaluation.to_frame("runs/ast/best/subnet1", "cifar10"))
+    both = pd.concat([evaluation.to_frame("m", "cifar10", subnet=k) for k in (0, 1)], ignore_index=True)
+    assert both.groupby(["subnet", "attack"]).size().eq(1).all() and len(both) == 16
