@@ -4,7 +4,10 @@ Dense per-layer counts come from ``torch.utils.flop_counter.FlopCounterMode`` on
 one example at the run's input shape, attributed to the conv/linear module that owns each weight; matmuls it
 finds outside those modules are ``other`` and stay dense). Nothing is written per architecture. Like
 FlopCounterMode, only matmuls and convolutions count (a multiply-add is 2 FLOPs): BatchNorm, activations, pooling,
-the attack's projection and every other elementwise operation are left out.
+the attack's projection and every other elementwise operation are left out. A transformer's attention matmuls,
+q @ kᵀ and attn @ v (4·N²·D per layer for N tokens of width D), have no weight to mask: they are ``other``,
+fused (F.scaled_dot_product_attention, :data:`ATTENTION_FORMULAS`) or not, and their backward passes are counted
+as every layer's, a pass costing the forward (strictly, each computes two operands' gradients).
 
 Conventions, per layer of dense forward cost ``D`` and density ``d`` (the mask's active fraction; 1 for a dense
 layer):
@@ -94,6 +97,23 @@ class DenseProfile:
         return [*self.layers, OTHER]
 
 
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Fused attention: q @ kᵀ and attn @ v, 2·N_q·N_k·d FLOPs each per (batch, head): per layer 4·N²·D for N
+    tokens of width D, summed over the heads. (The softmax and the scaling are elementwise and not counted.)"""
+    *batch_heads, queries, width = query_shape
+    keys, value_width = key_shape[-2], value_shape[-1]
+    return 2 * math.prod(batch_heads) * queries * keys * (width + value_width)
+
+
+# FlopCounterMode knows the fused attention kernels of CUDA (flash, memory-efficient, cuDNN) but not the one
+# F.scaled_dot_product_attention runs on a CPU, which timm's and torchvision's transformers call: without this its
+# matmuls, a transformer's 'other', would count as nothing. (The unfused path, q @ k.transpose, counts as bmm.)
+ATTENTION_FORMULAS = {op: _attention_flops for op in (
+    getattr(torch.ops.aten, name, None) for name in ("_scaled_dot_product_flash_attention_for_cpu",
+                                                      "_scaled_dot_product_fused_attention_overrideable"))
+    if op is not None}
+
+
 def dense_profile(model: nn.Module, input_shape: tuple[int, ...]) -> DenseProfile:
     """The dense model's forward FLOPs per layer for one example of ``input_shape`` (C, H, W), measured by
     FlopCounterMode (one eval-mode forward, no gradient; the model's mode is restored)."""
@@ -103,7 +123,7 @@ def dense_profile(model: nn.Module, input_shape: tuple[int, ...]) -> DenseProfil
     modes = {module: module.training for module in model.modules()}  # each its own (a frozen BatchNorm stays so)
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS) as counter:
             model(torch.zeros((1, *input_shape), dtype=parameter.dtype, device=parameter.device))
     finally:
         for module, training in modes.items():

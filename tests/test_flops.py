@@ -73,6 +73,37 @@ def test_dense_counts_of_small_cnn_equal_flop_counter_mode():
     assert profile.other == 0
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_vits_attention_matmuls_are_counted_dense_beside_its_layers(fused):
+    """A one-block ViT by hand: N = 4 x 4 patches + the class token, width D, MLP 4D. Each Linear costs 2 x its
+    weights per token (the head: the class token only), and the attention's two matmuls, q @ k^T and attn @ v,
+    2 N^2 (D / heads) each per head: 4 N^2 D, the weightless 'other', whether timm runs
+    F.scaled_dot_product_attention (fused) or the matmuls themselves."""
+    pytest.importorskip("timm")
+    width, classes, patches = 16, 10, 16
+    model = build_model("timm:vit_tiny_patch16_224", classes, 3, (0.5,) * 3, (0.25,) * 3,
+                        {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": width, "num_heads": 2})
+    model.network.blocks[0].attn.fused_attn = fused
+    tokens = patches + 1
+    profile = dense_profile(model, (3, 32, 32))
+    block = {"qkv": 2 * tokens * width * 3 * width, "proj": 2 * tokens * width * width,
+             "fc1": 2 * tokens * width * 4 * width, "fc2": 2 * tokens * 4 * width * width}
+    assert profile.layers == {"network.patch_embed.proj.weight": 2 * (3 * 8 * 8) * width * patches,
+                              **{f"network.blocks.0.{'attn' if layer in ('qkv', 'proj') else 'mlp'}.{layer}.weight":
+                                 flops for layer, flops in block.items()},
+                              "network.head.weight": 2 * width * classes}
+    assert profile.other == 4 * tokens ** 2 * width
+    # the masks cover the block's layers (the ViT default); the embedding, the head and the attention stay dense
+    masks = {}
+    for name in profile.layers:
+        if ".blocks." in name:
+            numel = profile.numels[name]
+            masks[name] = (torch.arange(numel) % 2 == 0).view(model.get_parameter(name).shape)  # half of each
+    counter = FlopsCounter(profile, load_config(None, ["device=cpu", "objective=natural"]), None)
+    dense_part = profile.total - sum(block.values())
+    assert counter.inference(masks) == pytest.approx(dense_part + sum(block.values()) / 2, rel=1e-12)
+
+
 @pytest.mark.parametrize("objective,branches,attack_forwards", [("pgd_at", 1, 0), ("trades", 2, 1)])
 def test_an_attack_step_costs_k_plus_1_forward_and_backward_units(objective, branches, attack_forwards):
     """PGD-k: k attack forwards and input-gradient backwards, then the training forward and backward (input +

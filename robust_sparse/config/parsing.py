@@ -216,6 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = merge(data, nest_flat_names(parse_override(text)))
     config = from_dict(TrainConfig, data, "")
     _method_defaults(config, data)
+    resolve_layer_ends(config)
     validate(config)
     return config
 
@@ -236,9 +237,23 @@ def _method_defaults(config: TrainConfig, data: dict[str, Any]) -> None:
                   "given", record.name, record.optimizer)
 
 
+def resolve_layer_ends(config: TrainConfig) -> None:
+    """``sparsity.include_first/include_last`` left out (None: by the model) is True for a model named without a
+    library prefix: the toolkit's own architectures, all CNNs (tests/test_vit.py checks it), and those registered
+    with ``register_model``, whose first and last layers were sparse before the rule too. So their configs, saved
+    and compared on resume, read true as they always did. A ``timm:``/``torchvision:`` model keeps None, decided
+    when it is built (``sparse/masker.py``: ``sparsifiable``; a transformer's embedding and head stay dense).
+    By the name alone: config does not import the models (tests/test_config.py)."""
+    if ":" not in config.model.name:
+        sparsity = config.sparsity
+        sparsity.include_first = True if sparsity.include_first is None else sparsity.include_first
+        sparsity.include_last = True if sparsity.include_last is None else sparsity.include_last
+
+
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a config saved in a checkpoint (it is re-validated: a hand-edited checkpoint gets no pass)."""
     config = from_dict(TrainConfig, nest_flat_names(data), "")
+    resolve_layer_ends(config)
     validate(config)
     return config
 

@@ -96,8 +96,12 @@ class SparsityConfig:
     density: float = 0.1  # fraction of conv/linear weights kept: 0.1 = 90% sparsity, 0.01 = 99%
     # a registered layer-wise allocation (uniform, erk, and the methods' own); None: the method's default
     distribution: str | None = None
-    include_first: bool = True  # the first conv is sparse too (BSR-Net); RigL keeps it dense
-    include_last: bool = True  # the classifier is sparse too (BSR-Net)
+    # Are the first conv/linear layer and the classifier sparse too? None: by the model (sparse/masker.py,
+    # sparsifiable): yes for a CNN (BSR-Net; RigL keeps the first conv dense), no for a transformer (its patch
+    # embedding and head stay dense). Reading a config makes it true for a model named without timm:/torchvision:
+    # (parsing.py: resolve_layer_ends), so that those configs save and resume as they did before this rule.
+    include_first: bool | None = None
+    include_last: bool | None = None
     # topology updates: SET / RigL / ITOP, and GSE and AST as their sections say
     update_every: int | None = None  # iterations between topology updates (delta T)
     prune_rate: float | None = None  # fraction of each layer's active weights replaced per update

@@ -27,11 +27,31 @@ import torch
 from torch import nn
 
 
-def sparsifiable(model: nn.Module, include_first: bool = True, include_last: bool = True) -> dict[str, nn.Parameter]:
-    """Weights of every Conv and Linear layer, in registration order; biases and BatchNorm stay dense."""
+def has_attention(model: nn.Module) -> bool:
+    """Is ``model`` a transformer: does it hold an attention layer? torch's ``nn.MultiheadAttention`` (torchvision's
+    ViT) or a module whose class is named ``...Attention`` (timm's ViT, DeiT, BEiT, EVA, Swin, ..., Hugging Face's
+    ``ViTSelfAttention``). timm names the attention of its CNNs ``...Attn`` (squeeze-excite, CBAM, selective
+    kernels, ResNeSt's split attention), so a CNN stays a CNN here."""
+    return any(isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+               for module in model.modules())
+
+
+def sparsifiable(model: nn.Module, include_first: bool | None = True,
+                 include_last: bool | None = True) -> dict[str, nn.Parameter]:
+    """Weights of every Conv and Linear layer, in registration order; biases and BatchNorm stay dense.
+
+    ``include_first``/``include_last`` None (``sparsity.include_first/include_last`` left out) decides by the
+    model: a CNN's first conv and classifier are sparse too, as in BSR-Net; a transformer's (:func:`has_attention`)
+    patch embedding and head stay dense and the masks go on its blocks' attention and MLP layers, which hold its
+    weights and its FLOPs (as SViTE, Chen et al. 2021, sparsifies them). The two ends hold 0.2% of ViT-Tiny's
+    weights at 32 px, yet the one is the only layer to see pixels and the other the only one to see classes."""
     found = {f"{module_name}.weight" if module_name else "weight": module.weight
              for module_name, module in model.named_modules()
              if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))}
+    if include_first is None or include_last is None:
+        transformer = has_attention(model)
+        include_first = not transformer if include_first is None else include_first
+        include_last = not transformer if include_last is None else include_last
     names = list(found)
     if names and not include_first:
         found.pop(names[0])
