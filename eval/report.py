@@ -20,7 +20,7 @@ from robust_sparse.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.stats import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
-from robust_sparse.eval import corruptions
+from robust_sparse.eval import corruptions, tradeoff
 from robust_sparse.eval.sanity import checks_summary, monotone_warnings
 from robust_sparse.eval.spread import GROUP as SPREAD_GROUP, seed_spread
 from robust_sparse.eval.store import RESULTS_JSON, load_results
@@ -107,9 +107,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
-                 leaderboard: str | Path | None = None) -> Path:
+                 leaderboard: str | Path | None = None, exports: Sequence[str | Path] = ()) -> Path:
     """Write ``report.md`` and the plots into ``out_dir`` (default: a new folder beside the first results
-    directory, :func:`robust_sparse.rundir.report_dir`)."""
+    directory, :func:`robust_sparse.rundir.report_dir`); ``exports``: dynamic AST export folders whose measured
+    latencies the AST trade-off section shows (:mod:`robust_sparse.eval.tradeoff`)."""
     frame = collect(results_dirs)
     board = load_leaderboard(leaderboard)
     out = Path(out_dir) if out_dir is not None else rundir.report_dir(results_dirs[0])
@@ -169,7 +170,8 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
     summary = " ".join(checks_summary(frame, monotone_fired=len(monotone)))
     lines += warnings + ([""] if warnings and summary else []) + ([summary] if summary else [])
     lines += corruptions.report_lines(frame)
-    plots = []
+    ast_lines, plots = tradeoff.report_lines(frame, out, headline, exports)
+    lines += ast_lines
     for (dataset, threat), group in frame.groupby(["dataset", "threat_model"], sort=True):
         lines += ["", f"## Leaderboard comparison: {dataset} {threat}", ""]
         lines += _comparison(group, board[(board["dataset"] == dataset) & (board["threat_model"] == threat)])

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="where report.md and the plots go (default: a new folder beside the first "
                                       "RESULTS_DIR, or beside the run it belongs to: NAME-report)")
     report.add_argument("--leaderboard", help="a leaderboard CSV to use instead of the shipped one")
+    report.add_argument("--exports", nargs="+", default=[], metavar="EXPORT_DIR",
+                        help="dynamic AST exports (robust-sparse export of an AST checkpoint) whose measured "
+                             "per-sub-net latency the AST trade-off plot shows beside density")
     report.add_argument("--thresholds", help="sweep reports: validation clean accuracies whose first epoch to report, "
                                              "comma-separated (default 0.5,0.7,0.8,0.9)")
     report.add_argument("--robust-thresholds", help="sweep reports: the same for validation PGD accuracy "
@@ -439,6 +442,9 @@ def _report(args: argparse.Namespace) -> int:
     if all(sweeps):  # sweep directories: one report over all of them
         from robust_sparse.sweep_report import write_report
 
+        if args.exports:
+            raise UserError("report --exports: only for evaluation results stores (robust-sparse eval's), "
+                            "not sweep directories")
         levels = _levels(args)
         reference = _reference(args.reference)
         path = write_report(list(args.results_dirs), args.out, reference=reference, **levels,
@@ -450,7 +456,10 @@ def _report(args: argparse.Namespace) -> int:
     if args.thresholds is not None or args.robust_thresholds is not None or args.reference:
         raise UserError("report --thresholds/--robust-thresholds/--reference: only for sweep directories")
 
-    path = build_report(args.results_dirs, args.out, args.leaderboard)
+    from robust_sparse.eval.tradeoff import exported_latency
+
+    exported_latency(args.exports)  # every --exports folder readable, before the stores are read
+    path = build_report(args.results_dirs, args.out, args.leaderboard, exports=args.exports)
     _emit(f"report: {path}")
     return 0
 
@@ -472,7 +481,8 @@ def _export(args: argparse.Namespace) -> int:
         written = export_to_zoo(args.checkpoint, args.out, args.robustbench, subnet=args.subnet,
                                 results_dir=args.results_dir)
         info = written["info"]
-        _emit(f"RobustBench zoo entry {args.robustbench}: {written['weights']} and {written['model_info']} "
+        _emit(f"RobustBench zoo entry {args.robustbench}: {written['weights']}, {written['model_info']} and the "
+              f"loading recipe {written['recipe']} "
               f"(clean {info['clean_acc'] or 'not evaluated'}, AutoAttack {info['autoattack_acc'] or 'not evaluated'}"
               f", eps {info['eps']}); load with robust_sparse.eval.zoo.register({args.robustbench!r}, "
               f"{str(args.out)!r}, {info['dataset']!r}, {info['robust_sparse']['threat_model']!r}), then "

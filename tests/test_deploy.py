@@ -136,13 +136,41 @@ def test_packed_masks_round_trip_nested_or_not():
     assert packed["mask.1.b"].numel() == math.ceil(int(parent["b"].sum()) / 8)  # bits over the parent only
 
 
-def test_eval_of_the_ast_checkpoint_gives_one_row_per_subnet(ast_run, tmp_path):
+@pytest.fixture(scope="module")
+def ast_store(ast_run, tmp_path_factory):
+    store = tmp_path_factory.mktemp("ast_store") / "store"
+    assert main(["eval", str(ast_run), "--attacks", "fgsm", "--n-examples", "32", "--device", "cpu", "--no-probe",
+                 "--no-progress", "--results-dir", str(store)]) == 0
+    return store
+
+
+def test_eval_of_the_ast_checkpoint_gives_one_row_per_subnet(ast_store):
     import pandas as pd
 
-    assert main(["eval", str(ast_run), "--attacks", "fgsm", "--n-examples", "32", "--device", "cpu", "--no-probe",
-                 "--no-progress", "--results-dir", str(tmp_path / "store")]) == 0
-    store = pd.read_csv(tmp_path / "store" / "results.csv")
+    store = pd.read_csv(ast_store / "results.csv")
     assert sorted(store["model"].str.rsplit("/", n=1).str[-1]) == ["subnet0", "subnet1", "subnet2"]
+
+
+def test_the_report_draws_accuracy_against_density_and_exported_latency(ast_store, ast_export, timm_export,
+                                                                         tmp_path, capsys):
+    import pandas as pd
+
+    from robust_sparse.eval.report import collect, headline
+    from robust_sparse.eval.tradeoff import tradeoff_table
+
+    assert main(["report", str(ast_store), "--out", str(tmp_path / "report"), "--exports", str(ast_export)]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## AST sub-nets" in text and "ast_tradeoff.png" in text and (tmp_path / "report" / "ast_tradeoff.png").is_file()
+    table = tradeoff_table(collect([ast_store]), headline, [ast_export])
+    latency = json.loads((ast_export / "export.json").read_text())["subnets"]
+    assert list(table["subnet"]) == [0, 1, 2]
+    assert list(table["latency_ms"]) == pytest.approx([row["batch1_sparse_ms"] for row in latency])
+    store = pd.read_csv(ast_store / "results.csv").sort_values("model")
+    assert list(table["clean_acc"]) == pytest.approx(list(store["clean_acc"]))
+    assert list(table["density"]) == pytest.approx(list(1 - store["sparsity"]))
+    # an export of one network has no sub-nets' latency: one line, before any store is read
+    assert main(["report", str(ast_store), "--out", str(tmp_path / "r2"), "--exports", str(timm_export)]) == 2
+    assert "not a dynamic AST export" in capsys.readouterr().err
 
 
 def test_hub_and_onnx_of_an_ast_checkpoint_need_one_subnet(ast_run, tmp_path, capsys):
