@@ -272,3 +272,30 @@ def test_loading_refuses_foreign_or_mismatched_files(timm_export, tmp_path):
         load_pretrained(tmp_path / "wrong.safetensors")
     with pytest.raises(CheckpointError, match="no dynamic AST model"):
         load_dynamic(timm_export)
+
+
+def test_a_sparse_vit_exports_every_format_and_each_loads_back_the_same_logits(tmp_path):
+    timm = pytest.importorskip("timm")
+    toy = {"img_size": 28, "patch_size": 7, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    out = tmp_path / "run"
+    fit(load_config(None, [*QUICK, "model.name=timm:vit_tiny_patch16_224", "optim.epochs=1",
+                           "model.kwargs={img_size: 28, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2}",
+                           "sparsity.method=set", "sparsity.density=0.1", f"out_dir={out}"]))
+    assert main(["export", str(out / "best.pt"), "--out", str(tmp_path / "e"), "--hub", "--onnx"]) == 0
+    export = tmp_path / "e"
+    summary = json.loads((export / "export.json").read_text())
+    assert {name.rsplit(".", 2)[-2] for name in summary["layer_density"]} == {"qkv", "proj", "fc1", "fc2"}
+    reference = from_checkpoint_subnets(out / "best.pt")[0].model.eval()
+    network = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, **toy)
+    network.load_state_dict(torch.load(export / "model_network.pt", weights_only=True), strict=True)
+    from robust_sparse.inference import load_sparse_inference
+    from robust_sparse.models import Normalize, Normalized
+
+    manifest = summary["network"]
+    images = _images()
+    with torch.no_grad():
+        expected = reference(images)
+        for model in (Normalized(Normalize(manifest["normalize"]["mean"], manifest["normalize"]["std"]), network),
+                      load_sparse_inference(export / "model_sparse_inference.pt"), load_pretrained(export / "hub")):
+            assert torch.allclose(model.eval()(images), expected, atol=1e-5), type(model).__name__
+    assert summary["onnx"]["max_abs_difference"] <= 1e-4
