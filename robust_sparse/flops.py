@@ -6,8 +6,7 @@ finds outside those modules are ``other`` and stay dense). Nothing is written pe
 FlopCounterMode, only matmuls and convolutions count (a multiply-add is 2 FLOPs): BatchNorm, activations, pooling,
 the attack's projection and every other elementwise operation are left out. A transformer's attention matmuls,
 q @ kᵀ and attn @ v (4·N²·D per layer for N tokens of width D), have no weight to mask: they are ``other``,
-fused (F.scaled_dot_product_attention, :data:`ATTENTION_FORMULAS`) or not, and their backward passes are counted
-as every layer's, a pass costing the forward (strictly, each computes two operands' gradients).
+fused (F.scaled_dot_product_attention, :data:`ATTENTION_FORMULAS`) or not.
 
 Conventions, per layer of dense forward cost ``D`` and density ``d`` (the mask's active fraction; 1 for a dense
 layer):
@@ -17,10 +16,13 @@ layer):
 * a **training backward** costs the input gradient plus the weight gradient, ``d * D + d * D``; a weight gradient
   the method needs dense (RigL's growth steps, SNFS's momentum, AST's regrowth: whenever the engine asks for the
   dense gradient) costs ``D``. The input gradient of the first layer, which autograd can skip, is counted too
-  (RigL's "backward = 2x forward").
+  (RigL's "backward = 2x forward");
+* ``other``, the matmuls between two activations (attention's), is dense, and each of its backward passes, an
+  attack's as a training one, costs ``2 * D``: both operands need their gradient, as both depend on the input.
 
 So one training step of PGD-AT with ``k`` attack steps costs ``(k+1)`` forward units, ``(k+1)`` input-gradient
-units and one weight-gradient unit: ``(2k+3) x`` a forward for a dense model (natural training: 3x). TRADES pays
+units and one weight-gradient unit: ``(2k+3) x`` a forward for a dense CNN (natural training: 3x; a transformer's
+attention, ``3(k+1) x`` its forward). TRADES pays
 ``k+1`` attack forwards (the clean probabilities, then ``k`` KL steps), ``k`` input-gradient backwards and two
 training forwards and backwards (clean and adversarial branches). We count what the algorithm needs at its
 densities, not what a dense-tensor implementation executes (masked weights are still multiplied here).
@@ -191,13 +193,16 @@ def evaluation_passes(examples: int, attacked: int, steps: int, restarts: int, e
     return float(examples + attacked * per_attacked)
 
 
-def passes_flops(passes: Passes, examples: float, forward: torch.Tensor, weight_grad: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def passes_flops(passes: Passes, examples: float, forward: torch.Tensor, weight_grad: torch.Tensor,
+                 second_operand: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(forward, backward) FLOPs per layer of ``passes`` over ``examples`` examples, given one example's forward
-    per layer (``forward``) and its weight gradient per layer (``weight_grad``)."""
+    per layer (``forward``), its weight gradient per layer (``weight_grad``) and, for the matmuls between two
+    activations (``other``), the gradient of their second operand, which every backward pass computes."""
+    backward_passes = passes.input_backwards + passes.training_backwards
     forwards = forward * (passes.forwards * examples)
-    backwards = forward * ((passes.input_backwards + passes.training_backwards) * examples) \
-        + weight_grad * (passes.training_backwards * examples)
+    backwards = forward * (backward_passes * examples) + weight_grad * (passes.training_backwards * examples)
+    if second_operand is not None:
+        backwards = backwards + second_operand * (backward_passes * examples)
     return forwards, backwards
 
 
@@ -243,6 +248,7 @@ class FlopsCounter:
         # the weightless 'other' entry divides by 1 and never has a weight gradient
         self.numels = torch.tensor([*profile.numels.values(), 1], dtype=torch.float64, device=device)
         self._has_weight = torch.tensor([1.0] * len(profile.layers) + [0.0], dtype=torch.float64, device=device)
+        self._two_activations = 1.0 - self._has_weight  # 'other': both operands' gradients in every backward
         self.attack = attack_passes(config.objective, config.attack.steps)
         self.loss = loss_passes(config.objective)
         self.per_step = step_passes(config.objective, config.attack.steps)
@@ -282,14 +288,15 @@ class FlopsCounter:
         """``passes`` over ``examples`` examples (per rank, times the world size unless every rank ``repeated``
         the same work) into the training totals."""
         scale = examples if repeated else examples * self.world_size
-        forwards, backwards = passes_flops(passes, scale, forward, weight_grad)
+        forwards, backwards = passes_flops(passes, scale, forward, weight_grad, forward * self._two_activations)
         self.forward += forwards
         self.backward += backwards
 
     def cost(self, passes: Passes, examples: float) -> float:
         """FLOPs of ``passes`` over ``examples`` examples at the current masks, not added to any total (work
         that observes the run, such as the gradient probe)."""
-        forwards, backwards = passes_flops(passes, examples, self.in_use, self.in_use * self._has_weight)
+        forwards, backwards = passes_flops(passes, examples, self.in_use, self.in_use * self._has_weight,
+                                           self.in_use * self._two_activations)
         return float((forwards + backwards).sum())
 
     def training_step(self, examples: int, previous_gradient: bool = False) -> None:
@@ -311,9 +318,10 @@ class FlopsCounter:
                 extra(self, masker.engine, masker.step)
             self.in_use = self.forward_per_example(masker.masks)  # what the next step trains
         step, dense_forward, dense_weights = self.per_step, self.profile.total, sum(self.profile.layers.values())
+        backward_passes = step.input_backwards + step.training_backwards
         self.dense_train += examples * self.world_size * (
-            (step.forwards + step.input_backwards + step.training_backwards) * dense_forward
-            + step.training_backwards * dense_weights)
+            (step.forwards + backward_passes) * dense_forward + step.training_backwards * dense_weights
+            + backward_passes * self.profile.other)
 
     def agent_refresh(self, agent: "AGENT") -> None:
         """AGENT's g_tilde pass of the refresh that just ran (``agent.last_pass``), at the new snapshot's masks
@@ -339,7 +347,9 @@ class FlopsCounter:
                    restarts: int, eps: float) -> float:
         """FLOPs of a clean + PGD evaluation of ``examples`` examples at ``masks``."""
         attacked = round(clean_accuracy * examples)
-        return evaluation_passes(examples, attacked, steps, restarts, eps) * self.inference(masks)
+        backwards = attacked * restarts * steps if eps else 0  # each pays the attention's second operand too
+        return (evaluation_passes(examples, attacked, steps, restarts, eps) * self.inference(masks)
+                + backwards * self.profile.other)
 
     def evaluation_fields(self, masks: dict[str, torch.Tensor], row: dict[str, Any]) -> dict[str, Any]:
         """The FLOPs fields of one evaluated network (``row``: its eval.json fields): the run's training cost,

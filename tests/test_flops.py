@@ -102,6 +102,20 @@ def test_a_vits_attention_matmuls_are_counted_dense_beside_its_layers(fused):
     counter = FlopsCounter(profile, load_config(None, ["device=cpu", "objective=natural"]), None)
     dense_part = profile.total - sum(block.values())
     assert counter.inference(masks) == pytest.approx(dense_part + sum(block.values()) / 2, rel=1e-12)
+    # a backward through q @ k^T or attn @ v needs both operands' gradients (both depend on the input), twice the
+    # forward, where a layer's input gradient costs one forward: a dense PGD-k step is (k+1) forwards, k attack
+    # backwards and one training backward (input and weight gradients)
+    layers, attention = sum(profile.layers.values()), profile.other
+    for objective, k in (("natural", 0), ("pgd_at", 2)):
+        config = load_config(None, ["device=cpu", f"objective={objective}", f"attack.steps={max(k, 1)}"])
+        counter = FlopsCounter(profile, config, None)
+        counter.training_step(1)
+        expected = (k + 1) * (layers + attention) + (k + 1) * layers + layers + (k + 1) * 2 * attention
+        assert counter.train_flops == pytest.approx(expected, rel=1e-12)
+        assert counter.dense_train == pytest.approx(expected, rel=1e-12)
+    # PGD-4 evaluation of 10 examples, 5 attacked: 10 + 5 x 5 forwards, 5 x 4 backwards
+    evaluation = counter.evaluation({}, examples=10, clean_accuracy=0.5, steps=4, restarts=1, eps=8 / 255)
+    assert evaluation == pytest.approx(35 * (layers + attention) + 20 * (layers + 2 * attention), rel=1e-12)
 
 
 @pytest.mark.parametrize("objective,branches,attack_forwards", [("pgd_at", 1, 0), ("trades", 2, 1)])
