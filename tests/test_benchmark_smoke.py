@@ -7,12 +7,18 @@ smoke mode fails here. Python scripts run with ``--smoke``, shell scripts with `
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -54,3 +60,46 @@ def test_benchmark_smoke_run(script: Path):
                           timeout=TIMEOUT_S)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert done.stdout.strip(), f"no output on stdout\n{done.stderr[-2000:]}"
+
+
+def test_ast_cost_smoke_ratios_are_the_flops_accounting_of_the_two_runs(tmp_path):
+    """benchmarks/ast_cost.py --smoke: every ratio is finite and positive, the time ratio is the ratio of the two
+    sides' medians, and the FLOPs ratio is what robust_sparse.flops counts for AST's run and the baseline's run
+    (recounted here, in this process, for AST and the sparsest RigL run)."""
+    output = tmp_path / "ast_cost.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "benchmarks/ast_cost.py", "--smoke", "--json", str(output)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    seconds, flops = report["seconds"], report["train_flops"]
+    assert report["sides"] == ["ast", "rigl@densest", "rigl@sparsest", "gmp@densest", "gmp@sparsest"]
+    assert all(len(seconds[side]) == 2 and min(seconds[side]) > 0 for side in report["sides"])
+    # the same steps of the same objective: every side's dense-equivalent work is the same
+    assert len(set(report["dense_train_flops"].values())) == 1
+    for side in report["sides"]:  # sparse training counts less than the dense model's steps, but not nothing
+        assert 0 < flops[side] < report["dense_train_flops"][side]
+    for row in report["rows"]:
+        base = row["baseline"]
+        for key in ("time ratio", "ratio min", "ratio max", "FLOPs ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (base, key, row[key])
+        assert row["ratio min"] <= row["ratio max"]
+        assert row["time ratio"] == pytest.approx(statistics.median(seconds["ast"]) / statistics.median(seconds[base]))
+        assert row["FLOPs ratio"] == flops["ast"] / flops[base]
+
+    spec = importlib.util.spec_from_file_location("ast_cost", BENCHMARKS / "ast_cost.py")
+    ast_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ast_cost)
+    args = argparse.Namespace(**report["run"])
+    data = ast_cost.real_batches(args.batches * args.batch_size, 1, 28)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script ran: AST's global |W| threshold sees the same float sums
+    try:
+        recount = {side: ast_cost.measure(args, side, data, torch.device("cpu"))[1]
+                   for side in ("ast", "rigl@sparsest")}
+    finally:
+        torch.set_num_threads(threads)
+    assert {side: counter.train_flops for side, counter in recount.items()} == {
+        "ast": flops["ast"], "rigl@sparsest": flops["rigl@sparsest"]}
+    row = next(row for row in report["rows"] if row["baseline"] == "rigl@sparsest")
+    assert row["FLOPs ratio"] == recount["ast"].train_flops / recount["rigl@sparsest"].train_flops
