@@ -83,6 +83,7 @@ def sweep_group(sweep_dir: Path) -> str:
     """The W&B group of a sweep's runs: the folder's name (what a reader recognises) and a short hash of its
     absolute path (what tells ``a/gamma`` from ``b/gamma``), ``gamma-1a2b3c4d``."""
     digest = hashlib.sha256(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:8]
+    # the name cut to 100 characters keeps the group inside tracking.wandb.group's limit (config.validation)
     return f"{Path(sweep_dir).resolve().name[:100]}-{digest}"
 
 
