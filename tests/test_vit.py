@@ -193,15 +193,16 @@ def test_erk_allocates_linear_layers_as_erdos_renyi():
 
 
 def test_a_sparse_vit_run_trains_counts_its_attention_and_resumes(tmp_path):
-    """fit() end to end on MNIST-5k (28 px, 7-px patches): the run's masks are the blocks' layers, the
-    attention matmuls are in its FLOPs, and its saved config (the layer rule left to the model) matches the
-    one it was started with, so that ``--resume`` accepts it."""
+    """fit() end to end on MNIST-5k (28 px, 7-px patches), its masked Linear layers on the CPU sparse kernels
+    (token batches, 3-D inputs): the run's masks are the blocks' layers, the attention matmuls are in its FLOPs,
+    and its saved config (the layer rule left to the model) matches the one it was started with, so that
+    ``--resume`` accepts it."""
     config = load_config(None, [
         f"model.name={VIT}", "model.kwargs={img_size: 28, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2}",
         "sparsity.method=rigl", "sparsity.density=0.1", "sparsity.update_every=2", "agent.enabled=true",
         "agent.gamma=0.5", "data.train_limit=256", "data.val_size=64", "data.batch_size=64", "optim.epochs=2",
         "attack.steps=1", "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=64", "eval.pgd_steps=1",
-        f"out_dir={tmp_path / 'run'}", "device=cpu"])
+        "train.sparse_kernels=on", f"out_dir={tmp_path / 'run'}", "device=cpu"])
     result = fit(config)
     assert set(result.masker.params) == block_weights(result.model)
     assert result.metrics["density"].tolist() == pytest.approx([0.1, 0.1], abs=1e-3)
