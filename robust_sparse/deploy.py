@@ -141,10 +141,11 @@ def write_safetensors(path: str | Path, state: Mapping[str, torch.Tensor], recor
     tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
     metadata = {"format": SAFETENSORS_FORMAT, "model": json.dumps(record.to_json()),
                 **{key: json.dumps(value) for key, value in (extra or {}).items()}}
-    _write_bytes(Path(path), _safetensors().save(tensors, metadata=metadata))
+    write_bytes(Path(path), _safetensors().save(tensors, metadata=metadata))
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` atomically (safetensors and ONNX serialise to bytes in memory first)."""
     with atomic_open(path, "wb") as stream:
         stream.write(data)
 
@@ -312,5 +313,5 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str,
         if not difference <= ONNX_TOLERANCE:
             raise UserError(f"export --onnx: onnxruntime's logits differ from PyTorch's by {difference:.3g} "
                             f"(> {ONNX_TOLERANCE}); {path.name} not written")
-    _write_bytes(path, data)
+    write_bytes(path, data)
     return record

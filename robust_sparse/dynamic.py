@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from robust_sparse.deploy import ModelRecord, _write_bytes
+from robust_sparse.deploy import ModelRecord, write_bytes
 from robust_sparse.errors import CheckpointError, UserError
 
 DYNAMIC_FORMAT = "robust-sparse-dynamic/1"
@@ -113,7 +113,7 @@ def save_dynamic(path: str | Path, record: ModelRecord, state: Mapping[str, torc
         "subnet_batchnorm": json.dumps(bool(batchnorm)),
     }
     data = safetensors.torch.save(tensors, metadata=metadata)
-    _write_bytes(Path(path), data)
+    write_bytes(Path(path), data)
     weights = sum(m.numel() for m in masks[0].values())
     mask_bytes = sum(t.numel() for t in packed.values())
     return {"file": Path(path).name, "subnets": len(masks), "densities": densities, "targets": list(targets),

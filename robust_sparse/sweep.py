@@ -47,7 +47,7 @@ import yaml
 from robust_sparse import plugins, rundir
 from robust_sparse.checkpoint import check_output_dir, write_atomic
 from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict, load_config, parse_override,
-                                  read_yaml, save_config)
+                                  read_yaml, save_config, spell)
 from robust_sparse.config.validation import MAX_SEED, check_radius, check_range
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
@@ -308,23 +308,6 @@ def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
             raise ConfigError(f"{where}.log_uniform = [{low}, {high}]: needs low > 0")
         checked[str(key)] = {kind: [low, high]}
     return checked
-
-
-def spell(value: Any) -> str:
-    """A config value as run names, overrides and W&B tags write it: YAML's flow form, a whole float as an
-    integer (``0.0`` -> ``0``), so that a run named ``agent.gamma=0`` (the grid's ``0``) is tagged with the same
-    ``0`` its resolved config (``0.0``) gives (robust_sparse.tracking)."""
-    return yaml.safe_dump(_whole(value), default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _whole(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:  # 1e20 stays 1.0e+20
-        return int(value)
-    if isinstance(value, (list, tuple)):
-        return [_whole(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _whole(v) for k, v in value.items()}
-    return value
 
 
 def _previous_spelling(value: Any) -> str:

@@ -12,7 +12,7 @@ Every tracked run gives TensorBoard its hyper-parameters (the method, density, A
 objective and seed, and in a sweep every swept key) against its final accuracies, for the HParams dashboard. A
 run of a sweep (``<sweep dir>/runs/<run id>`` beside ``sweep.yaml``) joins the W&B group of its sweep, the sweep
 folder's name and a hash of its absolute path (:func:`sweep_group`: two sweeps in folders of one name stay apart),
-tagged with its swept ``key=value`` pairs spelled as its run name spells them (robust_sparse.sweep.spell);
+tagged with its swept ``key=value`` pairs spelled as its run name spells them (robust_sparse.config.spell);
 ``tracking.wandb.group`` sets the group of any run instead.
 """
 
@@ -30,9 +30,8 @@ from typing import Any
 import yaml
 
 from robust_sparse.checkpoint import write_atomic
-from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
+from robust_sparse.config import TrackingConfig, TrainConfig, spell, to_dict
 from robust_sparse.errors import ConfigError
-from robust_sparse.sweep import spell
 
 log = logging.getLogger(__name__)
 

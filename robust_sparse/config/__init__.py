@@ -10,7 +10,7 @@ import path.
 """
 
 from robust_sparse.config.parsing import (coerce, config_from_dict, from_dict, load_config, merge, parse_override,
-                                          read_yaml, save_config, to_dict)
+                                          read_yaml, save_config, spell, to_dict)
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AgentVariant, AttackConfig, BatchNormMode, DataConfig,
                                          DatasetName, DeviceChoice, DivergenceConfig, ExecutionConfig, FinalTestConfig,
                                          FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
@@ -27,7 +27,7 @@ __all__ = [
     "DivergenceConfig", "ExecutionConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
     "OptimConfig", "OptimizerName", "Precision", "ProbeConfig", "PruneScope", "Schedule", "SnapshotMask", "SparseKernelsMode", "SparsityConfig",
     "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",
-    "coerce", "config_from_dict", "from_dict", "merge", "load_config", "parse_override", "read_yaml", "save_config",
+    "coerce", "config_from_dict", "from_dict", "merge", "load_config", "parse_override", "read_yaml", "spell", "save_config",
     "to_dict", "validate",
     "Growth", "PruneSchedule", "REGISTERED_SPARSITY_METHODS", "sparse_methods",
 ]

@@ -169,6 +169,23 @@ def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dic
     return merged
 
 
+def spell(value: Any) -> str:
+    """A config value as run names, overrides and W&B tags write it: YAML's flow form, a whole float as an
+    integer (``0.0`` -> ``0``), so that a run named ``agent.gamma=0`` (the grid's ``0``) is tagged with the same
+    ``0`` its resolved config (``0.0``) gives (robust_sparse.tracking). The inverse of :func:`parse_override`'s value reading."""
+    return yaml.safe_dump(_whole(value), default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:  # 1e20 stays 1.0e+20
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``optim.lr=0.1`` -> ``{"optim": {"lr": 0.1}}``; the value is read as YAML (so lists work)."""
     key, sep, raw = text.partition("=")
