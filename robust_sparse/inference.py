@@ -306,6 +306,9 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, measure: 
                 _replace(sparse_model, name, twin)
         sparse_model.eval()
         fused = _fuse(sparse_model) if fuse else []
+        if not any(choice.sparse for choice in choices):  # nothing changed: one model, timed once, no noisy "speed-up"
+            dense_total = measure("", lambda: model(example_input), lambda: model(example_input))[0]
+            return SparseInferenceModel(sparse_model, choices, dense_total, dense_total, fused)
         dense_total, sparse_total = measure("", lambda: model(example_input), lambda: sparse_model(example_input))
     if not sparse_total < dense_total:
         choices = [LayerChoice(c.name, c.kind, c.density, c.dense_s, c.sparse_s, False) for c in choices]

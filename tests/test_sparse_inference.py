@@ -276,3 +276,26 @@ def test_loading_something_else_is_a_checkpoint_error(tmp_path):
         load_sparse_inference(tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_sparse_inference(tmp_path / "missing.pt")
+
+
+def test_a_model_with_no_faster_sparse_layer_claims_no_speed_up():
+    """Every layer measured slower sparse: the model is the dense one, timed once, so its two latencies are
+    equal (a second timing of the same model would report noise as a speed-up), and export says so."""
+    from robust_sparse.cli import latency_claim
+
+    calls = []
+
+    def slower_sparse(name, dense, sparse):
+        calls.append(name)
+        return (1.0, 2.0) if name else (0.0008, 0.0006)  # the whole model's pair would claim 1.33x
+
+    fast = sparse_inference(make_tiny_model().eval(), torch.rand(1, 1, 28, 28), measure=slower_sparse)
+    assert fast.sparse_layers == [] and fast.dense_latency_s == fast.sparse_latency_s == 0.0008
+    assert calls.count("") == 1
+    record = {"threads": 1, "sparse_layers": [], "dense_latency_ms": 0.8, "sparse_latency_ms": 0.8, "speedup": 1.0}
+    assert latency_claim(record) == ("every layer kept dense (no sparse kernel measured faster here), 0.80 ms per "
+                                     "image on 1 thread")
+    record.update(sparse_layers=["features.0"], sparse_latency_ms=0.78, speedup=0.8 / 0.78)
+    assert latency_claim(record).endswith("on 1 thread: no measurable difference")
+    record.update(sparse_layers=["features.0", "features.4"], sparse_latency_ms=0.4, speedup=2.0)
+    assert latency_claim(record).endswith("0.40 ms vs 0.80 ms dense per image on 1 thread (2.00x)")
