@@ -32,12 +32,37 @@ def import_from_environment() -> bool:
     _imported = True
     names = [name.strip() for name in os.environ.get(VARIABLE, "").split(",") if name.strip()]
     for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as error:
-            raise UserError(f"{VARIABLE}: cannot import {name!r} ({error})") from None
+        _import(name)
         log.debug("imported %s (%s) for what it registers", name, VARIABLE)
     return bool(names)
+
+
+def _import(name: str) -> None:
+    """Import one plugin module; whatever goes wrong in it is one line naming the module and the error."""
+    # A relative name (".mod") has no package to be relative to here, and importlib's own errors for it and for
+    # "a..b" or "my mod" are TypeErrors and ValueErrors that name neither the variable nor the rule.
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise UserError(f"{VARIABLE}: {name!r} is not a module name; give absolute dotted names such as "
+                        "my_package.methods, comma-separated")
+    try:
+        importlib.import_module(name)
+    except SystemExit as error:
+        # A plugin that exits would end `train` there, with its exit code (0 for sys.exit()), having trained
+        # nothing; importing a plugin must either register names or fail.
+        raise UserError(f"{VARIABLE}: importing {name!r} called sys.exit({error.code!r}); a plugin module must "
+                        "not exit") from None
+    except SyntaxError as error:
+        where = f"{error.filename}, line {error.lineno}" if error.filename else f"line {error.lineno}"
+        raise UserError(f"{VARIABLE}: cannot import {name!r}: SyntaxError: {error.msg} ({where})") from None
+    except ImportError as error:
+        raise UserError(f"{VARIABLE}: cannot import {name!r} ({_one_line(error)})") from None
+    except Exception as error:  # the module's own code raised: any type, so catch them all and name it
+        raise UserError(f"{VARIABLE}: importing {name!r} raised {type(error).__name__}: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def importable(module: str | None, what: str) -> str:

@@ -48,8 +48,11 @@ def split_spec(name: str) -> tuple[str, str] | None:
 
 
 def _timm():
+    from robust_sparse.compat import dependency_warnings_filtered
+
     try:
-        import timm
+        with dependency_warnings_filtered():
+            import timm
     except ImportError:
         raise UserError("model.name timm:...: timm is not installed: pip install timm") from None
     return timm
