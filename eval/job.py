@@ -278,6 +278,7 @@ def _row(loaded: LoadedModel, norm: str, device: torch.device, evaluation: Evalu
         "train_flops": loaded.train_flops, "train_flops_vs_dense": loaded.train_flops_vs_dense,
         "inference_flops": stats["inference_flops"], "inference_flops_vs_dense": stats["inference_flops_vs_dense"],
         "wall_seconds": round(evaluation.seconds, 3), "device": device_name(device),
+        "session_seconds": round(evaluation.session_seconds, 3) if evaluation.session_seconds is not None else None,
         "autoattack_backend": evaluation.autoattack_backend or None,
         "large_eps": evaluation.probe["eps"] if evaluation.probe else None,
         "large_eps_acc": evaluation.probe["accuracy"] if evaluation.probe else None,
@@ -291,10 +292,19 @@ def _row(loaded: LoadedModel, norm: str, device: torch.device, evaluation: Evalu
     return row
 
 
+def wall_time(row: dict[str, Any]) -> str:
+    """This command's seconds, and the total over the interrupted attempts it resumed when they differ (the
+    store's ``wall_seconds`` is that total)."""
+    total, session = float(row["wall_seconds"]), row.get("session_seconds")
+    if session is None or abs(total - float(session)) < 0.5:
+        return f"{total:.1f} s"
+    return f"{float(session):.1f} s this run, {total:.1f} s over all attempts"
+
+
 def format_row(row: dict[str, Any]) -> str:
     """The lines ``robust-sparse eval`` prints for one row."""
     lines = [f"{row['model']} on {row['dataset']} ({row['n_examples']} points, {row['threat_model']} "
-             f"eps={row['eps']:.4g}, seed {row['seed']}, {row['wall_seconds']:.1f} s on {row['device']}): "
+             f"eps={row['eps']:.4g}, seed {row['seed']}, {wall_time(row)} on {row['device']}): "
              f"clean accuracy {row['clean_acc']:.4f}"]
     for label, value in row["per_attack"].items():
         lines.append(f"  {label:<24} {value:.4f}")

@@ -110,6 +110,7 @@ class Evaluation:
     autoattack_messages: list[str] = field(default_factory=list)
     autoattack_backend: str = ""
     warnings: list[str] = field(default_factory=list)  # filled by robust_sparse.eval.sanity
+    session_seconds: float | None = None  # wall time of this call alone (``seconds`` adds the resumed attempts')
 
     @property
     def n(self) -> int:
@@ -375,13 +376,15 @@ def evaluate(
             state.save(force=True)
         clean = state.data["clean"]
         log.info("%s eps=%.4g on %d points: clean accuracy %.4f", norm, eps, len(labels), _mean(clean))
+        pass_seconds = _plan(model, images, labels, clean, attacks, state, batch_size=batch_size, chained=chained,
+                             eps=eps, large_eps=large_eps)
         outcomes = []
         alive = clean.clone()
         for position, spec in enumerate(attacks):
             key = attack_state_key(spec.key, batch_size, [s.key for s in attacks[:position]] if chained else ())
             outcome = _run_attack(spec, key, context, state, images, labels, clean if not chained else alive,
                                   norm=norm, eps=eps, seed=seed, batch_size=batch_size, progress=progress,
-                                  invalid=invalid)
+                                  invalid=invalid, pass_seconds=pass_seconds)
             outcomes.append(outcome)
             alive &= outcome.robust
         probe = None
@@ -390,21 +393,74 @@ def evaluate(
                            seed=seed, progress=progress)
     finally:
         model.train(was_training)
-        state.data["seconds"] = state.data.get("seconds", 0.0) + (time.monotonic() - started)
+        session_seconds = time.monotonic() - started
+        state.data["seconds"] = state.data.get("seconds", 0.0) + session_seconds
         state.save(force=True)
     backend_used = context.backend_used
     evaluation = Evaluation(norm=norm, eps=float(eps), seed=seed, batch_size=batch_size, chained=chained,
                             clean=clean, outcomes=outcomes, seconds=state.data["seconds"], probe=probe,
                             invalid=invalid, autoattack_messages=list(backend_used.messages) if backend_used else [],
-                            autoattack_backend=backend_used.name if backend_used else "")
+                            autoattack_backend=backend_used.name if backend_used else "",
+                            session_seconds=session_seconds)
     evaluation.warnings = sanity.check_evaluation(evaluation)
     for warning in evaluation.warnings:
         log.warning("%s", warning)
     return evaluation
 
 
+def seconds_per_pass(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Seconds one forward+backward (the input gradient, what an attack step costs) takes per point, on a batch
+    of up to 128 points (the attacks' batches, or less: per-point cost falls with the batch), the second of two
+    timed runs (the first pays for allocation)."""
+    count = max(1, min(batch_size, len(labels), 128))
+    x, y = images[:count].clone().requires_grad_(True), labels[:count]
+    timings = []
+    for _ in range(2):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        timings.append(time.perf_counter() - start)
+    return timings[-1] / count
+
+
+def _plan(model, images, labels, clean, attacks: Sequence[AttackSpec], state: _State, *, batch_size, chained, eps,
+          large_eps) -> float | None:
+    """Say what this evaluation will run and about how long it may take, before it starts; returns the measured
+    seconds per pass and point that the heartbeats' ETAs use until a batch has finished (None: nothing to run)."""
+    todo = [spec for position, spec in enumerate(attacks)
+            if not (state.data["attacks"].get(attack_state_key(
+                spec.key, batch_size, [s.key for s in attacks[:position]] if chained else ())) or {}).get("complete")]
+    probe_points = int(clean[:PROBE_POINTS].sum()) if large_eps is not None and "probe" not in state.data else 0
+    if (not todo or eps == 0) and not probe_points or not len(labels):
+        return None
+    pass_seconds = seconds_per_pass(model, images, labels, batch_size)
+    correct = int(clean.sum())
+    parts, total, unknown = [], 0.0, []
+    for spec in todo if eps != 0 else []:
+        budgets = [spec.passes_per_point(unit) for unit in spec.units]
+        if any(b is None for b in budgets):
+            unknown.append(spec.label)
+        passes = sum(b for b in budgets if b is not None)
+        total += passes * correct * pass_seconds
+        parts.append(f"{spec.label} ({len(spec.units)} unit{'s' if len(spec.units) != 1 else ''}"
+                     + (f", up to {passes:.0f} passes per point" if passes else "") + ")")
+    if probe_points:
+        total += (PROBE_STEPS + 1) * probe_points * pass_seconds
+        parts.append(f"the large-eps probe ({PROBE_STEPS}-step margin PGD on {probe_points} points; --no-probe "
+                     "skips it)")
+    log.info("plan: %s on the %d of %d points classified correctly; at most ~%.0f s estimated (one forward+backward "
+             "costs %.3g ms per point on this model here; later units only attack what earlier ones left robust, so "
+             "usually less)%s", ", then ".join(parts), correct, len(labels), total, 1e3 * pass_seconds,
+             f"; no estimate for {', '.join(unknown)}" if unknown else "")
+    return pass_seconds
+
+
 def _run_attack(spec: AttackSpec, key: str, context: AttackContext, state: _State, images, labels, candidates, *,
-                norm, eps, seed, batch_size, progress, invalid) -> AttackOutcome:
+                norm, eps, seed, batch_size, progress, invalid, pass_seconds: float | None = None) -> AttackOutcome:
     n, units = len(labels), spec.units
     saved = state.data["attacks"].get(key)
     if saved is None:
@@ -437,9 +493,12 @@ def _run_attack(spec: AttackSpec, key: str, context: AttackContext, state: _Stat
                 # a batch reports nothing until it ends (AutoAttack's can take many minutes): a heartbeat
                 # says what runs meanwhile, with an ETA from the batches of this unit already finished
                 finished = sum(len(c) for c in chunks[:number])
+                budget = spec.passes_per_point(unit_name)
                 heartbeat = Heartbeat(f"{description} batch {number + 1}/{len(chunks)}", len(chunk),
                                       points_after=len(points) - finished - len(chunk),
                                       seconds_per_point=(time.monotonic() - started) / finished if finished else None,
+                                      estimated_seconds_per_point=(budget * pass_seconds if budget is not None
+                                                                   and pass_seconds is not None else None),
                                       enabled=progress)
                 with heartbeat, _seeded(_unit_seed(seed, spec, index), device):
                     adversarial = attack(x, y)

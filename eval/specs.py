@@ -149,6 +149,14 @@ class AttackSpec:
         """The runs a point goes through, each only on the points the previous ones left robust."""
         return self.attack_kind.unit_names(self)
 
+    def passes_per_point(self, unit: str) -> float | None:
+        """About how many forward+backward passes unit ``unit`` spends on a point it cannot break (its budget):
+        what an ETA before the first finished batch is estimated from. None for a registered attack."""
+        kind = self.attack_kind
+        if kind.iterative:
+            return float(self.steps + 1)  # the steps, then the check of the result
+        return PASSES_PER_POINT.get(unit)
+
     def unit_is_white_box(self, unit: str) -> bool:
         return unit not in self.attack_kind.black_box
 
@@ -352,6 +360,12 @@ def _torchattacks_autoattack(context: AttackContext, spec: AttackSpec, unit: str
                                    seed=context.seed)
 
 
+#: The standard AutoAttack budget per point in forward+backward passes (Croce & Hein 2020, version "standard"):
+#: APGD-CE 100 iterations; APGD-T 9 target classes x 100; FAB-T 9 targets x 100 iterations, each a forward and
+#: the gradients of two logits (about 1.5 passes); Square 5000 queries, forwards only (about a third of a pass
+#: each). Points broken early cost less, so an ETA from these is an upper estimate until a batch has finished.
+PASSES_PER_POINT: dict[str, float] = {"fgsm": 2.0, "apgd-ce": 101.0, "apgd-t": 901.0, "fab-t": 1350.0,
+                                      "square": 5000 / 3}
 _SUB_ATTACK_LABELS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
 _BLACK_BOX = frozenset(STANDARD_ATTACKS) - WHITE_BOX_ATTACKS
 

@@ -101,7 +101,7 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
 
 #: What a rerun of the same finished evaluation changes in its row; a row equal to a stored one but for these is
 #: that evaluation again and is not appended a second time.
-RERUN_COLUMNS = ("timestamp", "wall_seconds")
+RERUN_COLUMNS = ("timestamp", "wall_seconds", "session_seconds")  # what a rerun of the same evaluation changes
 
 
 def _identity(row: dict[str, Any]) -> str:

@@ -92,13 +92,16 @@ class Heartbeat:
     of the whole task from the cost per point measured on its earlier batches.
 
     ``seconds_per_point`` is that measurement (None before any batch has finished); ``points_after`` the points
-    still waiting after this batch.
+    still waiting after this batch; ``estimated_seconds_per_point`` an estimate to use until a batch has
+    finished (the attack's pass budget times a pass of the model, measured: the line says it is an estimate).
     """
 
     def __init__(self, what: str, points: int, *, points_after: int = 0, seconds_per_point: float | None = None,
-                 every_seconds: float | None = None, enabled: bool = True) -> None:
+                 every_seconds: float | None = None, enabled: bool = True,
+                 estimated_seconds_per_point: float | None = None) -> None:
         self.what, self.points, self.points_after = what, points, points_after
         self.seconds_per_point = seconds_per_point
+        self.estimated_seconds_per_point = estimated_seconds_per_point
         self.every_seconds = LOG_EVERY_SECONDS if every_seconds is None else every_seconds
         self.enabled = enabled
         self._stop = threading.Event()
@@ -108,6 +111,13 @@ class Heartbeat:
     def line(self, now: float | None = None) -> str:
         elapsed = (now if now is not None else time.monotonic()) - self.started
         text = f"{self.what}: running on {self.points} points, {elapsed:.0f} s so far"
+        if self.seconds_per_point is None and self.estimated_seconds_per_point is not None:
+            total = (self.points + self.points_after) * self.estimated_seconds_per_point
+            if elapsed <= total:
+                return text + (f", ETA ~{total - elapsed:.0f} s (an estimate from the attack's budget and the model's "
+                               "measured cost per pass; refined once a batch has finished)")
+            return text + (f"; over the estimated {total:.0f} s (an estimate from the attack's budget), so no ETA "
+                           "until a batch has finished")
         if self.seconds_per_point is None:
             return text + "; ETA once a first batch has finished"
         remaining = max(0.0, (self.points + self.points_after) * self.seconds_per_point - elapsed)

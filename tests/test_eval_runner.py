@@ -244,3 +244,46 @@ def test_the_results_store_gives_the_same_frame():
     pd.testing.assert_frame_equal(tidy(pd.DataFrame([row])), evaluation.to_frame("runs/ast/best/subnet1", "cifar10"))
     both = pd.concat([evaluation.to_frame("m", "cifar10", subnet=k) for k in (0, 1)], ignore_index=True)
     assert both.groupby(["subnet", "attack"]).size().eq(1).all() and len(both) == 16
+
+
+def test_a_single_batch_attack_has_an_estimated_eta_and_the_plan_says_what_runs(trained_tiny, mnist, caplog,
+                                                                                monkeypatch):
+    """One batch (64 points, batch 500) reports nothing until it ends: its heartbeat gives an ETA estimated from
+    the attack's pass budget and the model's measured cost per pass, and the plan line comes first."""
+    import logging
+
+    import robust_sparse.progress as progress_module
+
+    images, labels = _points(mnist, 64)
+    monkeypatch.setattr(progress_module, "LOG_EVERY_SECONDS", 0.02)
+    with caplog.at_level(logging.INFO):
+        evaluate(trained_tiny, images, labels, norm="linf", eps=0.3, attacks=parse_attacks("pgd-300x1"),
+                 progress=True, large_eps=None)
+    lines = [record.getMessage() for record in caplog.records]
+    plan = [line for line in lines if line.startswith("plan: ")]
+    assert len(plan) == 1 and "PGD-300x1 (1 unit, up to 301 passes per point)" in plan[0]
+    assert "large-eps probe" not in plan[0]  # large_eps=None: no probe, and the plan does not claim one
+    beats = [line for line in lines if "running on" in line]
+    assert beats and all("ETA ~" in line or "over the estimated" in line for line in beats), beats[:3]
+    assert "an estimate from the attack's budget" in beats[0]
+    assert lines.index(plan[0]) < lines.index(beats[0])
+
+
+def test_the_estimate_is_the_budget_times_the_measured_pass(monkeypatch):
+    from robust_sparse.progress import Heartbeat
+
+    beat = Heartbeat("APGD-T batch 1/1", 100, estimated_seconds_per_point=901 * 0.002)
+    assert beat.line(now=beat.started + 60.0).endswith(
+        "ETA ~120 s (an estimate from the attack's budget and the model's measured cost per pass; refined once a "
+        "batch has finished)")  # 100 points x 901 passes x 2 ms = 180.2 s, 60 s gone
+    assert "over the estimated 180 s" in beat.line(now=beat.started + 200.0)
+    assert parse_attack("autoattack").passes_per_point("apgd-t") == 901.0
+    assert parse_attack("pgd-50x10").passes_per_point("restart 3") == 51.0
+
+
+def test_a_resumed_evaluation_says_this_runs_time_and_the_total_apart():
+    from robust_sparse.eval.job import wall_time
+
+    assert wall_time({"wall_seconds": 1244.9, "session_seconds": 576.2}) == "576.2 s this run, 1244.9 s over all attempts"
+    assert wall_time({"wall_seconds": 12.3, "session_seconds": 12.3}) == "12.3 s"
+    assert wall_time({"wall_seconds": 12.3}) == "12.3 s"  # a row stored before this field existed
