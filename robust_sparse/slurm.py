@@ -7,23 +7,40 @@ submitted through submitit, with no surprise:
   ``tasks_per_node``, ``gpus_per_node``, ``cpus_per_task``, ``name``, ``stderr_to_stdout``) and
   ``slurm_<sbatch option>`` (``slurm_partition``, ``slurm_qos``, ...); a bare sbatch name (``partition``) is
   translated with a warning, anything else is refused; the sbatch script is built once to check the values;
+* every value that goes into the sbatch script is checked first: an option's value holds no newline (or other
+  control character), quote, ``;``, ``\\``, backquote or ``$``, so none can end its ``#SBATCH`` line and start a
+  shell line; ``slurm_setup`` (and ``slurm_teardown``) lines are the only shell lines a sweep file adds, one
+  line per entry; ``sweep --dry-run`` prints the script exactly as it is submitted;
 * a job of N tasks (``nodes`` x ``tasks_per_node``, one per GPU) trains one run with torch.distributed
   initialised from submitit's job environment (SLURM_PROCID, SLURM_NTASKS, the job's first node), through the
   same DDP path as ``torchrun`` (robust_sparse.distributed); ``gpus_per_node: 4`` alone means 4 tasks per node;
-* job ids are recorded in ``SWEEP_DIR/slurm/jobs.json`` (atomically, right after submission); a rerun asks
-  Slurm (sacct through submitit, then squeue) for their state, waits on a job that is pending or running
-  instead of submitting it again, and reports a job that failed, was cancelled or timed out, with its log,
-  before submitting the (resumable) run again.
+* sbatch, sacct and squeue run with a time limit, in their own process group, killed on a timeout or an
+  interruption (one SIGTERM stops a sweep even while sbatch hangs); sbatch's failure is one line with its own
+  message;
+* job ids are recorded in ``SWEEP_DIR/slurm/jobs.json`` (atomically, right after submission); a rerun checks
+  every recorded id has Slurm's shape before any path is built from it, asks Slurm (sacct, then squeue) for
+  their state, waits on a job that is pending or running instead of submitting it again, and reports a job
+  that failed, was cancelled or timed out, with its log, before submitting the (resumable) run again;
+* a job's outcome is what its run wrote (its marker, or the evaluation stage's result) and Slurm's state,
+  never submitit's result pickle: unpickling runs whatever the file names, and a file in the sweep directory
+  is no proof of who wrote it. The sweep process reads no pickle at all (the jobs read their own submission).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +48,7 @@ import pandas as pd
 
 from robust_sparse.checkpoint import write_atomic
 from robust_sparse.config import coerce
-from robust_sparse.errors import ConfigError
+from robust_sparse.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +62,18 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
           "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "READY", "PREEMPTED"}
 POLL_SECONDS = 60.0  # between two state queries while the sweep waits on its jobs
 STAGES = {"status": "train", "eval": "eval"}  # the runs.csv column a stage writes -> its key in jobs.json
+COMMAND_SECONDS = 120.0  # the most sbatch, sacct or squeue may take; a busy controller answers within seconds
+# Slurm's job id shapes: 123, an array task 123_4, a pending array 123_[0-9%2]; nothing else becomes a path
+JOB_ID = re.compile(r"[0-9]+(?:_(?:[0-9]+|\[[0-9,%-]+\]))?")
+# In an option's value these could end its #SBATCH line (a newline) or change how sbatch or the shell reads it
+# (quotes, ';', a backslash, '`', '$'); control characters are refused with them
+UNSAFE = re.compile(r"[\x00-\x1f\x7f'\";\\`$]")
+LINES = ("setup", "teardown")  # sbatch options that are shell lines: the only lines a sweep file adds
+OPTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a key of slurm_additional_parameters: --KEY=value
+
+
+class SubmissionError(UserError):
+    """sbatch refused, failed, hung or answered without a job id; the message carries its own words."""
 
 
 def _submitit():
@@ -77,6 +106,7 @@ def parameters(raw: dict[str, Any], where: str = "sweep slurm") -> dict[str, Any
                               f"this machine, slurm: {{debug: true}} runs the jobs in the sweep's process")
         if key in OWN or key in SHARED:
             checked[key] = coerce(value, {**OWN, **SHARED}[key], f"{where}.{key}")
+            _check_value(key, checked[key], f"{where}.{key}")
             continue
         name = key.removeprefix("slurm_")
         if name == "array_parallelism":
@@ -84,6 +114,7 @@ def parameters(raw: dict[str, Any], where: str = "sweep slurm") -> dict[str, Any
         if name not in options:
             known = ", ".join([*OWN, *SHARED, "slurm_<sbatch option>"])
             raise ConfigError(f"{where}.{key}: unknown; known: {known} (options: {', '.join(sorted(options))})")
+        _check_value(name, value, f"{where}.{key}")
         if name == key:  # a bare sbatch name
             log.warning("%s.%s: submitit's name is slurm_%s; translated (write slurm_%s to silence this)", where,
                         key, key, key)
@@ -101,8 +132,48 @@ def parameters(raw: dict[str, Any], where: str = "sweep slurm") -> dict[str, Any
     if gpus and tasks and gpus != tasks and "slurm_gpus_per_task" not in checked:
         raise ConfigError(f"{where}: tasks_per_node = {tasks} with gpus_per_node = {gpus}; each task is one rank "
                           f"on one GPU, so give them the same value (or only gpus_per_node)")
-    _sbatch_script(checked, Path(tempfile.gettempdir()), "true", map_count=2)  # submitit's own checks of the values
+    _script(_submission_parameters(checked, map_count=2), Path(tempfile.gettempdir()))  # submitit's own checks
     return checked
+
+
+def _check_value(name: str, value: Any, where: str) -> None:
+    """A value bound for the sbatch script cannot add a line to it: shell lines (``setup``, ``teardown``) are
+    lists of single lines; ``srun_args`` single-line arguments (submitit quotes them on srun's line); every
+    other option a number, true/false or a string without :data:`UNSAFE` characters (an ``#SBATCH`` line is a
+    comment to the shell only up to its newline, and sbatch reads its own quotes in it)."""
+    if name in LINES or name == "srun_args":
+        if not (isinstance(value, list) and all(isinstance(line, str) for line in value)):
+            what = "shell lines" if name in LINES else "arguments of srun"
+            raise ConfigError(f"{where} = {value!r}: must be a list of strings ({what}, one per entry)")
+        for position, line in enumerate(value):
+            if re.search(r"[\x00-\x1f\x7f]", line):
+                raise ConfigError(f"{where}[{position}] = {line!r}: a newline or other control character; give "
+                                  f"each line as its own entry")
+        return
+    if name == "additional_parameters":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: must be a mapping of sbatch option names to values")
+        for option, setting in value.items():
+            if not (isinstance(option, str) and OPTION_NAME.fullmatch(option)):
+                raise ConfigError(f"{where}: option name {option!r} must be letters, digits, '-' and '_'")
+            _check_value(option, setting, f"{where}.{option}")
+        return
+    if isinstance(value, (bool, int, float)) or value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} = {value!r}: must be a string, a number or true/false")
+    if UNSAFE.search(value):
+        raise ConfigError(f"{where} = {value!r}: a newline or other control character, a quote, ';', a backslash, "
+                          f"'`' or '$' could add a line to the sbatch script; use letters, digits, spaces and "
+                          f"-_.,:=@%+/[]()&|*!#")
+
+
+def _check_folder(folder: Path) -> None:
+    """The sweep directory is written into the script (the logs' #SBATCH lines, the job's command)."""
+    if UNSAFE.search(str(folder.absolute())):
+        raise ConfigError(f"sweep out_dir {str(folder)!r}: a path with a newline or other control character, a "
+                          f"quote, ';', a backslash, '`' or '$' cannot go into an sbatch script; use another "
+                          f"out_dir for backend: slurm")
 
 
 def _executor_parameters(checked: dict[str, Any]) -> dict[str, Any]:
@@ -118,14 +189,30 @@ def _executor_parameters(checked: dict[str, Any]) -> dict[str, Any]:
     return translated
 
 
-def _sbatch_script(checked: dict[str, Any], folder: Path, command: str, map_count: int | None = None,
-                   parallel: int | None = None) -> str:
+def _submission_parameters(checked: dict[str, Any], parallel: int | None = None,
+                           map_count: int | None = None) -> dict[str, Any]:
+    """The executor's parameters for a submission: one job, or an array of ``map_count`` jobs."""
+    parameters = _executor_parameters({key: value for key, value in checked.items() if key not in OWN})
+    if parallel is not None:
+        parameters["array_parallelism"] = parallel
+    if map_count is not None:
+        parameters["map_count"] = map_count
+    return parameters
+
+
+def _job_command(folder: Path) -> str:
+    """What every task of a job runs, as submitit writes it: its runner on the job's pickled submission."""
+    return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def _script(parameters: dict[str, Any], folder: Path) -> str:
+    """The sbatch script for ``parameters`` with its logs in ``folder``: the one function the submission and
+    ``sweep --dry-run`` both build it with, so the dry run shows exactly what sbatch receives."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    extra = {"array_parallelism": parallel} if parallel is not None else {}
+    folder = Path(folder).expanduser().absolute()  # as submitit's executor holds its folder
     try:
-        return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **extra,
-                                   **_executor_parameters({k: v for k, v in checked.items() if k not in OWN}))
+        return _make_sbatch_string(command=_job_command(folder), folder=folder, **parameters)
     except (TypeError, ValueError, AssertionError) as error:
         raise ConfigError(f"sweep slurm: submitit refuses these parameters: {error}") from None
 
@@ -153,11 +240,17 @@ def _single_task(checked: dict[str, Any]) -> dict[str, Any]:
     return single
 
 
-def check_submission(checked: dict[str, Any], dry_run: bool = False) -> None:
-    """Before anything is written or submitted: submitit is installed and, unless only checking (``dry_run``) or
-    debugging in-process, the Slurm commands it needs are on PATH."""
+def check_submission(checked: dict[str, Any], dry_run: bool = False, out_dir: Path | None = None) -> None:
+    """Before anything is written or submitted: submitit is installed, the sweep directory can go into an sbatch
+    script, the job ids it records are Slurm's and, unless only checking (``dry_run``) or debugging in-process,
+    the Slurm commands it needs are on PATH."""
     _submitit()
-    if checked.get("debug") or dry_run:
+    if checked.get("debug"):
+        return
+    if out_dir is not None:
+        _check_folder(out_dir)
+        _Records(out_dir / "slurm")  # a hand-edited jobs.json is refused here, before any run is prepared
+    if dry_run:
         return
     for command in ("sbatch", "srun"):
         if shutil.which(command) is None:
@@ -172,8 +265,8 @@ def _train_command(config_path: Path, run_dir: Path) -> list[str]:
 
 
 def plan(checked: dict[str, Any], out_dir: Path, parallel: int, index: pd.DataFrame) -> str:
-    """What ``sweep --dry-run`` shows for ``backend: slurm``: the submitit parameters, the sbatch options they
-    make, and per run to do the command every task of its job runs."""
+    """What ``sweep --dry-run`` shows for ``backend: slurm``: the submitit parameters, the sbatch script exactly
+    as it is submitted for the runs to do, and per run the command every task of its job runs."""
     todo = index[index["status"].isin(["pending", "partial"])]
     checked = _named(checked, out_dir)
     nodes, per_node = tasks(checked)
@@ -183,10 +276,13 @@ def plan(checked: dict[str, Any], out_dir: Path, parallel: int, index: pd.DataFr
              f"slurm: each job {nodes * per_node} task(s) ({nodes} node(s) x {per_node}), one rank each"
              + ("; torch.distributed from SLURM_PROCID, SLURM_NTASKS and the job's first node" if nodes * per_node > 1
                 else "")]
-    script = _sbatch_script(checked, out_dir / "slurm", "COMMAND", map_count=max(len(todo), 1) if len(todo) > 1
-                            else None, parallel=parallel)
-    lines += ["slurm: sbatch " + " ".join(line.removeprefix("#SBATCH ") for line in script.splitlines()
-                                          if line.startswith("#SBATCH"))]
+    if len(todo) and not checked.get("debug"):
+        script = _script(_submission_parameters(checked, parallel, len(todo) if len(todo) > 1 else None),
+                         out_dir / "slurm")
+        lines += [f"slurm: the sbatch script of these {len(todo)} runs, as sbatch will receive it (a run whose "
+                  f"recorded job is still pending or running is waited on instead, and leaves the array):",
+                  script.rstrip("\n"),
+                  "slurm: end of the sbatch script"]
     records = _Records(out_dir / "slurm")
     for _, row in todo.iterrows():
         run_dir = out_dir / "runs" / row["run_id"]
@@ -222,15 +318,31 @@ def train_task(config_path: Path, run_dir: Path, modules: tuple[str, ...], devic
 
 
 class _Records:
-    """``SWEEP_DIR/slurm/jobs.json``: ``{stage: {run id: {job_id, log}}}``, rewritten atomically."""
+    """``SWEEP_DIR/slurm/jobs.json``: ``{stage: {run id: {job_id, log}}}``, rewritten atomically. It is read as
+    untrusted (a hand edit, a copy from elsewhere): every job id must have Slurm's shape (:data:`JOB_ID`) before
+    any path or command is built from it, and anything else is one line naming the file; the ``log`` entries
+    are for people and never read back."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / RECORD
+        advice = "fix it, or remove it to submit every unfinished run again (check squeue first)"
         try:
-            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        except json.JSONDecodeError:
-            log.warning("%s is unreadable; the jobs it listed are not checked", self.path)
-            self.data = {}
+            self.data = json.loads(self.path.read_bytes()) if self.path.is_file() else {}
+        except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{self.path}: not the sweep's JSON record of Slurm job ids ({reason}); "
+                              f"{advice}") from None
+        if not isinstance(self.data, dict):
+            raise ConfigError(f"{self.path}: not a mapping of stages ({', '.join(STAGES.values())}); {advice}")
+        for stage, runs in self.data.items():
+            if stage not in STAGES.values() or not isinstance(runs, dict):
+                raise ConfigError(f"{self.path}: {stage!r} is not a stage ({', '.join(STAGES.values())}) mapping "
+                                  f"run ids to jobs; {advice}")
+            for run, entry in runs.items():
+                job_id = entry.get("job_id") if isinstance(entry, dict) else None
+                if not (isinstance(job_id, str) and JOB_ID.fullmatch(job_id)):
+                    raise ConfigError(f"{self.path}: {stage} run {run!r}: job id {job_id!r} is not a Slurm job "
+                                      f"id (digits, an array task as 123_4 or 123_[0-3]); {advice}")
 
     def get(self, stage: str, run: str) -> dict[str, str] | None:
         return self.data.get(stage, {}).get(run)
@@ -240,18 +352,127 @@ class _Records:
         write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
 
-def _job(folder: Path, job_id: str):
-    """Task 0 of a recorded job (rank 0 reports the run)."""
-    from submitit.slurm.slurm import SlurmJob
+def _log_path(folder: Path, job_id: str) -> Path:
+    """Task 0's stderr log of a job (rank 0 reports the run), named as submitit names it; shown, never read."""
+    from submitit.core.utils import JobPaths
 
-    return SlurmJob(folder=folder, job_id=job_id, tasks=(0,))
+    if not JOB_ID.fullmatch(job_id):  # _Records and _sbatch let no other id through; a path is built from it
+        raise ConfigError(f"slurm job id {job_id!r} is not a Slurm job id")
+    path = JobPaths(folder, job_id=job_id, task_id=0).stderr
+    if path.parent.resolve() != folder.resolve():  # the file itself is only named, so it is not followed
+        raise ConfigError(f"slurm job id {job_id!r} names a log outside {folder}")
+    return path
+
+
+def _slurm(command: list[str]) -> subprocess.CompletedProcess:
+    """A Slurm command (sbatch, sacct, squeue) with a time limit (:data:`COMMAND_SECONDS`), in its own process
+    group, killed whole on a timeout or an interruption. subprocess's own clean-up (``with Popen``, ``run``)
+    waits for the child unless the exception is exactly KeyboardInterrupt, and the CLI's SIGTERM exception
+    (robust_sparse.cli.Terminated) only subclasses it: without the kill, one SIGTERM waits for a hung sbatch."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=COMMAND_SECONDS)
+    except BaseException:  # the timeout, Ctrl-C, SIGTERM: the whole group, so that no grandchild keeps the pipes
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()  # killed: at once
+        child.stdout.close()
+        child.stderr.close()
+        raise
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+
+
+def _one_line(text: str) -> str:
+    """A command's output as one line of an error message."""
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())[:500]
+
+
+def _sbatch(script: Path) -> str:
+    """Submit ``script``; its job id, or a :class:`SubmissionError` in one line with sbatch's own words."""
+    try:
+        result = _slurm(["sbatch", str(script)])
+    except OSError as error:
+        raise SubmissionError(f"sweep slurm: cannot run sbatch: {error.strerror or error}") from None
+    except subprocess.TimeoutExpired:
+        raise SubmissionError(f"sweep slurm: sbatch did not answer within {COMMAND_SECONDS:g} s and was stopped; "
+                              f"a job may have been submitted all the same: check squeue before rerunning") from None
+    if result.returncode != 0:
+        raise SubmissionError(f"sweep slurm: sbatch failed (exit {result.returncode}): "
+                              f"{_one_line(result.stderr or result.stdout) or 'no message'}")
+    # sbatch's own answer, "Submitted batch job 123" (with " on cluster NAME" in a federation)
+    found = re.search(r"^Submitted batch job ([0-9]+)\b", result.stdout, re.MULTILINE)
+    if found is None:
+        raise SubmissionError(f"sweep slurm: sbatch answered without a job id: "
+                              f"{_one_line(result.stdout) or 'nothing'!r}; a job may have been submitted all the "
+                              f"same: check squeue before rerunning")
+    return found.group(1)
+
+
+@functools.cache
+def _executor_class():
+    """submitit's Slurm executor, with the script from :func:`_script` and sbatch run by :func:`_sbatch` (a time
+    limit, one-line errors, killed on an interruption) instead of submitit's CommandFunction, which has none of
+    these and waits on a hung sbatch after a SIGTERM."""
+    from submitit.core.utils import JobPaths
+    from submitit.slurm.slurm import SlurmExecutor, SlurmJob
+
+    class Executor(SlurmExecutor):
+        @property
+        def _submitit_command_str(self) -> str:
+            return _job_command(self.folder)
+
+        def _make_submission_file_text(self, command: str, uid: str) -> str:
+            return _script(self.parameters, self.folder)
+
+        def _submit_command(self, command: str):
+            folder = JobPaths.get_first_id_independent_folder(self.folder)
+            path = folder / f".submission_file_{uuid.uuid4().hex}.sh"
+            write_atomic(path, self._make_submission_file_text(command, ""))
+            try:
+                job_id = _sbatch(path)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            job = SlurmJob(folder=self.folder, job_id=job_id, tasks=list(range(self._num_tasks())))
+            job.paths.move_temporary_file(path, "submission_file", keep_as_symlink=True)
+            return job
+
+        def _internal_process_submissions(self, delayed_submissions):
+            if len(delayed_submissions) == 1:
+                return super()._internal_process_submissions(delayed_submissions)
+            # submitit's array submission, as in SlurmExecutor, but through this class (submitit's builds a plain
+            # SlurmExecutor for the array)
+            folder = JobPaths.get_first_id_independent_folder(self.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            pickles = []
+            for submission in delayed_submissions:
+                pickles.append(folder / f"{uuid.uuid4().hex}.pkl")
+                submission.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
+                submission.dump(pickles[-1])
+            array = type(self)(self.folder, self.max_num_timeout)
+            array.parameters = {**self.parameters, "map_count": len(delayed_submissions)}
+            try:
+                first = array._submit_command(self._submitit_command_str)
+            except BaseException:
+                for path in pickles:
+                    path.unlink(missing_ok=True)
+                raise
+            jobs = [SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{index}", tasks=list(range(first.num_tasks)))
+                    for index in range(len(delayed_submissions))]
+            for job, path in zip(jobs, pickles):
+                job.paths.move_temporary_file(path, "submitted_pickle")
+            return jobs
+
+    return Executor
 
 
 def _squeue_state(job_id: str) -> str | None:
     """The state squeue shows for a job, "" when it no longer lists it, None when squeue does not answer."""
     try:
-        result = subprocess.run(["squeue", "-h", "-o", "%T", "-j", job_id], capture_output=True, text=True,
-                                timeout=60)
+        result = _slurm(["squeue", "-h", "-o", "%T", "-j", job_id])
     except (OSError, subprocess.TimeoutExpired):
         return None
     if result.returncode != 0:
@@ -260,17 +481,33 @@ def _squeue_state(job_id: str) -> str | None:
     return lines[0].strip().upper() if lines else ""
 
 
-def _states(job_ids: list[str], folder: Path) -> dict[str, str]:
-    """Every job's Slurm state: sacct through submitit's watcher, squeue for a job sacct does not know; GONE when
-    neither lists it any more, UNKNOWN when neither answers."""
-    from submitit.slurm.slurm import SlurmJob
+def _sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """The state sacct reports for each job it lists ("CANCELLED by 42" -> CANCELLED); none when sacct is
+    absent (a cluster without accounting), fails or does not answer in time."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
 
-    for job_id in job_ids:
-        SlurmJob.watcher.register_job(job_id)
-    SlurmJob.watcher.update()
+    command = ["sacct", "-o", "JobID,State,NodeList", "--parsable2"]
+    for base in sorted({job_id.split("_")[0] for job_id in job_ids}):  # an array's id lists all its tasks
+        command += ["-j", base]
+    try:
+        result = _slurm(command)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.debug("sacct: %s; asking squeue", error)
+        return {}
+    if result.returncode != 0:
+        return {}
+    listed = SlurmInfoWatcher().read_info(result.stdout)  # submitit's parser: array ranges, steps skipped
+    return {job_id: listed[job_id]["State"].split()[0].upper() for job_id in job_ids
+            if (listed.get(job_id) or {}).get("State")}
+
+
+def _states(job_ids: list[str]) -> dict[str, str]:
+    """Every job's Slurm state: sacct's, squeue's for a job sacct does not list; GONE when neither lists it any
+    more, UNKNOWN when neither answers."""
+    listed = _sacct_states(job_ids)
     states = {}
     for job_id in job_ids:
-        state = SlurmJob.watcher.get_state(job_id, mode="cache").split()[0].upper()  # "CANCELLED by 42"
+        state = listed.get(job_id, "UNKNOWN")
         if state == "UNKNOWN":
             queued = _squeue_state(job_id)
             state = "UNKNOWN" if queued is None else queued or "GONE"
@@ -278,20 +515,30 @@ def _states(job_ids: list[str], folder: Path) -> dict[str, str]:
     return states
 
 
-def _log_path(folder: Path, job_id: str) -> Path:
-    return _job(folder, job_id).paths.stderr
+def _finished(column: str, arguments: tuple) -> str | None:
+    """A run's outcome as the run itself wrote it: its marker (training: done or diverged) or the evaluation
+    stage's result; None while it has none. submitit's result pickle is never read for it: unpickling runs
+    whatever the file names, and anyone who can write the sweep directory can write one."""
+    from robust_sparse.sweep import eval_stage_done, run_status
+
+    if column == "status":  # (requested.yaml, run_dir, plugins)
+        status = run_status(arguments[1])
+        return status if status in ("done", "diverged") else None
+    return "done" if eval_stage_done(arguments[0], arguments[1]) else None  # (run_dir, stage, plugins)
 
 
-def _outcome(folder: Path, job_id: str, state: str) -> str:
-    """What a finished job says: the run's status from its result, else the Slurm state with the log."""
-    job = _job(folder, job_id)
-    if job.paths.result_pickle.exists():
-        try:
-            return str(job.result())
-        except Exception as error:  # the job's function raised: submitit's FailedJobError carries the trace
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return f"failed (slurm job {job_id}: {first}; see {job.paths.stderr})"
-    return f"failed (slurm job {job_id} {state}, see {job.paths.stderr})"
+def _run_log(column: str, arguments: tuple) -> Path:
+    return arguments[1] / "train.log" if column == "status" else arguments[0] / "eval.log"
+
+
+def _outcome(folder: Path, job_id: str, state: str, column: str, arguments: tuple) -> str:
+    """What a job that ended says: the run's own record, else the Slurm state with the log to read."""
+    finished = _finished(column, arguments)
+    if finished is not None:
+        return finished
+    if state == "COMPLETED":  # the job ran its command, which did not finish the run: the run's log says why
+        return f"failed (slurm job {job_id} COMPLETED without finishing the run, see {_run_log(column, arguments)})"
+    return f"failed (slurm job {job_id} {state}, see {_log_path(folder, job_id)})"
 
 
 def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, write_index) -> None:
@@ -311,15 +558,12 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
             index.loc[row, column] = executor.submit(function, *arguments, "auto", threads).result()
             write_index()
         return
-    check_submission(checked)
-    from submitit.slurm.slurm import SlurmJob
-
-    SlurmJob.watcher.clear()  # submitit keeps the states of finished jobs per process: ask Slurm afresh
+    check_submission(checked, out_dir=sweep.out_dir)
     records = _Records(folder)
     recorded = {row: records.get(stage, index.loc[row, "run_id"]) for row, *_ in todo}
     ids = [entry["job_id"] for entry in recorded.values() if entry]
-    states = _states(ids, folder) if ids else {}
-    waiting: dict[int, str] = {}  # row -> job id
+    states = _states(ids) if ids else {}
+    waiting: dict[int, tuple[str, tuple]] = {}  # row -> (job id, the job's arguments)
     fresh = []
     for row, *arguments in todo:
         run, entry = index.loc[row, "run_id"], recorded[row]
@@ -333,36 +577,37 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
             log.info("%s: slurm job %s is %s; waiting on it, not submitting it again", run, entry["job_id"],
                      state.lower())
             index.loc[row, column] = f"{state.lower()} (slurm job {entry['job_id']})"
-            waiting[row] = entry["job_id"]
+            waiting[row] = (entry["job_id"], tuple(arguments))
             continue
         if entry:  # ended without finishing the run (failed, cancelled, timed out, or the training failed)
             log.warning("%s: previous attempt: %s; submitting the run again", run,
-                        _outcome(folder, entry["job_id"], state))
+                        _outcome(folder, entry["job_id"], state, column, tuple(arguments)))
         fresh.append((row, arguments))
     if fresh:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-        executor.update_parameters(slurm_array_parallelism=sweep.parallel, **checked)
+        executor = _executor_class()(folder)
+        executor.parameters = _submission_parameters(checked, sweep.parallel)
         with executor.batch():  # one job array; each job runs the same resumable command as the local backend
             jobs = [(row, executor.submit(function, *arguments, "auto", threads)) for row, arguments in fresh]
         records.put(stage, {index.loc[row, "run_id"]: {"job_id": submitted.job_id,
                                                         "log": str(_log_path(folder, submitted.job_id))}
                             for row, submitted in jobs})
-        for row, submitted in jobs:
+        for (row, submitted), (_, arguments) in zip(jobs, fresh):
             log.info("%s: submitted as slurm job %s", index.loc[row, "run_id"], submitted.job_id)
             index.loc[row, column] = f"submitted (slurm job {submitted.job_id})"
-            waiting[row] = submitted.job_id
+            waiting[row] = (submitted.job_id, tuple(arguments))
     write_index()  # a killed sweep leaves the job ids in runs.csv too
     _wait(waiting, folder, index, column, write_index)
 
 
-def _wait(waiting: dict[int, str], folder: Path, index: pd.DataFrame, column: str, write_index) -> None:
-    """Until every job has ended: its outcome into ``column`` as it ends."""
+def _wait(waiting: dict[int, tuple[str, tuple]], folder: Path, index: pd.DataFrame, column: str,
+          write_index) -> None:
+    """Until every job has ended: its outcome into ``column`` as it ends (or as soon as its run has finished)."""
     while waiting:
-        states = _states(list(waiting.values()), folder)
-        for row, job_id in list(waiting.items()):
+        states = _states([job_id for job_id, _ in waiting.values()])
+        for row, (job_id, arguments) in list(waiting.items()):
             state = states[job_id]
-            if _job(folder, job_id).paths.result_pickle.exists() or state not in ACTIVE | {"UNKNOWN"}:
-                index.loc[row, column] = _outcome(folder, job_id, state)
+            if _finished(column, arguments) is not None or state not in ACTIVE | {"UNKNOWN"}:
+                index.loc[row, column] = _outcome(folder, job_id, state, column, arguments)
                 log.info("%s: %s %s", index.loc[row, "run_id"], column, index.loc[row, column])
                 del waiting[row]
                 write_index()
@@ -371,4 +616,3 @@ def _wait(waiting: dict[int, str], folder: Path, index: pd.DataFrame, column: st
                 write_index()
         if waiting:
             time.sleep(POLL_SECONDS)
-

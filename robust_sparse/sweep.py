@@ -482,10 +482,10 @@ def _eval_status(run_dir: Path, status: str, stage: EvalStage, seed: int) -> str
 def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> pd.DataFrame:
     """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
     has one and ``evaluate``), and return the run index."""
-    if sweep.backend == "slurm":  # no submitit (or no sbatch to submit with): refused before anything is written
+    if sweep.backend == "slurm":  # no submitit, no sbatch, a bad jobs.json: refused before anything is written
         from robust_sparse.slurm import check_submission
 
-        check_submission(sweep.slurm, dry_run)
+        check_submission(sweep.slurm, dry_run, sweep.out_dir)
     with rundir.locked(sweep.out_dir, rundir.Kind.SWEEP, "sweep out_dir"):  # one sweep at a time in a directory
         return _run_sweep(sweep, dry_run, evaluate)
 

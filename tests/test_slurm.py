@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -35,7 +36,8 @@ def _script(path, text):
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
     """sbatch (keeps each submission script, prints job ids from 101 on), srun, sacct (prints ``states``, then
-    swaps in ``next_states`` if there is one) and squeue (lists nothing) on PATH."""
+    swaps in ``next_states`` if there is one, and runs ``after_sacct`` once if there is one: what a job does
+    between two queries) and squeue (lists nothing) on PATH."""
     fake = tmp_path / "fake"
     bin_dir = fake / "bin"
     bin_dir.mkdir(parents=True)
@@ -48,6 +50,7 @@ echo "Submitted batch job $n"
     _script(bin_dir / "sacct", f"""echo 'JobID|State|NodeList'
 cat {fake}/states 2>/dev/null
 if [ -f {fake}/next_states ]; then mv {fake}/next_states {fake}/states; fi
+if [ -f {fake}/after_sacct ]; then sh {fake}/after_sacct; rm {fake}/after_sacct; fi
 """)
     _script(bin_dir / "squeue", "exit 0\n")
     if any(shutil.which(name) for name in ("sbatch", "srun", "sacct", "squeue")):
@@ -143,10 +146,11 @@ def test_a_rerun_waits_on_recorded_jobs_that_are_queued_or_running_and_resubmits
     folder.mkdir()
     (folder / "jobs.json").write_text(json.dumps({"train": {run_id([f"seed={s}"]): {"job_id": f"101_{s}"}
                                                             for s in (0, 1, 2)}}))  # ... with its job ids
-    # 101_0 is queued, then cancelled; 101_1 runs and has just written its result; 101_2 failed
+    # 101_0 is queued, then cancelled; 101_1 runs, then finishes its run (the marker its rank 0 writes); 101_2
+    # failed
     (fake_slurm / "states").write_text("101_0|PENDING|\n101_1|RUNNING|node1\n101_2|FAILED|node2\n")
     (fake_slurm / "next_states").write_text("101_0|CANCELLED|\n101_1|COMPLETED|node1\n102|FAILED|node3\n")
-    submitit.core.utils.cloudpickle_dump(("success", "done"), folder / "101_1_0_result.pkl")
+    (fake_slurm / "after_sacct").write_text(f"echo '{{}}' > '{tmp_path / 'out' / 'runs' / 'seed=1' / 'done.json'}'\n")
     (fake_slurm / "counter").write_text("102")
     with caplog.at_level(logging.INFO, logger="robust_sparse"):
         index = run_sweep(load_sweep(path))
@@ -251,3 +255,229 @@ def test_without_submitit_a_slurm_sweep_loads_and_is_refused_before_it_runs(tmp_
         assert main(["sweep", str(path), *arguments]) == 2
         assert "needs submitit: pip install 'robust-sparse[cluster]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- inputs from the wide world: a hand-edited jobs.json, crafted pickles, script injection, a failing sbatch ---
+
+class _Payload:
+    """What a crafted pickle would run when unpickled: it creates ``path`` (a stand-in for any code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _crafted(path, marker):
+    """A submitit result file whose payload creates ``marker`` if anything unpickles it."""
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(("success", _Payload(marker))))
+
+
+def test_a_crafted_result_pickle_is_never_run_the_runs_own_record_decides(tmp_path, fake_slurm):
+    path = _sweep_file(tmp_path)
+    run_sweep(load_sweep(path), dry_run=True)
+    folder = tmp_path / "out" / "slurm"
+    folder.mkdir()
+    (folder / "jobs.json").write_text(json.dumps({"train": {"seed=0": {"job_id": "101_0"},
+                                                            "seed=1": {"job_id": "101_1"}}}))
+    marker = tmp_path / "payload-ran"
+    for job_id in ("101_0", "101_1"):  # both ids ordinary: one job ended, one ends while the sweep waits on it
+        _crafted(folder / f"{job_id}_0_result.pkl", marker)
+    (fake_slurm / "states").write_text("101_0|COMPLETED|node1\n101_1|RUNNING|node2\n")
+    (fake_slurm / "next_states").write_text("101_0|COMPLETED|node1\n101_1|COMPLETED|node2\n102|FAILED|node3\n")
+    (fake_slurm / "counter").write_text("102")
+    index = run_sweep(load_sweep(path))
+    assert not marker.exists()  # no pickle was unpickled
+    runs = tmp_path / "out" / "runs"
+    # neither run wrote its marker, so neither counts as done, whatever the pickles claim
+    assert list(index["status"]) == [f"failed (slurm job 102 FAILED, see {folder / '102_0_log.err'})",
+                                     f"failed (slurm job 101_1 COMPLETED without finishing the run, see "
+                                     f"{runs / 'seed=1' / 'train.log'})"]
+
+
+@pytest.mark.parametrize("record, named", [
+    ({"train": {"seed=0": {"job_id": "../../x.outside/777"}}}, "'../../x.outside/777'"),
+    ({"train": {"seed=0": {"job_id": "/etc/777"}}}, "'/etc/777'"),
+    ({"train": {"seed=0": {"job_id": "101; rm -rf ~"}}}, "'101; rm -rf ~'"),
+    ({"train": {"seed=0": {"job_id": 777}}}, "777"),
+    ({"train": {"seed=0": "101"}}, "None"),
+    ({"train": ["101"]}, "'train' is not a stage"),
+    (["101"], "not a mapping of stages"),
+    (b"\x80\x81\xfe\xff binary", "not the sweep's JSON record"),
+    (b'{"train": ', "not the sweep's JSON record"),
+])
+def test_a_hand_edited_jobs_json_is_refused_in_one_line_before_any_path_is_built(tmp_path, fake_slurm, capsys,
+                                                                                 record, named):
+    from conftest import one_line_error, snapshot
+
+    path = _sweep_file(tmp_path)
+    run_sweep(load_sweep(path), dry_run=True)  # the sweep's directory, as a run left it ...
+    folder = tmp_path / "out" / "slurm"
+    folder.mkdir()
+    (folder / "jobs.json").write_bytes(record if isinstance(record, bytes) else json.dumps(record).encode())  # by hand
+    outside = tmp_path / "x.outside"  # where the traversal id points: a payload waits there
+    marker = tmp_path / "payload-ran"
+    _crafted(outside / "777_0_result.pkl", marker)
+    (fake_slurm / "states").write_text("777|COMPLETED|node1\n")
+    before = snapshot(tmp_path)
+    for arguments in ([], ["--dry-run"]):
+        line = one_line_error(["sweep", str(path), *arguments], capsys)
+        assert str(folder / "jobs.json") in line and named in line
+    assert snapshot(tmp_path) == before  # refused before any run was prepared: nothing written, nothing run
+    assert not marker.exists() and not _submissions(fake_slurm)
+
+
+INJECTED = ["gpu\ntouch /tmp/injected #", "gpu; touch /tmp/injected", "gpu' ; touch /tmp/injected '",
+            'gpu" #', "gpu\r", "gpu`id`", "gpu$(id)"]
+
+
+@pytest.mark.parametrize("field", ["slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint",
+                                   "slurm_comment", "name", "slurm_job_name", "partition", "slurm_mem",
+                                   "slurm_additional_parameters", "slurm_time"])
+@pytest.mark.parametrize("value", INJECTED)
+def test_no_value_can_add_a_line_to_the_sbatch_script(tmp_path, monkeypatch, capsys, field, value):
+    from conftest import one_line_error
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    setting = {"mail-user": value} if field == "slurm_additional_parameters" else value
+    path = _sweep_file(tmp_path, slurm={**CLUSTER, field: setting})
+    line = one_line_error(["sweep", str(path), "--dry-run"], capsys)
+    assert f"sweep slurm.{field}" in line and "add a line to the sbatch script" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("slurm_setup", ["module load cuda", "echo ok\ntouch /tmp/injected"], "sweep slurm.slurm_setup[1]"),
+    ("slurm_setup", "module load cuda", "must be a list of strings"),  # submitit would add it letter by letter
+    ("slurm_teardown", ["echo done\rtouch /tmp/injected"], "sweep slurm.slurm_teardown[0]"),
+    ("slurm_srun_args", ["--cpu-bind=none\ntouch /tmp/injected"], "sweep slurm.slurm_srun_args[0]"),
+    ("slurm_additional_parameters", {"mail-user\ntouch /tmp/injected #": "x"}, "option name"),
+    ("slurm_partition", ["gpu"], "must be a string, a number or true/false"),
+])
+def test_shell_lines_are_one_line_per_entry_and_option_names_plain(tmp_path, monkeypatch, capsys, field, value,
+                                                                   message):
+    from conftest import one_line_error
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    line = one_line_error(["sweep", str(_sweep_file(tmp_path, slurm={**CLUSTER, field: value})), "--dry-run"],
+                          capsys)
+    assert message in line and field in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_that_would_add_a_line_is_refused_for_slurm(tmp_path, monkeypatch, capsys):
+    from conftest import one_line_error
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = _sweep_file(tmp_path, out_dir=str(tmp_path / "out\ntouch injected #"))
+    line = one_line_error(["sweep", str(path), "--dry-run"], capsys)
+    assert "sweep out_dir" in line and "sbatch script" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.yaml"]
+
+
+def test_dry_run_shows_the_script_exactly_as_sbatch_receives_it(tmp_path, fake_slurm, capsys):
+    setup = ["module load cuda/12.1", "source ~/env.sh; echo 'ready'"]  # shell lines: ';' and quotes are theirs
+    path = _sweep_file(tmp_path, slurm={**CLUSTER, "slurm_setup": setup, "slurm_comment": "robust sparse (v1)"})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    shown = capsys.readouterr().out
+    (fake_slurm / "states").write_text("101_0|FAILED|node1\n101_1|FAILED|node2\n")
+    assert main(["sweep", str(path)]) == 1  # both jobs failed
+    (script,) = _submissions(fake_slurm)
+    submitted = script.read_text()
+    assert submitted.rstrip("\n") in shown
+    # submitit's own lines (#SBATCH options, comments, its command) and the setup lines: nothing else
+    added = [line for line in submitted.splitlines() if line and not line.startswith(("#", "srun ", "export "))]
+    assert added == setup
+    assert "#SBATCH --comment='robust sparse (v1)'" in submitted
+
+
+@pytest.mark.parametrize("sbatch, message", [
+    ("echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2\nexit 1\n",
+     "sbatch failed (exit 1): sbatch: error: Batch job submission failed: Invalid partition name specified"),
+    ("echo 'Welcome to the cluster'\necho '<html>maintenance</html>'\n",
+     "sbatch answered without a job id: 'Welcome to the cluster / <html>maintenance</html>'"),
+    ("exit 0\n", "sbatch answered without a job id: 'nothing'"),
+])
+def test_a_failed_submission_is_one_line_with_sbatchs_own_message(tmp_path, fake_slurm, capsys, sbatch, message):
+    from conftest import one_line_error
+
+    _script(fake_slurm / "bin" / "sbatch", sbatch)
+    line = one_line_error(["sweep", str(_sweep_file(tmp_path))], capsys)
+    assert message in line
+    folder = tmp_path / "out" / "slurm"
+    assert not (folder / "jobs.json").exists()  # nothing recorded: a rerun submits the runs again
+    assert not list(folder.glob("*.sh")) and not list(folder.glob("*.pkl"))  # nor leftovers of the attempt
+
+
+def test_sbatch_and_the_slurm_queries_run_with_a_time_limit(tmp_path, fake_slurm, monkeypatch, capsys):
+    from conftest import one_line_error
+
+    monkeypatch.setattr(slurm, "COMMAND_SECONDS", 1.0)
+    bin_dir = fake_slurm / "bin"
+    _script(bin_dir / "sacct", "sleep 30\n")  # a hung accounting daemon: squeue answers instead
+    _script(bin_dir / "squeue", "echo RUNNING\n")
+    start = time.monotonic()
+    assert slurm._states(["5"]) == {"5": "RUNNING"}
+    _script(bin_dir / "squeue", "sleep 30\n")
+    assert slurm._states(["5"]) == {"5": "UNKNOWN"}  # neither answers: not resubmitted (see submit)
+    _script(bin_dir / "sbatch", "sleep 30\n")
+    line = one_line_error(["sweep", str(_sweep_file(tmp_path))], capsys)
+    assert "sbatch did not answer within 1 s and was stopped" in line and "check squeue" in line
+    assert time.monotonic() - start < 20  # three 30-second hangs, each stopped after 1 s
+
+
+def test_one_sigterm_stops_a_sweep_while_sbatch_hangs(tmp_path, fake_slurm):
+    """The CLI turns SIGTERM into robust_sparse.cli.Terminated, a KeyboardInterrupt subclass; subprocess's
+    clean-up waits for its child unless the exception is exactly KeyboardInterrupt: the sbatch (and what it
+    started) is killed instead, and the sweep exits at once with SIGTERM's code."""
+    import signal
+
+    _script(fake_slurm / "bin" / "sbatch", f"""sleep 120 &
+echo $$ $! > {fake_slurm}/sbatch.pids
+wait
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    sweep = subprocess.Popen([sys.executable, "-m", "robust_sparse.cli", "sweep", str(_sweep_file(tmp_path))],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = fake_slurm / "sbatch.pids"
+    try:
+        deadline = time.monotonic() + 300  # the sweep imports torch and prepares its runs first (slow when busy)
+        while not (pids.is_file() and len(pids.read_text().split()) == 2) and time.monotonic() < deadline:
+            assert sweep.poll() is None, sweep.communicate()
+            time.sleep(0.2)
+        assert pids.is_file(), "sbatch never started"
+        sent = time.monotonic()
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=60)
+        assert time.monotonic() - sent < 10  # promptly: well under sbatch's 120 s
+        assert sweep.returncode == 128 + signal.SIGTERM, err
+        assert err.strip().splitlines()[-1].startswith("robust-sparse: terminated (SIGTERM)")
+        assert "Traceback" not in err
+        for pid in map(int, pids.read_text().split()):  # neither sbatch nor what it started is left behind
+            assert _gone(pid), f"process {pid} of the fake sbatch is still running"
+    finally:  # a failure leaves nothing running
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.communicate()
+        for pid in map(int, pids.read_text().split()) if pids.is_file() else ():
+            if not _gone(pid, wait=0):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid, wait=5.0):
+    """Whether process ``pid`` has ended (a zombie waiting for its parent counts), within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as stat_file:
+                if stat_file.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
