@@ -208,3 +208,22 @@ def test_two_ranks_under_torchrun_shard_the_streamed_split_and_stay_identical(tr
     assert rank0["masks"] and rank0["full_grads"] is not None
     # 128 images, 16 per batch: 8 batches in the g_tilde pass, 4 on each rank (the first refresh needs none)
     assert rank0["pass_batches"] == rank1["pass_batches"] == [0, 4]
+
+
+def test_tree_is_listed_in_torchvision_order_with_nested_folders_and_links_inside_the_split(tmp_path):
+    """The walk that refuses links out of a split or read twice lists a valid tree exactly as torchvision's
+    ImageFolder (``make_dataset``) does: the seeded validation split of an existing run is unchanged."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    make_tree(tmp_path, classes=3, train_per_class=3, val_per_class=1, size=(16, 16), listed=2)
+    first, second = (tmp_path / "train" / wnid for wnid in sorted(WNIDS[:3])[:2])
+    (first / "b_nested" / "deeper").mkdir(parents=True)
+    for k, folder in enumerate((first / "b_nested", first / "b_nested" / "deeper", second)):
+        Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(folder / f"a{k}.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "train" / "loose.JPEG")  # in the split, in no class folder
+    (second / "Z_linked.JPEG").symlink_to("../loose.JPEG")  # a link inside the split, read once
+    (first / "notes.txt").write_text("not an image, not listed\n")
+    train, _ = read_tree(_data(tmp_path, None, num_classes=3))
+    classes = {name: index for index, name in enumerate(sorted(WNIDS[:3]))}
+    expected = make_dataset(str(tmp_path / "train"), classes, IMG_EXTENSIONS)
+    assert list(zip(train.paths, train.targets)) == expected and len(expected) == 3 * 3 + 4
