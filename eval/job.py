@@ -64,7 +64,7 @@ class EvalOutcome:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
 
 
 def cross_check_attacks(attacks: list[AttackSpec]) -> list[AttackSpec]:
@@ -323,8 +323,9 @@ def format_row(row: dict[str, Any]) -> str:
 
 def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: torch.device,
                           progress: bool = False, seed: int = 0) -> EvalOutcome:
-    """The original AutoAttack (standard) on the first ``n_examples`` test points of a robust-sparse checkpoint,
-    at its evaluation eps, into ``<run dir>/eval`` (resumable from the per-point flags there).
+    """PGD at the checkpoint's own setting, then the original AutoAttack (standard), on the first ``n_examples``
+    test points of a robust-sparse checkpoint, at its evaluation eps, into ``<run dir>/eval`` (resumable from the
+    per-point flags there). The PGD row makes the store hold both numbers a report shows for the same points.
 
     What ``robust-sparse train`` runs after training when ``eval.autoattack_examples`` is set. AST checkpoints
     give one row per sub-net, as ``robust-sparse eval`` does.
@@ -337,8 +338,8 @@ def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: to
     models = from_checkpoint_subnets(checkpoint)
     first = models[0]
     images, labels = load_points(first.dataset, n_examples, root=first.data_root or "data", data=first.data)
-    protocol = Protocol(norm=first.norm or "linf", eps=(first.eps,), attacks=tuple(parse_attacks("autoattack")),
-                        seeds=(seed,))
+    attacks = parse_attacks(f"pgd-{first.pgd_steps or 20}x{first.restarts or 1},autoattack")
+    protocol = Protocol(norm=first.norm or "linf", eps=(first.eps,), attacks=tuple(attacks), seeds=(seed,))
     outcome = EvalOutcome([], [], [])
     for loaded in models:
         result = run(loaded, images, labels, protocol, checkpoint.parent / "eval", device=device,

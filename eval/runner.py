@@ -486,7 +486,7 @@ def _run_attack(spec: AttackSpec, key: str, context: AttackContext, state: _Stat
         started = time.monotonic()
         chunks = points.split(batch_size)
         with progress_bar(total=int(done[index].sum()) + len(points), initial=int(done[index].sum()),
-                          desc=description, unit="pt", enabled=progress) as bar:
+                          desc=f"{description} on the points still robust", unit="pt", enabled=progress) as bar:
             for number, chunk in enumerate(chunks):
                 on_device = chunk.to(device)
                 x, y = images[on_device], labels[on_device]
@@ -543,7 +543,7 @@ def _probe(model, images, labels, clean, state: _State, *, norm, eps, batch_size
     log.info("large-eps probe (gradient-masking check): %d-step margin PGD from the clean point at %s eps=%.4g on "
              "the %d correctly classified of the first %d points; its accuracy should be ~0 (--no-probe skips it)",
              PROBE_STEPS, norm, eps, len(candidates), points)
-    with progress_bar(total=len(candidates), desc=f"large-eps probe {norm} eps={eps:.4g}", unit="pt",
+    with progress_bar(total=len(candidates), desc=f"large-eps probe {norm} eps={eps:.4g}", unit="correct pt",
                       enabled=progress) as bar:
         for chunk in candidates.split(batch_size):
             on_device = chunk.to(images.device)

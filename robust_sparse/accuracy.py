@@ -68,7 +68,7 @@ def evaluate_pgd(
                  step_size=step_size if step_size is not None else pgd_step_size(eps, steps))
     attack.autocast = autocast
     candidates = torch.nonzero(clean_correct).flatten()
-    with progress_bar(total=len(candidates), desc=description, unit="pt", enabled=progress) as bar:
+    with progress_bar(total=len(candidates), desc=description, unit="correct pt", enabled=progress) as bar:
         for start in range(0, len(candidates), batch_size):
             index = candidates[start : start + batch_size]
             adversarial = attack(images[index], labels[index])

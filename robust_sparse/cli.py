@@ -305,13 +305,14 @@ def _autoattack_after_training(best: Path, config, progress: bool) -> str:
     from robust_sparse.distributed import resolve_device
 
     n = config.eval.autoattack_examples
-    log.info("AutoAttack (standard, original implementation) on the first %d test points of %s", n, best)
+    log.info("PGD, then AutoAttack (standard, original implementation) on the first %d test points of %s", n, best)
     outcome = job.autoattack_checkpoint(best, n, device=resolve_device(config.device), progress=progress)
     lines = []
     for row in outcome.rows:
         lines.append(f"AutoAttack standard ({row['n_examples']} points, {row['threat_model']} eps={row['eps']:.4g}, "
-                     f"{row['wall_seconds'] / 60:.1f} min): clean accuracy {row['clean_acc']:.4f}, AutoAttack "
-                     f"accuracy {row['autoattack_acc']:.4f}" + (f" [{row['model']}]" if len(outcome.rows) > 1 else ""))
+                     f"{row['wall_seconds'] / 60:.1f} min): clean accuracy {row['clean_acc']:.4f}, "
+                     f"{row['pgd_attack']} accuracy {row['pgd_acc']:.4f}, AutoAttack accuracy "
+                     f"{row['autoattack_acc']:.4f}" + (f" [{row['model']}]" if len(outcome.rows) > 1 else ""))
         lines += [f"  warning: {warning}" for warning in row["warnings"]]
     lines.append(f"AutoAttack results: {best.parent / 'eval' / 'results.csv'}")
     return "\n".join(lines)

@@ -180,7 +180,7 @@ def check_embedded_data() -> Check:
 def check_devices() -> Check:
     import torch
 
-    detail = f"cpu ({torch.get_num_threads()} threads)"
+    detail = f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         detail += f"; cuda: {names}"

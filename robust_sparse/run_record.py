@@ -102,7 +102,8 @@ def resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any] | 
     run executes and is stored; None (and a warning that the run starts afresh) when there is none."""
     last = Path(config.out_dir) / "last.pt"
     if not last.exists():
-        log.warning("--resume: %s holds no last.pt; starting a fresh run", Path(config.out_dir))
+        # the normal first start of a sweep's run (it always passes --resume): information, not a warning
+        log.info("--resume: %s holds no last.pt yet; starting a fresh run", Path(config.out_dir))
         return None
     state = load_checkpoint(last, map_location=device)
     # Through today's schema, so that a field added since the run started compares at its default.

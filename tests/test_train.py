@@ -242,8 +242,9 @@ def test_train_ends_with_autoattack_on_the_configured_points(tiny_config, tmp_pa
     out = capsys.readouterr().out
     assert "AutoAttack standard (12 points, Linf eps=0.1" in out
     (row,) = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
-    assert row["n_examples"] == 12 and row["attacks"] == "autoattack" and row["source"] == "checkpoint"
-    assert row["autoattack_acc"] <= row["clean_acc"]
-    assert f"AutoAttack accuracy {row['autoattack_acc']:.4f}" in out
+    # PGD at the run's own setting (eval.pgd_steps, one restart) on the same points, so the store holds both numbers
+    assert row["n_examples"] == 12 and row["attacks"] == "pgd-20x1,autoattack" and row["source"] == "checkpoint"
+    assert row["autoattack_acc"] <= row["clean_acc"] and row["pgd_attack"] == "PGD-20x1"
+    assert f"PGD-20x1 accuracy {row['pgd_acc']:.4f}, AutoAttack accuracy {row['autoattack_acc']:.4f}" in out
     assert main(["train", "--set", "eval.autoattack_examples=-1", "--out", str(tmp_path / "bad")]) == 2
     assert "eval.autoattack_examples = -1" in capsys.readouterr().err
