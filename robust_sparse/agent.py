@@ -157,6 +157,26 @@ def resolve_variant(config: AgentConfig) -> Weighting:
     return Weighting(config.estimator, config.gamma, config.fixed_c)
 
 
+def inactive_reason(config: AgentConfig, epochs: int) -> str | None:
+    """Why AGENT's correction cannot act in a run of ``epochs`` epochs, or None when it can.
+
+    The paper's and the official estimators start at c_0 = 0 (the first refresh, at the first epoch, has no
+    earlier snapshot to compare with), so gamma first acts after the second refresh, ``snapshot_every`` epochs
+    later: a shorter run trains exactly as gamma = 0 would, and a gamma sweep of it compares identical runs.
+    """
+    if not config.enabled:
+        return None
+    weighting = resolve_variant(config)
+    if weighting.gamma == 0 or weighting.estimator is AgentEstimator.FIXED:
+        return None  # the gamma = 0 baseline by design; a fixed c_t acts from the first epoch
+    if epochs <= config.snapshot_every:
+        return (f"agent.gamma = {weighting.gamma:g} never acts in this run: with agent.estimator = "
+                f"{weighting.estimator.value}, c_t is 0 until the second snapshot refresh, at epoch "
+                f"{config.snapshot_every + 1}, and optim.epochs = {epochs}; train longer, or use agent.estimator=fixed "
+                "to correct from the first epoch")
+    return None
+
+
 @dataclass(frozen=True)
 class _PassResult:
     """What :meth:`AGENT._large_batch_pass` computed."""

@@ -51,6 +51,11 @@ def check_run(config: TrainConfig) -> None:
     if config.model.cifar_stem and split_spec(config.model.name) is None:
         raise ConfigError(f"model.cifar_stem: {config.model.name!r} is this toolkit's own model; the CIFAR stem is "
                           "for torchvision:/timm: ResNet-family models (or set model.cifar_stem: false)")
+    from robust_sparse.agent import inactive_reason
+
+    reason = inactive_reason(config.agent, config.optim.epochs)
+    if reason:  # legal (a smoke run), but a gamma study of it would compare identical runs: say so before training
+        log.warning("%s", reason)
     check_trackers(config.tracking)
     check_data_root(config.data)
     check_output_dir(config.out_dir, "out_dir", "set another out_dir (train --out)")

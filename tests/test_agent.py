@@ -355,3 +355,32 @@ def test_bad_agent_settings(override, field, capsys, tmp_path):
     assert main(["train", "--set", "agent.enabled=true", "--set", override, "--out", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and field in error[0]
+
+
+def test_a_gamma_that_cannot_act_is_said_before_training(tmp_path, caplog):
+    """paper/official start at c_0 = 0: gamma acts only after the second refresh, so a run of snapshot_every
+    epochs or fewer trains as gamma = 0 would; said once, before any data is read. A fixed c_t, gamma = 0 and a
+    run long enough are silent."""
+    import logging
+
+    from robust_sparse.agent import inactive_reason
+    from robust_sparse.run_record import check_run
+
+    def agent(*sets):
+        return load_config(None, ["agent.enabled=true", *sets]).agent
+
+    assert inactive_reason(agent("agent.gamma=0.5"), epochs=1) == (
+        "agent.gamma = 0.5 never acts in this run: with agent.estimator = paper, c_t is 0 until the second snapshot "
+        "refresh, at epoch 2, and optim.epochs = 1; train longer, or use agent.estimator=fixed to correct from the "
+        "first epoch")
+    assert "at epoch 4" in inactive_reason(agent("agent.gamma=0.5", "agent.snapshot_every=3"), epochs=3)
+    assert inactive_reason(agent("agent.gamma=0.5", "agent.snapshot_every=3"), epochs=4) is None
+    assert inactive_reason(agent("agent.gamma=0.5", "agent.estimator=official"), epochs=1) is not None
+    assert inactive_reason(agent("agent.gamma=0.5", "agent.estimator=fixed", "agent.fixed_c=1"), epochs=1) is None
+    assert inactive_reason(agent("agent.gamma=0"), epochs=1) is None
+    assert inactive_reason(load_config(None, ["agent.gamma=0.5"]).agent, epochs=1) is None  # AGENT off
+    config = load_config(None, ["agent.enabled=true", "agent.gamma=0.5", "optim.epochs=1", f"out_dir={tmp_path / 'r'}"])
+    with caplog.at_level(logging.WARNING):
+        check_run(config)
+    assert [r.getMessage() for r in caplog.records if "never acts" in r.getMessage()] == [
+        inactive_reason(config.agent, 1)]
