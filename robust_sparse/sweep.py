@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from enum import Enum
@@ -410,9 +411,68 @@ class _Children:
 _CHILDREN = _Children()
 
 
+class _Watch:
+    """The sweep's console between "N runs to do" and "done": a run's start names its log, then one line per
+    epoch it finishes, with an ETA from this attempt's own epochs (read from its metrics.csv every
+    :data:`WATCH_SECONDS`; the run's own progress lines stay in its train.log)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[Path, tuple[float, int, int]] = {}  # run dir -> (started, epochs done then, epochs)
+        self._seen: dict[Path, int] = {}
+
+    @staticmethod
+    def _epochs_done(run_dir: Path) -> int:
+        try:
+            with open(run_dir / "metrics.csv", encoding="utf-8", errors="replace") as stream:
+                return max(0, sum(1 for line in stream if line.strip()) - 1)  # minus the header
+        except OSError:
+            return 0
+
+    def start(self, run_dir: Path, config_path: Path) -> None:
+        try:
+            epochs = int((load_yaml(config_path.read_text(), str(config_path)).get("optim") or {}).get("epochs") or 0)
+        except (OSError, ValueError, ConfigError, AttributeError):
+            epochs = 0
+        done = self._epochs_done(run_dir)
+        with self._lock:
+            self._runs[run_dir] = (time.monotonic(), done, epochs)
+            self._seen[run_dir] = done
+        log.info("%s: training%s; its log: %s", run_dir.name,
+                 f" from epoch {done + 1} of {epochs}" if done else f", {epochs} epochs" if epochs else "",
+                 run_dir / "train.log")
+
+    def stop(self, run_dir: Path) -> None:
+        with self._lock:
+            self._runs.pop(run_dir, None)
+
+    def poll(self) -> None:
+        with self._lock:
+            runs = dict(self._runs)
+        for run_dir, (started, done_before, epochs) in runs.items():
+            done = self._epochs_done(run_dir)
+            if done <= self._seen.get(run_dir, 0):
+                continue
+            self._seen[run_dir] = done
+            this_attempt = done - done_before
+            eta = ""
+            if epochs and this_attempt > 0 and done < epochs:
+                eta = f", ETA ~{(time.monotonic() - started) / this_attempt * (epochs - done):.0f} s"
+            log.info("%s: epoch %d%s done%s", run_dir.name, done, f"/{epochs}" if epochs else "", eta)
+
+
+WATCH_SECONDS = 10.0  # how often the sweep reads its running runs' metrics.csv for the console
+_WATCH = _Watch()
+
+
 def _run_local(config_path: Path, run_dir: Path, modules: tuple[str, ...], device: str, threads: int) -> str:
     env, device = _child(device, threads, modules)
-    returncode = _CHILDREN.run(_command(config_path, run_dir, device), run_dir / "train.log", env)
+    _WATCH.start(run_dir, config_path)
+    try:
+        returncode = _CHILDREN.run(_command(config_path, run_dir, device), run_dir / "train.log", env)
+    finally:
+        _WATCH.poll()  # the last epoch's line before the run's status line
+        _WATCH.stop(run_dir)
     if returncode == 3:
         write_atomic(run_dir / "diverged.json", json.dumps({"returncode": 3}))
         return "diverged"
@@ -547,6 +607,14 @@ def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, j
     threads = sweep.threads or max(1, (os.cpu_count() or 1) // sweep.parallel)
     _CHILDREN.reset()
     pool = ThreadPoolExecutor(max_workers=sweep.parallel)  # threads only wait on child processes
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.wait(WATCH_SECONDS):
+            _WATCH.poll()
+
+    watcher = threading.Thread(target=watch, name="robust-sparse-sweep-watch", daemon=True)
+    watcher.start()
     try:
         futures = {pool.submit(job, *arguments, sweep.devices[i % len(sweep.devices)], threads): row
                    for i, (row, *arguments) in enumerate(todo)}
@@ -559,6 +627,7 @@ def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, j
         _CHILDREN.stop()
         raise
     finally:
+        watching.set()
         pool.shutdown(wait=True)
 
 

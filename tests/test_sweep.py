@@ -227,3 +227,22 @@ def test_agent_columns_quote_the_last_epoch_and_the_largest_variance_ratio_and_s
     summary = aggregate(runs)
     assert summary["agent_weight_last mean"].tolist() == [0.05]
     assert summary["agent_variance_ratio_last mean"].tolist() == [0.8]
+
+
+def test_the_sweep_console_names_each_runs_log_and_reports_its_epochs(tmp_path, caplog, monkeypatch):
+    """Between "N runs to do" and the status lines a sweep says where each run logs and, read from its
+    metrics.csv, every epoch it finishes with an ETA from this attempt's epochs (issue 35)."""
+    import logging
+
+    import robust_sparse.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "WATCH_SECONDS", 0.2)
+    with caplog.at_level(logging.INFO, logger="robust_sparse.sweep"):
+        run_sweep(load_sweep(write(tmp_path, overrides=TINY, grid={"seed": [0]})))
+    lines = [r.getMessage() for r in caplog.records]
+    run_dir = tmp_path / "out" / "runs" / "seed=0"
+    assert f"seed=0: training, 2 epochs; its log: {run_dir / 'train.log'}" in lines
+    epochs = [line for line in lines if line.startswith("seed=0: epoch ")]
+    assert epochs[-1] == "seed=0: epoch 2/2 done"  # the last one: nothing left, no ETA
+    assert all(line.startswith(("seed=0: epoch 1/2 done, ETA ~", "seed=0: epoch 2/2 done")) for line in epochs)
+    assert lines.index(epochs[-1]) < lines.index("seed=0: status done")
