@@ -22,12 +22,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from robust_sparse.config import DatasetName, DeviceChoice, from_dict, merge, parse_override, read_yaml
-from robust_sparse.config.validation import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, MAX_STEPS, check_radius
+from robust_sparse.config.validation import (MAX_BATCH, MAX_EXAMPLES, MAX_SEED, MAX_STEPS, check_batch_memory,
+                                             check_radius)
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
 
 DEFAULT_ATTACKS = "pgd,autoattack"
 MAX_SUBNET = 10_000
+# Every radius and every seed is a full evaluation of its own (one row each): lists past these are a pasted range
+# that would run for weeks, not a study.
+MAX_RADII = 100
+MAX_SEEDS = 1_000
 
 
 class ThreatModel(str, Enum):
@@ -209,6 +214,7 @@ def validate_eval(config: EvalConfig, names: Names = Names()) -> None:
                                   ("subnet", config.subnet, 0, MAX_SUBNET)):
         _check(value is None or low <= value <= high, f"{names.value(key, value)}: must be in {low}..{high}")
     _check(bool(config.seeds), f"{names('seeds')}: give at least one seed, e.g. 0")
+    _check(len(config.seeds) <= MAX_SEEDS, f"{names('seeds')}: {len(config.seeds)} seeds; give at most {MAX_SEEDS}")
     for seed in config.seeds:
         _check(0 <= seed <= MAX_SEED, f"{names.value('seeds', seed)}: must be in 0..{MAX_SEED}")
     _check(len(set(config.seeds)) == len(config.seeds), f"{names.value('seeds', config.seeds)}: a seed is listed twice")
@@ -240,6 +246,7 @@ def validate_eval(config: EvalConfig, names: Names = Names()) -> None:
            f"{names('corruptions')} and {names('severities')} go with {names.value('threat_model', 'corruptions')}")
     if config.eps is not None:
         _check(bool(config.eps), f"{names('eps')}: give at least one radius, e.g. 8/255")
+        _check(len(config.eps) <= MAX_RADII, f"{names('eps')}: {len(config.eps)} radii; give at most {MAX_RADII}")
         norm = config.threat_model.value if config.threat_model is not None else None
         for eps in config.eps:  # without a threat model the checkpoint's norm decides: checked again then
             check_radius(names.value("eps", f"{eps:.4g}"), eps, norm)
@@ -266,6 +273,13 @@ def check_eval(config: EvalConfig, names: Names = Names()) -> EvalConfig:
         dataset = loading.parse_dataset(exported["dataset"])
     _check(dataset is not None or config.checkpoint is not None,
            f"{names('dataset')} is required with {names('robustbench_model')}, {names('arch')} and {names('model')}")
+    if dataset is not None:  # (a checkpoint names its dataset only once it is read: there, the range alone holds)
+        from robust_sparse.data import DATASETS
+
+        info = DATASETS.get(dataset)
+        if info is not None:
+            check_batch_memory(names.value("batch_size", config.batch_size), config.batch_size, info.in_channels,
+                               info.image_size, f"{dataset.value}'s {info.image_size}x{info.image_size} images")
     if config.robustbench_model is not None:  # the corruptions track takes L-inf zoo entries
         norm = ThreatModel.LINF if config.corruptions_track else config.threat_model or ThreatModel.LINF
         loading.check_robustbench_name(config.robustbench_model, dataset, norm.value)

@@ -120,8 +120,11 @@ def check_files(root: str | Path, dataset: DatasetName, corruptions: Sequence[st
         if not path.is_file():
             raise UserError(f"corruption data not found: {path} (expected {FOLDERS[dataset]}/<corruption>.npy and "
                             f"labels.npy under --data-root; the data is published at {ZENODO[dataset]})")
-        rows = _header_rows(path)
-        needed = n if name == "labels" else (max(severities) - 1) * ROWS_PER_SEVERITY + n
+        if name == "labels":
+            _checked_labels(path, dataset, n)
+            continue
+        rows = len(_checked_images(path, dataset))
+        needed = (max(severities) - 1) * ROWS_PER_SEVERITY + n
         if rows < needed:
             raise UserError(f"{path}: {rows} rows, {needed} needed for {n} points at severity {max(severities)} "
                             f"({ROWS_PER_SEVERITY} rows per severity, as robustbench reads it)")
@@ -153,6 +156,17 @@ def _check_imagenet(root: str | Path, corruptions: Sequence[str], severities: Se
             if missing:
                 raise UserError(f"{folder}: {len(missing)} of the first {n} images of RobustBench's test list are "
                                 f"missing, e.g. {folder / missing[0]}")
+    # every image's header (a truncated JPEG is decoded to tell), before any model is loaded: a bad file is one
+    # line naming it now, not an error an hour into the evaluation
+    from robust_sparse.imagefolder import check_header
+
+    if n * len(corruptions) * len(severities) > 10_000:
+        log.info("reading the headers of %d ImageNet-C images", n * len(corruptions) * len(severities))
+    for corruption in corruptions:
+        for severity in severities:
+            folder = corruption_folder(root, DatasetName.IMAGENET) / corruption / str(severity)
+            for line in listed[:n]:
+                check_header(str(folder / line))
     return n
 
 
@@ -166,12 +180,57 @@ def _imagenet_cell(root: str | Path, corruption: str, severity: int, n: int):
     return FolderSet([str(folder / line) for line in lines], [classes[line.split("/")[0]] for line in lines], 224)
 
 
-def _header_rows(path: Path) -> int:
+def _open_array(path: Path) -> np.ndarray:
+    """``path`` memory-mapped: only its header is read. A pickled object array is refused (allow_pickle is off:
+    unpickling a downloaded file could run its code), as is an .npz archive under a .npy name."""
     try:
-        array = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as error:
-        raise UserError(f"{path}: not a readable .npy file ({error})") from None
-    return int(array.shape[0])
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: not a readable .npy file ({reason})") from None
+    if not isinstance(array, np.ndarray):
+        raise UserError(f"{path}: not a readable .npy file (an .npz archive, not one array)")
+    return array
+
+
+def _checked_images(path: Path, dataset: DatasetName) -> np.ndarray:
+    """A corruption's images as the protocol has them, or one line naming ``path``: uint8 ``[N, H, W, 3]`` at the
+    data set's image size. A float array would be divided by 255 a second time, and another shape would reach
+    the model as the wrong image."""
+    from robust_sparse.data import DATASETS
+
+    array = _open_array(path)
+    size = DATASETS[dataset].image_size
+    if array.dtype != np.uint8:
+        raise UserError(f"{path}: dtype {array.dtype}, expected uint8 images (0-255, as {FOLDERS[dataset]} ships "
+                        "them; they are divided by 255 here)")
+    if array.ndim != 4 or array.shape[1:] != (size, size, 3):
+        raise UserError(f"{path}: shape {list(array.shape)}, expected [N, {size}, {size}, 3] ({dataset.value}'s "
+                        f"{size}x{size} RGB images, channels last, as {FOLDERS[dataset]} ships them)")
+    return array
+
+
+def _checked_labels(path: Path, dataset: DatasetName, n: int) -> np.ndarray:
+    """The first ``n`` labels as the protocol has them, or one line naming ``path``: a 1-D integer array of at
+    least ``n`` class indices, each below the data set's class count (a label array [N, 1] would broadcast
+    against the predictions, and a label past the classes would be silently wrong)."""
+    from robust_sparse.data import DATASETS
+
+    array = _open_array(path)
+    classes = DATASETS[dataset].num_classes
+    if array.dtype.kind not in "iu":
+        raise UserError(f"{path}: dtype {array.dtype}, expected integer class labels (0..{classes - 1})")
+    if array.ndim != 1:
+        raise UserError(f"{path}: shape {list(array.shape)}, expected 1-D labels [N]")
+    if len(array) < n:
+        raise UserError(f"{path}: {len(array)} labels, {n} needed for {n} points (the first n labels, as "
+                        "robustbench reads them)")
+    labels = np.array(array[:n], dtype=np.int64)
+    outside = np.flatnonzero((labels < 0) | (labels >= classes))
+    if len(outside):
+        raise UserError(f"{path}: label {labels[outside[0]]} at row {outside[0]} is outside 0..{classes - 1} "
+                        f"({dataset.value} has {classes} classes)")
+    return labels
 
 
 def load_corruption(root: str | Path, dataset: DatasetName, corruption: str, severity: int,
@@ -180,14 +239,16 @@ def load_corruption(root: str | Path, dataset: DatasetName, corruption: str, sev
     if dataset is DatasetName.IMAGENET:
         return _read_imagenet(_imagenet_cell(root, corruption, severity, n))
     folder = corruption_folder(root, dataset)
-    images = np.load(folder / f"{corruption}.npy", mmap_mode="r")
+    path = folder / f"{corruption}.npy"
+    images = _checked_images(path, dataset)
+    labels = _checked_labels(folder / "labels.npy", dataset, n)
     start = (severity - 1) * ROWS_PER_SEVERITY
+    if len(images) < start + n:
+        raise UserError(f"{path}: {len(images)} rows, {start + n} needed for {n} points at severity {severity} "
+                        f"({ROWS_PER_SEVERITY} rows per severity, as robustbench reads it)")
     chunk = np.ascontiguousarray(images[start:start + n])
-    labels = np.load(folder / "labels.npy", mmap_mode="r")[:n]
-    if chunk.ndim != 4 or chunk.shape[-1] not in (1, 3):
-        raise UserError(f"{folder / (corruption + '.npy')}: expected uint8 images [N, H, W, C], got {chunk.shape}")
     tensor = torch.from_numpy(chunk.transpose(0, 3, 1, 2).astype(np.float32) / 255)
-    return tensor, torch.from_numpy(np.array(labels)).long()
+    return tensor, torch.from_numpy(labels)
 
 
 def _read_imagenet(files) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +282,13 @@ def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: DatasetNam
     """
     corruptions = tuple(corruptions) if corruptions is not None else default_corruptions()
     n = check_files(root, dataset, corruptions, severities, n_examples)
+    return _evaluate_checked(model, root, dataset, corruptions, severities, n, batch_size, device)
+
+
+def _evaluate_checked(model: nn.Module, root: str | Path, dataset: DatasetName, corruptions: Sequence[str],
+                      severities: Sequence[int], n: int, batch_size: int, device: torch.device | str) -> pd.DataFrame:
+    """:func:`evaluate_corruptions` on files :func:`check_files` has passed (the job checks them once, before any
+    model: ImageNet-C's 375,000 headers are not read again for every model)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -338,8 +406,7 @@ def _evaluate_model(loaded, images, labels, root, dataset, corruptions, severiti
     started = time.monotonic()
     model = loaded.model.to(device).eval()
     clean = float((predict(model, images.to(device), batch_size).cpu() == labels).float().mean())
-    frame = evaluate_corruptions(model, root, dataset, corruptions=corruptions, severities=severities,
-                                 n_examples=n, batch_size=batch_size, device=device)
+    frame = _evaluate_checked(model, root, dataset, corruptions, severities, n, batch_size, device)
     stats = sparsity_stats(model)
     mean = aggregate(frame)
     low, high = aggregate_interval(frame.attrs["correct"])

@@ -39,7 +39,12 @@ def collect(results_dirs: Sequence[str | Path]) -> pd.DataFrame:
             hint = (f"; {directory} is a run directory: run robust-sparse eval {directory / 'best.pt'} first"
                     if (directory / "best.pt").is_file() else "; run robust-sparse eval first")
             raise UserError(f"no results in {directory} (expected {RESULTS_JSON}){hint}")
-        frames.append(load_results(directory))
+        try:
+            frames.append(load_results(directory))
+        except (UnicodeDecodeError, OSError) as error:  # a store is a file anyone may have damaged or replaced
+            why = (f"not UTF-8 text (byte {error.start}): a binary or damaged file"
+                   if isinstance(error, UnicodeDecodeError) else rundir.describe(error))
+            raise UserError(f"{directory / RESULTS_JSON}: cannot read it as a results store ({why})") from None
     frame = pd.concat(frames, ignore_index=True)
     frame = frame.drop_duplicates(subset=IDENTITY, keep="last").reset_index(drop=True)
     frame["per_attack"] = [v if isinstance(v, dict) else {} for v in frame["per_attack"]]
@@ -112,8 +117,17 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
     directory, :func:`robust_sparse.rundir.report_dir`); ``exports``: dynamic AST export folders whose measured
     latencies the AST trade-off section shows (:mod:`robust_sparse.eval.tradeoff`)."""
     frame = collect(results_dirs)
-    board = load_leaderboard(leaderboard)
+    try:
+        board = load_leaderboard(leaderboard)
+    except (UnicodeDecodeError, pd.errors.ParserError) as error:
+        why = (f"not UTF-8 text (byte {error.start}): a binary or damaged file"
+               if isinstance(error, UnicodeDecodeError) else str(error).strip().splitlines()[0])
+        raise UserError(f"report --leaderboard {leaderboard}: cannot read it as a leaderboard CSV ({why})") from None
+    if exports and not any(tradeoff.SUBNET.match(str(model)) for model in frame["model"]):
+        raise UserError("report --exports: the results hold no AST sub-net rows (robust-sparse eval an AST "
+                        "checkpoint first)")
     out = Path(out_dir) if out_dir is not None else rundir.report_dir(results_dirs[0])
+    # claimed only now, once every input is read and checked: a refused report leaves no folder behind
     rundir.claim(out, rundir.Kind.REPORT, "report --out")
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [

@@ -407,7 +407,7 @@ def _reference(items: list[str] | None) -> dict | None:
     for item in items:
         if "=" not in item or not item.partition("=")[0].strip():
             raise UserError(f"report --reference {item!r}: expected KEY=VALUE, e.g. agent.gamma=0")
-    return _parse_items(items)
+    return _parse_items(items, "report --reference", strict=True)
 
 
 def _levels(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
@@ -420,8 +420,11 @@ def _levels(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from robust_sparse.config.validation import MAX_EXAMPLES
     from robust_sparse.eval.report import build_report
 
+    if args.test_n is not None and not 1 <= args.test_n <= MAX_EXAMPLES:  # a count of test points
+        raise UserError(f"report --test-n {args.test_n}: must be in 1..{MAX_EXAMPLES}")
     stored = [Path(d).name == "runs.csv" and Path(d).is_file() for d in args.results_dirs]
     if any(stored):  # a report's stored runs.csv: its statistics again, without the run directories
         from robust_sparse.sweep_report import write_stored_report

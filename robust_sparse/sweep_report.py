@@ -77,7 +77,43 @@ def _record_columns(record: dict[str, Any]) -> dict[str, Any]:
 
 def _stage_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / EVAL_RESULT
-    return json.loads(path.read_text())["results"] if path.is_file() else []
+    if not path.is_file():
+        return []
+    results = _read_json(path).get("results")
+    if not isinstance(results, list) or not all(isinstance(row, dict) for row in results):
+        raise UserError(f"{path}: no list of result rows under 'results' (damaged; rerun robust-sparse sweep to "
+                        "evaluate the run again)")
+    return results
+
+
+def _unreadable(path: Path, what: str, error: Exception) -> UserError:
+    """The one-line refusal of a stored file that cannot be read: its path, what it should be and why not."""
+    if isinstance(error, UnicodeDecodeError):
+        reason = f"not UTF-8 text (byte {error.start}): a binary or damaged file"
+    elif isinstance(error, OSError):
+        reason = rundir.describe(error)
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(f"{path}: cannot read it as {what} ({reason})")
+
+
+def _read_csv(path: Path, what: str, **options: Any) -> pd.DataFrame:
+    """``path`` as a table, or one line naming it: a stored file may be binary, truncated or not a CSV at all."""
+    try:
+        return pd.read_csv(path, **options)
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError) as error:
+        raise _unreadable(path, what, error) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A run's JSON record (eval.json, sweep_eval.json) as a mapping, or one line naming it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, OSError) as error:
+        raise _unreadable(path, "JSON written by robust-sparse", error) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: cannot read it as JSON written by robust-sparse (not a mapping)")
+    return data
 
 
 def _cell(value: Any) -> Any:
@@ -85,23 +121,33 @@ def _cell(value: Any) -> Any:
     return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, (list, dict)) else value
 
 
-def _parse_items(items: list[str]) -> dict[str, Any]:
-    """``["a.b=1", ...]`` -> ``{"a.b": 1, ...}``, values read as YAML."""
+def _parse_items(items: list[str], where: str = "override", *, strict: bool = False) -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> ``{"a.b": 1, ...}``, values read as YAML; ``where`` names the items' source in a
+    one-line error. ``strict``: a value that is not YAML is refused (``report --reference``); else it is its text,
+    as ``--set`` reads it (the overrides a sweep recorded)."""
+    from robust_sparse.config.yaml_input import load_yaml
+
     values = {}
     for item in items:
         key, _, raw = str(item).partition("=")
-        values[key.strip()] = _cell(yaml.safe_load(raw))
+        if not strict:
+            values[key.strip()] = _cell(load_yaml(raw, f"{where} {item!r}", if_invalid=raw.strip()))
+            continue
+        try:
+            values[key.strip()] = _cell(load_yaml(raw, f"{where} {item!r}"))
+        except UserError as error:
+            raise UserError(f"{error}; give KEY=VALUE with a YAML value, e.g. agent.gamma=0") from None
     return values
 
 
-def _parse_overrides(text: str) -> dict[str, Any]:
-    return _parse_items(text.split())
+def _parse_overrides(text: Any, where: str = "override") -> dict[str, Any]:
+    return _parse_items(str(text).split(), where)
 
 
 def _read_metrics(path: Path) -> pd.DataFrame:
     try:
         metrics = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
         metrics = pd.DataFrame()
     if metrics.empty or "epoch" not in metrics:
         raise UserError(f"{path} is empty or damaged; rewrite it from the run's last.pt: robust-sparse train "
@@ -144,9 +190,16 @@ def run_flags(runs: pd.DataFrame) -> list[str]:
     accuracy, or whose AGENT c_t left [0, 1] (a negative c_t reverses the correction)."""
     flags = []
     if "diverged" in runs and runs["diverged"].fillna(False).astype(bool).any():
-        names = sorted(runs.loc[runs["diverged"].fillna(False).astype(bool), "run_id"].unique())
-        flags.append(f"{len(names)} run(s) diverged (NaN loss or validation accuracy stuck at chance), their "
-                     f"numbers are from the best checkpoint before that: {', '.join(names)}")
+        diverged = runs[runs["diverged"].fillna(False).astype(bool)]
+        early = diverged["epochs"].isna() if "epochs" in diverged else pd.Series(True, index=diverged.index)
+        names = sorted(diverged.loc[~early, "run_id"].unique())
+        if names:
+            flags.append(f"{len(names)} run(s) diverged (NaN loss or validation accuracy stuck at chance), their "
+                         f"numbers are from the best checkpoint before that: {', '.join(names)}")
+        names = sorted(diverged.loc[early, "run_id"].unique())
+        if names:
+            flags.append(f"{len(names)} run(s) diverged before their first epoch ended (NaN loss): they have no "
+                         f"numbers: {', '.join(names)}")
     if "chance" in runs and "val_clean_accuracy" in runs:
         level = (runs["chance"] + CHANCE_MARGIN).fillna(-math.inf)  # unknown chance: never "at chance"
         at_chance = runs[runs["val_clean_accuracy"].fillna(math.inf) < level]
@@ -166,18 +219,48 @@ def run_flags(runs: pd.DataFrame) -> list[str]:
     return flags
 
 
+DIVERGED_LINE = "robust-sparse: diverged:"  # what train writes on stderr (train.log) as it exits with code 3
+
+
+def _diverged(run_dir: Path, status: str, recorded: Any) -> bool:
+    """Whether the run diverged, by what it left: the sweep's diverged.json (written on exit code 3, as
+    :func:`robust_sparse.sweep.run_status` reads it), the status runs.csv recorded, or train's own line in
+    train.log (a sweep stopped before it wrote the marker). A run that finished since is not diverged."""
+    if status == "diverged" or (status != "done" and str(recorded).strip() == "diverged"):
+        return True
+    log_path = run_dir / "train.log"
+    if status == "done" or not log_path.is_file():
+        return False
+    try:
+        with open(log_path, "rb") as handle:  # the last verdict counts: a run restarted by hand since ends anew
+            verdicts = [line for line in handle if line.startswith(b"robust-sparse: ")]
+        return bool(verdicts) and verdicts[-1].startswith(DIVERGED_LINE.encode())
+    except OSError:
+        return False  # an unreadable log says nothing either way; the marker and runs.csv said no
+
+
 def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves): one row per run with its grid values and final numbers; one row per run and epoch."""
     sweep_dir = Path(sweep_dir)
     index_path = sweep_dir / "runs.csv"
     if not index_path.is_file():
         raise UserError(f"{sweep_dir} is not a sweep directory (no runs.csv); run robust-sparse sweep first")
-    index = pd.read_csv(index_path, keep_default_na=False)
+    index = _read_csv(index_path, "a sweep's runs.csv (run_id, overrides, status)", keep_default_na=False)
+    missing = [column for column in ("run_id", "overrides") if column not in index]
+    if missing:
+        raise UserError(f"{index_path}: cannot read it as a sweep's runs.csv (no {missing[0]} column); rerun "
+                        "robust-sparse sweep on its sweep.yaml to rewrite it")
     runs, curves = [], []
     for _, entry in index.iterrows():
-        run_dir = sweep_dir / "runs" / entry["run_id"]
-        row: dict[str, Any] = {"run_id": entry["run_id"], **_parse_overrides(entry["overrides"]),
-                               "status": run_status(run_dir)}
+        run_dir = sweep_dir / "runs" / str(entry["run_id"])
+        # runs.csv is a file anyone may edit: a run id is one folder under runs/, never a path out of the sweep
+        if run_dir.resolve().parent != (sweep_dir / "runs").resolve() or str(entry["run_id"]) in ("", ".", ".."):
+            raise UserError(f"{index_path}: run_id {entry['run_id']!r} is not a folder under {sweep_dir / 'runs'}")
+        status = run_status(run_dir)
+        overrides = _parse_overrides(entry["overrides"], f"{index_path} override")
+        row: dict[str, Any] = {"run_id": entry["run_id"], **overrides, "status": status,
+                               # a run that diverged before its first epoch ended wrote no metrics: it counts
+                               "diverged": _diverged(run_dir, status, entry.get("status"))}
         metrics_path = run_dir / "metrics.csv"
         if metrics_path.exists():
             metrics = _read_metrics(metrics_path)
@@ -186,13 +269,13 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             last = metrics.iloc[-1]
             row.update({"epochs": int(last["epoch"]), "val_clean_accuracy": last["val_clean_accuracy"],
                         "val_pgd_accuracy": last["val_pgd_accuracy"]})
-            row["diverged"] = row["status"] == "diverged" or bool(last["train_loss"] != last["train_loss"])
+            row["diverged"] = row["diverged"] or bool(last["train_loss"] != last["train_loss"])
             row["chance"] = _chance(run_dir)
             row.update({column: last[column] for column in COST if column in metrics})  # before any evaluation
             if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
                 row["agent_c_min"], row["agent_c_max"] = metrics["agent_c"].min(), metrics["agent_c"].max()
                 row.update(_agent_columns(metrics))
-        evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+        evaluation = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
                         "test_pgd_accuracy": evaluation["pgd_accuracy"], "test_n": evaluation.get("n_examples"),
@@ -302,8 +385,13 @@ def collect_many(sweep_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _fixed_overrides(sweep_dir: Path) -> dict[str, Any]:
     """The ``overrides`` of a sweep directory's sweep.yaml, as field -> value."""
-    data = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
-    return _parse_items(data.get("overrides") or [])
+    path = sweep_dir / "sweep.yaml"
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError, OSError) as error:
+        raise _unreadable(path, "a sweep file", error) from None
+    overrides = data.get("overrides") if isinstance(data, dict) else None
+    return _parse_items(overrides if isinstance(overrides, list) else [], f"{path} override")
 
 
 def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
@@ -318,11 +406,14 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     intervals are adjusted, over which intervals together (robust_sparse.stats)."""
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
     out = Path(out) if out else rundir.report_dir(sweep_dirs[0])  # beside the sweep, never inside it
-    rundir.claim(out, rundir.Kind.REPORT, "report --out")
+    rundir.check_owned(out, rundir.Kind.REPORT, "report --out")
     runs, curves = collect(sweep_dirs[0]) if len(sweep_dirs) == 1 else collect_many(sweep_dirs)
     sweep_dir = ", ".join(map(str, sweep_dirs))
     table = aggregate(runs)
     keys = [k for k in grid_keys(runs) if k != "seed"]
+    check_reference(runs, keys, reference)
+    # claimed only now: a sweep that cannot be read, or a reference no run has, leaves no report folder behind
+    rundir.claim(out, rundir.Kind.REPORT, "report --out")
     labels = plots.metric_labels(p for d in sweep_dirs for p in sorted((d / "runs").glob("*")) if p.is_dir())
     write_atomic(out / "runs.csv", with_wilson(runs).to_csv(index=False))
     if not curves.empty:
@@ -402,6 +493,19 @@ def default_reference(runs: pd.DataFrame) -> dict[str, Any] | None:
     return None
 
 
+def check_reference(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None) -> None:
+    """A ``report --reference`` the runs can be compared against: its keys are grid keys and some run has it."""
+    if not reference:
+        return
+    missing = [key for key in reference if key not in runs]
+    if missing:
+        raise UserError(f"report --reference {missing[0]}=...: not a grid key of these sweeps "
+                        f"(grid keys: {', '.join(k for k in keys) or 'none'})")
+    if not stats.is_reference(runs, reference).any():
+        text = " ".join(f"{k}={v}" for k, v in reference.items())
+        raise UserError(f"report --reference {text}: no run has this setting")
+
+
 def paired_table(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None = None,
                  correction: stats.Correction | str = stats.Correction.HOLM,
                  family: stats.Family | str = stats.Family.SPLIT) -> pd.DataFrame:
@@ -410,13 +514,7 @@ def paired_table(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] 
     reference = reference if reference is not None else default_reference(runs)
     if not reference:
         return pd.DataFrame()
-    missing = [key for key in reference if key not in runs]
-    if missing:
-        raise UserError(f"report --reference {missing[0]}=...: not a grid key of these sweeps "
-                        f"(grid keys: {', '.join(k for k in keys) or 'none'})")
-    if not stats.is_reference(runs, reference).any():
-        text = " ".join(f"{k}={v}" for k, v in reference.items())
-        raise UserError(f"report --reference {text}: no run has this setting")
+    check_reference(runs, keys, reference)
     table = stats.paired_differences(runs, reference, paired_metrics(runs), [k for k in keys if k != "seed"])
     return stats.adjust_table(table, correction, family)
 
@@ -529,24 +627,27 @@ def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[s
     runs_csv, out = Path(runs_csv), Path(out)
     if not runs_csv.is_file():
         raise UserError(f"{runs_csv}: no such file (a runs.csv written by robust-sparse report)")
-    runs = pd.read_csv(runs_csv)
+    runs = _read_csv(runs_csv, "a sweep report's runs.csv")
     if "run_id" not in runs or "seed" not in runs:
         raise UserError(f"{runs_csv} is not a sweep report's runs.csv (needs run_id and seed columns)")
     if "test_n" not in runs or runs["test_n"].isna().all():
         if test_n is None and "test_clean_accuracy" in runs:
             raise UserError(f"{runs_csv} does not record how many test points its accuracies used: give --test-n N")
         runs["test_n"] = test_n
-    rundir.claim(out, rundir.Kind.REPORT, "report --out")
     keys = grid_keys(runs)
+    check_reference(runs, keys, reference)
+    curves_csv = runs_csv.parent / "curves.csv"
+    curves = (_read_csv(curves_csv, "a sweep report's curves.csv")
+              if (thresholds or robust_thresholds) and curves_csv.is_file() else None)
+    # claimed only now: an unreadable file or a reference no run has leaves no report folder behind
+    rundir.claim(out, rundir.Kind.REPORT, "report --out")
     lines = [f"# Paired analysis of {runs_csv}", "", f"{len(runs)} runs, regenerated from the stored runs.csv (no "
              "retraining); test accuracies on " + (f"{test_n} points (--test-n)" if test_n else "test_n points") +
              ".", ""]
     lines += (_paired_section(runs, keys, reference, out, correction, family)
               or ["No reference setting: give --reference KEY=VALUE.", ""])
     lines += _sampling_section(runs)
-    curves_csv = runs_csv.parent / "curves.csv"
-    if (thresholds or robust_thresholds) and curves_csv.is_file():  # the epochs table again, at other levels
-        curves = pd.read_csv(curves_csv)
+    if curves is not None:  # the epochs table again, at other levels
         tables = [epochs_to_accuracy(runs, curves, list(levels), column=column)
                   for levels, column in ((thresholds, "val_clean_accuracy"), (robust_thresholds, "val_pgd_accuracy"))
                   if levels]

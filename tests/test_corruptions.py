@@ -287,3 +287,73 @@ def test_sweep_runs_the_corruptions_stage_end_to_end(mini, mnist, tmp_path):
     runs, _ = collect(tmp_path / "out")
     assert runs["eval_corruptions (2 of 15, severities 1,2)_accuracy"].iloc[0] == pytest.approx(
         np.mean([v for k, v in row["per_attack"].items() if "/" in k]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# arrays that break the protocol (issue 32): one line naming the file, before any model runs
+
+
+def _protocol_root(tmp_path, images=None, labels=None):
+    """A CIFAR-10-C folder holding fog.npy and labels.npy as given (default: valid, 20 points at severity 1)."""
+    folder = tmp_path / "data" / "CIFAR-10-C"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8) if images is None else images
+    labels = rng.integers(0, 10, 20).astype(np.uint8) if labels is None else labels
+    for name, array in (("fog", images), ("labels", labels)):
+        if isinstance(array, bytes):
+            (folder / f"{name}.npy").write_bytes(array)
+        else:
+            np.save(folder / f"{name}.npy", array, allow_pickle=True)
+    return tmp_path / "data"
+
+
+_PIXELS = np.random.default_rng(1).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("images, labels, file, message", [
+    (_PIXELS / 255.0, None, "fog.npy", "dtype float64, expected uint8 images"),  # would be divided by 255 again
+    (_PIXELS[..., :1], None, "fog.npy", "shape [20, 32, 32, 1], expected [N, 32, 32, 3]"),
+    (_PIXELS[:, :16, :16], None, "fog.npy", "shape [20, 16, 16, 3], expected [N, 32, 32, 3]"),
+    (_PIXELS.transpose(0, 3, 1, 2).copy(), None, "fog.npy", "shape [20, 3, 32, 32], expected [N, 32, 32, 3]"),
+    (None, np.zeros((20, 1), dtype=np.int64), "labels.npy", "shape [20, 1], expected 1-D labels"),
+    (None, np.full(20, 200, dtype=np.int64), "labels.npy", "label 200 at row 0 is outside 0..9"),
+    (None, np.full(20, -1, dtype=np.int64), "labels.npy", "label -1 at row 0 is outside 0..9"),
+    (None, np.zeros(20, dtype=np.float32), "labels.npy", "dtype float32, expected integer class labels"),
+    (None, np.zeros(5, dtype=np.int64), "labels.npy", "5 labels, 20 needed"),
+    (None, np.array([{"a": 1}] * 20, dtype=object), "labels.npy", "not a readable .npy file"),
+    (b"a text file, not an array\n", None, "fog.npy", "not a readable .npy file"),
+    (np.lib.format.magic(1, 0) + b"\x10\x00{'descr': '|u1'", None, "fog.npy", "not a readable .npy file"),  # cut
+    (_npy_bytes(_PIXELS)[:-1000], None, "fog.npy", "not a readable .npy file"),  # a download cut short
+])
+def test_arrays_that_break_the_protocol_are_one_line_naming_the_file(cifar_shaped_model, tmp_path, capsys, images,
+                                                                     labels, file, message):
+    from conftest import one_line_error, snapshot
+
+    _, weights = cifar_shaped_model
+    root = _protocol_root(tmp_path, images, labels)
+    before = snapshot(root)
+    line = one_line_error(["eval", "--arch", "tiny_cnn", "--weights", weights, "--dataset", "cifar10", "--data-root",
+                           str(root), "--threat-model", "corruptions", "--corruptions", "fog", "--severities", "1",
+                           "--n-examples", "20", "--results-dir", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert f"{root / 'CIFAR-10-C' / file}: " in line and message in line, line
+    assert not (tmp_path / "r").exists() and snapshot(root) == before
+    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        track.load_corruption(root, DatasetName.CIFAR10, "fog", 1, 20)  # the Python API refuses it too
+
+
+def test_valid_arrays_of_other_integer_dtypes_are_read(tmp_path):
+    """int64 labels (what np.save of a Python list writes) are as good as CIFAR-10-C's uint8 ones."""
+    labels = np.arange(20, dtype=np.int64) % 10
+    root = _protocol_root(tmp_path, _PIXELS, labels)
+    images, read = track.load_corruption(root, DatasetName.CIFAR10, "fog", 1, 20)
+    assert read.tolist() == labels.tolist() and images.shape == (20, 3, 32, 32)
+    assert torch.equal(images, torch.from_numpy(_PIXELS.transpose(0, 3, 1, 2).astype(np.float32) / 255))

@@ -143,3 +143,30 @@ def test_missing_folder_is_one_line_naming_the_path_and_zenodo(rb_list, model_we
     assert not (tmp_path / "r").exists() and not (root / "ImageNet-C" / "fog").exists()
     with pytest.raises(Exception, match=r"--n-examples 9: the ImageNet-C track has 8 points per severity"):
         track.check_files(root, DatasetName.IMAGENET, NAMES, (1,), 9)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda path: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]), "truncated"),
+    (lambda path: path.write_bytes(b""), "empty"),
+    (lambda path: path.write_text("not an image\n"), "cannot identify image file"),
+])
+def test_a_damaged_imagenet_c_file_is_one_line_naming_it_before_any_model_runs(rb_list, model_weights, tmp_path,
+                                                                               capsys, damage, reason):
+    """Issue 32: a truncated file printed 'cannot use an output'. It is an input: the line names it and why."""
+    import shutil
+
+    from conftest import one_line_error, snapshot
+
+    root, listed = rb_list
+    _, weights = model_weights
+    copy = tmp_path / "data"
+    shutil.copytree(root / "ImageNet-C" / "contrast" / "1", copy / "ImageNet-C" / "contrast" / "1")
+    victim = copy / "ImageNet-C" / "contrast" / "1" / listed.read_text().split()[N - 1]  # the last one read
+    damage(victim)
+    before = snapshot(copy)
+    line = one_line_error(["eval", "--arch", "tiny_cnn", "--weights", weights, "--dataset", "imagenet",
+                           "--data-root", str(copy), "--threat-model", "corruptions", "--corruptions", "contrast",
+                           "--severities", "1", "--n-examples", str(N), "--results-dir", str(tmp_path / "r"),
+                           "--no-progress"], capsys)
+    assert str(victim) in line and reason in line and "cannot use an output" not in line, line
+    assert not (tmp_path / "r").exists() and snapshot(copy) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AgentVariant, DatasetName, DeviceChoice, Norm, OptimizerName,
                                          Precision, SparseKernelsMode, SparsityConfig, TrainConfig, distribution_owners,
                                          sparse_methods)
@@ -22,6 +24,29 @@ MAX_WANDB_GROUP = 128  # a W&B group name shows in its sidebar: one this long is
 MAX_BATCH = 1_000_000
 MAX_EXAMPLES = 100_000_000  # images in a split or an evaluation
 MAX_STEPS = 100_000  # attack iterations, restarts
+MAX_ITERATIONS = 100_000_000  # training steps (sparsity.update_every)
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; the output layer of a larger count is a typo's allocation
+# The crop a streamed dataset is trained and tested at: 4x the largest crops models use (ViTs at 518, EfficientNets
+# at 800 stay inside); data.image_size=100000 would allocate 120 GB for one decoded image.
+MAX_IMAGE_SIZE = 2048
+WORKERS_PER_CPU = 4  # DataLoader processes per CPU: more only wait for the CPUs and hold memory each
+# A sweep is checked on the machine that submits it, which may have fewer CPUs than the nodes its runs get: a
+# small machine still accepts the worker counts of a large node.
+MIN_MAX_WORKERS = 64
+MAX_RATIO = 1_000_000.0  # trades_beta and the learning-rate factors: weights of a loss or a rate, not magnitudes
+
+
+def max_workers() -> int:
+    """The most DataLoader worker processes a run may ask for on this machine."""
+    return max(MIN_MAX_WORKERS, WORKERS_PER_CPU * (os.cpu_count() or 1))
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def check_radius(subject: str, value: float, norm: Norm | str | None, *, positive: bool = False) -> None:
@@ -45,6 +70,7 @@ def _integer_ranges(config: TrainConfig) -> None:
             ("data.batch_size", config.data.batch_size, 1, MAX_BATCH),
             ("data.eval_batch_size", config.data.eval_batch_size, 1, MAX_BATCH),
             ("data.val_size", config.data.val_size, 0, MAX_EXAMPLES),
+            ("data.num_classes", config.data.num_classes, 0, MAX_CLASSES),
             ("data.train_limit", config.data.train_limit, 0, MAX_EXAMPLES),
             ("attack.steps", config.attack.steps, 1, MAX_STEPS), ("val.pgd_steps", config.val.pgd_steps, 1, MAX_STEPS),
             ("val.max_examples", config.val.max_examples, 0, MAX_EXAMPLES),
@@ -61,11 +87,36 @@ def _integer_ranges(config: TrainConfig) -> None:
         check_range(where, value, low, high)
     if config.data.split_seed is not None:  # unset: the run's seed draws the split
         check_range("data.split_seed", config.data.split_seed, 0, MAX_SEED)
+    if config.sparsity.update_every is not None:
+        check_range("sparsity.update_every", config.sparsity.update_every, 1, MAX_ITERATIONS)
 
 
-def validate(config: TrainConfig) -> None:
+def check_batch_memory(subject: str, batch: int, channels: int, image_size: int, size_field: str) -> None:
+    """One batch of float32 images must fit this machine's memory (one line naming ``subject`` and the largest
+    batch that fits otherwise): a batch size that holds for MNIST is hundreds of GB at ImageNet's crops.
+    ``size_field`` says where ``image_size`` came from (``data.image_size = 224``, ``imagenet``)."""
+    memory = _memory_bytes()
+    if memory is None:
+        return
+    one = channels * image_size * image_size * 4
+    _check(batch * one <= memory, f"{subject}: one batch of {channels}x{image_size}x{image_size} float32 images is "
+           f"{batch * one / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB of memory; must be <= "
+           f"{max(1, memory // one)} at {size_field}")
+
+
+def _batch_memory(data) -> None:
+    """A streamed dataset's batches at data.image_size (the in-memory datasets hold their whole split already)."""
+    if data.dataset not in (DatasetName.IMAGENET, DatasetName.IMAGEFOLDER):
+        return
+    for where, batch in (("data.batch_size", data.batch_size), ("data.eval_batch_size", data.eval_batch_size)):
+        check_batch_memory(f"{where} = {batch}", batch, 3, data.image_size, f"data.image_size = {data.image_size}")
+
+
+def validate(config: TrainConfig, *, machine: bool = True) -> None:
     """The values alone. What they name (registered models, installed trackers, data and output directories)
-    is checked where it is used, before any data is read: ``robust_sparse.run_record.check_run``."""
+    is checked where it is used, before any data is read: ``robust_sparse.run_record.check_run``. ``machine``:
+    also the bounds of this machine (worker processes per CPU, a batch within its memory), for a config about to
+    run here; off for a config saved in a checkpoint, which another machine wrote and this one only reads."""
     data, attack, optim = config.data, config.attack, config.optim
     project = config.tracking.wandb.project
     _check(project is None or bool(project.strip()), "tracking.wandb.project: give a project name, or leave it out")
@@ -77,7 +128,12 @@ def validate(config: TrainConfig) -> None:
     _check(data.val_size >= 0, f"data.val_size = {data.val_size}: must be >= 0")
     _check(data.train_limit >= 0, f"data.train_limit = {data.train_limit}: must be >= 0 (0 = all)")
     _check(data.workers >= 0, f"data.workers = {data.workers}: must be >= 0 (0 = read in the training process)")
+    _check(not machine or data.workers <= max_workers(), f"data.workers = {data.workers}: must be in "
+           f"0..{max_workers()} (the larger of {MIN_MAX_WORKERS} and {WORKERS_PER_CPU} per CPU; this machine has "
+           f"{os.cpu_count() or 1})")
     _check(data.image_size >= 8, f"data.image_size = {data.image_size}: must be >= 8 (pixels)")
+    _check(data.image_size <= MAX_IMAGE_SIZE, f"data.image_size = {data.image_size}: must be in 8..{MAX_IMAGE_SIZE} "
+           "(pixels)")
     _check(data.dataset is not DatasetName.IMAGEFOLDER or data.num_classes >= 1,
            "data.num_classes: data.dataset = imagefolder needs the class count (>= 1)")
     _check(data.dataset is not DatasetName.IMAGENET or data.num_classes in (0, 1000),
@@ -85,7 +141,7 @@ def validate(config: TrainConfig) -> None:
     check_radius(f"attack.eps = {attack.eps}", attack.eps, attack.norm)
     check_radius(f"attack.step_size = {attack.step_size}", attack.step_size, attack.norm, positive=True)
     _check(attack.steps >= 1, f"attack.steps = {attack.steps}: must be >= 1")
-    _check(config.trades_beta >= 0, f"trades_beta = {config.trades_beta}: must be >= 0")
+    _check(0 <= config.trades_beta <= MAX_RATIO, f"trades_beta = {config.trades_beta}: must be in 0..{MAX_RATIO:g}")
     _check(optim.epochs >= 1, f"optim.epochs = {optim.epochs}: must be >= 1")
     _check(0 < optim.lr < float("inf"), f"optim.lr = {optim.lr}: must be a finite number > 0")
     _check(0 <= optim.momentum < 1, f"optim.momentum = {optim.momentum}: must be in [0, 1)")
@@ -101,7 +157,8 @@ def validate(config: TrainConfig) -> None:
     _check(all(0 < m < 1 for m in optim.milestones), f"optim.milestones = {optim.milestones}: each must be a "
            "fraction of training in (0, 1)")
     _check(optim.milestones == sorted(optim.milestones), f"optim.milestones = {optim.milestones}: must increase")
-    _check(all(f > 0 for f in optim.factors), f"optim.factors = {optim.factors}: each must be > 0")
+    _check(all(0 < f <= MAX_RATIO for f in optim.factors),
+           f"optim.factors = {optim.factors}: each must be > 0 and <= {MAX_RATIO:g}")
     _check(config.val.pgd_steps >= 1, f"val.pgd_steps = {config.val.pgd_steps}: must be >= 1")
     _check(config.val.max_examples >= 0,
            f"val.max_examples = {config.val.max_examples}: must be >= 0 (0 = no validation: the last epoch is selected)")
@@ -134,6 +191,8 @@ def validate(config: TrainConfig) -> None:
     _check(bool(config.out_dir.strip()), "out_dir: must not be empty")
     _check(bool(config.data.root.strip()), "data.root: must not be empty (a folder, e.g. data)")
     _integer_ranges(config)
+    if machine:
+        _batch_memory(data)
     _check(0 < config.probe.perturbation < float("inf"),
            f"probe.perturbation = {config.probe.perturbation}: must be a finite number > 0 (a fraction of each "
            "layer's active-weight RMS, e.g. 0.01)")
