@@ -100,3 +100,19 @@ def test_print_config_runs_on_every_config_the_readme_names(capsys, tmp_path, mo
     for config in sorted(set(configs) - sweeps):
         assert main(["train", str(REPO / config), "--print-config"]) == 0, config
         assert "model:" in capsys.readouterr().out
+
+
+def test_the_readme_sweep_file_example_loads_and_has_the_runs_it_says(tmp_path, monkeypatch):
+    from robust_sparse.sweep import expand, load_sweep
+
+    (body,) = [body for language, body in BLOCKS if language == "yaml" and body.startswith("# my_gamma_study.yaml")]
+    # as the example says: saved in the repository's root, its base relative to it (a copy of the tree's part)
+    (tmp_path / "configs").mkdir()
+    base = re.search(r"^base: (\S+)", body, flags=re.M).group(1)
+    (tmp_path / base).write_text((REPO / base).read_text())
+    sweep_file = tmp_path / "my_gamma_study.yaml"
+    sweep_file.write_text(body.replace("runs/my_gamma_study", str(tmp_path / "out")))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # the base config reads CIFAR-10 from data/: the plan only checks the folder
+    runs = expand(load_sweep(sweep_file, None))
+    assert len(runs) == 9 and ["agent.gamma=0.1", "seed=2"] in runs
