@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -96,12 +97,15 @@ def _pct(value: Any) -> str | None:
 
 
 def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, subnet: int | None = None,
-                  results_dir: str | Path | None = None) -> dict[str, Any]:
+                  results_dir: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Write a robust-sparse checkpoint into RobustBench's zoo layout under ``out_dir``; returns the model info.
 
     Clean and robust accuracy come from the run's results store (``<run dir>/eval``, or ``results_dir``): the
     rows of this very model (same weights fingerprint) and threat model; AutoAttack (the leaderboard's number)
     on the most points, and a corruptions row when there is one. Without such rows the fields are null.
+
+    Files at the target are replaced only when this toolkit wrote them (:func:`check_zoo_target`), and a name of
+    RobustBench's own zoo is refused; ``force`` (``export --force``) replaces either deliberately.
     """
     from robust_sparse.config import config_from_dict
     from robust_sparse.checkpoint import load_checkpoint
@@ -117,6 +121,9 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
         raise UserError(f"--robustbench: RobustBench's zoo has {' and '.join(ZOO_DATASETS)} models, and this "
                         f"checkpoint was trained on {dataset}")
     threat = {"linf": "Linf", "l2": "L2"}[loaded.norm or "linf"]
+    weights_path, info_path = zoo_paths(out_dir, name, dataset, threat)
+    if not force:  # before the statistics and the results store are read, and before anything is written
+        check_zoo_target(name, weights_path, info_path, dataset, threat)
     state_dict = {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
     cut = [k for k in state_dict if any(s in k for s in _CUT_SUBSTRINGS)]
     if cut:
@@ -160,14 +167,15 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
         "dataset": dataset, "threat_model": threat, "eps": eps, "sparsity": stats["sparsity"],
         "nonzero_params": stats["nonzero_params"], "params": stats["params"],
         "training_method": method, "objective": objective, "checkpoint": str(checkpoint), "subnet": subnet,
-        "model_fingerprint": fingerprint,
+        "model_fingerprint": fingerprint, "weights_sha256": None,
         "evaluation": {key: _summary(row) for key, row in (("robust", robust_row), ("corruptions", corruption_row))},
         "commands": commands,
     }
-    weights_path, info_path = zoo_paths(out_dir, name, dataset, threat)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(weights_path, "wb") as stream:
         torch.save(state_dict, stream)
+    # the record that makes the file ours: a later export replaces NAME.pt only while it still has these bytes
+    info["robust_sparse"]["weights_sha256"] = file_sha256(weights_path)
     write_atomic(info_path, json.dumps(info, indent=2) + "\n")
     recipe_path = info_path.with_suffix(".md")
     write_atomic(recipe_path, loading_recipe(name, out_dir, dataset, threat, info["footnote"]))
@@ -175,6 +183,55 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
         log.warning("no evaluation of this model at %s in %s: clean_acc and autoattack_acc are null (run "
                     "robust-sparse eval %s first)", threat, store, checkpoint)
     return {"weights": weights_path, "model_info": info_path, "recipe": recipe_path, "info": info}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_zoo_target(name: str, weights_path: Path, info_path: Path, dataset: str, threat: str) -> None:
+    """Refuse, in one line naming the file, to replace what this toolkit did not write at the zoo target.
+
+    ``NAME.pt`` is ours when ``NAME.json`` beside it is a model-info file of ``robust-sparse export`` whose
+    ``robust_sparse.weights_sha256`` is the file's checksum now: a model of RobustBench's zoo downloaded there,
+    or our file edited since, is someone else's. ``NAME.json`` and ``NAME.md`` go with it. A name of
+    RobustBench's own model dictionary is refused too: ``register`` could never load it under that name, and
+    the folder is where ``load_model`` downloads RobustBench's model of that name."""
+    how = "pass --force to replace it, or export under another --robustbench NAME or --out"
+    zoo = _zoo_dictionary(dataset, threat)
+    if name in zoo and zoo[name].get("gdrive_id") != LOCAL_GDRIVE_ID:
+        raise UserError(f"--robustbench {name}: a model of RobustBench's own zoo ({dataset}, {threat}) has this name; "
+                        "export under another name (or pass --force to write it anyway)")
+    recipe_path = info_path.with_suffix(".md")
+    existing = [path for path in (weights_path, info_path, recipe_path) if path.exists() or path.is_symlink()]
+    if not existing:
+        return
+    for path in existing:
+        if path.is_symlink() or not path.is_file():
+            raise UserError(f"--robustbench {name}: {path} exists and is not a regular file; {how}")
+    record = _our_record(info_path)
+    if record is None:
+        raise UserError(f"--robustbench {name}: {existing[0]} was not written by robust-sparse export ("
+                        f"{info_path.name} {'is not its model-info file' if info_path.exists() else 'is missing'}); "
+                        f"{how}")
+    if weights_path.exists():
+        recorded = record.get("weights_sha256")
+        if not isinstance(recorded, str) or file_sha256(weights_path) != recorded:
+            raise UserError(f"--robustbench {name}: {weights_path} is not the file robust-sparse export wrote (its "
+                            f"SHA-256 differs from the one {info_path.name} records); {how}")
+
+
+def _our_record(info_path: Path) -> dict[str, Any] | None:
+    """The ``robust_sparse`` key of a model-info file :func:`export_to_zoo` wrote; None for anything else."""
+    try:
+        record = json.loads(info_path.read_text(encoding="utf-8"))["robust_sparse"]
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable, not JSON, not ours
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("model_fingerprint"), str) else None
 
 
 def _model_info(**fields: Any) -> dict[str, Any]:
@@ -260,8 +317,6 @@ def register(name: str, model_dir: str | Path, dataset: str = "cifar10", threat_
     robustbench's model dictionary of that dataset and threat model, in this process. Returns the constructor
     robustbench calls (an untrained model of the architecture). A name of RobustBench's own zoo is refused.
     """
-    from robust_sparse.data import DATASETS
-    from robust_sparse.config import DatasetName
     from robust_sparse.models import build_model
 
     zoo = _zoo_dictionary(dataset, threat_model)
@@ -271,17 +326,40 @@ def register(name: str, model_dir: str | Path, dataset: str = "cifar10", threat_
             raise UserError(f"register: {path} not found (write it with robust-sparse export CHECKPOINT --out "
                             f"{model_dir} --robustbench {name})")
     try:
-        spec = json.loads(info_path.read_text())["robust_sparse"]
-    except (ValueError, KeyError, TypeError):
+        spec = json.loads(info_path.read_text(encoding="utf-8"))["robust_sparse"]
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"register: {info_path} has no robust_sparse section (not written by robust-sparse export)") from None
     existing = zoo.get(name)
     if existing is not None and existing.get("gdrive_id") != LOCAL_GDRIVE_ID:
         raise UserError(f"register: {name!r} is a model of RobustBench's own zoo; export under another name")
-    info = DATASETS[DatasetName(spec["dataset"])]
+    info = _checked_spec(spec, info_path)
     constructor = functools.partial(build_model, spec["architecture"], spec["num_classes"], info.in_channels,
                                     info.mean, info.std)
     zoo[name] = {"model": constructor, "gdrive_id": LOCAL_GDRIVE_ID}
     return constructor
+
+
+def _checked_spec(spec: Any, info_path: Path):
+    """The dataset of a model-info file's ``robust_sparse`` section, after checking what ``load_model`` will
+    build from it: the file may come from anyone, and ``num_classes`` decides the classifier's allocation."""
+    from robust_sparse.config import DatasetName
+    from robust_sparse.data import DATASETS
+    from robust_sparse.deploy import MAX_CLASSES
+
+    def bad(field: str, why: str) -> UserError:
+        return UserError(f"register: {info_path}: robust_sparse.{field} {why}; export the model again")
+
+    if not isinstance(spec, dict):
+        raise bad("", "is not a section")
+    dataset = spec.get("dataset")
+    if dataset not in ZOO_DATASETS:
+        raise bad("dataset", f"is {str(dataset)[:60]!r}, not one of {', '.join(ZOO_DATASETS)}")
+    if not isinstance(spec.get("architecture"), str) or not spec["architecture"]:
+        raise bad("architecture", "is not a model name")
+    classes = spec.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES:
+        raise bad("num_classes", f"is {str(classes)[:60]}, not a whole number in 1..{MAX_CLASSES:,}")
+    return DATASETS[DatasetName(dataset)]
 
 
 def _zoo_dictionary(dataset: str, threat_model: str) -> dict[str, dict[str, Any]]:

@@ -203,6 +203,12 @@ def test_register_errors(tmp_path):
         zoo.register("Standard", tmp_path, "cifar10", "Linf")
     with pytest.raises(Exception, match="dataset 'mnist'"):
         zoo.register("Standard", tmp_path, "mnist", "Linf")
+    # a model-info file claiming a classifier no machine holds is refused before load_model builds it
+    (folder / "Huge.pt").write_bytes(b"")
+    (folder / "Huge.json").write_text(json.dumps({"robust_sparse": {"dataset": "cifar10", "architecture": "tiny_cnn",
+                                                                    "num_classes": 10**12}}))
+    with pytest.raises(UserError, match=r"Huge.json: robust_sparse.num_classes is 1000000000000, not a whole number"):
+        zoo.register("Huge", tmp_path, "cifar10", "Linf")
 
 
 def test_export_refuses_bad_names_and_datasets(run, mnist, tmp_path, capsys):
@@ -219,6 +225,82 @@ def test_export_refuses_bad_names_and_datasets(run, mnist, tmp_path, capsys):
     assert "trained on mnist5k" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert zoo.eps_text(8 / 255) == "8/255" and zoo.eps_text(0.5) == "0.5"
+
+
+def _export_argv(checkpoint, out, name, *extra):
+    return ["export", str(checkpoint), "--out", str(out), "--robustbench", name, *extra]
+
+
+def test_export_records_the_weights_checksum_and_replaces_only_its_own_files(exported, run, tmp_path, capsys):
+    import hashlib
+
+    out, _ = exported
+    folder = out / "cifar10" / "Linf"
+    record = json.loads((folder / f"{NAME}.json").read_text())["robust_sparse"]
+    assert record["weights_sha256"] == hashlib.sha256((folder / f"{NAME}.pt").read_bytes()).hexdigest()
+    # exporting again over its own export: allowed, same record
+    again = tmp_path / "models"
+    assert main(_export_argv(run[0], again, NAME)) == 0
+    assert main(_export_argv(run[0], again, NAME)) == 0
+    capsys.readouterr()
+
+
+def test_export_refuses_a_file_it_did_not_write_and_force_replaces_it(run, tmp_path, capsys):
+    from conftest import one_line_error, snapshot
+
+    out = tmp_path / "models"
+    folder = out / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    foreign = folder / "Theirs2026.pt"
+    torch.save({"someone": torch.ones(3)}, foreign)  # another program's model, no model-info file beside it
+    before = snapshot(out)
+    line = one_line_error(_export_argv(run[0], out, "Theirs2026"), capsys)
+    assert str(foreign) in line and "not written by robust-sparse export" in line and "--force" in line
+    assert snapshot(out) == before
+    # a model-info file of someone else's (RobustBench's own ModelInfo, no robust_sparse key): still not ours
+    (folder / "Theirs2026.json").write_text(json.dumps({"name": "Theirs2026", "dataset": "cifar10"}))
+    before = snapshot(out)
+    line = one_line_error(_export_argv(run[0], out, "Theirs2026"), capsys)
+    assert str(foreign) in line and "Theirs2026.json is not its model-info file" in line
+    assert snapshot(out) == before
+    # --force replaces it deliberately, and from then on the file is the toolkit's
+    assert main(_export_argv(run[0], out, "Theirs2026", "--force")) == 0
+    assert set(torch.load(foreign, weights_only=True)) == set(run[1].state_dict())
+    assert main(_export_argv(run[0], out, "Theirs2026")) == 0
+    capsys.readouterr()
+
+
+def test_export_refuses_its_own_file_changed_since(run, tmp_path, capsys):
+    from conftest import one_line_error, snapshot
+
+    out = tmp_path / "models"
+    assert main(_export_argv(run[0], out, "Edited")) == 0
+    weights = out / "cifar10" / "Linf" / "Edited.pt"
+    torch.save({"retrained": torch.zeros(2)}, weights)  # replaced by hand: the record no longer matches
+    before = snapshot(out)
+    capsys.readouterr()
+    line = one_line_error(_export_argv(run[0], out, "Edited"), capsys)
+    assert str(weights) in line and "SHA-256 differs" in line and "Edited.json" in line
+    assert snapshot(out) == before
+    # a stray recipe or model-info file alone is also not the toolkit's to replace
+    (out / "cifar10" / "Linf" / "Recipe.md").write_text("# my notes\n")
+    before = snapshot(out)
+    line = one_line_error(_export_argv(run[0], out, "Recipe"), capsys)
+    assert str(out / "cifar10" / "Linf" / "Recipe.md") in line and "Recipe.json is missing" in line
+    assert snapshot(out) == before
+
+
+def test_export_refuses_a_name_of_robustbenchs_own_zoo_unless_forced(run, tmp_path, capsys):
+    from conftest import one_line_error
+
+    out = tmp_path / "models"
+    line = one_line_error(_export_argv(run[0], out, "Standard"), capsys)
+    assert "--robustbench Standard" in line and "RobustBench's own zoo (cifar10, Linf)" in line and "--force" in line
+    assert not out.exists()
+    assert main(_export_argv(run[0], out, "Standard", "--force")) == 0
+    assert (out / "cifar10" / "Linf" / "Standard.pt").is_file()
+    line = one_line_error(["export", str(run[0]), "--out", str(tmp_path / "plain"), "--force"], capsys)
+    assert "--force goes with --robustbench" in line and not (tmp_path / "plain").exists()
 
 
 def _digit_points(test_batch, n=8):
@@ -284,6 +366,10 @@ def test_a_robustbench_without_model_dicts_or_model_info_is_one_line(run, tmp_pa
     with pytest.raises(UserError, match=rf"^robustbench {version}: robustbench\.model_zoo\.model_dicts, the model "
                                         "dictionary load_model reads, is gone"):
         zoo.register(NAME, tmp_path, "cifar10", "Linf")
+    # export looks the name up in that dictionary (RobustBench's own names are refused) before writing anything
+    assert main(["export", str(run[0]), "--out", str(tmp_path / "o"), "--robustbench", "X"]) == 2
+    assert f"robustbench {zoo.robustbench_version()}: robustbench.model_zoo.model_dicts" in capsys.readouterr().err
+    monkeypatch.undo()
     monkeypatch.delattr(rb_utils, "ModelInfo")
     assert main(["export", str(run[0]), "--out", str(tmp_path / "o"), "--robustbench", "X"]) == 2
     assert f"robustbench {zoo.robustbench_version()}: robustbench.utils.ModelInfo" in capsys.readouterr().err
