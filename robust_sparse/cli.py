@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "robust_sparse.eval.zoo.register and robustbench.utils.load_model")
     export.add_argument("--results-dir", help="--robustbench: the results store to read accuracies from "
                                               "(default: <run dir>/eval)")
+    export.add_argument("--force", action="store_true",
+                        help="--robustbench: replace files at OUT/<dataset>/<Linf|L2>/NAME.* that robust-sparse "
+                             "export did not write, and allow a name of RobustBench's own zoo")
 
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
     sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
@@ -494,6 +497,8 @@ def _export(args: argparse.Namespace) -> int:
         raise UserError("--results-dir goes with --robustbench NAME or --hub")
     if args.robustbench is not None and (args.hub or args.onnx):
         raise UserError("export --robustbench writes RobustBench's zoo layout only: leave out --hub/--onnx")
+    if args.force and args.robustbench is None:
+        raise UserError("export --force goes with --robustbench NAME (the plain export's --out is a folder it owns)")
     if not 1 <= args.serving_batch <= 65536:
         raise UserError(f"--serving-batch {args.serving_batch}: must be in 1..65536")
     check_output_dir(args.out, "export --out")  # before the checkpoint is read
@@ -501,7 +506,7 @@ def _export(args: argparse.Namespace) -> int:
         from robust_sparse.eval.zoo import export_to_zoo
 
         written = export_to_zoo(args.checkpoint, args.out, args.robustbench, subnet=args.subnet,
-                                results_dir=args.results_dir)
+                                results_dir=args.results_dir, force=args.force)
         info = written["info"]
         _emit(f"RobustBench zoo entry {args.robustbench}: {written['weights']}, {written['model_info']} and the "
               f"loading recipe {written['recipe']} "
