@@ -48,7 +48,24 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(error, OSError):  # disk full, permission, read-only: one line; the previous file is intact
             raise os_error(path, error) from None
+        cause = _stream_write_error(error)
+        if cause is not None:
+            raise os_error(path, cause) from None
         raise
+
+
+def _stream_write_error(error: BaseException) -> OSError | None:
+    """The OSError under torch.save's ``RuntimeError: [enforce fail at inline_container.cc]``, if that is one.
+
+    torch's zip writer calls the stream's ``write`` from C++, and an OSError raised there (ENOSPC once the
+    buffered writer passes a large tensor straight to the disk) comes back as a RuntimeError whose context is
+    the OSError. A small file fails in the final flush instead, as a plain OSError; both are the same disk."""
+    if not isinstance(error, RuntimeError) or not re.search(r"inline_container|PytorchStreamWriter", str(error)):
+        return None
+    context = error.__context__
+    while context is not None and not isinstance(context, OSError):
+        context = context.__context__
+    return context
 
 
 def _umask() -> int:

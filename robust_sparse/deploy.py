@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -46,6 +47,13 @@ HUB_CONFIG = "config.json"
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit difference an export accepts
+
+# What a file's model record may ask a loader to build. A record is read from files people pass around, and
+# build_model allocates what it says (10**12 classes is a petabyte), so each field has a bound a real model
+# stays far below, and the model is first built on the meta device (no memory) to check its size and shapes.
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_IN_CHANNELS = 64
+MAX_ELEMENTS = 2_000_000_000  # parameters and buffers of a loaded model: 8 GB of float32
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,90 @@ class ModelRecord:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_json(cls, data: Any, where: str) -> "ModelRecord":
+    def from_json(cls, data: Any, where: str, kwargs_key: str = "kwargs") -> "ModelRecord":
+        """The record in a file's metadata, every field checked: one :class:`CheckpointError` line naming the
+        file and the field otherwise (``kwargs_key``: the sparse-inference file calls it ``model_kwargs``)."""
         required = ("architecture", "num_classes", "in_channels", "mean", "std")
         if not isinstance(data, Mapping) or any(key not in data for key in required):
             raise CheckpointError(f"{where}: no model record (needs {', '.join(required)}); re-export the model")
-        return cls(str(data["architecture"]), int(data["num_classes"]), int(data["in_channels"]),
-                   tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"]),
-                   dict(data.get("kwargs") or {}), bool(data.get("cifar_stem", False)))
+
+        def bad(name: str, why: str) -> CheckpointError:
+            return CheckpointError(f"{where}: the model record's {name} {why}; re-export the model")
+
+        architecture = data["architecture"]
+        if not isinstance(architecture, str) or not 0 < len(architecture) <= 200:
+            raise bad("architecture", f"is {str(architecture)[:60]!r}, not a model name")
+        counts = {}
+        for name, bound in (("num_classes", MAX_CLASSES), ("in_channels", MAX_IN_CHANNELS)):
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+                raise bad(name, f"is {str(value)[:60]}, not a whole number in 1..{bound:,}")
+            counts[name] = value
+        statistics = {}
+        for name in ("mean", "std"):
+            values = data[name]
+            if (not isinstance(values, (list, tuple)) or len(values) != counts["in_channels"]
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in values)
+                    or (name == "std" and not all(v > 0 for v in values))):
+                raise bad(name, f"is {str(values)[:60]}, not {counts['in_channels']} finite numbers (one per input "
+                                f"channel{', each > 0' if name == 'std' else ''})")
+            statistics[name] = tuple(float(v) for v in values)
+        kwargs = data.get(kwargs_key) or {}
+        if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+            raise bad(kwargs_key, f"is {str(kwargs)[:60]}, not a mapping of keyword arguments")
+        cifar_stem = data.get("cifar_stem", False)
+        if not isinstance(cifar_stem, bool):
+            raise bad("cifar_stem", f"is {str(cifar_stem)[:60]}, not true or false")
+        return cls(architecture, counts["num_classes"], counts["in_channels"], statistics["mean"], statistics["std"],
+                   dict(kwargs), cifar_stem)
+
+    def build_checked(self, where: str, state: Mapping[str, Any], skip: Sequence[str] = ()) -> nn.Module:
+        """:meth:`build` for a file's record and ``state``: first on the meta device, which allocates nothing, so
+        that a record naming a model this toolkit cannot build, one of more than :data:`MAX_ELEMENTS` elements,
+        or one whose tensors have other shapes than the file's (names in ``skip`` excepted) is one
+        :class:`CheckpointError` line before any memory is spent; then for real."""
+        for name, tensor in state.items():
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{where}: the stored state holds {str(name)[:60]!r}, which is not a named "
+                                      "tensor; re-export the model")
+        built = None
+        try:
+            with torch.device("meta"):
+                skeleton = self.build()
+        except Exception as error:
+            if "meta" not in str(error):
+                raise self._unbuildable(where, error) from None
+            # Some constructors read a value back while initialising (timm's ViT calls .item()), which the meta
+            # device cannot answer: such a model is built for real, within the record's bounded class and
+            # channel counts, and checked against the file the same way before it is returned.
+            built = skeleton = self._build_or_refuse(where)
+        expected = skeleton.state_dict()
+        size = sum(tensor.numel() for tensor in expected.values())
+        if size > MAX_ELEMENTS:
+            raise CheckpointError(f"{where}: the recorded {self.architecture} with {self.num_classes:,} classes has "
+                                  f"{size:,} parameters and buffers, more than the {MAX_ELEMENTS:,} a loader builds")
+        for name, tensor in expected.items():
+            stored = state.get(name)
+            if name not in skip and stored is not None and tuple(stored.shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{where}: {name} has shape {list(stored.shape)} in the file, and the recorded "
+                                      f"{self.architecture} ({self.num_classes} classes, {self.in_channels} input "
+                                      f"channels) needs {list(tensor.shape)}")
+        return built if built is not None else self._build_or_refuse(where)
+
+    def _build_or_refuse(self, where: str) -> nn.Module:
+        try:
+            return self.build()
+        except Exception as error:
+            raise self._unbuildable(where, error) from None
+
+    def _unbuildable(self, where: str, error: Exception) -> CheckpointError:
+        if isinstance(error, UserError):
+            return CheckpointError(f"{where}: the recorded model cannot be built: {error}")
+        # a library constructor refusing the recorded kwargs raises any exception type
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        return CheckpointError(f"{where}: the recorded model {self.architecture} cannot be built "
+                               f"({type(error).__name__}: {reason})")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelRecord":
@@ -162,12 +247,27 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # a truncated or foreign file: safetensors' own reason, in one line
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(error).__name__}: "
+                              f"{_first_line(error)})") from None
     if metadata.get("format") != SAFETENSORS_FORMAT:
-        raise CheckpointError(f"{path}: not a robust-sparse export (metadata format {metadata.get('format')!r}, "
-                              f"expected {SAFETENSORS_FORMAT!r})")
-    decoded = {key: json.loads(value) if key != "format" else value for key, value in metadata.items()}
-    return tensors, decoded
+        raise CheckpointError(f"{path}: not a robust-sparse export (metadata format "
+                              f"{str(metadata.get('format'))[:60]!r}, expected {SAFETENSORS_FORMAT!r})")
+    return tensors, decode_metadata(metadata, path)
+
+
+def decode_metadata(metadata: Mapping[str, str], path: str | Path) -> dict[str, Any]:
+    """safetensors metadata values (JSON text, ``format`` plain) decoded; a value that is not JSON is one line."""
+    decoded: dict[str, Any] = {}
+    for key, value in metadata.items():
+        try:
+            decoded[key] = json.loads(value) if key != "format" else value
+        except ValueError:
+            raise CheckpointError(f"{path}: metadata {str(key)[:60]!r} is not JSON; re-export the model") from None
+    return decoded
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def load_pretrained(path: str | Path) -> nn.Module:
@@ -177,7 +277,7 @@ def load_pretrained(path: str | Path) -> nn.Module:
     file = path / SAFETENSORS_FILE if path.is_dir() else path
     state, metadata = read_safetensors(file)
     record = ModelRecord.from_json(metadata.get("model"), str(file))
-    model = record.build()
+    model = record.build_checked(str(file), state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -210,6 +210,8 @@ def load_dynamic(path: str | Path, sparse_inference: bool = True) -> DynamicSubn
     without gradients run sparse kernels (on the CPU); absent files leave the dense masked forward."""
     from safetensors import safe_open
 
+    from robust_sparse.deploy import decode_metadata
+
     path = Path(path)
     file = path / DYNAMIC_FILE if path.is_dir() else path
     if not file.is_file():
@@ -219,17 +221,22 @@ def load_dynamic(path: str | Path, sparse_inference: bool = True) -> DynamicSubn
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({type(error).__name__}: "
+                              f"{(str(error).strip().splitlines() or [''])[0][:200]})") from None
     if metadata.get("format") != DYNAMIC_FORMAT:
-        raise CheckpointError(f"{file}: not a dynamic AST model (format {metadata.get('format')!r}, expected "
-                              f"{DYNAMIC_FORMAT!r})")
-    meta = {key: json.loads(value) for key, value in metadata.items() if key != "format"}
-    record = ModelRecord.from_json(meta["model"], str(file))
-    model = record.build().eval()
+        raise CheckpointError(f"{file}: not a dynamic AST model (format {str(metadata.get('format'))[:60]!r}, "
+                              f"expected {DYNAMIC_FORMAT!r})")
+    meta = decode_metadata(metadata, file)
+    record = ModelRecord.from_json(meta.get("model"), str(file))
     state = {key[len("state."):]: value for key, value in tensors.items() if key.startswith("state.")}
-    model.load_state_dict(state, strict=True)
-    names = meta["mask_names"]
-    masks = unpack_masks(tensors, names, meta["shapes"], meta["within_previous"])
+    model = record.build_checked(str(file), state).eval()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{file}: the weights do not fit {record.architecture} "
+                              f"({str(error).splitlines()[0]})") from None
+    names, within, densities = _checked_masks(file, meta, tensors, state)
+    masks = unpack_masks(tensors, names, {name: list(state[name].shape) for name in names}, within)
     batchnorm = None
     if meta.get("subnet_batchnorm"):
         batchnorm = [{key[len(f"batchnorm.{k}."):]: value for key, value in tensors.items()
@@ -240,5 +247,50 @@ def load_dynamic(path: str | Path, sparse_inference: bool = True) -> DynamicSubn
         from robust_sparse.inference import load_sparse_inference
 
         fast = [load_sparse_inference(f) for f in files]
-    return DynamicSubnetModel(model, {name: state[name] for name in names}, masks, meta["densities"],
-                              meta.get("targets", ()), batchnorm, meta.get("latency", ()), fast)
+    try:
+        return DynamicSubnetModel(model, {name: state[name] for name in names}, masks, densities,
+                                  _numbers(meta.get("targets", ())), batchnorm, meta.get("latency", ()), fast)
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:  # e.g. a sub-net's batch-norm statistics
+        raise CheckpointError(f"{file}: a sub-net does not fit the model ({type(error).__name__}: "
+                              f"{(str(error).splitlines() or [''])[0][:160]}); re-export the model") from None
+
+
+MAX_SUBNETS = 1024
+
+
+def _checked_masks(file: Path, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                   state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[bool], list[float]]:
+    """The masks' names, nesting and densities from the metadata, each checked against the model's own tensors:
+    a mask's shape is the weight's (never the metadata's, which could claim any size) and its packed bits must be
+    there, so that unpacking allocates no more than the model itself."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{file}: {what}; re-export the model")
+
+    names, within = meta.get("mask_names"), meta.get("within_previous")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in state for n in names):
+        raise bad("mask_names does not name weights of the model")
+    if (not isinstance(within, list) or not 1 <= len(within) <= MAX_SUBNETS or within[0] is not False
+            or not all(isinstance(w, bool) for w in within)):
+        raise bad(f"within_previous is not a list of 1..{MAX_SUBNETS} true/false flags, the first false")
+    shapes = meta.get("shapes")
+    if not isinstance(shapes, dict) or any(shapes.get(n) != list(state[n].shape) for n in names):
+        raise bad("the masks' shapes differ from the weights' shapes")
+    densities = _numbers(meta.get("densities"))
+    if len(densities) != len(within) or not all(0 <= d <= 1 for d in densities):
+        raise bad(f"densities are not {len(within)} numbers in [0, 1]")
+    for k, nested in enumerate(within):
+        for name in names:
+            packed = tensors.get(f"mask.{k}.{name}")
+            # a nested mask holds at most one bit per weight of its parent; a full one, one per weight
+            if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1 or (
+                    not nested and packed.numel() != math.ceil(state[name].numel() / 8)) or (
+                    nested and packed.numel() > math.ceil(state[name].numel() / 8)):
+                raise bad(f"mask.{k}.{name} is missing or not the packed bits of {name}")
+    return names, within, densities
+
+
+def _numbers(values: Any) -> list[float]:
+    if not isinstance(values, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return []
+    return [float(v) for v in values]

@@ -338,34 +338,72 @@ def save_sparse_inference(module: SparseInferenceModel, path: str | Path, archit
 
 
 def load_sparse_inference(path: str | Path) -> SparseInferenceModel:
-    """Rebuild a model written by :func:`save_sparse_inference` (no re-measurement: the saved choice holds)."""
-    from robust_sparse.errors import CheckpointError
-    from robust_sparse.models import build_model
+    """Rebuild a model written by :func:`save_sparse_inference` (no re-measurement: the saved choice holds).
 
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"sparse-inference file not found: {path}") from None
+    The file is read with ``weights_only=True`` and everything in it is checked before a model is built (the
+    record's bounds and the tensors' shapes, :meth:`~robust_sparse.deploy.ModelRecord.build_checked`; the sparse
+    layers' positions within their weights): a damaged or hostile file is one :class:`CheckpointError` line."""
+    from robust_sparse.checkpoint import safe_load
+    from robust_sparse.deploy import ModelRecord
+    from robust_sparse.errors import CheckpointError
+
+    where = str(path)
+    payload = safe_load(path, "sparse-inference file")
     if not isinstance(payload, dict) or payload.get("kind") not in (SPARSE_INFERENCE_FORMAT, _FORMAT_V1):
         raise CheckpointError(f"{path} is not a sparse-inference export ({SPARSE_INFERENCE_FORMAT})")
-    model = build_model(payload["architecture"], payload["num_classes"], payload["in_channels"],
-                        payload["mean"], payload["std"], payload.get("model_kwargs") or {},  # absent before v2.1
-                        cifar_stem=bool(payload.get("cifar_stem", False))).eval()
-    state = payload["state"]
-    if payload["kind"] == _FORMAT_V1:
-        state = _from_v1(model, state, payload["sparse_layers"])
-    for name in payload["sparse_layers"]:
-        dense = model.get_submodule(name)
-        build = SparseLinear.from_state if isinstance(dense, nn.Linear) else SparseConv2d.from_state
-        _replace(model, name, build(dense, state, name + "."))
-    fused = payload.get("fused", [])
-    for conv_name, norm_name, relu_name in fused:  # the stored values and bias already hold the batch-norm
-        _replace(model, norm_name, nn.Identity())
-        if relu_name is not None:
-            model.get_submodule(conv_name).relu = True
-            _replace(model, relu_name, nn.Identity())
-    model.load_state_dict(state)
-    return SparseInferenceModel(model, (), payload["dense_latency_s"], payload["sparse_latency_s"], fused)
+    record = ModelRecord.from_json(payload, where, kwargs_key="model_kwargs")
+    state, sparse_layers, fused = payload.get("state"), payload.get("sparse_layers"), payload.get("fused", [])
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: no stored state (a dict of tensors); re-export the model")
+    if not isinstance(sparse_layers, list) or not all(isinstance(name, str) for name in sparse_layers):
+        raise CheckpointError(f"{path}: sparse_layers is not a list of layer names; re-export the model")
+    if not isinstance(fused, list) or not all(
+            isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
+            and isinstance(entry[1], str) and (entry[2] is None or isinstance(entry[2], str)) for entry in fused):
+        raise CheckpointError(f"{path}: fused is not a list of (conv, norm, relu) layer names; re-export the model")
+    latency = [payload.get(key) for key in ("dense_latency_s", "sparse_latency_s")]
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in latency):
+        raise CheckpointError(f"{path}: dense_latency_s/sparse_latency_s are not numbers; re-export the model")
+    # a sparse layer's weight is stored as its positions and values, checked below against the built weight
+    model = record.build_checked(where, state, skip=[f"{name}.weight" for name in sparse_layers]).eval()
+    try:
+        if payload["kind"] == _FORMAT_V1:
+            state = _from_v1(model, state, sparse_layers)
+        for name in sparse_layers:
+            dense = model.get_submodule(name)
+            if not isinstance(dense, (nn.Linear, nn.Conv2d)):
+                raise CheckpointError(f"{path}: sparse layer {name} is a {type(dense).__name__} in "
+                                      f"{record.architecture}, not a Linear or Conv2d; re-export the model")
+            _check_positions(path, name, state, dense.weight.numel())
+            build = SparseLinear.from_state if isinstance(dense, nn.Linear) else SparseConv2d.from_state
+            _replace(model, name, build(dense, state, name + "."))
+        for conv_name, norm_name, relu_name in fused:  # the stored values and bias already hold the batch-norm
+            _replace(model, norm_name, nn.Identity())
+            if relu_name is not None:
+                model.get_submodule(conv_name).relu = True
+                _replace(model, relu_name, nn.Identity())
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, AttributeError, ValueError, TypeError, IndexError) as error:
+        # a name the architecture does not have, a tensor of another shape: the file does not fit its record
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: the stored state does not fit {record.architecture} "
+                              f"({type(error).__name__}: {reason}); re-export the model") from None
+    return SparseInferenceModel(model, (), float(latency[0]), float(latency[1]), [tuple(f) for f in fused])
+
+
+def _check_positions(path: str | Path, name: str, state: Mapping[str, torch.Tensor], numel: int) -> None:
+    """A sparse layer's stored positions: integers, strictly ascending, within its weight; as many values."""
+    from robust_sparse.errors import CheckpointError
+
+    indices, values = state.get(f"{name}.indices"), state.get(f"{name}.values")
+    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise CheckpointError(f"{path}: sparse layer {name} has no stored indices and values; re-export the model")
+    if (indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1 or values.dim() != 1
+            or values.numel() != indices.numel() or indices.numel() > numel
+            or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel
+                                     or not bool((indices[1:] > indices[:-1]).all())))):
+        raise CheckpointError(f"{path}: sparse layer {name}'s indices are not ascending positions within its "
+                              f"{numel:,} weights, one per value; re-export the model")
 
 
 def _from_v1(model: nn.Module, state: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -380,7 +418,9 @@ def _from_v1(model: nn.Module, state: Mapping[str, torch.Tensor], names: Sequenc
         layer = model.get_submodule(name)
         crow, col, values = (state.pop(f"{name}.{key}") for key in ("crow_indices", "col_indices", "values"))
         rows = crow.numel() - 1
-        matrix = torch.sparse_csr_tensor(crow, col, values, (rows, layer.weight[0].numel())).to_dense()
+        # check_invariants: the indices come from a file, and to_dense trusts unchecked ones
+        matrix = torch.sparse_csr_tensor(crow, col, values, (rows, layer.weight[0].numel()),
+                                         check_invariants=True).to_dense()
         weight = matrix.view_as(layer.weight)
         if isinstance(layer, nn.Conv2d):
             out_channels, channels, kh, kw = layer.weight.shape

@@ -78,15 +78,68 @@ def decode(entry: dict[str, Any]) -> torch.Tensor:
 
 
 def load_compact(path: str | Path) -> dict[str, torch.Tensor]:
-    """The plain ``state_dict`` stored in a compact export."""
+    """The plain ``state_dict`` stored in a compact export.
+
+    Every entry is checked before it is decoded (its shape's size within :data:`~robust_sparse.deploy.MAX_ELEMENTS`
+    all together, its values and positions or bitmask consistent with it): a shape in the file decides what
+    :func:`decode` allocates, so a damaged or hostile file is one :class:`CheckpointError` line, not a huge
+    allocation or a traceback."""
+    from robust_sparse.deploy import MAX_ELEMENTS
+    from robust_sparse.errors import CheckpointError
+
     payload = load_checkpoint(path)
     if payload.get("kind") != COMPACT_FORMAT:
-        from robust_sparse.errors import CheckpointError
-
         raise CheckpointError(f"{path} is not a compact sparse export")
-    state = dict(payload["dense"])
-    state.update({name: decode(entry) for name, entry in payload["sparse"].items()})
-    return {name: state[name] for name in payload["order"]}
+    dense, sparse, order = payload.get("dense"), payload.get("sparse"), payload.get("order")
+    if (not isinstance(dense, dict) or not isinstance(sparse, dict) or not isinstance(order, list)
+            or not all(isinstance(t, torch.Tensor) for t in dense.values())
+            or sorted(order, key=str) != sorted([*dense, *sparse], key=str)):
+        raise CheckpointError(f"{path}: damaged compact export (dense, sparse and order do not name the same "
+                              "tensors); export the checkpoint again")
+    total = sum(t.numel() for t in dense.values())
+    for name, entry in sparse.items():
+        total += _checked_entry(path, name, entry)
+        if total > MAX_ELEMENTS:
+            raise CheckpointError(f"{path}: the compact export's tensors hold more than {MAX_ELEMENTS:,} elements; "
+                                  "not a model this toolkit wrote")
+    state = dict(dense)
+    state.update({name: decode(entry) for name, entry in sparse.items()})
+    return {name: state[name] for name in order}
+
+
+def _checked_entry(path: str | Path, name: Any, entry: Any) -> int:
+    """The number of elements a sparse entry decodes to, after checking that :func:`decode` can decode it."""
+    from robust_sparse.errors import CheckpointError
+
+    def bad() -> CheckpointError:
+        return CheckpointError(f"{path}: damaged compact export: entry {str(name)[:80]!r} is not a shape with its "
+                               "values and positions or bitmask; export the checkpoint again")
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("values"), torch.Tensor):
+        raise bad()
+    shape, values = entry.get("shape"), entry["values"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape) or values.dim() != 1:
+        raise bad()
+    numel = math.prod(shape)
+    if numel > 2**62:  # before any comparison that would allocate; MAX_ELEMENTS is checked by the caller
+        raise bad()
+    positions, bitmask = entry.get("positions"), entry.get("bitmask")
+    if positions is not None:
+        if (not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.is_floating_point()
+                or positions.numel() != values.numel()
+                or (positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= numel))
+                or positions.unique().numel() != positions.numel()):
+            raise bad()
+    elif isinstance(bitmask, torch.Tensor) and bitmask.dtype == torch.uint8 and bitmask.dim() == 1:
+        if bitmask.numel() != math.ceil(numel / 8) or values.numel() > numel:
+            raise bad()
+        ones = int(np.unpackbits(bitmask.numpy(), count=numel).sum())
+        if ones != values.numel():
+            raise bad()
+    else:
+        raise bad()
+    return numel
 
 
 def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: int | None = None, *,
