@@ -87,6 +87,7 @@ def weights(tmp_path):
 
 @pytest.mark.parametrize("argv,named", [
     (["--arch", "timm:NO_SUCH", "--dataset", "cifar10"], "NO_SUCH"),
+    (["--model", "timm:NO_SUCH", "--dataset", "cifar10"], "NO_SUCH"),
     (["--arch", "resnet18", "--dataset", "cifar10", "--threat-model", "corruptions", "--corruptions", "nosuch"],
      "--corruptions"),
 ])
