@@ -80,10 +80,28 @@ def _stage_records(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     results = _read_json(path).get("results")
-    if not isinstance(results, list) or not all(isinstance(row, dict) for row in results):
+    if not isinstance(results, list) or not all(isinstance(row, dict) and {"n_examples", "clean_acc"} <= set(row)
+                                                for row in results):
         raise UserError(f"{path}: no list of result rows under 'results' (damaged; rerun robust-sparse sweep to "
                         "evaluate the run again)")
     return results
+
+
+def _evaluation(path: Path) -> dict[str, Any]:
+    """A run's eval.json with the fields the report reads (an AST run's for each of its sub-nets), or one line
+    naming it."""
+    evaluation = _read_json(path)
+    needed = {"epoch", "clean_accuracy", "pgd_accuracy"}
+    subnets = evaluation.get("subnets", [])
+    missing = sorted(needed - set(evaluation))
+    if not missing and (not isinstance(subnets, list) or not all(
+            isinstance(subnet, dict) and {"subnet", "density", "clean_accuracy", "pgd_accuracy"} <= set(subnet)
+            for subnet in subnets)):
+        missing = ["a sub-net's subnet, density or accuracies"]
+    if missing:
+        raise UserError(f"{path}: cannot read it as JSON written by robust-sparse (no {missing[0]}); evaluate the "
+                        "run again")
+    return evaluation
 
 
 def _unreadable(path: Path, what: str, error: Exception) -> UserError:
@@ -275,7 +293,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
                 row["agent_c_min"], row["agent_c_max"] = metrics["agent_c"].min(), metrics["agent_c"].max()
                 row.update(_agent_columns(metrics))
-        evaluation = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
+        evaluation = _evaluation(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
                         "test_pgd_accuracy": evaluation["pgd_accuracy"], "test_n": evaluation.get("n_examples"),
