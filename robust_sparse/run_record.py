@@ -119,19 +119,27 @@ def resume_state(config: TrainConfig, device: torch.device) -> dict[str, Any] | 
     difference = _difference(_comparable(saved), _comparable(to_dict(config)))
     if difference is not None:
         raise UserError(f"cannot resume {last}: its config differs from this one in {difference}")
+    workers = (saved.get("data") or {}).get("workers"), config.data.workers
+    if workers[0] != workers[1] and config.data.augment:
+        log.warning("--resume with data.workers %s (the run started with %s): loader workers draw the random crops, "
+                    "so from here on the crops differ from an uninterrupted run's; everything else resumes exactly",
+                    workers[1], workers[0])
     return state
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields that must match to resume: everything but where the run executes, where it is stored (a run
-    directory can be moved or copied), where its metrics are mirrored (tracking may be turned on later) and the
-    gradient probe (it observes without changing the trajectory)."""
+    """The fields that must match to resume: everything but where the run executes (device, loader workers), where
+    it is stored (a run directory can be moved or copied), where its metrics are mirrored (tracking may be turned
+    on later) and the gradient probe (it observes without changing the trajectory)."""
     comparable = {key: value for key, value in config.items()
                   if key not in ("device", "out_dir", "tracking", "probe")}
     if isinstance(comparable.get("train"), dict):  # the same arithmetic laid out, compiled or computed from the
         # non-zeros otherwise (train.sparse_kernels: equal within float rounding) may resume
         comparable["train"] = {key: value for key, value in comparable["train"].items()
                                if key not in ("channels_last", "compile", "sparse_kernels")}
+    if isinstance(comparable.get("data"), dict):  # loader processes are where it runs, and a run moved to a
+        # smaller machine must fit its bound there (resume_state warns: workers draw the augmentation's crops)
+        comparable["data"] = {key: value for key, value in comparable["data"].items() if key != "workers"}
     return comparable
 
 
