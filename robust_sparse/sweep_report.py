@@ -188,6 +188,20 @@ def _chance(run_dir: Path) -> float | None:
         return None
 
 
+def _agent_gamma(run_dir: Path) -> float | None:
+    """The γ the run's AGENT used (its variant's: ``svrg``/``no_gamma``/``fixed_c`` fix it to 1), None without
+    AGENT or a readable config.yaml."""
+    from robust_sparse.agent import resolve_variant
+    from robust_sparse.config import config_from_dict
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        agent = config_from_dict({**saved, "data": {**saved.get("data", {}), "root": "."}}).agent
+    except (OSError, yaml.YAMLError, UserError, TypeError, AttributeError, KeyError):
+        return None
+    return resolve_variant(agent).gamma if agent.enabled else None
+
+
 def _agent_columns(metrics: pd.DataFrame) -> dict[str, Any]:
     """What AGENT did in one run, for the tables and texts that quote it: the correction weight gamma*c_t and the
     variance ratio Var(g_hat)/Var(g) of the probe batch (below 1: the correction reduced the gradient variance)
@@ -196,6 +210,7 @@ def _agent_columns(metrics: pd.DataFrame) -> dict[str, Any]:
     columns: dict[str, Any] = {}
     if "agent_weight" in metrics and metrics["agent_weight"].notna().any():
         columns["agent_weight_last"] = metrics["agent_weight"].dropna().iloc[-1]
+        columns["agent_weight_max"] = metrics["agent_weight"].dropna().abs().max()  # 0: the correction never acted
     if "agent_variance_ratio" in metrics and metrics["agent_variance_ratio"].notna().any():
         ratios = metrics.set_index("epoch")["agent_variance_ratio"].dropna()
         columns.update({"agent_variance_ratio_last": ratios.iloc[-1], "agent_variance_ratio_max": ratios.max(),
@@ -226,6 +241,20 @@ def run_flags(runs: pd.DataFrame) -> list[str]:
             flags.append(f"{len(names)} run(s) ended with validation clean accuracy at chance (below 1/classes + "
                          f"{CHANCE_MARGIN}): they learned nothing, and their robust accuracy means nothing: "
                          f"{', '.join(names)}")
+    if "chance" in runs and "test_clean_accuracy" in runs:  # what each run itself warned about at its end
+        level = (runs["chance"] + CHANCE_MARGIN).fillna(-math.inf)
+        at_chance = runs[runs["test_clean_accuracy"].fillna(math.inf) < level]
+        if not at_chance.empty:
+            names = sorted(at_chance["run_id"].unique())
+            flags.append(f"{len(names)} run(s) ended with test clean accuracy at chance (below 1/classes + "
+                         f"{CHANCE_MARGIN}): their robust accuracy means nothing: {', '.join(names)}")
+    if "agent_gamma" in runs and "agent_weight_max" in runs:
+        idle = runs[(runs["agent_gamma"].fillna(0) != 0) & (runs["agent_weight_max"].fillna(0) == 0)]
+        if not idle.empty:
+            names = sorted(idle["run_id"].unique())
+            flags.append(f"{len(names)} AGENT run(s) with γ > 0 whose correction weight γ·c_t was 0 in every epoch "
+                         "(c_t is 0 until the second snapshot refresh): they trained as γ = 0 did, so a γ comparison "
+                         f"of them shows nothing: {', '.join(names)}")
     if "agent_c_min" in runs:
         outside = runs[(runs["agent_c_min"] < 0) | (runs["agent_c_max"] > 1)].drop_duplicates("run_id")
         if not outside.empty:
@@ -289,6 +318,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "val_pgd_accuracy": last["val_pgd_accuracy"]})
             row["diverged"] = row["diverged"] or bool(last["train_loss"] != last["train_loss"])
             row["chance"] = _chance(run_dir)
+            row["agent_gamma"] = _agent_gamma(run_dir)
             row.update({column: last[column] for column in COST if column in metrics})  # before any evaluation
             if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
                 row["agent_c_min"], row["agent_c_max"] = metrics["agent_c"].min(), metrics["agent_c"].max()
@@ -688,11 +718,15 @@ def _gamma_figures(runs: pd.DataFrame, curves: pd.DataFrame, table: pd.DataFrame
     clean-robust trade-off labelled by γ."""
     paired = (paired_table(runs, keys, reference, correction, family) if (reference or default_reference(runs))
               else pd.DataFrame())
+    intervals = not paired.empty and bool(paired["low"].notna().any())  # one seed: rows, but no interval
+    caption = ("Per density: the mean over seeds and, as bars, the paired interval of the difference from γ = 0 "
+               "(the paired table above), simultaneous for its family (Bonferroni; the raw 95% interval with "
+               "--correction none), drawn about the mean; a bar clear of the dotted γ = 0 line is an established "
+               "difference." if intervals else
+               "Per density: the mean over seeds. No interval bars: a paired interval needs at least two seeds of "
+               "a setting and of its γ = 0 reference, and this sweep has fewer.")
     lines = _figure(plots.gamma_paired_figure(runs, curves, paired, keys, labels), out, "gamma_paired.png",
-                    "## Accuracy against γ, paired", "Per density: the mean over seeds and, as bars, the paired "
-                    "interval of the difference from γ = 0 (the paired table above), simultaneous for its family "
-                    "(Bonferroni; the raw 95% interval with --correction none), drawn about the mean; a bar clear "
-                    "of the dotted γ = 0 line is an established difference.")
+                    "## Accuracy against γ, paired" if intervals else "## Accuracy against γ", caption)
     if steps is not None:
         names = [c for c in steps.columns if " >= " in c and not c.endswith((" reached", " censored at"))]
         lines += _figure(plots.gamma_epochs_figure(steps, names, keys), out, "gamma_epochs.png",

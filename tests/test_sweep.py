@@ -246,3 +246,35 @@ def test_the_sweep_console_names_each_runs_log_and_reports_its_epochs(tmp_path, 
     assert epochs[-1] == "seed=0: epoch 2/2 done"  # the last one: nothing left, no ETA
     assert all(line.startswith(("seed=0: epoch 1/2 done, ETA ~", "seed=0: epoch 2/2 done")) for line in epochs)
     assert lines.index(epochs[-1]) < lines.index("seed=0: status done")
+
+
+def test_the_report_flags_what_the_runs_flagged_test_chance_and_an_idle_gamma():
+    """A run whose test clean accuracy is at chance (it warned at its end) and an AGENT run whose γ·c_t stayed 0
+    (c_t = 0 until the second refresh) are named in "Read this first"; γ = 0 and an acting γ are not."""
+    from robust_sparse.sweep_report import run_flags
+
+    runs = pd.DataFrame([
+        {"run_id": "a", "chance": 0.1, "val_clean_accuracy": 0.9, "test_clean_accuracy": 0.11,
+         "agent_gamma": 0.5, "agent_weight_max": 0.0},
+        {"run_id": "b", "chance": 0.1, "val_clean_accuracy": 0.9, "test_clean_accuracy": 0.90,
+         "agent_gamma": 0.0, "agent_weight_max": 0.0},
+        {"run_id": "c", "chance": 0.1, "val_clean_accuracy": 0.9, "test_clean_accuracy": 0.90,
+         "agent_gamma": 0.5, "agent_weight_max": 0.2},
+    ])
+    flags = run_flags(runs)
+    assert flags == [
+        "1 run(s) ended with test clean accuracy at chance (below 1/classes + 0.02): their robust accuracy means "
+        "nothing: a",
+        "1 AGENT run(s) with γ > 0 whose correction weight γ·c_t was 0 in every epoch (c_t is 0 until the second "
+        "snapshot refresh): they trained as γ = 0 did, so a γ comparison of them shows nothing: a"]
+
+
+def test_a_one_epoch_gamma_sweep_says_gamma_never_acted_and_refers_to_no_missing_table(tmp_path):
+    sweep_dir = tmp_path / "out"
+    run_sweep(load_sweep(write(tmp_path, overrides=TINY + ["agent.enabled=true", "optim.epochs=1"],
+                               grid={"agent.gamma": [0, 0.5], "seed": [0]})))
+    report = write_report(sweep_dir, tmp_path / "report").read_text()
+    assert "whose correction weight γ·c_t was 0 in every epoch" in report and "agent.gamma=0.5__seed=0" in report
+    # one seed: the paired table has no intervals, so the figure's caption promises no interval bars
+    assert "No interval bars: a paired interval needs at least two seeds" in report
+    assert "as bars, the paired interval" not in report
