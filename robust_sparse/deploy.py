@@ -235,8 +235,10 @@ def write_bytes(path: Path, data: bytes) -> None:
         stream.write(data)
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the decoded metadata of a file written by :func:`write_safetensors`."""
+def read_safetensors(path: str | Path, expected: str = SAFETENSORS_FORMAT,
+                     what: str = "a robust-sparse export") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the decoded metadata of a file written by :func:`write_safetensors` (or another of the
+    toolkit's safetensors files, whose metadata ``format`` is ``expected``); every failure one line."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -249,9 +251,9 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     except Exception as error:  # a truncated or foreign file: safetensors' own reason, in one line
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(error).__name__}: "
                               f"{_first_line(error)})") from None
-    if metadata.get("format") != SAFETENSORS_FORMAT:
-        raise CheckpointError(f"{path}: not a robust-sparse export (metadata format "
-                              f"{str(metadata.get('format'))[:60]!r}, expected {SAFETENSORS_FORMAT!r})")
+    if metadata.get("format") != expected:
+        raise CheckpointError(f"{path}: not {what} (metadata format {str(metadata.get('format'))[:60]!r}, "
+                              f"expected {expected!r})")
     return tensors, decode_metadata(metadata, path)
 
 

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from robust_sparse.deploy import ModelRecord, write_bytes
+from robust_sparse.deploy import ModelRecord, read_safetensors, write_bytes
 from robust_sparse.errors import CheckpointError, UserError
 
 DYNAMIC_FORMAT = "robust-sparse-dynamic/1"
@@ -208,25 +208,11 @@ def load_dynamic(path: str | Path, sparse_inference: bool = True) -> DynamicSubn
 
     ``sparse_inference``: also load each sub-net's sparse-inference model written beside it, so that forwards
     without gradients run sparse kernels (on the CPU); absent files leave the dense masked forward."""
-    from safetensors import safe_open
-
-    from robust_sparse.deploy import decode_metadata
-
     path = Path(path)
     file = path / DYNAMIC_FILE if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"{file}: no dynamic AST model here (export an AST checkpoint without --subnet)")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({type(error).__name__}: "
-                              f"{(str(error).strip().splitlines() or [''])[0][:200]})") from None
-    if metadata.get("format") != DYNAMIC_FORMAT:
-        raise CheckpointError(f"{file}: not a dynamic AST model (format {str(metadata.get('format'))[:60]!r}, "
-                              f"expected {DYNAMIC_FORMAT!r})")
-    meta = decode_metadata(metadata, file)
+    tensors, meta = read_safetensors(file, DYNAMIC_FORMAT, "a dynamic AST model")
     record = ModelRecord.from_json(meta.get("model"), str(file))
     state = {key[len("state."):]: value for key, value in tensors.items() if key.startswith("state.")}
     model = record.build_checked(str(file), state).eval()
