@@ -49,7 +49,7 @@ from robust_sparse import plugins, rundir
 from robust_sparse.checkpoint import check_output_dir, write_atomic
 from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict, load_config, parse_override,
                                   read_yaml, save_config, spell)
-from robust_sparse.config.validation import MAX_SEED, check_radius, check_range
+from robust_sparse.config.validation import MAX_SEED, check_radius, check_range, max_workers
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
 
@@ -189,9 +189,13 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         raise ConfigError(f"sweep base: config file not found: {base_path}")
     backend = spec.backend.value
     parallel, threads = spec.parallel, spec.threads
-    check_range("sweep parallel", parallel, 1, MAX_RUNS)
-    if threads < 0:
-        raise ConfigError(f"sweep threads = {threads!r}: must be >= 0 (0 = cores / parallel)")
+    # local processes and their threads run on this machine: bounded by what it can start (data.workers' bound);
+    # a Slurm array's parallelism is the cluster's to limit
+    processes = max_workers()
+    check_range("sweep parallel", parallel, 1, MAX_RUNS if backend == "slurm" else processes)
+    if not 0 <= threads <= processes:
+        raise ConfigError(f"sweep threads = {threads!r}: must be in 0..{processes} (0 = cores / parallel; the bound "
+                          f"is the larger of 64 and 4 per CPU, this machine has {os.cpu_count() or 1})")
     devices = spec.devices
     if not devices or not all(re.fullmatch(r"auto|cpu|cuda(:\d+)?", d) for d in devices):
         raise ConfigError(f"sweep devices: expected a list of auto, cpu, cuda or cuda:N, got {devices!r}")

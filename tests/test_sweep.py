@@ -278,3 +278,19 @@ def test_a_one_epoch_gamma_sweep_says_gamma_never_acted_and_refers_to_no_missing
     # one seed: the paired table has no intervals, so the figure's caption promises no interval bars
     assert "No interval bars: a paired interval needs at least two seeds" in report
     assert "as bars, the paired interval" not in report
+
+
+def test_local_sweep_processes_and_threads_are_bounded_by_the_machine(tmp_path):
+    """parallel local runs and threads per run start on this machine: 100,000 of them is one line, not a fork
+    bomb; a Slurm array's parallelism is the cluster's business."""
+    import os
+
+    from robust_sparse.config.validation import max_workers
+
+    bound = max_workers()
+    assert bound == max(64, 4 * (os.cpu_count() or 1))
+    with pytest.raises(ConfigError, match=rf"^sweep parallel = 100000: must be in 1\.\.{bound}$"):
+        load_sweep(write(tmp_path, grid={"seed": [0]}, parallel=100000))
+    with pytest.raises(ConfigError, match=rf"^sweep threads = 100000: must be in 0\.\.{bound} "):
+        load_sweep(write(tmp_path, grid={"seed": [0]}, threads=100000))
+    assert load_sweep(write(tmp_path, grid={"seed": [0]}, parallel=bound, threads=bound)).parallel == bound
