@@ -29,6 +29,9 @@ def test_a_duplicate_key_names_the_key_and_both_lines(tmp_path, capsys):
     line = one_line_error(["train", str(path), "--out", str(tmp_path / "run")], capsys)
     assert line.endswith(f"config file {path}: duplicate key 'lr' (line 4 and line 6); give each key once")
     assert not (tmp_path / "run").exists()
+    path.write_text("optim: {lr: 0.1, lr: 0.5}\n")  # a flow mapping: both on one line
+    line = one_line_error(["train", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert line.endswith(f"config file {path}: duplicate key 'lr' (twice on line 1); give each key once")
     # the same key in two different mappings, and a merge key overridden, are not duplicates
     path.write_text("base: &base {lr: 0.1}\noptim:\n  <<: *base\n  lr: 0.2\nother:\n  lr: 0.3\n")
     assert sweep_module.read_yaml(path)["optim"] == {"lr": 0.2}

@@ -36,13 +36,15 @@ class CheckedLoader(yaml.SafeLoader):
                 if key_node.tag == _MERGE_TAG:  # `<<: *base` keys may be overridden: that is what merging is for
                     continue
                 key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
                 try:
-                    earlier = first_line.setdefault(key, key_node.start_mark.line + 1)
+                    earlier = first_line.get(key)
+                    first_line.setdefault(key, line)
                 except TypeError:  # an unhashable key: SafeLoader's own error follows
                     continue
-                if earlier != key_node.start_mark.line + 1:
-                    raise _Refusal(f"duplicate key {key!r} (line {earlier} and line {key_node.start_mark.line + 1}); "
-                                   "give each key once")
+                if earlier is not None:  # on another line or the same one (a flow mapping: {a: 1, a: 2})
+                    where = f"line {earlier} and line {line}" if earlier != line else f"twice on line {line}"
+                    raise _Refusal(f"duplicate key {key!r} ({where}); give each key once")
         return super().construct_mapping(node, deep=deep)
 
 
