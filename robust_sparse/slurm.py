@@ -18,9 +18,17 @@ submitted through submitit, with no surprise:
   interruption (one SIGTERM stops a sweep even while sbatch hangs); sbatch's failure is one line with its own
   message;
 * job ids are recorded in ``SWEEP_DIR/slurm/jobs.json`` (atomically, right after submission); a rerun checks
-  every recorded id has Slurm's shape before any path is built from it, asks Slurm (sacct, then squeue) for
-  their state, waits on a job that is pending or running instead of submitting it again, and reports a job
-  that failed, was cancelled or timed out, with its log, before submitting the (resumable) run again;
+  every recorded id has Slurm's shape before any path is built from it, asks Slurm for their state (sacct
+  where the cluster keeps accounting, else scontrol or ``squeue -t all`` while Slurm remembers the job, else
+  what the run wrote), waits on a job that is pending or running instead of submitting it again, and says per
+  job what became of one that ended FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL or PREEMPTED (Slurm's
+  words, its exit code and signal, the log where one was written) before submitting the run again with
+  ``--resume`` from its last.pt;
+* while jobs are pending or running the sweep looks at them after 2 s, then less often while nothing changes
+  (up to ``slurm.poll_seconds``, 20 s by default), and rewrites runs.csv at each change; a cluster without
+  accounting is said once per sweep, and submitit's repeated sacct warnings are filtered;
+* a job's training ignores submitit's USR2 (90 s before the time limit) and saves last.pt on Slurm's SIGTERM
+  at the limit (TIMEOUT); a failed training ends its job with the training's exit status (FAILED);
 * a job's outcome is what its run wrote (its marker, or the evaluation stage's result) and Slurm's state,
   never submitit's result pickle: unpickling runs whatever the file names, and a file in the sweep directory
   is no proof of who wrote it. The sweep process reads no pickle at all (the jobs read their own submission).
@@ -39,8 +47,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +65,18 @@ log = logging.getLogger(__name__)
 # submitit's names shared by its executors (AutoExecutor), with their types
 SHARED = {"name": str, "timeout_min": int, "mem_gb": float, "nodes": int, "cpus_per_task": int, "gpus_per_node": int,
           "tasks_per_node": int, "stderr_to_stdout": bool}
-OWN = {"debug": bool}  # ours: run the jobs in this process (submitit's debug executor)
+OWN = {"debug": bool,  # ours: run the jobs in this process (submitit's debug executor)
+       "poll_seconds": float}  # ours: the longest wait between two looks at the jobs' states
 RECORD = "jobs.json"  # in SWEEP_DIR/slurm/: the job id of every submitted run, by stage
-# Slurm states of a job that is still queued or running: a rerun waits on it and never submits it again
+# Slurm states of a job that is still queued or running: a rerun waits on it and never submits it again. Not
+# PREEMPTED: a job Slurm requeues after a preemption shows as PENDING (or REQUEUED) again, so one that stays
+# PREEMPTED has ended and is submitted again, with --resume, like FAILED, CANCELLED and TIMEOUT
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-          "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "READY", "PREEMPTED"}
-POLL_SECONDS = 60.0  # between two state queries while the sweep waits on its jobs
+          "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "READY"}
+POLL_FIRST = 2.0  # seconds to the first look at the jobs after a submission or a change of state
+POLL_SECONDS = 20.0  # the longest wait between two looks (slurm.poll_seconds); runs.csv lags no more than this
+USR2_LEAD_SECONDS = 90  # submitit's #SBATCH --signal=USR2@90: Slurm's warning before a job's time limit
+SHORT_LIMIT_SECONDS = 180  # less than this after that warning: said once when the sweep file is read
 STAGES = {"status": "train", "eval": "eval"}  # the runs.csv column a stage writes -> its key in jobs.json
 COMMAND_SECONDS = 120.0  # the most sbatch, sacct or squeue may take; a busy controller answers within seconds
 # Slurm's job id shapes: 123, an array task 123_4, a pending array 123_[0-9%2]; nothing else becomes a path
@@ -132,8 +148,25 @@ def parameters(raw: dict[str, Any], where: str = "sweep slurm") -> dict[str, Any
     if gpus and tasks and gpus != tasks and "slurm_gpus_per_task" not in checked:
         raise ConfigError(f"{where}: tasks_per_node = {tasks} with gpus_per_node = {gpus}; each task is one rank "
                           f"on one GPU, so give them the same value (or only gpus_per_node)")
+    if "poll_seconds" in checked and not checked["poll_seconds"] > 0:
+        raise ConfigError(f"{where}.poll_seconds = {checked['poll_seconds']!r}: must be a number of seconds > 0")
     _script(_submission_parameters(checked, map_count=2), Path(tempfile.gettempdir()))  # submitit's own checks
+    _warn_short_limit(checked, where)
     return checked
+
+
+def _warn_short_limit(checked: dict[str, Any], where: str) -> None:
+    """One line when the time limit leaves under a few minutes after submitit's USR2 warning (90 s before it):
+    the training keeps going until Slurm's SIGTERM at the limit (train_task ignores USR2), so a limit that short
+    mostly stops runs midway."""
+    name = "slurm_time" if isinstance(checked.get("slurm_time"), int) else "timeout_min"
+    minutes = checked.get(name)
+    if isinstance(minutes, int) and minutes * 60 - USR2_LEAD_SECONDS < SHORT_LIMIT_SECONDS:
+        log.warning("%s.%s = %d: leaves %d s after submitit's time-limit warning (USR2, %d s before the limit); a "
+                    "run still training at the limit is stopped (TIMEOUT, last.pt kept, the next sweep run "
+                    "resumes it); give at least %d minutes", where, name, minutes,
+                    max(0, minutes * 60 - USR2_LEAD_SECONDS), USR2_LEAD_SECONDS,
+                    (USR2_LEAD_SECONDS + SHORT_LIMIT_SECONDS + 59) // 60)
 
 
 def _check_value(name: str, value: Any, where: str) -> None:
@@ -300,6 +333,13 @@ def train_task(config_path: Path, run_dir: Path, modules: tuple[str, ...], devic
 
     from robust_sparse import sweep
 
+    # submitit asks Slurm for USR2 90 s before the time limit and, for a function it cannot checkpoint, ends the
+    # job on it ("timed-out and not checkpointable", a FAILED job) while USR2's default action kills the
+    # training outright, without a save. Ignored here, and so in the training processes (an ignored signal stays
+    # ignored across exec): the run trains up to the limit, where Slurm's SIGTERM makes it save last.pt and
+    # Slurm itself reports TIMEOUT
+    if "SLURM_JOB_ID" in os.environ and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     environment = submitit.JobEnvironment()
     rank = 0
     if environment.num_tasks > 1:
@@ -308,13 +348,24 @@ def train_task(config_path: Path, run_dir: Path, modules: tuple[str, ...], devic
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         rank = environment.global_rank
     if rank == 0:
-        return sweep._run_local(config_path, run_dir, modules, device, threads)
+        return _exit_like(sweep._run_local(config_path, run_dir, modules, device, threads))
     env, device = sweep._child(device, threads, modules)
     log_path = run_dir / f"train.rank{rank}.log"
     with open(log_path, "a") as logfile:
         code = subprocess.run(sweep._command(config_path, run_dir, device), stdout=logfile,
                               stderr=subprocess.STDOUT, env=env).returncode
-    return "done" if code == 0 else f"failed ({code}, see {log_path})"
+    return "done" if code == 0 else _exit_like(f"failed ({code}, see {log_path})")
+
+
+def _exit_like(outcome: str) -> str:
+    """A job whose training failed ends with the training's exit status (128+N for a signal N), so that Slurm
+    reports it FAILED with that code; submitit would report a returned failure as a job that completed."""
+    failed = re.match(r"failed \((-?[0-9]+),", outcome)
+    if failed is None:
+        return outcome
+    code = int(failed.group(1))
+    log.error("training %s", outcome)
+    raise SystemExit(128 - code if code < 0 else code or 1)
 
 
 class _Records:
@@ -350,6 +401,19 @@ class _Records:
     def put(self, stage: str, entries: dict[str, dict[str, str]]) -> None:
         self.data.setdefault(stage, {}).update(entries)
         write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+
+    def seen(self, stage: str, run: str) -> str | None:
+        """The Slurm state the sweep saw last for the run's job: one of :data:`ENDED` or PENDING, else None (the
+        file is not trusted: anything else is ignored)."""
+        seen = (self.get(stage, run) or {}).get("seen")
+        return seen if seen in ENDED | {"PENDING"} else None
+
+    def note(self, stage: str, run: str, state: str) -> None:
+        """Keep the state the sweep saw last for the run's job (see :meth:`seen`)."""
+        entry = self.get(stage, run)
+        if entry is not None and entry.get("seen") != state:
+            entry["seen"] = state
+            write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
 
 def _log_path(folder: Path, job_id: str) -> Path:
@@ -469,50 +533,149 @@ def _executor_class():
     return Executor
 
 
-def _squeue_state(job_id: str) -> str | None:
-    """The state squeue shows for a job, "" when it no longer lists it, None when squeue does not answer."""
-    try:
-        result = _slurm(["squeue", "-h", "-o", "%T", "-j", job_id])
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if result.returncode != 0:
-        return "" if "Invalid job id" in result.stderr else None
-    lines = result.stdout.split()
-    return lines[0].strip().upper() if lines else ""
+@dataclass(frozen=True)
+class JobState:
+    """A job's state in Slurm's words (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY,
+    NODE_FAIL, PREEMPTED, ...), with what Slurm says of how it ended. Two words are ours: GONE (Slurm no longer
+    knows the job: it ended more than MinJobAge ago on a cluster without accounting, or it was an array task
+    cancelled while pending, which Slurm drops at once) and UNKNOWN (no Slurm command answered)."""
+
+    state: str
+    exit_code: int | None = None  # the batch script's exit status (ExitCode=N:S)
+    signal: int | None = None  # the signal that ended it, if one did (the S of ExitCode=N:S)
+    elapsed: str | None = None  # the time it ran, as Slurm writes it ([D-]HH:MM:SS)
 
 
-def _sacct_states(job_ids: list[str]) -> dict[str, str]:
-    """The state sacct reports for each job it lists ("CANCELLED by 42" -> CANCELLED); none when sacct is
-    absent (a cluster without accounting), fails or does not answer in time."""
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    command = ["sacct", "-o", "JobID,State,NodeList", "--parsable2"]
-    for base in sorted({job_id.split("_")[0] for job_id in job_ids}):  # an array's id lists all its tasks
-        command += ["-j", base]
-    try:
-        result = _slurm(command)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        log.debug("sacct: %s; asking squeue", error)
-        return {}
-    if result.returncode != 0:
-        return {}
-    listed = SlurmInfoWatcher().read_info(result.stdout)  # submitit's parser: array ranges, steps skipped
-    return {job_id: listed[job_id]["State"].split()[0].upper() for job_id in job_ids
-            if (listed.get(job_id) or {}).get("State")}
+GONE, UNKNOWN = JobState("GONE"), JobState("UNKNOWN")
+# Slurm's words for a job that has ended; the last one the sweep saw is kept in jobs.json ("seen"), for when
+# Slurm has forgotten the job by the next sweep run
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
 
 
-def _states(job_ids: list[str]) -> dict[str, str]:
-    """Every job's Slurm state: sacct's, squeue's for a job sacct does not list; GONE when neither lists it any
-    more, UNKNOWN when neither answers."""
-    listed = _sacct_states(job_ids)
-    states = {}
-    for job_id in job_ids:
-        state = listed.get(job_id, "UNKNOWN")
-        if state == "UNKNOWN":
-            queued = _squeue_state(job_id)
-            state = "UNKNOWN" if queued is None else queued or "GONE"
-        states[job_id] = state
-    return states
+def _exit_code(text: str | None) -> tuple[int | None, int | None]:
+    """Slurm's ExitCode ``N:S`` as (exit status, signal or None)."""
+    found = re.fullmatch(r"([0-9]+):([0-9]+)", (text or "").strip())
+    if found is None:
+        return None, None
+    return int(found.group(1)), int(found.group(2)) or None
+
+
+def _expand(job_id: str) -> list[str]:
+    """The array tasks an id names: ``7_[0-3%2]`` or ``7_0-3`` -> 7_0 ... 7_3; any other id as it is."""
+    found = re.fullmatch(r"([0-9]+)_\[?([0-9,-]+)(?:%[0-9]+)?\]?", job_id)
+    if found is None or found.group(2).isdigit():
+        return [job_id]
+    tasks = []
+    for part in found.group(2).split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit():
+            tasks += [f"{found.group(1)}_{task}" for task in range(int(low), int(high or low) + 1)]
+    return tasks
+
+
+class _Queries:
+    """Slurm's answers about a sweep's jobs, in the order they can be trusted: sacct where the cluster keeps
+    accounting; otherwise scontrol (squeue -t all where scontrol does not answer) while Slurm still remembers
+    the job; a job neither knows is GONE and its outcome comes from what the run wrote (see :func:`_outcome`).
+    A cluster without accounting is said once per sweep, and sacct is not asked again."""
+
+    _said: set[str] = set()  # sweep directories already told that the cluster keeps no accounting
+
+    def __init__(self, sweep_dir: Path | None = None) -> None:
+        self.sweep_dir = str(sweep_dir)
+        self.accounting: bool | None = None  # unknown until sacct answers
+
+    def states(self, job_ids: list[str]) -> dict[str, JobState]:
+        states = self._sacct(job_ids) if self.accounting is not False else {}
+        rest = [job_id for job_id in job_ids if job_id not in states]
+        if rest:
+            remembered = self._scontrol(rest)
+            if remembered is None:
+                remembered = self._squeue(rest)
+            for job_id in rest:
+                states[job_id] = UNKNOWN if remembered is None else remembered.get(job_id, GONE)
+        return states
+
+    def _sacct(self, job_ids: list[str]) -> dict[str, JobState]:
+        command = ["sacct", "-o", "JobID,State,ExitCode,Elapsed", "--parsable2"]
+        for base in sorted({job_id.split("_")[0] for job_id in job_ids}):  # an array's id lists all its tasks
+            command += ["-j", base]
+        try:
+            result = _slurm(command)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.debug("sacct: %s; asking scontrol", error)
+            return {}
+        if result.returncode != 0:
+            message = _one_line(result.stderr or result.stdout)
+            if "accounting storage is disabled" in message.lower():
+                self.accounting = False
+                if self.sweep_dir not in self._said:
+                    self._said.add(self.sweep_dir)
+                    log.info("slurm: this cluster keeps no accounting (sacct: %s): job states come from scontrol "
+                             "while Slurm remembers a job (its MinJobAge), then from what the run wrote", message)
+            else:
+                log.debug("sacct failed (exit %s): %s; asking scontrol", result.returncode, message)
+            return {}
+        self.accounting = True
+        from submitit.slurm.slurm import SlurmInfoWatcher
+
+        listed = SlurmInfoWatcher().read_info(result.stdout)  # submitit's parser: array ranges, steps skipped
+        states = {}
+        for job_id in job_ids:
+            info = listed.get(job_id) or {}
+            if info.get("State"):
+                code, signal_number = _exit_code(info.get("ExitCode"))
+                states[job_id] = JobState(info["State"].split()[0].upper(), code, signal_number,
+                                          info.get("Elapsed") or None)
+        return states
+
+    def _scontrol(self, job_ids: list[str]) -> dict[str, JobState] | None:
+        """What ``scontrol show job`` says of the jobs it still knows; None when it does not answer."""
+        states: dict[str, JobState] = {}
+        for base in sorted({job_id.split("_")[0] for job_id in job_ids}):  # one call lists an array's tasks
+            try:
+                result = _slurm(["scontrol", "-o", "show", "job", base])
+            except (OSError, subprocess.TimeoutExpired) as error:
+                log.debug("scontrol: %s; asking squeue", error)
+                return None
+            if result.returncode != 0:
+                if "Invalid job id" in result.stderr:
+                    continue  # forgotten (MinJobAge), or never known
+                log.debug("scontrol failed (exit %s): %s", result.returncode, _one_line(result.stderr))
+                return None
+            for line in result.stdout.splitlines():
+                fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+                if "JobState" not in fields:
+                    continue
+                task = fields.get("ArrayTaskId")
+                named = (_expand(f"{fields.get('ArrayJobId')}_{task}") if task and task != "N/A"
+                         else [fields.get("JobId", "")])
+                code, signal_number = _exit_code(fields.get("ExitCode"))
+                for job_id in named:
+                    states[job_id] = JobState(fields["JobState"].upper(), code, signal_number, fields.get("RunTime"))
+        return states
+
+    def _squeue(self, job_ids: list[str]) -> dict[str, JobState] | None:
+        """squeue's view, ended jobs included (``-t all``), where scontrol does not answer; None if neither."""
+        try:
+            result = _slurm(["squeue", "-h", "-t", "all", "-o", "%i|%T|%M", "-j", ",".join(job_ids)])
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if result.returncode != 0:
+            return {} if "Invalid job id" in result.stderr else None
+        states = {}
+        for line in result.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3:
+                for job_id in _expand(parts[0]):
+                    states[job_id] = JobState(parts[1].upper(), elapsed=parts[2])
+        return states
+
+
+def _states(job_ids: list[str]) -> dict[str, JobState]:
+    """Every job's state (see :class:`_Queries`)."""
+    return _Queries().states(job_ids)
 
 
 def _finished(column: str, arguments: tuple) -> str | None:
@@ -531,14 +694,91 @@ def _run_log(column: str, arguments: tuple) -> Path:
     return arguments[1] / "train.log" if column == "status" else arguments[0] / "eval.log"
 
 
-def _outcome(folder: Path, job_id: str, state: str, column: str, arguments: tuple) -> str:
-    """What a job that ended says: the run's own record, else the Slurm state with the log to read."""
+def _kept(column: str, arguments: tuple) -> str:
+    """What a stopped run keeps for the next sweep run: its last.pt (training resumes from it) or nothing."""
+    if column == "status" and (arguments[1] / "last.pt").is_file():
+        return "last.pt kept, the next sweep run resumes from it"
+    return "the next sweep run starts it again"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _how_it_ended(job: JobState) -> str:
+    """Slurm's exit code and signal in words: ``exit code 137 (128+9: SIGKILL)``."""
+    if job.signal:
+        return f"killed by {_signal_name(job.signal)}"
+    if job.exit_code is None:
+        return "exit code unknown"
+    if job.exit_code > 128:
+        return f"exit code {job.exit_code} (128+{job.exit_code - 128}: {_signal_name(job.exit_code - 128)})"
+    return f"exit code {job.exit_code}"
+
+
+def _effective(job: JobState, seen: str | None, started: bool) -> JobState:
+    """What a job Slurm no longer knows (GONE) had become, from the state the sweep saw last: Slurm drops an
+    array task cancelled while pending at once (scancel 7_1 leaves no record of it, not even in scontrol), and
+    forgets every ended job after MinJobAge on a cluster without accounting."""
+    if job.state != "GONE":
+        return job
+    if seen == "PENDING" and not started:
+        return JobState("CANCELLED")
+    return JobState(seen) if seen in ENDED else job
+
+
+def _outcome(folder: Path, job_id: str, job: JobState, column: str, arguments: tuple,
+             seen: str | None = None) -> str:
+    """What a job that ended says: the run's own record, else Slurm's state in Slurm's words, with the log to
+    read where there is one (a job that never started has none, and none is named). ``seen``: the state the
+    sweep saw last, which tells a pending array task that Slurm dropped (cancelled) from one it forgot."""
     finished = _finished(column, arguments)
     if finished is not None:
         return finished
+    logfile = _log_path(folder, job_id)
+    started = os.path.lexists(logfile)
+    job = _effective(job, seen, started)
+    state = job.state
+    see = f", see {logfile}" if started else ""
+    after = f" after {job.elapsed}" if job.elapsed and started else ""
+    kept = _kept(column, arguments)
     if state == "COMPLETED":  # the job ran its command, which did not finish the run: the run's log says why
         return f"failed (slurm job {job_id} COMPLETED without finishing the run, see {_run_log(column, arguments)})"
-    return f"failed (slurm job {job_id} {state}, see {_log_path(folder, job_id)})"
+    if state == "CANCELLED":
+        when = f"{after}; {kept}" if started else " while pending; it never started"
+        return f"cancelled (slurm job {job_id} CANCELLED{when})"
+    if state == "TIMEOUT":
+        return f"time limit (slurm job {job_id} TIMEOUT: stopped at its time limit{after}; {kept}{see})"
+    if state == "FAILED":
+        return f"failed (slurm job {job_id} FAILED, {_how_it_ended(job)}{see})"
+    if state == "OUT_OF_MEMORY":
+        return f"out of memory (slurm job {job_id} OUT_OF_MEMORY{after}: raise mem_gb; {kept}{see})"
+    if state in ("NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+        return f"{state.lower().replace('_', ' ')} (slurm job {job_id} {state}{after}; {kept}{see})"
+    if state == "GONE":
+        return (f"gone (slurm job {job_id}: Slurm no longer knows it (it ended more than MinJobAge ago, or was "
+                f"cancelled while pending) and the run has not finished; "
+                + (f"{kept}{see})" if started else "it never started)"))
+    return f"failed (slurm job {job_id} {state}{see})"
+
+
+class _Quiet(logging.Filter):
+    """submitit's own sacct polling says "Bypassing sacct error ..., status may be inaccurate" on every call
+    on a cluster without accounting; the sweep says that once, in its own words (:class:`_Queries`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Bypassing sacct error" not in record.getMessage()
+
+
+def _quiet_submitit() -> None:
+    import submitit.core.logger  # noqa: F401  (creates submitit's logger, which holds its own handlers)
+
+    logger = logging.getLogger("submitit")
+    if not any(isinstance(existing, _Quiet) for existing in logger.filters):
+        logger.addFilter(_Quiet())
 
 
 def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, write_index) -> None:
@@ -546,6 +786,7 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
     submitit = _submitit()
     checked = _named(sweep.slurm, sweep.out_dir)
     debug = checked.pop("debug", False)
+    poll = float(checked.pop("poll_seconds", POLL_SECONDS))
     stage = STAGES[column]
     if stage == "eval":
         checked = _single_task(checked)
@@ -559,18 +800,20 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
             write_index()
         return
     check_submission(checked, out_dir=sweep.out_dir)
+    _quiet_submitit()
+    queries = _Queries(sweep.out_dir)
     records = _Records(folder)
     recorded = {row: records.get(stage, index.loc[row, "run_id"]) for row, *_ in todo}
     ids = [entry["job_id"] for entry in recorded.values() if entry]
-    states = _states(ids) if ids else {}
+    states = queries.states(ids) if ids else {}
     waiting: dict[int, tuple[str, tuple]] = {}  # row -> (job id, the job's arguments)
     fresh = []
     for row, *arguments in todo:
         run, entry = index.loc[row, "run_id"], recorded[row]
-        state = states.get(entry["job_id"]) if entry else None
-        if state == "UNKNOWN":  # neither sacct nor squeue answers: it may still train, so no second job
-            index.loc[row, column] = (f"unknown (slurm job {entry['job_id']}: neither sacct nor squeue answers; not "
-                                      f"submitted again, remove it from {records.path} to resubmit)")
+        state = states[entry["job_id"]].state if entry else None
+        if state == "UNKNOWN":  # no Slurm command answers: it may still train, so no second job
+            index.loc[row, column] = (f"unknown (slurm job {entry['job_id']}: neither sacct, scontrol nor squeue "
+                                      f"answers; not submitted again, remove it from {records.path} to resubmit)")
             log.warning("%s: %s", run, index.loc[row, column])
             continue
         if state in ACTIVE:  # never a second job for a run whose job is queued or training: wait on it
@@ -580,8 +823,11 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
             waiting[row] = (entry["job_id"], tuple(arguments))
             continue
         if entry:  # ended without finishing the run (failed, cancelled, timed out, or the training failed)
-            log.warning("%s: previous attempt: %s; submitting the run again", run,
-                        _outcome(folder, entry["job_id"], state, column, tuple(arguments)))
+            outcome = _outcome(folder, entry["job_id"], states[entry["job_id"]], column, tuple(arguments),
+                               records.seen(stage, run))
+            resume = ("with --resume from its last.pt" if column == "status" and (arguments[1] / "last.pt").is_file()
+                      else "from the start")
+            log.warning("%s: previous attempt: %s; submitting the run again, %s", run, outcome, resume)
         fresh.append((row, arguments))
     if fresh:
         executor = _executor_class()(folder)
@@ -596,23 +842,40 @@ def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, writ
             index.loc[row, column] = f"submitted (slurm job {submitted.job_id})"
             waiting[row] = (submitted.job_id, tuple(arguments))
     write_index()  # a killed sweep leaves the job ids in runs.csv too
-    _wait(waiting, folder, index, column, write_index)
+    _wait(waiting, folder, index, column, write_index, queries, poll,
+          lambda row, state: records.note(stage, index.loc[row, "run_id"], state))
 
 
 def _wait(waiting: dict[int, tuple[str, tuple]], folder: Path, index: pd.DataFrame, column: str,
-          write_index) -> None:
-    """Until every job has ended: its outcome into ``column`` as it ends (or as soon as its run has finished)."""
+          write_index, queries: _Queries | None = None, poll: float = POLL_SECONDS, note=None) -> None:
+    """Until every job has ended: its state into ``column`` (and runs.csv) at each change, its outcome as it
+    ends (or as soon as its run has finished). Slurm is asked after :data:`POLL_FIRST` seconds, then at
+    intervals that double while nothing changes, up to ``poll`` (the sweep file's ``slurm.poll_seconds``),
+    and shrink back at each change: quick answers for short jobs, few queries for long ones. ``note(row,
+    state)`` keeps each job's last state in jobs.json, for a rerun after Slurm has forgotten the job."""
+    queries = queries or _Queries()
+    interval = min(POLL_FIRST, poll)
+    seen: dict[int, str] = {}  # row -> the state seen last (a pending array task Slurm drops was cancelled)
     while waiting:
-        states = _states([job_id for job_id, _ in waiting.values()])
+        states = queries.states([job_id for job_id, _ in waiting.values()])
+        changed = False
         for row, (job_id, arguments) in list(waiting.items()):
-            state = states[job_id]
-            if _finished(column, arguments) is not None or state not in ACTIVE | {"UNKNOWN"}:
-                index.loc[row, column] = _outcome(folder, job_id, state, column, arguments)
+            job = states[job_id]
+            if _finished(column, arguments) is not None or job.state not in ACTIVE | {"UNKNOWN"}:
+                index.loc[row, column] = _outcome(folder, job_id, job, column, arguments, seen.get(row))
                 log.info("%s: %s %s", index.loc[row, "run_id"], column, index.loc[row, column])
                 del waiting[row]
                 write_index()
-            elif index.loc[row, column] != f"{state.lower()} (slurm job {job_id})":
-                index.loc[row, column] = f"{state.lower()} (slurm job {job_id})"
+                changed = True
+            elif index.loc[row, column] != f"{job.state.lower()} (slurm job {job_id})":
+                index.loc[row, column] = f"{job.state.lower()} (slurm job {job_id})"
                 write_index()
+                changed = True
+            if job.state not in ("UNKNOWN", "GONE"):
+                seen[row] = job.state
+            ended = _effective(job, seen.get(row), os.path.lexists(_log_path(folder, job_id))).state
+            if note is not None and ended in ENDED | {"PENDING"}:
+                note(row, ended)
         if waiting:
-            time.sleep(POLL_SECONDS)
+            interval = min(POLL_FIRST, poll) if changed else min(interval * 2, poll)
+            time.sleep(interval)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,25 @@ def snapshot(directory: Path) -> dict[str, str]:
     """Every file under ``directory`` by content hash: a refused command must leave it byte-identical."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Path:
+    """The slurm.conf of the one-node cluster that ``tests/cluster/slurm.sh start`` runs, once its node answers
+    in sinfo; the tests marked ``slurm`` skip with the reason when it is not there."""
+    conf = Path(os.environ.get("ROBUST_SPARSE_SLURM_DIR", "/tmp/robust-sparse-slurm")) / "slurm.conf"
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        pytest.skip("Slurm is not installed (Debian: apt-get install slurm-wlm munge; then tests/cluster/slurm.sh "
+                    "start)")
+    if not conf.is_file():
+        pytest.skip(f"the test cluster is not running (no {conf}): tests/cluster/slurm.sh start")
+    try:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], env=dict(os.environ, SLURM_CONF=str(conf)),
+                                capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.skip("the test cluster does not answer sinfo within 20 s: tests/cluster/slurm.sh stop; ... start")
+    states = answer.stdout.split()
+    if answer.returncode != 0 or not set(states) & {"idle", "mix", "alloc"}:
+        pytest.skip(f"the test cluster's node is not up (sinfo: {(answer.stderr or answer.stdout).strip() or 'none'}"
+                    f"): tests/cluster/slurm.sh start")
+    return conf

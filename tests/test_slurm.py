@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -37,7 +36,8 @@ def _script(path, text):
 def fake_slurm(tmp_path, monkeypatch):
     """sbatch (keeps each submission script, prints job ids from 101 on), srun, sacct (prints ``states``, then
     swaps in ``next_states`` if there is one, and runs ``after_sacct`` once if there is one: what a job does
-    between two queries) and squeue (lists nothing) on PATH."""
+    between two queries; lines of JobID|State|ExitCode|Elapsed), scontrol and squeue (know no job) first on
+    PATH, ahead of a real Slurm if this machine has one (tests/test_slurm_cluster.py uses that one)."""
     fake = tmp_path / "fake"
     bin_dir = fake / "bin"
     bin_dir.mkdir(parents=True)
@@ -47,14 +47,13 @@ cp "$1" {fake}/submission_$n.sh
 echo "Submitted batch job $n"
 """)
     _script(bin_dir / "srun", "exit 0\n")
-    _script(bin_dir / "sacct", f"""echo 'JobID|State|NodeList'
+    _script(bin_dir / "sacct", f"""echo 'JobID|State|ExitCode|Elapsed'
 cat {fake}/states 2>/dev/null
 if [ -f {fake}/next_states ]; then mv {fake}/next_states {fake}/states; fi
 if [ -f {fake}/after_sacct ]; then sh {fake}/after_sacct; rm {fake}/after_sacct; fi
 """)
     _script(bin_dir / "squeue", "exit 0\n")
-    if any(shutil.which(name) for name in ("sbatch", "srun", "sacct", "squeue")):
-        pytest.skip("a real Slurm is on PATH; these tests use fake commands")
+    _script(bin_dir / "scontrol", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1\n")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(slurm, "POLL_SECONDS", 0.0)
     submitit.SlurmJob.watcher.clear()
@@ -116,7 +115,10 @@ def test_dry_run_prints_and_checks_the_submitit_parameters_and_commands(tmp_path
 
 
 def test_a_sweep_is_one_job_array_of_multi_task_jobs_with_its_ids_recorded(tmp_path, fake_slurm):
-    (fake_slurm / "states").write_text("101_0|FAILED|node1\n101_1|CANCELLED by 1000|node2\n")
+    (fake_slurm / "states").write_text("101_0|FAILED|137:0|00:00:07\n101_1|CANCELLED by 1000|0:15|00:00:03\n")
+    folder = tmp_path / "out" / "slurm"
+    # both jobs started (their logs exist) by the time sacct answers
+    (fake_slurm / "after_sacct").write_text(f"touch '{folder}/101_0_0_log.err' '{folder}/101_1_0_log.err'\n")
     sweep = load_sweep(_sweep_file(tmp_path))
     index = run_sweep(sweep)
     (script,) = _submissions(fake_slurm)  # one sbatch call: the array
@@ -124,7 +126,6 @@ def test_a_sweep_is_one_job_array_of_multi_task_jobs_with_its_ids_recorded(tmp_p
     for flag in ("--array=0-1%2", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8",
                  "--partition=gpu", "--time=60", "--job-name=robust-sparse-out"):  # named after the sweep directory
         assert f"#SBATCH {flag}" in text
-    folder = tmp_path / "out" / "slurm"
     recorded = json.loads((folder / "jobs.json").read_text())["train"]
     assert {run: entry["job_id"] for run, entry in recorded.items()} == {"seed=0": "101_0", "seed=1": "101_1"}
     for seed, job_id in ((0, "101_0"), (1, "101_1")):
@@ -132,8 +133,10 @@ def test_a_sweep_is_one_job_array_of_multi_task_jobs_with_its_ids_recorded(tmp_p
         assert submission.function is slurm.train_task
         assert submission.args[:2] == (tmp_path / "out" / "runs" / f"seed={seed}" / "requested.yaml",
                                        tmp_path / "out" / "runs" / f"seed={seed}")
-    assert list(index["status"]) == [f"failed (slurm job 101_0 FAILED, see {folder / '101_0_0_log.err'})",
-                                     f"failed (slurm job 101_1 CANCELLED, see {folder / '101_1_0_log.err'})"]
+    # Slurm's words: the exit code and the signal it stands for; a cancelled job is cancelled, not failed
+    assert list(index["status"]) == [
+        f"failed (slurm job 101_0 FAILED, exit code 137 (128+9: SIGKILL), see {folder / '101_0_0_log.err'})",
+        "cancelled (slurm job 101_1 CANCELLED after 00:00:03; the next sweep run starts it again)"]
     assert list(pd.read_csv(tmp_path / "out" / "runs.csv")["status"]) == list(index["status"])
 
 
@@ -148,8 +151,12 @@ def test_a_rerun_waits_on_recorded_jobs_that_are_queued_or_running_and_resubmits
                                                             for s in (0, 1, 2)}}))  # ... with its job ids
     # 101_0 is queued, then cancelled; 101_1 runs, then finishes its run (the marker its rank 0 writes); 101_2
     # failed
-    (fake_slurm / "states").write_text("101_0|PENDING|\n101_1|RUNNING|node1\n101_2|FAILED|node2\n")
-    (fake_slurm / "next_states").write_text("101_0|CANCELLED|\n101_1|COMPLETED|node1\n102|FAILED|node3\n")
+    (fake_slurm / "states").write_text("101_0|PENDING|0:0|00:00:00\n101_1|RUNNING|0:0|00:00:04\n"
+                                       "101_2|FAILED|1:0|00:00:09\n")
+    (fake_slurm / "next_states").write_text("101_0|CANCELLED|0:0|00:00:00\n101_1|COMPLETED|0:0|00:00:10\n"
+                                            "102|FAILED|1:0|00:00:02\n")
+    (folder / "101_2_0_log.err").touch()  # 101_2 ran and wrote a log, and its run a last.pt
+    (tmp_path / "out" / "runs" / "seed=2" / "last.pt").touch()
     (fake_slurm / "after_sacct").write_text(f"echo '{{}}' > '{tmp_path / 'out' / 'runs' / 'seed=1' / 'done.json'}'\n")
     (fake_slurm / "counter").write_text("102")
     with caplog.at_level(logging.INFO, logger="robust_sparse"):
@@ -157,10 +164,11 @@ def test_a_rerun_waits_on_recorded_jobs_that_are_queued_or_running_and_resubmits
     (script,) = _submissions(fake_slurm)  # only the failed run was submitted again, as one job (not an array)
     assert "--array" not in script.read_text() and "--ntasks-per-node=4" in script.read_text()
     assert "slurm job 101_0 is pending; waiting on it, not submitting it again" in caplog.text
-    assert (f"seed=2: previous attempt: failed (slurm job 101_2 FAILED, see {folder / '101_2_0_log.err'}); "
-            "submitting the run again") in caplog.text
-    assert list(index["status"]) == [f"failed (slurm job 101_0 CANCELLED, see {folder / '101_0_0_log.err'})",
-                                     "done", f"failed (slurm job 102 FAILED, see {folder / '102_0_log.err'})"]
+    assert (f"seed=2: previous attempt: failed (slurm job 101_2 FAILED, exit code 1, see "
+            f"{folder / '101_2_0_log.err'}); submitting the run again, with --resume from its last.pt") in caplog.text
+    # 101_0 never started: no log is named; 102 wrote none either
+    assert list(index["status"]) == ["cancelled (slurm job 101_0 CANCELLED while pending; it never started)",
+                                     "done", "failed (slurm job 102 FAILED, exit code 1)"]
     assert json.loads((folder / "jobs.json").read_text())["train"]["seed=2"]["job_id"] == "102"
 
 
@@ -287,14 +295,15 @@ def test_a_crafted_result_pickle_is_never_run_the_runs_own_record_decides(tmp_pa
     marker = tmp_path / "payload-ran"
     for job_id in ("101_0", "101_1"):  # both ids ordinary: one job ended, one ends while the sweep waits on it
         _crafted(folder / f"{job_id}_0_result.pkl", marker)
-    (fake_slurm / "states").write_text("101_0|COMPLETED|node1\n101_1|RUNNING|node2\n")
-    (fake_slurm / "next_states").write_text("101_0|COMPLETED|node1\n101_1|COMPLETED|node2\n102|FAILED|node3\n")
+    (fake_slurm / "states").write_text("101_0|COMPLETED|0:0|00:00:05\n101_1|RUNNING|0:0|00:00:05\n")
+    (fake_slurm / "next_states").write_text("101_0|COMPLETED|0:0|00:00:05\n101_1|COMPLETED|0:0|00:00:09\n"
+                                            "102|FAILED|1:0|00:00:01\n")
     (fake_slurm / "counter").write_text("102")
     index = run_sweep(load_sweep(path))
     assert not marker.exists()  # no pickle was unpickled
     runs = tmp_path / "out" / "runs"
     # neither run wrote its marker, so neither counts as done, whatever the pickles claim
-    assert list(index["status"]) == [f"failed (slurm job 102 FAILED, see {folder / '102_0_log.err'})",
+    assert list(index["status"]) == ["failed (slurm job 102 FAILED, exit code 1)",
                                      f"failed (slurm job 101_1 COMPLETED without finishing the run, see "
                                      f"{runs / 'seed=1' / 'train.log'})"]
 
@@ -418,16 +427,17 @@ def test_sbatch_and_the_slurm_queries_run_with_a_time_limit(tmp_path, fake_slurm
 
     monkeypatch.setattr(slurm, "COMMAND_SECONDS", 1.0)
     bin_dir = fake_slurm / "bin"
-    _script(bin_dir / "sacct", "sleep 30\n")  # a hung accounting daemon: squeue answers instead
-    _script(bin_dir / "squeue", "echo RUNNING\n")
+    _script(bin_dir / "sacct", "sleep 30\n")  # a hung accounting daemon and a hung scontrol: squeue answers
+    _script(bin_dir / "scontrol", "sleep 30\n")
+    _script(bin_dir / "squeue", "echo '5|RUNNING|0:05'\n")
     start = time.monotonic()
-    assert slurm._states(["5"]) == {"5": "RUNNING"}
+    assert slurm._states(["5"]) == {"5": slurm.JobState("RUNNING", elapsed="0:05")}
     _script(bin_dir / "squeue", "sleep 30\n")
-    assert slurm._states(["5"]) == {"5": "UNKNOWN"}  # neither answers: not resubmitted (see submit)
+    assert slurm._states(["5"]) == {"5": slurm.UNKNOWN}  # none answers: not resubmitted (see submit)
     _script(bin_dir / "sbatch", "sleep 30\n")
     line = one_line_error(["sweep", str(_sweep_file(tmp_path))], capsys)
     assert "sbatch did not answer within 1 s and was stopped" in line and "check squeue" in line
-    assert time.monotonic() - start < 20  # three 30-second hangs, each stopped after 1 s
+    assert time.monotonic() - start < 20  # six 30-second hangs, each stopped after 1 s
 
 
 def test_one_sigterm_stops_a_sweep_while_sbatch_hangs(tmp_path, fake_slurm):
@@ -481,3 +491,126 @@ def _gone(pid, wait=5.0):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
+
+
+def test_a_rerun_says_per_job_what_became_of_it_and_resubmits_it_with_resume(tmp_path, fake_slurm, caplog):
+    """Fake commands for states one node of the test cluster (tests/test_slurm_cluster.py) cannot produce:
+    NODE_FAIL and PREEMPTED need other nodes or a preemption policy, OUT_OF_MEMORY a memory cgroup."""
+    path = _sweep_file(tmp_path, seeds=(0, 1, 2, 3))
+    run_sweep(load_sweep(path), dry_run=True)
+    folder = tmp_path / "out" / "slurm"
+    folder.mkdir()
+    (folder / "jobs.json").write_text(json.dumps({"train": {f"seed={s}": {"job_id": f"101_{s}"} for s in range(4)}}))
+    for seed in range(4):
+        (folder / f"101_{seed}_0_log.err").touch()
+        if seed != 2:
+            (tmp_path / "out" / "runs" / f"seed={seed}" / "last.pt").touch()
+    (fake_slurm / "states").write_text("101_0|NODE_FAIL|0:0|00:03:00\n101_1|PREEMPTED|0:0|00:01:00\n"
+                                       "101_2|OUT_OF_MEMORY|0:125|00:00:40\n101_3|TIMEOUT|0:0|01:00:12\n")
+    (fake_slurm / "counter").write_text("102")
+    with caplog.at_level(logging.INFO, logger="robust_sparse"):
+        run_sweep(load_sweep(path))
+    kept = "last.pt kept, the next sweep run resumes from it"
+    for run, said in [("seed=0", f"node fail (slurm job 101_0 NODE_FAIL after 00:03:00; {kept}"),
+                      ("seed=1", f"preempted (slurm job 101_1 PREEMPTED after 00:01:00; {kept}"),
+                      ("seed=2", "out of memory (slurm job 101_2 OUT_OF_MEMORY after 00:00:40: raise mem_gb; the "
+                                 "next sweep run starts it again"),
+                      ("seed=3", f"time limit (slurm job 101_3 TIMEOUT: stopped at its time limit after 01:00:12; "
+                                 f"{kept}")]:
+        resume = "from the start" if run == "seed=2" else "with --resume from its last.pt"
+        assert f"{run}: previous attempt: {said}, see {folder / (run.replace('seed=', '101_') + '_0_log.err')}); " \
+               f"submitting the run again, {resume}" in caplog.text
+    (script,) = _submissions(fake_slurm)
+    assert "--array=0-3" in script.read_text()  # all four again, as one array
+
+
+def test_without_accounting_states_come_from_scontrol_and_it_is_said_once(tmp_path, fake_slurm, caplog):
+    bin_dir = fake_slurm / "bin"
+    _script(bin_dir / "sacct", f"echo x >> {fake_slurm}/sacct_calls\n"
+                               "echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1\n")
+    # scontrol -o: one line per record; the array's pending tasks share one record (ArrayTaskId=1-3%2)
+    _script(bin_dir / "scontrol", """echo 'JobId=7 ArrayJobId=7 ArrayTaskId=1-3%2 JobState=PENDING Reason=Resources \
+ExitCode=0:0 RunTime=00:00:00'
+echo 'JobId=8 ArrayJobId=7 ArrayTaskId=0 JobState=FAILED Reason=NonZeroExitCode ExitCode=0:9 RunTime=00:00:05'
+""")
+    queries = slurm._Queries(tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="robust_sparse"):
+        for _ in range(3):
+            states = queries.states(["7_0", "7_2", "7_5"])
+        slurm._Queries(tmp_path / "out").states(["7_0"])  # the same sweep's evaluation stage
+    assert states == {"7_0": slurm.JobState("FAILED", 0, 9, "00:00:05"),
+                      "7_2": slurm.JobState("PENDING", 0, None, "00:00:00"), "7_5": slurm.GONE}
+    assert caplog.text.count("keeps no accounting") == 1 and "accounting storage is disabled" in caplog.text
+    assert (fake_slurm / "sacct_calls").read_text().count("x") == 2  # not asked again by the same queries
+    folder = tmp_path / "out" / "slurm"
+    assert slurm._outcome(folder, "7_0", states["7_0"], "eval", (tmp_path, None)) == \
+        "failed (slurm job 7_0 FAILED, killed by SIGKILL)"
+
+
+@pytest.mark.parametrize("seen, started, said", [
+    ("PENDING", False, "cancelled (slurm job 7_1 CANCELLED while pending; it never started)"),
+    ("TIMEOUT", True, "time limit (slurm job 7_1 TIMEOUT: stopped at its time limit; the next sweep run starts it "
+                      "again, see {log})"),
+    (None, True, "gone (slurm job 7_1: Slurm no longer knows it (it ended more than MinJobAge ago, or was cancelled "
+                 "while pending) and the run has not finished; the next sweep run starts it again, see {log})"),
+    (None, False, "gone (slurm job 7_1: Slurm no longer knows it (it ended more than MinJobAge ago, or was "
+                  "cancelled while pending) and the run has not finished; it never started)"),
+])
+def test_a_job_slurm_forgot_is_what_the_sweep_saw_last_or_what_the_run_wrote(tmp_path, seen, started, said):
+    """Slurm drops a pending array task on scancel at once, and forgets an ended job after MinJobAge without
+    accounting; jobs.json keeps the state the sweep saw last ("seen")."""
+    folder = tmp_path / "slurm"
+    folder.mkdir()
+    log = folder / "7_1_0_log.err"
+    if started:
+        log.touch()
+    assert slurm._outcome(folder, "7_1", slurm.GONE, "eval", (tmp_path, None), seen) == said.format(log=log)
+
+
+def test_the_sweep_looks_soon_then_less_often_and_writes_each_change_at_once(tmp_path, monkeypatch):
+    answers = iter(["PENDING"] * 3 + ["RUNNING"] * 6 + ["COMPLETED"])
+    slept, written = [], []
+
+    class Queries:
+        def states(self, job_ids):
+            return {job_id: slurm.JobState(next(answers)) for job_id in job_ids}
+
+    monkeypatch.setattr(slurm.time, "sleep", slept.append)
+    index = pd.DataFrame({"run_id": ["a"], "eval": ["submitted (slurm job 5)"]})
+    notes = []
+    slurm._wait({0: ("5", (tmp_path, None))}, tmp_path, index, "eval",
+                lambda: written.append(index.loc[0, "eval"]), Queries(), 10.0, lambda row, state: notes.append(state))
+    assert slept == [2, 4, 8, 2, 4, 8, 10, 10, 10]  # back to 2 s at each change, then doubling up to poll_seconds
+    assert written == ["pending (slurm job 5)", "running (slurm job 5)",
+                       "failed (slurm job 5 COMPLETED without finishing the run, see " f"{tmp_path / 'eval.log'})"]
+    assert notes[0] == "PENDING" and notes[-1] == "COMPLETED"
+
+
+def test_a_time_limit_too_short_for_submitits_warning_is_said_in_one_line(caplog):
+    with caplog.at_level(logging.WARNING, logger="robust_sparse"):
+        slurm.parameters({"timeout_min": 2})
+        slurm.parameters({"timeout_min": 5, "poll_seconds": 5})
+    (line,) = caplog.text.strip().splitlines()
+    assert "timeout_min = 2: leaves 30 s after submitit's time-limit warning (USR2, 90 s before the limit)" in line
+    with pytest.raises(ConfigError, match=r"slurm.poll_seconds = 0.0: must be a number of seconds > 0"):
+        slurm.parameters({"poll_seconds": 0})
+
+
+def test_the_readmes_gpu_cluster_sweep_file_is_accepted_as_it_stands(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (body,) = [block for block in readme.split("```yaml\n")[1:] if block.startswith("# gamma_gpu.yaml")]
+    data = yaml.safe_load(body.split("```")[0])
+    data["base"] = str(Path(__file__).resolve().parents[1] / data["base"])
+    data["out_dir"] = str(tmp_path / "out")
+    path = tmp_path / "gamma_gpu.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("PATH", str(tmp_path))  # a dry run needs no sbatch
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # the CIFAR-10 copy the cluster would hold (the runs read ./data)
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --partition=gpu",
+                 "#SBATCH --export=ALL", "#SBATCH --time=720", "module load cuda/12.1"):
+        assert line in script
