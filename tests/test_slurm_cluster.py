@@ -124,11 +124,20 @@ def probe(run_dir: Path) -> dict | None:
     return json.loads(found[-1].read_text()) if found else None
 
 
-def test_a_two_run_sweep_trains_inside_slurm_jobs_and_its_report_works(cluster):
-    path = cluster.sweep_file(overrides=["eval.n_examples=32", "eval.pgd_steps=1"])
+def test_a_two_run_sweep_trains_inside_slurm_jobs_survives_kill_9_and_its_report_works(cluster):
+    # three epochs: the jobs still train when the rerun, which imports torch first, looks at them
+    path = cluster.sweep_file(overrides=["eval.n_examples=32", "eval.pgd_steps=1", "optim.epochs=3"])
+    first = cluster.start_sweep(path, "first.log")
+    recorded = wait_for(lambda: len(cluster.recorded()) == 2 and cluster.recorded(), SWEEP_SECONDS,
+                        "the sweep submits its two runs")
+    wait_for(lambda: all(cluster.jobs().get(job_id) == "RUNNING" for job_id in recorded.values()), 60,
+             "both jobs run")
+    first.kill()  # kill -9 of the sweep while its jobs train: they go on, and a rerun collects them
+    first.wait()
     log = cluster.finish(cluster.start_sweep(path, "sweep.log"), "sweep.log")
-    assert cluster.status() == ["done", "done"]
-    recorded = cluster.recorded()
+    assert log.count("is running; waiting on it, not submitting it again") == 2, log
+    assert "submitted as" not in log, log
+    assert cluster.status() == ["done", "done"] and cluster.recorded() == recorded
     for seed in (0, 1):
         seen = probe(cluster.tmp_path / "out" / "runs" / f"seed={seed}")
         assert seen and seen["SLURM_JOB_ID"], seen  # the training process ran inside a Slurm job ...
