@@ -217,7 +217,7 @@ def test_agent_columns_quote_the_last_epoch_and_the_largest_variance_ratio_and_s
     metrics = pd.DataFrame({"epoch": [1, 2, 3, 4], "agent_weight": [0.0, 0.03, 0.06, 0.05],
                             "agent_variance_ratio": [float("nan"), 0.9, 52.7, 0.8]})
     columns = _agent_columns(metrics)
-    assert columns == {"agent_weight_last": 0.05, "agent_variance_ratio_last": 0.8,
+    assert columns == {"agent_weight_last": 0.05, "agent_weight_max": 0.06, "agent_variance_ratio_last": 0.8,
                        "agent_variance_ratio_max": 52.7, "agent_variance_ratio_max_epoch": 3}
     assert _agent_columns(metrics.drop(columns=["agent_weight", "agent_variance_ratio"])) == {}
     runs = pd.DataFrame([{"run_id": f"seed={s}", "seed": s, "agent.gamma": 0.1, "status": "done", "diverged": False,
