@@ -454,10 +454,10 @@ def _plan(model, images, labels, clean, attacks: Sequence[AttackSpec], state: _S
         total += (PROBE_STEPS + 1) * probe_points * pass_seconds
         parts.append(f"the large-eps probe ({PROBE_STEPS}-step margin PGD on {probe_points} points; --no-probe "
                      "skips it)")
-    log.info("plan: %s on the %d of %d points classified correctly; at most ~%.0f s estimated (one forward+backward "
-             "costs %.3g ms per point on this model here; later units only attack what earlier ones left robust, so "
-             "usually less)%s", ", then ".join(parts), correct, len(labels), total, 1e3 * pass_seconds,
-             f"; no estimate for {', '.join(unknown)}" if unknown else "")
+    log.info("plan: %s on the %d of %d points classified correctly; about %.0f s if every point survives every unit "
+             "(an estimate: one forward+backward costs %.3g ms per point on this model here; later units only attack "
+             "what earlier ones left robust, so a model that breaks costs less)%s", ", then ".join(parts), correct,
+             len(labels), total, 1e3 * pass_seconds, f"; no estimate for {', '.join(unknown)}" if unknown else "")
     return pass_seconds
 
 
