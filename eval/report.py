@@ -123,6 +123,7 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
         why = (f"not UTF-8 text (byte {error.start}): a binary or damaged file"
                if isinstance(error, UnicodeDecodeError) else str(error).strip().splitlines()[0])
         raise UserError(f"report --leaderboard {leaderboard}: cannot read it as a leaderboard CSV ({why})") from None
+    latency = tradeoff.exported_latency(exports)  # every --exports folder read and checked before the claim
     if exports and not any(tradeoff.SUBNET.match(str(model)) for model in frame["model"]):
         raise UserError("report --exports: the results hold no AST sub-net rows (robust-sparse eval an AST "
                         "checkpoint first)")
@@ -184,7 +185,7 @@ def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None 
     summary = " ".join(checks_summary(frame, monotone_fired=len(monotone)))
     lines += warnings + ([""] if warnings and summary else []) + ([summary] if summary else [])
     lines += corruptions.report_lines(frame)
-    ast_lines, plots = tradeoff.report_lines(frame, out, headline, exports)
+    ast_lines, plots = tradeoff.report_lines(frame, out, headline, latency)
     lines += ast_lines
     for (dataset, threat), group in frame.groupby(["dataset", "threat_model"], sort=True):
         lines += ["", f"## Leaderboard comparison: {dataset} {threat}", ""]

@@ -51,8 +51,9 @@ def exported_latency(export_dirs: Sequence[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "subnet", "latency_ms", "dense_latency_ms", "latency_source"])
 
 
-def tradeoff_table(frame: pd.DataFrame, headline: Headline, export_dirs: Sequence[str | Path] = ()) -> pd.DataFrame:
-    """Every stored sub-net row: density, clean and robust accuracy (fractions), latency where an export has it."""
+def tradeoff_table(frame: pd.DataFrame, headline: Headline, latency: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every stored sub-net row: density, clean and robust accuracy (fractions), latency where ``latency``
+    (:func:`exported_latency` of the exports) has it."""
     rows = []
     for _, row in frame.iterrows():
         match = SUBNET.match(str(row["model"]))
@@ -65,8 +66,7 @@ def tradeoff_table(frame: pd.DataFrame, headline: Headline, export_dirs: Sequenc
                      "n_examples": int(row["n_examples"]), "density": 1.0 - float(row["sparsity"]),
                      "clean_acc": float(row["clean_acc"]), "robust_acc": robust, "robust_attack": attack})
     table = pd.DataFrame(rows, columns=COLUMNS[:11])
-    latency = exported_latency(export_dirs)
-    table = table.merge(latency, on=["path", "subnet"], how="left")
+    table = table.merge(latency if latency is not None else exported_latency(()), on=["path", "subnet"], how="left")
     return table.sort_values(["model", "eps", "subnet"]).reset_index(drop=True)[COLUMNS]
 
 
@@ -108,13 +108,10 @@ def plot_tradeoff(table: pd.DataFrame, out: Path) -> Path:
 
 
 def report_lines(frame: pd.DataFrame, out: Path, headline: Headline,
-                 export_dirs: Sequence[str | Path] = ()) -> tuple[list[str], list[Path]]:
-    """The report's AST section (nothing when no row is a sub-net's)."""
-    table = tradeoff_table(frame, headline, export_dirs)
+                 latency: pd.DataFrame | None = None) -> tuple[list[str], list[Path]]:
+    """The report's AST section (nothing when no row is a sub-net's); ``latency`` as :func:`tradeoff_table`'s."""
+    table = tradeoff_table(frame, headline, latency)
     if table.empty:
-        if export_dirs:
-            raise UserError("report --exports: the results hold no AST sub-net rows (robust-sparse eval an AST "
-                            "checkpoint first)")
         return [], []
     lines = ["", "## AST sub-nets: accuracy against density and latency", "",
              "One trained weight tensor, one row per sub-net (0 = the densest). Latency: the sub-net's sparse-"

@@ -463,9 +463,6 @@ def _report(args: argparse.Namespace) -> int:
     if args.thresholds is not None or args.robust_thresholds is not None or args.reference:
         raise UserError("report --thresholds/--robust-thresholds/--reference: only for sweep directories")
 
-    from robust_sparse.eval.tradeoff import exported_latency
-
-    exported_latency(args.exports)  # every --exports folder readable, before the stores are read
     path = build_report(args.results_dirs, args.out, args.leaderboard, exports=args.exports)
     _emit(f"report: {path}")
     return 0

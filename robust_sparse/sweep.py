@@ -449,6 +449,7 @@ class _Watch:
     def stop(self, run_dir: Path) -> None:
         with self._lock:
             self._runs.pop(run_dir, None)
+            self._seen.pop(run_dir, None)
 
     def poll(self) -> None:
         with self._lock:

@@ -156,21 +156,21 @@ def test_the_report_draws_accuracy_against_density_and_exported_latency(ast_stor
     import pandas as pd
 
     from robust_sparse.eval.report import collect, headline
-    from robust_sparse.eval.tradeoff import tradeoff_table
+    from robust_sparse.eval.tradeoff import exported_latency, tradeoff_table
 
     assert main(["report", str(ast_store), "--out", str(tmp_path / "report"), "--exports", str(ast_export)]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## AST sub-nets" in text and "ast_tradeoff.png" in text and (tmp_path / "report" / "ast_tradeoff.png").is_file()
-    table = tradeoff_table(collect([ast_store]), headline, [ast_export])
+    table = tradeoff_table(collect([ast_store]), headline, exported_latency([ast_export]))
     latency = json.loads((ast_export / "export.json").read_text())["subnets"]
     assert list(table["subnet"]) == [0, 1, 2]
     assert list(table["latency_ms"]) == pytest.approx([row["batch1_sparse_ms"] for row in latency])
     store = pd.read_csv(ast_store / "results.csv").sort_values("model")
     assert list(table["clean_acc"]) == pytest.approx(list(store["clean_acc"]))
     assert list(table["density"]) == pytest.approx(list(1 - store["sparsity"]))
-    # an export of one network has no sub-nets' latency: one line, before any store is read
+    # an export of one network has no sub-nets' latency: one line, and no report folder left behind
     assert main(["report", str(ast_store), "--out", str(tmp_path / "r2"), "--exports", str(timm_export)]) == 2
-    assert "not a dynamic AST export" in capsys.readouterr().err
+    assert "not a dynamic AST export" in capsys.readouterr().err and not (tmp_path / "r2").exists()
 
 
 def test_hub_and_onnx_of_an_ast_checkpoint_need_one_subnet(ast_run, tmp_path, capsys):
