@@ -572,7 +572,7 @@ def evaluation_rows(checkpoint: str | Path, subnet: int | None = None,
     (``results_dir``, default ``<run dir>/eval``; sub-net ``subnet`` of an AST checkpoint), each attack one row,
     or, without any, the test PGD run that training wrote (``eval.json``). Rows: attack, threat_model, eps, n,
     accuracy."""
-    from robust_sparse.eval.store import load_results
+    from robust_sparse.eval.store import load_results, tidy
 
     checkpoint = Path(checkpoint)
     store = Path(results_dir) if results_dir is not None else checkpoint.parent / "eval"
@@ -583,14 +583,12 @@ def evaluation_rows(checkpoint: str | Path, subnet: int | None = None,
         suffix = f"/subnet{subnet}"
         mine = frame[same & frame["model"].map(lambda m: str(m).endswith(suffix) if subnet is not None
                                                else "/subnet" not in str(m))]
-        for _, row in mine.iterrows():
-            for attack, column in (("clean", "clean_acc"), (row.get("pgd_attack") or "PGD", "pgd_acc"),
-                                   ("AutoAttack (standard)", "autoattack_acc")):
-                value = row.get(column)
-                if value is not None and value == value:
-                    rows.append({"attack": str(attack), "threat_model": row["threat_model"],
-                                 "eps": 0.0 if column == "clean_acc" else float(row["eps"]),
-                                 "n": int(row["n_examples"]), "accuracy": float(value)})
+        # the store's own tidy rows (one per attack and its parts): the card lists the whole attacks and clean
+        shown = tidy(mine) if len(mine) else mine
+        for row in shown[shown["kind"].isin(["clean", "attack"])].to_dict("records") if len(mine) else []:
+            rows.append({"attack": str(row["attack"]), "threat_model": row["threat_model"],
+                         "eps": 0.0 if row["kind"] == "clean" else float(row["eps"]), "n": int(row["n"]),
+                         "accuracy": float(row["accuracy"])})
     if rows:
         return rows
     trained = checkpoint.parent / "eval.json"

@@ -144,11 +144,19 @@ def ast_store(ast_run, tmp_path_factory):
     return store
 
 
-def test_eval_of_the_ast_checkpoint_gives_one_row_per_subnet(ast_store):
+def test_eval_of_the_ast_checkpoint_gives_one_row_per_subnet(ast_run, ast_store):
     import pandas as pd
+
+    from robust_sparse.eval.loading import evaluation_rows
 
     store = pd.read_csv(ast_store / "results.csv")
     assert sorted(store["model"].str.rsplit("/", n=1).str[-1]) == ["subnet0", "subnet1", "subnet2"]
+    # a model card of sub-net 1 shows that sub-net's stored rows: clean and each attack, on the 32 points
+    row = store[store["model"].str.endswith("/subnet1")].iloc[0]
+    assert evaluation_rows(ast_run, 1, ast_store) == [
+        {"attack": "clean", "threat_model": "Linf", "eps": 0.0, "n": 32, "accuracy": pytest.approx(row["clean_acc"])},
+        {"attack": "FGSM", "threat_model": "Linf", "eps": pytest.approx(row["eps"]), "n": 32,
+         "accuracy": pytest.approx(row["worst_acc"])}]
 
 
 def test_the_report_draws_accuracy_against_density_and_exported_latency(ast_store, ast_export, timm_export,
