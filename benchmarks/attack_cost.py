@@ -34,7 +34,7 @@ SMOKE_ATTACKS = "pgd-2x1,pgd-2x2,autoattack"
 def smoke_checkpoint(directory: Path) -> Path:
     """``directory/best.pt`` as ``robust-sparse train`` saves it (config and weights): tiny_cnn on MNIST-5k, trained
     naturally for a few batches of 64, so that it classifies most test points and the attacks have work to do."""
-    from robust_sparse.checkpoint import save_checkpoint
+    from robust_sparse.files.checkpoint import save_checkpoint
     from robust_sparse.config import load_config, to_dict
     from robust_sparse.data import dataset_info, load_mnist5k
     from robust_sparse.models import build_model
@@ -57,7 +57,7 @@ def smoke_checkpoint(directory: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from robust_sparse.checkpoint import write_atomic
+    from robust_sparse.files.checkpoint import write_atomic
     from robust_sparse.eval import evaluate
     from robust_sparse.eval.loading import from_checkpoint, load_points
     from robust_sparse.eval.specs import parse_attacks

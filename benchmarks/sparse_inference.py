@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from robust_sparse.models import build_model
 from robust_sparse.sparse import density as allocation
-from robust_sparse.inference import sparse_inference
+from robust_sparse.deploy.inference import sparse_inference
 
 log = logging.getLogger("sparse_inference")
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))

@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from robust_sparse.checkpoint import save_checkpoint
+from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.config import load_config, to_dict
 from robust_sparse.data import BatchLoader, ImageSet, dataset_info, load_mnist5k
 from robust_sparse.distributed import resolve_device

@@ -159,7 +159,7 @@ BACKENDS = ("auto", "pyautoattack", "github")
 def select_backend(name: str = "auto") -> AutoAttackBackend:
     """``auto``: a genuine GitHub ``autoattack`` installation if there is one, else ``pyautoattack``.
 
-    ``github`` takes ``autoattack`` through :func:`robust_sparse.compat.import_autoattack`, which serves the
+    ``github`` takes ``autoattack`` through :func:`robust_sparse.environment.compat.import_autoattack`, which serves the
     GitHub API over pyautoattack when only the latter is installed.
     """
     if name not in BACKENDS:
@@ -174,7 +174,7 @@ def select_backend(name: str = "auto") -> AutoAttackBackend:
             raise UserError("AutoAttack is not installed: pip install pyautoattack (or run robust-sparse doctor)") \
                 from None
         return PyAutoAttack(module.AutoAttack)
-    from robust_sparse.compat import import_autoattack
+    from robust_sparse.environment.compat import import_autoattack
 
     return GitHubAutoAttack(import_autoattack().AutoAttack)
 

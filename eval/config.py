@@ -264,7 +264,7 @@ def validate_eval(config: EvalConfig, names: Names = Names()) -> None:
 def check_eval(config: EvalConfig, names: Names = Names()) -> EvalConfig:
     """What the values name, read cheaply before any model or data: an exported model's protocol (its dataset
     fills in ``dataset``), the zoo entry, the output file and the results store. Returns the completed config."""
-    from robust_sparse import rundir
+    from robust_sparse.files import rundir
     from robust_sparse.eval import loading
 
     dataset = config.dataset

@@ -61,7 +61,7 @@ AGGREGATE = "corruptions"  # the per_attack label of the mean over every corrupt
 
 def default_corruptions() -> tuple[str, ...]:
     """RobustBench's corruption list, read from the installed robustbench."""
-    from robust_sparse.compat import import_robustbench
+    from robust_sparse.environment.compat import import_robustbench
 
     import_robustbench()
     from robustbench.data import CORRUPTIONS
@@ -319,7 +319,7 @@ def aggregate_interval(correct: np.ndarray) -> tuple[float, float]:
     """The 95% interval of the aggregate from the per-point flags ``correct`` (bool ``[cells, n]``, one column per
     image): the t interval over the images of each image's fraction of cells classified correctly, whose mean is
     the aggregate (see the module docstring); clipped to [0, 1]; NaN for fewer than two images."""
-    from robust_sparse.stats import mean_interval
+    from robust_sparse.studies.stats import mean_interval
 
     _, low, high = mean_interval(np.asarray(correct, dtype=float).mean(axis=0).tolist())
     return (max(0.0, low), min(1.0, high)) if low == low else (low, high)
@@ -366,7 +366,7 @@ def run_corruptions_job(config: Any) -> Any:
     """An :class:`~robust_sparse.eval.config.EvalConfig` with ``threat_model: corruptions`` (validated: no radius
     or attacks): clean accuracy on the test points, then every corruption and severity; one row per model into
     the results store."""
-    from robust_sparse.checkpoint import write_atomic
+    from robust_sparse.files.checkpoint import write_atomic
     from robust_sparse.eval import job as jobs
     from robust_sparse.eval import loading
     from robust_sparse.eval.config import Names

@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from robust_sparse import rundir
-from robust_sparse.checkpoint import write_atomic
+from robust_sparse.files import rundir
+from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.config import DatasetName
 from robust_sparse.errors import UserError
 from robust_sparse.eval import loading, sanity

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust_sparse.checkpoint import load_checkpoint, safe_load
+from robust_sparse.files.checkpoint import load_checkpoint, safe_load
 from robust_sparse.config import DataConfig, DatasetName
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.eval.runner import check_inputs
@@ -415,7 +415,7 @@ def _loaded_factory_model(model: nn.Module, spec: str, name: str, architecture: 
 
 def check_robustbench_name(name: str, dataset: DatasetName, norm: str) -> None:
     """The zoo has an entry ``name`` for this dataset and threat model (cheap: no weights are read)."""
-    from robust_sparse.compat import import_robustbench
+    from robust_sparse.environment.compat import import_robustbench
 
     if dataset not in ROBUSTBENCH_DATASETS:
         raise UserError(f"--robustbench-model: the zoo is supported for {', '.join(d.value for d in ROBUSTBENCH_DATASETS)}, "

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from robust_sparse import rundir
-from robust_sparse.checkpoint import save_figure, write_atomic
+from robust_sparse.files import rundir
+from robust_sparse.files.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
-from robust_sparse.stats import wilson_interval
+from robust_sparse.studies.stats import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
 from robust_sparse.eval import corruptions, tradeoff
 from robust_sparse.eval.sanity import checks_summary, monotone_warnings
@@ -114,7 +114,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def build_report(results_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
                  leaderboard: str | Path | None = None, exports: Sequence[str | Path] = ()) -> Path:
     """Write ``report.md`` and the plots into ``out_dir`` (default: a new folder beside the first results
-    directory, :func:`robust_sparse.rundir.report_dir`); ``exports``: dynamic AST export folders whose measured
+    directory, :func:`robust_sparse.files.rundir.report_dir`); ``exports``: dynamic AST export folders whose measured
     latencies the AST trade-off section shows (:mod:`robust_sparse.eval.tradeoff`)."""
     frame = collect(results_dirs)
     try:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from robust_sparse.attacks import CW
-from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.config.validation import check_radius
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.progress import Heartbeat

@@ -40,9 +40,9 @@ from typing import Any
 
 import pandas as pd
 
-from robust_sparse.checkpoint import write_atomic
+from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.errors import UserError
-from robust_sparse.stats import wilson_interval
+from robust_sparse.studies.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 

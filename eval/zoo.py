@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from robust_sparse.checkpoint import atomic_open, write_atomic
+from robust_sparse.files.checkpoint import atomic_open, write_atomic
 from robust_sparse.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ LOCAL_GDRIVE_ID = "robust-sparse:local"  # load_model needs an id; the file is a
 
 
 def _robustbench():
-    from robust_sparse.compat import import_robustbench
+    from robust_sparse.environment.compat import import_robustbench
 
     import_robustbench()
     import robustbench  # the real package: absolute import, never this module
@@ -108,7 +108,7 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
     RobustBench's own zoo is refused; ``force`` (``export --force``) replaces either deliberately.
     """
     from robust_sparse.config import config_from_dict
-    from robust_sparse.checkpoint import load_checkpoint
+    from robust_sparse.files.checkpoint import load_checkpoint
     from robust_sparse.eval.loading import from_checkpoint, model_fingerprint, sparsity_stats
 
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -344,7 +344,7 @@ def _checked_spec(spec: Any, info_path: Path):
     build from it: the file may come from anyone, and ``num_classes`` decides the classifier's allocation."""
     from robust_sparse.config import DatasetName
     from robust_sparse.data import DATASETS
-    from robust_sparse.deploy import MAX_CLASSES
+    from robust_sparse.deploy.pretrained import MAX_CLASSES
 
     def bad(field: str, why: str) -> UserError:
         return UserError(f"register: {info_path}: robust_sparse.{field} {why}; export the model again")

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from robust_sparse import rundir
+from robust_sparse.files import rundir
 from robust_sparse.errors import DivergenceError, UserError
 
 log = logging.getLogger("robust_sparse")
@@ -405,7 +405,7 @@ def _reference(items: list[str] | None) -> dict | None:
     """``--reference KEY=VALUE`` (repeatable) as {key: value}; None when not given."""
     if not items:
         return None
-    from robust_sparse.sweep_report import _parse_items
+    from robust_sparse.studies.report import _parse_items
 
     for item in items:
         if "=" not in item or not item.partition("=")[0].strip():
@@ -430,7 +430,7 @@ def _report(args: argparse.Namespace) -> int:
         raise UserError(f"report --test-n {args.test_n}: must be in 1..{MAX_EXAMPLES}")
     stored = [Path(d).name == "runs.csv" and Path(d).is_file() for d in args.results_dirs]
     if any(stored):  # a report's stored runs.csv: its statistics again, without the run directories
-        from robust_sparse.sweep_report import write_stored_report
+        from robust_sparse.studies.report import write_stored_report
 
         if len(args.results_dirs) != 1 or not args.out:
             raise UserError("report RUNS_CSV: give one runs.csv and --out DIR")
@@ -447,7 +447,7 @@ def _report(args: argparse.Namespace) -> int:
     args.out = out
     sweeps = [(Path(d) / "sweep.yaml").is_file() for d in args.results_dirs]
     if all(sweeps):  # sweep directories: one report over all of them
-        from robust_sparse.sweep_report import write_report
+        from robust_sparse.studies.report import write_report
 
         if args.exports:
             raise UserError("report --exports: only for evaluation results stores (robust-sparse eval's), "
@@ -469,7 +469,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 #: a latency ratio within this of 1 is reported as no measurable difference: the fastest of 7 alternating runs
-#: still moves by a few percent between builds on a quiet CPU (robust_sparse.inference.time_alternating)
+#: still moves by a few percent between builds on a quiet CPU (robust_sparse.deploy.inference.time_alternating)
 LATENCY_NOISE = 0.05
 
 
@@ -487,7 +487,7 @@ def latency_claim(fast: dict) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from robust_sparse.checkpoint import check_output_dir
+    from robust_sparse.files.checkpoint import check_output_dir
     from robust_sparse.sparse.export import export_checkpoint
 
     if args.results_dir is not None and args.robustbench is None and not args.hub:
@@ -551,13 +551,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from robust_sparse.sweep import load_sweep, run_sweep
+    from robust_sparse.studies.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.sweep_file, out_dir=args.out, yes=args.yes)
     index = run_sweep(sweep, dry_run=args.dry_run, evaluate=not args.no_eval)
     _emit(index.to_string(index=False))
     if args.dry_run and sweep.backend == "slurm":  # what would be submitted, and what each job runs
-        from robust_sparse.slurm import plan
+        from robust_sparse.studies.slurm import plan
 
         _emit(plan(sweep.slurm, sweep.out_dir, sweep.parallel, index))
     failed = (~index["status"].isin(["done", "diverged", "pending", "partial"])).sum()
@@ -567,7 +567,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from robust_sparse import doctor
+    from robust_sparse.environment import doctor
 
     results = doctor.run_checks()
     if args.fix:

@@ -26,7 +26,7 @@ import torch
 
 from robust_sparse.config import DataConfig, DatasetName
 from robust_sparse.errors import ConfigError, UserError
-from robust_sparse.plain_pickle import NotPlainPickle, load_plain
+from robust_sparse.files.plain_pickle import NotPlainPickle, load_plain
 
 if TYPE_CHECKING:
     from robust_sparse.imagefolder import FolderSet
@@ -151,7 +151,7 @@ def _read_cifar_files(folder: Path, files: list[str], label_key: bytes, dataset:
         try:
             with open(path, "rb") as handle:
                 # The official format is a pickle; read with stand-ins for the few numpy globals it names, so
-                # a file that names anything else is refused before any of it runs (robust_sparse.plain_pickle).
+                # a file that names anything else is refused before any of it runs (robust_sparse.files.plain_pickle).
                 batch = load_plain(handle)
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(int(label) for label in batch[label_key])

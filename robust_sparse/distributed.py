@@ -11,7 +11,7 @@ gradients are kept identical by DistributedDataParallel; on top of that:
   its c-hat estimate are gathered from every rank.
 
 The epoch's reported figures (loss, accuracy, images/s) are sums over every rank's examples; only rank 0 logs.
-A Slurm job of several tasks (robust_sparse.slurm) sets the same variables torchrun does, so it takes this path.
+A Slurm job of several tasks (robust_sparse.studies.slurm) sets the same variables torchrun does, so it takes this path.
 Without ``torchrun`` (WORLD_SIZE unset or 1) every function here is a no-op. :func:`resolve_device` turns the
 ``device`` choice (auto, cpu, cuda) into the device a single process, or each rank before :func:`setup`, runs on.
 """

@@ -41,7 +41,7 @@ import torch
 
 from robust_sparse.config import DataConfig, DatasetName
 from robust_sparse.errors import ConfigError, UserError
-from robust_sparse.rundir import describe
+from robust_sparse.files.rundir import describe
 
 log = logging.getLogger(__name__)
 

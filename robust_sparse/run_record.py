@@ -11,7 +11,7 @@ A run directory holds everything a run produces::
 
 Every file is written atomically, and every checkpoint carries the run's :class:`Record` (its metrics rows,
 layer densities and best key), so a killed run resumes from ``last.pt`` and rewrites whatever the kill cut
-short. Who owns and locks the directory is :mod:`robust_sparse.rundir`'s business; the loop that fills it is
+short. Who owns and locks the directory is :mod:`robust_sparse.files.rundir`'s business; the loop that fills it is
 :func:`robust_sparse.train.fit`.
 """
 
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from robust_sparse import rundir
-from robust_sparse.checkpoint import check_output_dir, load_checkpoint, remove_temporaries, write_atomic
+from robust_sparse.files import rundir
+from robust_sparse.files.checkpoint import check_output_dir, load_checkpoint, remove_temporaries, write_atomic
 from robust_sparse.config import TrainConfig, config_from_dict, save_config, to_dict
 from robust_sparse.data import check_data_root
 from robust_sparse.errors import ConfigError, UserError
@@ -62,7 +62,7 @@ def check_run(config: TrainConfig) -> None:
 
 
 def refuse_to_overwrite(config: TrainConfig, resume: bool) -> None:
-    """The run directory is absent, empty or a run's (:mod:`robust_sparse.rundir`) and writable; a fresh run
+    """The run directory is absent, empty or a run's (:mod:`robust_sparse.files.rundir`) and writable; a fresh run
     never replaces a checkpoint, and ``--resume`` needs the one it continues from (``last.pt``)."""
     run_dir = Path(config.out_dir)
     rundir.check_owned(config.out_dir, rundir.Kind.TRAIN, "out_dir")

@@ -25,9 +25,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from robust_sparse import distributed, rundir
+from robust_sparse import distributed
+
+from robust_sparse.files import rundir
 from robust_sparse.agent import AGENT, agent_metrics, full_grad_pass, full_grad_pass_length, objective_loss
-from robust_sparse.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
 from robust_sparse.data import BatchLoader
 from robust_sparse.errors import DivergenceError

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_sparse.agent import AGENT, agent_correction, estimate_c, momentum_update, update_c
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.config import AgentConfig, AgentEstimator, AgentVariant, load_config
 from robust_sparse.objectives import build_objective
 from robust_sparse.optim import SGDW

@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from conftest import make_tiny_model
-from robust_sparse.checkpoint import FORMAT, save_checkpoint
+from robust_sparse.files.checkpoint import FORMAT, save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import TrainConfig, load_config, save_config, to_dict
 from robust_sparse.errors import ConfigError
-from robust_sparse.sweep import load_sweep
+from robust_sparse.studies.sweep import load_sweep
 
 
 def one_line_error(argv: list[str], capsys) -> str:

@@ -118,7 +118,7 @@ def sparse_inference_file(tmp_path_factory):
     from conftest import make_tiny_model
     from robust_sparse.config import DatasetName
     from robust_sparse.data import DATASETS
-    from robust_sparse.inference import save_sparse_inference, sparse_inference
+    from robust_sparse.deploy.inference import save_sparse_inference, sparse_inference
 
     model = make_tiny_model()
     with torch.no_grad():
@@ -147,7 +147,7 @@ def _tampered(source: Path, target: Path, **changes) -> Path:
 
 def test_load_sparse_inference_of_a_truncated_file_is_one_checkpoint_error(sparse_inference_file, tmp_path):
     from robust_sparse.errors import CheckpointError
-    from robust_sparse.inference import load_sparse_inference
+    from robust_sparse.deploy.inference import load_sparse_inference
 
     data = sparse_inference_file.read_bytes()
     truncated = tmp_path / "truncated.pt"
@@ -170,7 +170,7 @@ def test_load_sparse_inference_of_a_truncated_file_is_one_checkpoint_error(spars
 def test_load_sparse_inference_refuses_a_record_it_would_build_wrongly_or_hugely(sparse_inference_file, tmp_path,
                                                                                  field, value, named):
     from robust_sparse.errors import CheckpointError
-    from robust_sparse.inference import load_sparse_inference
+    from robust_sparse.deploy.inference import load_sparse_inference
 
     path = _tampered(sparse_inference_file, tmp_path / "tampered.pt", **{field: value})
     with pytest.raises(CheckpointError) as error:
@@ -182,7 +182,7 @@ def test_load_sparse_inference_refuses_positions_outside_their_weight(sparse_inf
     import torch
 
     from robust_sparse.errors import CheckpointError
-    from robust_sparse.inference import load_sparse_inference
+    from robust_sparse.deploy.inference import load_sparse_inference
 
     payload = torch.load(sparse_inference_file, weights_only=True)
     layer = payload["sparse_layers"][0]
@@ -198,7 +198,7 @@ def test_load_sparse_inference_refuses_positions_outside_their_weight(sparse_inf
 
 def test_load_pretrained_refuses_a_record_of_a_petabyte_model(tmp_path):
     from conftest import make_tiny_model
-    from robust_sparse.deploy import ModelRecord, load_pretrained, write_safetensors
+    from robust_sparse.deploy.pretrained import ModelRecord, load_pretrained, write_safetensors
     from robust_sparse.errors import CheckpointError
 
     state = make_tiny_model().state_dict()
@@ -222,8 +222,8 @@ def test_load_dynamic_refuses_mask_shapes_the_model_does_not_have(tmp_path):
     import torch
 
     from conftest import make_tiny_model
-    from robust_sparse.deploy import ModelRecord
-    from robust_sparse.dynamic import load_dynamic, save_dynamic
+    from robust_sparse.deploy.pretrained import ModelRecord
+    from robust_sparse.deploy.dynamic import load_dynamic, save_dynamic
     from robust_sparse.errors import CheckpointError
 
     model = make_tiny_model()
@@ -254,7 +254,7 @@ def test_load_dynamic_refuses_mask_shapes_the_model_does_not_have(tmp_path):
 def test_load_compact_refuses_an_entry_that_would_decode_to_a_huge_tensor(tmp_path):
     import torch
 
-    from robust_sparse.checkpoint import save_checkpoint
+    from robust_sparse.files.checkpoint import save_checkpoint
     from robust_sparse.errors import CheckpointError
     from robust_sparse.sparse.export import COMPACT_FORMAT, load_compact
 
@@ -284,7 +284,7 @@ def test_torch_saves_disk_full_runtime_error_is_the_one_enospc_line(tmp_path, mo
 
     import torch
 
-    from robust_sparse import checkpoint
+    from robust_sparse.files import checkpoint
     from robust_sparse.errors import OutputError
 
     path = tmp_path / "model.pt"
@@ -321,7 +321,7 @@ def test_export_of_a_cifar_run_onto_a_full_disk_is_the_one_enospc_line(tmp_path,
     import torch
 
     from conftest import one_line_error
-    from robust_sparse.checkpoint import save_checkpoint
+    from robust_sparse.files.checkpoint import save_checkpoint
     from robust_sparse.config import load_config, to_dict
     from robust_sparse.models import build_model
     from test_os_errors import _fill, _mount

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import make_tiny_model, one_line_error
-from robust_sparse import sweep as sweep_module
+from robust_sparse.studies import sweep as sweep_module
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, parse_override
 from robust_sparse.config.yaml_input import MAX_EXPANDED_NODES

@@ -221,7 +221,7 @@ def test_cli_names_the_missing_tracker_package_in_one_line(tmp_path, capsys, mon
 def test_checkpoint_evaluates_where_its_training_data_directory_does_not_exist(tmp_path):
     """eval reads a checkpoint's config as it was saved (data and run directories of the machine it trained on):
     no rewrite of data.root needed to get past validation."""
-    from robust_sparse.checkpoint import save_checkpoint
+    from robust_sparse.files.checkpoint import save_checkpoint
     from robust_sparse.data import DATASETS
     from robust_sparse.eval.loading import from_checkpoint
     from robust_sparse.models import build_model

@@ -230,7 +230,7 @@ def test_leaderboard_comparison_of_the_corruptions_track(tmp_path):
 
 def test_sweep_evaluation_stage_for_the_corruptions_track(tmp_path):
     from robust_sparse.errors import ConfigError
-    from robust_sparse.sweep import EvalStage, _eval_command, _eval_stage
+    from robust_sparse.studies.sweep import EvalStage, _eval_command, _eval_stage
 
     stage = _eval_stage({"threat_model": "corruptions", "corruptions": ["fog", "snow"], "severities": "1,5",
                          "n_examples": 100, "seeds": [0]})
@@ -257,8 +257,8 @@ def test_sweep_runs_the_corruptions_stage_end_to_end(mini, mnist, tmp_path):
     corruptions stage on its best.pt; the row reaches sweep_eval.json and the sweep report's columns."""
     import yaml
 
-    from robust_sparse.sweep import EVAL_RESULT, load_sweep, run_sweep
-    from robust_sparse.sweep_report import collect
+    from robust_sparse.studies.sweep import EVAL_RESULT, load_sweep, run_sweep
+    from robust_sparse.studies.report import collect
 
     train, _ = mnist
     root = tmp_path / "data"

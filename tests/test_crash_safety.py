@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.errors import UserError
-from robust_sparse.sweep import load_sweep, run_sweep
+from robust_sparse.studies.sweep import load_sweep, run_sweep
 from robust_sparse.train import fit
 
 
@@ -227,7 +227,7 @@ def test_a_sweep_killed_at_any_write_is_repaired_by_rerunning(tmp_path):
 
 
 def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
-    from robust_sparse.checkpoint import write_atomic
+    from robust_sparse.files.checkpoint import write_atomic
 
     previous = os.umask(0o022)
     try:

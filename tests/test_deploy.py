@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config
-from robust_sparse.deploy import ModelRecord, RobustSparseModel, load_pretrained, read_safetensors
-from robust_sparse.dynamic import load_dynamic, pack_masks, unpack_masks
+from robust_sparse.deploy.pretrained import ModelRecord, RobustSparseModel, load_pretrained, read_safetensors
+from robust_sparse.deploy.dynamic import load_dynamic, pack_masks, unpack_masks
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.eval.loading import from_checkpoint_subnets
 from robust_sparse.models import apply_cifar_stem, build_model
@@ -232,7 +232,7 @@ def test_an_outside_model_exports_every_format_and_each_loads_back_the_same_logi
 
     wrapped = Normalized(Normalize(manifest["normalize"]["mean"], manifest["normalize"]["std"]), network).eval()
     # (b) sparse inference rebuilt from the recorded name and kwargs; (c) safetensors; (d) the Hub folder, twice
-    from robust_sparse.inference import load_sparse_inference
+    from robust_sparse.deploy.inference import load_sparse_inference
 
     assert summary["sparse_inference"]["file"] is not None
     loaded = [wrapped, load_sparse_inference(timm_export / summary["sparse_inference"]["file"]),
@@ -272,7 +272,7 @@ def test_loading_refuses_foreign_or_mismatched_files(timm_export, tmp_path):
         load_pretrained(tmp_path / "foreign.safetensors")
     tensors, metadata = read_safetensors(timm_export / "model.safetensors")
     record = ModelRecord.from_json(metadata["model"], "metadata")
-    from robust_sparse.deploy import write_safetensors
+    from robust_sparse.deploy.pretrained import write_safetensors
 
     wrong = ModelRecord("tiny_cnn", record.num_classes, record.in_channels, record.mean, record.std)
     write_safetensors(tmp_path / "wrong.safetensors", tensors, wrong)
@@ -296,7 +296,7 @@ def test_a_sparse_vit_exports_every_format_and_each_loads_back_the_same_logits(t
     reference = from_checkpoint_subnets(out / "best.pt")[0].model.eval()
     network = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, **toy)
     network.load_state_dict(torch.load(export / "model_network.pt", weights_only=True), strict=True)
-    from robust_sparse.inference import load_sparse_inference
+    from robust_sparse.deploy.inference import load_sparse_inference
     from robust_sparse.models import Normalize, Normalized
 
     manifest = summary["network"]

@@ -53,7 +53,7 @@ def test_two_ranks_keep_masks_rewiring_and_agent_state_identical(tmp_path, engin
     # AGENT's g_tilde pass is sharded: of the 512 // 32 = 16 batches of the pass, each rank ran 8 (the first
     # refresh needs no pass), and the all-reduce gave both the same g_tilde and c.
     assert rank0["pass_batches"] == rank1["pass_batches"] == [0, 8]
-    from robust_sparse.checkpoint import load_checkpoint
+    from robust_sparse.files.checkpoint import load_checkpoint
 
     saved = load_checkpoint(tmp_path / "run" / "last.pt")  # written once, by rank 0
     _assert_identical(saved["model"], rank0["model"])
@@ -112,7 +112,8 @@ def test_sync_bn_on_cpu_ranks_is_refused_in_one_line(tmp_path, monkeypatch):
 def test_a_run_directory_in_use_is_refused_before_the_process_group_forms(tmp_path, monkeypatch):
     """Only rank 0 takes the run directory's lock, once the process group has formed; a directory another run
     holds must be refused before that, on every rank, or the others would wait for rank 0 until the timeout."""
-    from robust_sparse import distributed, rundir
+    from robust_sparse import distributed
+    from robust_sparse.files import rundir
     from robust_sparse.config import load_config
     from robust_sparse.errors import OutputError
     from robust_sparse.train import fit
@@ -129,7 +130,7 @@ def test_a_run_directory_in_use_is_refused_before_the_process_group_forms(tmp_pa
 def test_every_rank_stops_with_the_same_line_when_the_run_directory_is_in_use(tmp_path):
     """Under torchrun, a run directory another process holds: each rank prints the one-line refusal and nothing
     else (before the fix, rank 1 went on into the process group and died there with a traceback)."""
-    from robust_sparse import rundir
+    from robust_sparse.files import rundir
 
     out, logs, run_dir = tmp_path / "ranks", tmp_path / "logs", tmp_path / "run"
     out.mkdir()

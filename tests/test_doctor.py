@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from robust_sparse import doctor
+from robust_sparse.environment import doctor
 
 
 def _fake_robustbench(tmp_path):
@@ -66,7 +66,7 @@ def test_plain_import_robustbench_in_fresh_interpreter(tmp_path):
 def test_autoattack_adapter_speaks_the_github_api():
     import torch
 
-    from robust_sparse.compat import import_autoattack
+    from robust_sparse.environment.compat import import_autoattack
 
     autoattack = import_autoattack()
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()

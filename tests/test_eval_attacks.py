@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from robust_sparse.attacks import CW, FGSM, PGD, margin_loss
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.errors import UserError
 from robust_sparse.eval import evaluate, parse_attack, parse_attacks
 from robust_sparse.eval.specs import AttackContext

@@ -90,7 +90,7 @@ def _shape(function):
 def test_the_fakes_have_the_real_signatures():
     import pyautoattack
 
-    from robust_sparse.compat import import_autoattack
+    from robust_sparse.environment.compat import import_autoattack
 
     assert _shape(FakePyAutoAttack.__init__) == _shape(pyautoattack.AutoAttack.__init__)
     assert _shape(FakePyAutoAttack.run_standard_evaluation) == _shape(pyautoattack.AutoAttack.run_standard_evaluation)

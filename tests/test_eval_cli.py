@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from robust_sparse.checkpoint import save_checkpoint
+from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, to_dict
 
@@ -44,7 +44,7 @@ def cifar_root(mnist, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    from robust_sparse.compat import import_robustbench
+    from robust_sparse.environment.compat import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet

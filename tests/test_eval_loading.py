@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robust_sparse.checkpoint import save_checkpoint
+from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.config import DatasetName, load_config, to_dict
 from robust_sparse.errors import UserError
 from robust_sparse.eval import loading
@@ -25,7 +25,7 @@ def cifar_shaped(mnist, n):
 def zoo_dir(tmp_path_factory):
     """A model directory in the zoo's layout holding the 'Standard' WRN-28-10 as RobustBench stores it
     (``{'state_dict': {'module.' + key: tensor}}``); the weights are a seeded initialisation, not the real ones."""
-    from robust_sparse.compat import import_robustbench
+    from robust_sparse.environment.compat import import_robustbench
 
     import_robustbench()
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet

@@ -51,7 +51,7 @@ def test_the_store_reads_back_as_one_tidy_frame(tmp_path):
     """One row per model x attack x eps x seed x sub-net, attack and corruptions rows alike; the corruptions mean
     carries its stored t interval, a corruption cell its Wilson interval on n."""
     from robust_sparse.eval.store import TIDY_COLUMNS, load_tidy
-    from robust_sparse.stats import wilson_interval
+    from robust_sparse.studies.stats import wilson_interval
 
     append_result(tmp_path, _row(model="runs/ast/best/subnet0"))
     append_result(tmp_path, _row(model="runs/ast/best/subnet1", seed=1, clean_acc=0.6))

@@ -213,7 +213,7 @@ def _hand_built() -> runner_module.Evaluation:
 
 def test_an_evaluation_is_one_tidy_frame():
     from robust_sparse.eval.store import TIDY_COLUMNS
-    from robust_sparse.stats import wilson_interval
+    from robust_sparse.studies.stats import wilson_interval
 
     frame = _hand_built().to_frame("runs/ast/best/subnet1", dataset="cifar10")
     assert list(frame.columns) == TIDY_COLUMNS

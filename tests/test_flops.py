@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.config import load_config
 from robust_sparse.flops import FlopsCounter, dense_profile, evaluation_passes
 from robust_sparse.models import build_model
@@ -214,8 +214,8 @@ def _fake_run(sweep_dir, grid: dict, accuracy: float, train_ratio: float, infere
 def test_a_sweep_report_shows_the_cost_beside_accuracy_and_plots_accuracy_against_training_flops(tmp_path):
     import yaml
 
-    from robust_sparse import plots
-    from robust_sparse.sweep_report import collect, grid_keys, write_report
+    from robust_sparse.studies import plots
+    from robust_sparse.studies.report import collect, grid_keys, write_report
 
     sweep_dir = tmp_path / "sweep"
     settings = [({"sparsity.method": method, "sparsity.density": density, "seed": seed},

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from robust_sparse.checkpoint import save_checkpoint
+from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, to_dict
 from robust_sparse.errors import UserError

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, to_dict
 from robust_sparse.eval import loading
 from robust_sparse.sparse.export import export_checkpoint
-from robust_sparse.sweep import load_sweep, run_sweep
+from robust_sparse.studies.sweep import load_sweep, run_sweep
 from robust_sparse.train import fit
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_2026_12"

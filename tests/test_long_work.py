@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from robust_sparse import progress
-from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.cli import chance_note, main
 from robust_sparse.config import load_config
 from robust_sparse.eval.autoattack import PyAutoAttack

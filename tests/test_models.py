@@ -234,7 +234,7 @@ def test_a_registered_model_trains_by_name_and_reaches_a_sweeps_processes(tmp_pa
     import robust_sparse
     from robust_sparse.config import load_config
     from robust_sparse.models import REGISTERED_MODELS
-    from robust_sparse.sweep import load_sweep
+    from robust_sparse.studies.sweep import load_sweep
     from robust_sparse.train import fit
 
     monkeypatch.delenv("ROBUST_SPARSE_PLUGINS", raising=False)

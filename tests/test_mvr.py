@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from robust_sparse.agent import AGENT
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.config import AgentConfig, AgentEstimator
 from robust_sparse.mvr import MVR, mvr_direction
 from robust_sparse.train import fit

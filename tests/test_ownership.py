@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from conftest import make_tiny_model, one_line_error, snapshot
-from robust_sparse import rundir
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files import rundir
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.eval.store import append_result
 from robust_sparse.train import fit

@@ -78,7 +78,7 @@ def test_public_api_is_small_and_lazy():
 
 def test_training_imports_nothing_from_eval():
     """Layering: attacks <- core <- eval. Training must not pull in the evaluation suite (AutoAttack runner)."""
-    code = ("import sys, robust_sparse.train, robust_sparse.sweep; "
+    code = ("import sys, robust_sparse.train, robust_sparse.studies.sweep; "
             "print([m for m in sys.modules if m.startswith('robust_sparse.eval')])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import torch
 
 from robust_sparse.cli import QUICKSTART
 from robust_sparse.config import OptimizerName, load_config, to_dict
-from robust_sparse.sweep import expand, load_sweep
+from robust_sparse.studies.sweep import expand, load_sweep
 
 from conftest import make_tiny_model
 

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from robust_sparse import plots
+from robust_sparse.studies import plots
 from robust_sparse.config import load_config, save_config
-from robust_sparse.sweep_report import aggregate, collect_many, cosine_table, grid_keys, write_report
+from robust_sparse.studies.report import aggregate, collect_many, cosine_table, grid_keys, write_report
 
 EPS = 8 / 255
 EPOCHS = 3
@@ -260,7 +260,7 @@ def test_a_key_only_some_settings_set_stays_in_the_legend():
 def test_gamma_figures_show_paired_intervals_censoring_and_gamma_labels(study, tmp_path):
     """Accuracy against γ per density with its paired bars and the chance line; epochs to accuracy against γ
     with integer ticks; the trade-off labels every point with its γ; the γ axes say symlog."""
-    from robust_sparse.sweep_report import epochs_to_accuracy, paired_table
+    from robust_sparse.studies.report import epochs_to_accuracy, paired_table
 
     dirs, runs, curves = study
     gamma_runs = runs[runs["sweep"] == "gamma"].drop(columns=["sweep"])

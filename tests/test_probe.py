@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.config import load_config
 from robust_sparse.objectives import build_objective
 from robust_sparse.probe import COLUMNS, GradientProbe, cosine, pearson
@@ -106,8 +106,8 @@ def test_bad_probe_settings(override, words, capsys, tmp_path):
 
 
 def test_the_report_tables_correlation_by_method_and_sparsity_with_the_dense_runs_on_every_line():
-    from robust_sparse import plots
-    from robust_sparse.sweep_report import correlation_table
+    from robust_sparse.studies import plots
+    from robust_sparse.studies.report import correlation_table
 
     runs, curves = [], []
     values = {("none", 1.0): [0.9, 0.8], ("rigl", 0.1): [0.7, 0.5], ("set", 0.1): [0.6, 0.6]}

@@ -7,7 +7,7 @@ import logging
 import yaml
 
 from robust_sparse import progress
-from robust_sparse.sweep import load_sweep, run_sweep
+from robust_sparse.studies.sweep import load_sweep, run_sweep
 
 from test_sweep import TINY
 

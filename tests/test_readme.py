@@ -103,7 +103,7 @@ def test_print_config_runs_on_every_config_the_readme_names(capsys, tmp_path, mo
 
 
 def test_the_readme_sweep_file_example_loads_and_has_the_runs_it_says(tmp_path, monkeypatch):
-    from robust_sparse.sweep import expand, load_sweep
+    from robust_sparse.studies.sweep import expand, load_sweep
 
     (body,) = [body for language, body in BLOCKS if language == "yaml" and body.startswith("# my_gamma_study.yaml")]
     # as the example says: saved in the repository's root, its base relative to it (a copy of the tree's part)

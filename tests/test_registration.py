@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import robust_sparse
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.config import load_config
 from robust_sparse.sparse.masker import StaticEngine
 from robust_sparse.train import fit
@@ -123,12 +123,12 @@ def test_a_registered_attack_is_used_by_name(toy_attacks, trained_tiny, mnist, t
 
     import torch
 
-    from robust_sparse.checkpoint import save_checkpoint
+    from robust_sparse.files.checkpoint import save_checkpoint
     from robust_sparse.cli import main
     from robust_sparse.config import load_config, to_dict
     from robust_sparse.errors import UserError
     from robust_sparse.eval import evaluate, parse_attacks
-    from robust_sparse.sweep import EVAL_RESULT, _eval_stage, _run_eval
+    from robust_sparse.studies.sweep import EVAL_RESULT, _eval_stage, _run_eval
 
     _, test = mnist
     images, labels = test.images[:40].float() / 255, test.labels[:40]
@@ -202,7 +202,7 @@ def test_a_sweep_trains_a_method_registered_from_python_in_its_child_processes(t
     from robust_sparse.config import REGISTERED_SPARSITY_METHODS
     from robust_sparse.errors import UserError
     from robust_sparse.sparse import METHODS
-    from robust_sparse.sweep import load_sweep, run_sweep
+    from robust_sparse.studies.sweep import load_sweep, run_sweep
 
     monkeypatch.delenv("ROBUST_SPARSE_PLUGINS", raising=False)
     _plugin_module("toy_methods", TOY_METHODS, tmp_path, monkeypatch)

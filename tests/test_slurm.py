@@ -17,10 +17,10 @@ import yaml
 
 submitit = pytest.importorskip("submitit", reason="the Slurm backend needs submitit (the cluster extra)")
 
-from robust_sparse import slurm  # noqa: E402
+from robust_sparse.studies import slurm  # noqa: E402
 from robust_sparse.cli import main  # noqa: E402
 from robust_sparse.errors import ConfigError  # noqa: E402
-from robust_sparse.sweep import load_sweep, run_id, run_sweep  # noqa: E402
+from robust_sparse.studies.sweep import load_sweep, run_id, run_sweep  # noqa: E402
 
 TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "optim.epochs=1", "attack.steps=1",
         "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=0", "device=cpu"]
@@ -215,7 +215,7 @@ def test_a_two_task_job_trains_one_run_through_ddp(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = ("import sys; from pathlib import Path; from robust_sparse.slurm import train_task; "
+    code = ("import sys; from pathlib import Path; from robust_sparse.studies.slurm import train_task; "
             "print(train_task(Path(sys.argv[1]) / 'requested.yaml', Path(sys.argv[1]), (), 'cpu', 1))")
     tasks = []
     for rank in (0, 1):
@@ -237,7 +237,7 @@ def test_a_two_task_job_trains_one_run_through_ddp(tmp_path):
 
 
 def test_debug_runs_the_jobs_in_the_sweeps_process_without_sbatch(tmp_path, monkeypatch):
-    import robust_sparse.sweep as sweep_module
+    import robust_sparse.studies.sweep as sweep_module
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm at all
     trained = []  # the training command itself is the local backend's (tested there): here, who runs it

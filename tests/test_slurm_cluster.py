@@ -24,7 +24,7 @@ import yaml
 
 pytest.importorskip("submitit", reason="the Slurm backend needs submitit (the cluster extra)")
 
-from robust_sparse import slurm  # noqa: E402
+from robust_sparse.studies import slurm  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 

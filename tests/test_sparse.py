@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config
 from robust_sparse.errors import ConfigError

@@ -13,9 +13,9 @@ from torch import nn
 
 import robust_sparse
 from robust_sparse.cli import main
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.models import MODELS, build_model
-from robust_sparse.inference import (
+from robust_sparse.deploy.inference import (
     SparseConv2d, SparseInferenceModel, SparseLinear, load_sparse_inference, sparse_inference,
 )
 from robust_sparse.train import fit
@@ -169,7 +169,7 @@ def test_eval_mode_only_and_no_gradients():
 
 
 def test_save_and_load_round_trip_with_weights_only(tmp_path):
-    from robust_sparse.inference import save_sparse_inference
+    from robust_sparse.deploy.inference import save_sparse_inference
 
     model = masked_model("resnet18", 0.05)
     images = torch.rand(2, 3, 16, 16)
@@ -186,7 +186,7 @@ def test_save_and_load_round_trip_with_weights_only(tmp_path):
 def test_batch_norm_and_relu_after_a_sparse_conv_are_folded_in_and_saved(tmp_path):
     """VGG-16's features: each conv-BN-ReLU becomes one sparse layer with a fused ReLU; logits unchanged, and the
     saved file rebuilds the folded model."""
-    from robust_sparse.inference import save_sparse_inference
+    from robust_sparse.deploy.inference import save_sparse_inference
 
     model = masked_model("vgg16", 0.05)
     images = torch.rand(2, 3, 32, 32)

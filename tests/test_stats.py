@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from robust_sparse import stats
-from robust_sparse.sweep_report import paired_table, write_report
+from robust_sparse.studies import stats
+from robust_sparse.studies.report import paired_table, write_report
 
 # test clean accuracy per seed: the reference γ = 0 varies a lot between seeds (0.50..0.70)
 REFERENCE = [0.50, 0.60, 0.70]
@@ -179,7 +179,7 @@ def test_the_report_sentence_follows_the_interval(tmp_path):
 
 def test_a_reference_no_run_has_is_a_one_line_error(tmp_path):
     from robust_sparse.errors import UserError
-    from robust_sparse.sweep_report import collect
+    from robust_sparse.studies.report import collect
 
     runs, _ = collect(_sweep(tmp_path / "sweep"))
     with pytest.raises(UserError, match="no run has this setting"):

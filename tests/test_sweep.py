@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from robust_sparse.errors import ConfigError
-from robust_sparse.sweep import expand, load_sweep, run_id, run_sweep, run_status
-from robust_sparse.sweep_report import aggregate, collect, epochs_to_accuracy, write_report
+from robust_sparse.studies.sweep import expand, load_sweep, run_id, run_sweep, run_status
+from robust_sparse.studies.report import aggregate, collect, epochs_to_accuracy, write_report
 
 TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "optim.epochs=2", "attack.steps=1",
         "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=64", "eval.pgd_steps=2", "device=cpu"]
@@ -79,7 +79,7 @@ def test_bad_sweep_files_give_one_line_errors(tmp_path, content, message, capsys
 
 
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path):
-    from robust_sparse.checkpoint import load_checkpoint
+    from robust_sparse.files.checkpoint import load_checkpoint
     from robust_sparse.config import load_config
     from test_train import _train_one_epoch_then_stop
 
@@ -173,7 +173,7 @@ def test_report_command_on_a_sweep_directory(tmp_path, capsys):
 
 
 def test_report_flags_diverged_chance_and_c_t_outside_0_1_in_words():
-    from robust_sparse.sweep_report import run_flags
+    from robust_sparse.studies.report import run_flags
 
     runs = pd.DataFrame([
         {"run_id": "ok", "seed": 0, "status": "done", "diverged": False, "chance": 0.1, "val_clean_accuracy": 0.9,
@@ -196,7 +196,7 @@ def test_report_flags_diverged_chance_and_c_t_outside_0_1_in_words():
 def test_epochs_to_accuracy_counts_seeds_that_never_reach_the_level_as_censored():
     """Three seeds reach 0.5 at epochs 2, never (4 epochs) and 3: the median is 3, not the mean 2.5 of the two
     that got there; a level only one seed reaches is '>4 (1/3)', not '2.00 (1/3)'."""
-    from robust_sparse.sweep_report import _with_reached
+    from robust_sparse.studies.report import _with_reached
 
     accuracy = {"a": [0.3, 0.5, 0.6, 0.9], "b": [0.2, 0.3, 0.4, 0.45], "c": [0.1, 0.4, 0.5, 0.6]}
     curves = pd.DataFrame([{"run_id": run, "epoch": epoch + 1, "val_clean_accuracy": value}
@@ -212,7 +212,7 @@ def test_epochs_to_accuracy_counts_seeds_that_never_reach_the_level_as_censored(
 
 
 def test_agent_columns_quote_the_last_epoch_and_the_largest_variance_ratio_and_stay_out_of_the_grid():
-    from robust_sparse.sweep_report import _agent_columns, grid_keys
+    from robust_sparse.studies.report import _agent_columns, grid_keys
 
     metrics = pd.DataFrame({"epoch": [1, 2, 3, 4], "agent_weight": [0.0, 0.03, 0.06, 0.05],
                             "agent_variance_ratio": [float("nan"), 0.9, 52.7, 0.8]})
@@ -234,10 +234,10 @@ def test_the_sweep_console_names_each_runs_log_and_reports_its_epochs(tmp_path, 
     metrics.csv, every epoch it finishes with an ETA from this attempt's epochs (issue 35)."""
     import logging
 
-    import robust_sparse.sweep as sweep_module
+    import robust_sparse.studies.sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "WATCH_SECONDS", 0.2)
-    with caplog.at_level(logging.INFO, logger="robust_sparse.sweep"):
+    with caplog.at_level(logging.INFO, logger="robust_sparse.studies.sweep"):
         run_sweep(load_sweep(write(tmp_path, overrides=TINY, grid={"seed": [0]})))
     lines = [r.getMessage() for r in caplog.records]
     run_dir = tmp_path / "out" / "runs" / "seed=0"
@@ -251,7 +251,7 @@ def test_the_sweep_console_names_each_runs_log_and_reports_its_epochs(tmp_path, 
 def test_the_report_flags_what_the_runs_flagged_test_chance_and_an_idle_gamma():
     """A run whose test clean accuracy is at chance (it warned at its end) and an AGENT run whose γ·c_t stayed 0
     (c_t = 0 until the second refresh) are named in "Read this first"; γ = 0 and an acting γ are not."""
-    from robust_sparse.sweep_report import run_flags
+    from robust_sparse.studies.report import run_flags
 
     runs = pd.DataFrame([
         {"run_id": "a", "chance": 0.1, "val_clean_accuracy": 0.9, "test_clean_accuracy": 0.11,

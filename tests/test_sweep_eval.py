@@ -10,8 +10,8 @@ import yaml
 
 from robust_sparse.cli import main
 from robust_sparse.errors import ConfigError
-from robust_sparse.sweep import EVAL_RESULT, eval_stage_done, load_sweep, run_sweep
-from robust_sparse.sweep_report import aggregate, collect
+from robust_sparse.studies.sweep import EVAL_RESULT, eval_stage_done, load_sweep, run_sweep
+from robust_sparse.studies.report import aggregate, collect
 
 TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "optim.epochs=1", "attack.steps=1",
         "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=64", "eval.pgd_steps=2", "device=cpu"]
@@ -143,7 +143,7 @@ def test_report_measures_agents_cosine_per_density_and_takes_thresholds(tmp_path
 def test_attack_seeds_are_the_attacks_and_seeds_the_runs(tmp_path):
     """``seeds`` picks the runs by training seed; ``attack_seeds`` is eval --seeds, part of the stage's settings
     only when not the default [0] (stages recorded before it still match)."""
-    from robust_sparse.sweep import _eval_command
+    from robust_sparse.studies.sweep import _eval_command
 
     default = load_sweep(write(tmp_path, eval=STAGE)).eval_stage
     assert default.attack_seeds == [0] and "attack_seeds" not in default.settings()
@@ -161,7 +161,7 @@ def test_attack_seeds_are_the_attacks_and_seeds_the_runs(tmp_path):
 
 
 def test_a_stage_with_several_attack_seeds_reports_their_mean_per_model():
-    from robust_sparse.sweep_report import _by_model, _stage_columns
+    from robust_sparse.studies.report import _by_model, _stage_columns
 
     def record(model, seed, pgd, worst, warnings, seconds):
         return {"model": model, "n_examples": 4, "clean_acc": 0.75, "seed": seed, "worst_acc": worst,

@@ -144,7 +144,7 @@ def test_tags_spell_values_as_the_run_names_do(tmp_path):
     import yaml
 
     from robust_sparse.config import load_config, to_dict
-    from robust_sparse.sweep import expand, load_sweep, run_id
+    from robust_sparse.studies.sweep import expand, load_sweep, run_id
     from robust_sparse.tracking import Tracker
 
     path = tmp_path / "sweep.yaml"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from robust_sparse.checkpoint import load_checkpoint, save_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, to_dict
 from robust_sparse.errors import CheckpointError, DivergenceError, UserError

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from robust_sparse.checkpoint import load_checkpoint
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import DatasetName
 from robust_sparse.data import load_cifar
 from robust_sparse.errors import UserError
-from robust_sparse.plain_pickle import NotPlainPickle, load_plain
+from robust_sparse.files.plain_pickle import NotPlainPickle, load_plain
 
 # the real CIFAR-10 prefix beside the repository, as the project's CI has it (never copied into the project)
 REAL_PREFIX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-prefix"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from robust_sparse.agent import AGENT
-from robust_sparse.checkpoint import save_checkpoint
+from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.config import load_config
 from robust_sparse.errors import ConfigError
 from robust_sparse.models import MODELS, REGISTERED_MODELS, build_model

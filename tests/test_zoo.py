@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_sparse.checkpoint import save_checkpoint
+from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import DatasetName, load_config, to_dict
 from robust_sparse.data import DATASETS
@@ -167,7 +167,7 @@ def test_exported_recipe_loads_in_a_fresh_process(exported, tmp_path):
     script = f"""
 import sys
 import torch
-from robust_sparse.compat import import_robustbench
+from robust_sparse.environment.compat import import_robustbench
 import_robustbench()  # what makes robustbench importable with only PyPI's pyautoattack; it registers nothing
 from robustbench.utils import load_model
 assert "robust_sparse.eval.zoo" not in sys.modules

@@ -310,7 +310,7 @@ def nest_flat_names(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    from robust_sparse.checkpoint import write_atomic  # lazily: this module does not import torch
+    from robust_sparse.files.checkpoint import write_atomic  # lazily: this module does not import torch
 
     write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 

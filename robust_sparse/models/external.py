@@ -48,7 +48,7 @@ def split_spec(name: str) -> tuple[str, str] | None:
 
 
 def _timm():
-    from robust_sparse.compat import dependency_warnings_filtered
+    from robust_sparse.environment.compat import dependency_warnings_filtered
 
     try:
         with dependency_warnings_filtered():

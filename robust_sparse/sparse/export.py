@@ -7,14 +7,14 @@ A checkpoint of one network gets these files:
 * ``model_sparse.pt``: a compact checkpoint. Each sparse tensor stores its nonzero values and its mask,
   the mask either as a packed bitmask (1 bit per position) or as int32 positions, whichever is smaller:
   positions win below 1/32 = 3.1% density (99% sparsity), the bitmask above.
-* ``model_sparse_inference.pt``: the model for fast CPU inference (:mod:`robust_sparse.inference`): CSR
+* ``model_sparse_inference.pt``: the model for fast CPU inference (:mod:`robust_sparse.deploy.inference`): CSR
   kernels in the layers where they measured faster at export, a state_dict plus the names that rebuild it, read
   back by ``load_sparse_inference`` (which loads with ``weights_only=True``).
 
 ``export.json`` records the densities, the file sizes and the protocol the model was trained for (dataset,
 number of classes, threat model and eps): ``robust-sparse eval --arch NAME --weights DIR/model_dense.pt`` reads it,
 so an exported model is evaluated at its own eps. Under ``sparse_inference`` it records the dense and sparse
-latency measured at export (batch 1, the exporting process's threads). Beside them (:mod:`robust_sparse.deploy`):
+latency measured at export (batch 1, the exporting process's threads). Beside them (:mod:`robust_sparse.deploy.pretrained`):
 
 * ``model.safetensors``: the masked weights with the record that rebuilds the model in its metadata
   (``robust_sparse.load_pretrained``);
@@ -24,7 +24,7 @@ latency measured at export (batch 1, the exporting process's threads). Beside th
   ``--onnx``, ``model.onnx`` checked against PyTorch.
 
 An AST checkpoint exported without ``--subnet`` becomes one dynamic model holding every sub-net
-(:mod:`robust_sparse.dynamic`: ``model_dynamic.safetensors``, each sub-net's sparse-inference model, and a
+(:mod:`robust_sparse.deploy.dynamic`: ``model_dynamic.safetensors``, each sub-net's sparse-inference model, and a
 latency table per sub-net in export.json). Every file is written atomically.
 """
 
@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from robust_sparse import rundir
-from robust_sparse.checkpoint import atomic_open, load_checkpoint, save_checkpoint, write_atomic
-from robust_sparse.deploy import (NETWORK_FILE, ONNX_FILE, SAFETENSORS_FILE, ModelRecord, network_manifest,
+from robust_sparse.files import rundir
+from robust_sparse.files.checkpoint import atomic_open, load_checkpoint, save_checkpoint, write_atomic
+from robust_sparse.deploy.pretrained import (NETWORK_FILE, ONNX_FILE, SAFETENSORS_FILE, ModelRecord, network_manifest,
                                   network_state, write_hub_folder, write_onnx, write_safetensors)
 from robust_sparse.errors import UserError
 
@@ -80,11 +80,11 @@ def decode(entry: dict[str, Any]) -> torch.Tensor:
 def load_compact(path: str | Path) -> dict[str, torch.Tensor]:
     """The plain ``state_dict`` stored in a compact export.
 
-    Every entry is checked before it is decoded (its shape's size within :data:`~robust_sparse.deploy.MAX_ELEMENTS`
+    Every entry is checked before it is decoded (its shape's size within :data:`~robust_sparse.deploy.pretrained.MAX_ELEMENTS`
     all together, its values and positions or bitmask consistent with it): a shape in the file decides what
     :func:`decode` allocates, so a damaged or hostile file is one :class:`CheckpointError` line, not a huge
     allocation or a traceback."""
-    from robust_sparse.deploy import MAX_ELEMENTS
+    from robust_sparse.deploy.pretrained import MAX_ELEMENTS
     from robust_sparse.errors import CheckpointError
 
     payload = load_checkpoint(path)
@@ -146,7 +146,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, subnet: 
                       hub: bool = False, onnx: bool = False, serving_batch: int = 32,
                       evaluation: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Export a checkpoint; for one that holds several sub-nets (AST): sub-net ``subnet``, or with ``subnet``
-    None all of them as one dynamic model (:mod:`robust_sparse.dynamic`).
+    None all of them as one dynamic model (:mod:`robust_sparse.deploy.dynamic`).
 
     ``hub``: also a Hugging Face Hub-style folder ``out/hub`` whose model card shows ``evaluation`` (rows of
     attack, threat_model, eps, n, accuracy); ``onnx``: also ``model.onnx``, checked against PyTorch."""
@@ -226,8 +226,8 @@ def export_dynamic(state: dict[str, Any], views: Sequence[Any], record: ModelRec
     """An AST checkpoint as one switchable artifact plus each sub-net's sparse-inference model, with every
     sub-net's latency measured here (batch 1 and ``serving_batch``, this process's threads)."""
     from robust_sparse.config import config_from_dict
-    from robust_sparse.dynamic import DYNAMIC_FILE, save_dynamic, subnet_inference_file
-    from robust_sparse.inference import save_sparse_inference, sparse_inference
+    from robust_sparse.deploy.dynamic import DYNAMIC_FILE, save_dynamic, subnet_inference_file
+    from robust_sparse.deploy.inference import save_sparse_inference, sparse_inference
 
     protocol = export_protocol(state["config"])
     sparsity = state.get("sparsity") or {}
@@ -266,7 +266,7 @@ def export_sparse_inference(model_state: dict[str, torch.Tensor], record: ModelR
     """Write the CPU sparse-inference model (one image per call, this process's threads); its measured latency.
     Skipped (and said so in the returned record) for a model that cannot be rebuilt here (a user-registered
     architecture whose module this process cannot import)."""
-    from robust_sparse.inference import save_sparse_inference, sparse_inference
+    from robust_sparse.deploy.inference import save_sparse_inference, sparse_inference
 
     try:
         model = _built(record, model_state)

@@ -28,7 +28,7 @@ def build_static(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
 
 def build_magnitude_prune(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     """Load ``sparsity.magnitude_prune.dense_checkpoint`` into the model, then keep its largest-magnitude weights."""
-    from robust_sparse.checkpoint import load_checkpoint
+    from robust_sparse.files.checkpoint import load_checkpoint
 
     config = setup.config
     path = setup.section.dense_checkpoint

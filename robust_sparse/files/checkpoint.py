@@ -15,7 +15,7 @@ from typing import IO, Any, Iterator
 import torch
 
 from robust_sparse.errors import CheckpointError, ConfigError
-from robust_sparse.rundir import os_error
+from robust_sparse.files.rundir import os_error
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ ALIAS_PTH = "robust_sparse_autoattack_alias.pth"
 # package leaves a harmless line instead of a start-up error.
 ALIAS_PTH_LINE = (
     "import importlib.util; importlib.util.find_spec('robust_sparse') and "
-    "__import__('robust_sparse._autoattack_alias', fromlist=['install']).install()\n"
+    "__import__('robust_sparse.environment.autoattack_alias', fromlist=['install']).install()\n"
 )
 
 
@@ -122,7 +122,7 @@ def check_robustbench_files() -> Check:
 
 
 def check_autoattack() -> Check:
-    from robust_sparse import _autoattack_alias
+    from robust_sparse.environment import autoattack_alias as _autoattack_alias
 
     if importlib.util.find_spec("pyautoattack") is None and importlib.util.find_spec("autoattack") is None:
         return Check("AutoAttack", False, "neither autoattack nor pyautoattack is installed",

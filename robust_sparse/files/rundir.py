@@ -167,7 +167,7 @@ def claim(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False)
     except OSError as error:
         raise os_error(getattr(error, "filename", None) or directory, error) from None
     if marker_kind(directory) != kind.value:
-        from robust_sparse.checkpoint import write_atomic  # lazily: checkpoint imports torch
+        from robust_sparse.files.checkpoint import write_atomic  # lazily: checkpoint imports torch
 
         try:
             write_atomic(directory / MARKER, json.dumps({"kind": kind.value}) + "\n")

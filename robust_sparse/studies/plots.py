@@ -40,8 +40,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
-from robust_sparse.checkpoint import save_figure
-from robust_sparse import stats
+from robust_sparse.files.checkpoint import save_figure
+from robust_sparse.studies import stats
 
 # Legend names of the grid keys a reader knows by another name; any other key shows its last dotted part. The
 # order is also the order of the pairs in a legend entry.

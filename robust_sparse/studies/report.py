@@ -1,9 +1,9 @@
 """Aggregate a sweep directory: per-run table, mean ± std over seeds, epochs needed to reach given accuracies
-(the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs, and the figures of robust_sparse.plots
+(the paper's Figure 4 metric) against the γ = 0 / no-AGENT runs, and the figures of robust_sparse.studies.plots
 (convergence, γ sensitivity, robust accuracy against sparsity and against training FLOPs, AGENT over epochs and
 its cosine per density). Beside the accuracies, each setting's cost: training and inference FLOPs against dense
 (robust_sparse.flops); each run's test accuracies with their Wilson intervals and every setting's per-seed paired
-differences against a reference setting (robust_sparse.stats), which a stored report's runs.csv alone can also give.
+differences against a reference setting (robust_sparse.studies.stats), which a stored report's runs.csv alone can also give.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse import plots, rundir, stats
-from robust_sparse.checkpoint import write_atomic
+from robust_sparse.studies import plots, stats
+
+from robust_sparse.files import rundir
+from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.errors import UserError
-from robust_sparse.sweep import EVAL_RESULT, run_status
+from robust_sparse.studies.sweep import EVAL_RESULT, run_status
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +273,7 @@ DIVERGED_LINE = "robust-sparse: diverged:"  # what train writes on stderr (train
 
 def _diverged(run_dir: Path, status: str, recorded: Any) -> bool:
     """Whether the run diverged, by what it left: the sweep's diverged.json (written on exit code 3, as
-    :func:`robust_sparse.sweep.run_status` reads it), the status runs.csv recorded, or train's own line in
+    :func:`robust_sparse.studies.sweep.run_status` reads it), the status runs.csv recorded, or train's own line in
     train.log (a sweep stopped before it wrote the marker). A run that finished since is not diverged."""
     if status == "diverged" or (status != "done" and str(recorded).strip() == "diverged"):
         return True
@@ -451,7 +453,7 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines).
     ``reference``: the setting paired differences are taken against (``{"agent.gamma": 0}`` by default where the
     sweep varies γ; see :func:`default_reference`); ``correction`` and ``family``: how the p-values of its
-    intervals are adjusted, over which intervals together (robust_sparse.stats)."""
+    intervals are adjusted, over which intervals together (robust_sparse.studies.stats)."""
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
     out = Path(out) if out else rundir.report_dir(sweep_dirs[0])  # beside the sweep, never inside it
     rundir.check_owned(out, rundir.Kind.REPORT, "report --out")

@@ -10,7 +10,7 @@ that as one artifact, ``model_dynamic.safetensors``:
   ``sparsity.ast.nested``, and often so without it) it is stored as one bit per position of ``M_{k-1}`` only, so
   K nested masks cost ``N (1 + d_0 + ... + d_{K-2})`` bits for N weights instead of ``K N``;
 * ``batchnorm.<k>.<name>``: sub-net ``k``'s BatchNorm statistics when the run kept one set per sub-net;
-* metadata: the :class:`~robust_sparse.deploy.ModelRecord`, each sub-net's target and measured density, which
+* metadata: the :class:`~robust_sparse.deploy.pretrained.ModelRecord`, each sub-net's target and measured density, which
   masks are stored within their parent, and the latency table measured at export.
 
 :func:`load_dynamic` returns a :class:`DynamicSubnetModel`: ``use(k)`` or ``at_density(d)`` writes sub-net
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from robust_sparse.deploy import ModelRecord, read_safetensors, write_bytes
+from robust_sparse.deploy.pretrained import ModelRecord, read_safetensors, write_bytes
 from robust_sparse.errors import CheckpointError, UserError
 
 DYNAMIC_FORMAT = "robust-sparse-dynamic/1"
@@ -230,7 +230,7 @@ def load_dynamic(path: str | Path, sparse_inference: bool = True) -> DynamicSubn
     fast = None
     files = [file.parent / subnet_inference_file(k) for k in range(len(masks))]
     if sparse_inference and all(f.is_file() for f in files):
-        from robust_sparse.inference import load_sparse_inference
+        from robust_sparse.deploy.inference import load_sparse_inference
 
         fast = [load_sparse_inference(f) for f in files]
     try:

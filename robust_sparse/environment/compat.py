@@ -7,7 +7,7 @@ import types
 import warnings
 from typing import Iterator
 
-from robust_sparse import _autoattack_alias
+from robust_sparse.environment import autoattack_alias as _autoattack_alias
 from robust_sparse.errors import UserError
 
 

@@ -56,7 +56,7 @@ from typing import Any
 
 import pandas as pd
 
-from robust_sparse.checkpoint import write_atomic
+from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.config import coerce
 from robust_sparse.errors import ConfigError, UserError
 
@@ -292,7 +292,7 @@ def check_submission(checked: dict[str, Any], dry_run: bool = False, out_dir: Pa
 
 
 def _train_command(config_path: Path, run_dir: Path) -> list[str]:
-    from robust_sparse.sweep import _command
+    from robust_sparse.studies.sweep import _command
 
     return _command(config_path, run_dir, "auto")
 
@@ -331,7 +331,7 @@ def train_task(config_path: Path, run_dir: Path, modules: tuple[str, ...], devic
     the job's process group through torchrun's variables; rank 0 writes the run and reports its outcome."""
     import submitit
 
-    from robust_sparse import sweep
+    from robust_sparse.studies import sweep
 
     # submitit asks Slurm for USR2 90 s before the time limit and, for a function it cannot checkpoint, ends the
     # job on it ("timed-out and not checkpointable", a FAILED job) while USR2's default action kills the
@@ -682,7 +682,7 @@ def _finished(column: str, arguments: tuple) -> str | None:
     """A run's outcome as the run itself wrote it: its marker (training: done or diverged) or the evaluation
     stage's result; None while it has none. submitit's result pickle is never read for it: unpickling runs
     whatever the file names, and anyone who can write the sweep directory can write one."""
-    from robust_sparse.sweep import eval_stage_done, run_status
+    from robust_sparse.studies.sweep import eval_stage_done, run_status
 
     if column == "status":  # (requested.yaml, run_dir, plugins)
         status = run_status(arguments[1])

@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from robust_sparse.checkpoint import atomic_open, write_atomic
+from robust_sparse.files.checkpoint import atomic_open, write_atomic
 from robust_sparse.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def model_card(name: str, config: Mapping[str, Any], summary: Mapping[str, Any],
     lines += [
         "", "## Loading", "", "```python", "import robust_sparse",
         "model = robust_sparse.load_pretrained('path/to/this/folder')  # eval mode, [0, 1] inputs", "```", "",
-        "or, with huggingface_hub installed: `robust_sparse.deploy.RobustSparseModel.from_pretrained(folder)`.", "",
+        "or, with huggingface_hub installed: `robust_sparse.deploy.pretrained.RobustSparseModel.from_pretrained(folder)`.", "",
     ]
     return "\n".join(lines)
 

@@ -322,7 +322,7 @@ def save_sparse_inference(module: SparseInferenceModel, path: str | Path, archit
     """Write ``module`` as a state_dict plus what rebuilds it (``build_model``'s arguments: an outside
     ``torchvision:``/``timm:`` model with its keyword arguments and stem too); atomic, loadable with
     ``weights_only=True``."""
-    from robust_sparse.checkpoint import atomic_open
+    from robust_sparse.files.checkpoint import atomic_open
 
     payload = {
         "kind": SPARSE_INFERENCE_FORMAT,
@@ -341,10 +341,10 @@ def load_sparse_inference(path: str | Path) -> SparseInferenceModel:
     """Rebuild a model written by :func:`save_sparse_inference` (no re-measurement: the saved choice holds).
 
     The file is read with ``weights_only=True`` and everything in it is checked before a model is built (the
-    record's bounds and the tensors' shapes, :meth:`~robust_sparse.deploy.ModelRecord.build_checked`; the sparse
+    record's bounds and the tensors' shapes, :meth:`~robust_sparse.deploy.pretrained.ModelRecord.build_checked`; the sparse
     layers' positions within their weights): a damaged or hostile file is one :class:`CheckpointError` line."""
-    from robust_sparse.checkpoint import safe_load
-    from robust_sparse.deploy import ModelRecord
+    from robust_sparse.files.checkpoint import safe_load
+    from robust_sparse.deploy.pretrained import ModelRecord
     from robust_sparse.errors import CheckpointError
 
     where = str(path)

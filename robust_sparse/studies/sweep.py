@@ -19,7 +19,7 @@ stage, ``threads`` and ``parallel`` may change between reruns of a sweep directo
 Runs are idempotent: a run with ``eval.json`` (or a recorded divergence) is skipped, a run with ``last.pt`` but
 no result is resumed, anything else starts fresh. Execution uses existing engines: the standard library's
 process pool on one machine (``backend: local``, N runs at once, devices assigned round robin) or submitit for
-Slurm clusters (``backend: slurm``: one job per run, of one or several tasks; see robust_sparse/slurm.py).
+Slurm clusters (``backend: slurm``: one job per run, of one or several tasks; see robust_sparse/studies/slurm.py).
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from robust_sparse import plugins, rundir
-from robust_sparse.checkpoint import check_output_dir, write_atomic
+from robust_sparse import plugins
+
+from robust_sparse.files import rundir
+from robust_sparse.files.checkpoint import check_output_dir, write_atomic
 from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict, load_config, parse_override,
                                   read_yaml, save_config, spell)
 from robust_sparse.config.validation import MAX_SEED, check_radius, check_range, max_workers
@@ -114,7 +116,7 @@ class EvalStage:
 
 class SweepBackend(str, Enum):
     LOCAL = "local"  # the standard library's process pool on this machine
-    SLURM = "slurm"  # submitit: one job per run (robust_sparse/slurm.py)
+    SLURM = "slurm"  # submitit: one job per run (robust_sparse/studies/slurm.py)
 
 
 @dataclass
@@ -140,7 +142,7 @@ class SweepConfig:
     threads: int = 0  # torch threads per local run; 0 = the machine's cores divided by parallel
     backend: SweepBackend = SweepBackend.LOCAL
     devices: list[str] = field(default_factory=lambda: ["auto"])  # auto, cpu, cuda or cuda:N, round robin
-    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters (robust_sparse.slurm.parameters)
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters (robust_sparse.studies.slurm.parameters)
     eval: dict[str, Any] | None = None  # the evaluation stage (:func:`_eval_stage`)
 
 
@@ -207,8 +209,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     if runs > CONFIRM_RUNS and not yes:
         raise ConfigError(f"sweep file {path}: {runs:,} runs (more than {CONFIRM_RUNS}); check the grid, and pass "
                           "--yes to start them all")
-    if backend == "slurm":  # submitit's names, checked and translated (robust_sparse.slurm)
-        from robust_sparse import slurm as slurm_backend
+    if backend == "slurm":  # submitit's names, checked and translated (robust_sparse.studies.slurm)
+        from robust_sparse.studies import slurm as slurm_backend
 
         slurm = slurm_backend.parameters(slurm)
     eval_stage = _eval_stage(spec.eval)
@@ -548,7 +550,7 @@ def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> 
     """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
     has one and ``evaluate``), and return the run index."""
     if sweep.backend == "slurm":  # no submitit, no sbatch, a bad jobs.json: refused before anything is written
-        from robust_sparse.slurm import check_submission
+        from robust_sparse.studies.slurm import check_submission
 
         check_submission(sweep.slurm, dry_run, sweep.out_dir)
     with rundir.locked(sweep.out_dir, rundir.Kind.SWEEP, "sweep out_dir"):  # one sweep at a time in a directory
@@ -605,7 +607,7 @@ def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, j
     if not todo:
         return
     if sweep.backend == "slurm":
-        from robust_sparse.slurm import submit
+        from robust_sparse.studies.slurm import submit
 
         submit(sweep, todo, index, column, job, lambda: _write_index(index, sweep.out_dir))
         return
