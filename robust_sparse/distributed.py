@@ -133,8 +133,3 @@ def broadcast(tensor: torch.Tensor) -> None:
 def barrier() -> None:
     if active():
         dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
