@@ -319,7 +319,7 @@ def aggregate_interval(correct: np.ndarray) -> tuple[float, float]:
     """The 95% interval of the aggregate from the per-point flags ``correct`` (bool ``[cells, n]``, one column per
     image): the t interval over the images of each image's fraction of cells classified correctly, whose mean is
     the aggregate (see the module docstring); clipped to [0, 1]; NaN for fewer than two images."""
-    from robust_sparse.studies.stats import mean_interval
+    from robust_sparse.eval.intervals import mean_interval
 
     _, low, high = mean_interval(np.asarray(correct, dtype=float).mean(axis=0).tolist())
     return (max(0.0, low), min(1.0, high)) if low == low else (low, high)

@@ -18,7 +18,7 @@ import pandas as pd
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
-from robust_sparse.studies.stats import wilson_interval
+from robust_sparse.eval.intervals import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
 from robust_sparse.eval import corruptions, tradeoff
 from robust_sparse.eval.sanity import checks_summary, monotone_warnings

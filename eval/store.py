@@ -42,7 +42,7 @@ import pandas as pd
 
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.errors import UserError
-from robust_sparse.studies.stats import wilson_interval
+from robust_sparse.eval.intervals import wilson_interval
 
 log = logging.getLogger(__name__)
 

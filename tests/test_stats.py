@@ -91,7 +91,7 @@ def test_wilson_intervals_match_hand_values():
     assert stats.format_wilson(0.5, 100) == "0.500 [0.404, 0.596]"
 
 
-def test_a_consistent_small_effect_is_established_and_the_unpaired_test_misses_it():
+def test_a_consistent_small_effect_is_established():
     table = stats.paired_differences(_runs(), {"agent.gamma": 0}, ["test_clean_accuracy"], ["agent.gamma"])
     consistent = table[table["agent.gamma"] == 0.1].iloc[0]
     half = 4.303 * 0.001 / math.sqrt(3)  # t(2) * sd / sqrt(n)
@@ -99,8 +99,6 @@ def test_a_consistent_small_effect_is_established_and_the_unpaired_test_misses_i
     assert consistent["mean"] == pytest.approx(0.02)
     assert (consistent["low"], consistent["high"]) == pytest.approx((0.02 - half, 0.02 + half), abs=2e-6)
     assert consistent["consistent"] == 3 and consistent["established"]
-    difference, low, high = stats.welch_interval(CONSISTENT, REFERENCE)  # means and stds: 0 inside
-    assert difference == pytest.approx(0.02) and low < 0 < high
 
 
 def test_an_inconsistent_effect_is_not_established():

@@ -25,7 +25,10 @@ from typing import Any
 import pandas as pd
 from scipy import stats as scipy_stats
 
-Z_975 = 1.959964  # the normal 0.975 quantile (the Wilson interval's z)
+# the intervals of one accuracy and of a mean are the evaluation's (it stores them with every row); re-exported
+# here, where the report reads them with the paired comparisons
+from robust_sparse.eval.intervals import Z_975, mean_interval, t_quantile, t_quantile_975, wilson_interval  # noqa: F401
+
 LEVEL = 0.05  # the error rate of every interval and test: 95% intervals, p < 0.05 after adjustment
 
 
@@ -35,18 +38,6 @@ class Correction(str, Enum):
     HOLM = "holm"  # family-wise error rate, any dependence (Holm 1979)
     BH = "bh"  # false discovery rate (Benjamini-Hochberg 1995; positive dependence)
     NONE = "none"  # every interval on its own
-
-
-def t_quantile(probability: float, df: float) -> float:
-    """The ``probability`` quantile of Student's t with ``df`` degrees of freedom."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    return float(scipy_stats.t.ppf(probability, df))
-
-
-def t_quantile_975(df: float) -> float:
-    """The 0.975 quantile of t with ``df`` degrees of freedom (two-sided 95%)."""
-    return t_quantile(0.975, df)
 
 
 def paired_p_value(differences: Sequence[float]) -> float:
@@ -88,46 +79,6 @@ def adjust(p_values: Sequence[float], correction: Correction | str = Correction.
             running = min(running, min(1.0, p * m / (rank + 1)))
             adjusted[i] = running
     return adjusted
-
-
-def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t interval of the mean of ``values`` (n - 1 degrees of freedom); NaN bounds for
-    fewer than two values."""
-    values = [float(v) for v in values]
-    n = len(values)
-    mean = sum(values) / n if n else math.nan
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def welch_interval(treated: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
-    """(difference of means, low, high): the unpaired 95% interval (Welch-Satterthwaite degrees of freedom), the
-    comparison a table of means and standard deviations invites; for contrast with the paired one."""
-    a, b = [float(v) for v in treated], [float(v) for v in reference]
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan, math.nan
-    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
-    var_a = sum((v - mean_a) ** 2 for v in a) / (len(a) - 1) / len(a)
-    var_b = sum((v - mean_b) ** 2 for v in b) / (len(b) - 1) / len(b)
-    difference = mean_a - mean_b
-    if var_a + var_b == 0:
-        return difference, difference, difference
-    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
-    half = t_quantile_975(df) * math.sqrt(var_a + var_b)
-    return difference, difference - half, difference + half
-
-
-def wilson_interval(accuracy: float, n: int, z: float = Z_975) -> tuple[float, float]:
-    """The 95% Wilson score interval of an accuracy measured on ``n`` points (``accuracy * n`` correct)."""
-    if not n or n <= 0 or accuracy is None or math.isnan(accuracy):
-        return math.nan, math.nan
-    p = min(max(float(accuracy), 0.0), 1.0)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def format_wilson(accuracy: float, n: int) -> str:
