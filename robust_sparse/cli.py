@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 from robust_sparse.files import rundir
-from robust_sparse.errors import DivergenceError, UserError
+from robust_sparse.errors import DivergenceError, ExitCode, UserError
 
 log = logging.getLogger("robust_sparse")
 
-EXIT_USER_ERROR = 2
 QUICKSTART = Path(__file__).with_name("quickstart.yaml")  # `robust-sparse train` with no CONFIG
-EXIT_DIVERGED = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,13 +260,13 @@ def _train(args: argparse.Namespace) -> int:
         from robust_sparse.config import to_dict
 
         _emit(yaml.safe_dump(to_dict(config), sort_keys=False))
-        return 0
+        return ExitCode.OK
     progress = not args.no_progress  # a bar on a terminal, periodic log lines in a file (robust_sparse.progress)
     result = fit(config, resume=args.resume, progress=progress)
     from robust_sparse.distributed import rank_and_world_size
 
     if rank_and_world_size()[0] != 0:  # under torchrun rank 0 reports the run (and runs AutoAttack) once
-        return 0
+        return ExitCode.OK
     _emit(result.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if result.evaluation:
         _emit(_format_evaluation(result.evaluation))
@@ -279,7 +277,7 @@ def _train(args: argparse.Namespace) -> int:
     if note:
         _emit(f"warning: {note}")
     _emit(f"run directory: {result.run_dir}")
-    return 0
+    return ExitCode.OK
 
 
 def chance_note(config, metrics, evaluation: dict | None) -> str | None:
@@ -398,7 +396,7 @@ def _eval(args: argparse.Namespace) -> int:
         _emit(format_spread(outcome.spread))
     results_dir = outcome.results_dir
     _emit(f"results: {results_dir / 'results.csv'} (and results.json; per-point flags in {results_dir / 'flags'})")
-    return 0
+    return ExitCode.OK
 
 
 def _reference(items: list[str] | None) -> dict | None:
@@ -439,7 +437,7 @@ def _report(args: argparse.Namespace) -> int:
         path = write_stored_report(args.results_dirs[0], args.out, _reference(args.reference), args.test_n,
                                    args.correction, args.family, **levels)
         _emit(f"report: {path}")
-        return 0
+        return ExitCode.OK
     if args.test_n is not None:
         raise UserError("report --test-n: only for a stored runs.csv")
     out = args.out if args.out is not None else str(rundir.report_dir(args.results_dirs[0]))
@@ -457,7 +455,7 @@ def _report(args: argparse.Namespace) -> int:
         path = write_report(list(args.results_dirs), args.out, reference=reference, **levels,
                             correction=args.correction, family=args.family)
         _emit(f"report: {path}")
-        return 0
+        return ExitCode.OK
     if any(sweeps):
         raise UserError("report: give either sweep directories or evaluation results stores, not both")
     if args.thresholds is not None or args.robust_thresholds is not None or args.reference:
@@ -465,7 +463,7 @@ def _report(args: argparse.Namespace) -> int:
 
     path = build_report(args.results_dirs, args.out, args.leaderboard, exports=args.exports)
     _emit(f"report: {path}")
-    return 0
+    return ExitCode.OK
 
 
 #: a latency ratio within this of 1 is reported as no measurable difference: the fastest of 7 alternating runs
@@ -511,7 +509,7 @@ def _export(args: argparse.Namespace) -> int:
               f", eps {info['eps']}); load with robust_sparse.eval.zoo.register({args.robustbench!r}, "
               f"{str(args.out)!r}, {info['dataset']!r}, {info['robust_sparse']['threat_model']!r}), then "
               "robustbench.utils.load_model")
-        return 0
+        return ExitCode.OK
     rundir.check_owned(args.out, rundir.Kind.EXPORT, "export --out")
     evaluation = []
     if args.hub:
@@ -529,7 +527,7 @@ def _export(args: argparse.Namespace) -> int:
             _emit(f"sub-net {row['subnet']}: {row['batch1_sparse_ms']:.2f} ms sparse vs {row['batch1_dense_ms']:.2f} "
                   f"ms dense per image; batch {row['serving_batch']}: {row['serving_sparse_ms']:.2f} vs "
                   f"{row['serving_dense_ms']:.2f} ms")
-        return 0
+        return ExitCode.OK
     _emit(f"density {summary['density']:.4f} over {summary['sparse_layers']} sparse layers; "
           f"model_dense.pt {summary['dense_file_bytes']} bytes, model_sparse.pt {summary['compact_file_bytes']} "
           f"bytes ({summary['compact_to_dense_size']:.1%}); written to {args.out}")
@@ -547,7 +545,7 @@ def _export(args: argparse.Namespace) -> int:
                                      if onnx["checked_with"] else "not checked (onnxruntime is not installed)"))
     if "hub" in summary:
         _emit(f"Hub-style folder: {summary['hub']} (robust_sparse.load_pretrained or RobustSparseModel.from_pretrained)")
-    return 0
+    return ExitCode.OK
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -563,7 +561,7 @@ def _sweep(args: argparse.Namespace) -> int:
     failed = (~index["status"].isin(["done", "diverged", "pending", "partial"])).sum()
     if "eval" in index:
         failed += index["eval"].astype(str).str.startswith("failed").sum()
-    return 1 if failed else 0
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -573,7 +571,7 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.fix:
         results = doctor.fix(results)
     _emit(doctor.format_report(results))
-    return 0 if all(r.ok for r in results) else 1
+    return ExitCode.OK if all(r.ok for r in results) else ExitCode.FAILED
 
 
 class Terminated(KeyboardInterrupt):
@@ -627,22 +625,22 @@ def _main(argv: Sequence[str] | None) -> int:
         if args is not None and args.debug:
             raise
         sys.stderr.write(f"robust-sparse: error: {error}\n")
-        return EXIT_USER_ERROR
+        return ExitCode.USAGE
     except OSError as error:  # disk full, permission, read-only where no path-aware handler caught it
         if args is not None and args.debug:
             raise
         where = error.filename if getattr(error, "filename", None) else "an output"
         sys.stderr.write(f"robust-sparse: error: {rundir.os_error(where, error, 'cannot use')}\n")
-        return EXIT_USER_ERROR
+        return ExitCode.USAGE
     except DivergenceError as error:
         sys.stderr.write(f"robust-sparse: diverged: {error}\n")
-        return EXIT_DIVERGED
+        return ExitCode.DIVERGED
     except Terminated:
         sys.stderr.write(f"robust-sparse: terminated (SIGTERM); {_resume_hint(args)}\n")
-        return 128 + signal.SIGTERM
+        return ExitCode.TERMINATED
     except KeyboardInterrupt:
         sys.stderr.write(f"robust-sparse: interrupted; {_resume_hint(args)}\n")
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

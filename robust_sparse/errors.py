@@ -1,4 +1,20 @@
-"""Errors a user can fix. The CLI turns them into one line on stderr and exit code 2."""
+"""Errors a user can fix, and the exit codes of every command. The CLI turns a user error into one line on stderr
+and :attr:`ExitCode.USAGE`."""
+
+import signal
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What ``robust-sparse`` exits with (documented: scripts and schedulers read them). The sweep reads its
+    training children's codes by these names, and a Slurm job ends with its training's."""
+
+    OK = 0
+    FAILED = 1  # a sweep's run or evaluation failed; doctor found a problem it did not fix
+    USAGE = 2  # a user error (config, path, checkpoint, flag): one line on stderr
+    DIVERGED = 3  # training diverged (NaN loss or accuracy stuck at chance); the best checkpoint is kept
+    INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C; the shell's convention for a signal, 130
+    TERMINATED = 128 + signal.SIGTERM  # SIGTERM (a scheduler's stop), 143; resumable like Ctrl-C
 
 
 class UserError(Exception):
