@@ -284,7 +284,7 @@ def test_torch_saves_disk_full_runtime_error_is_the_one_enospc_line(tmp_path, mo
 
     import torch
 
-    from robust_sparse.files import checkpoint
+    from robust_sparse.files import atomic
     from robust_sparse.errors import OutputError
 
     path = tmp_path / "model.pt"
@@ -309,9 +309,9 @@ def test_torch_saves_disk_full_runtime_error_is_the_one_enospc_line(tmp_path, mo
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return self.stream.write(data)
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda *args: FullDisk(real(*args)))
+    monkeypatch.setattr(atomic.os, "fdopen", lambda *args: FullDisk(real(*args)))
     with pytest.raises(OutputError, match=rf"^cannot write {path}: No space left on device \(ENOSPC\)$"):
-        with checkpoint.atomic_open(path, "wb") as stream:
+        with atomic.atomic_open(path, "wb") as stream:
             torch.save({"w": torch.zeros(100_000)}, stream)
     assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 

@@ -136,7 +136,7 @@ def test_empty_path_fields_are_refused(tmp_path, capsys, monkeypatch):
 
 # ---- locks -----------------------------------------------------------------------------------------------------
 
-HOLD = ("import sys, time\nfrom robust_sparse import rundir\n"
+HOLD = ("import sys, time\nfrom robust_sparse.files import rundir\n"
         "held = rundir.locked(sys.argv[1], rundir.Kind(sys.argv[2]), 'test')\nheld.__enter__()\n"
         "print('locked', flush=True)\ntime.sleep(600)\n")
 

@@ -1,2 +1,3 @@
-"""Files a run leaves behind: atomic writes and run-directory ownership (rundir), checkpoints read with
-``weights_only=True`` (checkpoint), and the allow-listed reader of the pickles submitit leaves (plain_pickle)."""
+"""Files a run leaves behind: atomic writes and one-line OS errors (atomic), run-directory ownership (rundir),
+checkpoints read with ``weights_only=True`` (checkpoint), and the allow-listed reader of the pickles submitit
+leaves (plain_pickle)."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from robust_sparse.errors import OutputError
+from robust_sparse.files.atomic import describe, os_error, write_atomic  # noqa: F401 (describe: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,6 @@ class Kind(str, Enum):
     EVAL = "eval"
     EXPORT = "export"
     REPORT = "report"
-
-
-def describe(error: OSError) -> str:
-    """``Read-only file system (EROFS)``: the errno's meaning and its name."""
-    name = errno.errorcode.get(error.errno or 0)
-    meaning = error.strerror or (os.strerror(error.errno) if error.errno else type(error).__name__)
-    return f"{meaning} ({name})" if name else meaning
-
-
-def os_error(path: str | Path, error: OSError, action: str = "cannot write") -> OutputError:
-    """One line for an operating-system error on ``path``: the path and what the errno means."""
-    return OutputError(f"{action} {path}: {describe(error)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,8 +156,6 @@ def claim(directory: str | Path, kind: Kind, where: str, *, adopt: bool = False)
     except OSError as error:
         raise os_error(getattr(error, "filename", None) or directory, error) from None
     if marker_kind(directory) != kind.value:
-        from robust_sparse.files.checkpoint import write_atomic  # lazily: checkpoint imports torch
-
         try:
             write_atomic(directory / MARKER, json.dumps({"kind": kind.value}) + "\n")
         except OutputError:
