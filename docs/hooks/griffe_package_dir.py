@@ -1,0 +1,32 @@
+"""A Griffe extension for the API pages: the packages that pyproject.toml's ``[tool.setuptools.package-dir]``
+installs from another folder (``attacks/`` as ``robust_sparse.attacks``, ``eval/`` as ``robust_sparse.eval``, so
+that no generic top-level name lands in site-packages) are read from their folders and attached where they are
+imported from. Griffe's static analysis finds a package's modules by path, and would not find these."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import griffe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def package_dirs() -> dict[str, Path]:
+    """Import path -> folder, from pyproject.toml (only those mapped into another package)."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {})
+    return {name: REPO / folder for name, folder in setuptools.get("package-dir", {}).items() if "." in name}
+
+
+class PackageDir(griffe.Extension):
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        for name, folder in package_dirs().items():
+            parent, _, child = name.rpartition(".")
+            if parent != pkg.path or child in pkg.members:
+                continue
+            module = loader.load(folder, find_stubs_package=False)
+            loader.modules_collection.del_member(module.name)
+            module.name = child
+            pkg.set_member(child, module)
