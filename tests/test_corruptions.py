@@ -230,19 +230,20 @@ def test_leaderboard_comparison_of_the_corruptions_track(tmp_path):
 
 def test_sweep_evaluation_stage_for_the_corruptions_track(tmp_path):
     from robust_sparse.errors import ConfigError
-    from robust_sparse.studies.sweep import EvalStage, _eval_command, _eval_stage
+    from robust_sparse.studies.sweep import _eval_stage
 
     stage = _eval_stage({"threat_model": "corruptions", "corruptions": ["fog", "snow"], "severities": "1,5",
                          "n_examples": 100, "seeds": [0]})
-    command = _eval_command(tmp_path / "run", stage, "cpu")
-    assert command[command.index("--threat-model") + 1] == "corruptions" and "--attacks" not in command
-    assert command[command.index("--corruptions") + 1] == "fog,snow"
-    assert command[command.index("--severities") + 1] == "1,5" and "--no-probe" not in command
-    assert stage.settings()["corruptions"] == "fog,snow"
+    config = stage.for_run(tmp_path / "run")  # what the evaluation child reads
+    assert config.corruptions_track and config.attacks is None and config.eps is None
+    assert config.corruptions == ["fog", "snow"] and config.severities == [1, 5] and config.n_examples == 100
+    assert stage.settings() == {"attacks": "corruptions", "n_examples": 100, "eps": None, "batch_size": 500,
+                                "probe": False, "threat_model": "corruptions", "corruptions": "fog,snow",
+                                "severities": "1,5"}
     # a stage with attacks keeps the settings it had before the corruptions keys existed (no re-evaluation)
     attacks = _eval_stage({"attacks": "fgsm"})
-    assert set(attacks.settings()) == {"attacks", "n_examples", "eps", "batch_size", "probe"}
-    assert attacks.settings() == {k: v for k, v in EvalStage(attacks="fgsm").settings().items()}
+    assert attacks.settings() == {"attacks": "fgsm", "n_examples": None, "eps": None, "batch_size": 500,
+                                  "probe": True}
     for value, message in (({"threat_model": "Linf", "attacks": "fgsm"}, "only 'corruptions'"),
                            ({"threat_model": "corruptions", "attacks": "fgsm"}, "has no radius or attacks: drop sweep eval.attacks"),
                            ({"threat_model": "corruptions", "severities": [7]}, "severities '7'"),

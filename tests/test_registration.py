@@ -128,7 +128,8 @@ def test_a_registered_attack_is_used_by_name(toy_attacks, trained_tiny, mnist, t
     from robust_sparse.config import load_config, to_dict
     from robust_sparse.errors import UserError
     from robust_sparse.eval import evaluate, parse_attacks
-    from robust_sparse.studies.sweep import EVAL_RESULT, _eval_stage, _run_eval
+    from robust_sparse.studies.local import EVAL_RESULT, run_evaluation
+    from robust_sparse.studies.sweep import _eval_stage
 
     _, test = mnist
     images, labels = test.images[:40].float() / 255, test.labels[:40]
@@ -166,8 +167,9 @@ def test_a_registered_attack_is_used_by_name(toy_attacks, trained_tiny, mnist, t
     # a sweep file's eval stage: checked by name, then run by `robust-sparse eval` in a child process, which
     # imports the registering module
     stage = _eval_stage({"attacks": ["toy-fill"], "n_examples": 40, "eps": 0.5, "batch_size": 16, "probe": False})
-    assert stage.attacks == "toy-fill" and stage.modules == ("toy_attacks",)
-    assert _run_eval(checkpoint.parent, stage, stage.modules, "cpu", 1) == "done", (checkpoint.parent / "eval.log").read_text()
+    assert stage.config.attacks == "toy-fill" and stage.modules == ("toy_attacks",)
+    assert run_evaluation(checkpoint.parent, stage, stage.modules, "cpu", 1) == "done", \
+        (checkpoint.parent / "eval.log").read_text()
     record = json.loads((checkpoint.parent / EVAL_RESULT).read_text())
     assert record["results"][0]["per_attack"] == {"Toy fill": pytest.approx(expected)}
 

@@ -237,7 +237,7 @@ def test_a_two_task_job_trains_one_run_through_ddp(tmp_path):
 
 
 def test_debug_runs_the_jobs_in_the_sweeps_process_without_sbatch(tmp_path, monkeypatch):
-    import robust_sparse.studies.sweep as sweep_module
+    import robust_sparse.studies.local as local_module
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm at all
     trained = []  # the training command itself is the local backend's (tested there): here, who runs it
@@ -246,7 +246,7 @@ def test_debug_runs_the_jobs_in_the_sweeps_process_without_sbatch(tmp_path, monk
         trained.append((config_path, run_dir, os.getpid(), threads))
         return "done"
 
-    monkeypatch.setattr(sweep_module, "_run_local", run_local)
+    monkeypatch.setattr(local_module, "run_training", run_local)
     index = run_sweep(load_sweep(_sweep_file(tmp_path, slurm={"debug": True, "cpus_per_task": 3})))
     assert list(index["status"]) == ["done", "done"]
     runs = tmp_path / "out" / "runs"

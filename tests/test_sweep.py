@@ -234,10 +234,10 @@ def test_the_sweep_console_names_each_runs_log_and_reports_its_epochs(tmp_path, 
     metrics.csv, every epoch it finishes with an ETA from this attempt's epochs (issue 35)."""
     import logging
 
-    import robust_sparse.studies.sweep as sweep_module
+    import robust_sparse.studies.local as local_module
 
-    monkeypatch.setattr(sweep_module, "WATCH_SECONDS", 0.2)
-    with caplog.at_level(logging.INFO, logger="robust_sparse.studies.sweep"):
+    monkeypatch.setattr(local_module, "WATCH_SECONDS", 0.2)
+    with caplog.at_level(logging.INFO, logger="robust_sparse.studies"):
         run_sweep(load_sweep(write(tmp_path, overrides=TINY, grid={"seed": [0]})))
     lines = [r.getMessage() for r in caplog.records]
     run_dir = tmp_path / "out" / "runs" / "seed=0"

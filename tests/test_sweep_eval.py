@@ -143,15 +143,12 @@ def test_report_measures_agents_cosine_per_density_and_takes_thresholds(tmp_path
 def test_attack_seeds_are_the_attacks_and_seeds_the_runs(tmp_path):
     """``seeds`` picks the runs by training seed; ``attack_seeds`` is eval --seeds, part of the stage's settings
     only when not the default [0] (stages recorded before it still match)."""
-    from robust_sparse.studies.sweep import _eval_command
-
     default = load_sweep(write(tmp_path, eval=STAGE)).eval_stage
-    assert default.attack_seeds == [0] and "attack_seeds" not in default.settings()
-    assert "--seeds" not in _eval_command(tmp_path / "run", default, "cpu")
+    assert default.config.seeds == [0] and "attack_seeds" not in default.settings()
+    assert default.for_run(tmp_path / "run").seeds == [0]
     stage = load_sweep(write(tmp_path, eval={**STAGE, "attack_seeds": "0,1,2"})).eval_stage
-    assert stage.seeds == [0] and stage.attack_seeds == [0, 1, 2] and stage.settings()["attack_seeds"] == [0, 1, 2]
-    command = _eval_command(tmp_path / "run", stage, "cpu")
-    assert command[command.index("--seeds") + 1] == "0,1,2"
+    assert stage.seeds == [0] and stage.config.seeds == [0, 1, 2] and stage.settings()["attack_seeds"] == [0, 1, 2]
+    assert stage.for_run(tmp_path / "run").seeds == [0, 1, 2]  # the attacks' seeds, in the child's EvalConfig
     for bad, message in (({"attack_seeds": [1, 1]}, "sweep eval.attack_seeds = [1, 1]: a seed is listed twice"),
                          ({"attack_seeds": [-1]}, "sweep eval.attack_seeds = -1: must be in 0..4294967295"),
                          ({"eps": 2}, "sweep eval.eps = 2.0: must be <= 1 for linf"),

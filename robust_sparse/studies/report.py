@@ -22,7 +22,7 @@ from robust_sparse.studies import plots, stats
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.errors import UserError
-from robust_sparse.studies.sweep import EVAL_RESULT, run_status
+from robust_sparse.studies.local import EVAL_RESULT, run_status
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ DIVERGED_LINE = "robust-sparse: diverged:"  # what train writes on stderr (train
 
 def _diverged(run_dir: Path, status: str, recorded: Any) -> bool:
     """Whether the run diverged, by what it left: the sweep's diverged.json (written on exit code 3, as
-    :func:`robust_sparse.studies.sweep.run_status` reads it), the status runs.csv recorded, or train's own line in
+    :func:`robust_sparse.studies.local.run_status` reads it), the status runs.csv recorded, or train's own line in
     train.log (a sweep stopped before it wrote the marker). A run that finished since is not diverged."""
     if status == "diverged" or (status != "done" and str(recorded).strip() == "diverged"):
         return True

@@ -58,7 +58,8 @@ import pandas as pd
 
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.config import coerce
-from robust_sparse.errors import ConfigError, UserError
+from robust_sparse.errors import ConfigError, ExitCode, UserError
+from robust_sparse.studies import local
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +293,7 @@ def check_submission(checked: dict[str, Any], dry_run: bool = False, out_dir: Pa
 
 
 def _train_command(config_path: Path, run_dir: Path) -> list[str]:
-    from robust_sparse.studies.sweep import _command
-
-    return _command(config_path, run_dir, "auto")
+    return local.train_command(config_path, run_dir, "auto")
 
 
 def plan(checked: dict[str, Any], out_dir: Path, parallel: int, index: pd.DataFrame) -> str:
@@ -331,8 +330,6 @@ def train_task(config_path: Path, run_dir: Path, modules: tuple[str, ...], devic
     the job's process group through torchrun's variables; rank 0 writes the run and reports its outcome."""
     import submitit
 
-    from robust_sparse.studies import sweep
-
     # submitit asks Slurm for USR2 90 s before the time limit and, for a function it cannot checkpoint, ends the
     # job on it ("timed-out and not checkpointable", a FAILED job) while USR2's default action kills the
     # training outright, without a save. Ignored here, and so in the training processes (an ignored signal stays
@@ -348,13 +345,13 @@ def train_task(config_path: Path, run_dir: Path, modules: tuple[str, ...], devic
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         rank = environment.global_rank
     if rank == 0:
-        return _exit_like(sweep._run_local(config_path, run_dir, modules, device, threads))
-    env, device = sweep._child(device, threads, modules)
+        return _exit_like(local.run_training(config_path, run_dir, modules, device, threads))
+    env, device = local.child_environment(device, threads, modules)
     log_path = run_dir / f"train.rank{rank}.log"
     with open(log_path, "a") as logfile:
-        code = subprocess.run(sweep._command(config_path, run_dir, device), stdout=logfile,
+        code = subprocess.run(local.train_command(config_path, run_dir, device), stdout=logfile,
                               stderr=subprocess.STDOUT, env=env).returncode
-    return "done" if code == 0 else _exit_like(f"failed ({code}, see {log_path})")
+    return "done" if code == ExitCode.OK else _exit_like(f"failed ({code}, see {log_path})")
 
 
 def _exit_like(outcome: str) -> str:
@@ -365,7 +362,7 @@ def _exit_like(outcome: str) -> str:
         return outcome
     code = int(failed.group(1))
     log.error("training %s", outcome)
-    raise SystemExit(128 - code if code < 0 else code or 1)
+    raise SystemExit(128 - code if code < 0 else code or ExitCode.FAILED)
 
 
 class _Records:
@@ -682,12 +679,10 @@ def _finished(column: str, arguments: tuple) -> str | None:
     """A run's outcome as the run itself wrote it: its marker (training: done or diverged) or the evaluation
     stage's result; None while it has none. submitit's result pickle is never read for it: unpickling runs
     whatever the file names, and anyone who can write the sweep directory can write one."""
-    from robust_sparse.studies.sweep import eval_stage_done, run_status
-
     if column == "status":  # (requested.yaml, run_dir, plugins)
-        status = run_status(arguments[1])
+        status = local.run_status(arguments[1])
         return status if status in ("done", "diverged") else None
-    return "done" if eval_stage_done(arguments[0], arguments[1]) else None  # (run_dir, stage, plugins)
+    return "done" if local.eval_stage_done(arguments[0], arguments[1]) else None  # (run_dir, stage, plugins)
 
 
 def _run_log(column: str, arguments: tuple) -> Path:
@@ -782,7 +777,8 @@ def _quiet_submitit() -> None:
 
 
 def submit(sweep, todo: list[tuple], index: pd.DataFrame, column: str, job, write_index) -> None:
-    """Run ``todo`` (rows of ``index``, as sweep._launch gives them) as Slurm jobs; outcomes into ``column``."""
+    """Run ``todo`` (rows of ``index``, as sweep._launch gives them) as Slurm jobs; outcomes into ``column``.
+    Training jobs run :func:`train_task`, evaluation jobs ``job`` (robust_sparse.studies.local.run_evaluation)."""
     submitit = _submitit()
     checked = _named(sweep.slurm, sweep.out_dir)
     debug = checked.pop("debug", False)

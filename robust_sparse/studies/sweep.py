@@ -20,27 +20,24 @@ Runs are idempotent: a run with ``eval.json`` (or a recorded divergence) is skip
 no result is resumed, anything else starts fresh. Execution uses existing engines: the standard library's
 process pool on one machine (``backend: local``, N runs at once, devices assigned round robin) or submitit for
 Slurm clusters (``backend: slurm``: one job per run, of one or several tasks; see robust_sparse/studies/slurm.py).
+Both run the same child processes (robust_sparse/studies/local.py): ``robust-sparse train --resume`` per run and,
+for the evaluation stage, ``robust-sparse eval --config`` on the stage's EvalConfig, which the sweep writes
+(atomically) to ``<run id>/sweep_eval.yaml`` with the run's own paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import os
 import random
 import re
-import subprocess
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
@@ -54,33 +51,18 @@ from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict
 from robust_sparse.config.validation import MAX_SEED, check_radius, check_range, max_workers
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
+from robust_sparse.studies import local
+# the run's outcome as it left it, read by the report and the Slurm backend too (robust_sparse.studies.local)
+from robust_sparse.studies.local import EVAL_RESULT, eval_stage_done, run_status  # noqa: F401
+
+if TYPE_CHECKING:  # imported where a stage is parsed: robust_sparse.eval pulls in torch
+    from robust_sparse.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
 #: Runs a sweep may create without ``--yes`` (a grid typo can multiply them), and the most it may create at all.
 CONFIRM_RUNS = 256
 MAX_RUNS = 100_000
-
-
-@dataclass
-class Sweep:
-    path: Path
-    base: Path | None
-    overrides: list[str]
-    grid: dict[str, list[Any]]
-    random_space: dict[str, dict[str, list[float]]]
-    random_samples: int
-    random_seed: int
-    out_dir: Path
-    parallel: int = 1
-    backend: str = "local"
-    devices: list[str] = field(default_factory=lambda: ["auto"])
-    slurm: dict[str, Any] = field(default_factory=dict)
-    threads: int = 0  # torch threads per local run; 0 = the machine's cores divided by parallel
-    eval_stage: "EvalStage | None" = None
-    # modules that registered the sparse methods and attacks the runs use by name, imported by every child
-    # process (robust_sparse.plugins)
-    plugins: tuple[str, ...] = ()
 
 
 EVAL_KEYS = {"attacks", "n_examples", "eps", "seeds", "attack_seeds", "batch_size", "probe", "threat_model",
@@ -90,32 +72,44 @@ CORRUPTION_KEYS = ("threat_model", "corruptions", "severities")  # the corruptio
 
 @dataclass
 class EvalStage:
-    """``robust-sparse eval`` on the best checkpoint of every finished run (or of the runs with ``seeds``)."""
+    """``robust-sparse eval`` on the best checkpoint of every finished run (or of the runs with ``seeds``): one
+    EvalConfig for all of them, completed per run with the run's own paths (:meth:`for_run`) and written to a file
+    in the run's folder that the evaluation child reads (robust_sparse.studies.local.run_evaluation)."""
 
-    attacks: str  # canonical, e.g. "pgd-50x10,autoattack"
-    n_examples: int | None = None  # None: the run's eval.n_examples
-    eps: float | None = None  # None: the run's eps
+    config: EvalConfig  # the sweep file's eval settings, checked by eval's own rules; attacks in canonical keys
     seeds: list[int] | None = None  # the runs to evaluate, by their training seed; None: every run
-    attack_seeds: list[int] = field(default_factory=lambda: [0])  # the attacks' seeds (eval --seeds): one row each
-    batch_size: int = 500
-    probe: bool = True  # the large-eps gradient-masking probe
     modules: tuple[str, ...] = ()  # modules registering attacks from Python: the evaluation children import them
-    # threat_model "corruptions": CIFAR-10-C/CIFAR-100-C under the run's data root instead of attacks
-    threat_model: str | None = None
-    corruptions: str | None = None  # comma-separated; None: RobustBench's 15
-    severities: str | None = None  # comma-separated; None: 1-5
+
+    def for_run(self, run_dir: Path) -> EvalConfig:
+        """The run's evaluation: its best.pt, its per-point flags under eval/ (a killed stage resumes), its rows
+        to a hidden file that becomes sweep_eval.json."""
+        return dataclasses.replace(self.config, checkpoint=str(run_dir / "best.pt"),
+                                   results_dir=str(run_dir / "eval"), output=str(run_dir / f".{EVAL_RESULT}.output"))
 
     def settings(self) -> dict[str, Any]:
-        """What defines one run's evaluation (``seeds`` only selects the runs, ``modules`` where attacks come from,
-        so neither is part of it; the corruptions keys and ``attack_seeds`` only when set, so stages recorded
-        before them still match)."""
-        return {key: value for key, value in dataclasses.asdict(self).items()
-                if key not in ("seeds", "modules") and not (key in CORRUPTION_KEYS and value is None)
-                and not (key == "attack_seeds" and value == [0])}
+        """What defines one run's evaluation, as sweep_eval.json records it (``seeds`` only selects the runs,
+        ``modules`` says where attacks come from, so neither is part of it). Its keys and spellings are the ones
+        sweeps have recorded from the start (the corruptions keys and ``attack_seeds`` only when set), so a stage
+        recorded by an older sweep still matches and is not run again."""
+        config = self.config
+        track = config.corruptions_track
+        settings: dict[str, Any] = {
+            "attacks": "corruptions" if track else config.attacks, "n_examples": config.n_examples,
+            "eps": None if track or config.eps is None else config.eps[0], "attack_seeds": config.seeds,
+            "batch_size": config.batch_size, "probe": False if track else config.probe}
+        if config.seeds == [0]:
+            del settings["attack_seeds"]
+        if track:
+            settings["threat_model"] = config.threat_model.value
+            if config.corruptions is not None:
+                settings["corruptions"] = ",".join(config.corruptions)
+            if config.severities is not None:
+                settings["severities"] = ",".join(map(str, config.severities))
+        return settings
 
 
 class SweepBackend(str, Enum):
-    LOCAL = "local"  # the standard library's process pool on this machine
+    LOCAL = "local"  # the standard library's process pool on this machine (robust_sparse/studies/local.py)
     SLURM = "slurm"  # submitit: one job per run (robust_sparse/studies/slurm.py)
 
 
@@ -128,10 +122,15 @@ class RandomSearch:
     space: dict[str, Any] = field(default_factory=dict)  # {field: {uniform|log_uniform: [low, high]}}
 
 
+_DERIVED = {"derived": True}  # a Sweep field load_sweep fills, not a key of the sweep file
+
+
 @dataclass
-class SweepConfig:
-    """The sweep file: every key, its type and its default, read by the training config's parser
-    (robust_sparse.config.parsing.from_dict); the rules that span keys are in :func:`load_sweep`."""
+class Sweep:
+    """A sweep: the sweep file's keys, each with its type and default (read by the training config's parser,
+    robust_sparse.config.parsing.from_dict), then checked by :func:`load_sweep`, which holds the rules that span
+    keys, resolves ``base`` (against the sweep file) and ``out_dir`` (or --out) to paths and fills the fields
+    after ``eval``: what it derives, never keys of the file (:data:`FILE_KEYS`)."""
 
     base: str | None = None  # a config file, relative to the sweep file; None: the schema's defaults
     overrides: list[str] = field(default_factory=list)  # key=value for every run
@@ -143,20 +142,34 @@ class SweepConfig:
     backend: SweepBackend = SweepBackend.LOCAL
     devices: list[str] = field(default_factory=lambda: ["auto"])  # auto, cpu, cuda or cuda:N, round robin
     slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters (robust_sparse.studies.slurm.parameters)
-    eval: dict[str, Any] | None = None  # the evaluation stage (:func:`_eval_stage`)
+    eval: dict[str, Any] | None = None  # the evaluation stage as written (:func:`_eval_stage` makes eval_stage)
+    # derived by load_sweep, never read from the file
+    path: Path | None = field(default=None, metadata=_DERIVED)  # the sweep file
+    eval_stage: EvalStage | None = field(default=None, metadata=_DERIVED)
+    # modules that registered the sparse methods and attacks the runs use by name, imported by every child
+    # process (robust_sparse.plugins)
+    plugins: tuple[str, ...] = field(default=(), metadata=_DERIVED)
+
+
+#: The keys a sweep file may set: :class:`Sweep`'s fields but the derived ones.
+FILE_KEYS = tuple(f.name for f in dataclasses.fields(Sweep) if not f.metadata.get("derived"))
 
 
 #: Keys a sweep file may leave empty (``grid:`` with nothing after it) for their default.
 EMPTY_MEANS_DEFAULT = ("grid", "random", "overrides", "slurm")
 
 
-def read_sweep_file(path: str | Path) -> SweepConfig:
-    """The sweep file as a :class:`SweepConfig`; a wrong type or an unknown key is one line naming ``sweep KEY``."""
+def read_sweep_file(path: str | Path) -> Sweep:
+    """The sweep file as a :class:`Sweep`, not yet checked across keys (:func:`load_sweep`); a wrong type or an
+    unknown key is one line naming ``sweep KEY``."""
     data = {key: value for key, value in read_yaml(path).items()
             if not (key in EMPTY_MEANS_DEFAULT and value is None)}
+    unknown = sorted(set(map(str, data)) - set(FILE_KEYS))
+    if unknown:  # the derived fields too: they are the sweep's to fill
+        raise ConfigError(f"unknown field 'sweep {unknown[0]}'; known fields here: {', '.join(sorted(FILE_KEYS))}")
     if isinstance(data.get("random"), dict) and data["random"].get("space", {}) is None:
         data["random"] = {key: value for key, value in data["random"].items() if key != "space"}
-    return from_dict(SweepConfig, data, "", names=lambda where: f"sweep {where}")
+    return from_dict(Sweep, data, "", names=lambda where: f"sweep {where}")
 
 
 def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = False) -> Sweep:
@@ -189,12 +202,12 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     base_path = (path.parent / base).resolve() if base else None
     if base_path is not None and not base_path.is_file():
         raise ConfigError(f"sweep base: config file not found: {base_path}")
-    backend = spec.backend.value
+    backend = spec.backend
     parallel, threads = spec.parallel, spec.threads
     # local processes and their threads run on this machine: bounded by what it can start (data.workers' bound);
     # a Slurm array's parallelism is the cluster's to limit
     processes = max_workers()
-    check_range("sweep parallel", parallel, 1, MAX_RUNS if backend == "slurm" else processes)
+    check_range("sweep parallel", parallel, 1, MAX_RUNS if backend is SweepBackend.SLURM else processes)
     if not 0 <= threads <= processes:
         raise ConfigError(f"sweep threads = {threads!r}: must be in 0..{processes} (0 = cores / parallel; the bound "
                           f"is the larger of 64 and 4 per CPU, this machine has {os.cpu_count() or 1})")
@@ -209,7 +222,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     if runs > CONFIRM_RUNS and not yes:
         raise ConfigError(f"sweep file {path}: {runs:,} runs (more than {CONFIRM_RUNS}); check the grid, and pass "
                           "--yes to start them all")
-    if backend == "slurm":  # submitit's names, checked and translated (robust_sparse.studies.slurm)
+    if backend is SweepBackend.SLURM:  # submitit's names, checked and translated (robust_sparse.studies.slurm)
         from robust_sparse.studies import slurm as slurm_backend
 
         slurm = slurm_backend.parameters(slurm)
@@ -219,10 +232,9 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         raise ConfigError(f"sweep file {path}: out_dir is required and must not be empty (or pass --out)")
     check_output_dir(target, "sweep out_dir", "set another out_dir (sweep --out)")
     rundir.check_owned(target, rundir.Kind.SWEEP, "sweep out_dir")
-    sweep = Sweep(path=path, base=base_path, overrides=list(overrides), grid=grid,
-                  random_space=space, random_samples=samples, random_seed=seed, out_dir=Path(target),
-                  parallel=parallel, backend=backend, devices=devices, slurm=dict(slurm), threads=threads,
-                  eval_stage=eval_stage)
+    # the checked sweep: paths resolved (base against the sweep file), the random space checked, the stage parsed
+    sweep = dataclasses.replace(spec, base=base_path, overrides=list(overrides), random=RandomSearch(samples, seed, space),
+                                out_dir=Path(target), slurm=dict(slurm), path=path, eval_stage=eval_stage)
     from robust_sparse.run_record import check_run  # the training stack, only once the sweep file itself is sound
     from robust_sparse.models import REGISTERED_MODELS
 
@@ -237,8 +249,10 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         run_dir = sweep.out_dir / "runs" / run_id(overrides)
         config = load_config(sweep.base, sweep.overrides + overrides + [f"out_dir={run_dir}"])
         check_run(config)
-        if eval_stage is not None and eval_stage.eps is not None:  # the stage's radius under the run's norm
-            check_radius(f"sweep eval.eps = {eval_stage.eps}", eval_stage.eps, config.attack.norm)
+        stage_eps = eval_stage.config.eps if eval_stage is not None and not eval_stage.config.corruptions_track \
+            else None
+        if stage_eps:  # the stage's radius under the run's norm
+            check_radius(f"sweep eval.eps = {stage_eps[0]}", stage_eps[0], config.attack.norm)
         method = getattr(config.sparsity.method, "value", config.sparsity.method)
         if method in REGISTERED_SPARSITY_METHODS:  # registered from Python: the runs import its module
             module = plugins.importable(REGISTERED_SPARSITY_METHODS[method], f"sparsity method {method!r}")
@@ -280,19 +294,16 @@ def _eval_stage(value: Any) -> EvalStage | None:
     data = {key: item for key, item in value.items() if key not in ("seeds", "attack_seeds", "eps")}
     data.update(checkpoint="best.pt", seeds=value.get("attack_seeds", [0]), eps=None if eps is None else [eps])
     config = eval_config_from_dict(data, Names(prefix="sweep eval.", keys={"seeds": "attack_seeds"}))
-    if track:
-        return EvalStage(attacks="corruptions", n_examples=config.n_examples, seeds=seeds,
-                         attack_seeds=config.seeds, batch_size=config.batch_size, probe=False,
-                         threat_model="corruptions",
-                         corruptions=None if config.corruptions is None else ",".join(config.corruptions),
-                         severities=None if config.severities is None else ",".join(map(str, config.severities)))
+    if track:  # no attacks, radius or probe
+        return EvalStage(config, seeds=seeds)
     specs = parse_attacks(config.attacks)
     try:
         modules = attack_modules(specs)
     except UserError as error:
         raise ConfigError(f"sweep eval.attacks: {error}") from None
-    return EvalStage(attacks=",".join(spec.key for spec in specs), n_examples=config.n_examples, eps=eps, seeds=seeds,
-                     attack_seeds=config.seeds, batch_size=config.batch_size, probe=config.probe, modules=modules)
+    # the attacks in canonical keys (pgd-50x10): the stage's record compares them as text
+    return EvalStage(dataclasses.replace(config, attacks=",".join(spec.key for spec in specs)), seeds=seeds,
+                     modules=modules)
 
 
 def _random_space(space: Any) -> dict[str, dict[str, list[float]]]:
@@ -331,12 +342,12 @@ def _points(sweep: Sweep) -> list[dict[str, Any]]:
     """Every run's values, ``key -> value``, in :func:`expand`'s order."""
     keys = list(sweep.grid)
     points = [dict(zip(keys, combination)) for combination in itertools.product(*(sweep.grid[k] for k in keys))]
-    if sweep.random_samples:
-        rng = random.Random(sweep.random_seed)
+    if sweep.random.samples:
+        rng = random.Random(sweep.random.seed)
         draws = []
-        for _ in range(sweep.random_samples):
+        for _ in range(sweep.random.samples):
             draw = {}
-            for key, spec in sweep.random_space.items():
+            for key, spec in sweep.random.space.items():
                 (kind, (low, high)), = spec.items()
                 draw[key] = (math.exp(rng.uniform(math.log(low), math.log(high))) if kind == "log_uniform"
                              else rng.uniform(low, high))
@@ -351,197 +362,10 @@ def run_id(overrides: list[str]) -> str:
     return "__".join(parts) or "base"
 
 
-def run_status(run_dir: Path) -> str:
-    if (run_dir / "eval.json").exists() or (run_dir / "done.json").exists():
-        return "done"
-    if (run_dir / "diverged.json").exists():
-        return "diverged"
-    if (run_dir / "last.pt").exists():
-        return "partial"
-    return "pending"
-
-
-def _command(config_path: Path, run_dir: Path, device: str) -> list[str]:
-    return [sys.executable, "-m", "robust_sparse.cli", "train", str(config_path), "--resume",
-            "--out", str(run_dir), "--device", device]
-
-
-def _child(device: str, threads: int, modules: tuple[str, ...] = ()) -> tuple[dict[str, str], str]:
-    """A child process's environment and --device: its thread count, the modules that register what it uses by
-    name, and one GPU per run (it sees only its own)."""
-    env = plugins.environment(dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                                   **{rundir.PARENT_ENV: str(os.getpid())}), modules)  # it dies with this process
-    if device.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        device = "cuda"
-    return env, device
-
-
-class _Children:
-    """The sweep's live child processes, so that an interrupted sweep (Ctrl-C, or SIGTERM, which the CLI turns
-    into the same interrupt) stops them instead of waiting for them, and starts no new one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._live: set[subprocess.Popen] = set()
-        self.stopping = False
-
-    def run(self, command: list[str], log_path: Path, env: dict[str, str]) -> int:
-        with self._lock:
-            if self.stopping:
-                return -15
-        with open(log_path, "a") as logfile:
-            with self._lock:
-                if self.stopping:
-                    return -15
-                child = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env)
-                self._live.add(child)
-            try:
-                return child.wait()
-            finally:
-                with self._lock:
-                    self._live.discard(child)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.stopping = False
-
-    def stop(self) -> None:
-        """SIGTERM to every live child (each saves a resumable state and exits); none is started after this."""
-        with self._lock:
-            self.stopping = True
-            for child in self._live:
-                child.terminate()
-
-
-_CHILDREN = _Children()
-
-
-class _Watch:
-    """The sweep's console between "N runs to do" and "done": a run's start names its log, then one line per
-    epoch it finishes, with an ETA from this attempt's own epochs (read from its metrics.csv every
-    :data:`WATCH_SECONDS`; the run's own progress lines stay in its train.log)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._runs: dict[Path, tuple[float, int, int]] = {}  # run dir -> (started, epochs done then, epochs)
-        self._seen: dict[Path, int] = {}
-
-    @staticmethod
-    def _epochs_done(run_dir: Path) -> int:
-        try:
-            with open(run_dir / "metrics.csv", encoding="utf-8", errors="replace") as stream:
-                return max(0, sum(1 for line in stream if line.strip()) - 1)  # minus the header
-        except OSError:
-            return 0
-
-    def start(self, run_dir: Path, config_path: Path) -> None:
-        try:
-            epochs = int((load_yaml(config_path.read_text(), str(config_path)).get("optim") or {}).get("epochs") or 0)
-        except (OSError, ValueError, ConfigError, AttributeError):
-            epochs = 0
-        done = self._epochs_done(run_dir)
-        with self._lock:
-            self._runs[run_dir] = (time.monotonic(), done, epochs)
-            self._seen[run_dir] = done
-        log.info("%s: training%s; its log: %s", run_dir.name,
-                 f" from epoch {done + 1} of {epochs}" if done else f", {epochs} epochs" if epochs else "",
-                 run_dir / "train.log")
-
-    def stop(self, run_dir: Path) -> None:
-        with self._lock:
-            self._runs.pop(run_dir, None)
-            self._seen.pop(run_dir, None)
-
-    def poll(self) -> None:
-        with self._lock:
-            runs = dict(self._runs)
-        for run_dir, (started, done_before, epochs) in runs.items():
-            done = self._epochs_done(run_dir)
-            if done <= self._seen.get(run_dir, 0):
-                continue
-            self._seen[run_dir] = done
-            this_attempt = done - done_before
-            eta = ""
-            if epochs and this_attempt > 0 and done < epochs:
-                eta = f", ETA ~{(time.monotonic() - started) / this_attempt * (epochs - done):.0f} s"
-            log.info("%s: epoch %d%s done%s", run_dir.name, done, f"/{epochs}" if epochs else "", eta)
-
-
-WATCH_SECONDS = 10.0  # how often the sweep reads its running runs' metrics.csv for the console
-_WATCH = _Watch()
-
-
-def _run_local(config_path: Path, run_dir: Path, modules: tuple[str, ...], device: str, threads: int) -> str:
-    env, device = _child(device, threads, modules)
-    _WATCH.start(run_dir, config_path)
-    try:
-        returncode = _CHILDREN.run(_command(config_path, run_dir, device), run_dir / "train.log", env)
-    finally:
-        _WATCH.poll()  # the last epoch's line before the run's status line
-        _WATCH.stop(run_dir)
-    if returncode == 3:
-        write_atomic(run_dir / "diverged.json", json.dumps({"returncode": 3}))
-        return "diverged"
-    if returncode == 0 and not (run_dir / "eval.json").exists():
-        write_atomic(run_dir / "done.json", "{}")
-    return "done" if returncode == 0 else f"failed ({returncode}, see {run_dir / 'train.log'})"
-
-
-EVAL_RESULT = "sweep_eval.json"  # in a run directory: the evaluation stage's settings and result rows
-
-
-def eval_stage_done(run_dir: Path, stage: EvalStage) -> bool:
-    """Whether ``run_dir`` holds this stage's result (a stage with other settings runs again; widening ``seeds``
-    evaluates only the runs it adds)."""
-    path = run_dir / EVAL_RESULT
-    try:
-        recorded = json.loads(path.read_text()).get("stage") if path.is_file() else None
-    except json.JSONDecodeError:
-        return False
-    return isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k != "seeds"} == stage.settings()
-
-
-def _eval_command(run_dir: Path, stage: EvalStage, device: str) -> list[str]:
-    command = [sys.executable, "-m", "robust_sparse.cli", "eval", str(run_dir / "best.pt"), "--attacks",
-               stage.attacks, "--batch-size", str(stage.batch_size), "--results-dir", str(run_dir / "eval"),
-               "--output", str(run_dir / f".{EVAL_RESULT}.output"), "--device", device]
-    if stage.threat_model is not None:  # the corruptions track: no attacks, radius or probe
-        command[5:7] = ["--threat-model", stage.threat_model]
-        for flag, value in (("--corruptions", stage.corruptions), ("--severities", stage.severities),
-                            ("--n-examples", stage.n_examples)):
-            if value is not None:
-                command += [flag, str(value)]
-        return command
-    if stage.n_examples is not None:
-        command += ["--n-examples", str(stage.n_examples)]
-    if stage.attack_seeds != [0]:
-        command += ["--seeds", ",".join(map(str, stage.attack_seeds))]
-    if stage.eps is not None:
-        command += ["--eps", repr(stage.eps)]
-    if not stage.probe:
-        command.append("--no-probe")
-    return command
-
-
-def _run_eval(run_dir: Path, stage: EvalStage, modules: tuple[str, ...], device: str, threads: int) -> str:
-    """The stage on one run: ``robust-sparse eval`` (resuming from its saved per-point flags), then the record."""
-    env, device = _child(device, threads, modules)
-    returncode = _CHILDREN.run(_eval_command(run_dir, stage, device), run_dir / "eval.log", env)
-    output = run_dir / f".{EVAL_RESULT}.output"
-    if returncode != 0 or not output.is_file():
-        return f"failed ({returncode}, see {run_dir / 'eval.log'})"
-    rows = json.loads(output.read_text())
-    write_atomic(run_dir / EVAL_RESULT, json.dumps({"stage": stage.settings(),
-                                                    "results": rows if isinstance(rows, list) else [rows]}, indent=2))
-    output.unlink()
-    return "done"
-
-
 def _eval_status(run_dir: Path, status: str, stage: EvalStage, seed: int) -> str:
     if stage.seeds is not None and seed not in stage.seeds:
         return "-"  # not selected
-    if eval_stage_done(run_dir, stage):
+    if local.eval_stage_done(run_dir, stage):
         return "done"
     return "pending" if status == "done" else "waits for training"
 
@@ -549,7 +373,7 @@ def _eval_status(run_dir: Path, status: str, stage: EvalStage, seed: int) -> str
 def run_sweep(sweep: Sweep, *, dry_run: bool = False, evaluate: bool = True) -> pd.DataFrame:
     """Prepare every run directory, launch what is not finished (training, then the evaluation stage if the sweep
     has one and ``evaluate``), and return the run index."""
-    if sweep.backend == "slurm":  # no submitit, no sbatch, a bad jobs.json: refused before anything is written
+    if sweep.backend is SweepBackend.SLURM:  # no submitit, no sbatch, a bad jobs.json: refused before anything is written
         from robust_sparse.studies.slurm import check_submission
 
         check_submission(sweep.slurm, dry_run, sweep.out_dir)
@@ -588,16 +412,16 @@ def _run_sweep(sweep: Sweep, dry_run: bool, evaluate: bool) -> pd.DataFrame:
     if dry_run:
         _write_index(index, out)
         return index
-    _launch(sweep, todo, index, "status", _run_local)
+    _launch(sweep, todo, index, "status", local.run_training)
     if sweep.eval_stage is not None:
         for row, (_, entry) in enumerate(index.iterrows()):  # runs that finished training just now count too
             if entry["eval"] == "waits for training" and entry["status"] == "done":
                 index.loc[row, "eval"] = "pending"
         stage_todo = [(row, out / "runs" / entry["run_id"], sweep.eval_stage, sweep.plugins) for row, (_, entry)
                       in enumerate(index.iterrows()) if evaluate and entry["eval"] == "pending"]
-        log.info("sweep %s: evaluation stage (%s), %d runs to evaluate", out, sweep.eval_stage.attacks,
+        log.info("sweep %s: evaluation stage (%s), %d runs to evaluate", out, sweep.eval_stage.settings()["attacks"],
                  len(stage_todo))
-        _launch(sweep, stage_todo, index, "eval", _run_eval)
+        _launch(sweep, stage_todo, index, "eval", local.run_evaluation)
     _write_index(index, out)
     return index
 
@@ -606,36 +430,13 @@ def _launch(sweep: Sweep, todo: list[tuple], index: pd.DataFrame, column: str, j
     """``job(*arguments, device, threads)`` for every ``(row, *arguments)`` of ``todo``; results in ``column``."""
     if not todo:
         return
-    if sweep.backend == "slurm":
+    if sweep.backend is SweepBackend.SLURM:
         from robust_sparse.studies.slurm import submit
 
         submit(sweep, todo, index, column, job, lambda: _write_index(index, sweep.out_dir))
         return
-    threads = sweep.threads or max(1, (os.cpu_count() or 1) // sweep.parallel)
-    _CHILDREN.reset()
-    pool = ThreadPoolExecutor(max_workers=sweep.parallel)  # threads only wait on child processes
-    watching = threading.Event()
-
-    def watch() -> None:
-        while not watching.wait(WATCH_SECONDS):
-            _WATCH.poll()
-
-    watcher = threading.Thread(target=watch, name="robust-sparse-sweep-watch", daemon=True)
-    watcher.start()
-    try:
-        futures = {pool.submit(job, *arguments, sweep.devices[i % len(sweep.devices)], threads): row
-                   for i, (row, *arguments) in enumerate(todo)}
-        for future in as_completed(futures):
-            index.loc[futures[future], column] = future.result()
-            _write_index(index, sweep.out_dir)  # progress survives a killed sweep
-            log.info("%s: %s %s", index.loc[futures[future], "run_id"], column, index.loc[futures[future], column])
-    except BaseException:  # interrupted: no new run, the running ones stopped (they resume on a rerun)
-        pool.shutdown(wait=False, cancel_futures=True)
-        _CHILDREN.stop()
-        raise
-    finally:
-        watching.set()
-        pool.shutdown(wait=True)
+    local.launch(todo, index, column, job, parallel=sweep.parallel, devices=sweep.devices, threads=sweep.threads,
+                 write_index=lambda: _write_index(index, sweep.out_dir))
 
 
 def _training_part(data: Any) -> Any:
