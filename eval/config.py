@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from robust_sparse.config import DatasetName, DeviceChoice, from_dict, merge, parse_override, read_yaml
+from robust_sparse.config import DeviceChoice, from_dict, merge, parse_override, read_yaml
 from robust_sparse.config.validation import (MAX_BATCH, MAX_EXAMPLES, MAX_SEED, MAX_STEPS, check_batch_memory,
                                              check_radius)
 from robust_sparse.config.yaml_input import load_yaml
@@ -73,7 +73,7 @@ class EvalConfig:
     weights_key: str | None = None  # the state_dict's key inside the weights file
     name: str | None = None  # the model's name in the results
     # the test points: the first n_examples of the test split, in order
-    dataset: DatasetName | None = None
+    dataset: str | None = None  # a registered dataset's name (robust_sparse/datasets/)
     n_examples: int | None = None
     data_root: str | None = None
     data_file: str | None = None  # a torch file {'images', 'labels'} instead of the test split
@@ -204,9 +204,14 @@ def validate_eval(config: EvalConfig, names: Names = Names()) -> None:
         from robust_sparse.eval.loading import parse_factory
 
         parse_factory(config.model)
-    _check(config.dataset is not DatasetName.IMAGEFOLDER,
-           f"{names.value('dataset', 'imagefolder')}: evaluate a CHECKPOINT trained on it (its config names the "
-           "classes)")
+    if config.dataset is not None:
+        from robust_sparse.datasets import DATASETS
+
+        _check(config.dataset in DATASETS,
+               f"{names.value('dataset', config.dataset)}: not one of {', '.join(DATASETS.names())}")
+        _check(DATASETS.get(config.dataset).num_classes != 0,  # imagefolder: any class count
+               f"{names.value('dataset', config.dataset)}: evaluate a CHECKPOINT trained on it (its config names "
+               "the classes)")
     for key, value, low, high in (("batch_size", config.batch_size, 1, MAX_BATCH),
                                   ("pgd_steps", config.pgd_steps, 1, MAX_STEPS),
                                   ("restarts", config.restarts, 1, MAX_STEPS),
@@ -274,12 +279,11 @@ def check_eval(config: EvalConfig, names: Names = Names()) -> EvalConfig:
     _check(dataset is not None or config.checkpoint is not None,
            f"{names('dataset')} is required with {names('robustbench_model')}, {names('arch')} and {names('model')}")
     if dataset is not None:  # (a checkpoint names its dataset only once it is read: there, the range alone holds)
-        from robust_sparse.data import DATASETS
+        from robust_sparse.datasets import DATASETS
 
         info = DATASETS.get(dataset)
-        if info is not None:
-            check_batch_memory(names.value("batch_size", config.batch_size), config.batch_size, info.in_channels,
-                               info.image_size, f"{dataset.value}'s {info.image_size}x{info.image_size} images")
+        check_batch_memory(names.value("batch_size", config.batch_size), config.batch_size, info.in_channels,
+                           info.image_size, f"{dataset}'s {info.image_size}x{info.image_size} images")
     if config.robustbench_model is not None:  # the corruptions track takes L-inf zoo entries
         norm = ThreatModel.LINF if config.corruptions_track else config.threat_model or ThreatModel.LINF
         loading.check_robustbench_name(config.robustbench_model, dataset, norm.value)

@@ -24,7 +24,6 @@ import torch
 
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import write_atomic
-from robust_sparse.config import DatasetName
 from robust_sparse.errors import UserError
 from robust_sparse.eval import loading, sanity
 from robust_sparse.eval.config import DEFAULT_ATTACKS, EvalConfig, Names
@@ -113,7 +112,7 @@ def _run(loaded: LoadedModel, cpu_images: torch.Tensor, cpu_labels: torch.Tensor
         for eps in protocol.eps:
             # The file is keyed by what determines its flags (model, points, eps, seed, mode); the attack list, the
             # batch size and the probe are keys inside it (runner.attack_state_key), so changing them reuses it.
-            where = dict(model=loaded.name, dataset=loaded.dataset.value, threat_model=threat, eps=eps)
+            where = dict(model=loaded.name, dataset=loaded.dataset, threat_model=threat, eps=eps)
             state = flags_path(results_dir, **where, settings={
                 **fingerprints, "n": len(labels), "seed": seed, "chained": protocol.chained})
             legacy = flags_path(results_dir, **where, settings={  # the layout before: one file per suite
@@ -165,7 +164,8 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
     Local models first (a checkpoint names the dataset), then the test points, then a zoo model (maybe a
     download): a missing dataset never costs a download. Each model's rows go to the results store."""
     from robust_sparse.config.validation import check_radius
-    from robust_sparse.data import DATASETS, dataset_info
+    from robust_sparse.datasets import DATASETS
+    from robust_sparse.datasets.splits import dataset_info
     from robust_sparse.eval.specs import parse_attacks
     from robust_sparse.distributed import resolve_device
 
@@ -182,7 +182,7 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
     images, labels = loading.load_points(
         dataset, config.n_examples or (first.n_examples if first else None),
         root=config.data_root or (first.data_root if first else None) or "data", download=config.download,
-        data_file=config.data_file, data=first.data if first else None)
+        data_file=config.data_file, data=first.data if first else None, norm=norm)
     if models is None:
         models = [loading.from_robustbench(config.robustbench_model, dataset, threat or "linf", config.model_dir)]
         first = models[0]
@@ -191,13 +191,13 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
 
     # the protocol: the checkpoint's threat model and settings unless the config says otherwise
     eps_values = config.eps if config.eps is not None else [
-        first.eps if first.eps is not None and norm == first.norm else loading.PROTOCOL_EPS[(dataset, norm)]]
+        first.eps if first.eps is not None and norm == first.norm else loading.protocol_eps(dataset, norm)]
     attacks = parse_attacks(config.attacks or DEFAULT_ATTACKS,
                             default_steps=config.pgd_steps or first.pgd_steps or 50,
                             default_restarts=config.restarts or first.restarts or 10)
     large_eps = config.large_eps
     if config.probe and large_eps is None:
-        info = dataset_info(first.data) if first.data is not None else DATASETS[dataset]
+        info = dataset_info(first.data) if first.data is not None else DATASETS.get(dataset)
         large_eps = sanity.default_large_eps(norm, (info.in_channels, info.image_size, info.image_size))
     protocol = Protocol(norm=norm, eps=tuple(eps_values), attacks=tuple(attacks), seeds=tuple(config.seeds),
                         batch_size=config.batch_size, chained=config.chained,
@@ -208,7 +208,7 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
     device = resolve_device(config.device.value)
     rows, warnings = [], []
     for loaded in models:
-        num_classes = (dataset_info(loaded.data) if loaded.data is not None else DATASETS[loaded.dataset]).num_classes
+        num_classes = (dataset_info(loaded.data) if loaded.data is not None else DATASETS.get(loaded.dataset)).num_classes
         outcome = run(loaded, images, labels, protocol, results_dir, device=device, num_classes=num_classes,
                       resume=config.resume, progress=config.progress)
         rows += outcome.rows
@@ -223,14 +223,14 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
     return JobOutcome(rows, warnings, results_dir)
 
 
-def local_models(config: EvalConfig, names: Names) -> tuple[list[LoadedModel] | None, DatasetName | None]:
+def local_models(config: EvalConfig, names: Names) -> tuple[list[LoadedModel] | None, str | None]:
     """The models read from local files and the dataset (a checkpoint's own); no models for a zoo model."""
     if config.checkpoint is not None:
         models = loading.from_checkpoint_subnets(config.checkpoint, data_root=config.data_root,
                                                  subnets=None if config.subnet is None else [config.subnet])
-        if config.dataset is not None and config.dataset is not models[0].dataset:
-            raise UserError(f"{names.value('dataset', config.dataset.value)}: the checkpoint was trained on "
-                            f"{models[0].dataset.value}")
+        if config.dataset is not None and config.dataset != models[0].dataset:
+            raise UserError(f"{names.value('dataset', config.dataset)}: the checkpoint was trained on "
+                            f"{models[0].dataset}")
         if config.name:  # keep the sub-net suffix: one results key per sub-net
             for model in models:
                 model.name = config.name + model.suffix
@@ -264,7 +264,7 @@ def _row(loaded: LoadedModel, norm: str, device: torch.device, evaluation: Evalu
     row: dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
-        "dataset": loaded.dataset.value, "threat_model": threat_label(norm), "eps": evaluation.eps,
+        "dataset": loaded.dataset, "threat_model": threat_label(norm), "eps": evaluation.eps,
         "train_images": loaded.train_images, "epochs": loaded.epochs, "epoch": loaded.epoch,
         "selection": loaded.selection, "estimator": loaded.estimator,
         "n_examples": evaluation.n, "seed": evaluation.seed, "batch_size": evaluation.batch_size,

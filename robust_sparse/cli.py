@@ -283,7 +283,7 @@ def _train(args: argparse.Namespace) -> int:
 def chance_note(config, metrics, evaluation: dict | None) -> str | None:
     """A run that ends at or below chance (the divergence rule's: accuracy below 1/classes + its margin) says so:
     its robust accuracy means nothing."""
-    from robust_sparse.data import dataset_info
+    from robust_sparse.datasets.splits import dataset_info
 
     classes = dataset_info(config.data).num_classes
     level = 1.0 / classes + config.divergence.chance_margin

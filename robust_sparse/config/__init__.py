@@ -12,7 +12,7 @@ import path.
 from robust_sparse.config.parsing import (coerce, config_from_dict, from_dict, load_config, merge, parse_override,
                                           read_yaml, save_config, spell, to_dict)
 from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AgentVariant, AttackConfig, BatchNormMode, DataConfig,
-                                         DatasetName, DeviceChoice, DivergenceConfig, ExecutionConfig, FinalTestConfig,
+                                         DeviceChoice, DivergenceConfig, ExecutionConfig, FinalTestConfig,
                                          FullGradInputs, ModelConfig, Norm, ObjectiveName, OptimConfig, OptimizerName,
                                          Precision, ProbeConfig, PruneScope, Schedule, SnapshotMask, SparseKernelsMode, SparsityConfig,
                                          TrackingConfig, TrainConfig, ValidationConfig, WandbConfig,
@@ -23,7 +23,7 @@ from robust_sparse.config.schema import (REGISTERED_SPARSITY_METHODS, Growth, Pr
                                          sparse_methods)
 
 __all__ = [
-    "AgentConfig", "AgentEstimator", "AgentVariant", "AttackConfig", "BatchNormMode", "DataConfig", "DatasetName", "DeviceChoice",
+    "AgentConfig", "AgentEstimator", "AgentVariant", "AttackConfig", "BatchNormMode", "DataConfig", "DeviceChoice",
     "DivergenceConfig", "ExecutionConfig", "FinalTestConfig", "FullGradInputs", "ModelConfig", "Norm", "ObjectiveName",
     "OptimConfig", "OptimizerName", "Precision", "ProbeConfig", "PruneScope", "Schedule", "SnapshotMask", "SparseKernelsMode", "SparsityConfig",
     "TrackingConfig", "TrainConfig", "ValidationConfig", "WandbConfig", "WandbMode",

@@ -23,6 +23,7 @@ from robust_sparse.config.schema import (FLAT_SPARSITY_NAMES, RENAMED_SECTION_FI
 from robust_sparse.config.validation import validate
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse import plugins
+from robust_sparse.datasets import DATASETS
 from robust_sparse.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = merge(data, nest_flat_names(parse_override(text)))
     config = from_dict(TrainConfig, data, "")
     _method_defaults(config, data)
+    _protocol_eps(config, data)
     resolve_layer_ends(config)
     validate(config)
     return config
+
+
+def _protocol_eps(config: TrainConfig, data: dict[str, Any]) -> None:
+    """``attack.eps`` not given in the file or an override: the dataset's protocol radius for ``attack.norm`` (its
+    record in robust_sparse/datasets/: RobustBench's 8/255 for CIFAR-10, 0.5 under L2), where the schema's one
+    default, MNIST's 0.1, served every dataset before. ``attack.step_size`` not given either: eps / 4, the
+    ratio of both MNIST's (0.025 at 0.1) and CIFAR's (2/255 at 8/255) recipes; with eps given and no step size
+    it stays 0.025, so a config that set eps trains as it did. ``train`` logs which eps it used
+    (``describe_eps``). Saved configs hold both values, so a checkpoint resumes and is evaluated with its own."""
+    attack = data.get("attack")
+    given = attack if isinstance(attack, dict) else {}
+    if "eps" in given or config.data.dataset not in DATASETS:  # an unknown dataset: validate() says so
+        return
+    config.attack.eps = DATASETS.get(config.data.dataset).protocol(config.attack.norm).eps
+    if "step_size" not in given:
+        config.attack.step_size = config.attack.eps / 4
+
+
+def describe_eps(config: TrainConfig) -> str:
+    """Where ``attack.eps`` came from, for the run's log: the dataset's protocol radius, or another."""
+    if config.data.dataset not in DATASETS:
+        return ""
+    protocol = DATASETS.get(config.data.dataset).protocol(config.attack.norm)
+    if math.isclose(config.attack.eps, protocol.eps, rel_tol=0, abs_tol=1e-12):
+        return f"{config.data.dataset}'s protocol eps for {config.attack.norm.value}"
+    return f"not {config.data.dataset}'s protocol eps for {config.attack.norm.value} ({protocol.eps:.6g})"
 
 
 def _method_defaults(config: TrainConfig, data: dict[str, Any]) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AgentVariant, DatasetName, DeviceChoice, Norm, OptimizerName,
+from robust_sparse.config.schema import (AgentConfig, AgentEstimator, AgentVariant, DeviceChoice, Norm, OptimizerName,
                                          Precision, SparseKernelsMode, SparsityConfig, TrainConfig, distribution_owners,
                                          sparse_methods)
 from robust_sparse import plugins
+from robust_sparse.datasets import DATASETS
 from robust_sparse.errors import ConfigError
 
 
@@ -106,10 +107,21 @@ def check_batch_memory(subject: str, batch: int, channels: int, image_size: int,
 
 def _batch_memory(data) -> None:
     """A streamed dataset's batches at data.image_size (the in-memory datasets hold their whole split already)."""
-    if data.dataset not in (DatasetName.IMAGENET, DatasetName.IMAGEFOLDER):
+    if data.dataset not in DATASETS or not DATASETS.get(data.dataset).streamed:
         return
     for where, batch in (("data.batch_size", data.batch_size), ("data.eval_batch_size", data.eval_batch_size)):
         check_batch_memory(f"{where} = {batch}", batch, 3, data.image_size, f"data.image_size = {data.image_size}")
+
+
+def check_dataset(data) -> None:
+    """data.dataset names a registered dataset (robust_sparse/datasets/), and data.num_classes fits it: the class
+    count of a dataset whose record has none (imagefolder), else 0 or the record's own."""
+    _check(data.dataset in DATASETS, f"data.dataset: {data.dataset!r} is not one of {', '.join(DATASETS.names())}")
+    classes = DATASETS.get(data.dataset).num_classes
+    _check(classes != 0 or data.num_classes >= 1,
+           f"data.num_classes: data.dataset = {data.dataset} needs the class count (>= 1)")
+    _check(classes == 0 or data.num_classes in (0, classes), f"data.num_classes = {data.num_classes}: "
+           f"{data.dataset} has {classes} classes (leave it 0 or set {classes})")
 
 
 def validate(config: TrainConfig, *, machine: bool = True) -> None:
@@ -134,10 +146,7 @@ def validate(config: TrainConfig, *, machine: bool = True) -> None:
     _check(data.image_size >= 8, f"data.image_size = {data.image_size}: must be >= 8 (pixels)")
     _check(data.image_size <= MAX_IMAGE_SIZE, f"data.image_size = {data.image_size}: must be in 8..{MAX_IMAGE_SIZE} "
            "(pixels)")
-    _check(data.dataset is not DatasetName.IMAGEFOLDER or data.num_classes >= 1,
-           "data.num_classes: data.dataset = imagefolder needs the class count (>= 1)")
-    _check(data.dataset is not DatasetName.IMAGENET or data.num_classes in (0, 1000),
-           f"data.num_classes = {data.num_classes}: imagenet has 1000 classes (leave it 0 or set 1000)")
+    check_dataset(data)
     check_radius(f"attack.eps = {attack.eps}", attack.eps, attack.norm)
     check_radius(f"attack.step_size = {attack.step_size}", attack.step_size, attack.norm, positive=True)
     _check(attack.steps >= 1, f"attack.steps = {attack.steps}: must be >= 1")

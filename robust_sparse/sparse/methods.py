@@ -28,7 +28,7 @@ from robust_sparse.sparse import density as allocation
 from robust_sparse.sparse.masker import Engine, SparseMasker, sparsifiable
 
 if TYPE_CHECKING:
-    from robust_sparse.data import ImageSet
+    from robust_sparse.datasets.images import ImageSet
 
 BatchSource = Callable[[int], "tuple[torch.Tensor, torch.Tensor]"]  # optimizer step -> (images, labels)
 
