@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 def package_dirs() -> dict[str, Path]:
     """Import path -> folder, from pyproject.toml (only those mapped into another package)."""
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {})
-    return {name: REPO / folder for name, folder in setuptools.get("package-dir", {}).items() if "." in name}
+    return {name: REPO / folder for name, folder in setuptools.get("package-dir", {}).items()
+            if "." in name and (REPO / folder / "__init__.py").is_file()}  # code, not a data-only folder (configs/)
 
 
 class PackageDir(griffe.Extension):

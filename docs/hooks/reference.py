@@ -505,9 +505,23 @@ def expand(markdown: str) -> str:
         kind, argument = match.group(1), match.group(2)
         if kind == "api":
             return api_reference(argument)
+        if kind == "include":
+            return include(argument)
         return GENERATORS[kind]()
 
     return _MARKER.sub(replace, markdown)
+
+
+def include(name: str) -> str:
+    """A Markdown file of the repository's root (BENCHMARKS.md) as the body of a page at the docs' root: without its
+    title, its links into docs/ made relative to the page."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / name).read_text()
+    lines = text.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return re.sub(r"\]\(docs/", "](", "\n".join(lines))
 
 
 def on_page_markdown(markdown: str, page: Any = None, config: Any = None, files: Any = None) -> str:
