@@ -43,7 +43,7 @@ from throughput import proc_status_mib  # noqa: E402
 
 from robust_sparse.agent import AGENT, full_grad_pass, objective_loss  # noqa: E402
 from robust_sparse.config import load_config  # noqa: E402
-from robust_sparse.data import BatchLoader  # noqa: E402
+from robust_sparse.datasets.images import BatchLoader  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402
 from robust_sparse.objectives import build_objective  # noqa: E402
 from robust_sparse.sparse import build_sparsity  # noqa: E402
@@ -72,7 +72,7 @@ def measure(args, with_agent: bool, device: torch.device, state: dict | None = N
     objective = build_objective(config, model)
     agent = AGENT(optimizer, model, config.agent, masks=masker.masks if masker else None) if with_agent else None
     stepper = agent or optimizer
-    from robust_sparse.data import ImageSet
+    from robust_sparse.datasets.images import ImageSet
 
     if agent is not None:  # reach the steady state: a previous snapshot exists, so the refresh does its pass
         agent.refresh([], objective_loss(objective))

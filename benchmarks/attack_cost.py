@@ -36,7 +36,8 @@ def smoke_checkpoint(directory: Path) -> Path:
     naturally for a few batches of 64, so that it classifies most test points and the attacks have work to do."""
     from robust_sparse.files.checkpoint import save_checkpoint
     from robust_sparse.config import load_config, to_dict
-    from robust_sparse.data import dataset_info, load_mnist5k
+    from robust_sparse.datasets.splits import dataset_info
+    from robust_sparse.datasets.mnist5k import load_mnist5k
     from robust_sparse.models import build_model
 
     config = load_config(None, ["model.name=tiny_cnn", "data.dataset=mnist5k", "device=cpu"])

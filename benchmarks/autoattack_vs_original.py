@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import torchattacks
 
-    from robust_sparse.data import DATASETS
+    from robust_sparse.datasets import DATASETS
     from robust_sparse.eval import evaluate, parse_attacks
     from robust_sparse.eval.autoattack import torchattacks_autoattack
     from robust_sparse.eval.loading import from_checkpoint, load_points
@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     norm = loaded.norm
     images, labels = load_points(loaded.dataset, args.n)
     images, labels = images.to(device), labels.to(device)
-    num_classes = DATASETS[loaded.dataset].num_classes
+    num_classes = DATASETS.get(loaded.dataset).num_classes
     times = {"project": [], "original": []}
     flags = {}
     for repeat in range(args.repeats):
@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"repeat {repeat + 1} {side}: {times[side][-1]:.1f} s, accuracy {robust.float().mean():.4f}",
                   file=sys.stderr)
     summary = {
-        "checkpoint": args.checkpoint, "model": loaded.architecture, "dataset": loaded.dataset.value, "norm": norm,
+        "checkpoint": args.checkpoint, "model": loaded.architecture, "dataset": loaded.dataset, "norm": norm,
         "eps": eps, "n": args.n, "batch_size": args.batch_size, "seed": args.seed, "device": str(device),
         "threads": torch.get_num_threads(), "clean_accuracy": result.clean_accuracy,
         "project_seconds": times["project"], "original_seconds": times["original"],

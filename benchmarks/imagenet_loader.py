@@ -1,7 +1,7 @@
 """Is the streamed ImageNet loader fast enough not to be the bottleneck? Loader images/s against the training
 step's images/s at the same batch size, in one process, and their ratio.
 
-* **loader**: :class:`robust_sparse.imagefolder.FolderLoader` over an ImageFolder tree (the training split as
+* **loader**: :class:`robust_sparse.datasets.folders.FolderLoader` over an ImageFolder tree (the training split as
   ``data.dataset: imagenet``/``imagefolder`` reads it): JPEG decode, RandomResizedCrop + flip in ``W`` worker
   processes, uint8 batches pinned (CUDA) and moved to the device, scaled to [0, 1] there. Timed from the first
   batch on (worker start-up is paid once per epoch, i.e. once per ~10,000 ImageNet batches), for each ``W`` of
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from robust_sparse.config import load_config
-from robust_sparse.data import dataset_info, load_splits
+from robust_sparse.datasets.splits import dataset_info, load_splits
 from robust_sparse.distributed import resolve_device
-from robust_sparse.imagefolder import FolderLoader
+from robust_sparse.datasets.folders import FolderLoader
 from robust_sparse.models import build_model
 from robust_sparse.objectives import build_objective
 from robust_sparse.optim import build_optimization

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sparse_overhead import real_batches  # noqa: E402
 
 from robust_sparse.config import load_config  # noqa: E402
-from robust_sparse.data import BatchLoader  # noqa: E402
+from robust_sparse.datasets.images import BatchLoader  # noqa: E402
 from robust_sparse.distributed import resolve_device  # noqa: E402
 from robust_sparse.flops import FlopsCounter, dense_profile  # noqa: E402
 from robust_sparse.models import build_model  # noqa: E402

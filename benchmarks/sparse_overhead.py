@@ -34,7 +34,9 @@ import torch
 
 from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.config import load_config, to_dict
-from robust_sparse.data import BatchLoader, ImageSet, dataset_info, load_mnist5k
+from robust_sparse.datasets.images import BatchLoader, ImageSet
+from robust_sparse.datasets.splits import dataset_info
+from robust_sparse.datasets.mnist5k import load_mnist5k
 from robust_sparse.distributed import resolve_device
 from robust_sparse.models import build_model
 from robust_sparse.objectives import build_objective

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from robust_sparse.config import load_config
-from robust_sparse.data import BatchLoader, ImageSet, load_mnist5k
+from robust_sparse.datasets.images import BatchLoader, ImageSet
+from robust_sparse.datasets.mnist5k import load_mnist5k
 from robust_sparse.kernels import SparseKernels
 from robust_sparse.models import build_model
 from robust_sparse.objectives import build_objective

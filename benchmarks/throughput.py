@@ -2,8 +2,8 @@
 
 For each model the script times two implementations of the same work in one process:
 
-* **toolkit**: :func:`robust_sparse.train.train_one_epoch` with a :class:`~robust_sparse.data.BatchLoader`
-  over an :class:`~robust_sparse.data.ImageSet` of exactly ``batches * batch_size`` images, the objective from
+* **toolkit**: :func:`robust_sparse.train.train_one_epoch` with a :class:`~robust_sparse.datasets.images.BatchLoader`
+  over an :class:`~robust_sparse.datasets.images.ImageSet` of exactly ``batches * batch_size`` images, the objective from
   :func:`~robust_sparse.objectives.build_objective` (``pgd_at``: L-inf, eps 8/255, step 2/255, 10 steps,
   random start) and the optimizer and scheduler from :func:`~robust_sparse.optim.build_optimization`;
 * **baseline**: the minimal PGD-AT loop in :func:`baseline_epoch` below (model in eval mode for the attack,
@@ -34,7 +34,7 @@ A child first runs one step on a 2-image batch, so that gradients and momentum b
 ``MEMORY_BATCHES`` full batches: the peak is that of a steady-state step without paying for a full warm-up.
 
 Data: the batches are CIFAR-shaped (3x32x32) but real images, not random noise. CIFAR-10 cannot be
-downloaded here, so they are built from the embedded MNIST-5k set (:func:`robust_sparse.data.load_mnist5k`,
+downloaded here, so they are built from the embedded MNIST-5k set (:func:`robust_sparse.datasets.mnist5k.load_mnist5k`,
 uint8 [N,1,28,28], train then test split): each digit is zero-padded to 32x32 and repeated over 3 channels,
 and the set is cycled if more images are needed. Throughput does not depend on the pixel values. Models are
 built for 10 classes with CIFAR-10's normalisation constants.
@@ -78,8 +78,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_sparse.config import DatasetName, TrainConfig, load_config
-from robust_sparse.data import DATASETS, BatchLoader, ImageSet, load_mnist5k
+from robust_sparse.config import TrainConfig, load_config
+from robust_sparse.datasets import DATASETS
+from robust_sparse.datasets.images import BatchLoader, ImageSet
+from robust_sparse.datasets.mnist5k import load_mnist5k
 from robust_sparse.models import MODELS, build_model
 from robust_sparse.objectives import Objective, build_objective
 from robust_sparse.optim import build_optimization
@@ -131,7 +133,7 @@ def make_config(model_name: str, batch_size: int, *extra: str) -> TrainConfig:
 
 
 def make_model(name: str, device: torch.device) -> nn.Module:
-    info = DATASETS[DatasetName.CIFAR10]
+    info = DATASETS.get("cifar10")
     torch.manual_seed(SEED)
     return build_model(name, info.num_classes, info.in_channels, info.mean, info.std).to(device)
 

@@ -22,7 +22,7 @@ through robustbench's ``CustomImageFolder``, which takes the images of RobustBen
 (``imagenet_test_image_ids.txt``, ``<wnid>/<file>`` per line) in the list's order, its first ``n`` for ``n``
 points, preprocessed by 'Res224' (``robustbench.eval`` uses only resizing to 224x224 for the corruptions
 tracks). The labels are RobustBench's class map, which for the complete 1000-folder tree is the sorted-folder
-index ``CustomImageFolder`` assigns. We read the first ``n`` listed files in batches (robust_sparse.imagefolder)
+index ``CustomImageFolder`` assigns. We read the first ``n`` listed files in batches (robust_sparse.datasets.folders)
 rather than all of a folder at once.
 """
 
@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from robust_sparse.config import DatasetName
+from robust_sparse.datasets import DATASETS, CorruptionLayout, CorruptionSet
 from robust_sparse.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,9 @@ log = logging.getLogger(__name__)
 THREAT = "corruptions"  # robustbench's ThreatModel.corruptions value, the results' threat_model
 ROWS_PER_SEVERITY = 10000  # robustbench's n_total_cifar
 SEVERITIES = (1, 2, 3, 4, 5)
-#: The folder of each data set under the data root (robustbench.data.CORRUPTIONS_DIR_NAMES) and its Zenodo record
-#: (robustbench.data.ZENODO_CORRUPTIONS_LINKS).
-FOLDERS = {DatasetName.CIFAR10: "CIFAR-10-C", DatasetName.CIFAR100: "CIFAR-100-C", DatasetName.IMAGENET: "ImageNet-C"}
-#: ImageNet-C has no entry in robustbench's ZENODO_CORRUPTIONS_LINKS (it never downloads it): Hendrycks &
-#: Dietterich's record, which RobustBench's README links.
-ZENODO = {DatasetName.CIFAR10: "https://zenodo.org/record/2535967 (CIFAR-10-C.tar)",
-          DatasetName.CIFAR100: "https://zenodo.org/record/3555552 (CIFAR-100-C.tar)",
-          DatasetName.IMAGENET: "https://zenodo.org/record/2235448 (blur, digital, noise, weather .tar)"}
+# Each data set's corruption set (its folder under the data root, robustbench.data.CORRUPTIONS_DIR_NAMES, its
+# layout and where it is published) is its record's ``corruptions`` (robust_sparse/datasets/).
+IMAGE_TREE_DATASET = "imagenet"  # the image-tree layout is read with RobustBench's ImageNet test list and classes
 AGGREGATE = "corruptions"  # the per_attack label of the mean over every corruption and severity
 
 
@@ -98,18 +93,29 @@ def parse_severities(text: str | None) -> tuple[int, ...]:
     return values
 
 
-def corruption_folder(root: str | Path, dataset: DatasetName) -> Path:
-    if dataset not in FOLDERS:
-        raise UserError(f"--threat-model corruptions: supported for {', '.join(d.value for d in FOLDERS)} "
-                        f"(CIFAR-10-C, CIFAR-100-C, ImageNet-C), not {dataset.value}")
-    return Path(root) / FOLDERS[dataset]
+def corruption_set(dataset: str) -> CorruptionSet:
+    """The dataset's corruption set (its record's), or one line naming the datasets that have one."""
+    record = DATASETS.get(dataset)
+    if record.corruptions is None:
+        having = [(name, entry.corruptions.folder) for name, entry in DATASETS.entries() if entry.corruptions]
+        raise UserError(f"--threat-model corruptions: supported for {', '.join(name for name, _ in having)} "
+                        f"({', '.join(folder for _, folder in having)}), not {dataset}")
+    return record.corruptions
 
 
-def check_files(root: str | Path, dataset: DatasetName, corruptions: Sequence[str], severities: Sequence[int],
+def _image_tree(dataset: str) -> bool:
+    return corruption_set(dataset).layout is CorruptionLayout.IMAGE_TREE
+
+
+def corruption_folder(root: str | Path, dataset: str) -> Path:
+    return Path(root) / corruption_set(dataset).folder
+
+
+def check_files(root: str | Path, dataset: str, corruptions: Sequence[str], severities: Sequence[int],
                 n: int | None) -> int:
     """Every file there and long enough for ``n`` points at every severity (one line naming the path
     otherwise); returns ``n`` (None: ``ROWS_PER_SEVERITY``). Reads only the .npy headers."""
-    if dataset is DatasetName.IMAGENET:
+    if _image_tree(dataset):
         return _check_imagenet(root, corruptions, severities, n)
     folder = corruption_folder(root, dataset)
     n = ROWS_PER_SEVERITY if n is None else n
@@ -118,8 +124,9 @@ def check_files(root: str | Path, dataset: DatasetName, corruptions: Sequence[st
     for name in ("labels", *corruptions):
         path = folder / f"{name}.npy"
         if not path.is_file():
-            raise UserError(f"corruption data not found: {path} (expected {FOLDERS[dataset]}/<corruption>.npy and "
-                            f"labels.npy under --data-root; the data is published at {ZENODO[dataset]})")
+            raise UserError(f"corruption data not found: {path} (expected {corruption_set(dataset).folder}/<corruption>.npy "
+                            f"and labels.npy under --data-root; the data is published at "
+                            f"{corruption_set(dataset).source})")
         if name == "labels":
             _checked_labels(path, dataset, n)
             continue
@@ -133,9 +140,9 @@ def check_files(root: str | Path, dataset: DatasetName, corruptions: Sequence[st
 
 def _imagenet_list() -> list[str]:
     """RobustBench's ImageNet test list, ``<wnid>/<file>`` per line, in order."""
-    from robust_sparse import imagefolder
+    from robust_sparse.datasets import folders
 
-    return [line.strip() for line in imagefolder.robustbench_test_list().read_text().splitlines() if line.strip()]
+    return [line.strip() for line in folders.robustbench_test_list().read_text().splitlines() if line.strip()]
 
 
 def _check_imagenet(root: str | Path, corruptions: Sequence[str], severities: Sequence[int], n: int | None) -> int:
@@ -147,24 +154,24 @@ def _check_imagenet(root: str | Path, corruptions: Sequence[str], severities: Se
                         "(RobustBench's test list)")
     for corruption in corruptions:
         for severity in severities:
-            folder = corruption_folder(root, DatasetName.IMAGENET) / corruption / str(severity)
+            folder = corruption_folder(root, IMAGE_TREE_DATASET) / corruption / str(severity)
             if not folder.is_dir():
                 raise UserError(f"corruption data not found: {folder} (expected ImageNet-C/<corruption>/<severity>/"
                                 f"<wnid>/<file>.JPEG under --data-root; the data is published at "
-                                f"{ZENODO[DatasetName.IMAGENET]})")
+                                f"{corruption_set(IMAGE_TREE_DATASET).source})")
             missing = [line for line in listed[:n] if not os.path.isfile(folder / line)]
             if missing:
                 raise UserError(f"{folder}: {len(missing)} of the first {n} images of RobustBench's test list are "
                                 f"missing, e.g. {folder / missing[0]}")
     # every image's header (a truncated JPEG is decoded to tell), before any model is loaded: a bad file is one
     # line naming it now, not an error an hour into the evaluation
-    from robust_sparse.imagefolder import check_header
+    from robust_sparse.datasets.folders import check_header
 
     if n * len(corruptions) * len(severities) > 10_000:
         log.info("reading the headers of %d ImageNet-C images", n * len(corruptions) * len(severities))
     for corruption in corruptions:
         for severity in severities:
-            folder = corruption_folder(root, DatasetName.IMAGENET) / corruption / str(severity)
+            folder = corruption_folder(root, IMAGE_TREE_DATASET) / corruption / str(severity)
             for line in listed[:n]:
                 check_header(str(folder / line))
     return n
@@ -172,10 +179,10 @@ def _check_imagenet(root: str | Path, corruptions: Sequence[str], severities: Se
 
 def _imagenet_cell(root: str | Path, corruption: str, severity: int, n: int):
     """The first ``n`` listed images of one ImageNet-C cell, as a FolderSet (file names and labels)."""
-    from robust_sparse.imagefolder import FolderSet, imagenet_classes
+    from robust_sparse.datasets.folders import FolderSet, imagenet_classes
 
     classes = imagenet_classes()
-    folder = corruption_folder(root, DatasetName.IMAGENET) / corruption / str(severity)
+    folder = corruption_folder(root, IMAGE_TREE_DATASET) / corruption / str(severity)
     lines = _imagenet_list()[:n]
     return FolderSet([str(folder / line) for line in lines], [classes[line.split("/")[0]] for line in lines], 224)
 
@@ -193,31 +200,27 @@ def _open_array(path: Path) -> np.ndarray:
     return array
 
 
-def _checked_images(path: Path, dataset: DatasetName) -> np.ndarray:
+def _checked_images(path: Path, dataset: str) -> np.ndarray:
     """A corruption's images as the protocol has them, or one line naming ``path``: uint8 ``[N, H, W, 3]`` at the
     data set's image size. A float array would be divided by 255 a second time, and another shape would reach
     the model as the wrong image."""
-    from robust_sparse.data import DATASETS
-
     array = _open_array(path)
-    size = DATASETS[dataset].image_size
+    size = DATASETS.get(dataset).image_size
     if array.dtype != np.uint8:
-        raise UserError(f"{path}: dtype {array.dtype}, expected uint8 images (0-255, as {FOLDERS[dataset]} ships "
-                        "them; they are divided by 255 here)")
+        raise UserError(f"{path}: dtype {array.dtype}, expected uint8 images (0-255, as {corruption_set(dataset).folder} "
+                        "ships them; they are divided by 255 here)")
     if array.ndim != 4 or array.shape[1:] != (size, size, 3):
-        raise UserError(f"{path}: shape {list(array.shape)}, expected [N, {size}, {size}, 3] ({dataset.value}'s "
-                        f"{size}x{size} RGB images, channels last, as {FOLDERS[dataset]} ships them)")
+        raise UserError(f"{path}: shape {list(array.shape)}, expected [N, {size}, {size}, 3] ({dataset}'s "
+                        f"{size}x{size} RGB images, channels last, as {corruption_set(dataset).folder} ships them)")
     return array
 
 
-def _checked_labels(path: Path, dataset: DatasetName, n: int) -> np.ndarray:
+def _checked_labels(path: Path, dataset: str, n: int) -> np.ndarray:
     """The first ``n`` labels as the protocol has them, or one line naming ``path``: a 1-D integer array of at
     least ``n`` class indices, each below the data set's class count (a label array [N, 1] would broadcast
     against the predictions, and a label past the classes would be silently wrong)."""
-    from robust_sparse.data import DATASETS
-
     array = _open_array(path)
-    classes = DATASETS[dataset].num_classes
+    classes = DATASETS.get(dataset).num_classes
     if array.dtype.kind not in "iu":
         raise UserError(f"{path}: dtype {array.dtype}, expected integer class labels (0..{classes - 1})")
     if array.ndim != 1:
@@ -229,14 +232,14 @@ def _checked_labels(path: Path, dataset: DatasetName, n: int) -> np.ndarray:
     outside = np.flatnonzero((labels < 0) | (labels >= classes))
     if len(outside):
         raise UserError(f"{path}: label {labels[outside[0]]} at row {outside[0]} is outside 0..{classes - 1} "
-                        f"({dataset.value} has {classes} classes)")
+                        f"({dataset} has {classes} classes)")
     return labels
 
 
-def load_corruption(root: str | Path, dataset: DatasetName, corruption: str, severity: int,
+def load_corruption(root: str | Path, dataset: str, corruption: str, severity: int,
                     n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` points of one corruption at one severity: float [0,1] images [n, 3, H, W], int64 labels."""
-    if dataset is DatasetName.IMAGENET:
+    if _image_tree(dataset):
         return _read_imagenet(_imagenet_cell(root, corruption, severity, n))
     folder = corruption_folder(root, dataset)
     path = folder / f"{corruption}.npy"
@@ -252,15 +255,15 @@ def load_corruption(root: str | Path, dataset: DatasetName, corruption: str, sev
 
 
 def _read_imagenet(files) -> tuple[torch.Tensor, torch.Tensor]:
-    from robust_sparse.imagefolder import corruptions_transform, in_memory
+    from robust_sparse.datasets.folders import corruptions_transform, in_memory
 
     data = in_memory(files, transform=corruptions_transform())
     return data.images.float().div_(255), data.labels
 
 
-def _cell_batches(root: str | Path, dataset: DatasetName, corruption: str, severity: int, n: int, batch_size: int):
+def _cell_batches(root: str | Path, dataset: str, corruption: str, severity: int, n: int, batch_size: int):
     """One cell in batches of (float [0,1] images, labels); ImageNet-C's files are decoded a batch at a time."""
-    if dataset is DatasetName.IMAGENET:
+    if _image_tree(dataset):
         files = _imagenet_cell(root, corruption, severity, n)
         for start in range(0, n, batch_size):
             yield _read_imagenet(files.take(slice(start, start + batch_size)))
@@ -270,7 +273,7 @@ def _cell_batches(root: str | Path, dataset: DatasetName, corruption: str, sever
         yield images[start:start + batch_size], labels[start:start + batch_size]
 
 
-def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: DatasetName, *,
+def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: str, *,
                          corruptions: Sequence[str] | None = None, severities: Sequence[int] = SEVERITIES,
                          n_examples: int | None = None, batch_size: int = 500,
                          device: torch.device | str = "cpu") -> pd.DataFrame:
@@ -285,7 +288,7 @@ def evaluate_corruptions(model: nn.Module, root: str | Path, dataset: DatasetNam
     return _evaluate_checked(model, root, dataset, corruptions, severities, n, batch_size, device)
 
 
-def _evaluate_checked(model: nn.Module, root: str | Path, dataset: DatasetName, corruptions: Sequence[str],
+def _evaluate_checked(model: nn.Module, root: str | Path, dataset: str, corruptions: Sequence[str],
                       severities: Sequence[int], n: int, batch_size: int, device: torch.device | str) -> pd.DataFrame:
     """:func:`evaluate_corruptions` on files :func:`check_files` has passed (the job checks them once, before any
     model: ImageNet-C's 375,000 headers are not read again for every model)."""
@@ -413,7 +416,7 @@ def _evaluate_model(loaded, images, labels, root, dataset, corruptions, severiti
     row = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.name, "source": loaded.source, "path": loaded.path, "architecture": loaded.architecture,
-        "dataset": dataset.value, "threat_model": THREAT, "eps": 0.0, "n_examples": n,
+        "dataset": dataset, "threat_model": THREAT, "eps": 0.0, "n_examples": n,
         "train_images": loaded.train_images, "epochs": loaded.epochs, "epoch": loaded.epoch,
         "selection": loaded.selection, "estimator": loaded.estimator, "seed": None, "batch_size": batch_size,
         "mode": "standalone", "attacks": f"{','.join(corruptions)}@{','.join(map(str, severities))}", "clean_acc": clean, "pgd_attack": None, "pgd_acc": None,

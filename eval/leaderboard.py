@@ -118,8 +118,12 @@ def normalize_attack(label: Any) -> str:
     return text
 
 
-#: Training images of the published protocol (the whole training split; extra data is flagged per entry).
-FULL_TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+def full_train_images(dataset: str) -> int | None:
+    """Training images of the published protocol: the whole training split, its record's ``train_images``
+    (robust_sparse/datasets/; extra data is flagged per entry). None for a dataset not registered here."""
+    from robust_sparse.datasets import DATASETS
+
+    return DATASETS.get(dataset).train_images if dataset in DATASETS else None
 
 
 def _known(value: Any) -> bool:
@@ -138,7 +142,7 @@ def differences(entry: dict[str, Any], *, dataset: str, threat_model: str, eps: 
     attack and n; so does one trained for other epochs or reported at another checkpoint.
     """
     reasons = []
-    full = FULL_TRAIN_IMAGES.get(str(entry["dataset"]))
+    full = full_train_images(str(entry["dataset"]))
     extra = str(entry.get("extra_data", "")).strip().lower() == "true"
     if _known(train_images) and entry["dataset"] == dataset and full is not None:
         ours = f"trained on {int(train_images):,} images"

@@ -27,37 +27,31 @@ import torch
 from torch import nn
 
 from robust_sparse.files.checkpoint import load_checkpoint, safe_load
-from robust_sparse.config import DataConfig, DatasetName
+from robust_sparse.config import DataConfig
+from robust_sparse.datasets import DATASETS
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.eval.runner import check_inputs
 
 log = logging.getLogger(__name__)
 
-RB_DEFAULT_N = 10000  # RobustBench: the whole CIFAR test set
-#: The conventional radius per dataset and threat model: RobustBench for CIFAR, the same for SVHN
-#: (HYDRA, BSR-Net), Madry et al. / AutoAttack for MNIST.
-PROTOCOL_EPS: dict[tuple[DatasetName, str], float] = {
-    (DatasetName.CIFAR10, "linf"): 8 / 255, (DatasetName.CIFAR10, "l2"): 0.5,
-    (DatasetName.CIFAR100, "linf"): 8 / 255, (DatasetName.CIFAR100, "l2"): 0.5,
-    (DatasetName.SVHN, "linf"): 8 / 255, (DatasetName.SVHN, "l2"): 0.5,
-    (DatasetName.MNIST5K, "linf"): 0.3, (DatasetName.MNIST5K, "l2"): 2.0,
-    # RobustBench's ImageNet track is Linf 4/255; L2 3.0 is the usual ImageNet radius (Engstrom et al.)
-    (DatasetName.IMAGENET, "linf"): 4 / 255, (DatasetName.IMAGENET, "l2"): 3.0,
-    (DatasetName.IMAGEFOLDER, "linf"): 4 / 255, (DatasetName.IMAGEFOLDER, "l2"): 3.0,
-}
+# Each dataset's protocol (radius and test points per threat model) is its record's: robust_sparse/datasets/.
 _THREATS = {"linf": "linf", "l2": "l2"}
 ROBUSTBENCH_THREATS = {"linf": "Linf", "l2": "L2"}
-ROBUSTBENCH_DATASETS = (DatasetName.CIFAR10, DatasetName.CIFAR100, DatasetName.IMAGENET)
 
 
-def parse_dataset(text: str) -> DatasetName:
-    try:
-        dataset = DatasetName(text.strip().lower())
-    except ValueError:
-        raise UserError(f"unknown dataset {text!r}; choose one of: {', '.join(d.value for d in DatasetName)}") from None
-    if dataset is DatasetName.IMAGEFOLDER:  # its class count and folders are in a checkpoint's config
-        raise UserError("--dataset imagefolder: evaluate a CHECKPOINT trained on it (its config names the classes)")
+def parse_dataset(text: str) -> str:
+    """A registered dataset's name (any case); one line with the allowed names otherwise."""
+    dataset = text.strip().lower()
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {text!r}; choose one of: {', '.join(DATASETS.names())}")
+    if DATASETS.get(dataset).num_classes == 0:  # imagefolder: its class count and folders are in a checkpoint's config
+        raise UserError(f"--dataset {dataset}: evaluate a CHECKPOINT trained on it (its config names the classes)")
     return dataset
+
+
+def protocol_eps(dataset: str, norm: str) -> float:
+    """The dataset's protocol radius for ``norm`` (its record's; RobustBench's where it has a track)."""
+    return DATASETS.get(dataset).protocol(norm).eps
 
 
 def parse_threat(text: str) -> str:
@@ -80,7 +74,7 @@ class LoadedModel:
     source: str  # "checkpoint", "robustbench" or "weights"
     path: str
     architecture: str
-    dataset: DatasetName
+    dataset: str  # a registered dataset's name
     # defaults a checkpoint carries (None elsewhere)
     norm: str | None = None
     eps: float | None = None
@@ -119,7 +113,7 @@ def from_checkpoint_subnets(path: str | Path, data_root: str | None = None,
     """One model per requested sub-net of a checkpoint, read once; ``subnets=None``: every sub-net of an AST
     checkpoint, or the one network of any other."""
     from robust_sparse.config import config_from_dict
-    from robust_sparse.data import dataset_info
+    from robust_sparse.datasets.splits import dataset_info
     from robust_sparse.eval.leaderboard import NO_AGENT, checkpoint_selection
     from robust_sparse.models import build_model
     from robust_sparse.sparse.methods import pick_view, saved_views
@@ -212,22 +206,21 @@ def exported_protocol(weights: str | Path) -> dict[str, Any] | None:
     return protocol if isinstance(protocol, dict) else None
 
 
-def from_weights(architecture: str, path: str | Path, dataset: DatasetName) -> LoadedModel:
+def from_weights(architecture: str, path: str | Path, dataset: str) -> LoadedModel:
     """A plain state_dict for an architecture of :data:`robust_sparse.models.MODELS` and a dataset's shapes.
 
     An exported ``model_dense.pt`` brings its run's threat model and eps (``export.json``) as the defaults.
     """
-    from robust_sparse.data import DATASETS
     from robust_sparse.models import build_model
 
-    info = DATASETS[dataset]
+    info = DATASETS.get(dataset)
     model = build_model(architecture, info.num_classes, info.in_channels, info.mean, info.std)
     path = Path(path)
     _load_into(model, read_state_dict(path), path, architecture)
     loaded = LoadedModel(model=model.eval(), name=f"{architecture}:{path.stem}", source="weights", path=str(path),
                          architecture=architecture, dataset=dataset)
     protocol = exported_protocol(path)
-    if protocol is not None and protocol.get("dataset") == dataset.value:
+    if protocol is not None and protocol.get("dataset") == dataset:
         loaded.norm, loaded.eps = protocol.get("norm"), protocol.get("eps")
     return loaded
 
@@ -298,14 +291,12 @@ def _import_factory_module(module: str, spec: str):
         raise UserError(f"--model {spec}: importing {module} failed: {_reason(error)}") from None
 
 
-def check_model_output(model: nn.Module, dataset: DatasetName, what: str) -> None:
+def check_model_output(model: nn.Module, dataset: str, what: str) -> None:
     """One forward pass on two blank images of the dataset's shape: the model must return [2, num_classes] logits.
 
     Run before any data or attack work, so a model for another dataset fails in one line, not mid-evaluation.
     """
-    from robust_sparse.data import DATASETS
-
-    info = DATASETS[dataset]
+    info = DATASETS.get(dataset)
     probe = torch.full((2, info.in_channels, info.image_size, info.image_size), 0.5)
     was_training = model.training
     model.eval()
@@ -313,14 +304,14 @@ def check_model_output(model: nn.Module, dataset: DatasetName, what: str) -> Non
         with torch.no_grad():
             output = model(probe)
     except Exception as error:
-        raise UserError(f"{what}: a forward pass on {dataset.value} images [2, {info.in_channels}, "
+        raise UserError(f"{what}: a forward pass on {dataset} images [2, {info.in_channels}, "
                         f"{info.image_size}, {info.image_size}] failed: {_reason(error)}") from None
     finally:
         model.train(was_training)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, info.num_classes):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise UserError(f"{what}: the model must return logits of shape [batch, {info.num_classes}] for "
-                        f"{dataset.value}, got {shape} for a batch of 2")
+                        f"{dataset}, got {shape} for a batch of 2")
 
 
 def parse_kwargs(text: str, flag: str) -> dict[str, Any]:
@@ -345,7 +336,7 @@ def parse_kwargs(text: str, flag: str) -> dict[str, Any]:
     return parsed
 
 
-def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = None,
+def from_factory(spec: str, dataset: str, weights: str | Path | None = None,
                  weights_key: str | None = None, kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """Any model: ``FACTORY(**kwargs)`` from ``FILE.py:FACTORY`` or ``package.module:FACTORY`` returns an
     ``nn.Module`` on [0,1] inputs; ``torchvision:NAME`` and ``timm:NAME`` (a model of that library) are built as
@@ -387,19 +378,18 @@ def from_factory(spec: str, dataset: DatasetName, weights: str | Path | None = N
     return _loaded_factory_model(model, spec, name, type(model).__name__, module_name, dataset, weights, weights_key)
 
 
-def _from_library(spec: str, dataset: DatasetName, weights: str | Path | None, weights_key: str | None,
+def _from_library(spec: str, dataset: str, weights: str | Path | None, weights_key: str | None,
                   kwargs: dict[str, Any]) -> LoadedModel:
     """``torchvision:NAME``/``timm:NAME`` as ``model.name`` builds it for training (weights: its state_dict)."""
-    from robust_sparse.data import DATASETS
     from robust_sparse.models import build_model
 
-    info = DATASETS[dataset]
+    info = DATASETS.get(dataset)
     model = build_model(spec, info.num_classes, info.in_channels, info.mean, info.std, kwargs)
     return _loaded_factory_model(model, spec, spec, spec, spec, dataset, weights, weights_key)
 
 
 def _loaded_factory_model(model: nn.Module, spec: str, name: str, architecture: str, source_path: str,
-                          dataset: DatasetName, weights: str | Path | None, weights_key: str | None) -> LoadedModel:
+                          dataset: str, weights: str | Path | None, weights_key: str | None) -> LoadedModel:
     """A ``--model`` network with its ``--weights`` loaded, in eval mode on the CPU, its output shape checked."""
     if weights is not None:
         path = Path(weights)
@@ -413,26 +403,26 @@ def _loaded_factory_model(model: nn.Module, spec: str, name: str, architecture: 
                        architecture=architecture, dataset=dataset)
 
 
-def check_robustbench_name(name: str, dataset: DatasetName, norm: str) -> None:
+def check_robustbench_name(name: str, dataset: str, norm: str) -> None:
     """The zoo has an entry ``name`` for this dataset and threat model (cheap: no weights are read)."""
     from robust_sparse.environment.compat import import_robustbench
 
-    if dataset not in ROBUSTBENCH_DATASETS:
-        raise UserError(f"--robustbench-model: the zoo is supported for {', '.join(d.value for d in ROBUSTBENCH_DATASETS)}, "
-                        f"not {dataset.value}")
+    zoo_datasets = [name for name, record in DATASETS.entries() if record.robustbench is not None]
+    if dataset not in zoo_datasets:
+        raise UserError(f"--robustbench-model: the zoo is supported for {', '.join(zoo_datasets)}, not {dataset}")
     import_robustbench()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
     threat = ROBUSTBENCH_THREATS[norm]
-    zoo = model_dicts[BenchmarkDataset(dataset.value)][ThreatModel(threat)]
+    zoo = model_dicts[BenchmarkDataset(DATASETS.get(dataset).robustbench)][ThreatModel(threat)]
     if name not in zoo:
         close = difflib.get_close_matches(name, list(zoo), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f" ({len(zoo)} entries, e.g. Standard)"
-        raise UserError(f"unknown RobustBench model {name!r} for {dataset.value}/{threat}{hint}")
+        raise UserError(f"unknown RobustBench model {name!r} for {dataset}/{threat}{hint}")
 
 
-def from_robustbench(name: str, dataset: DatasetName, norm: str, model_dir: str | Path) -> LoadedModel:
+def from_robustbench(name: str, dataset: str, norm: str, model_dir: str | Path) -> LoadedModel:
     """A RobustBench zoo model through ``robustbench.utils.load_model``.
 
     The weights are read from ``<model_dir>/<dataset>/<Linf|L2>/<name>.pt`` when present; otherwise robustbench
@@ -443,14 +433,14 @@ def from_robustbench(name: str, dataset: DatasetName, norm: str, model_dir: str 
 
     threat = ROBUSTBENCH_THREATS[norm]
     model_dir = Path(model_dir)
-    path = model_dir / dataset.value / threat / f"{name}.pt"
+    path = model_dir / dataset / threat / f"{name}.pt"
     existed = path.is_file()
     if not existed:
         log.info("%s is not in %s: asking robustbench to download it", name, path.parent)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            model = load_model(model_name=name, model_dir=str(model_dir), dataset=dataset.value, threat_model=threat)
+            model = load_model(model_name=name, model_dir=str(model_dir), dataset=DATASETS.get(dataset).robustbench, threat_model=threat)
     except Exception as error:  # requests/gdown/urllib connection errors, torch load errors, state_dict mismatch
         reason = _reason(error)
         if not existed:
@@ -481,19 +471,20 @@ def _reason(error: BaseException) -> str:
 # test points
 
 
-def load_points(dataset: DatasetName, n: int | None, *, root: str = "data", download: bool = False,
-                data_file: str | Path | None = None,
-                data: DataConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_points(dataset: str, n: int | None, *, root: str = "data", download: bool = False,
+                data_file: str | Path | None = None, data: DataConfig | None = None,
+                norm: str = "linf") -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` test points in order, as float [0,1] images and int64 labels (RobustBench protocol).
 
     ``data_file`` replaces the dataset's test split with a torch file holding ``{"images", "labels"}``
-    (uint8 0-255, or float in [0, 1]). ``n=None`` takes ``min(10000, size)``; a larger ``n`` is an error.
+    (uint8 0-255, or float in [0, 1]). ``n=None`` takes the dataset's protocol count for ``norm`` (CIFAR's
+    10000, ImageNet's 5000) or the whole split where it is smaller; a larger ``n`` is an error.
     ``data`` (a checkpoint's data section) describes a streamed dataset's test split; only its first ``n`` images
     are read (ImageNet: RobustBench's list and preprocessing).
     """
-    from robust_sparse.data import EVAL_DOWNLOAD_HINT, dataset_info, in_memory, load_raw
+    from robust_sparse.datasets.splits import EVAL_DOWNLOAD_HINT, dataset_info, in_memory, load_raw
 
-    config = replace(data, root=root) if data is not None and data.dataset is dataset else \
+    config = replace(data, root=root) if data is not None and data.dataset == dataset else \
         DataConfig(dataset=dataset, root=root, download=download)
     if data_file is not None:
         images, labels = _read_points(Path(data_file))
@@ -505,7 +496,7 @@ def load_points(dataset: DatasetName, n: int | None, *, root: str = "data", down
         images, labels = test.images, test.labels
     total = len(labels)
     if n is None:
-        n = min(RB_DEFAULT_N, total)
+        n = min(DATASETS.get(dataset).protocol(norm).n_examples, total)
     if n < 1:
         raise UserError(f"--n-examples {n}: must be >= 1")
     if n > total:

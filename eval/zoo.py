@@ -116,7 +116,7 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
                         "MyLab2026Sparse_R18")
     checkpoint = Path(checkpoint)
     loaded = from_checkpoint(checkpoint, subnet=subnet)
-    dataset = loaded.dataset.value
+    dataset = loaded.dataset
     if dataset not in ZOO_DATASETS:
         raise UserError(f"--robustbench: RobustBench's zoo has {' and '.join(ZOO_DATASETS)} models, and this "
                         f"checkpoint was trained on {dataset}")
@@ -342,8 +342,7 @@ def register(name: str, model_dir: str | Path, dataset: str = "cifar10", threat_
 def _checked_spec(spec: Any, info_path: Path):
     """The dataset of a model-info file's ``robust_sparse`` section, after checking what ``load_model`` will
     build from it: the file may come from anyone, and ``num_classes`` decides the classifier's allocation."""
-    from robust_sparse.config import DatasetName
-    from robust_sparse.data import DATASETS
+    from robust_sparse.datasets import DATASETS
     from robust_sparse.deploy.pretrained import MAX_CLASSES
 
     def bad(field: str, why: str) -> UserError:
@@ -359,7 +358,7 @@ def _checked_spec(spec: Any, info_path: Path):
     classes = spec.get("num_classes")
     if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES:
         raise bad("num_classes", f"is {str(classes)[:60]}, not a whole number in 1..{MAX_CLASSES:,}")
-    return DATASETS[DatasetName(dataset)]
+    return DATASETS.get(dataset)
 
 
 def _zoo_dictionary(dataset: str, threat_model: str) -> dict[str, dict[str, Any]]:

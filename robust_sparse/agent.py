@@ -57,7 +57,8 @@ from torch import nn
 
 from robust_sparse import distributed
 from robust_sparse.config import AgentConfig, AgentEstimator, AgentVariant, TrainConfig
-from robust_sparse.data import ImageSet, batch_loader, in_memory
+from robust_sparse.datasets.images import ImageSet
+from robust_sparse.datasets.splits import batch_loader, in_memory
 from robust_sparse.errors import UserError
 from robust_sparse.objectives import Objective
 from robust_sparse.precision import Amp

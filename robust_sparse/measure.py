@@ -14,7 +14,8 @@ from torch import nn
 
 from robust_sparse.accuracy import evaluate_pgd
 from robust_sparse.config import TrainConfig
-from robust_sparse.data import ImageSet, in_memory
+from robust_sparse.datasets.images import ImageSet
+from robust_sparse.datasets.splits import in_memory
 from robust_sparse.flops import FlopsCounter
 from robust_sparse.precision import Amp
 from robust_sparse.sparse import SparseMasker, views_of
@@ -50,7 +51,7 @@ def evaluate_test(model: nn.Module, test: ImageSet, config: TrainConfig, device:
         description=f"test PGD-{config.eval.pgd_steps}x{config.eval.restarts}", autocast=amp.autocast,
     )
     return {
-        "dataset": config.data.dataset.value, "model": config.model.name, "n_examples": len(test),
+        "dataset": config.data.dataset, "model": config.model.name, "n_examples": len(test),
         "norm": config.attack.norm.value, "eps": eps, "pgd_steps": config.eval.pgd_steps,
         "restarts": config.eval.restarts, "clean_accuracy": result.clean_accuracy,
         "pgd_accuracy": result.robust_accuracy, "seconds": time.perf_counter() - start, "device": str(device),

@@ -47,7 +47,8 @@ from torch import nn
 from robust_sparse.agent import estimate_c
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.config import FullGradInputs, TrainConfig
-from robust_sparse.data import ImageSet, in_memory
+from robust_sparse.datasets.images import ImageSet
+from robust_sparse.datasets.splits import in_memory
 from robust_sparse.flops import FlopsCounter, Passes
 from robust_sparse.objectives import Objective
 from robust_sparse.progress import progress as progress_bar

@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from robust_sparse import distributed
 from robust_sparse.agent import AGENT, check_agent
 from robust_sparse.config import Precision, SparseKernelsMode, TrainConfig
-from robust_sparse.data import BatchLoader, Splits, batch_loader, load_splits
+from robust_sparse.datasets.images import BatchLoader
+from robust_sparse.datasets.splits import Splits, batch_loader, load_splits
 from robust_sparse.errors import UserError
 from robust_sparse.flops import FlopsCounter, dense_profile
 from robust_sparse.kernels import SparseKernels

@@ -31,7 +31,8 @@ from robust_sparse.files import rundir
 from robust_sparse.agent import AGENT, agent_metrics, full_grad_pass, full_grad_pass_length, objective_loss
 from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
-from robust_sparse.data import BatchLoader
+from robust_sparse.config.parsing import describe_eps
+from robust_sparse.datasets.images import BatchLoader
 from robust_sparse.errors import DivergenceError
 from robust_sparse.flops import FlopsCounter
 from robust_sparse.kernels import SparseKernels
@@ -84,8 +85,11 @@ def _fit_locked(run: Run, resume: bool, progress: bool) -> FitResult:
         prepare_run_dir(config, record, sparse=run.masker is not None)
     tracker = Tracker(config.tracking if run.world.is_main else TrackingConfig(), config, run.run_dir)
     log.info("training %s on %s (%d train / %d val images) with %s on %s", config.model.name,
-             config.data.dataset.value, len(run.splits.train), len(run.splits.val), config.objective.value,
+             config.data.dataset, len(run.splits.train), len(run.splits.val), config.objective.value,
              run.device)
+    # which radius trains and tests, and whether it is the dataset's protocol one (a config may leave eps out)
+    log.info("attack: %s eps=%.6g (%s), step size %.6g", config.attack.norm.value, config.attack.eps,
+             describe_eps(config), config.attack.step_size)
     if config.val.max_examples == 0:
         log.info("val.max_examples = 0: no validation; the last epoch is selected (best.pt)")
     for epoch in range(record.start_epoch, config.optim.epochs):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from robust_sparse.config import load_config
-from robust_sparse.data import DATASETS, load_mnist5k
-from robust_sparse.config import DatasetName
+from robust_sparse.datasets import DATASETS
+from robust_sparse.datasets.mnist5k import load_mnist5k
 from robust_sparse.models import build_model
 
 
@@ -31,7 +31,7 @@ def test_batch(mnist):
 
 
 def make_tiny_model(seed: int = 0) -> torch.nn.Module:
-    info = DATASETS[DatasetName.MNIST5K]
+    info = DATASETS.get("mnist5k")
     torch.manual_seed(seed)
     return build_model("tiny_cnn", info.num_classes, info.in_channels, info.mean, info.std)
 

@@ -275,12 +275,11 @@ def test_missing_cifar_hint_on_train_names_the_config_field(tmp_path, capsys):
 
 
 def test_missing_cifar_hint_on_eval_names_the_flags(tmp_path, capsys):
-    from robust_sparse.data import DATASETS
-    from robust_sparse.config import DatasetName
+    from robust_sparse.datasets import DATASETS
     from robust_sparse.models import build_model
 
     (tmp_path / "data").mkdir()
-    info = DATASETS[DatasetName.CIFAR10]
+    info = DATASETS.get("cifar10")
     path = tmp_path / "weights.pt"
     torch.save(build_model("tiny_cnn", 10, 3, info.mean, info.std).state_dict(), path)
     line = one_line_error(["eval", "--arch", "tiny_cnn", "--weights", str(path), "--dataset", "cifar10",

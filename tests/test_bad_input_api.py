@@ -116,8 +116,7 @@ def sparse_inference_file(tmp_path_factory):
     import torch
 
     from conftest import make_tiny_model
-    from robust_sparse.config import DatasetName
-    from robust_sparse.data import DATASETS
+    from robust_sparse.datasets import DATASETS
     from robust_sparse.deploy.inference import save_sparse_inference, sparse_inference
 
     model = make_tiny_model()
@@ -126,7 +125,7 @@ def sparse_inference_file(tmp_path_factory):
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 module.weight.mul_(torch.rand_like(module.weight) < 0.1)
     fast = sparse_inference(model.eval(), torch.rand(2, 1, 28, 28), measure=lambda name, d, s: (1.0, 0.5))
-    info = DATASETS[DatasetName.MNIST5K]
+    info = DATASETS.get("mnist5k")
     path = tmp_path_factory.mktemp("sparse_inference") / "model_sparse_inference.pt"
     save_sparse_inference(fast, path, "tiny_cnn", info.num_classes, info.in_channels, info.mean, info.std)
     return path

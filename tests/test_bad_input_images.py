@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import one_line_error
 from image_tree import WNIDS, header_only_png, make_tree, tree_state, write_every_mode
 from robust_sparse.cli import main
-from robust_sparse.imagefolder import FolderLoader, FolderSet, ImageFileError, in_memory, load_rgb
+from robust_sparse.datasets.folders import FolderLoader, FolderSet, ImageFileError, in_memory, load_rgb
 
 FIRST, SECOND = WNIDS[0], WNIDS[1]
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from robust_sparse.cli import QUICKSTART, main
-from robust_sparse.config import DatasetName, Norm, TrainConfig, load_config, parse_override, to_dict, validate
+from robust_sparse.config import Norm, TrainConfig, load_config, parse_override, to_dict, validate
 from robust_sparse.errors import ConfigError
 from pathlib import Path
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_valid_embedded_quickstart():
     config = load_config()
-    assert config.data.dataset is DatasetName.MNIST5K
+    assert config.data.dataset == "mnist5k"
     validate(config)
 
 
@@ -222,14 +222,14 @@ def test_checkpoint_evaluates_where_its_training_data_directory_does_not_exist(t
     """eval reads a checkpoint's config as it was saved (data and run directories of the machine it trained on):
     no rewrite of data.root needed to get past validation."""
     from robust_sparse.files.checkpoint import save_checkpoint
-    from robust_sparse.data import DATASETS
+    from robust_sparse.datasets import DATASETS
     from robust_sparse.eval.loading import from_checkpoint
     from robust_sparse.models import build_model
 
     (tmp_path / "notes.txt").write_text("a file where the run directory was\n")
     stored = load_config(None, ["model.name=tiny_cnn", "data.dataset=cifar10", "data.root=/nonexistent/data",
                                 f"out_dir={tmp_path / 'notes.txt' / 'run'}"])
-    info = DATASETS[DatasetName.CIFAR10]
+    info = DATASETS.get("cifar10")
     model = build_model("tiny_cnn", info.num_classes, info.in_channels, info.mean, info.std)
     save_checkpoint({"config": to_dict(stored), "model": model.state_dict(), "epoch": 1}, tmp_path / "best.pt")
     assert from_checkpoint(tmp_path / "best.pt").data_root == "/nonexistent/data"
@@ -256,8 +256,9 @@ def test_only_open_ended_fields_are_plain_strings():
     """Names of things (paths, registered models, W&B projects) are strings; every closed choice is an Enum, so
     a typo is rejected with the allowed values (the sparsity section has its own per-method schema)."""
     plain = {name for name in _str_fields(TrainConfig) if not name.startswith("sparsity.")}
-    # data.test_list is a path; model.kwargs maps a factory's keyword names to values
-    assert plain == {"data.root", "data.test_list", "model.name", "model.kwargs", "tracking.wandb.project",
+    # data.test_list is a path; model.kwargs maps a factory's keyword names to values; data.dataset names a
+    # registered dataset (robust_sparse/datasets/, checked against the registry like sparsity.method)
+    assert plain == {"data.dataset", "data.root", "data.test_list", "model.name", "model.kwargs", "tracking.wandb.project",
                      "tracking.wandb.entity", "tracking.wandb.group", "out_dir"}
 
 

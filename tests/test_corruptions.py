@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from robust_sparse.cli import main
-from robust_sparse.config import DatasetName
-from robust_sparse.data import DATASETS
+from robust_sparse.datasets import DATASETS
 from robust_sparse.eval import corruptions as track
 from robust_sparse.models import build_model
 
@@ -66,7 +65,7 @@ def mini(mnist, tmp_path_factory):
 def cifar_shaped_model(mnist, tmp_path_factory):
     """tiny_cnn on 3x32x32 inputs, trained briefly on the padded digits: well above chance, not perfect."""
     train, _ = mnist
-    info = DATASETS[DatasetName.CIFAR10]
+    info = DATASETS.get("cifar10")
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 10, 3, info.mean, info.std)
     images = torch.nn.functional.pad(train.images[:1000], (2, 2, 2, 2)).repeat(1, 3, 1, 1).float() / 255
@@ -100,7 +99,7 @@ def test_reader_matches_robustbench_loader(mini):
 
     for name in NAMES:
         for severity in SEVERITY_SCALES:
-            ours = track.load_corruption(mini, DatasetName.CIFAR10, name, severity, N)
+            ours = track.load_corruption(mini, "cifar10", name, severity, N)
             theirs = load_cifar10c(N, severity, str(mini), corruptions=[name])
             assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1].long())
 
@@ -156,7 +155,7 @@ def test_the_aggregate_interval_is_a_t_interval_over_the_images():
 
 def test_python_api_defaults_and_aggregate(mini, cifar_shaped_model):
     model, _ = cifar_shaped_model
-    frame = track.evaluate_corruptions(model, mini, DatasetName.CIFAR10, corruptions=NAMES, severities=(2,),
+    frame = track.evaluate_corruptions(model, mini, "cifar10", corruptions=NAMES, severities=(2,),
                                        n_examples=50)
     assert list(frame["corruption"]) == list(NAMES) and set(frame["severity"]) == {2}
     assert track.aggregate(frame) == pytest.approx(frame["accuracy"].mean())
@@ -184,7 +183,7 @@ def test_bad_input_is_one_line(mini, cifar_shaped_model, extra, message, tmp_pat
 
 def test_missing_folder_names_zenodo(tmp_path, capsys):
     with pytest.raises(Exception, match=r"CIFAR-100-C/labels.npy .*zenodo.org/record/3555552"):
-        track.check_files(tmp_path, DatasetName.CIFAR100, ["fog"], [1], 10)
+        track.check_files(tmp_path, "cifar100", ["fog"], [1], 10)
     assert not (tmp_path / "CIFAR-100-C").exists()  # nothing downloaded, nothing created
 
 
@@ -348,13 +347,13 @@ def test_arrays_that_break_the_protocol_are_one_line_naming_the_file(cifar_shape
     assert f"{root / 'CIFAR-10-C' / file}: " in line and message in line, line
     assert not (tmp_path / "r").exists() and snapshot(root) == before
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-        track.load_corruption(root, DatasetName.CIFAR10, "fog", 1, 20)  # the Python API refuses it too
+        track.load_corruption(root, "cifar10", "fog", 1, 20)  # the Python API refuses it too
 
 
 def test_valid_arrays_of_other_integer_dtypes_are_read(tmp_path):
     """int64 labels (what np.save of a Python list writes) are as good as CIFAR-10-C's uint8 ones."""
     labels = np.arange(20, dtype=np.int64) % 10
     root = _protocol_root(tmp_path, _PIXELS, labels)
-    images, read = track.load_corruption(root, DatasetName.CIFAR10, "fog", 1, 20)
+    images, read = track.load_corruption(root, "cifar10", "fog", 1, 20)
     assert read.tolist() == labels.tolist() and images.shape == (20, 3, 32, 32)
     assert torch.equal(images, torch.from_numpy(_PIXELS.transpose(0, 3, 1, 2).astype(np.float32) / 255))

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from robust_sparse.config import DataConfig, DatasetName, load_config
-from robust_sparse.data import DATASETS, BatchLoader, augment, load_cifar, load_splits
+from robust_sparse.config import DataConfig, load_config
+from robust_sparse.datasets import DATASETS
+from robust_sparse.datasets.images import BatchLoader, augment
+from robust_sparse.datasets.cifar10 import load_cifar
+from robust_sparse.datasets.splits import load_splits
 from robust_sparse.errors import UserError
 
 
@@ -42,7 +45,7 @@ def test_val_size_larger_than_train_is_an_error():
 def test_loader_order_depends_only_on_seed_and_epoch(mnist):
     train, _ = mnist
     subset = train.take(slice(0, 300))
-    info = DATASETS[DatasetName.MNIST5K]
+    info = DATASETS.get("mnist5k")
 
     def epoch_batches(seed, epoch):
         loader = BatchLoader(subset, 64, torch.device("cpu"), shuffle=True, seed=seed, info=info, augment_batches=True)
@@ -72,8 +75,8 @@ def test_augment_crops_by_shifting_and_flips():
 
 
 def test_svhn_and_mnist_are_never_flipped():
-    assert not DATASETS[DatasetName.SVHN].hflip and not DATASETS[DatasetName.MNIST5K].hflip
-    assert DATASETS[DatasetName.CIFAR10].hflip and DATASETS[DatasetName.CIFAR10].crop_padding == 4
+    assert not DATASETS.get("svhn").hflip and not DATASETS.get("mnist5k").hflip
+    assert DATASETS.get("cifar10").hflip and DATASETS.get("cifar10").crop_padding == 4
 
 
 def _write_cifar_copy(root, images, labels, test_only=False):
@@ -90,7 +93,7 @@ def _write_cifar_copy(root, images, labels, test_only=False):
 def test_local_cifar_copy_is_read_in_standard_layout(tmp_path, mnist):
     _, test = mnist
     _write_cifar_copy(tmp_path, test.images[:20], test.labels[:20])
-    train, test_set = load_cifar(DatasetName.CIFAR10, tmp_path, download=False)
+    train, test_set = load_cifar("cifar10", tmp_path, download=False)
     assert train.images.shape == (100, 3, 32, 32) and test_set.images.shape == (20, 3, 32, 32)
     assert torch.equal(test_set.labels, test.labels[:20])
     config = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}", "data.val_size=10"])
@@ -101,15 +104,15 @@ def test_local_cifar_copy_is_read_in_standard_layout(tmp_path, mnist):
 def test_test_only_cifar_copy_serves_evaluation_but_not_training(tmp_path, mnist):
     _, test = mnist
     _write_cifar_copy(tmp_path, test.images[:10], test.labels[:10], test_only=True)
-    train, test_set = load_cifar(DatasetName.CIFAR10, tmp_path, download=False, need_train=False)
+    train, test_set = load_cifar("cifar10", tmp_path, download=False, need_train=False)
     assert train is None and len(test_set) == 10
     with pytest.raises(UserError, match="data_batch_1"):
-        load_cifar(DatasetName.CIFAR10, tmp_path, download=False)
+        load_cifar("cifar10", tmp_path, download=False)
 
 
 def test_missing_cifar_gives_clear_error(tmp_path):
     with pytest.raises(UserError, match="data.download=true"):
-        load_cifar(DatasetName.CIFAR100, tmp_path, download=False)
+        load_cifar("cifar100", tmp_path, download=False)
 
 
 def test_corrupted_cifar_file(tmp_path):
@@ -117,7 +120,7 @@ def test_corrupted_cifar_file(tmp_path):
     folder.mkdir()
     (folder / "test_batch").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupted"):
-        load_cifar(DatasetName.CIFAR10, tmp_path, download=False, need_train=False)
+        load_cifar("cifar10", tmp_path, download=False, need_train=False)
 
 
 def test_split_seed_holds_the_validation_split_fixed_across_run_seeds():

@@ -158,11 +158,10 @@ def test_data_file_option(weights, mnist, tmp_path):
 def test_download_option_reports_a_failed_download_in_one_line(tmp_path, monkeypatch, capsys):
     import torchvision.datasets
 
-    from robust_sparse.data import DATASETS
-    from robust_sparse.config import DatasetName
+    from robust_sparse.datasets import DATASETS
     from robust_sparse.models import build_model
 
-    info = DATASETS[DatasetName.CIFAR10]
+    info = DATASETS.get("cifar10")
     path = tmp_path / "cifar_tiny.pt"
     torch.save(build_model("tiny_cnn", 10, 3, info.mean, info.std).state_dict(), path)
     requested = []

@@ -45,7 +45,7 @@ def test_file_flags_and_overrides_are_one_config(tmp_path):
                     "threat_model: Linf\nbatch_size: 100\n")
     config, names = load_eval_config(path, ["batch_size=50", "eps=[2/255, 4/255]"],
                                      {"seeds": [3], "probe": False}, {"seeds": "--seed", "probe": "--no-probe"})
-    assert config.arch == "tiny_cnn" and config.dataset.value == "mnist5k" and config.threat_model is ThreatModel.LINF
+    assert config.arch == "tiny_cnn" and config.dataset == "mnist5k" and config.threat_model is ThreatModel.LINF
     assert config.eps == [2 / 255, 4 / 255] and config.batch_size == 50  # --set wins over the file
     assert config.seeds == [3] and config.probe is False  # the flags win over the file
     assert config.attacks == "fgsm,pgd-5x1"

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from robust_sparse.cli import main
-from robust_sparse.config import DatasetName
 from robust_sparse.eval import loading
 
 CIFAR_PREFIX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-prefix"
@@ -34,12 +33,11 @@ def _pyautoattack_examples() -> Path | None:
 
 
 TINY_FACTORY = """
-    from robust_sparse.config import DatasetName
-    from robust_sparse.data import DATASETS
+    from robust_sparse.datasets import DATASETS
     from robust_sparse.models import build_model
 
     def build():
-        info = DATASETS[DatasetName.MNIST5K]
+        info = DATASETS.get("mnist5k")
         return build_model("tiny_cnn", info.num_classes, info.in_channels, info.mean, info.std)
 
     def broken():
@@ -77,7 +75,7 @@ def test_factory_model_matches_the_weights_it_was_given(factory_file, tiny_weigh
     plain, nested = tiny_weights
     images, _ = test_batch
     for path, key in ((plain, None), (nested, "ema")):
-        loaded = loading.from_factory(f"{factory_file}:build", DatasetName.MNIST5K, path, key)
+        loaded = loading.from_factory(f"{factory_file}:build", "mnist5k", path, key)
         assert loaded.source == "factory" and loaded.architecture == "TinyCNN"
         assert not loaded.model.training
         with torch.no_grad():
@@ -157,18 +155,18 @@ def test_module_path_factory(tmp_path, monkeypatch, trained_tiny, test_batch):
     (package / "__init__.py").write_text("")
     (package / "nets.py").write_text(textwrap.dedent(TINY_FACTORY))
     monkeypatch.syspath_prepend(str(tmp_path))
-    loaded = loading.from_factory("zoo_pkg.nets:build", DatasetName.MNIST5K)
+    loaded = loading.from_factory("zoo_pkg.nets:build", "mnist5k")
     assert loaded.name == "zoo_pkg.nets:build"
     with pytest.raises(Exception, match="no module 'zoo_pkg.missing'"):
-        loading.from_factory("zoo_pkg.missing:build", DatasetName.MNIST5K)
+        loading.from_factory("zoo_pkg.missing:build", "mnist5k")
 
 
 @needs_cifar_prefix
 def test_cifar_reader_on_the_real_prefix():
     from robust_sparse.config import DataConfig
-    from robust_sparse.data import load_raw
+    from robust_sparse.datasets.splits import load_raw
 
-    train, test = load_raw(DataConfig(dataset=DatasetName.CIFAR10, root=str(CIFAR_PREFIX)))
+    train, test = load_raw(DataConfig(dataset="cifar10", root=str(CIFAR_PREFIX)))
     assert tuple(train.images.shape) == (4660, 3, 32, 32) and tuple(test.images.shape) == (932, 3, 32, 32)
     assert train.images.dtype == torch.uint8
     assert test.labels[:20].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1, 0, 9, 5, 7, 9, 8, 5, 7, 8, 6]

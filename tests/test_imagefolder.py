@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from robust_sparse.config import DataConfig, DatasetName, load_config
-from robust_sparse.data import in_memory, load_splits
+from robust_sparse.config import DataConfig, load_config
+from robust_sparse.datasets.splits import in_memory, load_raw, load_splits
 from robust_sparse.errors import ConfigError, UserError
-from robust_sparse.imagefolder import FolderLoader, FolderSet, read_tree, robustbench_test_list
+from robust_sparse.datasets.folders import FolderLoader, FolderSet, robustbench_test_list
 
 from image_tree import WNIDS, imagenet_label, make_tree
 
@@ -26,7 +26,7 @@ def tree(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _data(root: Path, test_list: Path | None, dataset: str = "imagefolder", **fields) -> DataConfig:
-    values = dict(dataset=DatasetName(dataset), root=str(root), num_classes=10 if dataset == "imagefolder" else 0,
+    values = dict(dataset=dataset, root=str(root), num_classes=10 if dataset == "imagefolder" else 0,
                   test_list=None if test_list is None else str(test_list), image_size=32, val_size=20, workers=0)
     return DataConfig(**{**values, **fields})
 
@@ -49,8 +49,8 @@ def test_splits_keep_the_test_list_out_of_training_and_validation(tree):
 
 def test_labels_are_robustbench_class_indices_for_imagenet_and_sorted_folders_for_imagefolder(tree):
     root, test_list = tree
-    folder_train, folder_test = read_tree(_data(root, test_list))
-    imagenet_train, imagenet_test = read_tree(_data(root, test_list, "imagenet"))
+    folder_train, folder_test = load_raw(_data(root, test_list))
+    imagenet_train, imagenet_test = load_raw(_data(root, test_list, "imagenet"))
     for folder, imagenet in ((folder_train, imagenet_train), (folder_test, imagenet_test)):
         assert folder.paths == imagenet.paths
         for path, folder_label, imagenet_label_ in zip(folder.paths, folder.targets, imagenet.targets):
@@ -62,8 +62,8 @@ def test_labels_are_robustbench_class_indices_for_imagenet_and_sorted_folders_fo
 
 def test_imagefolder_without_a_list_tests_on_all_of_val_in_a_fixed_mixed_order(tree):
     root, _ = tree
-    _, test = read_tree(_data(root, None))
-    _, again = read_tree(_data(root, None))
+    _, test = load_raw(_data(root, None))
+    _, again = load_raw(_data(root, None))
     assert sorted(test.paths) == sorted(str(p) for p in (root / "val").rglob("*.JPEG")) and test.paths == again.paths
     assert len(set(test.targets[:10])) > 3  # "the first n" holds several classes, not class 0 only
 
@@ -73,7 +73,7 @@ def test_imagenet_defaults_to_robustbench_list_of_5000_images(tree):
     lines = robustbench_test_list().read_text().split()
     assert len(lines) == 5000 and len(set(lines)) == 5000 and all(line.count("/") == 1 for line in lines)
     with pytest.raises(UserError, match=r"5000 of the 5000 test images listed in .*imagenet_test_image_ids.txt"):
-        read_tree(_data(root, None, "imagenet"))
+        load_raw(_data(root, None, "imagenet"))
 
 
 def test_test_images_are_robustbench_res256crop224_exactly(tmp_path):
@@ -82,7 +82,7 @@ def test_test_images_are_robustbench_res256crop224_exactly(tmp_path):
 
     make_tree(tmp_path, classes=2, train_per_class=1, val_per_class=2, size=(300, 260), listed=3)
     config = _data(tmp_path, tmp_path / "test_list.txt", num_classes=2, image_size=224)
-    _, test = read_tree(config)
+    _, test = load_raw(config)
     images = in_memory(test).images
     assert images.dtype == torch.uint8 and images.shape == (3, 3, 224, 224)
     for path, image in zip(test.paths, images):
@@ -151,22 +151,22 @@ def test_bad_input_is_one_line_before_any_work(tree, tmp_path):
     with pytest.raises(ConfigError, match="data.num_classes: data.dataset = imagefolder needs the class count"):
         load_config(None, ["data.dataset=imagefolder"])
     with pytest.raises(ConfigError, match="data.num_classes = 7: .* has 10 class folders"):
-        read_tree(_data(root, test_list, num_classes=7))
+        load_raw(_data(root, test_list, num_classes=7))
     with pytest.raises(ConfigError, match="data.num_classes = 10: imagenet has 1000 classes"):
         load_config(None, ["data.dataset=imagenet", "data.num_classes=10"])
     with pytest.raises(ConfigError, match="data.workers"):
         load_config(None, ["data.workers=-1"])
     with pytest.raises(UserError, match=r"data.root: .*train does not exist"):
-        read_tree(_data(tmp_path, None))
+        load_raw(_data(tmp_path, None))
     bad_list = tmp_path / "list.txt"
     bad_list.write_text("n99999999/x.JPEG\n")
     with pytest.raises(UserError, match="line 1: 'n99999999/x.JPEG' is not <class>/<file> of a known class"):
-        read_tree(_data(root, bad_list))
+        load_raw(_data(root, bad_list))
     (tmp_path / "other" / "train" / "cats").mkdir(parents=True)
     (tmp_path / "other" / "val").mkdir()
     with pytest.raises(UserError, match="no ImageNet-2012 class"):
-        read_tree(_data(tmp_path / "other", None, "imagenet"))
-    from robust_sparse.data import check_data_root
+        load_raw(_data(tmp_path / "other", None, "imagenet"))
+    from robust_sparse.datasets.splits import check_data_root
 
     with pytest.raises(ConfigError, match="data.download: imagenet cannot be downloaded"):
         check_data_root(_data(root, None, "imagenet", download=True))
@@ -223,7 +223,7 @@ def test_tree_is_listed_in_torchvision_order_with_nested_folders_and_links_insid
     Image.new("RGB", (16, 16)).save(tmp_path / "train" / "loose.JPEG")  # in the split, in no class folder
     (second / "Z_linked.JPEG").symlink_to("../loose.JPEG")  # a link inside the split, read once
     (first / "notes.txt").write_text("not an image, not listed\n")
-    train, _ = read_tree(_data(tmp_path, None, num_classes=3))
+    train, _ = load_raw(_data(tmp_path, None, num_classes=3))
     classes = {name: index for index, name in enumerate(sorted(WNIDS[:3]))}
     expected = make_dataset(str(tmp_path / "train"), classes, IMG_EXTENSIONS)
     assert list(zip(train.paths, train.targets)) == expected and len(expected) == 3 * 3 + 4

@@ -15,10 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from robust_sparse import imagefolder
+from robust_sparse.datasets import folders
 from robust_sparse.cli import main
-from robust_sparse.config import DatasetName
-from robust_sparse.data import DATASETS
+from robust_sparse.datasets import DATASETS
 from robust_sparse.eval import corruptions as track
 from robust_sparse.models import build_model
 
@@ -55,7 +54,7 @@ def mini(tmp_path_factory):
 
 @pytest.fixture()
 def rb_list(mini, monkeypatch):
-    monkeypatch.setattr(imagefolder, "robustbench_test_list", lambda: mini[1])
+    monkeypatch.setattr(folders, "robustbench_test_list", lambda: mini[1])
     return mini
 
 
@@ -65,12 +64,12 @@ def model_weights(mini, tmp_path_factory):
     from robustbench.data import PREPROCESSINGS
 
     root, _ = mini
-    info = DATASETS[DatasetName.IMAGENET]
+    info = DATASETS.get("imagenet")
     torch.manual_seed(0)
     model = build_model("tiny_cnn", info.num_classes, 3, info.mean, info.std)
     paths = sorted((root / "train").rglob("*.JPEG"))
     x = torch.stack([PREPROCESSINGS["Res224"](Image.open(p).convert("RGB")) for p in paths])
-    y = torch.tensor([imagefolder.imagenet_classes()[p.parent.name] for p in paths])
+    y = torch.tensor([folders.imagenet_classes()[p.parent.name] for p in paths])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(8):
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -89,7 +88,7 @@ def _plain_accuracy(model, root, listed, name, severity):
     lines = listed.read_text().split()[:N]
     x = torch.stack([PREPROCESSINGS["Res224"](Image.open(root / "ImageNet-C" / name / str(severity) / line)
                                               .convert("RGB")) for line in lines])
-    y = torch.tensor([imagefolder.imagenet_classes()[line.split("/")[0]] for line in lines])
+    y = torch.tensor([folders.imagenet_classes()[line.split("/")[0]] for line in lines])
     with torch.no_grad():
         return int((model(x).argmax(1) == y).sum()) / N
 
@@ -117,15 +116,15 @@ def test_cli_end_to_end_equals_a_plain_forward_pass(rb_list, model_weights, tmp_
 def test_n_examples_takes_the_first_listed_images_in_order(rb_list, model_weights):
     root, listed = rb_list
     lines = listed.read_text().split()
-    images, labels = track.load_corruption(root, DatasetName.IMAGENET, "contrast", 2, 5)
+    images, labels = track.load_corruption(root, "imagenet", "contrast", 2, 5)
     assert images.shape == (5, 3, 224, 224) and images.dtype == torch.float32
-    assert labels.tolist() == [imagefolder.imagenet_classes()[line.split("/")[0]] for line in lines[:5]]
+    assert labels.tolist() == [folders.imagenet_classes()[line.split("/")[0]] for line in lines[:5]]
     from robustbench.data import PREPROCESSINGS
 
     first = PREPROCESSINGS["Res224"](Image.open(root / "ImageNet-C" / "contrast" / "2" / lines[0]).convert("RGB"))
     assert torch.equal(images[0], first)
     model, _ = model_weights
-    frame = track.evaluate_corruptions(model, root, DatasetName.IMAGENET, corruptions=["contrast"], severities=(2,),
+    frame = track.evaluate_corruptions(model, root, "imagenet", corruptions=["contrast"], severities=(2,),
                                        n_examples=5, batch_size=2)
     with torch.no_grad():
         assert list(frame["n"]) == [5] and frame["accuracy"][0] == float((model(images).argmax(1) == labels).sum()) / 5
@@ -142,7 +141,7 @@ def test_missing_folder_is_one_line_naming_the_path_and_zenodo(rb_list, model_we
     assert f"corruption data not found: {root}/ImageNet-C/fog/1 " in err and "zenodo.org/record/2235448" in err
     assert not (tmp_path / "r").exists() and not (root / "ImageNet-C" / "fog").exists()
     with pytest.raises(Exception, match=r"--n-examples 9: the ImageNet-C track has 8 points per severity"):
-        track.check_files(root, DatasetName.IMAGENET, NAMES, (1,), 9)
+        track.check_files(root, "imagenet", NAMES, (1,), 9)
 
 
 @pytest.mark.parametrize("damage, reason", [

@@ -273,7 +273,6 @@ def test_a_registered_model_trains_by_name_and_reaches_a_sweeps_processes(tmp_pa
 
 
 def test_eval_model_specs_build_library_models_and_call_factories_with_kwargs() -> None:
-    from robust_sparse.config import DatasetName
     from robust_sparse.eval.loading import from_factory, parse_kwargs
 
     assert parse_kwargs("model_name=resnet18,num_classes=10,pretrained=false", "--model-kwargs") == \
@@ -282,12 +281,12 @@ def test_eval_model_specs_build_library_models_and_call_factories_with_kwargs() 
     with pytest.raises(UserError, match="--model-kwargs: 'num_classes' is not NAME=VALUE"):
         parse_kwargs("num_classes", "--model-kwargs")
     # a library model: built as training builds it, the dataset's normalisation in front
-    loaded = from_factory("torchvision:resnet18", DatasetName.CIFAR10, kwargs={"zero_init_residual": True})
+    loaded = from_factory("torchvision:resnet18", "cifar10", kwargs={"zero_init_residual": True})
     assert type(loaded.model).__name__ == "Normalized" and loaded.architecture == "torchvision:resnet18"
     assert torch.allclose(loaded.model.normalize.mean.flatten(), torch.tensor(CIFAR_MEAN))
     if __import__("importlib").util.find_spec("timm") is not None:
         # a library's factory function, called with the keyword arguments as they are
-        loaded = from_factory("timm:create_model", DatasetName.CIFAR10,
+        loaded = from_factory("timm:create_model", "cifar10",
                               kwargs={"model_name": "resnet18", "num_classes": 10})
         assert type(loaded.model).__name__ == "ResNet"
 

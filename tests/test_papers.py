@@ -133,7 +133,7 @@ def test_every_paper_config_has_a_row_and_a_docs_entry():
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_paper_config_loads_and_holds_its_row(name, tmp_path):
     config = _load(PAPERS / name, tmp_path)
-    assert config.data.dataset.value == ROWS[name].get("data.dataset", "cifar10")
+    assert config.data.dataset == ROWS[name].get("data.dataset", "cifar10")
     for field, expected in ROWS[name].items():
         actual = _get(config, field)
         if isinstance(expected, float):
@@ -143,7 +143,7 @@ def test_paper_config_loads_and_holds_its_row(name, tmp_path):
         else:
             assert actual == expected, field
     evaluation = (config.eval.n_examples, config.eval.pgd_steps, config.eval.restarts)
-    assert evaluation == EVALUATION[config.data.dataset.value]
+    assert evaluation == EVALUATION[config.data.dataset]
     assert config.out_dir == f"runs/papers/{name.removesuffix('.yaml')}"
 
 

@@ -14,7 +14,8 @@ from robust_sparse import cli
 from robust_sparse.agent import AGENT, full_grad_pass, objective_loss
 from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.config import load_config, save_config
-from robust_sparse.data import BatchLoader, load_splits
+from robust_sparse.datasets.images import BatchLoader
+from robust_sparse.datasets.splits import load_splits
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.objectives import build_objective
 from robust_sparse.optim import build_optimization

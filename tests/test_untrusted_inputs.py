@@ -13,8 +13,7 @@ import torch
 
 from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
-from robust_sparse.config import DatasetName
-from robust_sparse.data import load_cifar
+from robust_sparse.datasets.cifar10 import load_cifar
 from robust_sparse.errors import UserError
 from robust_sparse.files.plain_pickle import NotPlainPickle, load_plain
 
@@ -74,7 +73,7 @@ def test_a_payload_in_a_cifar_batch_never_runs_and_is_one_line(tmp_path, capsys)
 def test_anything_but_plain_types_is_refused_naming_the_file(tmp_path, content, reason):
     root = _cifar_root(tmp_path, content)
     with pytest.raises(UserError, match=f"test_batch is not a plain CIFAR batch.*{reason}"):
-        load_cifar(DatasetName.CIFAR10, root, download=False, need_train=False)
+        load_cifar("cifar10", root, download=False, need_train=False)
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
@@ -95,7 +94,7 @@ def test_a_shape_that_does_not_match_the_bytes_is_refused():
 
 @pytest.mark.skipif(not REAL_PREFIX.is_dir(), reason=f"the real CIFAR-10 prefix is not at {REAL_PREFIX}")
 def test_the_genuine_cifar_files_read_as_plain_pickle_would():
-    train, test = load_cifar(DatasetName.CIFAR10, REAL_PREFIX, download=False)
+    train, test = load_cifar("cifar10", REAL_PREFIX, download=False)
     with open(REAL_PREFIX / "cifar-10-batches-py" / "test_batch", "rb") as handle:
         reference = pickle.load(handle, encoding="bytes")  # the trusted copy the project ships with
     assert torch.equal(test.images, torch.from_numpy(reference[b"data"].reshape(-1, 3, 32, 32)))

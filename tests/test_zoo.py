@@ -19,8 +19,8 @@ import torch
 
 from robust_sparse.files.checkpoint import save_checkpoint
 from robust_sparse.cli import main
-from robust_sparse.config import DatasetName, load_config, to_dict
-from robust_sparse.data import DATASETS
+from robust_sparse.config import load_config, to_dict
+from robust_sparse.datasets import DATASETS
 from robust_sparse.errors import UserError
 from robust_sparse.eval import zoo
 from robust_sparse.eval.store import append_result, load_results
@@ -36,7 +36,7 @@ needs_cifar_prefix = pytest.mark.skipif(
 
 
 def _cifar_tiny(seed: int = 0, zero_fraction: float = 0.5) -> torch.nn.Module:
-    info = DATASETS[DatasetName.CIFAR10]
+    info = DATASETS.get("cifar10")
     torch.manual_seed(seed)
     model = build_model("tiny_cnn", 10, 3, info.mean, info.std)
     with torch.no_grad():  # a sparse model: half of every conv/linear weight is exactly zero
@@ -218,7 +218,7 @@ def test_export_refuses_bad_names_and_datasets(run, mnist, tmp_path, capsys):
     config = load_config(None, ["model.name=tiny_cnn"])  # MNIST-5k: not a RobustBench data set
     mnist_checkpoint = tmp_path / "m" / "best.pt"
     mnist_checkpoint.parent.mkdir()
-    info = DATASETS[DatasetName.MNIST5K]
+    info = DATASETS.get("mnist5k")
     save_checkpoint({"config": to_dict(config), "epoch": 1,
                      "model": build_model("tiny_cnn", 10, 1, info.mean, info.std).state_dict()}, mnist_checkpoint)
     assert main(["export", str(mnist_checkpoint), "--out", str(tmp_path / "o"), "--robustbench", "X"]) == 2
@@ -379,9 +379,9 @@ def test_a_robustbench_without_model_dicts_or_model_info_is_one_line(run, tmp_pa
 def prefix_model():
     """tiny_cnn trained for one epoch on the prefix's 4660 training images: above chance, far from robust."""
     from robust_sparse.config import DataConfig
-    from robust_sparse.data import load_raw
+    from robust_sparse.datasets.splits import load_raw
 
-    train, test = load_raw(DataConfig(dataset=DatasetName.CIFAR10, root=str(CIFAR_PREFIX)))
+    train, test = load_raw(DataConfig(dataset="cifar10", root=str(CIFAR_PREFIX)))
     model = _cifar_tiny(zero_fraction=0.0).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     images = train.images.float() / 255

@@ -167,7 +167,7 @@ class ModelRecord:
     def from_config(cls, config: Mapping[str, Any]) -> "ModelRecord":
         """The record of a run's saved config (its data root may be gone: only the dataset's shapes are read)."""
         from robust_sparse.config import config_from_dict
-        from robust_sparse.data import dataset_info
+        from robust_sparse.datasets.splits import dataset_info
 
         run = config_from_dict({**config, "data": {**config.get("data", {}), "root": "."}})
         info = dataset_info(run.data)

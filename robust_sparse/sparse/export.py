@@ -287,10 +287,10 @@ def export_sparse_inference(model_state: dict[str, torch.Tensor], record: ModelR
 def export_protocol(config: dict[str, Any]) -> dict[str, Any]:
     """What an evaluation of the exported weights needs to match the run's: dataset, classes, threat model, eps."""
     from robust_sparse.config import config_from_dict
-    from robust_sparse.data import dataset_info
+    from robust_sparse.datasets.splits import dataset_info
 
     run = config_from_dict({**config, "data": {**config.get("data", {}), "root": "."}})  # the root may be gone
     info = dataset_info(run.data)
-    return {"architecture": run.model.name, "dataset": run.data.dataset.value, "num_classes": info.num_classes,
+    return {"architecture": run.model.name, "dataset": run.data.dataset, "num_classes": info.num_classes,
             "in_channels": info.in_channels, "image_size": info.image_size, "norm": run.attack.norm.value,
             "eps": run.eval.eps if run.eval.eps is not None else run.attack.eps, "objective": run.objective.value}

@@ -30,43 +30,23 @@ with the same seeded generator, so every rank makes the same topology change.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from robust_sparse import distributed
-from robust_sparse.config import PruneScope, SparsityConfig
-from robust_sparse.config.validation import MAX_BATCH, check_range
+from robust_sparse.config.builtin_methods import GSESampler
 from robust_sparse.errors import ConfigError
 from robust_sparse.sparse.density import Shapes, proportional
 from robust_sparse.sparse.masker import Engine
-from robust_sparse.sparse.methods import Allocation, BatchSource, Setup, SparseMethod, TrainingData, register
+from robust_sparse.sparse.methods import BatchSource, Setup, SparseMethod, TrainingData, register
 
 if TYPE_CHECKING:
-    from robust_sparse.data import ImageSet
+    from robust_sparse.datasets.images import ImageSet
     from robust_sparse.sparse.masker import SparseMasker
 
-
-class GSESampler(str, Enum):
-    UNIFORM = "uniform"
-    GRABO = "grabo"  # output-gradient x input marginals
-
-
-@dataclass
-class GSEConfig:
-    """``sparsity.gse.*``; GSE also uses update_every, prune_rate = alpha0 and end_fraction, with a cosine
-    schedule and GSE's Erdős–Rényi allocation."""
-
-    sampler: GSESampler = GSESampler.GRABO  # the candidates' distribution
-    candidate_multiple: float = 1.0  # the paper's gamma: candidates sampled per layer, times its active count
-    samples_per_class: int = 10  # size of the class-balanced batch that scores the candidates
-    # "layerwise": each layer grows and prunes its own alpha_t share (its count is fixed); "global" (the official
-    # code's default scope): one |g| ranking for growth and one |W| ranking for pruning across all layers
-    scope: PruneScope = PruneScope.LAYERWISE
 
 DENSE_THRESHOLD = 0.5  # a layer at least this dense takes every position as a candidate
 SAMPLERS = tuple(sampler.value for sampler in GSESampler)  # "uniform", "grabo"
@@ -344,7 +324,7 @@ def balanced_batch(train: "ImageSet", per_class: int, device: torch.device, seed
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     labels = train.labels[order]
     picked = torch.cat([order[labels == c][:per_class] for c in torch.unique(train.labels).tolist()])
-    from robust_sparse.data import in_memory  # a streamed (ImageNet) split is read for the picked images only
+    from robust_sparse.datasets.splits import in_memory  # a streamed (ImageNet) split is read for the picked images only
 
     chosen = in_memory(train.take(picked))
     images = chosen.images.to(device).float().div_(255)
@@ -410,15 +390,6 @@ def score_batches(setup: Setup, data: TrainingData) -> ScoreBatch:
     return score_batch
 
 
-def validate(sparsity: SparsityConfig) -> None:
-    section = sparsity.section("gse")
-    if not section.candidate_multiple > 0:
-        raise ConfigError(f"sparsity.gse.candidate_multiple = {section.candidate_multiple}: must be > 0")
-    check_range("sparsity.gse.samples_per_class", section.samples_per_class, 1, MAX_BATCH)
-
-
-register(SparseMethod(
-    "gse", build, section=GSEConfig, validate=validate,
-    defaults={"update_every": 1000, "prune_rate": 0.2, "distribution": "gse_er"},
-    distributions={"gse_er": Allocation(lambda setup, density: gse_er(setup.shapes, density))},
-    batch_source=score_batches))
+# its settings (section, rules, defaults): robust_sparse/config/builtin_methods.py
+register(SparseMethod("gse", build, allocations={"gse_er": lambda setup, density: gse_er(setup.shapes, density)},
+                      batch_source=score_batches))

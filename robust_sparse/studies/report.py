@@ -180,12 +180,14 @@ CHANCE_MARGIN = 0.02  # "at chance": final validation accuracy below 1/classes +
 
 def _chance(run_dir: Path) -> float | None:
     """1 / number of classes of the run's dataset (from its config.yaml), None if unknown."""
-    from robust_sparse.config import DatasetName
-    from robust_sparse.data import DATASETS
+    from robust_sparse.datasets import DATASETS
 
     try:
-        dataset = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dataset"]
-        return 1.0 / DATASETS[DatasetName(dataset)].num_classes
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+        if data["dataset"] not in DATASETS:
+            return None
+        classes = DATASETS.get(data["dataset"]).num_classes or int(data.get("num_classes") or 0)  # imagefolder's
+        return 1.0 / classes if classes > 0 else None
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
         return None
 

@@ -1,4 +1,5 @@
-"""Datasets streamed from image files: ImageNet-2012 and any tree in torchvision's ImageFolder layout.
+"""Datasets streamed from image files: ImageNet-2012 (``imagenet.py``) and any tree in torchvision's ImageFolder
+layout (``imagefolder.py``).
 
 ``data.root`` holds ``train/<class>/<image>`` and ``val/<class>/<image>``. Nothing of the training split is held
 in memory but its file names: a DataLoader with ``data.workers`` processes decodes and augments each batch
@@ -32,21 +33,22 @@ import os
 import posixpath
 import stat
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from robust_sparse.config import DataConfig, DatasetName
+from robust_sparse.datasets.images import ImageSet
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.files.rundir import describe
 
+if TYPE_CHECKING:
+    from robust_sparse.datasets.registry import DataSettings
+
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # inside the model's Normalize layer, never in the data pipeline
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ROBUSTBENCH_PREPROCESSING = "Res256Crop224"  # RobustBench's ImageNet test preprocessing
 _TEST_ORDER_SEED = 20240501  # imagefolder without a list: val/ in one fixed order, whatever the run's seed
 
@@ -262,7 +264,7 @@ class _Files(torch.utils.data.Dataset):
 
 class FolderLoader:
     """Iterates over a :class:`FolderSet` in batches of float [0,1] images on ``device``: the streamed
-    counterpart of :class:`robust_sparse.data.BatchLoader`, with the same arguments and behaviour."""
+    counterpart of :class:`robust_sparse.datasets.images.BatchLoader`, with the same arguments and behaviour."""
 
     def __init__(self, data: FolderSet, batch_size: int, device: torch.device, *, shuffle: bool = False,
                  seed: int = 0, info=None, augment_batches: bool = False, drop_last: bool = False, rank: int = 0,
@@ -300,8 +302,6 @@ class FolderLoader:
 def in_memory(data: FolderSet, workers: int = 0, batch_size: int = 64, transform: Callable | None = None):
     """``data`` read in order through the test preprocessing (or ``transform``, PIL -> uint8 [C, H, W]), as an
     in-memory uint8 ImageSet."""
-    from robust_sparse.data import ImageSet
-
     if len(data) == 0:
         return ImageSet(torch.zeros(0, 3, data.image_size, data.image_size, dtype=torch.uint8),
                         torch.zeros(0, dtype=torch.int64))
@@ -342,20 +342,20 @@ def _class_folders(folder: Path) -> list[str]:
         raise UserError(f"data.root: cannot read the folder {folder}: {describe(error)}") from None
 
 
-def _classes(config: DataConfig, train_dir: Path) -> dict[str, int]:
-    """Class folder -> label: RobustBench's map for imagenet, the sorted folders (ImageFolder's) otherwise."""
+def _classes(settings: "DataSettings", train_dir: Path, known: dict[str, int] | None) -> dict[str, int]:
+    """Class folder -> label: ``known`` (imagenet: RobustBench's map) when given, the sorted folders (ImageFolder's)
+    otherwise."""
     folders = _class_folders(train_dir)
     if not folders:
         raise UserError(f"data.root: {train_dir} has no class folders (expected train/<class>/<image>)")
-    if config.dataset is DatasetName.IMAGENET:
-        classes = imagenet_classes()
-        unknown = [name for name in folders if name not in classes]
+    if known is not None:
+        unknown = [name for name in folders if name not in known]
         if unknown:
             raise UserError(f"data.root: {train_dir} has folders that are no ImageNet-2012 class (wnid), e.g. "
                             f"{', '.join(unknown[:3])}; use data.dataset = imagefolder for another dataset")
-        return classes
-    if len(folders) != config.num_classes:
-        raise ConfigError(f"data.num_classes = {config.num_classes}: {train_dir} has {len(folders)} class folders")
+        return known
+    if len(folders) != settings.num_classes:
+        raise ConfigError(f"data.num_classes = {settings.num_classes}: {train_dir} has {len(folders)} class folders")
     return {name: index for index, name in enumerate(folders)}
 
 
@@ -546,28 +546,30 @@ def check_headers(*sets: FolderSet) -> None:
         check_header(path)
 
 
-def read_tree(config: DataConfig, need_train: bool = True) -> tuple[FolderSet | None, FolderSet]:
+def read_tree(settings: "DataSettings", need_train: bool = True, *, classes: dict[str, int] | None = None,
+              test_list: Path | None = None) -> tuple[FolderSet | None, FolderSet]:
     """The training split (file names; None without ``need_train``) and the test split, in order; every image in
-    them is a regular file inside its split whose header Pillow reads (:func:`check_headers`)."""
-    root = Path(config.root)
+    them is a regular file inside its split whose header Pillow reads (:func:`check_headers`). ``classes``: a
+    fixed class map (imagenet's wnids) instead of the sorted folders; ``test_list``: the test split's list when
+    ``data.test_list`` names none (imagenet: RobustBench's), else every image of val/ in a fixed shuffled order."""
+    root = Path(settings.root)
     train_dir, val_dir = root / "train", root / "val"
-    for folder in (train_dir, val_dir) if need_train or config.dataset is DatasetName.IMAGEFOLDER else (val_dir,):
+    for folder in (train_dir, val_dir) if need_train or classes is None else (val_dir,):
         if not folder.is_dir():
             raise UserError(f"data.root: {folder} does not exist (expected {root}/train/<class>/<image> and "
                             f"{root}/val/<class>/<image>, the layout torchvision's ImageFolder reads)")
-    if config.dataset is DatasetName.IMAGENET:
-        classes = imagenet_classes()
+    if classes is not None:
         if need_train:
-            _classes(config, train_dir)  # checks that the folders are wnids
+            _classes(settings, train_dir, classes)  # checks that the folders are the map's
     else:
-        classes = _classes(config, train_dir)
-    train = _scan(train_dir, classes, config.image_size) if need_train else None
-    if config.test_list is not None:
-        test = _read_list(Path(config.test_list), val_dir, classes, config.image_size)
-    elif config.dataset is DatasetName.IMAGENET:
-        test = _read_list(robustbench_test_list(), val_dir, classes, config.image_size)
+        classes = _classes(settings, train_dir, None)
+    train = _scan(train_dir, classes, settings.image_size) if need_train else None
+    if settings.test_list is not None:
+        test = _read_list(Path(settings.test_list), val_dir, classes, settings.image_size)
+    elif test_list is not None:
+        test = _read_list(test_list, val_dir, classes, settings.image_size)
     else:  # all of val/, shuffled once so that "the first n" holds every class
-        test = _scan(val_dir, classes, config.image_size)
+        test = _scan(val_dir, classes, settings.image_size)
         test = test.take(torch.randperm(len(test), generator=torch.Generator().manual_seed(_TEST_ORDER_SEED)))
     if not len(test):
         raise UserError(f"data.root: {val_dir} holds no test image")
@@ -575,7 +577,11 @@ def read_tree(config: DataConfig, need_train: bool = True) -> tuple[FolderSet | 
     return train, test
 
 
-def folder_info(config: DataConfig, base):
-    """``base`` (imagenet's DatasetInfo) with this config's class count and image size."""
-    classes = 1000 if config.dataset is DatasetName.IMAGENET else config.num_classes
-    return replace(base, num_classes=classes, image_size=config.image_size)
+def check_tree_root(settings: "DataSettings") -> None:
+    """A streamed dataset's data.root, before any work: it cannot be downloaded, and must exist."""
+    if settings.download:
+        raise ConfigError(f"data.download: {settings.dataset} cannot be downloaded; put the train/<class>/ and "
+                          "val/<class>/ folders under data.root")
+    if not Path(settings.root).is_dir():
+        raise ConfigError(f"data.root: directory {settings.root!r} does not exist; put {settings.dataset}'s "
+                          "train/<class>/ and val/<class>/ folders there")
