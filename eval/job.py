@@ -330,7 +330,7 @@ def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: to
     What ``robust-sparse train`` runs after training when ``eval.autoattack_examples`` is set. AST checkpoints
     give one row per sub-net, as ``robust-sparse eval`` does.
     """
-    from robust_sparse.data import dataset_info
+    from robust_sparse.datasets.splits import dataset_info
     from robust_sparse.eval.loading import from_checkpoint_subnets, load_points
     from robust_sparse.eval.specs import parse_attacks
 
