@@ -47,6 +47,10 @@ def test_eval_stage_added_to_a_finished_sweep_runs_once_and_reaches_the_report(t
     assert result["n_examples"] == 24 and result["checkpoint"].endswith("best.pt")
     assert not (runs_dir / "seed=1" / EVAL_RESULT).exists()
     assert eval_stage_done(runs_dir / "seed=0", sweep.eval_stage)
+    written = yaml.safe_load((runs_dir / "seed=0" / "sweep_eval.yaml").read_text())  # the EvalConfig eval read
+    assert written["checkpoint"] == str(runs_dir / "seed=0" / "best.pt") and written["attacks"] == "pgd-2x1,fgsm"
+    assert written["results_dir"] == str(runs_dir / "seed=0" / "eval") and written["n_examples"] == 24
+    assert written["probe"] is False and written["seeds"] == [0]
 
     # A rerun evaluates nothing again: no file of any run changes, the results store keeps one row.
     stamps = _stamps(runs_dir)
@@ -138,6 +142,18 @@ def test_report_measures_agents_cosine_per_density_and_takes_thresholds(tmp_path
     steps = pd.read_csv(out / "epochs_to_accuracy.csv")
     assert {"val_clean_accuracy >= 0.1", "val_clean_accuracy >= 0.2", "val_pgd_accuracy >= 0.05"} <= set(steps)
     assert main(["report", str(tmp_path / "out"), "--thresholds", "x"]) == 2
+
+
+def test_a_stage_recorded_by_an_older_sweep_still_counts(tmp_path):
+    """sweep_eval.json as sweeps wrote it before the stage became an EvalConfig: the same stage is done and not
+    evaluated again, a changed one is not done."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recorded = {"attacks": "pgd-2x1,fgsm", "n_examples": 24, "eps": None, "batch_size": 500, "probe": False,
+                "seeds": [0]}
+    (run_dir / EVAL_RESULT).write_text(json.dumps({"stage": recorded, "results": []}))
+    assert eval_stage_done(run_dir, load_sweep(write(tmp_path, eval=STAGE)).eval_stage)
+    assert not eval_stage_done(run_dir, load_sweep(write(tmp_path, eval={**STAGE, "n_examples": 32})).eval_stage)
 
 
 def test_attack_seeds_are_the_attacks_and_seeds_the_runs(tmp_path):
