@@ -1,6 +1,6 @@
 """robust-sparse: train adversarially robust sparse networks and evaluate them honestly.
 
-Commands: train, eval, export, sweep, report, doctor (``robust-sparse COMMAND --help``). Every user error ends as one line on stderr and exit code 2; a diverged run exits with 3. Tracebacks are
+Commands: train, eval, export, sweep, report, configs, doctor (``robust-sparse COMMAND --help``). Every user error ends as one line on stderr and exit code 2; a diverged run exits with 3. Tracebacks are
 for bugs only (``--debug`` shows them for user errors too).
 """
 
@@ -15,12 +15,12 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from robust_sparse.files import rundir
+from robust_sparse.files import rundir, shipped
 from robust_sparse.errors import DivergenceError, ExitCode, UserError
 
 log = logging.getLogger("robust_sparse")
 
-QUICKSTART = Path(__file__).with_name("quickstart.yaml")  # `robust-sparse train` with no CONFIG
+QUICKSTART = shipped.path_of(shipped.QUICKSTART)  # `robust-sparse train` with no CONFIG
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a model (no CONFIG: the embedded MNIST-5k quickstart)")
-    train.add_argument("config", nargs="?", help="YAML config (see configs/); defaults are the quickstart")
+    train.add_argument("config", nargs="?", help="a YAML config file, or the name of a shipped one (robust-sparse "
+                                                 "configs lists them); default: the quickstart, quickstart_mnist5k")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set optim.lr=0.1 (repeatable)")
     train.add_argument("--out", help="run directory (overrides out_dir)")
@@ -206,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "export did not write, and allow a name of RobustBench's own zoo")
 
     sweep = commands.add_parser("sweep", help="train (and evaluate) every run of a sweep file; resumable")
-    sweep.add_argument("sweep_file", help="YAML: base, overrides, grid, random, out_dir, parallel, threads, backend, "
+    sweep.add_argument("sweep_file", help="a shipped sweep's name (robust-sparse configs) or a YAML file: base, "
+                                          "overrides, grid, random, out_dir, parallel, threads, backend, "
                                           "devices, slurm, eval (an evaluation stage: attacks, n_examples, eps, "
                                           "attack_seeds, batch_size, probe, and seeds: the training seeds of the "
                                           "runs to evaluate; or threat_model: corruptions, corruptions, severities)")
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "parameters and each job's command, checked)")
     sweep.add_argument("--no-eval", action="store_true", help="train only: skip the sweep file's evaluation stage")
     sweep.add_argument("--yes", action="store_true", help="start a sweep of more than 256 runs")
+
+    configs = commands.add_parser("configs", help="list the configs shipped with the package, or print one")
+    configs.add_argument("name", nargs="?", help="print this shipped config (to copy and edit)")
 
     doctor = commands.add_parser("doctor", help="check the installed stack and say how to fix it")
     doctor.add_argument("--fix", action="store_true", help="apply the automatic fixes (pip commands, alias)")
@@ -245,6 +250,8 @@ def _refuse_empty_paths(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # a name is looked up before the config stack (and torch) is imported: an unknown one fails at once
+    config_file = shipped.resolve(args.config, "CONFIG") if args.config else QUICKSTART
     from robust_sparse.config import load_config
     from robust_sparse.train import fit
 
@@ -253,7 +260,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"device={args.device}")
     if args.out is not None:
         overrides.append(f"out_dir={args.out}")
-    config = load_config(args.config or QUICKSTART, overrides)
+    config = load_config(config_file, overrides)
     if args.print_config:
         import yaml
 
@@ -551,7 +558,8 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from robust_sparse.studies.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep_file, out_dir=args.out, yes=args.yes)
+    sweep_file = shipped.resolve(args.sweep_file, "SWEEP_FILE", shipped.SWEEP)
+    sweep = load_sweep(sweep_file, out_dir=args.out, yes=args.yes)
     index = run_sweep(sweep, dry_run=args.dry_run, evaluate=not args.no_eval)
     _emit(index.to_string(index=False))
     if args.dry_run and sweep.backend == "slurm":  # what would be submitted, and what each job runs
@@ -562,6 +570,18 @@ def _sweep(args: argparse.Namespace) -> int:
     if "eval" in index:
         failed += index["eval"].astype(str).str.startswith("failed").sum()
     return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _configs(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        _emit(shipped.lookup(args.name, "NAME").read_text(encoding="utf-8"))
+        return ExitCode.OK
+    configs = shipped.shipped()
+    if not configs:
+        raise UserError(f"no shipped configs in {shipped.folder()} (reinstall robust-sparse)")
+    _emit(shipped.table(configs))
+    _emit(f"files: {shipped.folder()} (robust-sparse train NAME; a sweep: robust-sparse sweep NAME)")
+    return ExitCode.OK
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -620,7 +640,7 @@ def _main(argv: Sequence[str] | None) -> int:
         rundir.die_with_parent()  # a sweep's child: it ends with the sweep
         _refuse_empty_paths(args)
         return {"train": _train, "eval": _eval, "report": _report, "doctor": _doctor, "export": _export,
-                "sweep": _sweep}[args.command](args)
+                "sweep": _sweep, "configs": _configs}[args.command](args)
     except UserError as error:
         if args is not None and args.debug:
             raise

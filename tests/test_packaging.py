@@ -1,8 +1,11 @@
-"""Packaging: attacks/ and eval/ install only as robust_sparse.attacks and robust_sparse.eval."""
+"""Packaging: attacks/, eval/ and configs/ install only as robust_sparse.attacks, robust_sparse.eval and
+robust_sparse.configs, and an installed wheel runs a shipped config by name."""
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,21 +17,75 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ["robust_sparse", "attacks", "eval", "tests", "benchmarks"]
 
 
-def test_wheel_holds_only_the_robust_sparse_namespace(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built from a copy of the source tree: setuptools reuses the checkout's build/ folder, so a file
+    removed from the sources would still ship from a stale build/lib (and two builds at once would share it)."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "data",
+                                                                "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("robust_sparse-*.whl")
+                    str(work / "dist"), str(source)], check=True, capture_output=True)
+    (built,) = (work / "dist").glob("robust_sparse-*.whl")
+    return built
+
+
+def test_wheel_holds_only_the_robust_sparse_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"robust_sparse"}
     assert "robust_sparse/attacks/pgd.py" in names and "robust_sparse/eval/runner.py" in names
-    for module in ["robust_sparse/sparse/masker.py", "robust_sparse/models/vgg.py", "robust_sparse/quickstart.yaml",
-                   "robust_sparse/eval/leaderboard.csv"]:
+    for module in ["robust_sparse/sparse/masker.py", "robust_sparse/models/vgg.py",
+                   "robust_sparse/configs/quickstart_mnist5k.yaml", "robust_sparse/eval/leaderboard.csv"]:
         assert module in names, module
     # every package in the source tree is shipped
     for init in (REPO / "robust_sparse").rglob("__init__.py"):
         assert init.relative_to(REPO).as_posix() in names, init
     assert not any(name.startswith(("tests/", "configs/", "attacks/", "eval/")) for name in names)
+
+
+def test_wheel_ships_every_config_once(wheel):
+    """configs/ (its subfolders too) is the package data robust_sparse.configs, byte for byte; the quickstart is
+    one of them, not a second copy beside the code."""
+    archive = zipfile.ZipFile(wheel)
+    shipped = {name.removeprefix("robust_sparse/configs/"): archive.read(name) for name in archive.namelist()
+               if name.startswith("robust_sparse/configs/")}
+    source = {path.relative_to(REPO / "configs").as_posix(): path.read_bytes()
+              for path in (REPO / "configs").rglob("*") if path.is_file()}
+    assert source and shipped == source
+    assert not any(name.endswith("quickstart.yaml") for name in archive.namelist())
+
+
+def test_installed_wheel_runs_a_shipped_config_by_name(wheel, tmp_path):
+    """The wheel in a fresh virtual environment (no -e), from a folder without configs/: the name finds the
+    shipped file. The environment borrows this one's dependencies through a plain path line in a .pth file, which
+    does not run this environment's own .pth files, so the editable install's finder stays off and only the wheel's
+    robust_sparse is importable."""
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True)
+    python = fresh / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    borrowed = [entry for entry in sys.path if Path(entry).name in ("site-packages", "dist-packages")]
+    Path(site, "borrowed.pth").write_text("".join(f"{entry}\n" for entry in borrowed))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    where = subprocess.run([python, "-c", "import robust_sparse; print(robust_sparse.__file__)"], cwd=elsewhere,
+                           env=env, check=True, capture_output=True, text=True).stdout.strip()
+    assert Path(where).is_relative_to(fresh), where
+    result = subprocess.run([fresh / "bin" / "robust-sparse", "train", "--print-config", "cifar10_pgdat_resnet18"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "dataset: cifar10" in result.stdout and "out_dir: runs/cifar10_pgdat_resnet18" in result.stdout
+    assert str(fresh) in result.stderr  # the log line names the installed file it used
+    listing = subprocess.run([fresh / "bin" / "robust-sparse", "configs"], cwd=elsewhere, env=env,
+                             capture_output=True, text=True, check=True).stdout
+    assert "papers/bsrnet_vgg16_cifar10_pgdat" in listing and str(fresh) in listing
 
 
 def test_bare_names_are_not_importable_outside_the_checkout(tmp_path):

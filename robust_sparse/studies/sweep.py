@@ -51,6 +51,7 @@ from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict
 from robust_sparse.config.validation import MAX_SEED, check_radius, check_range, max_workers
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
+from robust_sparse.files import shipped
 from robust_sparse.studies import local
 # the run's outcome as it left it, read by the report and the Slurm backend too (robust_sparse.studies.local)
 from robust_sparse.studies.local import EVAL_RESULT, eval_stage_done, run_status  # noqa: F401
@@ -132,7 +133,7 @@ class Sweep:
     keys, resolves ``base`` (against the sweep file) and ``out_dir`` (or --out) to paths and fills the fields
     after ``eval``: what it derives, never keys of the file (:data:`FILE_KEYS`)."""
 
-    base: str | None = None  # a config file, relative to the sweep file; None: the schema's defaults
+    base: str | None = None  # a config file relative to the sweep file, or a shipped one's name; None: the defaults
     overrides: list[str] = field(default_factory=list)  # key=value for every run
     grid: dict[str, Any] = field(default_factory=dict)  # config field -> the values to run (every combination)
     random: RandomSearch = field(default_factory=RandomSearch)
@@ -200,8 +201,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     if base is not None and not base.strip():
         raise ConfigError("sweep base: must not be empty (a config file, or leave base out)")
     base_path = (path.parent / base).resolve() if base else None
-    if base_path is not None and not base_path.is_file():
-        raise ConfigError(f"sweep base: config file not found: {base_path}")
+    if base_path is not None and not base_path.is_file():  # not beside the sweep file: a shipped config's name
+        base_path = shipped.lookup(base, "sweep base", shipped.TRAIN, tried=base_path)
     backend = spec.backend
     parallel, threads = spec.parallel, spec.threads
     # local processes and their threads run on this machine: bounded by what it can start (data.workers' bound);
