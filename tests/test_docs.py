@@ -199,8 +199,20 @@ def test_the_generated_pages_hold_their_markers_and_mkdocs_runs_the_hook():
     assert "docs/hooks/reference.py" in config["hooks"]
     for page, marker in [("reference/configuration.md", "config"), ("reference/cli.md", "cli"),
                          ("reference/evaluation-config.md", "eval-config"), ("reference/sweep-file.md", "sweep"),
-                         ("troubleshooting.md", "exit-codes"), ("benchmarks.md", "include BENCHMARKS.md")]:
+                         ("troubleshooting.md", "exit-codes"), ("benchmarks.md", "include BENCHMARKS.md"),
+                         ("architecture.md", "layout")]:
         assert f"<!-- reference:{marker} -->" in (REPO / "docs" / page).read_text(), page
+
+
+def test_the_module_map_names_every_module_of_the_package():
+    text = reference.layout_reference()
+    root = REPO / "robust_sparse"
+    modules = {".".join(path.relative_to(REPO).with_suffix("").parts) for path in root.rglob("*.py")
+               if not any(part.startswith("_") for part in path.relative_to(root).parts)}
+    modules |= {f"robust_sparse.{folder}.{path.stem}" for folder in ("attacks", "eval")
+                for path in (REPO / folder).glob("*.py") if not path.stem.startswith("_")}
+    missing = sorted(module for module in modules if f"| `{module}` |" not in text)
+    assert len(modules) > 50 and not missing, missing
 
 
 def test_the_manual_says_why_attacks_and_eval_live_in_other_folders():

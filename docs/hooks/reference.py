@@ -230,8 +230,11 @@ def field_keys(cls: type) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("<br>", "\0").replace("<", "&lt;").replace("\0", "<br>").replace("|", "\\|") \
-        .replace("\n", " ").strip()
+    """Text for a table cell: pipes escaped, and ``<`` outside code spans too (``<class>`` is no HTML tag)."""
+    parts = re.split(r"(`[^`]*`)", text.replace("\n", " "))
+    escaped = "".join(part if part.startswith("`") else part.replace("<br>", "\0").replace("<", "&lt;")
+                      .replace("\0", "<br>") for part in parts)
+    return escaped.replace("|", "\\|").strip()
 
 
 def _code(text: str) -> str:
@@ -475,6 +478,51 @@ def api_pages() -> dict[str, str]:
     return pages
 
 
+def _first_line(path: "os.PathLike[str] | str") -> str:
+    """The first sentence-line of a module's docstring, read without importing it."""
+    try:
+        doc = ast.get_docstring(ast.parse(open(path, encoding="utf-8").read())) or ""
+    except (OSError, SyntaxError):
+        return ""
+    return _markdown(doc.strip().split("\n\n")[0].replace("\n", " "))
+
+
+def layout_reference() -> str:
+    """Every module of the installed package, by folder, with the first paragraph of its docstring: the map of the
+    code, read from the source (attacks/ and eval/ under the names they are installed as)."""
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("robust_sparse")
+    root = Path(spec.origin).parent
+    repo = root.parent
+    lines = ["| module | folder | what it is |", "|---|---|---|"]
+
+    def rows(package: str, folder: Path) -> None:
+        init = folder / "__init__.py"
+        shown = folder.relative_to(repo) if folder.is_relative_to(repo) else folder
+        lines.append(f"| `{package}` | `{shown}/` | {_cell(_first_line(init)) if init.is_file() else ''} |")
+        for info in sorted(pkgutil.iter_modules([str(folder)]), key=lambda i: (i.ispkg, i.name)):
+            if info.name.startswith("_"):
+                continue
+            name = f"{package}.{info.name}"
+            if info.ispkg:
+                continue
+            lines.append(f"| `{name}` | | {_cell(_first_line(folder / (info.name + '.py')))} |")
+        for info in sorted(pkgutil.iter_modules([str(folder)]), key=lambda i: i.name):
+            if info.ispkg and not info.name.startswith("_"):
+                sub = f"{package}.{info.name}"
+                location = importlib.util.find_spec(sub).submodule_search_locations
+                rows(sub, Path(list(location)[0]))
+
+    rows("robust_sparse", root)
+    for name in ("robust_sparse.attacks", "robust_sparse.eval"):  # mapped from other folders (package-dir)
+        found = importlib.util.find_spec(name)
+        if found is not None and found.submodule_search_locations and not any(
+                line.startswith(f"| `{name}` |") for line in lines):
+            rows(name, Path(list(found.submodule_search_locations)[0]))
+    return "\n".join(lines) + "\n"
+
+
 def exit_codes_reference() -> str:
     """``robust-sparse``'s exit codes, from the ``ExitCode`` enum of robust_sparse/errors.py and its comments."""
     from robust_sparse import errors
@@ -495,7 +543,7 @@ def exit_codes_reference() -> str:
 _MARKER = re.compile(r"^<!-- reference:([\w-]+)(?: ([\w.,]+))? -->$", flags=re.M)
 GENERATORS = {"config": config_reference, "eval-config": eval_config_reference, "sweep": sweep_reference,
               "cli": cli_reference, "api-exports": exports_reference,
-              "exit-codes": exit_codes_reference}
+              "exit-codes": exit_codes_reference, "layout": layout_reference}
 
 
 def expand(markdown: str) -> str:
