@@ -149,6 +149,7 @@ def test_configs_name_prints_the_file(capsys):
     assert capsys.readouterr().out == (REPO / "configs/papers/bsrnet_vgg16_cifar10_pgdat.yaml").read_text()
     line = one_line_error(["configs", "bsrnet_vgg16"], capsys)
     assert line.startswith("robust-sparse: error: NAME: bsrnet_vgg16 not found") and "studies/" in line
+    assert "NAME: must not be empty" in one_line_error(["configs", ""], capsys)
 
 
 def test_the_description_is_the_first_comment_line(tmp_path, monkeypatch):

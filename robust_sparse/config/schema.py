@@ -1,8 +1,8 @@
 """The run configuration's schema: every field, its type and its default, with why it is set that way.
 
 The defaults are the schema's: dense PGD-AT of a small CNN on MNIST-5k, which ships inside an installed
-package. ``robust-sparse train`` with no config file runs the embedded quickstart, ``quickstart.yaml`` in the
-package folder (the same run at 90% sparsity with BSR-Net), so it runs anywhere.
+package. ``robust-sparse train`` with no config file runs the quickstart, ``configs/quickstart_mnist5k.yaml``,
+shipped in the package (the same run at 90% sparsity with BSR-Net), so it runs anywhere.
 
 Closed choices are ``str`` Enums: they compare equal to their strings and are written to YAML as plain values.
 """

@@ -108,6 +108,8 @@ def lookup(value: str, argument: str, kind: str | None = None, tried: Path | Non
     the other kind (a sweep given to train), is a one-line ConfigError naming ``argument`` (and the file ``tried``
     first, when it is not ``value`` itself) and the names there are."""
     name = name_of(value)
+    if not name.strip():
+        raise ConfigError(f"{argument}: must not be empty (give a shipped config's name: robust-sparse configs)")
     path = path_of(name)
     root = folder()
     if path.resolve().is_relative_to(root.resolve()) and path.is_file():  # "../x" names no shipped file
