@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_sparse.cli import QUICKSTART
 from robust_sparse.config import OptimizerName, load_config, to_dict
 from robust_sparse.studies.sweep import expand, load_sweep
 
@@ -190,14 +189,14 @@ def test_bsrnet_with_coupled_sgd_decay_warns_in_one_line(caplog):
 
 
 def _shipped_run_configs(tmp_path, monkeypatch):
-    """Every config a shipped file trains: configs/*.yaml, configs/papers/*.yaml, the quickstart, and every run
-    of every study sweep (configs/studies, grids expanded)."""
+    """Every config a shipped file trains: configs/*.yaml (the quickstart among them), configs/papers/*.yaml, and
+    every run of every study sweep (configs/studies, grids expanded)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     monkeypatch.chdir(repo)  # the studies read ./data or ../shared/data/cifar10-prefix: empty stand-ins
     (repo / "data").mkdir()
     (tmp_path / "shared" / "data" / "cifar10-prefix").mkdir(parents=True)
-    for path in [*sorted((REPO / "configs").glob("*.yaml")), *sorted(PAPERS.glob("*.yaml")), QUICKSTART]:
+    for path in [*sorted((REPO / "configs").glob("*.yaml")), *sorted(PAPERS.glob("*.yaml"))]:
         yield path.name, _load(path, tmp_path)
     for path in sorted((REPO / "configs" / "studies").glob("*.yaml")):
         if path.name.startswith("common_"):
