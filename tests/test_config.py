@@ -160,20 +160,38 @@ def test_version_and_top_level_help(capsys):
 
 
 def test_config_imports_nothing_above_it():
-    """Importing the config package needs the standard library, yaml and the errors only (no torch). Loading,
-    validating and writing back a config reads the sparse-method registry (the records of sparse/*.py name the
-    methods, their sections and rules), and nothing else above config: no model, data or training code."""
+    """Importing the config package, and loading, validating and writing back a config, import no torch and
+    nothing above config: the sparse methods' settings are the config's own (config/builtin_methods.py), so no
+    method file, model, data loading or training code is imported; the dataset records (data.dataset's names,
+    the protocol eps) are plain data too."""
     code = ("import sys\n"
             "before = set(sys.modules)\n"  # a .pth hook of `doctor --fix` may import robust_sparse at start-up
             "from robust_sparse.config import config_from_dict, load_config, to_dict\n"
             "assert 'torch' not in sys.modules, 'importing robust_sparse.config imported torch'\n"
             f"config_from_dict(to_dict(load_config({str(QUICKSTART)!r}, ['agent.enabled=true'])))\n"
+            "assert 'torch' not in sys.modules, 'loading a config imported torch'\n"
             "loaded = sorted(m for m in set(sys.modules) - before if m.startswith('robust_sparse'))\n"
             "allowed = ('robust_sparse.config', 'robust_sparse.errors', 'robust_sparse.registry',"
-            " 'robust_sparse.plugins', 'robust_sparse.sparse', 'robust_sparse.distributed')\n"
-            "assert all(m == 'robust_sparse' or m.startswith(allowed) for m in loaded), loaded\n"
-            "assert 'robust_sparse.sparse.export' not in loaded, loaded\n")
+            " 'robust_sparse.plugins', 'robust_sparse.files.atomic', 'robust_sparse.datasets')\n"
+            "assert all(m in ('robust_sparse', 'robust_sparse.files') or m.startswith(allowed) for m in loaded), loaded\n"
+            "assert not any(m.startswith('robust_sparse.datasets.' + kind) for m in loaded"
+            " for kind in ('images', 'folders', 'splits')), loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_method_the_config_knows_runs_and_back():
+    """The config's method settings (config/builtin_methods.py) and the sparse registry's implementations
+    (sparse/*.py) name the same methods, and each method's allocations are the ones its settings name."""
+    from robust_sparse.config import SPARSITY_METHODS
+    from robust_sparse.config.sparsity import SHARED_DISTRIBUTIONS
+    from robust_sparse.sparse import METHODS
+    from robust_sparse.sparse.methods import SHARED_ALLOCATIONS
+
+    assert SPARSITY_METHODS.names() == METHODS.names()
+    assert tuple(SHARED_ALLOCATIONS) == SHARED_DISTRIBUTIONS
+    for name, method in METHODS.entries():
+        assert method.settings is SPARSITY_METHODS.get(name)
+        assert set(method.allocations) == set(method.settings.distributions), name
 
 
 @pytest.fixture

@@ -201,7 +201,7 @@ def test_a_sweep_trains_a_method_registered_from_python_in_its_child_processes(t
 
     import yaml
 
-    from robust_sparse.config import REGISTERED_SPARSITY_METHODS
+    from robust_sparse.config import REGISTERED_SPARSITY_METHODS, SPARSITY_METHODS
     from robust_sparse.errors import UserError
     from robust_sparse.sparse import METHODS
     from robust_sparse.studies.sweep import load_sweep, run_sweep
@@ -230,5 +230,6 @@ def test_a_sweep_trains_a_method_registered_from_python_in_its_child_processes(t
             load_sweep(sweep_file, str(tmp_path / "out2"))
     finally:
         METHODS.remove("toy_every_third")
+        SPARSITY_METHODS.remove("toy_every_third")  # its settings, which the config holds
         REGISTERED_SPARSITY_METHODS.pop("toy_every_third", None)
         sys.modules.pop("toy_methods", None)

@@ -25,6 +25,7 @@ from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse import plugins
 from robust_sparse.datasets import DATASETS
 from robust_sparse.errors import ConfigError
+from robust_sparse.files.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,5 @@ def nest_flat_names(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    from robust_sparse.files.checkpoint import write_atomic  # lazily: this module does not import torch
-
     write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 

@@ -1,17 +1,29 @@
 """The sparsity section of the run configuration: the method, its budget and topology updates, and each
 method's own settings in its section, ``sparsity.<method>.*`` (``sparsity.bsrnet.*``, ``sparsity.gse.*``, ...).
 
-The methods themselves, with their section's dataclass, rules, defaults and optimizer pairing, are records of
-the sparse-method registry (robust_sparse/sparse/methods.py), one per method file: :func:`sparse_methods` reads
-it, so the names a config accepts are those registered. The flat and renamed names of earlier versions are
-translated when a config is read (parsing.py: ``nest_flat_names``), never afterwards.
+What the config knows of a sparse method is a :class:`MethodSettings` record in :data:`SPARSITY_METHODS`: its
+section's dataclass, its rules, the defaults of the shared fields it leaves at None, the optimizer it pairs with,
+the allocations it brings. The built-in methods' records are in :mod:`~robust_sparse.config.builtin_methods`; a
+method registered from Python (``register_sparsity_method``) adds its own. The sparse-method registry
+(robust_sparse/sparse/methods.py) holds what runs: each method's ``build``, allocation functions and checkpoint
+views, looked up by the same name.
+
+The config owns the settings, not the registry, because a config is checked completely when it is read (every
+rule a one-line error naming its field, before any work) and written back completely (every section at its
+defaults): it needs each method's settings and rules then, and those are plain data. Owning them here, the config
+imports no method file and no torch, and the registry imports the config, never the other way round. The flat and
+renamed names of earlier versions are translated when a config is read (parsing.py: ``nest_flat_names``), never
+afterwards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from robust_sparse.registry import Registry
 
 
 class PruneScope(str, Enum):
@@ -32,7 +44,7 @@ class PruneSchedule(str, Enum):
     COSINE = "cosine"  # RigL, ITOP: prune_rate/2 * (1 + cos(pi t / T_end))
 
 
-# Names robust_sparse.register_sparsity_method added (sparse/methods.py): sparsity.method accepts them too.
+# Names robust_sparse.register_sparsity_method added (sparse/methods.py): a sweep's runs import their modules.
 REGISTERED_SPARSITY_METHODS: dict[str, str] = {}  # name -> the module that registered it
 
 # The flat names of the first versions (sparsity.ast_densities, ...), still read from YAML, --set and saved
@@ -51,39 +63,81 @@ FLAT_SPARSITY_NAMES = {
 RENAMED_SECTION_FIELDS = {("gse", "candidates"): "candidate_multiple"}
 
 
-def sparse_methods():
-    """The sparse-method registry (robust_sparse/sparse/methods.py) with every method of the package registered.
+@dataclass(frozen=True)
+class MethodSettings:
+    """What the config knows of one sparse method (its implementation is in robust_sparse/sparse/):
 
-    Imported on first use, not with this module: the methods import torch, and ``import robust_sparse.config``
-    does not."""
-    import robust_sparse.sparse  # noqa: F401  (importing the package registers every method file in it)
-    from robust_sparse.sparse.methods import METHODS
+    * ``section``: the dataclass of ``sparsity.<name>.*`` (None: no settings of its own), parsed with the
+      config's typed parser (one-line errors naming the field) and read back as ``sparsity.section(name)``;
+    * ``validate(sparsity)``: its rules, raising a one-line :class:`~robust_sparse.errors.ConfigError` (run when
+      it is selected);
+    * ``defaults``: what the shared fields it leaves at None resolve to (``update_every``, ``prune_rate``,
+      ``prune_schedule``, ``growth``, ``distribution``);
+    * ``optimizer``: the ``optim.optimizer`` it trains with when the config gives none (None: the dense default);
+    * ``distributions``: the layer-wise allocations it brings, selectable as ``sparsity.distribution``: name ->
+      why only this method may use it (None: any method may);
+    * ``ignores_density``: why ``sparsity.density`` means nothing to it (None: it is the method's budget).
+    """
 
-    return METHODS
+    name: str
+    section: type | None = None
+    validate: Callable[[SparsityConfig], None] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    optimizer: str | None = None
+    distributions: Mapping[str, str | None] = field(default_factory=dict)
+    ignores_density: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "distributions", MappingProxyType(dict(self.distributions)))
 
 
-def distribution_owners() -> dict[str, Any]:
-    """``sparsity.distribution`` -> the record of the method that brings it (None: a shared one, uniform or erk)."""
-    from robust_sparse.sparse.methods import SHARED_DISTRIBUTIONS
+SPARSITY_METHODS = Registry[MethodSettings]("sparsity method")
 
-    owners: dict[str, Any] = dict.fromkeys(SHARED_DISTRIBUTIONS)
-    for _, record in sparse_methods().entries():
-        owners.update(dict.fromkeys(record.distributions, record))
+# the allocations every method may use (sparse/density.py); methods bring their own through their settings
+SHARED_DISTRIBUTIONS = ("uniform", "erk")
+
+
+def declare(settings: MethodSettings) -> MethodSettings:
+    """Add ``settings`` to :data:`SPARSITY_METHODS` under its name; a name declared twice, defaults for fields
+    ``sparsity`` does not have, or an allocation name another method brings already, raise."""
+    name = settings.name
+    if not name or name != name.strip() or name == "none":
+        raise ValueError(f"sparsity method name {name!r}: give a non-empty name other than 'none'")
+    unknown = set(settings.defaults) - {f.name for f in fields(SparsityConfig)}
+    if unknown:
+        raise ValueError(f"sparsity method {name!r}: defaults for {sorted(unknown)}, not fields of sparsity")
+    taken = set(distribution_owners()) & set(settings.distributions)
+    if taken:
+        raise ValueError(f"sparsity method {name!r}: distribution {sorted(taken)[0]!r} is registered already")
+    return SPARSITY_METHODS.register(name)(settings)
+
+
+def sparse_methods() -> Registry[MethodSettings]:
+    """Every sparse method's settings by name (:data:`SPARSITY_METHODS`)."""
+    return SPARSITY_METHODS
+
+
+def distribution_owners() -> dict[str, MethodSettings | None]:
+    """``sparsity.distribution`` -> the settings of the method that brings it (None: a shared one, uniform or erk)."""
+    owners: dict[str, MethodSettings | None] = dict.fromkeys(SHARED_DISTRIBUTIONS)
+    for _, settings in SPARSITY_METHODS.entries():
+        owners.update(dict.fromkeys(settings.distributions, settings))
     return owners
 
 
-def section_types(written_with: "SparsityConfig | None" = None) -> dict[str, type]:
-    """``sparsity.<method>`` -> the dataclass of that method's section, for every registered method with one.
+def section_types(written_with: SparsityConfig | None = None) -> dict[str, type]:
+    """``sparsity.<method>`` -> the dataclass of that method's section, for every method with one.
 
     Given a config, the sections written with it (parsing.py, ``to_dict``): every built-in method's, and a method
     registered from Python (``register_sparsity_method``) only when it is the config's own, so that a saved config
     still loads in a process that has not imported that plugin."""
-    return {name: record.section for name, record in sparse_methods().entries() if record.section is not None
+    return {name: settings.section for name, settings in SPARSITY_METHODS.entries() if settings.section is not None
             and (written_with is None or name not in REGISTERED_SPARSITY_METHODS or name == written_with.method)}
 
 
 def default_sections() -> dict[str, Any]:
-    """Every registered method's section at its defaults."""
+    """Every method's section at its defaults."""
     return {name: kind() for name, kind in section_types().items()}
 
 

@@ -256,9 +256,8 @@ def _validate_sparsity(sparsity: SparsityConfig) -> None:
     _check(0 < sparsity.end_fraction <= 1, f"sparsity.end_fraction = {sparsity.end_fraction}: must be in (0, 1]")
     owner = owners.get(sparsity.distribution)
     if owner is not None:
-        allocation = owner.distributions[sparsity.distribution]
-        _check(not allocation.owner_only or owner is record,
-               f"sparsity.distribution = {sparsity.distribution}: only for sparsity.method = {owner.name} "
-               f"({allocation.why})")
+        why = owner.distributions[sparsity.distribution]  # None: any method may use it
+        _check(why is None or owner is record,
+               f"sparsity.distribution = {sparsity.distribution}: only for sparsity.method = {owner.name} ({why})")
     if record.validate is not None:
         record.validate(sparsity)

@@ -1,13 +1,15 @@
 """Sparse training: one mask owner, one file per method, layer-wise density allocation.
 
 :func:`build_sparsity` looks ``sparsity.method`` up in :data:`METHODS` and returns a :class:`SparseMasker`
-attached to the model and its optimizer (or None for dense training). Each method's defaults (the published
-ones: docs/papers.md has each paper's setting and config) are in the record its file registers.
+attached to the model and its optimizer (or None for dense training). Each method's settings (its section, rules
+and the published defaults: docs/papers.md has each paper's setting and config) are the config's, declared in
+robust_sparse/config/builtin_methods.py under the method's name; this package imports the config, never the
+reverse.
 
 ``masker.py`` holds the mask owner, the :class:`Engine` protocol and :class:`StaticEngine`, ``methods.py`` the
 registry, ``density.py`` the shared allocations, ``strategies.py`` the prune/grow functions, ``export.py`` the
 export. Every other module of this package is a method file: importing the package imports each of them, and
-each registers its :class:`SparseMethod` record, so a new method is one new file.
+each registers its :class:`SparseMethod` record, so a new method is one file here plus its settings there.
 """
 
 from __future__ import annotations

@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from enum import Enum
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -57,32 +55,10 @@ from torch import nn
 
 from robust_sparse import distributed
 from robust_sparse.errors import CheckpointError, ConfigError, UserError
-from robust_sparse.config import PruneScope, SparsityConfig
+from robust_sparse.config import PruneScope
 from robust_sparse.sparse.masker import Engine, SparseMasker, View
 from robust_sparse.sparse.methods import SavedView, Setup, SparseMethod, register
 from robust_sparse.sparse.strategies import set_top
-
-
-class ASTPruneFrom(str, Enum):
-    SUBNET = "subnet"  # the cubic pruning's |W| threshold among the sub-net's own active weights
-    SHARED = "shared"  # the official code: over every position of the shared tensor
-
-
-@dataclass
-class ASTConfig:
-    """``sparsity.ast.*``; AST also uses update_every = delta T in each sub-net's own steps, prune_rate = the
-    initial regrowth fraction, end_fraction and prune_scope. Its sub-nets' densities are ``densities``:
-    ``sparsity.density`` is not used."""
-
-    densities: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.02])  # sub-net targets, densest first
-    init_density: float = 1.0  # every sub-net starts from this (ERK) density: 1.0 = dense, as the official recipe
-    offset: int | None = None  # sub-net k's rewiring is delayed by k * offset of its own steps; None = delta T / K
-    gc: bool = True  # gradient correction (projection on conflict with the previous sub-net's running gradient)
-    gc_beta: float = 0.9  # momentum of each sub-net's running gradient
-    nested: bool = False  # enforce mask_k within mask_{k-1} (not in the official code)
-    subnet_bn: bool = False  # BatchNorm running statistics per sub-net (the official code shares them)
-    # where the cubic pruning's |W| threshold is taken (shared: so other sub-nets' weights can enter M_k)
-    prune_from: ASTPruneFrom = ASTPruneFrom.SUBNET
 
 
 def gradient_correction(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -518,25 +494,5 @@ def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     return setup.random_masks(setup.densities(ast.init_density)), engine
 
 
-def validate(sparsity: SparsityConfig) -> None:
-    ast = sparsity.section("ast")
-    densities = ast.densities
-    rules = (
-        (len(densities) >= 1, "sparsity.ast.densities: give at least one sub-net density"),
-        (all(0 < d <= 1 for d in densities), f"sparsity.ast.densities = {densities}: each must be in (0, 1]"),
-        (densities == sorted(densities, reverse=True),
-         f"sparsity.ast.densities = {densities}: list the sub-nets densest first"),
-        (not densities or densities[0] <= ast.init_density <= 1,
-         f"sparsity.ast.init_density = {ast.init_density}: must be in [{densities[0] if densities else 0}, 1] "
-         "(pruning only removes connections)"),
-        (ast.offset is None or ast.offset >= 0, f"sparsity.ast.offset = {ast.offset}: must be >= 0"),
-        (0 <= ast.gc_beta < 1, f"sparsity.ast.gc_beta = {ast.gc_beta}: must be in [0, 1)"),
-    )
-    for holds, message in rules:
-        if not holds:
-            raise ConfigError(message)
-
-
-register(SparseMethod(
-    "ast", build, section=ASTConfig, validate=validate, defaults={"prune_rate": 0.5}, saved_views=saved_views,
-    ignores_density="its sub-nets' densities are sparsity.ast.densities"))
+# its settings (section, rules, defaults): robust_sparse/config/builtin_methods.py
+register(SparseMethod("ast", build, saved_views=saved_views))

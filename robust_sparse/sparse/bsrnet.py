@@ -9,31 +9,18 @@ what drives connections across zero; AGENT uses that optimizer too, so it lives 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from robust_sparse.config import SparsityConfig
-from robust_sparse.errors import ConfigError
 from robust_sparse.sparse.density import Shapes
 from robust_sparse.sparse.masker import Engine
-from robust_sparse.sparse.methods import Allocation, Setup, SparseMethod, register
+from robust_sparse.sparse.methods import Setup, SparseMethod, register
 from robust_sparse.sparse.strategies import random_grow
 
 if TYPE_CHECKING:
     from robust_sparse.sparse.masker import SparseMasker
-
-
-@dataclass
-class BSRNetConfig:
-    """``sparsity.bsrnet.*``: BSR-Net's rewiring."""
-
-    noise_scale: float = 1e-6  # Langevin noise std = lr * noise_scale (the official --noise_scaling)
-    temperature: float | None = None  # if set, noise std = sqrt(2 * lr * T) instead (DEEP R's form)
-    l1: float = 0.0  # DEEP R's prior alpha: theta -= lr * l1 on active connections; 0 as in the official code
-    regrow_value: float = 1e-12  # theta of a regrown connection
 
 
 class BSRNetEngine(Engine):
@@ -213,19 +200,6 @@ def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     return masks, engine
 
 
-def validate(sparsity: SparsityConfig) -> None:
-    section = sparsity.section("bsrnet")
-    for name, value, rule in (("noise_scale", section.noise_scale, ">= 0"),
-                              ("temperature", section.temperature, ">= 0"), ("l1", section.l1, ">= 0"),
-                              ("regrow_value", section.regrow_value, "> 0")):
-        if value is not None and not (value > 0 if rule == "> 0" else value >= 0):
-            raise ConfigError(f"sparsity.bsrnet.{name} = {value}: must be {rule}")
-
-
-register(SparseMethod(
-    "bsrnet", build, section=BSRNetConfig, validate=validate, defaults={"distribution": "bsrnet"},
-    # tfa SGDW, as the official code: decay decoupled from the gradient and not scaled by lr (robust_sparse/optim.py)
-    optimizer="sgdw",
-    distributions={"bsrnet": Allocation(
-        lambda setup, density: bsrnet_initial(setup.model_name, setup.shapes, density), owner_only=True,
-        why="it sets initial densities")}))
+# its settings (section, rules, SGDW pairing): robust_sparse/config/builtin_methods.py
+register(SparseMethod("bsrnet", build, allocations={
+    "bsrnet": lambda setup, density: bsrnet_initial(setup.model_name, setup.shapes, density)}))

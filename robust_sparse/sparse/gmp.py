@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from robust_sparse.config import PruneScope, SparsityConfig
+from robust_sparse.config import PruneScope
 from robust_sparse.errors import ConfigError
 from robust_sparse.sparse.masker import Engine
 from robust_sparse.sparse.methods import Setup, SparseMethod, register
@@ -27,15 +27,6 @@ from robust_sparse.sparse.strategies import set_top
 
 if TYPE_CHECKING:
     from robust_sparse.sparse.masker import SparseMasker
-
-
-@dataclass
-class GMPConfig:
-    """``sparsity.gmp.*``; GMP also uses update_every (the paper's Δt), end_fraction (where the final density is
-    reached) and prune_scope."""
-
-    start_fraction: float = 0.0  # t0: pruning starts after this fraction of training
-    initial_density: float = 1.0  # d_i: 1.0 = dense, as in the paper
 
 
 @dataclass(frozen=True)
@@ -112,15 +103,6 @@ def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     return setup.random_masks(setup.densities(section.initial_density)), GMPEngine(schedule, config.prune_scope)
 
 
-def validate(sparsity: SparsityConfig) -> None:
-    section = sparsity.section("gmp")
-    if not 0 <= section.start_fraction < sparsity.end_fraction:
-        raise ConfigError(f"sparsity.gmp.start_fraction = {section.start_fraction}: must be in [0, "
-                          f"sparsity.end_fraction = {sparsity.end_fraction})")
-    if not sparsity.density <= section.initial_density <= 1:
-        raise ConfigError(f"sparsity.gmp.initial_density = {section.initial_density}: must be in "
-                          f"[sparsity.density = {sparsity.density}, 1] (pruning only removes connections)")
-
-
-register(SparseMethod("gmp", build, section=GMPConfig, validate=validate, defaults={"update_every": 100}))
+# its settings (section, rules, defaults): robust_sparse/config/builtin_methods.py
+register(SparseMethod("gmp", build))
 

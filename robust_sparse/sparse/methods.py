@@ -1,19 +1,21 @@
-"""The sparse methods by name: a registry of records, one per method, that config and :func:`build_sparsity` read.
+"""The sparse methods by name: a registry of records, one per method, that :func:`build_sparsity` reads.
 
 Each method's file registers its own :class:`SparseMethod` (``bsrnet.py``, ``prune_regrow.py`` for SET/RigL/ITOP,
 ``gse.py``, ``ast.py``, ``static.py`` for static masks and magnitude pruning, ...): its ``build(setup) -> (masks,
-engine)``, its section's dataclass (``sparsity.<name>.*``), its rules, the defaults of the shared fields it leaves
-at None, the optimizer it pairs with, the layer-wise allocations it brings and, if it draws batches of its own,
-their source. Importing :mod:`robust_sparse.sparse` imports every module of the package, so a new method is one
-new file. ``setup`` (:class:`Setup`) carries the config, the model's sparse parameters and the seeded generators;
-the masker is made here, so every method gets the same mask owner. Users add their own with
-:func:`register_sparsity_method` and select it by name in a config (``sparsity.method``).
+engine)``, the layer-wise allocations it brings and, if it draws batches of its own, their source. What a config
+says about the method (its section ``sparsity.<name>.*``, rules, defaults, optimizer pairing) is its
+:class:`~robust_sparse.config.sparsity.MethodSettings`, declared under the same name in the config package
+(robust_sparse/config/builtin_methods.py; config/sparsity.py says why there) and read here as the record's
+``settings``. Importing :mod:`robust_sparse.sparse` imports every module of the package, so a new method is its
+file here plus its settings there. ``setup`` (:class:`Setup`) carries the config, the model's sparse parameters
+and the seeded generators; the masker is made here, so every method gets the same mask owner. Users add their own
+with :func:`register_sparsity_method` and select it by name in a config (``sparsity.method``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 
 from robust_sparse import plugins
-from robust_sparse.config import REGISTERED_SPARSITY_METHODS, SparsityConfig
+from robust_sparse.config.sparsity import (REGISTERED_SPARSITY_METHODS, SPARSITY_METHODS, MethodSettings,
+                                          SparsityConfig, declare)
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.registry import Registry
 from robust_sparse.sparse import density as allocation
@@ -92,7 +95,7 @@ class Setup:
         """Layer densities for a global ``density`` (the config's by default): ``sparsity.distribution``, or the
         method's default (``defaults["distribution"]``, erk if it names none)."""
         chosen = self.setting("distribution") or "erk"
-        return distributions()[chosen].allocate(self, self.config.density if density is None else density)
+        return distributions()[chosen](self, self.config.density if density is None else density)
 
     def random_masks(self, densities: dict[str, float], rounding: Callable[[float], int] = round
                      ) -> dict[str, torch.Tensor]:
@@ -102,14 +105,8 @@ class Setup:
 Build = Callable[[Setup], "tuple[dict[str, torch.Tensor], Engine]"]
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """A layer-wise allocation, ``(setup, global density) -> {layer: density}``. ``why`` (when set) says why only
-    the method that brings it may use it (``owner_only``: BSR-Net's hand-set initial densities)."""
-
-    allocate: Callable[[Setup, float], dict[str, float]]
-    owner_only: bool = False
-    why: str = ""
+# a layer-wise allocation: (setup, global density) -> {layer: density}
+Allocate = Callable[[Setup, float], "dict[str, float]"]
 
 
 @dataclass(frozen=True)
@@ -131,66 +128,68 @@ def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class SparseMethod:
-    """One sparse method, everything the config, the training loop and the checkpoints need of it.
+    """One sparse method as it runs; its config settings are ``settings`` (declared under the same name).
 
     * ``build(setup) -> (initial masks, engine)``;
-    * ``section``: the dataclass of ``sparsity.<name>.*`` (None: no settings of its own), parsed with the
-      config's typed parser (one-line errors naming the field) and read back as ``setup.section``;
-    * ``validate(sparsity)``: its rules, raising a one-line :class:`ConfigError` (run when it is selected);
-    * ``defaults``: what the shared fields it leaves at None resolve to (``update_every``, ``prune_rate``,
-      ``prune_schedule``, ``growth``, ``distribution``), read through ``setup.setting(name)``;
-    * ``optimizer``: the ``optim.optimizer`` it trains with when the config gives none (None: the dense default);
-    * ``distributions``: the layer-wise allocations it brings, selectable as ``sparsity.distribution``;
+    * ``allocations``: the functions of the layer-wise allocations its settings name (``distributions``);
     * ``batch_source(setup, data)``: for a method that draws batches of its own, ``step -> (images, labels)``
       from the :class:`TrainingData` the training loop lends it;
-    * ``ignores_density``: why ``sparsity.density`` means nothing to it (None: it is the method's budget);
     * ``saved_views(checkpoint)``: the networks a checkpoint of it holds (one, unless it trains several).
     """
 
     name: str
     build: Build
-    section: type | None = None
-    validate: Callable[[SparsityConfig], None] | None = None
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    optimizer: str | None = None
-    distributions: Mapping[str, Allocation] = field(default_factory=dict)
+    allocations: Mapping[str, Allocate] = field(default_factory=dict)
     batch_source: "Callable[[Setup, TrainingData], BatchSource] | None" = None
-    ignores_density: str | None = None
     saved_views: Callable[[dict[str, Any]], list[SavedView]] = _single_saved_view
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "defaults", _frozen(self.defaults))
-        object.__setattr__(self, "distributions", _frozen(self.distributions))
+        object.__setattr__(self, "allocations", _frozen(self.allocations))
+
+    @property
+    def settings(self) -> MethodSettings:
+        """What the config knows of this method: section, rules, defaults, optimizer (config/sparsity.py)."""
+        return SPARSITY_METHODS.get(self.name)
+
+    @property
+    def section(self) -> type | None:
+        return self.settings.section
+
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        return self.settings.defaults
+
+    @property
+    def ignores_density(self) -> str | None:
+        return self.settings.ignores_density
 
 
 METHODS = Registry[SparseMethod]("sparsity method")
 
-# the allocations every method may use; methods bring their own through their records
-SHARED_DISTRIBUTIONS = {
-    "uniform": Allocation(lambda setup, density: allocation.uniform(setup.shapes, density)),
-    "erk": Allocation(lambda setup, density: allocation.erk(setup.shapes, density)),
+# the shared allocations' functions (their names: config/sparsity.py, SHARED_DISTRIBUTIONS)
+SHARED_ALLOCATIONS: dict[str, Allocate] = {
+    "uniform": lambda setup, density: allocation.uniform(setup.shapes, density),
+    "erk": lambda setup, density: allocation.erk(setup.shapes, density),
 }
 
 
 def register(method: SparseMethod) -> SparseMethod:
-    """Add ``method`` to :data:`METHODS` under its name; a name registered twice, or an allocation name another
-    method brings already, raises."""
-    if not method.name or method.name != method.name.strip() or method.name == "none":
-        raise ValueError(f"sparsity method name {method.name!r}: give a non-empty name other than 'none'")
-    unknown = set(method.defaults) - {f.name for f in fields(SparsityConfig)}
-    if unknown:
-        raise ValueError(f"sparsity method {method.name!r}: defaults for {sorted(unknown)}, not fields of sparsity")
-    taken = set(distributions()) & set(method.distributions)
-    if taken:
-        raise ValueError(f"sparsity method {method.name!r}: distribution {sorted(taken)[0]!r} is registered already")
+    """Add ``method`` to :data:`METHODS` under its name, whose settings are declared already; a name registered
+    twice, or allocations other than those its settings name, raise."""
+    if method.name not in SPARSITY_METHODS:
+        raise ValueError(f"sparsity method {method.name!r}: no settings declared under this name (built-in: "
+                         "robust_sparse/config/builtin_methods.py; else use register_sparsity_method)")
+    if set(method.allocations) != set(method.settings.distributions):
+        raise ValueError(f"sparsity method {method.name!r}: allocations {sorted(method.allocations)}, but its "
+                         f"settings name {sorted(method.settings.distributions)}")
     return METHODS.register(method.name)(method)
 
 
-def distributions() -> dict[str, Allocation]:
-    """Every layer-wise allocation by name (``sparsity.distribution``): the shared ones and the methods'."""
-    found = dict(SHARED_DISTRIBUTIONS)
+def distributions() -> dict[str, Allocate]:
+    """Every layer-wise allocation's function by name (``sparsity.distribution``): the shared ones and the methods'."""
+    found = dict(SHARED_ALLOCATIONS)
     for _, method in METHODS.entries():
-        found.update(method.distributions)
+        found.update(method.allocations)
     return found
 
 
@@ -205,12 +204,14 @@ def register_sparsity_method(name: str, build: Build, *, section: type | None = 
     ``engine`` is an :class:`~robust_sparse.sparse.masker.Engine` (:class:`~robust_sparse.sparse.masker.StaticEngine`
     keeps the masks fixed). ``section`` (a dataclass) gives the method settings of its own, ``sparsity.<name>.*``,
     parsed and checked as the built-in methods' are and read back as ``setup.section``; ``validate``, ``defaults``
-    and ``optimizer`` are as in :class:`SparseMethod`. ``module`` is the importable module that makes this call,
-    which a sweep's processes import to know the name (:mod:`robust_sparse.plugins`; default: the module defining
-    ``build``).
+    and ``optimizer`` are as in :class:`~robust_sparse.config.sparsity.MethodSettings`. ``module`` is the
+    importable module that makes this call, which a sweep's processes import to know the name
+    (:mod:`robust_sparse.plugins`; default: the module defining ``build``).
     """
-    register(SparseMethod(name, build, section=section, validate=validate, defaults=defaults or {},
-                          optimizer=optimizer, saved_views=saved_views or _single_saved_view))
+    if name in METHODS:
+        raise ValueError(f"sparsity method {name!r} is already registered")
+    declare(MethodSettings(name, section, validate, defaults=defaults or {}, optimizer=optimizer))
+    register(SparseMethod(name, build, saved_views=saved_views or _single_saved_view))
     # a sweep's processes import this module to know the name (sweep.py)
     REGISTERED_SPARSITY_METHODS[name] = module or getattr(build, "__module__", None) or ""
 

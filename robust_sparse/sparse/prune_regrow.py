@@ -6,7 +6,8 @@
   over-parameterisation (the exploration rate).
 
 ``sparsity.growth = momentum`` with any of them is SNFS's growth criterion. Every field left at None in the
-config takes the method's default below (the papers' and their code's; docs/papers.md).
+config takes the method's default (the papers' and their code's; docs/papers.md), declared with its settings in
+robust_sparse/config/builtin_methods.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from robust_sparse import distributed
-from robust_sparse.config import Growth, PruneSchedule
+from robust_sparse.config import PruneSchedule
 from robust_sparse.sparse.masker import Engine
 from robust_sparse.sparse.methods import Setup, SparseMethod, register
 from robust_sparse.sparse.strategies import GROW, PRUNE, GrowFn, PruneFn
@@ -92,14 +93,6 @@ class PruneGrowEngine(Engine):
         self.scores = {name: score.clone() for name, score in state.get("scores", {}).items()}
 
 
-# Each method's published settings, taken for every config field left at None (its record's defaults).
-DEFAULTS = {
-    "set": {"growth": Growth.RANDOM, "prune_rate": 0.3, "prune_schedule": PruneSchedule.CONSTANT, "update_every": 100},
-    "rigl": {"growth": Growth.GRADIENT, "prune_rate": 0.3, "prune_schedule": PruneSchedule.COSINE, "update_every": 100},
-    "itop": {"growth": Growth.RANDOM, "prune_rate": 0.5, "prune_schedule": PruneSchedule.COSINE, "update_every": 1500},
-}
-
-
 def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     growth = setup.setting("growth").value
     engine = PruneGrowEngine(
@@ -110,5 +103,6 @@ def build(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
     return setup.random_masks(setup.densities()), engine
 
 
-for _name, _defaults in DEFAULTS.items():
-    register(SparseMethod(_name, build, defaults=_defaults))
+# each one's published settings (its defaults): robust_sparse/config/builtin_methods.py
+for _name in ("set", "rigl", "itop"):
+    register(SparseMethod(_name, build))

@@ -3,23 +3,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from robust_sparse.config import PruneScope, SparsityConfig
+from robust_sparse.config import PruneScope
 from robust_sparse.errors import ConfigError
 from robust_sparse.sparse.masker import Engine, StaticEngine
 from robust_sparse.sparse.methods import Setup, SparseMethod, register
-
-
-@dataclass
-class MagnitudePruneConfig:
-    """``sparsity.magnitude_prune.*``."""
-
-    dense_checkpoint: str = ""  # a robust-sparse checkpoint of the trained dense model
 
 
 def build_static(setup: Setup) -> tuple[dict[str, torch.Tensor], Engine]:
@@ -65,12 +57,6 @@ def _top_fraction(scores: torch.Tensor, density: float) -> torch.Tensor:
     return flat.view_as(scores)
 
 
-def validate_magnitude_prune(sparsity: SparsityConfig) -> None:
-    if not sparsity.section("magnitude_prune").dense_checkpoint:
-        raise ConfigError("sparsity.magnitude_prune.dense_checkpoint: magnitude_prune needs the trained dense "
-                          "model's checkpoint")
-
-
 register(SparseMethod("static", build_static))
-register(SparseMethod("magnitude_prune", build_magnitude_prune, section=MagnitudePruneConfig,
-                      validate=validate_magnitude_prune))
+# magnitude_prune's settings (its section, rules): robust_sparse/config/builtin_methods.py
+register(SparseMethod("magnitude_prune", build_magnitude_prune))
