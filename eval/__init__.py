@@ -1,7 +1,7 @@
 """Evaluation: clean, PGD, FGSM, CW and AutoAttack accuracy with per-point flags; installed as ``robust_sparse.eval``.
 
 * :func:`evaluate` (``runner``): a model, [0,1] images, labels and a list of attacks -> per-point flags per
-  attack and the pointwise worst case, resumable from saved flags;
+  attack and the pointwise worst case (an :class:`Evaluation`, ``evaluation``), resumable from saved flags;
 * ``specs``: the attack names (``pgd-50x10``, ``autoattack``, ...); ``autoattack``: the original AutoAttack
   behind one interface with adapters for its GitHub and PyPI APIs;
 * ``loading``: robust-sparse checkpoints, RobustBench zoo models and plain state_dicts; the RobustBench protocol;
@@ -16,7 +16,8 @@ evaluation used during training; training itself imports nothing from this packa
 
 from robust_sparse.accuracy import RobustnessResult, evaluate_pgd, pgd_step_size, predict
 from robust_sparse.eval.config import EvalConfig
-from robust_sparse.eval.runner import AttackOutcome, Evaluation, check_inputs, evaluate
+from robust_sparse.eval.evaluation import AttackOutcome, Evaluation
+from robust_sparse.eval.runner import check_inputs, evaluate
 from robust_sparse.eval.specs import AttackSpec, parse_attack, parse_attacks
 
 __all__ = [

@@ -362,48 +362,16 @@ def mean_of(row: dict[str, Any] | pd.Series) -> tuple[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ``robust-sparse eval --threat-model corruptions``
+# one model's row (``robust-sparse eval --threat-model corruptions``: robust_sparse.eval.job)
 
 
-def run_corruptions_job(config: Any) -> Any:
-    """An :class:`~robust_sparse.eval.config.EvalConfig` with ``threat_model: corruptions`` (validated: no radius
-    or attacks): clean accuracy on the test points, then every corruption and severity; one row per model into
-    the results store."""
-    from robust_sparse.files.checkpoint import write_atomic
-    from robust_sparse.eval import job as jobs
-    from robust_sparse.eval import loading
-    from robust_sparse.eval.config import Names
-    from robust_sparse.eval.store import append_result
-    from robust_sparse.distributed import resolve_device
-
-    models, dataset = jobs.local_models(config, Names())
-    first = models[0] if models else None
-    root = config.data_root or (first.data_root if first else None) or "data"
-    corruptions = tuple(config.corruptions) if config.corruptions else default_corruptions()
-    severities = tuple(config.severities) if config.severities else SEVERITIES
-    n = check_files(root, dataset, corruptions, severities, config.n_examples)  # before any model download
-    images, labels = loading.load_points(dataset, n, root=root, download=config.download, data_file=config.data_file)
-    if models is None:
-        models = [loading.from_robustbench(config.robustbench_model, dataset, "linf", config.model_dir)]
-        if config.name:
-            models[0].name = config.name
-    results_dir = jobs.default_results_dir(config)
-    device = resolve_device(config.device.value)
-    rows = []
-    for loaded in models:
-        rows.append(_evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n, config.batch_size,
-                                    device, results_dir, append_result))
-    if config.output:
-        import json
-
-        write_atomic(Path(config.output), json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, default=str))
-    return jobs.JobOutcome(rows, [], results_dir)
-
-
-def _evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n, batch_size, device,
-                    results_dir, append_result) -> dict[str, Any]:
-    from robust_sparse.eval.job import device_name
+def evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n, batch_size, device,
+                   results_dir) -> dict[str, Any]:
+    """Clean accuracy on the test points, then every corruption and severity: the model's row, appended to the
+    results store in ``results_dir``."""
+    from robust_sparse.distributed import device_name
     from robust_sparse.eval.loading import data_fingerprint, model_fingerprint, sparsity_stats
+    from robust_sparse.eval.store import append_result
     from robust_sparse.accuracy import predict
 
     started = time.monotonic()

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from robust_sparse.distributed import device_name
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.errors import UserError
@@ -58,12 +59,6 @@ class EvalOutcome:
     rows: list[dict[str, Any]]
     evaluations: list[Evaluation]
     warnings: list[str]  # across eps (non-monotone accuracy)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
 
 
 def cross_check_attacks(attacks: list[AttackSpec]) -> list[AttackSpec]:
@@ -170,8 +165,6 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
     from robust_sparse.distributed import resolve_device
 
     if config.corruptions_track:
-        from robust_sparse.eval.corruptions import run_corruptions_job
-
         return run_corruptions_job(config)
     models, dataset = local_models(config, names)
     first = models[0] if models else None
@@ -319,6 +312,36 @@ def format_row(row: dict[str, Any]) -> str:
     for warning in row["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
+
+
+def run_corruptions_job(config: EvalConfig) -> JobOutcome:
+    """An :class:`~robust_sparse.eval.config.EvalConfig` with ``threat_model: corruptions`` (validated: no radius
+    or attacks): clean accuracy on the test points, then every corruption and severity; one row per model into
+    the results store."""
+    from robust_sparse.distributed import resolve_device
+    from robust_sparse.eval.corruptions import (SEVERITIES, check_files, default_corruptions,
+                                                evaluate_model)
+
+    models, dataset = local_models(config, Names())
+    first = models[0] if models else None
+    root = config.data_root or (first.data_root if first else None) or "data"
+    corruptions = tuple(config.corruptions) if config.corruptions else default_corruptions()
+    severities = tuple(config.severities) if config.severities else SEVERITIES
+    n = check_files(root, dataset, corruptions, severities, config.n_examples)  # before any model download
+    images, labels = loading.load_points(dataset, n, root=root, download=config.download, data_file=config.data_file)
+    if models is None:
+        models = [loading.from_robustbench(config.robustbench_model, dataset, "linf", config.model_dir)]
+        if config.name:
+            models[0].name = config.name
+    results_dir = default_results_dir(config)
+    device = resolve_device(config.device.value)
+    rows = []
+    for loaded in models:
+        rows.append(evaluate_model(loaded, images, labels, root, dataset, corruptions, severities, n,
+                                   config.batch_size, device, results_dir))
+    if config.output:
+        write_atomic(Path(config.output), json.dumps(rows[0] if len(rows) == 1 else rows, indent=2, default=str))
+    return JobOutcome(rows, [], results_dir)
 
 
 def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: torch.device,

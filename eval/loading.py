@@ -31,12 +31,13 @@ from robust_sparse.config import DataConfig
 from robust_sparse.datasets import DATASETS
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.eval.runner import check_inputs
+# how results name a threat model; threat_label is imported from here by the job too
+from robust_sparse.eval.store import ROBUSTBENCH_THREATS, threat_label  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 # Each dataset's protocol (radius and test points per threat model) is its record's: robust_sparse/datasets/.
 _THREATS = {"linf": "linf", "l2": "l2"}
-ROBUSTBENCH_THREATS = {"linf": "Linf", "l2": "L2"}
 
 
 def parse_dataset(text: str) -> str:
@@ -60,11 +61,6 @@ def parse_threat(text: str) -> str:
         return _THREATS[text.strip().lower()]
     except KeyError:
         raise UserError(f"unknown threat model {text!r}; choose Linf or L2") from None
-
-
-def threat_label(norm: str) -> str:
-    """``linf`` -> ``Linf`` (RobustBench's spelling, used in results)."""
-    return ROBUSTBENCH_THREATS[norm]
 
 
 @dataclass

@@ -16,13 +16,12 @@ Each check returns human-readable warnings; they are stored with the result and 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
 
-if TYPE_CHECKING:  # the runner calls these checks at the end of every evaluation
-    from robust_sparse.eval.runner import Evaluation
+from robust_sparse.eval.evaluation import Evaluation
 
 SQUARE_TOLERANCE = 0.002  # fraction of points, as AutoAttack's check_square_sr
 LARGE_EPS_TOLERANCE = 0.01  # accuracy left at the large eps

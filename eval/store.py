@@ -46,6 +46,14 @@ from robust_sparse.eval.intervals import wilson_interval
 
 log = logging.getLogger(__name__)
 
+# a threat model as results name it (RobustBench's spelling)
+ROBUSTBENCH_THREATS = {"linf": "Linf", "l2": "L2"}
+
+
+def threat_label(norm: str) -> str:
+    """``linf`` -> ``Linf`` (RobustBench's spelling, used in results)."""
+    return ROBUSTBENCH_THREATS[norm]
+
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 FLAGS_DIR = "flags"

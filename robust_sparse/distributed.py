@@ -29,6 +29,13 @@ from robust_sparse.config import DeviceChoice
 from robust_sparse.errors import UserError
 
 
+def device_name(device: torch.device) -> str:
+    """The device as results name it: ``cuda:0 (NVIDIA H100 ...)``, or ``cpu (N threads)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
+
+
 def resolve_device(choice: DeviceChoice | str) -> torch.device:
     """``auto``: CUDA where there is a device, else the CPU; ``cuda`` without one is refused in one line."""
     choice = DeviceChoice(choice)
