@@ -17,6 +17,7 @@ from typing import Sequence
 
 from robust_sparse.files import rundir, shipped
 from robust_sparse.errors import DivergenceError, ExitCode, UserError
+from robust_sparse.chance import at_chance
 
 log = logging.getLogger("robust_sparse")
 
@@ -293,13 +294,13 @@ def chance_note(config, metrics, evaluation: dict | None) -> str | None:
     from robust_sparse.datasets.splits import dataset_info
 
     classes = dataset_info(config.data).num_classes
-    level = 1.0 / classes + config.divergence.chance_margin
+    margin = config.divergence.chance_margin  # the run's own: the rule training stopped on (robust_sparse.chance)
     measured = []
     if evaluation:
         measured.append(("test clean accuracy", evaluation["clean_accuracy"]))
     if len(metrics) and "val_clean_accuracy" in metrics:
         measured.append(("final validation clean accuracy", float(metrics["val_clean_accuracy"].iloc[-1])))
-    low = [f"{what} {value:.4f}" for what, value in measured if value < level]
+    low = [f"{what} {value:.4f}" for what, value in measured if at_chance(value, classes, margin)]
     if not low:
         return None
     return (f"{' and '.join(low)} at or below chance (1/{classes} = {1 / classes:.2f}, + margin "

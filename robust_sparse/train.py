@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from robust_sparse import distributed
+from robust_sparse.chance import at_chance, chance_level
 
 from robust_sparse.files import rundir
 from robust_sparse.agent import AGENT, agent_metrics, full_grad_pass, full_grad_pass_length, objective_loss
@@ -304,9 +305,11 @@ def _save_epoch(run: Run, record: Record, checkpoint: dict[str, Any], is_best: b
 def _stop_if_diverged(run: Run, record: Record, tracker: Tracker) -> None:
     """Validation accuracy at chance for ``divergence.patience`` epochs in a row: stop, keeping best.pt."""
     config = run.config
-    chance = 1.0 / run.splits.info.num_classes + config.divergence.chance_margin
+    classes, margin = run.splits.info.num_classes, config.divergence.chance_margin
+    chance = chance_level(classes, margin)
     recent = record.history[-config.divergence.patience:]
-    if len(recent) == config.divergence.patience and all(row["val_clean_accuracy"] < chance for row in recent):
+    if len(recent) == config.divergence.patience and all(at_chance(row["val_clean_accuracy"], classes, margin)
+                                                         for row in recent):
         tracker.close()
         raise DivergenceError(
             f"validation accuracy stayed at chance (< {chance:.3f}) for {len(recent)} epochs; "

@@ -193,6 +193,22 @@ def test_report_flags_diverged_chance_and_c_t_outside_0_1_in_words():
     assert table["agent_c_min"].min() == -0.23 and "chance" not in table.columns
 
 
+def test_the_report_judges_each_run_by_the_chance_margin_it_was_trained_with():
+    """The margin is the run's divergence.chance_margin (robust_sparse.chance, the rule its training stopped on),
+    not a copy of the default: 0.55 is at chance for a run trained with margin 0.5, not for one with 0.02."""
+    from robust_sparse.chance import CHANCE_MARGIN, at_chance
+    from robust_sparse.config import TrainConfig
+    from robust_sparse.studies.report import run_flags
+
+    assert TrainConfig().divergence.chance_margin == CHANCE_MARGIN and at_chance(0.11, 10) and not at_chance(0.13, 10)
+    runs = pd.DataFrame([
+        {"run_id": "wide", "chance": 0.1, "chance_margin": 0.5, "val_clean_accuracy": 0.55},
+        {"run_id": "default", "chance": 0.1, "chance_margin": 0.02, "val_clean_accuracy": 0.55},
+        {"run_id": "unknown", "chance": None, "chance_margin": 0.5, "val_clean_accuracy": 0.05}])
+    assert run_flags(runs) == ["1 run(s) ended with validation clean accuracy at chance (below 1/classes + 0.5): "
+                               "they learned nothing, and their robust accuracy means nothing: wide"]
+
+
 def test_epochs_to_accuracy_counts_seeds_that_never_reach_the_level_as_censored():
     """Three seeds reach 0.5 at epochs 2, never (4 epochs) and 3: the median is 3, not the mean 2.5 of the two
     that got there; a level only one seed reaches is '>4 (1/3)', not '2.00 (1/3)'."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from robust_sparse.chance import CHANCE_MARGIN
 # the sparsity section lives in its own module; re-exported here so that the schema is one import path
 from robust_sparse.config.sparsity import (FLAT_SPARSITY_NAMES, REGISTERED_SPARSITY_METHODS,  # noqa: F401
                                            RENAMED_SECTION_FIELDS, Growth, PruneSchedule, PruneScope,
@@ -245,7 +246,7 @@ class ExecutionConfig:
 @dataclass
 class DivergenceConfig:
     patience: int = 3  # stop after this many consecutive epochs with validation accuracy at chance
-    chance_margin: float = 0.02  # "at chance" = accuracy below 1/num_classes + margin
+    chance_margin: float = CHANCE_MARGIN  # "at chance" = accuracy below 1/num_classes + margin (robust_sparse.chance)
 
 
 class WandbMode(str, Enum):

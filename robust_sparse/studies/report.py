@@ -21,6 +21,7 @@ from robust_sparse.studies import plots, stats
 
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.chance import CHANCE_MARGIN, at_chance
 from robust_sparse.errors import UserError
 from robust_sparse.studies.local import EVAL_RESULT, run_status
 
@@ -175,9 +176,6 @@ def _read_metrics(path: Path) -> pd.DataFrame:
     return metrics
 
 
-CHANCE_MARGIN = 0.02  # "at chance": final validation accuracy below 1/classes + this (the divergence rule's)
-
-
 def _chance(run_dir: Path) -> float | None:
     """1 / number of classes of the run's dataset (from its config.yaml), None if unknown."""
     from robust_sparse.datasets import DATASETS
@@ -190,6 +188,26 @@ def _chance(run_dir: Path) -> float | None:
         return 1.0 / classes if classes > 0 else None
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
         return None
+
+
+def _chance_margin(run_dir: Path) -> float:
+    """The margin over chance the run was trained with (its config.yaml's ``divergence.chance_margin``), so that
+    the report judges it by the rule its training stopped on; the default where the config is older or unread."""
+    try:
+        return float(yaml.safe_load((run_dir / "config.yaml").read_text())["divergence"]["chance_margin"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return CHANCE_MARGIN
+
+
+def _at_chance(runs: pd.DataFrame, column: str) -> tuple[pd.DataFrame, str]:
+    """The runs whose ``column`` accuracy is at chance by their own rule (robust_sparse.chance: below 1/classes +
+    the margin each was trained with; a run of unknown chance never is), and that margin in words."""
+    chance = pd.to_numeric(runs["chance"], errors="coerce")  # 1 / classes
+    margin = (pd.to_numeric(runs["chance_margin"], errors="coerce").fillna(CHANCE_MARGIN)
+              if "chance_margin" in runs else pd.Series(CHANCE_MARGIN, index=runs.index))
+    found = runs[at_chance(pd.to_numeric(runs[column], errors="coerce"), 1.0 / chance, margin).fillna(False)]
+    margins = sorted(set(margin[found.index]))
+    return found, f"{margins[0]:g}" if len(margins) == 1 else "each run's margin, " + ", ".join(f"{m:g}" for m in margins)
 
 
 def _agent_gamma(run_dir: Path) -> float | None:
@@ -238,20 +256,18 @@ def run_flags(runs: pd.DataFrame) -> list[str]:
             flags.append(f"{len(names)} run(s) diverged before their first epoch ended (NaN loss): they have no "
                          f"numbers: {', '.join(names)}")
     if "chance" in runs and "val_clean_accuracy" in runs:
-        level = (runs["chance"] + CHANCE_MARGIN).fillna(-math.inf)  # unknown chance: never "at chance"
-        at_chance = runs[runs["val_clean_accuracy"].fillna(math.inf) < level]
-        if not at_chance.empty:
-            names = sorted(at_chance["run_id"].unique())
+        found, margin = _at_chance(runs, "val_clean_accuracy")
+        if not found.empty:
+            names = sorted(found["run_id"].unique())
             flags.append(f"{len(names)} run(s) ended with validation clean accuracy at chance (below 1/classes + "
-                         f"{CHANCE_MARGIN}): they learned nothing, and their robust accuracy means nothing: "
+                         f"{margin}): they learned nothing, and their robust accuracy means nothing: "
                          f"{', '.join(names)}")
     if "chance" in runs and "test_clean_accuracy" in runs:  # what each run itself warned about at its end
-        level = (runs["chance"] + CHANCE_MARGIN).fillna(-math.inf)
-        at_chance = runs[runs["test_clean_accuracy"].fillna(math.inf) < level]
-        if not at_chance.empty:
-            names = sorted(at_chance["run_id"].unique())
+        found, margin = _at_chance(runs, "test_clean_accuracy")
+        if not found.empty:
+            names = sorted(found["run_id"].unique())
             flags.append(f"{len(names)} run(s) ended with test clean accuracy at chance (below 1/classes + "
-                         f"{CHANCE_MARGIN}): their robust accuracy means nothing: {', '.join(names)}")
+                         f"{margin}): their robust accuracy means nothing: {', '.join(names)}")
     if "agent_gamma" in runs and "agent_weight_max" in runs:
         idle = runs[(runs["agent_gamma"].fillna(0) != 0) & (runs["agent_weight_max"].fillna(0) == 0)]
         if not idle.empty:
@@ -322,6 +338,7 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                         "val_pgd_accuracy": last["val_pgd_accuracy"]})
             row["diverged"] = row["diverged"] or bool(last["train_loss"] != last["train_loss"])
             row["chance"] = _chance(run_dir)
+            row["chance_margin"] = _chance_margin(run_dir)
             row["agent_gamma"] = _agent_gamma(run_dir)
             row.update({column: last[column] for column in COST if column in metrics})  # before any evaluation
             if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
@@ -350,7 +367,8 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
-    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "test_n", "chance", *C_RANGE,
+    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "test_n", "chance", "chance_margin",
+                *C_RANGE,
                 *FINAL, *COST}
     return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))
             and not c.endswith((" wilson_low", " wilson_high"))]
