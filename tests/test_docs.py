@@ -158,6 +158,15 @@ def test_every_command_and_flag_is_in_the_cli_reference():
             assert option in ("-h", "--help") or f"`{option}" in text
 
 
+def test_every_registered_dataset_is_in_the_datasets_table():
+    from robust_sparse.datasets import DATASETS
+
+    text = reference.datasets_reference()
+    names = [name for name, _ in DATASETS.entries()]
+    assert len(names) >= 6 and all(f"| `{name}` |" in text for name in names)
+    assert "linf: 8/255, 10,000" in text.split("| `cifar10` |")[1].split("\n")[0]
+
+
 def test_every_exit_code_is_in_the_troubleshooting_table():
     from robust_sparse.errors import ExitCode
 
@@ -200,7 +209,7 @@ def test_the_generated_pages_hold_their_markers_and_mkdocs_runs_the_hook():
     for page, marker in [("reference/configuration.md", "config"), ("reference/cli.md", "cli"),
                          ("reference/evaluation-config.md", "eval-config"), ("reference/sweep-file.md", "sweep"),
                          ("troubleshooting.md", "exit-codes"), ("benchmarks.md", "include BENCHMARKS.md"),
-                         ("architecture.md", "layout")]:
+                         ("architecture.md", "layout"), ("training/data-and-models.md", "datasets")]:
         assert f"<!-- reference:{marker} -->" in (REPO / "docs" / page).read_text(), page
 
 

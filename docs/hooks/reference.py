@@ -523,6 +523,38 @@ def layout_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+def datasets_reference() -> str:
+    """The registered datasets (``data.dataset``), from their records: classes, shape, the evaluation protocol per
+    threat model (radius and test points), corruptions, RobustBench's name."""
+    try:
+        from robust_sparse.datasets import DATASETS
+    except ImportError:  # a version without dataset records
+        return ""
+    lines = ["| `data.dataset` | what | classes | input | protocol (eps, test points) | augmentation | "
+             "corruptions | RobustBench |", "|---|---|---|---|---|---|---|---|"]
+    for name, record in DATASETS.entries():
+        classes = str(record.num_classes) if record.num_classes else "`data.num_classes`"
+        size = f"{record.in_channels}×{record.image_size}×{record.image_size}"
+        if getattr(record, "streamed", False):
+            size += " (streamed; `data.image_size`)"
+        protocols = "; ".join(f"{threat}: {spell_eps(protocol.eps)}, {protocol.n_examples:,}"
+                              for threat, protocol in record.protocols.items())
+        augmentation = ", ".join(part for part in (f"crop (pad {record.crop_padding})" if record.crop_padding else "",
+                                                   "flip" if record.hflip else "") if part) or "none"
+        corruptions = f"`{record.corruptions.folder}`" if record.corruptions else "–"
+        lines.append(f"| `{name}` | {_cell(record.description)} | {classes} | {size} | {protocols} | {augmentation} "
+                     f"| {corruptions} | {record.robustbench or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def spell_eps(eps: float) -> str:
+    """A radius as people write it: 8/255 rather than 0.0314 where it is a multiple of 1/255."""
+    scaled = eps * 255
+    if 0 < eps < 1 and abs(scaled - round(scaled)) < 1e-6:
+        return f"{round(scaled)}/255"
+    return f"{eps:g}"
+
+
 def exit_codes_reference() -> str:
     """``robust-sparse``'s exit codes, from the ``ExitCode`` enum of robust_sparse/errors.py and its comments."""
     from robust_sparse import errors
@@ -543,7 +575,8 @@ def exit_codes_reference() -> str:
 _MARKER = re.compile(r"^<!-- reference:([\w-]+)(?: ([\w.,]+))? -->$", flags=re.M)
 GENERATORS = {"config": config_reference, "eval-config": eval_config_reference, "sweep": sweep_reference,
               "cli": cli_reference, "api-exports": exports_reference,
-              "exit-codes": exit_codes_reference, "layout": layout_reference}
+              "exit-codes": exit_codes_reference, "layout": layout_reference,
+              "datasets": datasets_reference}
 
 
 def expand(markdown: str) -> str:
