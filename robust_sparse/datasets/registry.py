@@ -14,7 +14,7 @@ config's data section as :class:`DataSettings`, the fields it reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Protocol as TypingProtocol
@@ -91,7 +91,6 @@ class Dataset:
     robustbench: str | None = None  # RobustBench's BenchmarkDataset value: its model zoo and leaderboard
     # checks of data.root before any work (the loader checks it again when it reads); None: the loader's alone
     check_root: Callable[[DataSettings], None] | None = field(default=None, compare=False)
-    notes: str = ""  # what was chosen and why, where the choice is not RobustBench's
 
     def protocol(self, norm: Any) -> Protocol:
         """The protocol for ``norm`` (a ``Norm`` or its value)."""
@@ -101,8 +100,6 @@ class Dataset:
         """This record with a streamed dataset's class count and crop size from ``settings``."""
         if not self.streamed:
             return self
-        from dataclasses import replace
-
         return replace(self, num_classes=self.num_classes or settings.num_classes, image_size=settings.image_size)
 
 
@@ -127,6 +124,4 @@ def register_dataset(record: Dataset) -> Dataset:
 
 
 def _frozen(record: Dataset) -> Dataset:
-    from dataclasses import replace
-
     return replace(record, protocols=MappingProxyType(dict(record.protocols)))
