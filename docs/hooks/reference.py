@@ -1,16 +1,23 @@
-"""Generated pages of the manual: the configuration reference, read from the config dataclasses, and the CLI
-reference, read from ``robust-sparse``'s argparse parser, so that neither can drift from the program.
+"""Generated pages of the manual, read from the code when the site is built, so that none can drift from it.
 
-MkDocs loads this file as a hook (``hooks:`` in mkdocs.yml): :func:`on_page_markdown` replaces a marker line such
-as ``<!-- reference:config -->`` with the generated Markdown. Nothing here lists a field, a method or a command:
-the training config is walked from :class:`robust_sparse.config.schema.TrainConfig` (every nested section, and the
-sparse methods' sections, ``sparsity.<method>.*``, as the config parser finds them: the ``inline`` metadata of
-``SparsityConfig.sections``), the evaluation and sweep files from their own dataclasses, and the commands from
-``robust_sparse.cli.build_parser``. A field's documentation is the comment written beside it in the source (the
-``# ...`` on its line, and a comment block directly above it); a section's is its class docstring.
+MkDocs loads this file as a hook (``hooks:`` in mkdocs.yml): :func:`on_page_markdown` replaces each marker line
+``<!-- reference:KIND [ARGUMENT] -->`` of a page with what :data:`GENERATORS` (or ``api``/``include``) makes of it:
 
-``tests/test_docs.py`` imports this module by path and checks that every field and every command is in what it
-generates.
+* ``config``: the training configuration, walked from ``robust_sparse.config.schema.TrainConfig`` (every nested
+  section, and the sparse methods' sections, ``sparsity.<method>.*``, as the config parser finds them: the
+  ``inline`` metadata of ``SparsityConfig.sections``), with the registered methods' defaults;
+* ``eval-config`` and ``sweep``: ``robust-sparse eval --config``'s ``EvalConfig`` and the sweep file's dataclass
+  (what ``read_sweep_file`` returns);
+* ``cli``: every command of ``robust_sparse.cli.build_parser``, its usage and arguments;
+* ``exit-codes``, ``datasets``, ``layout``, ``api-exports``: the ``ExitCode`` enum, the dataset records, every
+  module with its docstring's first paragraph, ``import robust_sparse``'s lazy names;
+* ``api PACKAGE[,MODULE...]``: mkdocstrings directives for a package's modules, found in its folder;
+* ``include FILE``: a Markdown file of the repository's root (BENCHMARKS.md).
+
+Nothing here lists a field, a method, a dataset or a command. A field's documentation is the comment written beside
+it in the source (the ``# ...`` on its line, and a comment block directly above it); a section's is its class
+docstring. ``tests/test_docs.py`` imports this module by path and checks, walking the code on its own, that every
+field, command, dataset and module is in what it generates.
 """
 
 from __future__ import annotations
