@@ -31,6 +31,7 @@ import yaml
 
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, spell, to_dict
+from robust_sparse.config.schema import GAMMA_KEY
 from robust_sparse.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 # always in the hyper-parameters of a sweep run, swept or not: what a reader filters a gamma sweep by
-HPARAM_FIELDS = ("sparsity.method", "sparsity.density", "agent.enabled", "agent.estimator", "agent.gamma",
+HPARAM_FIELDS = ("sparsity.method", "sparsity.density", "agent.enabled", "agent.estimator", GAMMA_KEY,
                  "objective", "seed")
 SETTINGS = ("n_examples", "eps", "pgd_steps", "restarts", "epoch")  # of the final evaluation: not metrics
 MAX_TAG = 64  # W&B's limit on a tag's length

@@ -15,7 +15,8 @@ import yaml
 
 from robust_sparse.studies import plots
 from robust_sparse.config import load_config, save_config
-from robust_sparse.studies.report import aggregate, collect_many, cosine_table, grid_keys, write_report
+from robust_sparse.studies.agent_gamma import cosine_table
+from robust_sparse.studies.report import aggregate, collect_many, grid_keys, write_report
 
 EPS = 8 / 255
 EPOCHS = 3
@@ -213,7 +214,7 @@ def test_agent_figure_shows_c_t_variance_ratio_and_cosine_per_epoch(study):
 
 def test_cosine_per_density_names_each_gamma(study):
     _, runs, curves = study
-    table = cosine_table(runs, curves)
+    table = cosine_table(runs, curves, [k for k in grid_keys(runs) if k != "seed"])
     figure = plots.cosine_figure(table, ["agent.gamma"])
     assert sorted(_legend_entries(figure)) == ["γ=0", "γ=0.1", "γ=0.5"]
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["0.1", "0.01"]

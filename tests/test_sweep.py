@@ -228,7 +228,8 @@ def test_epochs_to_accuracy_counts_seeds_that_never_reach_the_level_as_censored(
 
 
 def test_agent_columns_quote_the_last_epoch_and_the_largest_variance_ratio_and_stay_out_of_the_grid():
-    from robust_sparse.studies.report import _agent_columns, grid_keys
+    from robust_sparse.studies.agent_gamma import agent_columns as _agent_columns
+    from robust_sparse.studies.report import grid_keys
 
     metrics = pd.DataFrame({"epoch": [1, 2, 3, 4], "agent_weight": [0.0, 0.03, 0.06, 0.05],
                             "agent_variance_ratio": [float("nan"), 0.9, 52.7, 0.8]})

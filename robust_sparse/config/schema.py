@@ -160,6 +160,11 @@ class OptimConfig:
     factors: list[float] = field(default_factory=lambda: [0.1, 0.01])
 
 
+#: AGENT's γ as sweeps, reports and trackers name it (a grid key, a tracker's hyper-parameter): the key of the γ
+#: studies (robust_sparse.studies.agent_gamma), spelled here once.
+GAMMA_KEY = "agent.gamma"
+
+
 @dataclass
 class AgentConfig:
     """AGENT's adaptive gradient correction (robust_sparse/agent.py); defaults follow the official code."""

@@ -41,6 +41,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
 from robust_sparse.files.checkpoint import save_figure
+from robust_sparse.config.schema import GAMMA_KEY
 from robust_sparse.studies import stats
 
 # Legend names of the grid keys a reader knows by another name; any other key shows its last dotted part. The
@@ -51,7 +52,7 @@ DISPLAY = {
     "subnet_density": "sub-net density",
     "agent.enabled": "AGENT",
     "agent.estimator": "AGENT estimator",
-    "agent.gamma": "γ",
+    GAMMA_KEY: "γ",
     "objective": "objective",
 }
 DENSITY_KEYS = ("subnet_density", "sparsity.density")  # the first present is the density of a row
@@ -423,25 +424,25 @@ def test_metrics(frame: pd.DataFrame, suffix: str = "") -> list[str]:
 def gamma_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str]) -> Figure | None:
     """Test accuracy per γ (``table``: the report's mean ± std per setting), one line per setting of the other
     keys (density above all)."""
-    table = table[table["agent.gamma"].notna()]
-    if table["agent.gamma"].nunique() < 2:
+    table = table[table[GAMMA].notna()]
+    if table[GAMMA].nunique() < 2:
         return None
     metrics = [m for m in test_metrics(table, " mean") if table[f"{m} mean"].notna().any()]
     if not metrics:  # no γ setting has test results yet (a report while the sweep still trains)
         return None
     table = table[table[[f"{m} mean" for m in metrics]].notna().any(axis=1)]  # settings not yet tested: no entry
-    if table["agent.gamma"].nunique() < 2:  # one γ tested so far: nothing to compare
+    if table[GAMMA].nunique() < 2:  # one γ tested so far: nothing to compare
         return None
     table = in_percent(table, [f"{m} {part}" for m in metrics for part in ("mean", "std")])
-    others = [k for k in keys if k not in ("seed", "agent.gamma") and k in table]
+    others = [k for k in keys if k not in ("seed", GAMMA) and k in table]
     plotted = series(table, legend_keys(table, others))
     figure, axes = _new_figure(len(metrics))
-    gammas = sorted(float(g) for g in table["agent.gamma"].unique())
+    gammas = sorted(float(g) for g in table[GAMMA].unique())
     positive = [g for g in gammas if g > 0]
     for axis, metric in zip(axes, metrics):
         for i, s in enumerate(plotted):
-            rows = s.frame.dropna(subset=[f"{metric} mean"]).sort_values("agent.gamma")
-            bars = axis.errorbar(rows["agent.gamma"], rows[f"{metric} mean"], yerr=rows[f"{metric} std"].fillna(0),
+            rows = s.frame.dropna(subset=[f"{metric} mean"]).sort_values(GAMMA)
+            bars = axis.errorbar(rows[GAMMA], rows[f"{metric} mean"], yerr=rows[f"{metric} std"].fillna(0),
                                  color=s.color, linestyle=s.linestyle, marker=s.marker, markersize=5, capsize=3)
             _dodge(figure, bars, i, len(plotted))
         # γ spans decades and includes 0: symmetric log, ticks at the values studied
@@ -588,7 +589,7 @@ def cosine_figure(table: pd.DataFrame, varying: Sequence[str]) -> Figure:
 
 # ------------------------------------------------------------------------- γ studies with paired intervals
 
-GAMMA = "agent.gamma"
+GAMMA = GAMMA_KEY
 GAMMA_LABEL = "γ (weight of AGENT's correction; symlog scale: linear below the smallest γ > 0)"
 
 

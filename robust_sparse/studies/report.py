@@ -18,6 +18,10 @@ import pandas as pd
 import yaml
 
 from robust_sparse.studies import plots, stats
+from robust_sparse.studies.hooks import Context, Place, default_reference, hooks
+# the studies whose runs log more than accuracies register their part of the report (their columns, flags,
+# default reference and sections) on import
+from robust_sparse.studies import agent_gamma  # noqa: F401
 
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import write_atomic
@@ -28,8 +32,6 @@ from robust_sparse.studies.local import EVAL_RESULT, run_status
 log = logging.getLogger(__name__)
 
 FINAL = ["test_clean_accuracy", "test_pgd_accuracy", "val_clean_accuracy", "val_pgd_accuracy"]
-C_RANGE = ("agent_c_min", "agent_c_max")  # per run: the range of AGENT's c_t over its epochs
-AGENT_SUMMARY = ("agent_weight_last", "agent_variance_ratio_last")  # averaged over seeds in summary.csv
 COST = ["train_flops_vs_dense", "inference_flops_vs_dense"]  # robust_sparse.flops, from eval.json or metrics.csv
 STAGE = "eval_"  # columns of the sweep's evaluation stage: eval_n, eval_clean_accuracy, eval_<attack>_accuracy
 
@@ -207,42 +209,14 @@ def _at_chance(runs: pd.DataFrame, column: str) -> tuple[pd.DataFrame, str]:
               if "chance_margin" in runs else pd.Series(CHANCE_MARGIN, index=runs.index))
     found = runs[at_chance(pd.to_numeric(runs[column], errors="coerce"), 1.0 / chance, margin).fillna(False)]
     margins = sorted(set(margin[found.index]))
-    return found, f"{margins[0]:g}" if len(margins) == 1 else "each run's margin, " + ", ".join(f"{m:g}" for m in margins)
-
-
-def _agent_gamma(run_dir: Path) -> float | None:
-    """The γ the run's AGENT used (its variant's: ``svrg``/``no_gamma``/``fixed_c`` fix it to 1), None without
-    AGENT or a readable config.yaml."""
-    from robust_sparse.agent import resolve_variant
-    from robust_sparse.config import config_from_dict
-
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        agent = config_from_dict({**saved, "data": {**saved.get("data", {}), "root": "."}}).agent
-    except (OSError, yaml.YAMLError, UserError, TypeError, AttributeError, KeyError):
-        return None
-    return resolve_variant(agent).gamma if agent.enabled else None
-
-
-def _agent_columns(metrics: pd.DataFrame) -> dict[str, Any]:
-    """What AGENT did in one run, for the tables and texts that quote it: the correction weight gamma*c_t and the
-    variance ratio Var(g_hat)/Var(g) of the probe batch (below 1: the correction reduced the gradient variance)
-    in the last epoch, and the largest variance ratio with its epoch (a spike is the instability the paper warns
-    about)."""
-    columns: dict[str, Any] = {}
-    if "agent_weight" in metrics and metrics["agent_weight"].notna().any():
-        columns["agent_weight_last"] = metrics["agent_weight"].dropna().iloc[-1]
-        columns["agent_weight_max"] = metrics["agent_weight"].dropna().abs().max()  # 0: the correction never acted
-    if "agent_variance_ratio" in metrics and metrics["agent_variance_ratio"].notna().any():
-        ratios = metrics.set_index("epoch")["agent_variance_ratio"].dropna()
-        columns.update({"agent_variance_ratio_last": ratios.iloc[-1], "agent_variance_ratio_max": ratios.max(),
-                        "agent_variance_ratio_max_epoch": int(ratios.idxmax())})
-    return columns
+    if len(margins) == 1:
+        return found, f"{margins[0]:g}"
+    return found, "each run's margin, " + ", ".join(f"{m:g}" for m in margins)
 
 
 def run_flags(runs: pd.DataFrame) -> list[str]:
     """What a reader must know before reading the tables, in words: runs that diverged, that ended at chance
-    accuracy, or whose AGENT c_t left [0, 1] (a negative c_t reverses the correction)."""
+    accuracy, and what each study's hook flags (robust_sparse.studies.hooks)."""
     flags = []
     if "diverged" in runs and runs["diverged"].fillna(False).astype(bool).any():
         diverged = runs[runs["diverged"].fillna(False).astype(bool)]
@@ -268,21 +242,8 @@ def run_flags(runs: pd.DataFrame) -> list[str]:
             names = sorted(found["run_id"].unique())
             flags.append(f"{len(names)} run(s) ended with test clean accuracy at chance (below 1/classes + "
                          f"{margin}): their robust accuracy means nothing: {', '.join(names)}")
-    if "agent_gamma" in runs and "agent_weight_max" in runs:
-        idle = runs[(runs["agent_gamma"].fillna(0) != 0) & (runs["agent_weight_max"].fillna(0) == 0)]
-        if not idle.empty:
-            names = sorted(idle["run_id"].unique())
-            flags.append(f"{len(names)} AGENT run(s) with γ > 0 whose correction weight γ·c_t was 0 in every epoch "
-                         "(c_t is 0 until the second snapshot refresh): they trained as γ = 0 did, so a γ comparison "
-                         f"of them shows nothing: {', '.join(names)}")
-    if "agent_c_min" in runs:
-        outside = runs[(runs["agent_c_min"] < 0) | (runs["agent_c_max"] > 1)].drop_duplicates("run_id")
-        if not outside.empty:
-            ranges = ", ".join(f"{r.run_id} [{r.agent_c_min:.3g}, {r.agent_c_max:.3g}]"
-                               for r in outside.itertuples())
-            flags.append(f"{len(outside)} AGENT run(s) had c_t outside [0, 1], the paper's range (unclipped, as "
-                         f"the official code; agent.clip=true clips; a negative c_t reverses the correction): "
-                         f"{ranges}")
+    for hook in hooks():
+        flags += hook.flags(runs)
     return flags
 
 
@@ -339,11 +300,9 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             row["diverged"] = row["diverged"] or bool(last["train_loss"] != last["train_loss"])
             row["chance"] = _chance(run_dir)
             row["chance_margin"] = _chance_margin(run_dir)
-            row["agent_gamma"] = _agent_gamma(run_dir)
+            for hook in hooks():
+                row.update(hook.run_columns(run_dir, metrics))
             row.update({column: last[column] for column in COST if column in metrics})  # before any evaluation
-            if "agent_c" in metrics and metrics["agent_c"].notna().any():  # c_t's range (the paper: [0, 1])
-                row["agent_c_min"], row["agent_c_max"] = metrics["agent_c"].min(), metrics["agent_c"].max()
-                row.update(_agent_columns(metrics))
         evaluation = _evaluation(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
         if evaluation:
             row.update({"test_clean_accuracy": evaluation["clean_accuracy"],
@@ -367,10 +326,10 @@ def collect(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def grid_keys(runs: pd.DataFrame) -> list[str]:
-    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "test_n", "chance", "chance_margin",
-                *C_RANGE,
-                *FINAL, *COST}
-    return [c for c in runs.columns if c not in reserved and not c.startswith((STAGE, "agent_"))
+    reserved = {"run_id", "status", "epochs", "diverged", "best_epoch", "test_seconds", "test_n", "chance",
+                "chance_margin", *FINAL, *COST}
+    prefixes = (STAGE, *(prefix for hook in hooks() for prefix in hook.prefixes))  # the hooks' columns
+    return [c for c in runs.columns if c not in reserved and not c.startswith(prefixes)
             and not c.endswith((" wilson_low", " wilson_high"))]
 
 
@@ -383,7 +342,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds of the final numbers, one row per setting."""
     keys = [k for k in grid_keys(runs) if k != "seed"]
     present = [c for c in FINAL if c in runs] + [c for c in COST if c in runs] + stage_metrics(runs) + \
-        [c for c in AGENT_SUMMARY if c in runs]
+        [c for hook in hooks() for c in hook.averaged if c in runs]
     grouped = runs.groupby(keys, dropna=False) if keys else runs.assign(_all=0).groupby("_all")
     table = grouped[present].agg(["mean", "std"]) if present else grouped.size().to_frame("_").drop(columns="_")
     table.columns = [f"{metric} {stat}" for metric, stat in table.columns] if present else []
@@ -391,8 +350,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     table["diverged"] = grouped["diverged"].sum() if "diverged" in runs else 0
     # neither done nor diverged: not started, still running, or stopped before its end (a report cannot tell which)
     table["unfinished"] = grouped["status"].apply(lambda s: int((~s.isin(["done", "diverged"])).sum()))
-    if C_RANGE[0] in runs:  # AGENT's c_t over all seeds' epochs: its sign and range, beside the accuracies
-        table[C_RANGE[0]], table[C_RANGE[1]] = grouped[C_RANGE[0]].min(), grouped[C_RANGE[1]].max()
+    for low, high in (pair for hook in hooks() for pair in hook.ranges):  # a range over all seeds' epochs
+        if low in runs:
+            table[low], table[high] = grouped[low].min(), grouped[high].max()
     if f"{STAGE}n" in runs:  # how many runs the evaluation stage covered, on how many points
         table[f"{STAGE}runs"] = grouped[f"{STAGE}n"].count()
         table[f"{STAGE}n"] = grouped[f"{STAGE}n"].max()
@@ -471,9 +431,10 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
                  correction: stats.Correction | str = stats.Correction.HOLM,
                  family: stats.Family | str = stats.Family.SPLIT) -> Path:
     """The report of one sweep directory, or of several side by side (e.g. a γ study and its baselines).
-    ``reference``: the setting paired differences are taken against (``{"agent.gamma": 0}`` by default where the
-    sweep varies γ; see :func:`default_reference`); ``correction`` and ``family``: how the p-values of its
-    intervals are adjusted, over which intervals together (robust_sparse.studies.stats)."""
+    ``reference``: the setting paired differences are taken against (by default the first a study's hook names
+    that the runs have, e.g. γ = 0: robust_sparse.studies.hooks.default_reference); ``correction`` and
+    ``family``: how the p-values of its intervals are adjusted, over which intervals together
+    (robust_sparse.studies.stats)."""
     sweep_dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, list) else [sweep_dir])]
     out = Path(out) if out else rundir.report_dir(sweep_dirs[0])  # beside the sweep, never inside it
     rundir.check_owned(out, rundir.Kind.REPORT, "report --out")
@@ -498,14 +459,17 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
     lines += _sampling_section(runs)
     lines += _paired_section(runs, keys, reference, out, correction, family)
     lines += _stage_section(runs)
-    if not curves.empty and "agent_cosine" in curves and curves["agent_cosine"].notna().any():
-        lines += _cosine_section(runs, curves, out)
     if not curves.empty and "probe_perturbed_correlation" in curves and \
             curves["probe_perturbed_correlation"].notna().any():
         lines += _correlation_section(runs, curves, out)
-    lines += _figure(plots.agent_figure(runs, curves, keys), out, "agent.png", "## AGENT over epochs",
-                     "AGENT's c_t, the variance ratio Var(ĝ)/Var(g) of its probe batch and the cosine between g_new "
-                     "and g_old, per epoch of every run that used AGENT.")
+    steps = None
+
+    def context() -> Context:  # what the hooks' sections see, steps included once they are known
+        return Context(runs=runs, curves=curves, table=table, keys=keys, labels=labels, reference=reference, out=out,
+                       steps=steps, figure=_figure, markdown=_markdown,
+                       paired=lambda chosen: paired_table(runs, keys, chosen, correction, family))
+
+    lines += _sections(Place.AFTER_TABLES, context())
     if not curves.empty:
         clean_steps = epochs_to_accuracy(runs, curves, list(thresholds))
         robust_steps = epochs_to_accuracy(runs, curves, list(robust_thresholds), column="val_pgd_accuracy")
@@ -517,10 +481,7 @@ def write_report(sweep_dir: str | Path | list[str | Path], out: str | Path | Non
                   "(reached/seeds) in brackets.",
                   "", _markdown(_with_reached(clean_steps)), "", _markdown(_with_reached(robust_steps)), ""]
         lines += _figure(plots.convergence_figure(runs, curves, keys, labels), out, "convergence.png")
-    if "agent.gamma" in runs and "test_pgd_accuracy mean" in table and table["agent.gamma"].nunique() > 1:
-        lines += _figure(plots.gamma_figure(table, keys, labels), out, "gamma_sensitivity.png")
-        lines += _gamma_figures(runs, curves, table, keys, labels, reference, out,
-                                steps if not curves.empty else None, correction, family)
+    lines += _sections(Place.AFTER_CONVERGENCE, context())
     if "test_pgd_accuracy" in runs:
         lines += _figure(plots.sparsity_figure(runs, curves, keys, labels), out, "robust_vs_sparsity.png",
                          "## Robust accuracy against sparsity", "Test accuracy of each setting at each density "
@@ -549,18 +510,6 @@ def _points_column(metric: str) -> str | None:
 def paired_metrics(runs: pd.DataFrame) -> list[str]:
     """Every final metric a paired comparison covers: test, validation and evaluation-stage accuracies."""
     return [c for c in FINAL if c in runs] + stage_metrics(runs)
-
-
-def default_reference(runs: pd.DataFrame) -> dict[str, Any] | None:
-    """γ = 0 where the runs vary γ and some have γ = 0; else AGENT off where some runs have it on and some off;
-    else None (no paired section unless a reference is given)."""
-    if "agent.gamma" in runs and runs["agent.gamma"].astype(str).nunique() > 1 and \
-            stats.is_reference(runs, {"agent.gamma": 0}).any():
-        return {"agent.gamma": 0}
-    if "agent.enabled" in runs and stats.is_reference(runs, {"agent.enabled": False}).any() and \
-            runs["agent.enabled"].astype(str).nunique() > 1:
-        return {"agent.enabled": False}
-    return None
 
 
 def check_reference(runs: pd.DataFrame, keys: list[str], reference: dict[str, Any] | None) -> None:
@@ -732,32 +681,9 @@ def write_stored_report(runs_csv: str | Path, out: str | Path, reference: dict[s
     return out / "paired.md"
 
 
-def _gamma_figures(runs: pd.DataFrame, curves: pd.DataFrame, table: pd.DataFrame, keys: list[str],
-                   labels: dict[str, str], reference: dict[str, Any] | None, out: Path,
-                   steps: pd.DataFrame | None, correction: stats.Correction | str = stats.Correction.HOLM,
-                   family: stats.Family | str = stats.Family.SPLIT) -> list[str]:
-    """The γ study's figures: accuracy against γ with paired intervals, epochs to accuracy against γ, and the
-    clean-robust trade-off labelled by γ."""
-    paired = (paired_table(runs, keys, reference, correction, family) if (reference or default_reference(runs))
-              else pd.DataFrame())
-    intervals = not paired.empty and bool(paired["low"].notna().any())  # one seed: rows, but no interval
-    caption = ("Per density: the mean over seeds and, as bars, the paired interval of the difference from γ = 0 "
-               "(the paired table above), simultaneous for its family (Bonferroni; the raw 95% interval with "
-               "--correction none), drawn about the mean; a bar clear of the dotted γ = 0 line is an established "
-               "difference." if intervals else
-               "Per density: the mean over seeds. No interval bars: a paired interval needs at least two seeds of "
-               "a setting and of its γ = 0 reference, and this sweep has fewer.")
-    lines = _figure(plots.gamma_paired_figure(runs, curves, paired, keys, labels), out, "gamma_paired.png",
-                    "## Accuracy against γ, paired" if intervals else "## Accuracy against γ", caption)
-    if steps is not None:
-        names = [c for c in steps.columns if " >= " in c and not c.endswith((" reached", " censored at"))]
-        lines += _figure(plots.gamma_epochs_figure(steps, names, keys), out, "gamma_epochs.png",
-                         "## Epochs to accuracy against γ", "Median over seeds of the first epoch at each validation "
-                         "level (the epochs table above); open triangles: the median seed never reached it.")
-    lines += _figure(plots.tradeoff_figure(table, keys, labels, plots.chance_level(runs)), out, "tradeoff.png",
-                     "## Clean-robust trade-off across γ", "Mean test clean against robust accuracy per setting, "
-                     "each point labelled with its γ.")
-    return lines
+def _sections(place: Place, context: Context) -> list[str]:
+    """Every hook's section at ``place``, in the order the hooks registered."""
+    return [line for hook in hooks() if place in hook.sections for line in hook.sections[place](context)]
 
 
 def _figure(figure: Any, out: Path, name: str, heading: str = "", text: str = "") -> list[str]:
@@ -795,53 +721,6 @@ def _stage_section(runs: pd.DataFrame) -> list[str]:
             "attacks run standalone (each on every point); worst = robust to all of them; warnings = gradient-masking "
             "checks of robust-sparse eval that fired (in each run's sweep_eval.json).", "",
             _markdown(pd.DataFrame(rows)), ""]
-
-
-def _cosine_runs(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """One row per run that logged AGENT's cosine: its density (the measured one; 1.0 for a dense run), the mean
-    over its logged epochs, its last logged epoch, and the grid keys that vary among these runs."""
-    logged = curves[curves["agent_cosine"].notna()]
-    per_run = []
-    for run_id_, run in logged.groupby("run_id"):
-        density = run["density"].iloc[-1] if "density" in run and run["density"].notna().any() else 1.0
-        per_run.append({"run_id": run_id_, "density": round(float(density), 3),
-                        "cosine": run["agent_cosine"].mean(), "cosine_last": run["agent_cosine"].iloc[-1],
-                        "epochs_logged": len(run)})
-    keys = [k for k in grid_keys(runs) if k != "seed"]
-    per_run = pd.DataFrame(per_run).merge(runs[["run_id", *keys]].drop_duplicates("run_id"), on="run_id")
-    varying = [k for k in keys if per_run[k].astype(str).nunique() > 1
-               and k not in ("sparsity.density", "sparsity.method", "sweep", "subnet_density")]
-    return per_run, varying
-
-
-def cosine_table(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """AGENT's logged cosine between g_new and g_old: per density (and any other key that varies among the AGENT
-    runs), mean ± std over seeds of each run's mean over its logged epochs and of its last logged epoch."""
-    per_run, varying = _cosine_runs(runs, curves)
-    grouped = per_run.groupby(["density", *varying], dropna=False)
-    table = grouped[["cosine", "cosine_last"]].agg(["mean", "std"])
-    table.columns = [f"{metric} {stat}" for metric, stat in table.columns]
-    table["runs"] = grouped.size()
-    table["epochs_logged"] = grouped["epochs_logged"].max()
-    return table.reset_index().sort_values(["density", *varying], ascending=[False] + [True] * len(varying))
-
-
-def _cosine_section(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
-    table = cosine_table(runs, curves)
-    write_atomic(out / "cosine.csv", table.to_csv(index=False))
-    per_run, varying = _cosine_runs(runs, curves)
-    merged = curves[["run_id", "epoch", "agent_cosine"]].merge(per_run[["run_id", "density", *varying]], on="run_id")
-    per_epoch = merged.dropna(subset=["agent_cosine"]).groupby(["density", *varying, "epoch"], dropna=False)
-    per_epoch = per_epoch["agent_cosine"].agg(["mean", "std", "count"]).reset_index()
-    per_epoch = per_epoch.sort_values(["density", *varying, "epoch"], ascending=[False] + [True] * (len(varying) + 1))
-    write_atomic(out / "cosine_per_epoch.csv", per_epoch.rename(
-        columns={"mean": "cosine mean", "std": "cosine std", "count": "runs"}).to_csv(index=False))
-    plots.save(plots.cosine_figure(table, varying), out / "cosine.png")  # per epoch: agent.png
-    return ["## AGENT's assumption: cosine between g_new and g_old", "",
-            "Logged by AGENT at every corrected step, averaged per epoch (epochs where the correction is off are not "
-            "logged); per run, the mean over the logged epochs and the last logged epoch; mean ± std over seeds "
-            "(per epoch: cosine_per_epoch.csv).",
-            "", _markdown(table), "", "![cosine](cosine.png)", ""]
 
 
 PROBE = ("probe_perturbed_correlation", "probe_snapshot_cosine", "probe_snapshot_correlation", "probe_c_hat")

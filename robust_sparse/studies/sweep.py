@@ -234,8 +234,9 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
     check_output_dir(target, "sweep out_dir", "set another out_dir (sweep --out)")
     rundir.check_owned(target, rundir.Kind.SWEEP, "sweep out_dir")
     # the checked sweep: paths resolved (base against the sweep file), the random space checked, the stage parsed
-    sweep = dataclasses.replace(spec, base=base_path, overrides=list(overrides), random=RandomSearch(samples, seed, space),
-                                out_dir=Path(target), slurm=dict(slurm), path=path, eval_stage=eval_stage)
+    sweep = dataclasses.replace(spec, base=base_path, overrides=list(overrides),
+                                random=RandomSearch(samples, seed, space), out_dir=Path(target), slurm=dict(slurm),
+                                path=path, eval_stage=eval_stage)
     from robust_sparse.run_record import check_run  # the training stack, only once the sweep file itself is sound
     from robust_sparse.models import REGISTERED_MODELS
 
