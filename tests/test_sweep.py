@@ -209,6 +209,28 @@ def test_the_report_judges_each_run_by_the_chance_margin_it_was_trained_with():
                                "they learned nothing, and their robust accuracy means nothing: wide"]
 
 
+def test_the_generic_report_names_no_study_key_and_a_registered_hook_adds_its_part():
+    """The γ study's columns, flags and reference come from its hook (robust_sparse.studies.agent_gamma); any
+    other study registers its own the same way, and its columns stay out of the grid keys."""
+    from pathlib import Path
+
+    from robust_sparse.studies import hooks, report
+    from robust_sparse.studies.report import default_reference, grid_keys, run_flags
+
+    source = Path(report.__file__).read_text()
+    assert "agent.gamma" not in source and '"agent_' not in source and "GAMMA" not in source
+    runs = pd.DataFrame([{"run_id": f"toy.level={v}", "seed": 0, "toy.level": v, "toy_score": v / 10}
+                         for v in (0, 1)])
+    assert default_reference(runs) is None and run_flags(runs) == [] and "toy_score" in grid_keys(runs)
+    hooks.register(hooks.StudyHook(name="toy", prefixes=("toy_",), flags=lambda frame: ["toy flag"],
+                                   reference=lambda frame: {"toy.level": 0} if "toy.level" in frame else None))
+    try:
+        assert run_flags(runs) == ["toy flag"] and default_reference(runs) == {"toy.level": 0}
+        assert grid_keys(runs) == ["seed", "toy.level"]
+    finally:
+        hooks.unregister("toy")
+
+
 def test_epochs_to_accuracy_counts_seeds_that_never_reach_the_level_as_censored():
     """Three seeds reach 0.5 at epochs 2, never (4 epochs) and 3: the median is 3, not the mean 2.5 of the two
     that got there; a level only one seed reaches is '>4 (1/3)', not '2.00 (1/3)'."""

@@ -70,6 +70,11 @@ def register(hook: StudyHook) -> StudyHook:
     return hook
 
 
+def unregister(name: str) -> None:
+    """Remove the hook registered as ``name`` (none: nothing to do)."""
+    _HOOKS.pop(name, None)
+
+
 def hooks() -> list[StudyHook]:
     """The registered hooks, in the order they were registered."""
     return list(_HOOKS.values())

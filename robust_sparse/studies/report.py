@@ -159,7 +159,7 @@ def _parse_items(items: list[str], where: str = "override", *, strict: bool = Fa
         try:
             values[key.strip()] = _cell(load_yaml(raw, f"{where} {item!r}"))
         except UserError as error:
-            raise UserError(f"{error}; give KEY=VALUE with a YAML value, e.g. agent.gamma=0") from None
+            raise UserError(f"{error}; give KEY=VALUE with a YAML value, e.g. sparsity.density=0.1") from None
     return values
 
 
