@@ -270,7 +270,7 @@ def check_eval(config: EvalConfig, names: Names = Names()) -> EvalConfig:
     """What the values name, read cheaply before any model or data: an exported model's protocol (its dataset
     fills in ``dataset``), the zoo entry, the output file and the results store. Returns the completed config."""
     from robust_sparse.files import rundir
-    from robust_sparse.eval import loading
+    import robust_sparse.eval.loading as loading
 
     dataset = config.dataset
     exported = loading.exported_protocol(config.weights) if config.arch is not None else None

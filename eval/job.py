@@ -26,7 +26,8 @@ from robust_sparse.distributed import device_name
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.errors import UserError
-from robust_sparse.eval import loading, sanity
+import robust_sparse.eval.loading as loading
+import robust_sparse.eval.sanity as sanity
 from robust_sparse.eval.config import DEFAULT_ATTACKS, EvalConfig, Names
 from robust_sparse.eval.loading import LoadedModel, data_fingerprint, model_fingerprint, sparsity_stats, threat_label
 from robust_sparse.eval.runner import Evaluation, evaluate

@@ -20,7 +20,8 @@ from robust_sparse.files.checkpoint import save_figure, write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.eval.intervals import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard
-from robust_sparse.eval import corruptions, tradeoff
+import robust_sparse.eval.corruptions as corruptions
+import robust_sparse.eval.tradeoff as tradeoff
 from robust_sparse.eval.sanity import checks_summary, monotone_warnings
 from robust_sparse.eval.spread import GROUP as SPREAD_GROUP, seed_spread
 from robust_sparse.eval.store import RESULTS_JSON, load_results

@@ -48,7 +48,7 @@ from robust_sparse.config.validation import check_radius
 from robust_sparse.errors import CheckpointError, UserError
 from robust_sparse.progress import Heartbeat
 from robust_sparse.progress import progress as progress_bar
-from robust_sparse.eval import sanity
+import robust_sparse.eval.sanity as sanity
 from robust_sparse.accuracy import pgd_step_size, predict
 from robust_sparse.eval.autoattack import AutoAttackBackend
 from robust_sparse.eval.specs import AttackContext, AttackSpec

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robust_sparse.kernels import numba_csr
+import robust_sparse.kernels.numba_csr as numba_csr
 
 __all__ = ["SparsePattern", "sparse_conv", "set_threads"]
 

@@ -27,7 +27,7 @@ from robust_sparse.config.sparsity import (REGISTERED_SPARSITY_METHODS, SPARSITY
                                           SparsityConfig, declare)
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.registry import Registry
-from robust_sparse.sparse import density as allocation
+import robust_sparse.sparse.density as allocation
 from robust_sparse.sparse.masker import Engine, SparseMasker, sparsifiable
 
 if TYPE_CHECKING:
