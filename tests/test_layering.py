@@ -37,7 +37,7 @@ def find_modules(sources: dict[str, Path]) -> dict[str, Path]:
 
 
 def imported_names(module: str, path: Path) -> list[tuple[str, int]]:
-    """Every module name ``path`` imports (a ``from X import y`` gives ``X.y`` and ``X``), with its line."""
+    """Every name ``path`` imports, with its line: ``import X`` gives ``X``, ``from X import y`` gives ``X.y``."""
     is_package = path.name == "__init__.py"
     names = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -132,6 +132,7 @@ def chain(graph: dict[str, dict[str, tuple[Path, int]]], component: list[str]) -
 
 
 def layer(module: str) -> str:
+    """The layer of a module: attacks, core, eval, studies or cli (the module docstring lists them)."""
     for name in ("attacks", "eval", "studies"):
         if module == f"robust_sparse.{name}" or module.startswith(f"robust_sparse.{name}."):
             return name
