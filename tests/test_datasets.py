@@ -50,6 +50,15 @@ def test_every_record_is_complete_and_in_a_file_named_after_it(name):
         assert record.corruptions.folder and record.corruptions.source.startswith("https://")
 
 
+def test_a_new_dataset_is_one_file_the_package_imports():
+    """Every module of robust_sparse/datasets/ but the machinery is a dataset file registering the record named
+    after it; the package imports them all, so no list elsewhere names them."""
+    from robust_sparse.datasets import MACHINERY
+
+    files = {path.stem for path in (PACKAGE / "datasets").glob("*.py")} - {"__init__", *MACHINERY}
+    assert files == set(DATASETS.names())
+
+
 def test_protocol_table_is_robustbenchs():
     assert {(name, threat) for name in DATASETS.names() for threat in THREAT_MODELS} == set(PROTOCOLS)
     for (name, threat), (eps, n) in PROTOCOLS.items():
