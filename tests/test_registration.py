@@ -26,9 +26,21 @@ def _every_other_position(setup):
     return masks, StaticEngine()
 
 
-def test_a_sparse_method_registered_from_python_trains_by_name(tiny_config, tmp_path):
-    if TOY_SPARSE not in robust_sparse.sparse.METHODS:  # the registry outlives one test (pytest -p xdist, reruns)
-        robust_sparse.register_sparsity_method(TOY_SPARSE, _every_other_position)
+@pytest.fixture
+def toy_sparse():
+    """TOY_SPARSE registered for one test, and taken back after it: a method left in the registries would be
+    one the other test modules' every-method checks (test_sparse.py) do not know."""
+    from robust_sparse.config import REGISTERED_SPARSITY_METHODS, SPARSITY_METHODS
+    from robust_sparse.sparse import METHODS
+
+    robust_sparse.register_sparsity_method(TOY_SPARSE, _every_other_position)
+    yield TOY_SPARSE
+    METHODS.remove(TOY_SPARSE)
+    SPARSITY_METHODS.remove(TOY_SPARSE)
+    REGISTERED_SPARSITY_METHODS.pop(TOY_SPARSE, None)
+
+
+def test_a_sparse_method_registered_from_python_trains_by_name(toy_sparse, tiny_config, tmp_path):
     config = load_config(None, [f"sparsity.method={TOY_SPARSE}", "model.name=tiny_cnn", "data.train_limit=128",
                                 "data.val_size=64", "data.batch_size=64", "optim.epochs=1", "attack.steps=1",
                                 "val.pgd_steps=1", "val.max_examples=64", "eval.n_examples=0", "device=cpu",
