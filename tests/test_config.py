@@ -172,7 +172,7 @@ def test_config_imports_nothing_above_it():
             "assert 'torch' not in sys.modules, 'loading a config imported torch'\n"
             "loaded = sorted(m for m in set(sys.modules) - before if m.startswith('robust_sparse'))\n"
             "allowed = ('robust_sparse.config', 'robust_sparse.errors', 'robust_sparse.registry',"
-            " 'robust_sparse.plugins', 'robust_sparse.files.atomic', 'robust_sparse.datasets')\n"
+            " 'robust_sparse.plugins', 'robust_sparse.files.atomic', 'robust_sparse.datasets', 'robust_sparse.chance')\n"
             "assert all(m in ('robust_sparse', 'robust_sparse.files') or m.startswith(allowed) for m in loaded), loaded\n"
             "assert not any(m.startswith('robust_sparse.datasets.' + kind) for m in loaded"
             " for kind in ('images', 'folders', 'splits')), loaded\n")
