@@ -208,7 +208,7 @@ def validate_eval(config: EvalConfig, names: Names = Names()) -> None:
         from robust_sparse.datasets import DATASETS
 
         _check(config.dataset in DATASETS,
-               f"{names.value('dataset', config.dataset)}: not one of {', '.join(DATASETS.names())}")
+               f"{names('dataset')}: {config.dataset!r} is not one of {', '.join(DATASETS.names())}")
         _check(DATASETS.get(config.dataset).num_classes != 0,  # imagefolder: any class count
                f"{names.value('dataset', config.dataset)}: evaluate a CHECKPOINT trained on it (its config names "
                "the classes)")
