@@ -10,8 +10,8 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from robust_sparse.datasets.registry import (CorruptionLayout, CorruptionSet, Dataset, Protocol,
-                                             register_dataset)
+from robust_sparse.datasets.registry import (TRAIN_DOWNLOAD_HINT, CorruptionLayout, CorruptionSet, Dataset,
+                                             Protocol, register_dataset)
 from robust_sparse.errors import UserError
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ CIFAR_FOLDERS = {
 
 
 def load_cifar(name: str, root: Path, download: bool, need_train: bool = True,
-               download_hint: str = "set data.download=true to fetch it") -> "tuple[ImageSet | None, ImageSet]":
+               download_hint: str = TRAIN_DOWNLOAD_HINT) -> "tuple[ImageSet | None, ImageSet]":
     """CIFAR-10/100 from ``root`` in torchvision's layout, downloading through torchvision when allowed.
 
     torchvision's class checks the md5 of *every* batch even for the test split, so a test-only copy (all an

@@ -34,6 +34,10 @@ class DataSettings(TypingProtocol):
     workers: int
 
 
+#: How to get a missing dataset, in the words of the caller: a config field for train, flags for eval.
+TRAIN_DOWNLOAD_HINT = "set data.download=true to fetch it"
+EVAL_DOWNLOAD_HINT = "pass --download to fetch it, or --data-root DIR for a local copy"
+
 #: ``load(settings, need_train, download_hint) -> (train or None, test)``, each split an ``ImageSet`` (in memory,
 #: datasets/images.py) or a ``FolderSet`` (streamed, datasets/folders.py), which this module does not import (they
 #: import it); ``download_hint`` ends the error for a missing copy in the caller's words (a config field for

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from robust_sparse.datasets import DATASETS, Dataset
+from robust_sparse.datasets.registry import EVAL_DOWNLOAD_HINT, TRAIN_DOWNLOAD_HINT  # noqa: F401 (eval's import)
 from robust_sparse.datasets.folders import FolderLoader, FolderSet
 from robust_sparse.datasets.folders import in_memory as read_folder
 from robust_sparse.datasets.images import BatchLoader, ImageSet
@@ -21,10 +22,6 @@ from robust_sparse.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     from robust_sparse.datasets.registry import DataSettings
-
-#: How to get a missing dataset, in the words of the caller: a config field for train, flags for eval.
-TRAIN_DOWNLOAD_HINT = "set data.download=true to fetch it"
-EVAL_DOWNLOAD_HINT = "pass --download to fetch it, or --data-root DIR for a local copy"
 
 
 @dataclass

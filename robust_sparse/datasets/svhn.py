@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from robust_sparse.datasets.registry import Dataset, Protocol, register_dataset
+from robust_sparse.datasets.registry import TRAIN_DOWNLOAD_HINT, Dataset, Protocol, register_dataset
 from robust_sparse.errors import UserError
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def load_svhn(root: Path, download: bool, need_train: bool = True,
-              download_hint: str = "set data.download=true to fetch it") -> "tuple[ImageSet | None, ImageSet]":
+              download_hint: str = TRAIN_DOWNLOAD_HINT) -> "tuple[ImageSet | None, ImageSet]":
     """SVHN through torchvision (``train_32x32.mat``/``test_32x32.mat`` in ``root``)."""
     import numpy as np
     import torch
