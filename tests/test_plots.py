@@ -15,6 +15,7 @@ import yaml
 
 from robust_sparse.studies import plots
 from robust_sparse.config import load_config, save_config
+from robust_sparse.studies import agent_gamma_plots as figures
 from robust_sparse.studies.agent_gamma import cosine_table
 from robust_sparse.studies.report import aggregate, collect_many, grid_keys, write_report
 
@@ -172,7 +173,7 @@ def test_convergence_has_a_panel_column_per_density_and_integer_epochs(study):
 def test_gamma_sensitivity_has_one_line_per_density(study):
     dirs, runs, _ = study
     table = aggregate(runs)
-    figure = plots.gamma_figure(table, _keys(runs), _labels(dirs))
+    figure = figures.gamma_figure(table, _keys(runs), _labels(dirs))
     assert sorted(_legend_entries(figure)) == ["density=0.01", "density=0.1"]
     ylabels = [a.get_ylabel().replace("\n", " ") for a in figure.axes]
     assert ylabels[:2] == ["test clean accuracy (%)", "test PGD-20 accuracy (%; L∞, ε=8/255)"]
@@ -201,7 +202,7 @@ def test_robust_accuracy_against_sparsity_places_the_dense_baseline_at_1(study):
 
 def test_agent_figure_shows_c_t_variance_ratio_and_cosine_per_epoch(study):
     _, runs, curves = study
-    figure = plots.agent_figure(runs, curves, _keys(runs))
+    figure = figures.agent_figure(runs, curves, _keys(runs))
     entries = _legend_entries(figure)
     assert len(entries) == len(GAMMAS) * len(DENSITIES) and "density=0.01, γ=0.5" in entries
     ylabels = [a.get_ylabel() for a in figure.axes]
@@ -209,13 +210,13 @@ def test_agent_figure_shows_c_t_variance_ratio_and_cosine_per_epoch(study):
     assert _integer_ticks(figure.axes[0]) == [1, 2, 3]
     assert _integer_ticks(figure.axes[2]) == [2, 3]  # the cosine is logged from epoch 2 on
     dense_only = runs[runs["sweep"] == "dense"]
-    assert plots.agent_figure(dense_only, curves[curves["run_id"].isin(dense_only["run_id"])], []) is None
+    assert figures.agent_figure(dense_only, curves[curves["run_id"].isin(dense_only["run_id"])], []) is None
 
 
 def test_cosine_per_density_names_each_gamma(study):
     _, runs, curves = study
     table = cosine_table(runs, curves, [k for k in grid_keys(runs) if k != "seed"])
-    figure = plots.cosine_figure(table, ["agent.gamma"])
+    figure = figures.cosine_figure(table, ["agent.gamma"])
     assert sorted(_legend_entries(figure)) == ["γ=0", "γ=0.1", "γ=0.5"]
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["0.1", "0.01"]
 
@@ -243,7 +244,7 @@ def test_no_gamma_figure_while_no_setting_has_test_results():
     """A report of a sweep still training: γ settings without test accuracies yet give no figure (not a crash)."""
     table = pd.DataFrame({"agent.gamma": [0.0, 0.1], "sparsity.density": [0.1, 0.1],
                           "test_clean_accuracy mean": [math.nan] * 2, "test_pgd_accuracy mean": [math.nan] * 2})
-    assert plots.gamma_figure(table, ["agent.gamma", "sparsity.density"], {}) is None
+    assert figures.gamma_figure(table, ["agent.gamma", "sparsity.density"], {}) is None
 
 
 def test_a_key_only_some_settings_set_stays_in_the_legend():
@@ -267,7 +268,7 @@ def test_gamma_figures_show_paired_intervals_censoring_and_gamma_labels(study, t
     gamma_runs = runs[runs["sweep"] == "gamma"].drop(columns=["sweep"])
     keys = _keys(gamma_runs)
     paired = paired_table(gamma_runs, keys, {"agent.gamma": 0})
-    figure = plots.gamma_paired_figure(gamma_runs, curves, paired, keys, _labels(dirs))
+    figure = figures.gamma_paired_figure(gamma_runs, curves, paired, keys, _labels(dirs))
     axes = figure.axes
     assert [a.get_title() for a in axes[:2]] == ["density=0.1", "density=0.01"]
     assert "symlog" in axes[-1].get_xlabel() and [t.get_text() for t in axes[-1].get_xticklabels()] == \
@@ -279,14 +280,14 @@ def test_gamma_figures_show_paired_intervals_censoring_and_gamma_labels(study, t
     assert (paired["low"] == paired["high"]).all() and paired["p"].isna().all()
     assert not paired["established"].any()
     steps = epochs_to_accuracy(gamma_runs, curves, [0.5, 0.95])
-    epochs = plots.gamma_epochs_figure(steps, ["val_clean_accuracy >= 0.5", "val_clean_accuracy >= 0.95"], keys)
+    epochs = figures.gamma_epochs_figure(steps, ["val_clean_accuracy >= 0.5", "val_clean_accuracy >= 0.95"], keys)
     for axis in epochs.axes:
         low, high = axis.get_ylim()
         ticks = [t for t in axis.get_yticks() if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks)
         censored = [line for line in axis.get_lines() if line.get_marker() == "^" and len(line.get_xdata())]
         assert censored and all(y == EPOCHS + 0.5 for line in censored for y in line.get_ydata())  # 0.95: never
-    trade = plots.tradeoff_figure(aggregate(gamma_runs), keys, _labels(dirs), chance=0.1)
+    trade = figures.tradeoff_figure(aggregate(gamma_runs), keys, _labels(dirs), chance=0.1)
     # one panel per density, each on its own scale, every γ labelled in each
     assert [axis.get_title() for axis in trade.axes] == ["density=0.1", "density=0.01"]
     for axis in trade.axes:
@@ -300,7 +301,7 @@ def test_a_series_identical_to_another_says_so_in_the_legend():
     frame = pd.DataFrame({"agent.gamma": [0.0, 0.1, 0.0, 0.1], "m": [0.5, 0.6, 0.5, 0.6], "k": ["a", "a", "b", "b"],
                           "run_id": list("wxyz")})
     plotted = plots.series(frame, ["k"])
-    marked = plots._mark_identical(plotted, plots._identical(plotted, "m", "agent.gamma"))
+    marked = plots.mark_identical(plotted, plots.identical_settings(plotted, "m", "agent.gamma"))
     assert [s.label for s in marked] == ["k=a", "k=b (= k=a)"]
 
 

@@ -2,7 +2,7 @@
 AGENT run did (the γ it used, its correction weight γ·c_t, c_t's range, the variance ratio of its probe batch),
 the flags a reader must see first (γ > 0 that never acted, c_t outside [0, 1]), γ = 0 (else AGENT off) as the
 default reference of the paired differences, AGENT's cosine table, and the figures over epochs and against γ
-(drawn by robust_sparse.studies.plots). The generic report (robust_sparse.studies.report) names none of it.
+(drawn by robust_sparse.studies.agent_gamma_plots). The generic report (robust_sparse.studies.report) names none of it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import yaml
 from robust_sparse.config.schema import GAMMA_KEY
 from robust_sparse.errors import UserError
 from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.studies import agent_gamma_plots as figures
 from robust_sparse.studies import plots, stats
 from robust_sparse.studies.hooks import Context, Place, StudyHook, register
 
@@ -140,7 +141,7 @@ def _cosine_section(context: Context) -> list[str]:
     per_epoch = per_epoch.sort_values(["density", *varying, "epoch"], ascending=[False] + [True] * (len(varying) + 1))
     write_atomic(out / "cosine_per_epoch.csv", per_epoch.rename(
         columns={"mean": "cosine mean", "std": "cosine std", "count": "runs"}).to_csv(index=False))
-    plots.save(plots.cosine_figure(table, varying), out / "cosine.png")  # per epoch: agent.png
+    plots.save(figures.cosine_figure(table, varying), out / "cosine.png")  # per epoch: agent.png
     return ["## AGENT's assumption: cosine between g_new and g_old", "",
             "Logged by AGENT at every corrected step, averaged per epoch (epochs where the correction is off are not "
             "logged); per run, the mean over the logged epochs and the last logged epoch; mean ± std over seeds "
@@ -149,7 +150,7 @@ def _cosine_section(context: Context) -> list[str]:
 
 
 def _agent_figure(context: Context) -> list[str]:
-    return context.figure(plots.agent_figure(context.runs, context.curves, context.keys), context.out, "agent.png",
+    return context.figure(figures.agent_figure(context.runs, context.curves, context.keys), context.out, "agent.png",
                           "## AGENT over epochs", "AGENT's c_t, the variance ratio Var(ĝ)/Var(g) of its probe batch "
                           "and the cosine between g_new and g_old, per epoch of every run that used AGENT.")
 
@@ -165,7 +166,7 @@ def _gamma_figures(context: Context) -> list[str]:
                                               context.labels, context.out)
     if GAMMA_KEY not in runs or "test_pgd_accuracy mean" not in table or table[GAMMA_KEY].nunique() < 2:
         return []
-    lines = context.figure(plots.gamma_figure(table, keys, labels), out, "gamma_sensitivity.png")
+    lines = context.figure(figures.gamma_figure(table, keys, labels), out, "gamma_sensitivity.png")
     paired = context.paired(context.reference) if (context.reference or reference(runs)) else pd.DataFrame()
     intervals = not paired.empty and bool(paired["low"].notna().any())  # one seed: rows, but no interval
     caption = ("Per density: the mean over seeds and, as bars, the paired interval of the difference from γ = 0 "
@@ -174,15 +175,15 @@ def _gamma_figures(context: Context) -> list[str]:
                "difference." if intervals else
                "Per density: the mean over seeds. No interval bars: a paired interval needs at least two seeds of "
                "a setting and of its γ = 0 reference, and this sweep has fewer.")
-    lines += context.figure(plots.gamma_paired_figure(runs, curves, paired, keys, labels), out, "gamma_paired.png",
+    lines += context.figure(figures.gamma_paired_figure(runs, curves, paired, keys, labels), out, "gamma_paired.png",
                     "## Accuracy against γ, paired" if intervals else "## Accuracy against γ", caption)
     steps = context.steps
     if steps is not None:
         names = [c for c in steps.columns if " >= " in c and not c.endswith((" reached", " censored at"))]
-        lines += context.figure(plots.gamma_epochs_figure(steps, names, keys), out, "gamma_epochs.png",
+        lines += context.figure(figures.gamma_epochs_figure(steps, names, keys), out, "gamma_epochs.png",
                          "## Epochs to accuracy against γ", "Median over seeds of the first epoch at each validation "
                          "level (the epochs table above); open triangles: the median seed never reached it.")
-    lines += context.figure(plots.tradeoff_figure(table, keys, labels, plots.chance_level(runs)), out, "tradeoff.png",
+    lines += context.figure(figures.tradeoff_figure(table, keys, labels, plots.chance_level(runs)), out, "tradeoff.png",
                      "## Clean-robust trade-off across γ", "Mean test clean against robust accuracy per setting, "
                      "each point labelled with its γ.")
     return lines

@@ -69,7 +69,7 @@ def save(figure: Figure, path: str | Path) -> None:
     save_figure(figure, path, dpi=130, bbox_inches="tight")
 
 
-def _new_figure(panels: int, width: float = 5.6, height: float = 4.2) -> tuple[Figure, list[Any]]:
+def new_figure(panels: int, width: float = 5.6, height: float = 4.2) -> tuple[Figure, list[Any]]:
     figure = Figure(figsize=(width * panels, height))
     FigureCanvasAgg(figure)  # Agg without pyplot: no global figure registry, nothing to close
     axes = figure.subplots(1, panels, squeeze=False)[0]
@@ -140,7 +140,7 @@ def metric_labels(run_dirs: Iterable[Path]) -> dict[str, str]:
     return labels
 
 
-def _axis_label(labels: dict[str, str], metric: str) -> str:
+def axis_label(labels: dict[str, str], metric: str) -> str:
     """An accuracy axis's label with its unit: ``test PGD-20 accuracy (%; L∞, ε=8/255)``."""
     text = labels.get(metric, metric.replace("_", " "))
     name, bracket, rest = text.partition(" (")
@@ -245,7 +245,7 @@ def series(frame: pd.DataFrame, keys: Sequence[str]) -> list[Series]:
     style_order = list(dict.fromkeys(styles))
     if style_key in DENSITY_KEYS:  # densest first: solid for dense, then sparser and sparser
         style_order.sort(key=lambda d: -math.inf if d is None else -float(d))
-    palette = _palette(len(hue_order))
+    palette = colours(len(hue_order))
     result = []
     for h, hue in enumerate(hue_order):
         for j, style in enumerate(style_order):
@@ -259,7 +259,7 @@ def series(frame: pd.DataFrame, keys: Sequence[str]) -> list[Series]:
     return result
 
 
-def _palette(count: int) -> list[Any]:
+def colours(count: int) -> list[Any]:
     colors = colormaps["tab10" if count <= 10 else "tab20"].colors
     return [colors[i % len(colors)] for i in range(count)]
 
@@ -279,7 +279,7 @@ def _legend_below(figure: Figure, plotted: list[Series]) -> None:
                   ncol=columns, fontsize=8, frameon=False)
 
 
-def _spread(plotted: list[Series], band: bool, table: bool = False) -> str:
+def spread_note(plotted: list[Series], band: bool, table: bool = False) -> str:
     """What the lines and the spread show, for the title: seeds per setting (a run's AST sub-nets count once;
     a table of means counts them in its ``runs`` column)."""
     counts = [int(c) for s in plotted for c in s.frame["runs"]] if table else \
@@ -292,7 +292,7 @@ def _spread(plotted: list[Series], band: bool, table: bool = False) -> str:
     return f"line: mean, band: ± 1 std over {seeds}" if band else f"mean ± 1 std over {seeds}"
 
 
-def _finish(figure: Figure, axes: list[Any], title: str, plotted: list[Series]) -> Figure:
+def finish_figure(figure: Figure, axes: list[Any], title: str, plotted: list[Series]) -> Figure:
     for axis in axes:
         axis.grid(alpha=0.3)
     figure.suptitle(title)
@@ -301,7 +301,7 @@ def _finish(figure: Figure, axes: list[Any], title: str, plotted: list[Series]) 
     return figure
 
 
-def _band(axis: Any, stats: pd.DataFrame, s: Series) -> None:
+def draw_band(axis: Any, stats: pd.DataFrame, s: Series) -> None:
     """Mean line and ± 1 std band of one series (no band where one seed)."""
     axis.plot(stats.index, stats["mean"], color=s.color, linestyle=s.linestyle,
               **{**s.marker_style, "markersize": 7 if s.hollow else 4})
@@ -311,7 +311,7 @@ def _band(axis: Any, stats: pd.DataFrame, s: Series) -> None:
                           color=s.color, alpha=0.12, linewidth=0)
 
 
-def _dodge(figure: Figure, container: Any, index: int, count: int) -> None:
+def dodge_bars(figure: Figure, container: Any, index: int, count: int) -> None:
     """Shift the error-bar series ``index`` of ``count`` a few points sideways, so bars at the same x stay apart;
     after plotting, so the axes' limits come from the data, which (as a test reads it back) keeps its x."""
     shift = ScaledTranslation((index - (count - 1) / 2) * min(4.0, 24.0 / max(count, 1)) / 72, 0,
@@ -320,7 +320,7 @@ def _dodge(figure: Figure, container: Any, index: int, count: int) -> None:
         artist.set_transform(artist.get_transform() + shift)
 
 
-def _density_axis(axis: Any, densities: Iterable[float]) -> None:
+def density_axis(axis: Any, densities: Iterable[float]) -> None:
     densities = sorted(set(densities), reverse=True)
     axis.set_xscale("log")
     axis.set_xticks(densities, [format_value("sparsity.density", float(d)) for d in densities])
@@ -385,8 +385,8 @@ def convergence_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[
         legend = legend_keys(long, [k for k in keys if k not in DENSITY_KEYS])
     plotted = series(long, legend)
     # a γ that changed nothing (γ = 0 and 0.1 before AGENT's correction starts) draws exactly over another line
-    same = [_identical(plotted, metric, ["_density", "epoch"]) for metric in VALIDATION]
-    plotted = _mark_identical(plotted, {i: j for i, j in same[0].items() if same[1].get(i) == j})
+    same = [identical_settings(plotted, metric, ["_density", "epoch"]) for metric in VALIDATION]
+    plotted = mark_identical(plotted, {i: j for i, j in same[0].items() if same[1].get(i) == j})
     columns = levels if facets else [None]
     figure = Figure(figsize=(5.0 * len(columns), 7.2) if facets else (11.2, 4.2))
     FigureCanvasAgg(figure)
@@ -399,16 +399,16 @@ def convergence_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[
                 frame = s.frame if level is None else s.frame[s.frame["_density"] == level]
                 stats = frame.groupby("epoch")[metric].agg(["mean", "std", "count"]).dropna(subset=["mean"])
                 if not stats.empty:
-                    _band(axis, stats, s)
+                    draw_band(axis, stats, s)
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_xlabel("epoch" if row == 1 or not facets else "")
             if col == 0:
-                axis.set_ylabel(_axis_label(labels, metric))
+                axis.set_ylabel(axis_label(labels, metric))
             if facets and row == 0:
                 key = next(k for k in DENSITY_KEYS if k in long)
                 axis.set_title(f"{display_name(key)}={format_value(key, float(level))}")
-    return _finish(figure, [a for line in grid for a in line], "Convergence: validation accuracy per epoch (" +
-                   _spread(plotted, band=True) + ")", plotted)
+    return finish_figure(figure, [a for line in grid for a in line], "Convergence: validation accuracy per epoch (" +
+                   spread_note(plotted, band=True) + ")", plotted)
 
 
 def test_metrics(frame: pd.DataFrame, suffix: str = "") -> list[str]:
@@ -419,41 +419,6 @@ def test_metrics(frame: pd.DataFrame, suffix: str = "") -> list[str]:
              if c.startswith("eval_") and c.endswith(f"_accuracy{suffix}") and "clean" not in c]
     worst = [m for m in stage if m == "eval_worst_accuracy"]
     return metrics + (worst or stage[:1])
-
-
-def gamma_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str]) -> Figure | None:
-    """Test accuracy per γ (``table``: the report's mean ± std per setting), one line per setting of the other
-    keys (density above all)."""
-    table = table[table[GAMMA].notna()]
-    if table[GAMMA].nunique() < 2:
-        return None
-    metrics = [m for m in test_metrics(table, " mean") if table[f"{m} mean"].notna().any()]
-    if not metrics:  # no γ setting has test results yet (a report while the sweep still trains)
-        return None
-    table = table[table[[f"{m} mean" for m in metrics]].notna().any(axis=1)]  # settings not yet tested: no entry
-    if table[GAMMA].nunique() < 2:  # one γ tested so far: nothing to compare
-        return None
-    table = in_percent(table, [f"{m} {part}" for m in metrics for part in ("mean", "std")])
-    others = [k for k in keys if k not in ("seed", GAMMA) and k in table]
-    plotted = series(table, legend_keys(table, others))
-    figure, axes = _new_figure(len(metrics))
-    gammas = sorted(float(g) for g in table[GAMMA].unique())
-    positive = [g for g in gammas if g > 0]
-    for axis, metric in zip(axes, metrics):
-        for i, s in enumerate(plotted):
-            rows = s.frame.dropna(subset=[f"{metric} mean"]).sort_values(GAMMA)
-            bars = axis.errorbar(rows[GAMMA], rows[f"{metric} mean"], yerr=rows[f"{metric} std"].fillna(0),
-                                 color=s.color, linestyle=s.linestyle, marker=s.marker, markersize=5, capsize=3)
-            _dodge(figure, bars, i, len(plotted))
-        # γ spans decades and includes 0: symmetric log, ticks at the values studied
-        axis.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
-        axis.set_xticks(gammas, [f"{g:g}" for g in gammas])
-        axis.minorticks_off()
-        axis.margins(x=0.1)
-        axis.set(xlabel=textwrap.fill("γ (weight of AGENT's correction; 0 = no correction; symlog scale)", WRAP),
-                 ylabel=_axis_label(labels, metric))
-    return _finish(figure, axes, "AGENT γ sensitivity: test accuracy per γ (" +
-                   _spread(plotted, band=False, table=True) + ")", plotted)
 
 
 def row_densities(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.Series:
@@ -485,17 +450,17 @@ def sparsity_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str
     frame = in_percent(frame, metrics)
     others = [k for k in keys if k not in (*DENSITY_KEYS, "subnet")]
     plotted = series(frame, legend_keys(frame, others))
-    figure, axes = _new_figure(len(metrics))
+    figure, axes = new_figure(len(metrics))
     for axis, metric in zip(axes, metrics):
         for i, s in enumerate(plotted):
             stats = s.frame.groupby("_density")[metric].agg(["mean", "std"]).dropna(subset=["mean"])
             stats = stats.sort_index(ascending=False)
             bars = axis.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), color=s.color,
                                  linestyle=s.linestyle, marker=s.marker, markersize=5, capsize=3)
-            _dodge(figure, bars, i, len(plotted))
-        _density_axis(axis, frame["_density"])
-        axis.set_ylabel(_axis_label(labels, metric))
-    return _finish(figure, axes, "Robust accuracy against sparsity (" + _spread(plotted, band=False) + ")",
+            dodge_bars(figure, bars, i, len(plotted))
+        density_axis(axis, frame["_density"])
+        axis.set_ylabel(axis_label(labels, metric))
+    return finish_figure(figure, axes, "Robust accuracy against sparsity (" + spread_note(plotted, band=False) + ")",
                    plotted)
 
 
@@ -511,7 +476,7 @@ def flops_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str],
         return None
     frame = in_percent(frame, metrics)
     plotted = series(frame, legend_keys(frame, others))
-    figure, axes = _new_figure(len(metrics))
+    figure, axes = new_figure(len(metrics))
     for axis, metric in zip(axes, metrics):
         for s in plotted:
             stats = s.frame.groupby("_density").agg(x=("train_flops_vs_dense", "mean"),
@@ -526,82 +491,13 @@ def flops_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str],
             axis.set_xscale("log")
             axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set(xlabel="training FLOPs / dense training FLOPs (dotted: dense)\n(same objective, attack and epochs)",
-                 ylabel=_axis_label(labels, metric))
-    return _finish(figure, axes, "Robust accuracy against training cost (" + _spread(plotted, band=False) + ")",
-                   plotted)
-
-
-AGENT_PANELS = {  # per-epoch column: axis label
-    "agent_c": "c_t, AGENT's adaptive coefficient\n(the paper's range: [0, 1])",
-    "agent_variance_ratio": "Var(ĝ)/Var(g) on a probe batch\n(below 1: the correction reduces variance)",
-    "agent_cosine": "cos(g_new, g_old) on the same batch,\nmean over the epoch's steps",
-}
-
-
-def agent_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: Sequence[str]) -> Figure | None:
-    """AGENT over epochs: c_t, the variance ratio and the cosine, one line per setting of the AGENT runs."""
-    if curves.empty or "agent_c" not in curves:
-        return None
-    logged = curves.groupby("run_id")["agent_c"].apply(lambda c: c.notna().any())
-    ids = set(logged[logged].index)
-    if not ids:
-        return None
-    rows = runs[runs["run_id"].isin(ids)].drop_duplicates("run_id")
-    rows = fill_density(rows, row_densities(rows, curves))
-    legend = legend_keys(rows, [k for k in keys if k not in ("subnet", "subnet_density")])
-    panels = [c for c in AGENT_PANELS if c in curves and curves.loc[curves["run_id"].isin(ids), c].notna().any()]
-    long = curves[curves["run_id"].isin(ids)][["run_id", "epoch", *panels]].merge(
-        rows[["run_id", *legend]], on="run_id")
-    plotted = series(long, legend)
-    figure, axes = _new_figure(len(panels))
-    for axis, column in zip(axes, panels):
-        for s in plotted:
-            stats = s.frame.dropna(subset=[column]).groupby("epoch")[column].agg(["mean", "std", "count"])
-            _band(axis, stats, s)
-        axis.set(xlabel="epoch", ylabel=AGENT_PANELS[column])
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if column == "agent_c":
-            for level in (0, 1):
-                axis.axhline(level, color="0.5", linewidth=0.8, linestyle=":")
-        if column == "agent_variance_ratio":
-            axis.axhline(1, color="0.5", linewidth=0.8, linestyle=":")
-            ratios = long[column].dropna()
-            if (ratios > 0).all() and ratios.max() > 10 * ratios.min():  # a spike: log scale keeps the rest legible
-                axis.set_yscale("log")
-                axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    return _finish(figure, axes, "AGENT over epochs (" + _spread(plotted, band=True) + ")", plotted)
-
-
-def cosine_figure(table: pd.DataFrame, varying: Sequence[str]) -> Figure:
-    """AGENT's cosine between g_new and g_old per density (``table``: the report's cosine table)."""
-    plotted = series(table, legend_keys(table, varying))
-    figure, axes = _new_figure(1, width=7.0)
-    for i, s in enumerate(plotted):
-        rows = s.frame.sort_values("density", ascending=False)
-        bars = axes[0].errorbar(rows["density"], rows["cosine mean"], yerr=rows["cosine std"].fillna(0),
-                                color=s.color, linestyle=s.linestyle, marker=s.marker, markersize=5, capsize=3)
-        _dodge(figure, bars, i, len(plotted))
-    _density_axis(axes[0], table["density"])
-    axes[0].set_ylabel("cos(g_new, g_old) on the same batch,\nmean over the run's logged epochs")
-    return _finish(figure, axes, "AGENT: cosine between the current and the snapshot gradient\n(" +
-                   _spread(plotted, band=False, table=True) + ")", plotted)
+                 ylabel=axis_label(labels, metric))
+    return finish_figure(figure, axes,
+                         "Robust accuracy against training cost (" + spread_note(plotted, band=False) + ")",
+                         plotted)
 
 
 # ------------------------------------------------------------------------- γ studies with paired intervals
-
-GAMMA = GAMMA_KEY
-GAMMA_LABEL = "γ (weight of AGENT's correction; symlog scale: linear below the smallest γ > 0)"
-
-
-def _gamma_axis(axis: Any, gammas: Iterable[float]) -> None:
-    """γ spans decades and includes 0: a symmetric-log axis (said in the label), ticks at the values studied."""
-    gammas = sorted({float(g) for g in gammas})
-    positive = [g for g in gammas if g > 0]
-    axis.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
-    axis.set_xticks(gammas, [f"{g:g}" for g in gammas])
-    axis.minorticks_off()
-    axis.margins(x=0.08)
-    axis.set_xlabel(textwrap.fill(GAMMA_LABEL, WRAP))
 
 
 def chance_level(frame: pd.DataFrame) -> float | None:
@@ -612,7 +508,7 @@ def chance_level(frame: pd.DataFrame) -> float | None:
     return float(frame["chance"].dropna().iloc[0])
 
 
-def _chance_line(axis: Any, level: float | None, vertical: bool = False) -> None:
+def chance_line(axis: Any, level: float | None, vertical: bool = False) -> None:
     """A grey dashed line at chance accuracy (``level``: a fraction), labelled on the axis, which is in %."""
     if level is None:
         return
@@ -629,7 +525,7 @@ def _chance_line(axis: Any, level: float | None, vertical: bool = False) -> None
     axis.set_ylim(min(low, level - 2), max(high, level + 2))
 
 
-def _identical(plotted: list[Series], column: str, by: str | list[str]) -> dict[int, int]:
+def identical_settings(plotted: list[Series], column: str, by: str | list[str]) -> dict[int, int]:
     """Series whose ``column`` (mean over ``by``) equals an earlier series' everywhere: index -> that index, so
     the legend can say the line hides under another."""
     means = [tuple(s.frame.groupby(by)[column].mean().round(12).items()) for s in plotted]
@@ -642,13 +538,13 @@ def _identical(plotted: list[Series], column: str, by: str | list[str]) -> dict[
     return same
 
 
-def _mark_identical(plotted: list[Series], same: dict[int, int]) -> list[Series]:
+def mark_identical(plotted: list[Series], same: dict[int, int]) -> list[Series]:
     """The legend of a series drawn exactly under another says so; its marker is drawn hollow and larger."""
     return [Series(f"{s.label} (= {plotted[same[i]].label})" if i in same else s.label, s.color, s.linestyle,
                    s.marker, s.frame, hollow=i in same or s.hollow) for i, s in enumerate(plotted)]
 
 
-def _paired_row(paired: pd.DataFrame, record: dict[str, Any], metric: str) -> dict[str, Any] | None:
+def paired_row(paired: pd.DataFrame, record: dict[str, Any], metric: str) -> dict[str, Any] | None:
     """The paired-difference row of the setting of ``record`` (a run row) for ``metric``, None if there is none."""
     if paired is None or paired.empty:
         return None
@@ -662,120 +558,7 @@ def _paired_row(paired: pd.DataFrame, record: dict[str, Any], metric: str) -> di
     return rows.iloc[0].to_dict() if len(rows) else None
 
 
-def gamma_paired_figure(runs: pd.DataFrame, curves: pd.DataFrame, paired: pd.DataFrame, keys: Sequence[str],
-                        labels: dict[str, str]) -> Figure | None:
-    """Per density (a column of panels) final test clean and robust accuracy (rows) against γ: the mean over
-    seeds, and as bars the paired 95% interval of each γ's difference from the γ = 0 run of the same seed, drawn
-    about the mean; a dotted line at the γ = 0 level. A bar clear of that line is an established difference."""
-    if GAMMA not in runs or runs[GAMMA].dropna().nunique() < 2:
-        return None
-    frame = runs[runs[GAMMA].notna()].assign(_density=row_densities(runs[runs[GAMMA].notna()], curves))
-    metrics = [m for m in test_metrics(frame) if frame[m].notna().any()]
-    if not metrics:
-        return None
-    frame = frame[frame[metrics].notna().any(axis=1)]
-    if frame[GAMMA].nunique() < 2:  # a sweep still training: fewer than two γ with test results
-        return None
-    frame = in_percent(frame, metrics)
-    levels = sorted(frame["_density"].dropna().unique(), reverse=True) or [None]
-    others = [k for k in keys if k not in ("seed", GAMMA, *DENSITY_KEYS, "subnet")]
-    plotted = series(frame, legend_keys(frame, others))
-    plotted = _mark_identical(plotted, _identical(plotted, metrics[0], GAMMA))
-    figure = Figure(figsize=(5.0 * len(levels), 3.6 * len(metrics) + 0.6))
-    FigureCanvasAgg(figure)
-    grid = figure.subplots(len(metrics), len(levels), squeeze=False, sharex=True)
-    for row, metric in enumerate(metrics):
-        for col, level in enumerate(levels):
-            axis = grid[row][col]
-            for i, s in enumerate(plotted):
-                part = s.frame if level is None else s.frame[s.frame["_density"] == level]
-                part = part.dropna(subset=[metric])
-                if part.empty:
-                    continue
-                means = part.groupby(GAMMA)[metric].mean().sort_index()
-                lower, upper = [], []
-                for gamma in means.index:
-                    found = _paired_row(paired, part[part[GAMMA] == gamma].iloc[0].to_dict(), metric)
-                    # the family's simultaneous (Bonferroni) interval where the table was adjusted, else the raw one
-                    low_key, high_key = (("low_adjusted", "high_adjusted") if found is not None
-                                         and found.get("low_adjusted") == found.get("low_adjusted")
-                                         and "low_adjusted" in found else ("low", "high"))
-                    if found is None or found[low_key] != found[low_key]:
-                        lower.append(0.0)
-                        upper.append(0.0)
-                    else:  # the paired table holds fractions
-                        lower.append(PERCENT * max(0.0, found["mean"] - found[low_key]))
-                        upper.append(PERCENT * max(0.0, found[high_key] - found["mean"]))
-                bars = axis.errorbar(means.index, means.values, yerr=[lower, upper], color=s.color,
-                                     linestyle=s.linestyle, capsize=3, **s.marker_style)
-                _dodge(figure, bars, i, len(plotted))
-                if 0.0 in [float(g) for g in means.index]:
-                    axis.axhline(float(means[means.index.astype(float) == 0.0].iloc[0]), color=s.color,
-                                 linestyle=":", linewidth=0.9)
-            _gamma_axis(axis, frame[GAMMA])
-            _chance_line(axis, chance_level(frame))
-            if row < len(metrics) - 1:
-                axis.set_xlabel("")
-            if col == 0:
-                axis.set_ylabel(_axis_label(labels, metric))
-            if row == 0 and level is not None:
-                key = next((k for k in DENSITY_KEYS if k in frame), "sparsity.density")
-                axis.set_title(f"{display_name(key)}={format_value(key, float(level))}")
-    counts = frame.groupby([GAMMA, "_density"], dropna=False)["seed"].nunique() if "seed" in frame else [1]
-    low, high = int(min(counts)), int(max(counts))
-    seeds = (f"{low}" if low == high else f"{low}-{high}") + (" seed" if high == 1 else " seeds")
-    return _finish(figure, [a for line in grid for a in line],
-                   f"Test accuracy against γ: mean over {seeds}; bars: paired t interval of the difference\n"
-                   "from γ = 0 (same seed), simultaneous for the report's test intervals (95% / family size, "
-                   "Bonferroni), about the mean;\ndotted: the γ = 0 level", plotted)
-
-
-def gamma_epochs_figure(steps: pd.DataFrame, thresholds: Sequence[str], keys: Sequence[str]) -> Figure | None:
-    """Epochs to reach each validation accuracy against γ, one panel per density, one line per threshold
-    (``steps``: the report's epochs_to_accuracy table). A median seed that never got there within E epochs is
-    drawn as an open triangle at E + 0.5 (censored: later than E, not missing)."""
-    if GAMMA not in steps or steps[GAMMA].dropna().nunique() < 2 or not thresholds:
-        return None
-    frame = steps[steps[GAMMA].notna()]
-    density_key = next((k for k in DENSITY_KEYS if k in frame), None)
-    levels = sorted(frame[density_key].dropna().unique(), reverse=True) if density_key else [None]
-    others = [k for k in keys if k not in ("seed", GAMMA, *DENSITY_KEYS, "subnet") and k in frame
-              and frame[k].astype(str).nunique() > 1]
-    figure, axes = _new_figure(len(levels), width=5.0, height=4.0)
-    palette = _palette(len(thresholds))
-    handles = []
-    for axis, level in zip(axes, levels):
-        part = frame if level is None else frame[frame[density_key] == level]
-        for t, name in enumerate(thresholds):
-            for o, (_, group) in enumerate(part.groupby(others, dropna=False) if others else [((), part)]):
-                group = group.sort_values(GAMMA)
-                reached = group[name]
-                censored = group[f"{name} censored at"] + 0.5
-                y = reached.where(reached.notna(), censored)
-                # equal epochs for several levels are common: each level's line a few points up or down
-                shift = ScaledTranslation(0, (t - (len(thresholds) - 1) / 2) * 2.0 / 72, figure.dpi_scale_trans)
-                drawn = [*axis.plot(group[GAMMA], y, color=palette[t], linestyle=STYLES[o % len(STYLES)],
-                                    linewidth=1),
-                         *axis.plot(group[GAMMA][reached.notna()], reached[reached.notna()], color=palette[t],
-                                    marker=MARKERS[o % len(MARKERS)], linestyle="none", markersize=5),
-                         *axis.plot(group[GAMMA][reached.isna()], censored[reached.isna()], color=palette[t],
-                                    marker="^", markerfacecolor="none", linestyle="none", markersize=7)]
-                for artist in drawn:
-                    artist.set_transform(artist.get_transform() + shift)
-        _gamma_axis(axis, frame[GAMMA])
-        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.margins(y=0.15)  # room for the lines set apart
-        axis.set_ylabel("epochs (median over seeds)")
-        if level is not None:
-            axis.set_title(f"{display_name(density_key)}={format_value(density_key, float(level))}")
-    for t, name in enumerate(thresholds):
-        handles.append(Series(_threshold_label(name), palette[t], "-", "o", frame))
-    return _finish(figure, axes, "Epochs to reach a validation accuracy against γ (median over seeds)\nopen "
-                   "triangle at E + 0.5: the median seed did not get there within its E epochs; lines of equal "
-                   "epochs set a few points apart", handles)
-
-
-def _threshold_label(name: str) -> str:
+def threshold_label(name: str) -> str:
     """``val_clean_accuracy >= 0.5`` (the epochs table's column) as the legend says it: ``val clean >= 50%``."""
     metric, _, level = name.partition(" >= ")
     text = metric.replace("_accuracy", "").replace("_", " ")
@@ -783,53 +566,6 @@ def _threshold_label(name: str) -> str:
         return f"{text} >= {PERCENT * float(level):g}%"
     except ValueError:
         return name.replace("_accuracy", "").replace("_", " ")
-
-
-def tradeoff_figure(table: pd.DataFrame, keys: Sequence[str], labels: dict[str, str],
-                    chance: float | None = None) -> Figure | None:
-    """The clean-robust trade-off: mean test clean (x) against robust (y) accuracy per setting, one line per
-    setting of the other keys through its γ values, each point labelled with its γ. One panel per density, each
-    scaled to its own points: sparsity levels sit tens of points apart, and on one shared scale the γ values of a
-    density crowd into one corner. The chance lines are drawn where they fall inside a panel's scale."""
-    if GAMMA not in table or table[GAMMA].dropna().nunique() < 2:
-        return None
-    robust = [m for m in test_metrics(table, " mean") if m != "test_clean_accuracy"]
-    if "test_clean_accuracy mean" not in table or not robust:
-        return None
-    metric = robust[-1]  # the strongest evaluation (the stage's worst case) where there is one
-    frame = table[table[GAMMA].notna()].dropna(subset=["test_clean_accuracy mean", f"{metric} mean"])
-    if frame[GAMMA].nunique() < 2:
-        return None
-    frame = in_percent(frame, ["test_clean_accuracy mean", f"{metric} mean"])
-    density = next((k for k in DENSITY_KEYS if k in frame and frame[k].nunique() > 1), None)
-    others = [k for k in keys if k not in ("seed", GAMMA, density) and k in frame]
-    panels = [(None, frame)] if density is None else \
-        [(value, frame[frame[density] == value]) for value in sorted(frame[density].unique(), reverse=True)]
-    legend = legend_keys(frame, others)
-    figure, axes = _new_figure(len(panels), width=6.0, height=5.0)
-    plotted: list[Series] = []
-    for axis, (value, rows_of_panel) in zip(axes, panels):
-        plotted = series(rows_of_panel, legend)
-        for s in plotted:
-            rows = s.frame.sort_values(GAMMA)
-            axis.plot(rows["test_clean_accuracy mean"], rows[f"{metric} mean"], color=s.color,
-                      linestyle=s.linestyle, marker=s.marker, markersize=5)
-            for k, (x, y, gamma) in enumerate(zip(rows["test_clean_accuracy mean"], rows[f"{metric} mean"],
-                                                  rows[GAMMA])):
-                axis.annotate(f"γ={float(gamma):g}", (x, y), xytext=(5, 4 if k % 2 else -10),
-                              textcoords="offset points", fontsize=7, color=s.color)  # alternate: near points apart
-        axis.margins(0.15)  # room for the labels
-        axis.set(xlabel=_axis_label(labels, "test_clean_accuracy"), ylabel=_axis_label(labels, metric))
-        if value is not None:
-            axis.set_title(f"{display_name(density)}={format_value(density, value)}")
-        (x_low, x_high), (y_low, y_high) = axis.get_xlim(), axis.get_ylim()
-        if chance is not None and y_low <= PERCENT * chance <= y_high:
-            _chance_line(axis, chance)
-        if chance is not None and x_low <= PERCENT * chance <= x_high:
-            _chance_line(axis, chance, vertical=True)
-    title = "Clean-robust trade-off across γ (means over seeds; labels: γ"
-    title += "; each panel on its own scale)" if len(panels) > 1 else ")"
-    return _finish(figure, axes, title, plotted if legend else [])
 
 
 # ------------------------------------------------------------------- the gradient-correlation probe
@@ -852,7 +588,7 @@ def correlation_figure(table: pd.DataFrame, varying: Sequence[str]) -> Figure | 
     levels = sorted(set(table["sparsity"].round(4)) | {s for values in PAPER_TABLE9.values() for s in values})
     position = {level: i for i, level in enumerate(levels)}
     panels = [m for m in PROBE_PANELS if f"{m} mean" in table]
-    figure, axes = _new_figure(len(panels), width=6.2, height=4.6)
+    figure, axes = new_figure(len(panels), width=6.2, height=4.6)
     plotted = series(table, legend_keys(table, ["sparsity.method", *varying]))
     for axis, metric in zip(axes, panels):
         for i, s in enumerate(plotted):
@@ -863,7 +599,7 @@ def correlation_figure(table: pd.DataFrame, varying: Sequence[str]) -> Figure | 
                      (rows[f"{metric} high"] - mean).fillna(0).clip(lower=0)]
             bars = axis.errorbar(x, mean, yerr=error, color=s.color, linestyle=s.linestyle, marker=s.marker,
                                  markersize=5, capsize=3)
-            _dodge(figure, bars, i, len(plotted))
+            dodge_bars(figure, bars, i, len(plotted))
         if metric == "probe_perturbed_correlation":
             for method, marker in (("rigl", "x"), ("set", "+")):
                 points = sorted(PAPER_TABLE9[method].items())
@@ -878,5 +614,5 @@ def correlation_figure(table: pd.DataFrame, varying: Sequence[str]) -> Figure | 
         axis.set_ylim(min(0.0, axis.get_ylim()[0]), 1.02)
     low, high = int(table["runs"].min()), int(table["runs"].max())
     seeds = (f"{low}" if low == high else f"{low}-{high}") + (" seed" if high == 1 else " seeds")
-    return _finish(figure, axes, f"Gradient correlation against sparsity at the last probed epoch\n(mean and 95% t "
-                   f"interval over {seeds}; the dense run at 0%)", plotted)
+    return finish_figure(figure, axes, "Gradient correlation against sparsity at the last probed epoch\n"
+                         f"(mean and 95% t interval over {seeds}; the dense run at 0%)", plotted)
