@@ -559,7 +559,7 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from robust_sparse.studies.sweep import load_sweep, run_sweep
 
-    sweep_file = shipped.resolve(args.sweep_file, "SWEEP_FILE", shipped.SWEEP)
+    sweep_file = shipped.resolve(args.sweep_file, "SWEEP_FILE", shipped.Kind.SWEEP)
     sweep = load_sweep(sweep_file, out_dir=args.out, yes=args.yes)
     index = run_sweep(sweep, dry_run=args.dry_run, evaluate=not args.no_eval)
     _emit(index.to_string(index=False))

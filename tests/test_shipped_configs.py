@@ -74,7 +74,7 @@ def test_an_unknown_name_is_one_line_naming_the_argument_and_the_names(tmp_path,
     line = one_line_error(["train", "--print-config", "cifar10_pgdat_resnt18"], capsys)
     assert line.startswith("robust-sparse: error: CONFIG: cifar10_pgdat_resnt18 not found")
     assert "(did you mean cifar10_pgdat_resnet18" in line
-    trainable = [c.name for c in shipped.shipped() if c.kind == shipped.TRAIN]
+    trainable = [c.name for c in shipped.shipped() if c.kind is shipped.Kind.TRAIN]
     assert all(name in line for name in trainable)
     assert "studies/engines_mnist5k" not in line  # a sweep is not a CONFIG
     assert not list(tmp_path.iterdir())  # nothing written

@@ -1,6 +1,6 @@
 """``robust-sparse doctor``: check the installed stack and say exactly how to fix what is wrong.
 
-The published stack has three known traps (see README, "Installation notes"):
+The published stack has three known traps (docs/troubleshooting.md, "Installation notes"):
 
 * robustbench 1.1.1 imports ``pkg_resources``, gone from setuptools >= 81;
 * it imports ``autoattack`` while its PyPI dependency installs ``pyautoattack`` (another name and API);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -22,18 +23,33 @@ log = logging.getLogger(__name__)
 
 PREFIX = "configs:"
 QUICKSTART = "quickstart_mnist5k"  # what `robust-sparse train` runs with no CONFIG
-TRAIN, SWEEP = "train", "sweep"
-# Keys of a sweep file that no training config has (robust_sparse.studies.sweep.SweepConfig against TrainConfig).
+
+
+class Kind(str, Enum):
+    """What a shipped YAML file is, told by its keys; each kind has the command that runs it."""
+
+    TRAIN = "train"
+    SWEEP = "sweep"
+
+    @property
+    def command(self) -> str:
+        return f"robust-sparse {self.value}"
+
+    @property
+    def label(self) -> str:
+        return "training config" if self is Kind.TRAIN else "sweep file"
+
+
+# Keys of a sweep file that no training config has (robust_sparse.studies.sweep.Sweep against TrainConfig; named
+# here rather than read from Sweep, which sits above this module)
 _SWEEP_KEYS = frozenset({"base", "overrides", "grid", "random"})
-_COMMAND = {TRAIN: "robust-sparse train", SWEEP: "robust-sparse sweep"}
-_KIND = {TRAIN: "training config", SWEEP: "sweep file"}
 
 
 @dataclass(frozen=True)
 class ShippedConfig:
     name: str
     path: Path
-    kind: str  # TRAIN (a training config) or SWEEP (a sweep file)
+    kind: Kind
     description: str
 
 
@@ -58,7 +74,7 @@ def name_of(value: str) -> str:
     return text.removesuffix(".yaml")
 
 
-def _read(path: Path) -> tuple[str, str]:
+def _read(path: Path) -> tuple[Kind, str]:
     """(kind, description) of one file: its keys tell a sweep from a training config."""
     text = path.read_text(encoding="utf-8")
     description = ""
@@ -70,7 +86,7 @@ def _read(path: Path) -> tuple[str, str]:
         data = yaml.safe_load(text)
     except yaml.YAMLError:  # listed all the same; loading it names the error
         data = None
-    kind = SWEEP if isinstance(data, dict) and _SWEEP_KEYS & set(data) else TRAIN
+    kind = Kind.SWEEP if isinstance(data, dict) and _SWEEP_KEYS & set(data) else Kind.TRAIN
     return kind, description
 
 
@@ -88,11 +104,11 @@ def table(configs: list[ShippedConfig]) -> str:
     """NAME, KIND and DESCRIPTION columns, plain text."""
     width = max([len("NAME"), *(len(c.name) for c in configs)])
     rows = [f"{'NAME':<{width}}  KIND   DESCRIPTION"]
-    rows += [f"{c.name:<{width}}  {c.kind:<5}  {c.description}" for c in configs]
+    rows += [f"{c.name:<{width}}  {c.kind.value:<5}  {c.description}" for c in configs]
     return "\n".join(rows)
 
 
-def resolve(value: str | Path, argument: str, kind: str = TRAIN) -> Path:
+def resolve(value: str | Path, argument: str, kind: Kind = Kind.TRAIN) -> Path:
     """The file a config argument means: an existing path as given, else the shipped config of that name
     (:func:`lookup`)."""
     text = str(value)
@@ -103,7 +119,7 @@ def resolve(value: str | Path, argument: str, kind: str = TRAIN) -> Path:
     return path
 
 
-def lookup(value: str, argument: str, kind: str | None = None, tried: Path | None = None) -> Path:
+def lookup(value: str, argument: str, kind: Kind | None = None, tried: Path | None = None) -> Path:
     """The shipped config that ``value`` names, of ``kind`` (None: either). An unknown name, or a shipped file of
     the other kind (a sweep given to train), is a one-line ConfigError naming ``argument`` (and the file ``tried``
     first, when it is not ``value`` itself) and the names there are."""
@@ -115,11 +131,11 @@ def lookup(value: str, argument: str, kind: str | None = None, tried: Path | Non
     if path.resolve().is_relative_to(root.resolve()) and path.is_file():  # "../x" names no shipped file
         found, _ = _read(path)
         if kind is not None and found != kind:
-            raise ConfigError(f"{argument}: {name} is a shipped {_KIND[found]}, not a {_KIND[kind]}; run it with "
-                              f"{_COMMAND[found]} {name}")
+            raise ConfigError(f"{argument}: {name} is a shipped {found.label}, not a {kind.label}; run it with "
+                              f"{found.command} {name}")
         return path
     names = [c.name for c in shipped() if kind is None or c.kind == kind]
-    what = _KIND[kind] if kind is not None else "config"
+    what = kind.label if kind is not None else "config"
     file = tried if tried is not None else value
     if not names:
         raise ConfigError(f"{argument}: {value} not found: no file {file}, and no shipped configs in {root} "

@@ -202,7 +202,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None, *, yes: bool = Fals
         raise ConfigError("sweep base: must not be empty (a config file, or leave base out)")
     base_path = (path.parent / base).resolve() if base else None
     if base_path is not None and not base_path.is_file():  # not beside the sweep file: a shipped config's name
-        base_path = shipped.lookup(base, "sweep base", shipped.TRAIN, tried=base_path)
+        base_path = shipped.lookup(base, "sweep base", shipped.Kind.TRAIN, tried=base_path)
     backend = spec.backend
     parallel, threads = spec.parallel, spec.threads
     # local processes and their threads run on this machine: bounded by what it can start (data.workers' bound);
