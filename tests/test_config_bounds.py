@@ -21,7 +21,9 @@ def sixteen_gib(monkeypatch):
 @pytest.mark.parametrize("overrides, message", [
     (["data.workers=100000"], f"data.workers = 100000: must be in 0..{max_workers()}"),
     (["data.image_size=100000"], f"data.image_size = 100000: must be in 8..{MAX_IMAGE_SIZE}"),
-    (["data.num_classes=1000000000000"], "data.num_classes = 1000000000000: must be in 0..100000"),
+    # imagefolder: a dataset whose classes the config gives (a registered one's count is checked against it first)
+    (["data.dataset=imagefolder", "data.num_classes=1000000000000"],
+     "data.num_classes = 1000000000000: must be in 0..100000"),
     (["sparsity.update_every=1000000000000"], "sparsity.update_every = 1000000000000: must be in 1..100000000"),
     (["trades_beta=1e12"], "trades_beta = 1000000000000.0: must be in 0..1e+06"),
     (["optim.factors=[0.1, 1e300]"], "optim.factors = [0.1, 1e+300]: each must be > 0 and <= 1e+06"),
