@@ -60,7 +60,8 @@ def smoke_checkpoint(directory: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     from robust_sparse.files.checkpoint import write_atomic
     from robust_sparse.eval import evaluate
-    from robust_sparse.eval.loading import from_checkpoint, load_points
+    from robust_sparse.eval.points import load_points
+    from robust_sparse.eval.sources import from_checkpoint
     from robust_sparse.eval.specs import parse_attacks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

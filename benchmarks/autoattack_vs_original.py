@@ -96,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     from robust_sparse.datasets import DATASETS
     from robust_sparse.eval import evaluate, parse_attacks
     from robust_sparse.eval.autoattack import torchattacks_autoattack
-    from robust_sparse.eval.loading import from_checkpoint, load_points
+    from robust_sparse.eval.points import load_points
+    from robust_sparse.eval.sources import from_checkpoint
 
     loaded = from_checkpoint(args.checkpoint)
     device = torch.device(args.device)

@@ -4,11 +4,13 @@
   attack and the pointwise worst case (an :class:`Evaluation`, ``evaluation``), resumable from saved flags;
 * ``specs``: the attack names (``pgd-50x10``, ``autoattack``, ...); ``autoattack``: the original AutoAttack
   behind one interface with adapters for its GitHub and PyPI APIs;
-* ``loading``: robust-sparse checkpoints, RobustBench zoo models and plain state_dicts; the RobustBench protocol;
+* ``sources``: where models come from (robust-sparse checkpoints, plain state_dicts, ``--model`` factories,
+  RobustBench zoo models) and what a loaded model is (fingerprint, sparsity); ``points``: the protocol's inputs
+  (dataset and threat-model names, the protocol radius, the test points);
 * ``config``: :class:`EvalConfig`, the settings of ``robust-sparse eval`` and of a sweep's evaluation stage, with
   its rules; ``job``: the command on that config; ``spread``: the spread over attack seeds;
-* ``sanity``: gradient-masking checks; ``store``: the results store; ``leaderboard``/``report``: comparison
-  with published numbers, Markdown and plots.
+* ``sanity``: gradient-masking checks; ``store``: the results store (and a model card's rows of it);
+  ``leaderboard``/``report``: comparison with published numbers, Markdown and plots.
 
 :func:`evaluate_pgd` (re-exported from the core module :mod:`robust_sparse.accuracy`) is the short clean + PGD
 evaluation used during training; training itself imports nothing from this package.

@@ -201,7 +201,7 @@ def validate_eval(config: EvalConfig, names: Names = Names()) -> None:
            f"{names('subnet')} is for AST checkpoints written by robust-sparse train")
     _check(not config.model_kwargs or config.model is not None, f"{names('model_kwargs')} goes with {names('model')}")
     if config.model is not None:
-        from robust_sparse.eval.loading import parse_factory
+        from robust_sparse.eval.sources import parse_factory
 
         parse_factory(config.model)
     if config.dataset is not None:
@@ -270,12 +270,13 @@ def check_eval(config: EvalConfig, names: Names = Names()) -> EvalConfig:
     """What the values name, read cheaply before any model or data: an exported model's protocol (its dataset
     fills in ``dataset``), the zoo entry, the output file and the results store. Returns the completed config."""
     from robust_sparse.files import rundir
-    import robust_sparse.eval.loading as loading
+    import robust_sparse.eval.points as points
+    import robust_sparse.eval.sources as sources
 
     dataset = config.dataset
-    exported = loading.exported_protocol(config.weights) if config.arch is not None else None
+    exported = sources.exported_protocol(config.weights) if config.arch is not None else None
     if dataset is None and exported is not None:  # an exported model carries its run's protocol
-        dataset = loading.parse_dataset(exported["dataset"])
+        dataset = points.parse_dataset(exported["dataset"])
     _check(dataset is not None or config.checkpoint is not None,
            f"{names('dataset')} is required with {names('robustbench_model')}, {names('arch')} and {names('model')}")
     if dataset is not None:  # (a checkpoint names its dataset only once it is read: there, the range alone holds)
@@ -286,7 +287,7 @@ def check_eval(config: EvalConfig, names: Names = Names()) -> EvalConfig:
                            info.image_size, f"{dataset}'s {info.image_size}x{info.image_size} images")
     if config.robustbench_model is not None:  # the corruptions track takes L-inf zoo entries
         norm = ThreatModel.LINF if config.corruptions_track else config.threat_model or ThreatModel.LINF
-        loading.check_robustbench_name(config.robustbench_model, dataset, norm.value)
+        sources.check_robustbench_name(config.robustbench_model, dataset, norm.value)
     if config.output is not None:  # writable now, not after an hour of attacks
         rundir.check_output_file(config.output, names("output"))
     if config.results_dir is not None:

@@ -370,7 +370,8 @@ def evaluate_model(loaded, images, labels, root, dataset, corruptions, severitie
     """Clean accuracy on the test points, then every corruption and severity: the model's row, appended to the
     results store in ``results_dir``."""
     from robust_sparse.distributed import device_name
-    from robust_sparse.eval.loading import data_fingerprint, model_fingerprint, sparsity_stats
+    from robust_sparse.eval.points import data_fingerprint
+    from robust_sparse.eval.sources import model_fingerprint, sparsity_stats
     from robust_sparse.eval.store import append_result
     from robust_sparse.accuracy import predict
 

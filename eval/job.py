@@ -26,14 +26,16 @@ from robust_sparse.distributed import device_name
 from robust_sparse.files import rundir
 from robust_sparse.files.checkpoint import write_atomic
 from robust_sparse.errors import UserError
-import robust_sparse.eval.loading as loading
+import robust_sparse.eval.points as points
 import robust_sparse.eval.sanity as sanity
+import robust_sparse.eval.sources as sources
 from robust_sparse.eval.config import DEFAULT_ATTACKS, EvalConfig, Names
-from robust_sparse.eval.loading import LoadedModel, data_fingerprint, model_fingerprint, sparsity_stats, threat_label
+from robust_sparse.eval.points import data_fingerprint
 from robust_sparse.eval.runner import Evaluation, evaluate
+from robust_sparse.eval.sources import LoadedModel, model_fingerprint, sparsity_stats
 from robust_sparse.eval.specs import AttackSpec
 from robust_sparse.eval.spread import seed_spread
-from robust_sparse.eval.store import append_result, flags_path
+from robust_sparse.eval.store import append_result, flags_path, threat_label
 from robust_sparse.flops import inference_flops
 
 log = logging.getLogger(__name__)
@@ -173,19 +175,19 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
     norm = threat or (first.norm if first else None) or "linf"
     for eps in config.eps or []:  # the norm is known now (a checkpoint's): the radius rule once more
         check_radius(names.value("eps", f"{eps:.4g}"), eps, norm)
-    images, labels = loading.load_points(
+    images, labels = points.load_points(
         dataset, config.n_examples or (first.n_examples if first else None),
         root=config.data_root or (first.data_root if first else None) or "data", download=config.download,
         data_file=config.data_file, data=first.data if first else None, norm=norm)
     if models is None:
-        models = [loading.from_robustbench(config.robustbench_model, dataset, threat or "linf", config.model_dir)]
+        models = [sources.from_robustbench(config.robustbench_model, dataset, threat or "linf", config.model_dir)]
         first = models[0]
         if config.name:
             first.name = config.name
 
     # the protocol: the checkpoint's threat model and settings unless the config says otherwise
     eps_values = config.eps if config.eps is not None else [
-        first.eps if first.eps is not None and norm == first.norm else loading.protocol_eps(dataset, norm)]
+        first.eps if first.eps is not None and norm == first.norm else points.protocol_eps(dataset, norm)]
     attacks = parse_attacks(config.attacks or DEFAULT_ATTACKS,
                             default_steps=config.pgd_steps or first.pgd_steps or 50,
                             default_restarts=config.restarts or first.restarts or 10)
@@ -220,7 +222,7 @@ def run_job(config: EvalConfig, names: Names = Names()) -> JobOutcome:
 def local_models(config: EvalConfig, names: Names) -> tuple[list[LoadedModel] | None, str | None]:
     """The models read from local files and the dataset (a checkpoint's own); no models for a zoo model."""
     if config.checkpoint is not None:
-        models = loading.from_checkpoint_subnets(config.checkpoint, data_root=config.data_root,
+        models = sources.from_checkpoint_subnets(config.checkpoint, data_root=config.data_root,
                                                  subnets=None if config.subnet is None else [config.subnet])
         if config.dataset is not None and config.dataset != models[0].dataset:
             raise UserError(f"{names.value('dataset', config.dataset)}: the checkpoint was trained on "
@@ -230,10 +232,10 @@ def local_models(config: EvalConfig, names: Names) -> tuple[list[LoadedModel] | 
                 model.name = config.name + model.suffix
         return models, models[0].dataset
     if config.model is not None:
-        model = loading.from_factory(config.model, config.dataset, config.weights, config.weights_key,
+        model = sources.from_factory(config.model, config.dataset, config.weights, config.weights_key,
                                      config.model_kwargs)
     elif config.arch is not None:
-        model = loading.from_weights(config.arch, config.weights, config.dataset)
+        model = sources.from_weights(config.arch, config.weights, config.dataset)
     else:
         return None, config.dataset
     if config.name:
@@ -329,9 +331,9 @@ def run_corruptions_job(config: EvalConfig) -> JobOutcome:
     corruptions = tuple(config.corruptions) if config.corruptions else default_corruptions()
     severities = tuple(config.severities) if config.severities else SEVERITIES
     n = check_files(root, dataset, corruptions, severities, config.n_examples)  # before any model download
-    images, labels = loading.load_points(dataset, n, root=root, download=config.download, data_file=config.data_file)
+    images, labels = points.load_points(dataset, n, root=root, download=config.download, data_file=config.data_file)
     if models is None:
-        models = [loading.from_robustbench(config.robustbench_model, dataset, "linf", config.model_dir)]
+        models = [sources.from_robustbench(config.robustbench_model, dataset, "linf", config.model_dir)]
         if config.name:
             models[0].name = config.name
     results_dir = default_results_dir(config)
@@ -355,7 +357,8 @@ def autoattack_checkpoint(checkpoint: str | Path, n_examples: int, *, device: to
     give one row per sub-net, as ``robust-sparse eval`` does.
     """
     from robust_sparse.datasets.splits import dataset_info
-    from robust_sparse.eval.loading import from_checkpoint_subnets, load_points
+    from robust_sparse.eval.points import load_points
+    from robust_sparse.eval.sources import from_checkpoint_subnets
     from robust_sparse.eval.specs import parse_attacks
 
     checkpoint = Path(checkpoint)

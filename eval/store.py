@@ -13,7 +13,7 @@ shape :meth:`robust_sparse.eval.Evaluation.to_frame` gives for an evaluation in 
 (:data:`TIDY_COLUMNS`):
 
 * ``model``: the model's name without its sub-net; ``subnet``: the sub-net's index in an AST checkpoint
-  (``/subnet{k}`` in a stored name, robust_sparse.eval.loading), <NA> for a model of one network;
+  (``/subnet{k}`` in a stored name, robust_sparse.eval.sources), <NA> for a model of one network;
 * ``dataset``, ``threat_model`` (``Linf``, ``L2``, ``corruptions``), ``eps`` (0 for corruptions);
 * ``seed``: the attacks' seed (<NA> for corruptions, which draw nothing); ``mode``: ``standalone`` or
   ``chained`` (then an attack's accuracy is cumulative over the attacks before it);
@@ -26,6 +26,8 @@ shape :meth:`robust_sparse.eval.Evaluation.to_frame` gives for an evaluation in 
   (the rounded product for a mean over corruption cells);
 * ``ci_low``, ``ci_high``: its 95% interval: Wilson on ``n`` points, but the corruptions mean's t interval over
   the images (robust_sparse.eval.corruptions), NaN where a row does not hold it.
+
+:func:`evaluation_rows` reads a checkpoint's rows back as a model card lists them (``robust-sparse export --hub``).
 """
 
 from __future__ import annotations
@@ -231,3 +233,46 @@ def tidy(results: pd.DataFrame) -> pd.DataFrame:
 def load_tidy(results_dir: str | Path) -> pd.DataFrame:
     """The tidy frame (:func:`tidy`) of a store's rows."""
     return tidy(load_results(results_dir))
+
+
+def evaluation_rows(checkpoint: str | Path, subnet: int | None = None,
+                    results_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """What a model card shows of a checkpoint's evaluations: the results store's rows of this checkpoint
+    (``results_dir``, default ``<run dir>/eval``; sub-net ``subnet`` of an AST checkpoint), each attack one row,
+    or, without any, the test PGD run that training wrote (``eval.json``). Rows: attack, threat_model, eps, n,
+    accuracy."""
+    checkpoint = Path(checkpoint)
+    store = Path(results_dir) if results_dir is not None else checkpoint.parent / "eval"
+    frame = load_results(store)
+    rows: list[dict[str, Any]] = []
+    if len(frame):
+        same = frame["path"].map(lambda p: isinstance(p, str) and Path(p).resolve() == checkpoint.resolve())
+        suffix = f"/subnet{subnet}"
+        mine = frame[same & frame["model"].map(lambda m: str(m).endswith(suffix) if subnet is not None
+                                               else "/subnet" not in str(m))]
+        # the store's own tidy rows (one per attack and its parts): the card lists the whole attacks and clean
+        shown = tidy(mine) if len(mine) else mine
+        for row in shown[shown["kind"].isin(["clean", "attack"])].to_dict("records") if len(mine) else []:
+            rows.append({"attack": str(row["attack"]), "threat_model": row["threat_model"],
+                         "eps": 0.0 if row["kind"] == "clean" else float(row["eps"]), "n": int(row["n"]),
+                         "accuracy": float(row["accuracy"])})
+    if rows:
+        return rows
+    trained = checkpoint.parent / "eval.json"
+    try:
+        record = json.loads(trained.read_text()) if trained.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    if subnet is not None:
+        record = next((s for s in record.get("subnets") or [] if s.get("subnet") == subnet), {}) | {
+            key: record.get(key) for key in ("norm", "eps", "n_examples", "pgd_steps", "restarts")}
+    if record.get("clean_accuracy") is None:
+        return []
+    threat = {"linf": "Linf", "l2": "L2"}.get(record.get("norm"), record.get("norm"))
+    n = int(record.get("n_examples") or 0)
+    rows.append({"attack": "clean", "threat_model": threat, "eps": 0.0, "n": n,
+                 "accuracy": float(record["clean_accuracy"])})
+    if record.get("pgd_accuracy") is not None:
+        rows.append({"attack": f"PGD-{record.get('pgd_steps')}x{record.get('restarts')}", "threat_model": threat,
+                     "eps": float(record["eps"]), "n": n, "accuracy": float(record["pgd_accuracy"])})
+    return rows

@@ -109,7 +109,7 @@ def export_to_zoo(checkpoint: str | Path, out_dir: str | Path, name: str, *, sub
     """
     from robust_sparse.config import config_from_dict
     from robust_sparse.files.checkpoint import load_checkpoint
-    from robust_sparse.eval.loading import from_checkpoint, model_fingerprint, sparsity_stats
+    from robust_sparse.eval.sources import from_checkpoint, model_fingerprint, sparsity_stats
 
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UserError(f"--robustbench {name!r}: a zoo name is letters, digits, '_', '-' and '.', e.g. "

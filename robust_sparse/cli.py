@@ -358,7 +358,7 @@ NEGATED_FLAGS = ("no_probe", "fresh", "no_progress")  # store_true flags that se
 def _eval_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str, str]]:
     """The flags given, as EvalConfig fields (field -> value), and every field's flag. Text is passed as typed (the
     config's parser reads numbers and lists from it); the seed flags and --model-kwargs' NAME=VALUE are read here."""
-    from robust_sparse.eval import loading
+    from robust_sparse.eval import sources
 
     flags: dict[str, object] = {}
     spellings = {key: flag for key, flag in EVAL_FLAGS.values()}
@@ -374,7 +374,7 @@ def _eval_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str, 
     if args.seed is not None or args.seeds is not None:
         flags["seeds"] = list(args.seed) if args.seed is not None else args.seeds
     if args.model_kwargs is not None:  # EvalConfig's rules check that it goes with --model
-        flags["model_kwargs"] = loading.parse_kwargs(args.model_kwargs, "--model-kwargs")
+        flags["model_kwargs"] = sources.parse_kwargs(args.model_kwargs, "--model-kwargs")
     return flags, spellings
 
 
@@ -521,7 +521,7 @@ def _export(args: argparse.Namespace) -> int:
     rundir.check_owned(args.out, rundir.Kind.EXPORT, "export --out")
     evaluation = []
     if args.hub:
-        from robust_sparse.eval.loading import evaluation_rows
+        from robust_sparse.eval.store import evaluation_rows
 
         evaluation = evaluation_rows(args.checkpoint, args.subnet, args.results_dir)
     summary = export_checkpoint(args.checkpoint, args.out, subnet=args.subnet, hub=args.hub, onnx=args.onnx,

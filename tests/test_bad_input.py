@@ -214,12 +214,12 @@ def test_damaged_or_unsafe_checkpoint(run_dir, capsys, kind, command):
 ])
 def test_bad_eval_flags_fail_before_any_work(run_dir, capsys, monkeypatch, flags, named):
     """Each flag is checked before the test points are read: no attack runs and no eval/ folder appears."""
-    from robust_sparse.eval import loading
+    from robust_sparse.eval import points
 
     def no_data(*args, **kwargs):
         raise AssertionError("the test points were read before the flags were checked")
 
-    monkeypatch.setattr(loading, "load_points", no_data)
+    monkeypatch.setattr(points, "load_points", no_data)
     monkeypatch.chdir(run_dir)
     before = snapshot(run_dir)
     line = one_line_error(["eval", str(run_dir / "best.pt"), "--attacks", "pgd-1x1", *flags], capsys)

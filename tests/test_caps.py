@@ -92,12 +92,12 @@ def test_the_largest_seed_numpy_and_torch_accept_is_valid():
     (["--pgd-steps", "1000000000"], "--pgd-steps 1000000000: must be in 1..100000"),
 ])
 def test_eval_integer_flags_outside_their_range_fail_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
-    from robust_sparse.eval import loading
+    from robust_sparse.eval import points
 
     def no_data(*args, **kwargs):
         raise AssertionError("the test points were read before the flags were checked")
 
-    monkeypatch.setattr(loading, "load_points", no_data)
+    monkeypatch.setattr(points, "load_points", no_data)
     weights = tmp_path / "tiny.pt"
     torch.save(make_tiny_model().state_dict(), weights)
     line = one_line_error(["eval", "--arch", "tiny_cnn", "--weights", str(weights), "--dataset", "mnist5k",

@@ -241,7 +241,7 @@ def test_checkpoint_evaluates_where_its_training_data_directory_does_not_exist(t
     no rewrite of data.root needed to get past validation."""
     from robust_sparse.files.checkpoint import save_checkpoint
     from robust_sparse.datasets import DATASETS
-    from robust_sparse.eval.loading import from_checkpoint
+    from robust_sparse.eval.sources import from_checkpoint
     from robust_sparse.models import build_model
 
     (tmp_path / "notes.txt").write_text("a file where the run directory was\n")

@@ -137,12 +137,12 @@ def test_class_counts_are_checked_against_the_record():
 
 
 def test_eval_corruptions_and_leaderboard_read_the_records():
-    from robust_sparse.eval import corruptions, leaderboard, loading
+    from robust_sparse.eval import corruptions, leaderboard, points
 
-    assert loading.protocol_eps("cifar10", "linf") == 8 / 255 and loading.protocol_eps("imagenet", "l2") == 3.0
-    assert loading.parse_dataset("Fashion_MNIST") == "fashion_mnist"
+    assert points.protocol_eps("cifar10", "linf") == 8 / 255 and points.protocol_eps("imagenet", "l2") == 3.0
+    assert points.parse_dataset("Fashion_MNIST") == "fashion_mnist"
     with pytest.raises(UserError, match="unknown dataset 'x'; choose one of: cifar10, cifar100"):
-        loading.parse_dataset("x")
+        points.parse_dataset("x")
     assert corruptions.corruption_folder("/data", "cifar100") == Path("/data/CIFAR-100-C")
     with pytest.raises(UserError, match="supported for cifar10, cifar100, imagenet .*not svhn"):
         corruptions.corruption_folder("/data", "svhn")

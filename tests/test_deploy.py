@@ -17,7 +17,7 @@ from robust_sparse.config import load_config
 from robust_sparse.deploy.pretrained import ModelRecord, RobustSparseModel, load_pretrained, read_safetensors
 from robust_sparse.deploy.dynamic import load_dynamic, pack_masks, unpack_masks
 from robust_sparse.errors import CheckpointError, UserError
-from robust_sparse.eval.loading import from_checkpoint_subnets
+from robust_sparse.eval.sources import from_checkpoint_subnets
 from robust_sparse.models import apply_cifar_stem, build_model
 from robust_sparse.train import fit
 
@@ -147,7 +147,7 @@ def ast_store(ast_run, tmp_path_factory):
 def test_eval_of_the_ast_checkpoint_gives_one_row_per_subnet(ast_run, ast_store):
     import pandas as pd
 
-    from robust_sparse.eval.loading import evaluation_rows
+    from robust_sparse.eval.store import evaluation_rows
 
     store = pd.read_csv(ast_store / "results.csv")
     assert sorted(store["model"].str.rsplit("/", n=1).str[-1]) == ["subnet0", "subnet1", "subnet2"]

@@ -96,12 +96,12 @@ def test_bad_values_are_one_line_config_errors(data, names, message):
 ])
 def test_bad_eval_config_on_the_command_line_fails_before_any_work(weights, extra, message, tmp_path, capsys,
                                                                    monkeypatch):
-    from robust_sparse.eval import loading
+    from robust_sparse.eval import points
 
     def no_data(*args, **kwargs):
         raise AssertionError("the test points were read before the config was checked")
 
-    monkeypatch.setattr(loading, "load_points", no_data)
+    monkeypatch.setattr(points, "load_points", no_data)
     line = one_line_error(_tiny(weights, "--results-dir", str(tmp_path / "r"), *extra), capsys)
     assert message in line
     assert not (tmp_path / "r").exists()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from robust_sparse.cli import main
-from robust_sparse.eval import loading
+from robust_sparse.eval import points, sources
 
 CIFAR_PREFIX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-prefix"
 needs_cifar_prefix = pytest.mark.skipif(
@@ -75,7 +75,7 @@ def test_factory_model_matches_the_weights_it_was_given(factory_file, tiny_weigh
     plain, nested = tiny_weights
     images, _ = test_batch
     for path, key in ((plain, None), (nested, "ema")):
-        loaded = loading.from_factory(f"{factory_file}:build", "mnist5k", path, key)
+        loaded = sources.from_factory(f"{factory_file}:build", "mnist5k", path, key)
         assert loaded.source == "factory" and loaded.architecture == "TinyCNN"
         assert not loaded.model.training
         with torch.no_grad():
@@ -124,7 +124,7 @@ def test_bad_factory_specs_are_one_line_errors_before_any_work(factory_file, spe
         raise AssertionError("test points were read")
 
     if message.startswith("--weights") or "expected FILE" in message:
-        monkeypatch.setattr(loading, "load_points", no_data)
+        monkeypatch.setattr(points, "load_points", no_data)
     code = main(["eval", "--model", f"{factory_file}{spec_suffix}", "--dataset", "mnist5k", "--n-examples", "8",
                  "--attacks", "pgd-1x1", "--no-progress", *extra])
     err = capsys.readouterr().err
@@ -155,10 +155,10 @@ def test_module_path_factory(tmp_path, monkeypatch, trained_tiny, test_batch):
     (package / "__init__.py").write_text("")
     (package / "nets.py").write_text(textwrap.dedent(TINY_FACTORY))
     monkeypatch.syspath_prepend(str(tmp_path))
-    loaded = loading.from_factory("zoo_pkg.nets:build", "mnist5k")
+    loaded = sources.from_factory("zoo_pkg.nets:build", "mnist5k")
     assert loaded.name == "zoo_pkg.nets:build"
     with pytest.raises(Exception, match="no module 'zoo_pkg.missing'"):
-        loading.from_factory("zoo_pkg.missing:build", "mnist5k")
+        sources.from_factory("zoo_pkg.missing:build", "mnist5k")
 
 
 @needs_cifar_prefix

@@ -15,7 +15,7 @@ import torch
 from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.config import load_config, to_dict
-from robust_sparse.eval import loading
+from robust_sparse.eval import sources
 from robust_sparse.sparse.export import export_checkpoint
 from robust_sparse.studies.sweep import load_sweep, run_sweep
 from robust_sparse.train import fit
@@ -46,7 +46,7 @@ def test_a_run_killed_by_the_old_version_resumes_to_what_it_gave_uninterrupted(n
 
 def test_an_old_ast_checkpoint_loads_every_subnet_and_exports_one(tmp_path):
     path = LEGACY / "sweep" / "runs" / "seed=0" / "last.pt"  # trained to the end: each sub-net at its density
-    models = loading.from_checkpoint_subnets(path)
+    models = sources.from_checkpoint_subnets(path)
     assert [m.name.split("/")[-1] for m in models] == ["subnet0", "subnet1"]
     densities = []
     for loaded in models:

@@ -273,7 +273,7 @@ def test_a_registered_model_trains_by_name_and_reaches_a_sweeps_processes(tmp_pa
 
 
 def test_eval_model_specs_build_library_models_and_call_factories_with_kwargs() -> None:
-    from robust_sparse.eval.loading import from_factory, parse_kwargs
+    from robust_sparse.eval.sources import from_factory, parse_kwargs
 
     assert parse_kwargs("model_name=resnet18,num_classes=10,pretrained=false", "--model-kwargs") == \
         {"model_name": "resnet18", "num_classes": 10, "pretrained": False}

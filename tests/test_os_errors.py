@@ -92,7 +92,7 @@ def test_a_read_only_run_directory_is_one_line_before_training_and_resumes_bit_i
 
 
 def test_read_only_outputs_are_refused_before_any_work(tmpfs, tmp_path, capsys, monkeypatch):
-    from robust_sparse.eval import loading
+    from robust_sparse.eval import points
 
     checkpoint_run = tmp_path / "run"
     assert main(train_argv(checkpoint_run, 1)) == 0
@@ -104,7 +104,7 @@ def test_read_only_outputs_are_refused_before_any_work(tmpfs, tmp_path, capsys, 
     def no_data(*args, **kwargs):
         raise AssertionError("the test points were read before the output was checked")
 
-    monkeypatch.setattr(loading, "load_points", no_data)
+    monkeypatch.setattr(points, "load_points", no_data)
     model = ["--arch", "tiny_cnn", "--weights", str(weights), "--dataset", "mnist5k", "--attacks", "pgd-1x1"]
     cases = {
         "train --out": (train_argv(tmpfs / "new", 1), f"out_dir {tmpfs / 'new'}"),

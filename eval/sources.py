@@ -1,13 +1,20 @@
-"""Where models and test points come from, and what we measure about a model before attacking it.
+"""Where the evaluated models come from, and what we measure about a model before attacking it.
 
-Three model sources, each ending in an ``nn.Module`` that takes [0,1] images and returns logits:
+Four model sources, each ending in a :class:`LoadedModel` whose ``nn.Module`` takes [0,1] images and returns logits:
 
-* a robust-sparse checkpoint (``best.pt``/``last.pt``): architecture, dataset and threat model from its config;
-* a RobustBench zoo entry, through ``robustbench.utils.load_model`` from a local model directory laid out as
-  the zoo's (``<model_dir>/<dataset>/<threat_model>/<name>.pt``), downloaded by robustbench when absent;
-* a plain ``state_dict`` file for an architecture of our registry (``--arch NAME --weights PATH``).
+* a robust-sparse checkpoint (``best.pt``/``last.pt``; :func:`from_checkpoint`, :func:`from_checkpoint_subnets`):
+  architecture, dataset and threat model from its config;
+* a plain ``state_dict`` file for an architecture of our registry (``--arch NAME --weights PATH``;
+  :func:`from_weights`), an exported ``model_dense.pt`` bringing its run's protocol (:func:`exported_protocol`);
+* any model from a factory, ``FILE.py:FACTORY``, ``package.module:FACTORY``, ``torchvision:NAME`` or ``timm:NAME``
+  (``--model``; :func:`from_factory`), imported with the user's code kept from our ``sys.argv`` and exit code,
+  its output shape checked (:func:`check_model_output`);
+* a RobustBench zoo entry (:func:`from_robustbench`), through ``robustbench.utils.load_model`` from a local model
+  directory laid out as the zoo's (``<model_dir>/<dataset>/<threat_model>/<name>.pt``), downloaded by robustbench
+  when absent.
 
-Test points follow the RobustBench protocol: the first ``n`` points of the test split, in order.
+What a loaded model is: :func:`model_fingerprint` (its weights' hash) and :func:`sparsity_stats`.
+The test points the models are evaluated on: robust_sparse.eval.points.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import contextlib
 import difflib
 import hashlib
 import io
-import json
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -30,44 +36,16 @@ from robust_sparse.files.checkpoint import load_checkpoint, safe_load
 from robust_sparse.config import DataConfig
 from robust_sparse.datasets import DATASETS
 from robust_sparse.errors import CheckpointError, UserError
-from robust_sparse.eval.runner import check_inputs
-# how results name a threat model; threat_label is imported from here by the job too
-from robust_sparse.eval.store import ROBUSTBENCH_THREATS, threat_label  # noqa: F401
+from robust_sparse.eval.store import ROBUSTBENCH_THREATS
 
 log = logging.getLogger(__name__)
-
-# Each dataset's protocol (radius and test points per threat model) is its record's: robust_sparse/datasets/.
-_THREATS = {"linf": "linf", "l2": "l2"}
-
-
-def parse_dataset(text: str) -> str:
-    """A registered dataset's name (any case); one line with the allowed names otherwise."""
-    dataset = text.strip().lower()
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {text!r}; choose one of: {', '.join(DATASETS.names())}")
-    if DATASETS.get(dataset).num_classes == 0:  # imagefolder: its class count and folders are in a checkpoint's config
-        raise UserError(f"--dataset {dataset}: evaluate a CHECKPOINT trained on it (its config names the classes)")
-    return dataset
-
-
-def protocol_eps(dataset: str, norm: str) -> float:
-    """The dataset's protocol radius for ``norm`` (its record's; RobustBench's where it has a track)."""
-    return DATASETS.get(dataset).protocol(norm).eps
-
-
-def parse_threat(text: str) -> str:
-    """``Linf``/``linf`` -> ``linf``; ``L2``/``l2`` -> ``l2``."""
-    try:
-        return _THREATS[text.strip().lower()]
-    except KeyError:
-        raise UserError(f"unknown threat model {text!r}; choose Linf or L2") from None
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
     name: str  # the results key
-    source: str  # "checkpoint", "robustbench" or "weights"
+    source: str  # "checkpoint", "weights", "factory" or "robustbench"
     path: str
     architecture: str
     dataset: str  # a registered dataset's name
@@ -464,59 +442,6 @@ def _reason(error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# test points
-
-
-def load_points(dataset: str, n: int | None, *, root: str = "data", download: bool = False,
-                data_file: str | Path | None = None, data: DataConfig | None = None,
-                norm: str = "linf") -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` test points in order, as float [0,1] images and int64 labels (RobustBench protocol).
-
-    ``data_file`` replaces the dataset's test split with a torch file holding ``{"images", "labels"}``
-    (uint8 0-255, or float in [0, 1]). ``n=None`` takes the dataset's protocol count for ``norm`` (CIFAR's
-    10000, ImageNet's 5000) or the whole split where it is smaller; a larger ``n`` is an error.
-    ``data`` (a checkpoint's data section) describes a streamed dataset's test split; only its first ``n`` images
-    are read (ImageNet: RobustBench's list and preprocessing).
-    """
-    from robust_sparse.datasets.splits import EVAL_DOWNLOAD_HINT, dataset_info, in_memory, load_raw
-
-    config = replace(data, root=root) if data is not None and data.dataset == dataset else \
-        DataConfig(dataset=dataset, root=root, download=download)
-    if data_file is not None:
-        images, labels = _read_points(Path(data_file))
-    else:
-        _, test = load_raw(config, need_train=False, download_hint=EVAL_DOWNLOAD_HINT)
-        if n is not None and 1 <= n <= len(test):  # a streamed split: read only the points evaluated
-            test = test.take(slice(0, n))
-        test = in_memory(test, config.workers)
-        images, labels = test.images, test.labels
-    total = len(labels)
-    if n is None:
-        n = min(DATASETS.get(dataset).protocol(norm).n_examples, total)
-    if n < 1:
-        raise UserError(f"--n-examples {n}: must be >= 1")
-    if n > total:
-        raise UserError(f"--n-examples {n}: the test set has only {total} points")
-    images, labels = images[:n], labels[:n]
-    if images.dtype == torch.uint8:
-        images = images.float().div_(255)
-    check_inputs(images, labels, dataset_info(config).num_classes)
-    return images.float(), labels.long()
-
-
-def _read_points(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    payload = safe_load(path, "data file")
-    if not isinstance(payload, dict) or not {"images", "labels"} <= set(payload):
-        raise UserError(f"data file {path} must hold a dict with 'images' [N,C,H,W] and 'labels' [N]")
-    images, labels = payload["images"], payload["labels"]
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise UserError(f"data file {path}: 'images' and 'labels' must be tensors")
-    if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise UserError(f"data file {path}: images must be uint8 (0-255) or float in [0, 1], got {images.dtype}")
-    return images, labels
-
-
-# ----------------------------------------------------------------------------------------------------------
 # what a model is
 
 
@@ -530,12 +455,6 @@ def model_fingerprint(model: nn.Module) -> str:
                       if tensor.numel() else b"")
     return digest.hexdigest()[:16]
 
-
-def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def sparsity_stats(model: nn.Module) -> dict[str, float | int]:
@@ -552,47 +471,3 @@ def sparsity_stats(model: nn.Module) -> dict[str, float | int]:
     return {"sparsity": zeros / prunable if prunable else 0.0, "params": total, "nonzero_params": nonzero,
             "prunable_params": prunable}
 
-
-def evaluation_rows(checkpoint: str | Path, subnet: int | None = None,
-                    results_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """What a model card shows of a checkpoint's evaluations: the results store's rows of this checkpoint
-    (``results_dir``, default ``<run dir>/eval``; sub-net ``subnet`` of an AST checkpoint), each attack one row,
-    or, without any, the test PGD run that training wrote (``eval.json``). Rows: attack, threat_model, eps, n,
-    accuracy."""
-    from robust_sparse.eval.store import load_results, tidy
-
-    checkpoint = Path(checkpoint)
-    store = Path(results_dir) if results_dir is not None else checkpoint.parent / "eval"
-    frame = load_results(store)
-    rows: list[dict[str, Any]] = []
-    if len(frame):
-        same = frame["path"].map(lambda p: isinstance(p, str) and Path(p).resolve() == checkpoint.resolve())
-        suffix = f"/subnet{subnet}"
-        mine = frame[same & frame["model"].map(lambda m: str(m).endswith(suffix) if subnet is not None
-                                               else "/subnet" not in str(m))]
-        # the store's own tidy rows (one per attack and its parts): the card lists the whole attacks and clean
-        shown = tidy(mine) if len(mine) else mine
-        for row in shown[shown["kind"].isin(["clean", "attack"])].to_dict("records") if len(mine) else []:
-            rows.append({"attack": str(row["attack"]), "threat_model": row["threat_model"],
-                         "eps": 0.0 if row["kind"] == "clean" else float(row["eps"]), "n": int(row["n"]),
-                         "accuracy": float(row["accuracy"])})
-    if rows:
-        return rows
-    trained = checkpoint.parent / "eval.json"
-    try:
-        record = json.loads(trained.read_text()) if trained.is_file() else {}
-    except (OSError, ValueError):
-        record = {}
-    if subnet is not None:
-        record = next((s for s in record.get("subnets") or [] if s.get("subnet") == subnet), {}) | {
-            key: record.get(key) for key in ("norm", "eps", "n_examples", "pgd_steps", "restarts")}
-    if record.get("clean_accuracy") is None:
-        return []
-    threat = {"linf": "Linf", "l2": "L2"}.get(record.get("norm"), record.get("norm"))
-    n = int(record.get("n_examples") or 0)
-    rows.append({"attack": "clean", "threat_model": threat, "eps": 0.0, "n": n,
-                 "accuracy": float(record["clean_accuracy"])})
-    if record.get("pgd_accuracy") is not None:
-        rows.append({"attack": f"PGD-{record.get('pgd_steps')}x{record.get('restarts')}", "threat_model": threat,
-                     "eps": float(record["eps"]), "n": n, "accuracy": float(record["pgd_accuracy"])})
-    return rows
