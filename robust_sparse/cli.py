@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -647,6 +648,9 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         sys.stderr.write(f"robust-sparse: error: {error}\n")
         return ExitCode.USAGE
+    except BrokenPipeError:  # the reader of stdout has gone (`| head`): nothing to say, and nobody to say it to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return ExitCode.BROKEN_PIPE
     except OSError as error:  # disk full, permission, read-only where no path-aware handler caught it
         if args is not None and args.debug:
             raise

@@ -161,3 +161,16 @@ def test_the_description_is_the_first_comment_line(tmp_path, monkeypatch):
     found = {c.name: (c.kind, c.description) for c in shipped.shipped()}
     assert found == {"a": ("train", "First line."), "b": ("train", ""), "sub/c": ("sweep", "A sweep.")}
     assert [c.name for c in shipped.shipped()] == ["a", "b", "sub/c"]  # top-level first
+
+
+def test_a_reader_that_leaves_early_ends_the_listing_quietly(tmp_path):
+    """`robust-sparse configs | head -1`: the listing meets a closed pipe; like a Unix tool the command stops
+    without a word on stderr and with the shell's code for SIGPIPE, 141."""
+    import subprocess
+    import sys
+
+    listing = subprocess.Popen([sys.executable, "-c", "from robust_sparse.cli import main; raise SystemExit(main())",
+                                "configs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    listing.stdout.close()  # the reader has gone before the command writes its first line (it imports for ~1 s)
+    error = listing.stderr.read().decode()
+    assert listing.wait(timeout=60) == 141 and "error" not in error and "Traceback" not in error, error
