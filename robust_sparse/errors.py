@@ -15,7 +15,7 @@ class ExitCode(IntEnum):
     DIVERGED = 3  # training diverged (NaN loss or accuracy stuck at chance); the best checkpoint is kept
     INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C; the shell's convention for a signal, 130
     TERMINATED = 128 + signal.SIGTERM  # SIGTERM (a scheduler's stop), 143; resumable like Ctrl-C
-    BROKEN_PIPE = 128 + signal.SIGPIPE  # stdout's reader left (`robust-sparse configs | head`): quiet, as Unix tools
+    BROKEN_PIPE = 128 + signal.SIGPIPE  # stdout's reader left early (`head` after `configs`): quiet, like Unix tools
 
 
 class UserError(Exception):
