@@ -218,17 +218,10 @@ def test_every_link_of_a_root_page_resolves(page):
 
 def test_the_readme_links_every_page_of_the_manual_it_is_the_front_of():
     """Every top-level page of the manual's navigation is one click from the front page."""
-    import yaml
-
-    nav = yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]
-
-    def pages(entries):
-        for entry in entries:
-            value = next(iter(entry.values())) if isinstance(entry, dict) else entry
-            yield from pages(value) if isinstance(value, list) else [value]
+    from test_docs import navigation_pages
 
     linked = set(re.findall(r"\]\(docs/([^)#\s]+)", README))
-    missing = sorted(page for page in pages(nav) if page.endswith(".md") and page not in linked
+    missing = sorted(page for page in navigation_pages() if page.endswith(".md") and page not in linked
                      and page not in ("index.md", "benchmarks.md") and not page.startswith("api/")
                      and page not in ("reference/evaluation-config.md", "reference/sweep-file.md"))
     assert not missing, f"README.md does not link these pages of the manual: {missing}"
