@@ -257,7 +257,8 @@ def test_sweep_runs_the_corruptions_stage_end_to_end(mini, mnist, tmp_path):
     corruptions stage on its best.pt; the row reaches sweep_eval.json and the sweep report's columns."""
     import yaml
 
-    from robust_sparse.studies.sweep import EVAL_RESULT, load_sweep, run_sweep
+    from robust_sparse.studies.local import EVAL_RESULT
+    from robust_sparse.studies.sweep import load_sweep, run_sweep
     from robust_sparse.studies.report import collect
 
     train, _ = mnist

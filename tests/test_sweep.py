@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from robust_sparse.errors import ConfigError
-from robust_sparse.studies.sweep import expand, load_sweep, run_id, run_sweep, run_status
+from robust_sparse.studies.local import run_status
+from robust_sparse.studies.sweep import expand, load_sweep, run_id, run_sweep
 from robust_sparse.studies.report import aggregate, collect, epochs_to_accuracy, write_report
 
 TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "optim.epochs=2", "attack.steps=1",

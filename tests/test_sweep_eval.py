@@ -10,7 +10,8 @@ import yaml
 
 from robust_sparse.cli import main
 from robust_sparse.errors import ConfigError
-from robust_sparse.studies.sweep import EVAL_RESULT, eval_stage_done, load_sweep, run_sweep
+from robust_sparse.studies.local import EVAL_RESULT, eval_stage_done
+from robust_sparse.studies.sweep import load_sweep, run_sweep
 from robust_sparse.studies.report import aggregate, collect
 
 TINY = ["model.name=tiny_cnn", "data.train_limit=256", "data.val_size=64", "optim.epochs=1", "attack.steps=1",

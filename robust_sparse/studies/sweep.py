@@ -53,8 +53,6 @@ from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, UserError
 from robust_sparse.files import shipped
 from robust_sparse.studies import local
-# the run's outcome as it left it, read by the report and the Slurm backend too (robust_sparse.studies.local)
-from robust_sparse.studies.local import EVAL_RESULT, eval_stage_done, run_status  # noqa: F401
 
 if TYPE_CHECKING:  # imported where a stage is parsed: robust_sparse.eval pulls in torch
     from robust_sparse.eval.config import EvalConfig
@@ -85,7 +83,8 @@ class EvalStage:
         """The run's evaluation: its best.pt, its per-point flags under eval/ (a killed stage resumes), its rows
         to a hidden file that becomes sweep_eval.json."""
         return dataclasses.replace(self.config, checkpoint=str(run_dir / "best.pt"),
-                                   results_dir=str(run_dir / "eval"), output=str(run_dir / f".{EVAL_RESULT}.output"))
+                                   results_dir=str(run_dir / "eval"),
+                                   output=str(run_dir / f".{local.EVAL_RESULT}.output"))
 
     def settings(self) -> dict[str, Any]:
         """What defines one run's evaluation, as sweep_eval.json records it (``seeds`` only selects the runs,
@@ -403,7 +402,7 @@ def _run_sweep(sweep: Sweep, dry_run: bool, evaluate: bool) -> pd.DataFrame:
         rundir.claim(run_dir, rundir.Kind.TRAIN, "sweep run", adopt=True)  # the sweep owns what is under runs/
         requested = run_dir / "requested.yaml"
         save_config(config, requested)
-        status = run_status(run_dir)
+        status = local.run_status(run_dir)
         rows.append({"run_id": identifier, "overrides": " ".join(overrides), "status": status})
         if sweep.eval_stage is not None:
             rows[-1]["eval"] = _eval_status(run_dir, status, sweep.eval_stage, config.seed)
