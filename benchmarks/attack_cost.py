@@ -58,7 +58,7 @@ def smoke_checkpoint(directory: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from robust_sparse.files.checkpoint import write_atomic
+    from robust_sparse.files.atomic import write_atomic
     from robust_sparse.eval import evaluate
     from robust_sparse.eval.points import load_points
     from robust_sparse.eval.sources import from_checkpoint

@@ -66,7 +66,7 @@ machine_description, make_model, sync, timed = (throughput.machine_description, 
 
 from robust_sparse import cli  # noqa: E402
 from robust_sparse.agent import AGENT, full_grad_pass, objective_loss  # noqa: E402
-from robust_sparse.files.checkpoint import write_atomic  # noqa: E402
+from robust_sparse.files.atomic import write_atomic  # noqa: E402
 from robust_sparse.config import load_config  # noqa: E402
 from robust_sparse.datasets.images import BatchLoader, ImageSet  # noqa: E402
 from robust_sparse.objectives import build_objective  # noqa: E402

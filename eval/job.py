@@ -24,7 +24,7 @@ import torch
 
 from robust_sparse.distributed import device_name
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 from robust_sparse.errors import UserError
 import robust_sparse.eval.points as points
 import robust_sparse.eval.sanity as sanity

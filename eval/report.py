@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import save_figure, write_atomic
+from robust_sparse.files.atomic import save_figure, write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.eval.intervals import wilson_interval
 from robust_sparse.eval.leaderboard import differences, load_leaderboard

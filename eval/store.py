@@ -42,7 +42,7 @@ from typing import Any
 
 import pandas as pd
 
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 from robust_sparse.errors import UserError
 from robust_sparse.eval.intervals import wilson_interval
 

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from robust_sparse.files.checkpoint import save_figure
+from robust_sparse.files.atomic import save_figure
 from robust_sparse.errors import UserError
 
 SUBNET = re.compile(r"^(?P<base>.+)/subnet(?P<k>\d+)$")

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from robust_sparse.files.checkpoint import atomic_open, write_atomic
+from robust_sparse.files.atomic import atomic_open, write_atomic
 from robust_sparse.errors import UserError
 
 log = logging.getLogger(__name__)

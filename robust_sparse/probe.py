@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from robust_sparse.agent import estimate_c
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 from robust_sparse.config import FullGradInputs, TrainConfig
 from robust_sparse.datasets.images import ImageSet
 from robust_sparse.datasets.splits import in_memory

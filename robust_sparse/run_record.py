@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import check_output_dir, load_checkpoint, remove_temporaries, write_atomic
+from robust_sparse.files.atomic import remove_temporaries, write_atomic
+from robust_sparse.files.checkpoint import check_output_dir, load_checkpoint
 from robust_sparse.config import TrainConfig, config_from_dict, save_config, to_dict
 from robust_sparse.datasets.splits import check_data_root
 from robust_sparse.errors import ConfigError, UserError

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 from robust_sparse.config import TrackingConfig, TrainConfig, spell, to_dict
 from robust_sparse.config.schema import GAMMA_KEY
 from robust_sparse.errors import ConfigError

@@ -30,7 +30,8 @@ from robust_sparse.chance import at_chance, chance_level
 
 from robust_sparse.files import rundir
 from robust_sparse.agent import AGENT, agent_metrics, full_grad_pass, full_grad_pass_length, objective_loss
-from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from robust_sparse.files.atomic import write_atomic
+from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.config import TrackingConfig, TrainConfig, to_dict
 from robust_sparse.config.parsing import describe_eps
 from robust_sparse.datasets.images import BatchLoader

@@ -227,7 +227,7 @@ def test_a_sweep_killed_at_any_write_is_repaired_by_rerunning(tmp_path):
 
 
 def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
-    from robust_sparse.files.checkpoint import write_atomic
+    from robust_sparse.files.atomic import write_atomic
 
     previous = os.umask(0o022)
     try:

@@ -15,7 +15,8 @@ import torch
 
 from conftest import make_tiny_model, one_line_error, snapshot
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import load_checkpoint, write_atomic
+from robust_sparse.files.atomic import write_atomic
+from robust_sparse.files.checkpoint import load_checkpoint
 from robust_sparse.cli import main
 from robust_sparse.errors import OutputError
 

@@ -322,7 +322,7 @@ def save_sparse_inference(module: SparseInferenceModel, path: str | Path, archit
     """Write ``module`` as a state_dict plus what rebuilds it (``build_model``'s arguments: an outside
     ``torchvision:``/``timm:`` model with its keyword arguments and stem too); atomic, loadable with
     ``weights_only=True``."""
-    from robust_sparse.files.checkpoint import atomic_open
+    from robust_sparse.files.atomic import atomic_open
 
     payload = {
         "kind": SPARSE_INFERENCE_FORMAT,

@@ -13,8 +13,7 @@ import torch
 
 from robust_sparse.errors import CheckpointError, ConfigError
 # re-exported: callers write their files through the checkpoint module's names as well
-from robust_sparse.files.atomic import (atomic_open, os_error, remove_temporaries, save_figure,  # noqa: F401
-                                        write_atomic)
+from robust_sparse.files.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import atomic_open, load_checkpoint, save_checkpoint, write_atomic
+from robust_sparse.files.atomic import atomic_open, write_atomic
+from robust_sparse.files.checkpoint import load_checkpoint, save_checkpoint
 from robust_sparse.deploy.pretrained import (NETWORK_FILE, ONNX_FILE, SAFETENSORS_FILE, ModelRecord, network_manifest,
                                   network_state, write_hub_folder, write_onnx, write_safetensors)
 from robust_sparse.errors import UserError

@@ -15,7 +15,7 @@ import yaml
 
 from robust_sparse.config.schema import GAMMA_KEY
 from robust_sparse.errors import UserError
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 from robust_sparse.studies import agent_gamma_plots as figures
 from robust_sparse.studies import plots, stats
 from robust_sparse.studies.hooks import Context, Place, StudyHook, register

@@ -27,7 +27,7 @@ from robust_sparse.config import to_dict
 from robust_sparse.config.yaml_input import load_yaml
 from robust_sparse.errors import ConfigError, ExitCode
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
-from robust_sparse.files.checkpoint import save_figure
+from robust_sparse.files.atomic import save_figure
 from robust_sparse.config.schema import GAMMA_KEY
 from robust_sparse.studies import stats
 

@@ -24,7 +24,7 @@ from robust_sparse.studies.hooks import Context, Place, default_reference, hooks
 from robust_sparse.studies import agent_gamma  # noqa: F401
 
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 from robust_sparse.chance import CHANCE_MARGIN, at_chance
 from robust_sparse.errors import UserError
 from robust_sparse.studies.local import EVAL_RESULT, run_status

@@ -56,7 +56,7 @@ from typing import Any
 
 import pandas as pd
 
-from robust_sparse.files.checkpoint import write_atomic
+from robust_sparse.files.atomic import write_atomic
 from robust_sparse.config import coerce
 from robust_sparse.errors import ConfigError, ExitCode, UserError
 from robust_sparse.studies import local

@@ -45,7 +45,8 @@ import yaml
 from robust_sparse import plugins
 
 from robust_sparse.files import rundir
-from robust_sparse.files.checkpoint import check_output_dir, write_atomic
+from robust_sparse.files.atomic import write_atomic
+from robust_sparse.files.checkpoint import check_output_dir
 from robust_sparse.config import (REGISTERED_SPARSITY_METHODS, coerce, from_dict, load_config, parse_override,
                                   read_yaml, save_config, spell)
 from robust_sparse.config.validation import MAX_SEED, check_radius, check_range, max_workers
